@@ -1,0 +1,10 @@
+"""Qwen3.5 hybrid (Gated DeltaNet + gated attention) language model on megatron-core."""
+
+from megatron_ext import cpu_patches
+
+cpu_patches.apply()  # no-op when CUDA is present
+
+from megatron_ext.config import Qwen35Config  # noqa: E402
+from megatron_ext.model import Qwen35GPTModel, build_model  # noqa: E402
+
+__all__ = ["Qwen35Config", "Qwen35GPTModel", "build_model"]

@@ -1,0 +1,172 @@
+"""Qwen3.5 text-model hyper-parameters, read from a HF ``config.json`` and turned into a megatron-core
+``TransformerConfig``.
+
+One dataclass holds what the architecture needs; everything megatron-specific (parallelism, dtype,
+fusions) is decided in :meth:`Qwen35Config.to_transformer_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+LINEAR = "linear_attention"
+FULL = "full_attention"
+
+
+@dataclass
+class Qwen35Config:
+    vocab_size: int = 248320
+    hidden_size: int = 2048
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 24
+    layer_types: list[str] = field(default_factory=list)
+    # gated full attention
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: int = 256
+    rope_theta: float = 10_000_000.0
+    partial_rotary_factor: float = 0.25
+    mrope_section: list[int] | None = None
+    max_position_embeddings: int = 262144
+    # Gated DeltaNet
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 16
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    hidden_act: str = "silu"
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:  # HF's default: every 4th layer is full attention
+            self.layer_types = [FULL if (i + 1) % 4 == 0 else LINEAR for i in range(self.num_hidden_layers)]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries, expected {self.num_hidden_layers}")
+        unknown = set(self.layer_types) - {LINEAR, FULL}
+        if unknown:
+            raise ValueError(f"unknown layer types {sorted(unknown)}; expected {LINEAR!r} or {FULL!r}")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError("linear_num_value_heads must be a multiple of linear_num_key_heads")
+        if self.hidden_act != "silu":
+            raise ValueError(f"Qwen3.5 uses silu, got hidden_act={self.hidden_act!r}")
+
+    # ------------------------------------------------------------------ HF I/O
+    @classmethod
+    def from_hf(cls, path_or_dict: str | Path | dict[str, Any]) -> "Qwen35Config":
+        """Read a HF config: a directory, a ``config.json`` path, or its dict; either the multimodal
+        ``Qwen3_5ForConditionalGeneration`` config (nested ``text_config``) or a plain text config."""
+        if isinstance(path_or_dict, dict):
+            raw = path_or_dict
+        else:
+            path = Path(path_or_dict)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"no HF config at {path}")
+            raw = json.loads(path.read_text())
+        text = raw.get("text_config", raw)
+        model_type = text.get("model_type", "")
+        if model_type and not model_type.startswith("qwen3_5"):
+            raise ValueError(f"not a Qwen3.5 config: model_type={model_type!r}")
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") not in ("default", "mrope"):
+            raise ValueError(f"unsupported rope_type {rope.get('rope_type')!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in text.items() if k in names}
+        kwargs["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", cls.rope_theta))
+        kwargs["partial_rotary_factor"] = rope.get(
+            "partial_rotary_factor", text.get("partial_rotary_factor", cls.partial_rotary_factor)
+        )
+        kwargs["mrope_section"] = rope.get("mrope_section")
+        # Qwen3_5ForConditionalGeneration ties (or not) by its top-level flag, not text_config's
+        kwargs["tie_word_embeddings"] = bool((raw if text is not raw else text).get("tie_word_embeddings", False))
+        eos = text.get("eos_token_id", raw.get("eos_token_id"))
+        kwargs["eos_token_id"] = eos[0] if isinstance(eos, list) else eos
+        return cls(**kwargs)
+
+    def to_hf_text_dict(self) -> dict[str, Any]:
+        """The ``Qwen3_5TextConfig`` fields this config determines (used for text-only exports)."""
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta, "partial_rotary_factor": self.partial_rotary_factor}
+        if self.mrope_section is not None:
+            rope.update(mrope_section=self.mrope_section, mrope_interleaved=True)
+        skip = {"rope_theta", "partial_rotary_factor", "mrope_section"}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        out.update(model_type="qwen3_5_text", rope_parameters=rope)
+        return out
+
+    @property
+    def rotary_percent(self) -> float:
+        return self.partial_rotary_factor
+
+    # ------------------------------------------------------------ megatron I/O
+    def to_transformer_config(
+        self,
+        *,
+        tensor_parallel: int = 1,
+        pipeline_parallel: int = 1,
+        params_dtype: torch.dtype = torch.float32,
+        fp8: str | None = None,
+        use_cpu_initialization: bool | None = None,
+        **overrides: Any,
+    ):
+        """megatron-core ``TransformerConfig`` for this architecture (overrides go straight through)."""
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        for what, n in (
+            ("vocab_size", self.vocab_size),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("linear_num_key_heads", self.linear_num_key_heads),
+            ("linear_num_value_heads", self.linear_num_value_heads),
+        ):
+            if n % tensor_parallel:
+                raise ValueError(f"{what}={n} is not divisible by tensor_parallel={tensor_parallel}")
+        if use_cpu_initialization is None:
+            use_cpu_initialization = not torch.cuda.is_available()
+        kwargs: dict[str, Any] = dict(
+            num_layers=self.num_hidden_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.intermediate_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_key_value_heads,
+            kv_channels=self.head_dim,
+            layernorm_epsilon=self.rms_norm_eps,
+            normalization="RMSNorm",
+            layernorm_zero_centered_gamma=True,  # Qwen3.5 norms compute x_hat * (1 + w)
+            qk_layernorm=True,
+            attention_output_gate=True,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            bias_activation_fusion=False,
+            masked_softmax_fusion=False,
+            apply_rope_fusion=False,
+            persist_layer_norm=False,
+            linear_conv_kernel_dim=self.linear_conv_kernel_dim,
+            linear_key_head_dim=self.linear_key_head_dim,
+            linear_value_head_dim=self.linear_value_head_dim,
+            linear_num_key_heads=self.linear_num_key_heads,
+            linear_num_value_heads=self.linear_num_value_heads,
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+            params_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16,
+            fp16=params_dtype == torch.float16,
+            use_cpu_initialization=use_cpu_initialization,
+            init_method_std=0.02,
+        )
+        if fp8:
+            kwargs.update(fp8=fp8, fp8_recipe=overrides.pop("fp8_recipe", "delayed"))
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)

@@ -1,0 +1,95 @@
+"""Everything megatron-core needs to run without CUDA, in one place, applied only when CUDA is absent.
+
+megatron-core assumes a GPU in a handful of spots (device placement, the RNG tracker, torch.compile'd
+fusions, the GDN import guard). Each patch below says which spot and why; none changes the maths.
+On a machine with CUDA, :func:`apply` does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+_applied = False
+
+
+class CpuRNGStatesTracker:
+    """Stand-in for megatron's ``CudaRNGStatesTracker`` that keeps named *CPU* generator states.
+
+    Same interface (add/fork/get_states/set_states/reset); fork swaps the CPU default generator state,
+    which is the generator CPU dropout and init actually draw from.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.states_.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = {k: v.clone() for k, v in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise ValueError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise KeyError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def apply() -> None:
+    """Apply the CPU patches once, if and only if CUDA is unavailable."""
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+    _applied = True
+
+    import megatron.core.ssm.gated_delta_net as gdn
+    import megatron.core.tensor_parallel.random as mrandom
+
+    # 1. megatron allocates parameters and buffers with device=torch.cuda.current_device()
+    #    (GatedDeltaNet's conv1d/A_log/dt_bias, the global memory buffer of local attention).
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+    # 2. The RNG tracker stores CUDA generator states; keep CPU generator states instead.
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    #    model_parallel_cuda_manual_seed also seeds the CUDA generator directly.
+    torch.cuda.manual_seed = lambda seed: None
+
+    # 3. megatron wraps small fusions (e.g. the attention output gate) in torch.compile; on CPU that is
+    #    a long inductor C++ build per shape for no speed-up, so run them eagerly.
+    torch._dynamo.config.disable = True
+
+    # 4. GatedDeltaNet refuses to build when fla's Triton kernels fail to import (no Triton on CPU).
+    #    Our subclass picks kernels by device and uses the pure-torch ones here.
+    gdn.HAVE_FLA = True
+
+    log.info("CUDA not available: applied megatron-core CPU patches")

@@ -1,0 +1,154 @@
+"""The few modules where Qwen3.5 differs from what megatron-core ships; everything else in the spec is
+megatron-core's own (SelfAttention with ``attention_output_gate``, MLP, parallel linears, TE modules)."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from torch import Tensor
+
+from megatron_ext.kernels import causal_conv1d_silu, gated_delta_rule, resolve_kernel
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, zero_centered: bool) -> Tensor:
+    """RMSNorm as transformers' Qwen3.5 computes it: statistics in fp32; zero-centred gamma scales by
+    ``1 + w`` before the cast back, a plain gamma (the GDN output norm) after it."""
+    x_hat = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    if zero_centered:
+        return (x_hat * (1.0 + weight.float())).type_as(x)
+    return weight * x_hat.type_as(x)
+
+
+def _norm_weight(config, size: int, zero_centered: bool) -> torch.nn.Parameter:
+    init = torch.zeros if zero_centered else torch.ones
+    weight = torch.nn.Parameter(init(size, dtype=config.params_dtype, device=_param_device(config)))
+    setattr(weight, "sequence_parallel", config.sequence_parallel)
+    return weight
+
+
+def _param_device(config) -> torch.device:
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm for the local (non-TE) spec. Differs from megatron's local norms: those reject
+    ``layernorm_zero_centered_gamma``, which Qwen3.5 uses (``x_hat * (1 + w)``)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, zero_centered_gamma: bool | None = None):
+        super().__init__()
+        self.zero_centered = config.layernorm_zero_centered_gamma if zero_centered_gamma is None else zero_centered_gamma
+        self.eps = eps
+        self.weight = _norm_weight(config, hidden_size, self.zero_centered)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps, self.zero_centered)
+
+
+class NormColumnParallelLinear(ColumnParallelLinear):
+    """Local twin of TE's ``TELayerNormColumnParallelLinear``: the pre-norm lives inside the linear as
+    ``layer_norm_weight``. Differs from megatron's local spec (separate norm modules) so that local and TE
+    models have the same parameter names, and a checkpoint converted on CPU trains under TE unchanged."""
+
+    def __init__(self, input_size: int, output_size: int, *, config, **kwargs):
+        super().__init__(input_size, output_size, config=config, **kwargs)
+        self.eps = config.layernorm_epsilon
+        self.zero_centered = config.layernorm_zero_centered_gamma
+        self.layer_norm_weight = _norm_weight(config, input_size, self.zero_centered)
+
+    def forward(self, x: Tensor, *args, **kwargs):
+        return super().forward(rms_norm(x, self.layer_norm_weight, self.eps, self.zero_centered), *args, **kwargs)
+
+
+class Qwen35GatedDeltaNet(GatedDeltaNet):
+    """megatron-core's GatedDeltaNet (parameters, TP layout, sharded checkpoint) with a forward that
+    differs in two ways: packed documents (``cu_seqlens``) reset the conv and recurrent state, and the
+    kernels are chosen by device (megatron's forward rejects packed input and always calls fla)."""
+
+    def __init__(self, *args, kernel: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernel = kernel
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        inference_context=None,
+        **kwargs,
+    ) -> tuple[Tensor, Tensor | None]:
+        if inference_context is not None:
+            raise NotImplementedError("incremental decoding is not supported; export to HF/vLLM for generation")
+        qkvzba, _ = self.in_proj(hidden_states)
+        qkvzba = qkvzba.transpose(0, 1)  # [s, b, d] -> [b, s, d]
+        batch, seq_len, _ = qkvzba.shape
+        cu_seqlens = None
+        if packed_seq_params is not None:
+            cu_seqlens = packed_seq_params.cu_seqlens_q_padded
+            if cu_seqlens is None:
+                cu_seqlens = packed_seq_params.cu_seqlens_q
+            if batch != 1:
+                raise ValueError(f"packed (thd) input must have batch 1, got {batch}")
+        kernel = resolve_kernel(self.kernel, qkvzba.device)
+
+        tp = self.tp_size
+        qkv, z, b, a = torch.split(
+            qkvzba,
+            [(self.qk_dim * 2 + self.v_dim) // tp, self.v_dim // tp, self.num_value_heads // tp, self.num_value_heads // tp],
+            dim=-1,
+        )
+        qkv = causal_conv1d_silu(qkv, self.conv1d.weight.squeeze(1), cu_seqlens, kernel)
+        q, k, v = torch.split(qkv, [self.qk_dim // tp, self.qk_dim // tp, self.v_dim // tp], dim=-1)
+        q = q.reshape(batch, seq_len, -1, self.key_head_dim)
+        k = k.reshape(batch, seq_len, -1, self.key_head_dim)
+        v = v.reshape(batch, seq_len, -1, self.value_head_dim)
+        g = -self.A_log.float().exp() * torch.nn.functional.softplus(a.float() + self.dt_bias)
+        beta = b.sigmoid()
+
+        core = gated_delta_rule(q, k, v, g, beta, cu_seqlens, kernel)
+        out = self._gated_norm(core, z)
+        out = out.reshape(batch, seq_len, -1).transpose(0, 1).contiguous()
+        return self.out_proj(out)
+
+    def _gated_norm(self, x: Tensor, gate: Tensor) -> Tensor:
+        """norm(x) * silu(z) per value head; megatron's ``_apply_gated_norm`` without its torch.compile."""
+        y = self.out_norm(x.reshape(-1, x.shape[-1]))
+        y = y * self.act_fn(gate.reshape(-1, x.shape[-1]).float())
+        return y.to(x.dtype)
+
+
+class PackedDotProductAttention(DotProductAttention):
+    """megatron-core's local attention, which rejects packed (thd) input; here packed documents become
+    a block-diagonal causal mask, so the CPU path keeps documents independent like TE's thd kernels."""
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> Tensor:
+        if packed_seq_params is None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
+        # thd: [t, heads, dim] -> one row of t tokens
+        cu = packed_seq_params.cu_seqlens_q_padded
+        if cu is None:
+            cu = packed_seq_params.cu_seqlens_q
+        total = query.shape[0]
+        doc = torch.repeat_interleave(torch.arange(len(cu) - 1, device=query.device), (cu[1:] - cu[:-1]).to(query.device))
+        if doc.numel() != total:
+            raise ValueError(f"cu_seqlens cover {doc.numel()} tokens but the packed row has {total}")
+        future = torch.ones(total, total, dtype=torch.bool, device=query.device).triu(1)
+        mask = (doc[:, None] != doc[None, :]) | future  # True = masked out
+        out = super().forward(
+            query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask[None, None], AttnMaskType.arbitrary, attention_bias
+        )
+        return out  # [t, 1, heads * dim]; Attention reshapes it for thd

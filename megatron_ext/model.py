@@ -1,0 +1,124 @@
+"""Build the Qwen3.5 language model as a megatron-core GPTModel."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
+from torch import Tensor
+
+from megatron_ext import parallel
+from megatron_ext.config import Qwen35Config
+from megatron_ext.spec import block_spec, resolve_backend
+
+log = logging.getLogger(__name__)
+
+
+def packed_seq_params_from_batch(position_ids: Tensor, attention_mask: Tensor | None = None) -> PackedSeqParams:
+    """Document boundaries of a [b, s] batch, flattened to one packed (thd) row.
+
+    A new document starts at every row start, wherever ``position_ids`` does not continue by +1 (the
+    packed-documents convention of HF and megatron's GPTDataset with ``reset_position_ids``), and where a
+    padding ``attention_mask`` (1 = token, 0 = pad) switches between tokens and padding.
+    """
+    b, s = position_ids.shape
+    start = torch.ones_like(position_ids, dtype=torch.bool)
+    start[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if attention_mask is not None:
+        start[:, 1:] |= attention_mask[:, 1:] != attention_mask[:, :-1]
+    starts = start.flatten().nonzero().flatten()
+    cu = torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len)
+
+
+class Qwen35GPTModel(GPTModel):
+    """megatron-core GPTModel for Qwen3.5 that always runs packed (thd), so documents never see each other.
+
+    ``forward(input_ids, position_ids, attention_mask=None)`` takes a [b, s] batch; without explicit
+    ``packed_seq_params`` the document boundaries come from ``position_ids`` resets and the optional
+    [b, s] padding ``attention_mask``. Returns logits [b, s, vocab] (gathered over TP), or the per-token
+    loss [b, s] when ``labels`` are given.
+    """
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        runtime_gather_output: bool | None = None,
+        **kwargs,
+    ) -> Tensor:
+        b, s = input_ids.shape
+        if packed_seq_params is None:
+            if attention_mask is not None and attention_mask.dim() != 2:
+                raise ValueError("attention_mask must be a [batch, seq] padding mask; pass packed_seq_params for documents")
+            if position_ids is None:
+                position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+            packed_seq_params = packed_seq_params_from_batch(position_ids, attention_mask)
+        if runtime_gather_output is None:
+            runtime_gather_output = labels is None  # users get full-vocab logits; the loss stays vocab-parallel
+        out = super().forward(
+            input_ids.reshape(1, b * s),
+            position_ids.reshape(1, b * s) if position_ids is not None else None,
+            None,
+            labels=labels.reshape(1, b * s) if labels is not None else None,
+            packed_seq_params=packed_seq_params,
+            runtime_gather_output=runtime_gather_output,
+            **kwargs,
+        )
+        if not self.post_process:
+            return out
+        return out.reshape(b, s, *out.shape[2:])
+
+
+def build_model(
+    config: Qwen35Config,
+    backend: str = "auto",
+    *,
+    gdn_kernel: str = "auto",
+    params_dtype: torch.dtype = torch.float32,
+    vp_stage: int | None = None,
+    **transformer_overrides,
+) -> Qwen35GPTModel:
+    """The Qwen3.5 model for this rank's TP/PP position (initialises a 1-process world if needed).
+
+    backend: ``auto`` | ``te`` | ``local`` (see :func:`megatron_ext.spec.resolve_backend`);
+    gdn_kernel: ``auto`` | ``fla`` | ``torch`` (see :mod:`megatron_ext.kernels`).
+    """
+    if not parallel_state.model_parallel_is_initialized():
+        parallel.initialize()
+    backend = resolve_backend(backend)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if backend == "te":
+        transformer_overrides.setdefault("transformer_impl", "transformer_engine")
+    else:
+        transformer_overrides.setdefault("transformer_impl", "local")
+    tcfg = config.to_transformer_config(
+        tensor_parallel=tp, pipeline_parallel=pp, params_dtype=params_dtype, **transformer_overrides
+    )
+    model = Qwen35GPTModel(
+        config=tcfg,
+        transformer_layer_spec=block_spec(config, tcfg, backend, gdn_kernel, vp_stage=vp_stage),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=config.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=config.rotary_percent,
+        rotary_base=config.rope_theta,
+        parallel_output=True,
+        vp_stage=vp_stage,
+    )
+    model.qwen35_config = config
+    model.backend = backend
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

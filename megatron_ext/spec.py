@@ -1,0 +1,135 @@
+"""The Qwen3.5 layer specs: megatron-core ModuleSpecs, one per layer, picked from ``layer_types``.
+
+Backends follow megatron-core's ``BackendSpecProvider``: Transformer Engine modules (fused norm+linear,
+TE attention, BF16/FP8) when TE and CUDA are present, megatron's local modules otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+
+from megatron_ext.config import LINEAR, Qwen35Config
+from megatron_ext.layers import NormColumnParallelLinear, PackedDotProductAttention, Qwen35GatedDeltaNet, RMSNorm
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "te", "local")
+
+
+@functools.cache
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(requested: str = "auto") -> str:
+    """``auto``: TE when it is installed and CUDA is present, else megatron's local modules."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; choose one of {BACKENDS}")
+    te_usable = have_transformer_engine() and torch.cuda.is_available()
+    if requested == "te" and not te_usable:
+        raise RuntimeError("backend='te' needs transformer-engine and a CUDA device (pip install '.[gpu]')")
+    chosen = ("te" if te_usable else "local") if requested == "auto" else requested
+    log.info("Qwen3.5 spec backend: %s (requested %s)", chosen, requested)
+    return chosen
+
+
+class LocalQwen35SpecProvider(LocalSpecProvider):
+    """megatron's local modules, with norm+linear fused like TE's, a norm that supports zero-centred gamma,
+    and packed-aware attention."""
+
+    def fuse_layernorm_and_linear(self) -> bool:
+        return True
+
+    def column_parallel_layer_norm_linear(self) -> type:
+        return NormColumnParallelLinear
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        return RMSNorm
+
+    def core_attention(self) -> type:
+        return PackedDotProductAttention
+
+
+def spec_provider(backend: str) -> BackendSpecProvider:
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return TESpecProvider()
+    return LocalQwen35SpecProvider()
+
+
+def layer_specs(config: Qwen35Config, backend: str, gdn_kernel: str = "auto") -> list[ModuleSpec]:
+    """One TransformerLayer spec per HF layer: Gated DeltaNet or gated full attention, then SwiGLU."""
+    p = spec_provider(backend)
+    norm_linear = p.column_parallel_layer_norm_linear()  # pre-norms live inside the following linear
+    pre_norm = IdentityOp
+
+    gated_delta_net = ModuleSpec(
+        module=Qwen35GatedDeltaNet,
+        params={"kernel": gdn_kernel},
+        submodules=GatedDeltaNetSubmodules(
+            in_proj=norm_linear,
+            # the output norm is a plain-gamma RMSNorm in Qwen3.5 (weights init to 1, not zero-centred)
+            out_norm=ModuleSpec(module=RMSNorm, params={"zero_centered_gamma": False}),
+            out_proj=p.row_parallel_linear(),
+        ),
+    )
+    gated_attention = ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=norm_linear,
+            core_attention=p.core_attention(),
+            linear_proj=p.row_parallel_linear(),
+            q_layernorm=p.layer_norm(rms_norm=True, for_qk=True),
+            k_layernorm=p.layer_norm(rms_norm=True, for_qk=True),
+        ),
+    )
+    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=norm_linear, linear_fc2=p.row_parallel_linear()))
+
+    def layer(mixer: ModuleSpec) -> ModuleSpec:
+        return ModuleSpec(
+            module=TransformerLayer,
+            submodules=TransformerLayerSubmodules(
+                input_layernorm=pre_norm,
+                self_attention=mixer,
+                self_attn_bda=get_bias_dropout_add,
+                pre_mlp_layernorm=pre_norm,
+                mlp=mlp,
+                mlp_bda=get_bias_dropout_add,
+            ),
+        )
+
+    return [layer(gated_delta_net if t == LINEAR else gated_attention) for t in config.layer_types]
+
+
+def block_spec(config: Qwen35Config, transformer_config, backend: str, gdn_kernel: str = "auto",
+               vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """The decoder block for this pipeline stage: its slice of the layers plus the final norm."""
+    specs = layer_specs(config, backend, gdn_kernel)
+    offset = get_transformer_layer_offset(transformer_config, vp_stage=vp_stage)
+    count = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(
+        layer_specs=specs[offset : offset + count], layer_norm=spec_provider(backend).layer_norm(rms_norm=True)
+    )
