@@ -165,6 +165,8 @@ class Qwen35Config:
             fp16=params_dtype == torch.float16,
             use_cpu_initialization=use_cpu_initialization,
             init_method_std=0.02,
+            # layers differ (GDN vs attention): store them under their global index, not stacked
+            hetereogenous_dist_checkpoint=True,
         )
         if fp8:
             kwargs.update(fp8=fp8, fp8_recipe=overrides.pop("fp8_recipe", "delayed"))

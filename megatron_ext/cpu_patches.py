@@ -77,6 +77,9 @@ def apply() -> None:
     #    (GatedDeltaNet's conv1d/A_log/dt_bias, the global memory buffer of local attention).
     torch.cuda.current_device = lambda: torch.device("cpu")
 
+    #    dist_checkpointing's writer synchronises the (absent) CUDA stream before copying tensors out.
+    torch.cuda.synchronize = lambda *a, **k: None
+
     # 2. The RNG tracker stores CUDA generator states; keep CPU generator states instead.
     mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()

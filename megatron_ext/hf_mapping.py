@@ -151,3 +151,20 @@ def megatron_to_hf(c: Qwen35Config, get: Callable[[str], Tensor], prefix: str) -
     for rule in rules(c):
         for k, t in zip(rule.hf, rule.split(get(rule.megatron)), strict=True):
             yield hf_name(k, prefix), t.contiguous()
+
+
+def copy_hf_into(model: torch.nn.Module, c: Qwen35Config, get: Callable[[str], Tensor], prefix: str) -> None:
+    """Copy HF tensors into a TP=1, single-stage model in place, one tensor at a time."""
+    params = model.state_dict(keep_vars=True)
+    expected = {k for k in params if not k.endswith("_extra_state")}
+    seen = set()
+    with torch.no_grad():
+        for name, tensor in hf_to_megatron(c, get, prefix):
+            if name not in params:
+                raise KeyError(f"the megatron model has no tensor {name!r} (is it TP=1 and a single pipeline stage?)")
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"{name}: HF gives shape {tuple(tensor.shape)}, the model expects {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+            seen.add(name)
+    if expected - seen:
+        raise KeyError(f"model tensors not covered by the mapping: {sorted(expected - seen)}")

@@ -83,14 +83,17 @@ def build_model(
     *,
     gdn_kernel: str = "auto",
     params_dtype: torch.dtype = torch.float32,
+    device: str | None = None,
     vp_stage: int | None = None,
     **transformer_overrides,
 ) -> Qwen35GPTModel:
     """The Qwen3.5 model for this rank's TP/PP position (initialises a 1-process world if needed).
 
     backend: ``auto`` | ``te`` | ``local`` (see :func:`megatron_ext.spec.resolve_backend`);
-    gdn_kernel: ``auto`` | ``fla`` | ``torch`` (see :mod:`megatron_ext.kernels`).
+    gdn_kernel: ``auto`` | ``fla`` | ``torch`` (see :mod:`megatron_ext.kernels`);
+    device: ``cuda`` (default when available) or ``cpu``.
     """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not parallel_state.model_parallel_is_initialized():
         parallel.initialize()
     backend = resolve_backend(backend)
@@ -100,6 +103,7 @@ def build_model(
         transformer_overrides.setdefault("transformer_impl", "transformer_engine")
     else:
         transformer_overrides.setdefault("transformer_impl", "local")
+    transformer_overrides.setdefault("use_cpu_initialization", device == "cpu")
     tcfg = config.to_transformer_config(
         tensor_parallel=tp, pipeline_parallel=pp, params_dtype=params_dtype, **transformer_overrides
     )
@@ -119,6 +123,6 @@ def build_model(
     )
     model.qwen35_config = config
     model.backend = backend
-    if torch.cuda.is_available():
+    if device == "cuda":
         model.cuda(torch.cuda.current_device())
     return model

@@ -1,0 +1,101 @@
+"""Model checkpoints: megatron-core dist_checkpointing (any TP/PP layout loads into any other) plus the
+architecture as ``qwen35_config.json``, written to a temporary directory and renamed into place."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_ext import parallel
+from megatron_ext.config import Qwen35Config
+from megatron_ext.model import Qwen35GPTModel, build_model
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "qwen35_config.json"
+LATEST_FILE = "latest"  # a run directory's pointer to its newest complete checkpoint
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resolve(ckpt_dir: str | Path) -> Path:
+    """A checkpoint directory, or a run directory whose ``latest`` file names one."""
+    path = Path(ckpt_dir)
+    if (path / LATEST_FILE).is_file():
+        path = path / (path / LATEST_FILE).read_text().strip()
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a neurocpt model checkpoint (no {CONFIG_FILE})")
+    return path
+
+
+def read_config(ckpt_dir: str | Path) -> Qwen35Config:
+    return Qwen35Config(**json.loads((resolve(ckpt_dir) / CONFIG_FILE).read_text()))
+
+
+def save_model(model: Qwen35GPTModel, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Save ``model`` (all ranks call this) as a dist checkpoint at ``out_dir``, atomically: it appears
+    only once complete, replacing an older one of the same name. ``extra`` is a sharded state dict of
+    further state (optimizer, scheduler, ...) saved alongside."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if _rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = {"model": model.sharded_state_dict(), **(extra or {})}
+    dist_checkpointing.save(state, str(tmp))
+    if _rank0():
+        (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.qwen35_config), indent=1))
+        old = out.with_name(out.name + ".old")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return out
+
+
+def load_weights(model: Qwen35GPTModel, ckpt_dir: str | Path) -> None:
+    """Load the model tensors of a checkpoint (saved with any TP/PP) into ``model``."""
+    path = resolve(ckpt_dir)
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(state["model"], strict=True)
+
+
+def load_model(
+    ckpt_dir: str | Path,
+    device: str = "cpu",
+    *,
+    backend: str = "auto",
+    gdn_kernel: str = "auto",
+    params_dtype: torch.dtype = torch.float32,
+    tensor_parallel: int = 1,
+) -> Qwen35GPTModel:
+    """A ready, eval-mode model from a checkpoint; sets up parallel state (1 process) if needed.
+
+    ``model(input_ids, position_ids)`` returns logits [batch, seq, vocab].
+    """
+    if not parallel_state.model_parallel_is_initialized():
+        parallel.initialize(tensor_parallel=tensor_parallel)
+    config = read_config(ckpt_dir)
+    if device == "cpu" and backend == "auto":
+        backend = "local"
+    model = build_model(config, backend, gdn_kernel=gdn_kernel, params_dtype=params_dtype, device=device)
+    load_weights(model, ckpt_dir)
+    log.info("loaded %s (%s backend) from %s", type(model).__name__, model.backend, resolve(ckpt_dir))
+    return model.eval()
