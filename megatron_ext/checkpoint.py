@@ -21,6 +21,7 @@ from megatron_ext.model import Qwen35GPTModel, build_model
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "qwen35_config.json"
+HF_SOURCE_DIR = "hf_source"  # the source HF checkpoint's non-weight files (config, tokenizer, chat template)
 LATEST_FILE = "latest"  # a run directory's pointer to its newest complete checkpoint
 
 
@@ -47,10 +48,13 @@ def read_config(ckpt_dir: str | Path) -> Qwen35Config:
     return Qwen35Config(**json.loads((resolve(ckpt_dir) / CONFIG_FILE).read_text()))
 
 
-def save_model(model: Qwen35GPTModel, out_dir: str | Path, extra: dict | None = None) -> Path:
+def save_model(
+    model: Qwen35GPTModel, out_dir: str | Path, extra: dict | None = None, hf_files: list[Path] = ()
+) -> Path:
     """Save ``model`` (all ranks call this) as a dist checkpoint at ``out_dir``, atomically: it appears
     only once complete, replacing an older one of the same name. ``extra`` is a sharded state dict of
-    further state (optimizer, scheduler, ...) saved alongside."""
+    further state (optimizer, scheduler, ...) saved alongside; ``hf_files`` (tokenizer, configs) are kept
+    under ``hf_source/`` for the export back to HF."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if _rank0():
@@ -61,13 +65,34 @@ def save_model(model: Qwen35GPTModel, out_dir: str | Path, extra: dict | None = 
     dist_checkpointing.save(state, str(tmp))
     if _rank0():
         (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.qwen35_config), indent=1))
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        if hf_files:
+            (tmp / HF_SOURCE_DIR).mkdir()
+            for f in hf_files:
+                shutil.copy2(f, tmp / HF_SOURCE_DIR / Path(f).name)
+        replace_dir(tmp, out)
     _barrier()
     return out
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Put the finished directory ``new`` at ``out``; an older ``out`` is removed only afterwards."""
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def hf_source_files(ckpt_dir: str | Path) -> list[Path]:
+    src = resolve(ckpt_dir) / HF_SOURCE_DIR
+    return sorted(src.iterdir()) if src.is_dir() else []
+
+
+def saved_dtype(ckpt_dir: str | Path) -> torch.dtype:
+    """The dtype the checkpoint's weights were saved in."""
+    meta = dist_checkpointing.load_tensors_metadata(str(resolve(ckpt_dir)))
+    return meta["embedding.word_embeddings.weight"].dtype
 
 
 def load_weights(model: Qwen35GPTModel, ckpt_dir: str | Path) -> None:
@@ -83,10 +108,11 @@ def load_model(
     *,
     backend: str = "auto",
     gdn_kernel: str = "auto",
-    params_dtype: torch.dtype = torch.float32,
+    params_dtype: torch.dtype | None = None,
     tensor_parallel: int = 1,
 ) -> Qwen35GPTModel:
     """A ready, eval-mode model from a checkpoint; sets up parallel state (1 process) if needed.
+    ``params_dtype`` defaults to the dtype the checkpoint was saved in.
 
     ``model(input_ids, position_ids)`` returns logits [batch, seq, vocab].
     """
@@ -95,7 +121,8 @@ def load_model(
     config = read_config(ckpt_dir)
     if device == "cpu" and backend == "auto":
         backend = "local"
-    model = build_model(config, backend, gdn_kernel=gdn_kernel, params_dtype=params_dtype, device=device)
+    dtype = params_dtype or saved_dtype(ckpt_dir)
+    model = build_model(config, backend, gdn_kernel=gdn_kernel, params_dtype=dtype, device=device)
     load_weights(model, ckpt_dir)
     log.info("loaded %s (%s backend) from %s", type(model).__name__, model.backend, resolve(ckpt_dir))
     return model.eval()

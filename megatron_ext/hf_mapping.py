@@ -136,6 +136,15 @@ def lm_prefix(hf_keys: Iterable[str]) -> str:
     raise KeyError("no language-model embedding (…embed_tokens.weight) among the HF tensors: not a Qwen3.5 checkpoint?")
 
 
+def is_language_model(name: str, prefix: str) -> bool:
+    """Whether an HF tensor belongs to the language model (vs. vision tower, MTP head, ...)."""
+    if name == LM_HEAD:
+        return True
+    if prefix == "model.":  # text-only layout: other towers would sit beside it under model.
+        return name.startswith(prefix) and not name.startswith(("model.visual.", "model.language_model."))
+    return name.startswith(prefix)
+
+
 def hf_name(rel: str, prefix: str) -> str:
     return rel if rel == LM_HEAD else prefix + rel
 
@@ -153,18 +162,38 @@ def megatron_to_hf(c: Qwen35Config, get: Callable[[str], Tensor], prefix: str) -
             yield hf_name(k, prefix), t.contiguous()
 
 
-def copy_hf_into(model: torch.nn.Module, c: Qwen35Config, get: Callable[[str], Tensor], prefix: str) -> None:
-    """Copy HF tensors into a TP=1, single-stage model in place, one tensor at a time."""
+def copy_hf_into(
+    model: torch.nn.Module,
+    c: Qwen35Config,
+    get: Callable[[str], Tensor],
+    prefix: str,
+    describe: Callable[[str], str] = str,
+    progress: bool = False,
+) -> None:
+    """Copy HF tensors into a TP=1, single-stage model in place, one rule at a time.
+
+    ``describe`` turns an HF tensor name into the text errors use (e.g. with its file)."""
+    from tqdm import tqdm
+
     params = model.state_dict(keep_vars=True)
     expected = {k for k in params if not k.endswith("_extra_state")}
     seen = set()
     with torch.no_grad():
-        for name, tensor in hf_to_megatron(c, get, prefix):
-            if name not in params:
-                raise KeyError(f"the megatron model has no tensor {name!r} (is it TP=1 and a single pipeline stage?)")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{name}: HF gives shape {tuple(tensor.shape)}, the model expects {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
-            seen.add(name)
+        for rule in tqdm(rules(c), desc="HF -> megatron", unit="tensor", disable=not progress):
+            names = [hf_name(k, prefix) for k in rule.hf]
+            parts = [get(n) for n in names]
+            source = ", ".join(f"{describe(n)} {tuple(t.shape)}" for n, t in zip(names, parts))
+            if rule.megatron not in params:
+                raise KeyError(f"the megatron model has no tensor {rule.megatron!r} (is it TP=1 and one pipeline stage?)")
+            target = params[rule.megatron]
+            try:
+                tensor = rule.merge(parts)
+            except RuntimeError as err:
+                raise ValueError(f"shape mismatch: {source} cannot form {rule.megatron} {tuple(target.shape)}") from err
+            if tensor.shape != target.shape:
+                raise ValueError(f"shape mismatch: {source} gives {tuple(tensor.shape)} for {rule.megatron}, "
+                                 f"the model expects {tuple(target.shape)}")
+            target.copy_(tensor)
+            seen.add(rule.megatron)
     if expected - seen:
         raise KeyError(f"model tensors not covered by the mapping: {sorted(expected - seen)}")

@@ -28,12 +28,13 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
 
     cpu_patches.apply()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if "RANK" in os.environ:  # torchrun (or a test harness) set up the rendezvous
+            dist.init_process_group(backend)
+        else:  # a plain script: a private 1-process world that leaks nothing into the environment
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
         have = (
             parallel_state.get_tensor_model_parallel_world_size(),

@@ -55,3 +55,36 @@ def megatron_twin(hf_model, **build_kwargs):
     state = hf_model.state_dict()
     hf_mapping.copy_hf_into(model, config, state.__getitem__, hf_mapping.lm_prefix(state))
     return model
+
+
+def write_tiny_tokenizer(directory, vocab_size: int = 96) -> None:
+    """A real (BPE, fast) tokenizer trained locally on a few sentences, saved the HF way."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = ["The patient presented with acute ischemic stroke and left hemiparesis.",
+            "MRI showed a lesion in the right middle cerebral artery territory.",
+            "Neurons in the hippocampus encode place and time."] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<|endoftext|>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>",
+                            pad_token="<|endoftext|>").save_pretrained(directory)
+
+
+def tiny_multimodal_model(seed: int = 0, **text_overrides):
+    """Qwen3_5ForConditionalGeneration with a one-block vision tower around the tiny text model."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Qwen3_5Config(
+        text_config=tiny_hf_config(**text_overrides).to_dict(),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=4, num_position_embeddings=16),
+    )
+    model = Qwen3_5ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and "language_model" in name:
+                p.copy_((1 if name.endswith("linear_attn.norm.weight") else 0) + 0.2 * torch.randn_like(p))
+    return model

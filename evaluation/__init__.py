@@ -1,0 +1,1 @@
+"""Evaluation: domain perplexity, lm-evaluation-harness, LLM judge."""

@@ -1,0 +1,1 @@
+"""Data pipeline (datatrove): raw corpora -> cleaned, deduplicated, tokenised Megatron mix."""

@@ -1,0 +1,85 @@
+"""HF Qwen3.5 checkpoint -> megatron-core distributed checkpoint that the trainer and ``load_model`` read.
+
+    python -m tools.convert_from_hf --hf-dir DIR --out CKPT [--tp N] [--pp N] [--dtype auto|bf16|fp32]
+
+The dist checkpoint is layout-free (megatron reshards at load), so it loads under any TP/PP; ``--tp`` and
+``--pp`` check that the architecture divides for the layout you will train with. Only the language model
+is converted; vision tower and MTP weights stay in the HF directory and come back at export
+(``tools.convert_to_hf --hf-template``). Memory: one model copy plus one HF tensor at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def source_dtype(ckpt, names: list[str]) -> torch.dtype:
+    """The checkpoint's dtype, or fp32 when its tensors mix dtypes (so that every tensor round-trips)."""
+    dtypes = {ckpt.dtype_of(n) for n in names}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: str = "auto") -> Path:
+    from megatron_ext import build_model, hf_mapping, parallel
+    from megatron_ext.checkpoint import save_model
+    from megatron_ext.config import Qwen35Config
+    from tools.hf_checkpoint import CheckpointError, HFCheckpoint
+
+    ckpt = HFCheckpoint(hf_dir)
+    try:
+        config = Qwen35Config.from_hf(ckpt.config)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{ckpt.dir / 'config.json'}: {err}") from err
+    config.to_transformer_config(tensor_parallel=tp, pipeline_parallel=pp)  # validates divisibility
+    if config.num_hidden_layers % pp:
+        raise CheckpointError(f"{config.num_hidden_layers} layers do not split into {pp} pipeline stages")
+
+    prefix = hf_mapping.lm_prefix(ckpt.keys())
+    needed = {hf_mapping.hf_name(k, prefix) for rule in hf_mapping.rules(config) for k in rule.hf}
+    language_model = {k for k in ckpt.keys() if hf_mapping.is_language_model(k, prefix)}
+    for name in sorted(language_model - needed):
+        if name == hf_mapping.LM_HEAD and config.tie_word_embeddings:
+            if not torch.equal(ckpt.get(name), ckpt.get(prefix + "embed_tokens.weight")):
+                raise CheckpointError(f"tensor {name!r} in {ckpt.file_of(name)} differs from the embedding, "
+                                      "but the config ties them")
+            continue
+        raise CheckpointError(f"unexpected tensor {name!r} in {ckpt.file_of(name)}: not part of this Qwen3.5 config")
+    missing = sorted(needed - set(ckpt.keys()))
+    if missing:
+        shards = ", ".join(sorted({f.name for f in ckpt.files.values()}))
+        raise CheckpointError(f"tensor {missing[0]!r} is missing from {ckpt.dir} (none of {shards} has it; "
+                              f"{len(missing)} missing in all)")
+
+    params_dtype = source_dtype(ckpt, sorted(needed)) if dtype == "auto" else DTYPES[dtype]
+    parallel.initialize()
+    model = build_model(config, backend="local", device="cpu", params_dtype=params_dtype)
+    try:
+        hf_mapping.copy_hf_into(
+            model, config, ckpt.get, prefix, describe=lambda n: f"{n!r} in {ckpt.file_of(n)}", progress=True
+        )
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
+    return save_model(model, out, hf_files=ckpt.extra_files())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-dir", required=True, help="HF Qwen3.5 checkpoint directory (safetensors)")
+    p.add_argument("--out", required=True, help="megatron checkpoint directory to write")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size you will train with (checked)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size you will train with (checked)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: the source's dtype, fp32 if mixed")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    out = convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

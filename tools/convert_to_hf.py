@@ -1,0 +1,124 @@
+"""megatron-core checkpoint (any TP/PP it was saved with) -> HF Qwen3.5 directory for release.
+
+    python -m tools.convert_to_hf --ckpt CKPT --out DIR [--hf-template DIR] [--dtype auto|bf16|fp32]
+
+With ``--hf-template`` (e.g. the Qwen3.5-2B-Base directory you started from) the output is a complete
+checkpoint of the template's architecture: the language model comes from CKPT, every other tensor (vision
+tower, MTP, ...) and every non-weight file (config, tokenizer, chat template, processor) is copied from
+the template unchanged. Without it: a text-only ``Qwen3_5ForCausalLM`` directory, with the tokenizer
+files the checkpoint kept from its conversion. ``--dtype auto`` writes each tensor in the template's
+dtype (else the checkpoint's). The directory appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}.items()}
+# fields that describe the architecture; the rest (eos id, context length) may legitimately differ
+_IGNORED_FIELDS = {"eos_token_id", "max_position_embeddings"}
+
+
+def _check_same_architecture(ours, template_config, where: Path) -> None:
+    from tools.hf_checkpoint import CheckpointError
+
+    a, b = dataclasses.asdict(ours), dataclasses.asdict(template_config)
+    diff = {k: (a[k], b[k]) for k in a if k not in _IGNORED_FIELDS and a[k] != b[k]}
+    if diff:
+        raise CheckpointError(f"{where}: template architecture differs from the checkpoint: "
+                              + ", ".join(f"{k} checkpoint={x!r} template={y!r}" for k, (x, y) in diff.items()))
+
+
+def _text_only_config(config, dtype: torch.dtype) -> dict:
+    from transformers import Qwen3_5TextConfig
+
+    hf = Qwen3_5TextConfig(**config.to_hf_text_dict())
+    out = hf.to_dict()
+    out.update(architectures=["Qwen3_5ForCausalLM"], dtype=DTYPE_NAMES[dtype])
+    return out
+
+
+def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | None = None, dtype: str = "auto",
+            max_shard_size: str = "5GB") -> Path:
+    from megatron_ext import build_model, hf_mapping, parallel
+    from megatron_ext.checkpoint import hf_source_files, load_weights, read_config, saved_dtype
+    from megatron_ext.config import Qwen35Config
+    from tools.hf_checkpoint import HFCheckpoint, ShardedWriter, atomic_directory, parse_size
+
+    config = read_config(ckpt_dir)
+    template = HFCheckpoint(hf_template) if hf_template else None
+    if template is not None:
+        _check_same_architecture(config, Qwen35Config.from_hf(template.config), template.dir / "config.json")
+        prefix = hf_mapping.lm_prefix(template.keys())
+    else:
+        prefix = "model."
+
+    parallel.initialize()
+    stored = saved_dtype(ckpt_dir)
+    model = build_model(config, backend="local", device="cpu", params_dtype=stored)
+    load_weights(model, ckpt_dir)
+    weights = model.state_dict()
+
+    def out_dtype(name: str) -> torch.dtype:
+        if dtype != "auto":
+            return DTYPES[dtype]
+        if template is not None and name in template.files:
+            return template.dtype_of(name)
+        return stored
+
+    with atomic_directory(out) as tmp:
+        writer = ShardedWriter(tmp, parse_size(max_shard_size))
+        for name, tensor in tqdm(hf_mapping.megatron_to_hf(config, weights.__getitem__, prefix),
+                                 desc="megatron -> HF", unit="tensor"):
+            writer.add(name, tensor.to(out_dtype(name)))
+        if template is not None:
+            others = [k for k in template.keys() if not hf_mapping.is_language_model(k, prefix)]
+            for name in tqdm(others, desc="template tensors", unit="tensor"):
+                writer.add(name, template.get(name))
+            for f in template.extra_files():
+                shutil.copy2(f, tmp / f.name)
+            _set_dtype(tmp / "config.json", out_dtype(prefix + "embed_tokens.weight"))
+        else:
+            for f in hf_source_files(ckpt_dir):
+                if f.name != "config.json":
+                    shutil.copy2(f, tmp / f.name)
+            text = _text_only_config(config, out_dtype(prefix + "embed_tokens.weight"))
+            (tmp / "config.json").write_text(json.dumps(text, indent=2))
+            if not (tmp / "generation_config.json").exists():
+                gen = {"eos_token_id": config.eos_token_id} if config.eos_token_id is not None else {}
+                (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        writer.close()
+    return Path(out)
+
+
+def _set_dtype(config_path: Path, dtype: torch.dtype) -> None:
+    config = json.loads(config_path.read_text())
+    config["dtype"] = DTYPE_NAMES[dtype]
+    if "text_config" in config:
+        config["text_config"]["dtype"] = DTYPE_NAMES[dtype]
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="megatron checkpoint directory (or a run dir with a 'latest' file)")
+    p.add_argument("--out", required=True, help="HF directory to write")
+    p.add_argument("--hf-template", help="HF checkpoint whose other tensors, config and tokenizer to carry over")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    p.add_argument("--max-shard-size", default="5GB")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    print(f"wrote {convert(args.ckpt, args.out, args.hf_template, args.dtype, args.max_shard_size)}")
+
+
+if __name__ == "__main__":
+    main()
