@@ -122,7 +122,9 @@ def load_model(
     if device == "cpu" and backend == "auto":
         backend = "local"
     dtype = params_dtype or saved_dtype(ckpt_dir)
-    model = build_model(config, backend, gdn_kernel=gdn_kernel, params_dtype=dtype, device=device)
+    model = build_model(
+        config, backend, gdn_kernel=gdn_kernel, params_dtype=dtype, device=device, perform_initialization=False
+    )  # every weight comes from the checkpoint
     load_weights(model, ckpt_dir)
     log.info("loaded %s (%s backend) from %s", type(model).__name__, model.backend, resolve(ckpt_dir))
     return model.eval()

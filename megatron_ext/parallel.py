@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron_ext import cpu_patches
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -34,7 +34,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
         if "RANK" in os.environ:  # torchrun (or a test harness) set up the rendezvous
             dist.init_process_group(backend)
         else:  # a plain script: a private 1-process world that leaks nothing into the environment
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
         have = (
             parallel_state.get_tensor_model_parallel_world_size(),

@@ -4,26 +4,20 @@ exports that transformers loads, verify_conversion, and bad input that never lea
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import random_hf_model, tiny_hf_config, tiny_multimodal_model, write_tiny_tokenizer
-from safetensors import safe_open
+
+from megatron_ext.parallel import free_port
 from safetensors.torch import load_file, save_file
 
+from tools.tiny_qwen35 import causal_lm, multimodal, text_config, write_tokenizer
 from tools import convert_from_hf, convert_to_hf
 from tools.hf_checkpoint import CheckpointError, HFCheckpoint
 from tools.verify_conversion import compare
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _all_tensors(directory) -> dict[str, torch.Tensor]:
@@ -42,8 +36,8 @@ def _assert_bit_exact(a_dir, b_dir):
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("text") / "hf"
-    random_hf_model(tiny_hf_config(), seed=5).save_pretrained(d)
-    write_tiny_tokenizer(d)
+    causal_lm(text_config(), seed=5).save_pretrained(d)
+    write_tokenizer(d)
     return d
 
 
@@ -51,8 +45,8 @@ def text_dir(tmp_path_factory):
 def multimodal_dir(tmp_path_factory):
     """Sharded multimodal checkpoint with a vision tower and an extra MTP shard, as the release has."""
     d = tmp_path_factory.mktemp("mm") / "hf"
-    tiny_multimodal_model(seed=6, tie_word_embeddings=False).save_pretrained(d, max_shard_size="30KB")
-    write_tiny_tokenizer(d)
+    multimodal(seed=6, tie_word_embeddings=False).save_pretrained(d, max_shard_size="30KB")
+    write_tokenizer(d)
     mtp = {"mtp.fc.weight": torch.randn(64, 128), "mtp.norm.weight": torch.randn(64)}
     save_file(mtp, str(d / "model-mtp.safetensors"), metadata={"format": "pt"})
     index = json.loads((d / "model.safetensors.index.json").read_text())
@@ -89,7 +83,7 @@ def test_multimodal_round_trip_keeps_vision_and_mtp(multimodal_dir, tmp_path):
 
 def test_export_from_tp2_checkpoint_is_bit_exact(text_dir, tmp_path):
     ckpt = convert_from_hf.convert(text_dir, tmp_path / "ckpt")
-    mp.start_processes(__import__("tp_worker").resave, args=(2, _free_port(), str(ckpt), str(tmp_path / "tp2")),
+    mp.start_processes(__import__("tp_worker").resave, args=(2, free_port(), str(ckpt), str(tmp_path / "tp2")),
                        nprocs=2, start_method="spawn", join=True)
     _assert_bit_exact(text_dir, convert_to_hf.convert(tmp_path / "tp2", tmp_path / "export"))
 
@@ -97,7 +91,7 @@ def test_export_from_tp2_checkpoint_is_bit_exact(text_dir, tmp_path):
 def test_mixed_dtypes_round_trip(tmp_path):
     """bf16 weights with an fp32 A_log (as released checkpoints store it) come back tensor for tensor."""
     src = tmp_path / "hf"
-    random_hf_model(tiny_hf_config(), seed=7).to(torch.bfloat16).save_pretrained(src)
+    causal_lm(text_config(), seed=7).to(torch.bfloat16).save_pretrained(src)
     tensors = load_file(str(src / "model.safetensors"))
     tensors = {k: (v.float() if k.endswith("A_log") else v) for k, v in tensors.items()}
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
@@ -177,7 +171,7 @@ def test_bad_input_names_the_problem_and_keeps_the_old_output(case, text_dir, tm
 def test_export_rejects_a_template_of_another_architecture(text_dir, tmp_path):
     ckpt = convert_from_hf.convert(text_dir, tmp_path / "ckpt")
     other = tmp_path / "other"
-    random_hf_model(tiny_hf_config(intermediate_size=48), seed=1).save_pretrained(other)
+    causal_lm(text_config(intermediate_size=48), seed=1).save_pretrained(other)
     with pytest.raises(CheckpointError, match="intermediate_size"):
         convert_to_hf.convert(ckpt, tmp_path / "export", hf_template=other)
     assert not (tmp_path / "export").exists()

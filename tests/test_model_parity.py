@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import megatron_twin, random_hf_model, tiny_hf_config
+from conftest import megatron_twin
+
+from tools.tiny_qwen35 import causal_lm, text_config
 
 import megatron_ext
 from megatron_ext import hf_mapping
@@ -27,7 +29,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_logits_and_gradients_match_transformers(shape):
-    hf = random_hf_model(tiny_hf_config(**SHAPES[shape]), seed=1)
+    hf = causal_lm(text_config(**SHAPES[shape]), seed=1)
     ours = megatron_twin(hf)
     ids = torch.randint(0, hf.config.vocab_size, (2, 77))  # > one 64-token GDN chunk, not a multiple of it
 
@@ -53,7 +55,7 @@ def test_logits_and_gradients_match_transformers(shape):
 def test_config_reads_multimodal_and_text_checkpoints():
     from transformers import Qwen3_5Config
 
-    text = tiny_hf_config(tie_word_embeddings=False)
+    text = text_config(tie_word_embeddings=False)
     multimodal = Qwen3_5Config(text_config=text.to_dict(), tie_word_embeddings=True).to_dict()
     a = megatron_ext.Qwen35Config.from_hf(text.to_dict())
     b = megatron_ext.Qwen35Config.from_hf(multimodal)

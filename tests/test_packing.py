@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import megatron_twin, random_hf_model, tiny_hf_config
+from conftest import megatron_twin
+
+from tools.tiny_qwen35 import causal_lm, text_config
 
 L, F = "linear_attention", "full_attention"
 
 
 @pytest.mark.parametrize("pattern", [[L, F, L, F], [L, L], [F, F]], ids=["hybrid", "gdn_only", "attention_only"])
 def test_packed_documents_equal_documents_alone(pattern):
-    model = megatron_twin(random_hf_model(tiny_hf_config(layer_types=pattern), seed=2)).eval()
+    model = megatron_twin(causal_lm(text_config(layer_types=pattern), seed=2)).eval()
     a, b = torch.randint(0, 96, (1, 37)), torch.randint(0, 96, (1, 70))
     packed_ids = torch.cat([a, b], dim=1)
     positions = torch.cat([torch.arange(37), torch.arange(70)]).unsqueeze(0)  # reset = new document
@@ -25,7 +27,7 @@ def test_packed_documents_equal_documents_alone(pattern):
 
 
 def test_rows_of_a_batch_and_left_padding_are_independent():
-    model = megatron_twin(random_hf_model(tiny_hf_config(), seed=3)).eval()
+    model = megatron_twin(causal_lm(text_config(), seed=3)).eval()
     short, long = torch.randint(1, 96, (1, 20)), torch.randint(1, 96, (1, 33))
     batch = torch.cat([torch.cat([torch.zeros(1, 13, dtype=torch.long), short], 1), long])
     mask = torch.ones_like(batch)

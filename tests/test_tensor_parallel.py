@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import socket
 
 import torch
 import torch.multiprocessing as mp
-from conftest import megatron_twin, random_hf_model, tiny_hf_config
+
+from megatron_ext.parallel import free_port
+from conftest import megatron_twin
+
+from tools.tiny_qwen35 import causal_lm, text_config
 
 from megatron_ext.checkpoint import load_model, save_model
 
 L, F = "linear_attention", "full_attention"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tp2_equals_tp1(tmp_path):
-    hf = random_hf_model(tiny_hf_config(layer_types=[L, F, L], num_attention_heads=4, num_key_value_heads=2), seed=4)
+    hf = causal_lm(text_config(layer_types=[L, F, L], num_attention_heads=4, num_key_value_heads=2), seed=4)
     model = megatron_twin(hf)
     save_model(model, tmp_path / "ckpt")
 
@@ -37,7 +34,7 @@ def test_tp2_equals_tp1(tmp_path):
 
     mp.start_processes(
         __import__("tp_worker").run,
-        args=(2, _free_port(), str(tmp_path / "ckpt"), str(tmp_path / "inputs.pt"), str(tmp_path)),
+        args=(2, free_port(), str(tmp_path / "ckpt"), str(tmp_path / "inputs.pt"), str(tmp_path)),
         nprocs=2, start_method="spawn", join=True,
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

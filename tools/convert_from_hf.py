@@ -58,7 +58,7 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype
 
     params_dtype = source_dtype(ckpt, sorted(needed)) if dtype == "auto" else DTYPES[dtype]
     parallel.initialize()
-    model = build_model(config, backend="local", device="cpu", params_dtype=params_dtype)
+    model = build_model(config, backend="local", device="cpu", params_dtype=params_dtype, perform_initialization=False)
     try:
         hf_mapping.copy_hf_into(
             model, config, ckpt.get, prefix, describe=lambda n: f"{n!r} in {ckpt.file_of(n)}", progress=True

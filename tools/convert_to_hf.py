@@ -64,7 +64,7 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
 
     parallel.initialize()
     stored = saved_dtype(ckpt_dir)
-    model = build_model(config, backend="local", device="cpu", params_dtype=stored)
+    model = build_model(config, backend="local", device="cpu", params_dtype=stored, perform_initialization=False)
     load_weights(model, ckpt_dir)
     weights = model.state_dict()
 

@@ -126,7 +126,9 @@ class ShardedWriter:
         self.total += size
 
     def _flush(self) -> None:
-        save_file(self.pending, str(self.dir / f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
+        path = self.dir / f"shard-{len(self.shards):05d}.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        fsync(path)  # durable before the directory is renamed into place
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -141,6 +143,14 @@ class ShardedWriter:
             weight_map.update({name: final for name in names})
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.dir / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,84 @@
+"""Tiny random Qwen3.5 checkpoints and a locally trained tokenizer, for the demo, tests and benchmarks
+(nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+L, F = "linear_attention", "full_attention"
+
+DEMO_TEXT = [
+    "The patient presented with acute ischemic stroke and left hemiparesis.",
+    "MRI showed a lesion in the right middle cerebral artery territory.",
+    "Neurons in the hippocampus encode place and time.",
+]
+
+
+def text_config(**overrides):
+    """A Qwen3.5 text config small enough for CPU: GVA in the GDN layers, GQA, untied, partial mRoPE."""
+    from transformers import Qwen3_5TextConfig
+
+    kw = dict(
+        vocab_size=96, hidden_size=64, intermediate_size=80,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=12,
+        linear_num_key_heads=2, linear_num_value_heads=4, tie_word_embeddings=False,
+        layer_types=[L, F, L, F],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [1, 1, 0], "mrope_interleaved": True},
+    )
+    kw.update(overrides)
+    kw["num_hidden_layers"] = len(kw["layer_types"])
+    return Qwen3_5TextConfig(**kw)
+
+
+def _perturb_norms(model: torch.nn.Module) -> None:
+    """Random norm weights, so that a wrong norm convention cannot hide behind all-zero/all-one gammas."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "visual" in name:
+                continue
+            if name.endswith("linear_attn.norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif "norm" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+
+
+def causal_lm(config=None, seed: int = 0):
+    """Qwen3_5ForCausalLM in fp32 with random weights."""
+    from transformers import Qwen3_5ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3_5ForCausalLM(config or text_config()).float().eval()
+    _perturb_norms(model)
+    return model
+
+
+def multimodal(seed: int = 0, **text_overrides):
+    """Qwen3_5ForConditionalGeneration: a one-block vision tower around the tiny text model."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Qwen3_5Config(
+        text_config=text_config(**text_overrides).to_dict(),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=4, num_position_embeddings=16),
+    )
+    model = Qwen3_5ForConditionalGeneration(config).float().eval()
+    _perturb_norms(model)
+    return model
+
+
+def write_tokenizer(directory: str | Path, vocab_size: int = 96, texts: list[str] | None = None) -> None:
+    """A real fast BPE tokenizer trained locally, saved the HF way (tokenizer.json + config)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<|endoftext|>"])
+    tok.train_from_iterator((texts or DEMO_TEXT) * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>",
+                            pad_token="<|endoftext|>").save_pretrained(directory)
