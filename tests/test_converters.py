@@ -81,11 +81,15 @@ def test_multimodal_round_trip_keeps_vision_and_mtp(multimodal_dir, tmp_path):
     assert compare(out, ckpt, seq_len=40)["max_rel_err"] <= 1e-5
 
 
-def test_export_from_tp2_checkpoint_is_bit_exact(text_dir, tmp_path):
-    ckpt = convert_from_hf.convert(text_dir, tmp_path / "ckpt")
+@pytest.mark.parametrize("source", ["text_dir", "multimodal_dir"])
+def test_export_from_tp2_checkpoint_is_bit_exact(source, request, tmp_path):
+    """The trainer saves from TP=2; the export reads that layout back exactly."""
+    src = request.getfixturevalue(source)
+    ckpt = convert_from_hf.convert(src, tmp_path / "ckpt")
     mp.start_processes(__import__("tp_worker").resave, args=(2, free_port(), str(ckpt), str(tmp_path / "tp2")),
                        nprocs=2, start_method="spawn", join=True)
-    _assert_bit_exact(text_dir, convert_to_hf.convert(tmp_path / "tp2", tmp_path / "export"))
+    template = src if source == "multimodal_dir" else None
+    _assert_bit_exact(src, convert_to_hf.convert(tmp_path / "tp2", tmp_path / "export", hf_template=template))
 
 
 def test_mixed_dtypes_round_trip(tmp_path):
