@@ -79,6 +79,6 @@ def write_tokenizer(directory: str | Path, vocab_size: int = 96, texts: list[str
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<|endoftext|>"])
-    tok.train_from_iterator((texts or DEMO_TEXT) * 20, trainer)
+    tok.train_from_iterator(texts or DEMO_TEXT * 20, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>",
                             pad_token="<|endoftext|>").save_pretrained(directory)

@@ -1,0 +1,106 @@
+"""The mix recipe: a YAML file of dataclasses (see data/demo/recipe.yaml for a complete example)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FORMATS = ("jsonl", "parquet", "latex")
+
+
+@dataclass
+class FilterConfig:
+    """Quality filters for one source; datatrove's Gopher filters with their own keyword arguments.
+    ``None`` switches a filter off. Clinical notes are terse: relax word length, symbols and stop words."""
+
+    min_chars: int = 200
+    gopher_quality: dict[str, Any] | None = field(default_factory=dict)
+    gopher_repetition: dict[str, Any] | None = field(default_factory=dict)
+
+
+@dataclass
+class SourceConfig:
+    name: str
+    paths: list[str]
+    share: float
+    format: str = "jsonl"
+    text_key: str = "text"
+    id_key: str = "id"
+    chunk_overlap: int = 0
+    phi_guard: bool = False
+    phi_policy: str = "redact"  # or "drop"
+    filters: FilterConfig = field(default_factory=FilterConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.filters, dict):
+            self.filters = FilterConfig(**self.filters)
+        if self.format not in FORMATS:
+            raise ValueError(f"source {self.name}: format {self.format!r} is not one of {FORMATS}")
+        if self.phi_policy not in ("redact", "drop"):
+            raise ValueError(f"source {self.name}: phi_policy must be redact or drop")
+        if not self.name.isidentifier():
+            raise ValueError(f"source name {self.name!r} must be a plain identifier (it names files)")
+
+
+@dataclass
+class MixRecipe:
+    tokenizer: str
+    output_dir: str
+    sources: list[SourceConfig]
+    seq_length: int = 4096
+    token_budget: int = 600_000_000
+    heldout_fraction: float = 0.01
+    decontaminate: list[str] = field(default_factory=list)
+    decontaminate_ngram: int = 13
+    max_doc_chars: int = 5_000_000  # larger records are quarantined, not read into the pipeline
+    minhash: dict[str, int] = field(default_factory=lambda: {"n_grams": 5, "num_buckets": 14, "hashes_per_bucket": 8})
+    seed: int = 1234
+    base_dir: str = "."  # relative paths in the recipe resolve against the recipe file's folder
+
+    def __post_init__(self) -> None:
+        self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate source names in {names}")
+        total = sum(s.share for s in self.sources)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"source shares sum to {total}, not 1")
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> "MixRecipe":
+        path = Path(path)
+        raw = yaml.safe_load(path.read_text())
+        raw.update(overrides)
+        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown recipe keys {sorted(unknown)}")
+        raw.setdefault("base_dir", str(path.parent))
+        return cls(**raw)
+
+    def resolve(self, p: str) -> Path:
+        q = Path(p)
+        return q if q.is_absolute() else Path(os.path.normpath(Path(self.base_dir) / q))
+
+    def expand(self, pattern: str) -> list[Path]:
+        """Files matching a (recursive) glob, relative to the recipe's folder unless absolute."""
+        import glob
+
+        return sorted(Path(p) for p in set(glob.glob(str(self.resolve(pattern)), recursive=True)) if Path(p).is_file())
+
+    def source_files(self) -> list[tuple[SourceConfig, str]]:
+        files = []
+        for s in self.sources:
+            found = sorted({p for pattern in s.paths for p in self.expand(pattern)})
+            if not found:
+                raise FileNotFoundError(f"source {s.name}: no files match {s.paths} (relative to {self.base_dir})")
+            files += [(s, str(p)) for p in found]
+        return files
+
+    @property
+    def out(self) -> Path:
+        return self.resolve(self.output_dir)

@@ -1,0 +1,112 @@
+"""The mix report: documents and tokens in and out of every stage, per source, as markdown + PNG.
+
+Counts come from the datatrove stats each stage saved (``logs/<stage>/stats.json``), keyed
+``<event>/<source>/<reason>`` by the steps in :mod:`preprocessing.steps`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def _stat_total(value) -> float:
+    return value["total"] if isinstance(value, dict) else value
+
+
+def collect_ledger(logs_dir: Path, sources: list[str]) -> dict[str, dict]:
+    """Per source: ``read``, ``quarantined`` {reason: n}, ``dropped`` {reason: n} (filters, PHI, benchmark
+    overlap, exact and near duplicates), ``phi`` {type: n}, ``heldout``, ``kept``, ``chunks``, ``tokens``."""
+    raw: dict[str, float] = defaultdict(float)
+    for stats in sorted(logs_dir.glob("*/stats.json")):
+        for step in json.loads(stats.read_text()):
+            for key, value in step.get("stats", {}).items():
+                if "/" in key:
+                    raw[key] += _stat_total(value)
+    ledger = {}
+    for s in sources:
+        entry = {"read": int(raw.get(f"read/{s}", 0)), "quarantined": {}, "dropped": {}, "phi": {}}
+        for key, n in raw.items():
+            event, source, *rest = key.split("/", 2)
+            if source != s or not rest:
+                continue
+            if event in ("quarantined", "dropped", "phi"):
+                entry[event][rest[0]] = int(n)
+        exact = raw.get(f"before_exact/{s}", 0) - raw.get(f"after_exact/{s}", 0)
+        near = raw.get(f"before_near/{s}", 0) - raw.get(f"after_near/{s}", 0)
+        if exact:
+            entry["dropped"]["exact_duplicate"] = int(exact)
+        if near:
+            entry["dropped"]["near_duplicate"] = int(near)
+        for event in ("heldout", "kept", "chunks", "tokens"):
+            entry[event] = int(raw.get(f"{event}/{s}", 0))
+        ledger[s] = entry
+    return ledger
+
+
+def balance(entry: dict) -> int:
+    """read - (quarantined + dropped + heldout + kept): zero when nothing was lost without a reason."""
+    return entry["read"] - sum(entry["quarantined"].values()) - sum(entry["dropped"].values()) - entry["heldout"] - entry["kept"]
+
+
+def write_report(recipe, ledger: dict, mix: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = list(ledger)
+    lines = ["# Mix report", "", f"Output: `{out}`; seq_length {recipe.seq_length}; token budget {recipe.token_budget:,}.", "",
+             "## Documents per stage", "",
+             "| source | read | quarantined | dropped | held out | kept | kept % | unaccounted |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in sources:
+        e = ledger[s]
+        q, d = sum(e["quarantined"].values()), sum(e["dropped"].values())
+        pct = 100 * e["kept"] / e["read"] if e["read"] else 0.0
+        lines.append(f"| {s} | {e['read']} | {q} | {d} | {e['heldout']} | {e['kept']} | {pct:.1f} | {balance(e)} |")
+    lines += ["", "## Reasons", "", "| source | kind | reason | documents |", "|---|---|---|---|"]
+    for s in sources:
+        for kind in ("quarantined", "dropped"):
+            for reason, n in sorted(ledger[s][kind].items()):
+                lines.append(f"| {s} | {kind} | {reason} | {n} |")
+    lines += ["", "## PHI found (redacted or dropped per source policy)", "", "| source | type | occurrences |", "|---|---|---|"]
+    for s in sources:
+        for kind, n in sorted(ledger[s]["phi"].items()):
+            lines.append(f"| {s} | {kind} | {n} |")
+    lines += ["", "## Tokens and blend", "", "| source | sequences | tokens | target share | weight | epochs for budget |",
+              "|---|---|---|---|---|---|"]
+    for s, m in mix["sources"].items():
+        lines.append(f"| {s} | {m['documents']} | {m['tokens']:,} | {m['share']:.3f} | {m['weight']:.3f} | {m['epochs']:.2f} |")
+    lines += ["", "![documents](report_documents.png)", "", "![tokens](report_tokens.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    stages = ["read", "after quarantine", "after filters/dedup", "kept (train)"]
+    width = 0.8 / len(sources)
+    for i, s in enumerate(sources):
+        e = ledger[s]
+        after_q = e["read"] - sum(e["quarantined"].values())
+        values = [e["read"], after_q, after_q - sum(e["dropped"].values()), e["kept"]]
+        ax.bar([x + i * width for x in range(len(stages))], values, width, label=s)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(stages))], stages)
+    ax.set_ylabel("documents")
+    ax.set_title("Documents through the pipeline")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "report_documents.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    total = sum(m["tokens"] for m in mix["sources"].values()) or 1
+    xs = range(len(sources))
+    ax.bar([x - 0.2 for x in xs], [mix["sources"][s]["tokens"] / total for s in sources], 0.4, label="share of unique tokens")
+    ax.bar([x + 0.2 for x in xs], [mix["sources"][s]["share"] for s in sources], 0.4, label="target share (blend weight)")
+    ax.set_xticks(list(xs), sources)
+    ax.set_ylabel("fraction")
+    ax.set_title("Tokens per source")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "report_tokens.png", dpi=100)
+    plt.close(fig)

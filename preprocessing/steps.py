@@ -1,0 +1,464 @@
+"""datatrove pipeline steps of the mix build that datatrove does not ship.
+
+Every step counts what it does per source with ``stat_update`` keys ``<event>/<source>/<reason>``
+(events: ``read``, ``quarantined``, ``dropped``, ``phi``, ``heldout``, ``tokens``, ``chunks``), which the
+report adds up. Bad records never stop a job: they are written to ``errors/`` with file, line and reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from preprocessing.recipe import SourceConfig
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+class Quarantine:
+    """Per-rank error file ``<dir>/<stage>_<rank>.jsonl``, rewritten when a rank reruns (so a resumed job
+    does not double-count)."""
+
+    def __init__(self, directory: str | Path, stage: str, rank: int):
+        self.path = Path(directory) / f"{stage}_{rank:05d}.jsonl"
+        self._f = None
+
+    def write(self, file: str, line: int | None, reason: str, excerpt: str = "") -> None:
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "w")
+        self._f.write(json.dumps({"file": file, "line": line, "reason": reason, "excerpt": excerpt[:200]}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+# ------------------------------------------------------------------------------------------ text tools
+
+_SPACES = re.compile(r"[ \t\u00a0]+")
+_BLANKS = re.compile(r"\n{3,}")
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, unified line ends, runs of spaces folded, at most one blank line, trimmed lines."""
+    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+    return _BLANKS.sub("\n\n", text).strip()
+
+
+def latex_to_text(source: str) -> str:
+    """LaTeX -> prose with pylatexenc: math kept as unicode text, citations/refs/title block/bibliography
+    removed (they would only teach the model placeholders)."""
+    from pylatexenc.latex2text import EnvironmentTextSpec, LatexNodes2Text, MacroTextSpec, get_default_latex_context_db
+
+    db = get_default_latex_context_db()
+    db.add_context_category(
+        "neurocpt", prepend=True,
+        macros=[MacroTextSpec(m, simplify_repl="") for m in ("cite", "citep", "citet", "ref", "eqref", "label", "maketitle",
+                                                               "author", "date", "thanks", "bibliographystyle", "bibliography")]
+        + [MacroTextSpec("title", simplify_repl="%(1)s\n\n")],
+        environments=[EnvironmentTextSpec(e, simplify_repl="") for e in ("thebibliography", "figure", "table")],
+    )
+    return LatexNodes2Text(latex_context=db, math_mode="text").latex_to_text(source)
+
+
+class WhitespaceWordTokenizer(WordTokenizer):
+    """Word/sentence splitting for the Gopher filters and MinHash without NLTK/spaCy data files (no
+    downloads at run time). Words are whitespace-separated, as the Gopher rules define them."""
+
+    _SENT = re.compile(r"(?<=[.!?])\s+")
+
+    def __init__(self):
+        super().__init__("en")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [s for s in self._SENT.split(text) if s.strip()]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [m.span() for m in re.finditer(r"[^.!?]+[.!?]*", text)]
+
+
+# -------------------------------------------------------------------------------------------- reading
+
+
+class MixReader(PipelineStep):
+    """Reads every source's files (jsonl, jsonl.gz, parquet, LaTeX); files are sharded over ranks.
+    Each document gets ``metadata.source``. Malformed lines, missing text keys, non-UTF-8 bytes, empty or
+    oversized records and unreadable files are quarantined and counted, and reading goes on."""
+
+    name = "📖 MixReader"
+    type = "📖 - READER"
+
+    def __init__(self, files: list[tuple[SourceConfig, str]], errors_dir: str, max_doc_chars: int):
+        super().__init__()
+        self.files = files
+        self.errors_dir = errors_dir
+        self.max_doc_chars = max_doc_chars
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        quarantine = Quarantine(self.errors_dir, "read", rank)
+        try:
+            for source, path in self.files[rank::world_size]:
+                yield from self._read_file(source, path, quarantine)
+        finally:
+            quarantine.close()
+
+    def _read_file(self, source: SourceConfig, path: str, quarantine: Quarantine) -> Iterator[Document]:
+        def bad(line, reason, excerpt=""):
+            self.stat_update(f"read/{source.name}", f"quarantined/{source.name}/{reason}")
+            quarantine.write(path, line, reason, excerpt)
+
+        try:
+            records = {"jsonl": self._jsonl, "parquet": self._parquet, "latex": self._latex}[source.format](path, source)
+            for line, record, problem in records:
+                if problem:
+                    bad(line, problem, record if isinstance(record, str) else "")
+                    continue
+                text = record.get(source.text_key) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    bad(line, "missing_text_key", json.dumps(record)[:200] if isinstance(record, dict) else "")
+                    continue
+                if len(text) > self.max_doc_chars:
+                    bad(line, "too_large", text[:200])
+                    continue
+                text = normalize_text(text)
+                if not text:
+                    bad(line, "empty")
+                    continue
+                self.stat_update(f"read/{source.name}")
+                doc_id = str(record.get(source.id_key) or f"{Path(path).name}:{line}")
+                yield Document(text=text, id=f"{source.name}/{doc_id}",
+                               metadata={"source": source.name, "file": path, "line": line})
+        except Exception as err:  # unreadable file: corrupt gzip, bad parquet, permissions
+            bad(None, "unreadable_file", f"{type(err).__name__}: {err}")
+
+    @staticmethod
+    def _jsonl(path: str, source: SourceConfig):
+        import gzip
+
+        import orjson
+
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            for i, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield i, f"byte {err.start}", "non_utf8"
+                    continue
+                try:
+                    yield i, orjson.loads(raw), None
+                except orjson.JSONDecodeError:
+                    yield i, raw[:200].decode("utf-8", "replace"), "malformed_json"
+
+    @staticmethod
+    def _parquet(path: str, source: SourceConfig):
+        import pyarrow.parquet as pq
+
+        i = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                i += 1
+                yield i, row, None
+
+    @staticmethod
+    def _latex(path: str, source: SourceConfig):
+        raw = Path(path).read_bytes()
+        try:
+            tex = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            tex = raw.decode("latin-1")  # old arXiv sources; LaTeX itself is ASCII
+        yield 1, {source.text_key: latex_to_text(tex), source.id_key: Path(path).stem}, None
+
+
+# ------------------------------------------------------------------------------------------ PHI guard
+
+PHI_PATTERNS: dict[str, re.Pattern] = {
+    "url_with_id": re.compile(r"https?://\S*?\d{3,}\S*"),
+    "email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"),
+    "ssn": re.compile(r"\b\d{3}-\d{2}-\d{4}\b"),
+    "phone": re.compile(r"(?:\+?1[\s.-]?)?\(?\b\d{3}\)?[\s.-]\d{3}[\s.-]\d{4}\b"),
+    "mrn": re.compile(r"\b(?:MRN|MR#|Medical Record(?: Number)?|Patient ID)\s*[:#]?\s*[A-Z]{0,3}\d{5,12}\b", re.I),
+    "full_date": re.compile(
+        r"\b(?:\d{1,2}[/-]\d{1,2}[/-](?:19|20)\d{2}|(?:19|20)\d{2}-\d{2}-\d{2}|"
+        r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.? \d{1,2}, (?:19|20)\d{2})\b"),
+    "street_address": re.compile(
+        r"\b\d{1,5} (?:[A-Z][a-z]+ ){1,3}(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way)\b\.?"),
+}
+
+
+def find_phi(text: str) -> dict[str, int]:
+    return {kind: len(p.findall(text)) for kind, p in PHI_PATTERNS.items() if p.search(text)}
+
+
+def redact_phi(text: str) -> str:
+    for kind, p in PHI_PATTERNS.items():  # order matters: URLs and e-mails before the digit patterns
+        text = p.sub(f"[{kind.upper()}]", text)
+    return text
+
+
+class PHIGuard(PipelineStep):
+    """Residual identifiers in sources with ``phi_guard``: redacted (default) or the document dropped,
+    counted per identifier type."""
+
+    name = "🛡 PHI guard"
+    type = "🔻 - FILTER"
+
+    def __init__(self, sources: list[SourceConfig]):
+        super().__init__()
+        self.policy = {s.name: s.phi_policy for s in sources if s.phi_guard}
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            source = doc.metadata["source"]
+            if source in self.policy:
+                found = find_phi(doc.text)
+                for kind, n in found.items():
+                    self.stat_update(f"phi/{source}/{kind}", value=n)
+                if found and self.policy[source] == "drop":
+                    self.stat_update(f"dropped/{source}/phi")
+                    continue
+                if found:
+                    doc.text = redact_phi(doc.text)
+            yield doc
+
+
+# --------------------------------------------------------------------------------- decontamination
+
+
+def word_ngrams(text: str, n: int) -> set[int]:
+    words = re.findall(r"\w+", text.lower())
+    return {hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
+
+
+def benchmark_texts(paths: list[str]) -> Iterator[str]:
+    """Every string field of every record in the benchmark jsonl files (questions, options, answers)."""
+    def strings(x):
+        if isinstance(x, str):
+            yield x
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from strings(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from strings(v)
+
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    yield from strings(json.loads(line))
+
+
+class Decontaminate(PipelineStep):
+    """Drops documents sharing any word ``n``-gram (13 by default) with a listed benchmark record."""
+
+    name = "🧪 Decontaminate"
+    type = "🔻 - FILTER"
+
+    def __init__(self, benchmark_files: list[str], n: int = 13):
+        super().__init__()
+        self.files, self.n = benchmark_files, n
+        self._index: set[int] | None = None
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if self._index is None:
+            self._index = set().union(*(word_ngrams(t, self.n) for t in benchmark_texts(self.files)))
+        for doc in data:
+            if self._index and not self._index.isdisjoint(word_ngrams(doc.text, self.n)):
+                self.stat_update(f"dropped/{doc.metadata['source']}/benchmark_overlap")
+                continue
+            yield doc
+
+
+# ------------------------------------------------------------------------------------------ filters
+
+
+class SourceFilters(PipelineStep):
+    """Runs each source's own datatrove filters (Gopher quality/repetition, minimum length) and counts
+    every drop under the filter's own reason."""
+
+    name = "🔻 Source filters"
+    type = "🔻 - FILTER"
+
+    def __init__(self, sources: list[SourceConfig]):
+        super().__init__()
+        from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+
+        words = WhitespaceWordTokenizer()
+        self.filters: dict[str, list[tuple[str, object]]] = {}
+        for s in sources:
+            chain = []
+            if s.filters.gopher_quality is not None:
+                chain.append(("gopher_quality", GopherQualityFilter(language=words, **s.filters.gopher_quality)))
+            if s.filters.gopher_repetition is not None:
+                chain.append(("gopher_repetition", GopherRepetitionFilter(language=words, **s.filters.gopher_repetition)))
+            self.filters[s.name] = chain
+        self.min_chars = {s.name: s.filters.min_chars for s in sources}
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            source = doc.metadata["source"]
+            reason = "too_short" if len(doc.text) < self.min_chars[source] else None
+            for name, f in self.filters[source] if reason is None else ():
+                with self.track_time():
+                    verdict = f.filter(doc)
+                keep, why = (verdict, None) if isinstance(verdict, bool) else verdict
+                if not keep:
+                    reason = f"{name}:{why or 'rejected'}"
+                    break
+            if reason:
+                self.stat_update(f"dropped/{source}/{reason}")
+                continue
+            yield doc
+
+
+class CountBySource(PipelineStep):
+    """Counts documents passing this point per source as ``<label>/<source>`` (for dedup accounting)."""
+
+    name = "🔢 Count"
+    type = "📊 - STATS"
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            self.stat_update(f"{self.label}/{doc.metadata['source']}")
+            yield doc
+
+
+# ------------------------------------------------------------------------------ held-out + tokenising
+
+
+def is_heldout(doc_id: str, fraction: float, seed: int) -> bool:
+    digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+class HeldoutSplit(PipelineStep):
+    """Moves a deterministic ``fraction`` of each source's documents (by id hash) to held-out jsonl."""
+
+    name = "✂ Held-out split"
+    type = "🔻 - FILTER"
+
+    def __init__(self, output_dir: str, fraction: float, seed: int):
+        super().__init__()
+        self.output_dir, self.fraction, self.seed = output_dir, fraction, seed
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        files: dict[str, object] = {}
+        try:
+            for doc in data:
+                source = doc.metadata["source"]
+                if is_heldout(doc.id, self.fraction, self.seed):
+                    if source not in files:
+                        path = Path(self.output_dir) / source / f"{rank:05d}.jsonl"
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        files[source] = open(path, "w")
+                    files[source].write(json.dumps({"id": doc.id, "text": doc.text}) + "\n")
+                    self.stat_update(f"heldout/{source}")
+                    continue
+                yield doc
+        finally:
+            for f in files.values():
+                f.close()
+
+
+def chunk_tokens(ids: list[int], eos: int, seq_length: int, overlap: int) -> Iterator[list[int]]:
+    """The document's tokens + EOS, in pieces of at most ``seq_length`` tokens (each ending with EOS) that
+    overlap by ``overlap`` tokens."""
+    body = seq_length - 1
+    if len(ids) <= body:
+        yield ids + [eos]
+        return
+    if not 0 <= overlap < body:
+        raise ValueError(f"chunk_overlap {overlap} must be in [0, {body})")
+    start = 0
+    while True:
+        piece = ids[start : start + body]
+        yield piece + [eos]
+        if start + body >= len(ids):
+            return
+        start += body - overlap
+
+
+class MegatronTokenWriter(PipelineStep):
+    """Tokenises with the user's HF fast tokenizer (batched, in Rust) and writes megatron-core indexed
+    datasets per source and rank with ``IndexedDatasetBuilder``; every document (chunk) ends with EOS."""
+
+    name = "🧮 Megatron tokens"
+    type = "✍ - WRITER"
+
+    def __init__(self, output_dir: str, tokenizer_dir: str, seq_length: int, overlaps: dict[str, int], batch_size: int = 512):
+        super().__init__()
+        self.output_dir, self.tokenizer_dir = output_dir, tokenizer_dir
+        self.seq_length, self.overlaps, self.batch_size = seq_length, overlaps, batch_size
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        from datatrove.utils.batching import batched
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        tok = load_tokenizer(self.tokenizer_dir)
+        eos = eos_id(self.tokenizer_dir)
+        dtype = token_dtype(tok.get_vocab_size())
+        builders: dict[str, IndexedDatasetBuilder] = {}
+        for batch in batched(data, self.batch_size):
+            with self.track_time(unit="batch"):
+                encodings = tok.encode_batch([d.text for d in batch], add_special_tokens=False)
+            for doc, enc in zip(batch, encodings):
+                source = doc.metadata["source"]
+                if source not in builders:
+                    prefix = Path(self.output_dir) / source / f"{rank:05d}"
+                    prefix.parent.mkdir(parents=True, exist_ok=True)
+                    builders[source] = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+                for piece in chunk_tokens(enc.ids, eos, self.seq_length, self.overlaps.get(source, 0)):
+                    builders[source].add_document(np.asarray(piece, dtype=dtype), [len(piece)])
+                    self.stat_update(f"tokens/{source}", value=len(piece))
+                    self.stat_update(f"chunks/{source}")
+                self.stat_update(f"kept/{source}")
+                yield doc
+        for source, builder in builders.items():
+            builder.finalize(str(Path(self.output_dir) / source / f"{rank:05d}.idx"))
+
+
+def load_tokenizer(tokenizer_dir: str):
+    """The fast (Rust) tokenizer of a local HF tokenizer or checkpoint directory."""
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_dir)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {path}: point 'tokenizer' at a local HF tokenizer directory")
+    return Tokenizer.from_file(str(path))
+
+
+def eos_id(tokenizer_dir: str) -> int:
+    """EOS id from the HF tokenizer config (what transformers would use)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tok.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} defines no eos_token")
+    return tok.eos_token_id
+
+
+def token_dtype(vocab_size: int):
+    return np.int32 if vocab_size > 65535 else np.uint16
