@@ -79,7 +79,7 @@ class MixRecipe:
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown recipe keys {sorted(unknown)}")
-        raw.setdefault("base_dir", str(path.parent))
+        raw["base_dir"] = str(path.parent / raw.get("base_dir", "."))  # relative to the recipe file
         return cls(**raw)
 
     def resolve(self, p: str) -> Path:

@@ -93,7 +93,7 @@ def write_report(recipe, ledger: dict, mix: dict, out: Path) -> None:
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(stages))], stages)
     ax.set_ylabel("documents")
     ax.set_title("Documents through the pipeline")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(sources), fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "report_documents.png", dpi=100)
     plt.close(fig)

@@ -1,0 +1,225 @@
+"""The mix build on the demo corpus and on crafted bad input: accounting, dedup, PHI, decontamination,
+megatron-readable binaries, blend shares through megatron's sampler, resume after a kill."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from preprocessing import build_mix
+from preprocessing.recipe import MixRecipe
+from preprocessing.report import balance
+from preprocessing.steps import PHI_PATTERNS, chunk_tokens, find_phi, redact_phi
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+
+
+def _recipe(tmp: Path, **overrides) -> Path:
+    """The demo recipe, writing into ``tmp``."""
+    raw = yaml.safe_load((DEMO / "recipe.yaml").read_text())
+    raw.update(output_dir=str(tmp / "mix"), base_dir=str(DEMO), **overrides)
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_mix(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    recipe = MixRecipe.load(_recipe(tmp))
+    return recipe, build_mix.build(recipe)
+
+
+def _decoded(recipe: MixRecipe, source: str) -> list[str]:
+    """Every training document of a source, decoded, whitespace removed (the toy BPE drops spaces)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(recipe.resolve(recipe.tokenizer) / "tokenizer.json"))
+    ds = IndexedDataset(str(recipe.out / f"{source}_text_document"))
+    return ["".join(tok.decode(ds[i].tolist()).split()) for i in range(len(ds))]
+
+
+def _squash(text: str) -> str:
+    return "".join(text.split())
+
+
+def test_counts_add_up_and_report_exists(demo_mix):
+    recipe, mix = demo_mix
+    ledger = json.loads((recipe.out / "mix.json").read_text())["sources"]
+    report = (recipe.out / "report.md").read_text()
+    from preprocessing.report import collect_ledger
+
+    full = collect_ledger(recipe.out / "logs", list(ledger))
+    for source, entry in full.items():
+        assert entry["read"] > 0
+        assert balance(entry) == 0, (source, entry)  # in = quarantined + each drop reason + held out + kept
+        assert entry["kept"] > 0.5 * entry["read"], source  # per-source thresholds keep most of every source
+        assert f"| {source} | {entry['read']} |" in report
+    assert full["ehr"]["quarantined"] == {"malformed_json": 1}
+    assert (recipe.out / "report_documents.png").stat().st_size > 5000
+    assert (recipe.out / "report_tokens.png").stat().st_size > 5000
+    errors = [json.loads(x) for f in (recipe.out / "errors").glob("*.jsonl") for x in f.read_text().splitlines()]
+    assert errors == [{"file": str(DEMO / "ehr" / "notes_1.jsonl"), "line": 8, "reason": "malformed_json",
+                       "excerpt": errors[0]["excerpt"]}]
+
+
+def test_planted_duplicates_removed_across_sources(demo_mix):
+    recipe, _ = demo_mix
+    from preprocessing.report import collect_ledger
+
+    ledger = collect_ledger(recipe.out / "logs", [s.name for s in recipe.sources])
+    dropped = {s: e["dropped"] for s, e in ledger.items()}
+    assert dropped["ehr"].get("near_duplicate", 0) >= 4
+    # the abstract cross-posted into the general-medical parquet is an exact duplicate across sources
+    assert dropped["general_medical"].get("exact_duplicate", 0) + dropped["pubmed_neuro"].get("exact_duplicate", 0) == 1
+    notes = [json.loads(line) for line in (DEMO / "ehr" / "notes_0.jsonl").read_text().splitlines()]
+    survivors = _decoded(recipe, "ehr") + [_squash(json.loads(x)["text"]) for x in
+                                           (recipe.out / "heldout" / "ehr.jsonl").read_text().splitlines()]
+    for j in range(4):  # each planted pair (note 10+j and its edited copy) leaves exactly one document
+        hpi = _squash(next(line for line in notes[10 + j]["text"].split("\n") if line.startswith("HPI")))
+        assert sum(hpi in doc for doc in survivors) == 1
+
+
+def test_planted_phi_and_benchmark_text_are_gone(demo_mix):
+    recipe, _ = demo_mix
+    raw = "\n".join(json.loads(x)["text"] for f in sorted((DEMO / "ehr").glob("*.jsonl"))
+                    for x in f.read_text().splitlines() if x.startswith('{"id": "note-') and x.endswith("}"))
+    planted = {m.group(0) for p in PHI_PATTERNS.values() for m in p.finditer(raw)}
+    assert len(planted) > 100
+    training = "\n".join(_decoded(recipe, "ehr"))
+    assert "CHIEFCOMPLAINT" in training  # the check below can see text at all
+    leaked = [p for p in planted if _squash(p) in training]
+    assert not leaked
+    english = "\n".join(_decoded(recipe, "english"))
+    assert "Quiznightatthelibrary" not in english and len(english) > 1000
+
+
+def test_binaries_are_megatron_datasets_ending_in_eos(demo_mix):
+    recipe, mix = demo_mix
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(recipe.resolve(recipe.tokenizer)).eos_token_id
+    for source, entry in mix["sources"].items():
+        ds = IndexedDataset(str(recipe.out / entry["prefix"]))
+        assert len(ds) == entry["documents"] > 0
+        assert sum(len(ds[i]) for i in range(len(ds))) == entry["tokens"]
+        assert all(ds[i][-1] == eos and len(ds[i]) <= recipe.seq_length for i in range(len(ds)))
+        assert ds[0].dtype == np.uint16  # vocab 2048; int32 above 65535
+        heldout = (recipe.out / entry["heldout"]).read_text().splitlines()
+        training = set(_decoded(recipe, source))
+        assert all(_squash(json.loads(x)["text"]) not in training for x in heldout)
+    assert sum(len((recipe.out / e["heldout"]).read_text().splitlines()) for e in mix["sources"].values()) > 0
+
+
+def test_blend_shares_through_megatron_sampler(demo_mix):
+    recipe, mix = demo_mix
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
+
+    class Tok(MegatronLegacyTokenizer):  # megatron's dataset wants a tokenizer object for the EOD id only
+        def __init__(self):
+            super().__init__("demo")
+        vocab_size, vocab, inv_vocab, eod = 2048, {}, {}, 1
+        def tokenize(self, text):
+            raise NotImplementedError
+        def detokenize(self, ids):
+            raise NotImplementedError
+
+    paths = [str(recipe.out / p) if isinstance(p, str) else p for p in mix["data_path"]]
+    config = GPTDatasetConfig(random_seed=1, sequence_length=recipe.seq_length, blend=(paths[1::2], paths[0::2]),
+                              split="100,0,0", tokenizer=Tok(), reset_position_ids=True, reset_attention_mask=False,
+                              eod_mask_loss=False, path_to_cache=str(recipe.out / "cache"), mid_level_dataset_surplus=0.005)
+    n = 20000
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [n, 0, 0], lambda: True, config).build()
+    counts = np.bincount(train.dataset_index[:n], minlength=len(mix["sources"]))
+    for k, (source, entry) in enumerate(mix["sources"].items()):
+        assert abs(counts[k] / n - entry["share"]) < 0.01, source
+
+
+def test_chunking_overlaps_and_ends_with_eos():
+    ids = list(range(100, 130))
+    chunks = list(chunk_tokens(ids, eos=0, seq_length=11, overlap=3))
+    assert all(c[-1] == 0 and len(c) <= 11 for c in chunks)
+    bodies = [c[:-1] for c in chunks]
+    assert bodies[0] == ids[:10] and bodies[1][:3] == ids[7:10]  # 3 tokens of overlap
+    assert bodies[-1][-1] == ids[-1]
+    assert list(chunk_tokens([5, 6], eos=0, seq_length=11, overlap=3)) == [[5, 6, 0]]
+
+
+def test_phi_patterns_each_type():
+    text = ("Seen 03/14/2021 and March 3, 2020. SSN 123-45-6789, call (555) 123-4567, MRN: 8427162, "
+            "mail jo.doe@example.org, lives at 42 Maple Street, https://portal.example.org/patient/889123 .")
+    assert set(find_phi(text)) == set(PHI_PATTERNS)
+    clean = redact_phi(text)
+    assert not find_phi(clean)
+    assert "[SSN]" in clean and "[EMAIL]" in clean and "Seen" in clean
+
+
+def test_bad_input_is_quarantined_and_counted(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    good = "The patient was admitted with a transient ischemic attack and recovered fully within a day. " * 4
+    other = "Follow-up MRI of the spine showed no new demyelinating lesions; gait has improved since June. " * 4
+    lines = [json.dumps({"text": good}).encode(), b'{"text": "unterminated',
+             json.dumps({"body": good}).encode(), b'{"text": "caf\xe9 au lait ' + b"x" * 50 + b'"}',
+             json.dumps({"text": "   "}).encode(), json.dumps({"text": "A" * 50_000_001}).encode(),
+             json.dumps({"text": other}).encode()]
+    (raw / "notes.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (raw / "broken.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:40])
+    shutil.copytree(DEMO / "tokenizer", tmp_path / "tok")
+    recipe = MixRecipe(tokenizer=str(tmp_path / "tok"), output_dir=str(tmp_path / "out"), seq_length=64, heldout_fraction=0.0,
+                       max_doc_chars=10_000_000, base_dir=str(tmp_path),
+                       sources=[{"name": "notes", "paths": ["raw/*.jsonl*"], "share": 1.0,
+                                 "filters": {"min_chars": 10, "gopher_quality": None, "gopher_repetition": None}}])
+    mix = build_mix.build(recipe)
+    errors = [json.loads(x) for f in (tmp_path / "out" / "errors").glob("*.jsonl") for x in f.read_text().splitlines()]
+    by_reason = {e["reason"]: e for e in errors}
+    assert set(by_reason) == {"malformed_json", "missing_text_key", "non_utf8", "empty", "too_large", "unreadable_file"}
+    assert by_reason["malformed_json"]["line"] == 2 and by_reason["too_large"]["line"] == 6
+    assert by_reason["unreadable_file"]["file"].endswith("broken.jsonl.gz")
+    from preprocessing.report import collect_ledger
+
+    entry = collect_ledger(tmp_path / "out" / "logs", ["notes"])["notes"]
+    assert entry["kept"] == 2 and balance(entry) == 0 and sum(entry["quarantined"].values()) == 6
+    assert mix["sources"]["notes"]["documents"] >= 2
+
+
+def test_resume_after_kill_gives_identical_outputs(tmp_path):
+    def run(tag: str, kill_after: str | None = None):
+        cmd = [sys.executable, "-m", "preprocessing.build_mix", "--config", str(_recipe(tmp_path / tag))]
+        if kill_after is None:
+            subprocess.run(cmd, check=True, capture_output=True)
+            return
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        marker = tmp_path / tag / "mix" / "logs" / kill_after / "completions"
+        deadline = time.time() + 120
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (tmp_path / tag / "mix" / "mix.json").exists()  # it really died mid-way
+        subprocess.run(cmd, check=True, capture_output=True)  # the same command resumes
+
+    run("a")
+    run("b", kill_after="exact_filter")
+    a, b = tmp_path / "a" / "mix", tmp_path / "b" / "mix"
+    names = sorted(p.name for p in a.glob("*_text_document.*")) + ["mix.json"]
+    for name in names:
+        expected = (a / name).read_bytes().replace(str(a).encode(), b"")
+        assert (b / name).read_bytes().replace(str(b).encode(), b"") == expected, name
+    for f in (a / "heldout").iterdir():
+        assert (b / "heldout" / f.name).read_text() == f.read_text()
