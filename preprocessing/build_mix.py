@@ -110,9 +110,7 @@ def completed(logging_dir: Path, tasks: int) -> bool:
 
 def merge_tokens(recipe: MixRecipe) -> dict[str, str]:
     """One megatron indexed dataset per source from the per-rank ones; returns source -> prefix."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    from preprocessing.steps import load_tokenizer, token_dtype
+    from preprocessing.steps import load_tokenizer, merge_indexed, token_dtype
 
     dtype = token_dtype(load_tokenizer(str(recipe.resolve(recipe.tokenizer))).get_vocab_size())
     prefixes = {}
@@ -121,13 +119,7 @@ def merge_tokens(recipe: MixRecipe) -> dict[str, str]:
         if not parts:
             raise RuntimeError(f"source {source.name}: no documents survived the pipeline (see the report)")
         name = f"{source.name}_text_document"
-        tmp = recipe.out / f".{name}.tmp"
-        builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
-        for idx in parts:
-            builder.add_index(str(idx.with_suffix("")))
-        builder.finalize(f"{tmp}.idx")
-        for ext in (".bin", ".idx"):
-            os.replace(f"{tmp}{ext}", recipe.out / f"{name}{ext}")
+        merge_indexed(parts, recipe.out / name, dtype)
         prefixes[source.name] = name
     return prefixes
 

@@ -439,6 +439,22 @@ class MegatronTokenWriter(PipelineStep):
             builder.finalize(str(Path(self.output_dir) / source / f"{rank:05d}.idx"))
 
 
+def merge_indexed(parts: list[Path], out_prefix: Path, dtype) -> None:
+    """Concatenate per-rank indexed datasets into ``out_prefix.{bin,idx}``, written under temporary
+    names and renamed, so a reader never sees half a dataset."""
+    import os
+
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    tmp = out_prefix.with_name(f".{out_prefix.name}.tmp")
+    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
+    for part in parts:
+        builder.add_index(str(part.with_suffix("")))
+    builder.finalize(f"{tmp}.idx")
+    for ext in (".bin", ".idx"):
+        os.replace(f"{tmp}{ext}", f"{out_prefix}{ext}")
+
+
 def load_tokenizer(tokenizer_dir: str):
     """The fast (Rust) tokenizer of a local HF tokenizer or checkpoint directory."""
     from tokenizers import Tokenizer
@@ -451,13 +467,16 @@ def load_tokenizer(tokenizer_dir: str):
 
 
 def eos_id(tokenizer_dir: str) -> int:
-    """EOS id from the HF tokenizer config (what transformers would use)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if tok.eos_token_id is None:
-        raise ValueError(f"the tokenizer in {tokenizer_dir} defines no eos_token")
-    return tok.eos_token_id
+    """EOS id as transformers defines it (``eos_token`` of tokenizer_config.json), read without
+    importing transformers in every worker."""
+    config = Path(tokenizer_dir) / "tokenizer_config.json"
+    eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+    if isinstance(eos, dict):  # AddedToken form
+        eos = eos.get("content")
+    token_id = load_tokenizer(tokenizer_dir).token_to_id(eos) if eos else None
+    if token_id is None:
+        raise ValueError(f"{config}: no eos_token in the tokenizer's vocabulary")
+    return token_id
 
 
 def token_dtype(vocab_size: int):
