@@ -223,3 +223,25 @@ def test_resume_after_kill_gives_identical_outputs(tmp_path):
         assert (b / name).read_bytes().replace(str(b).encode(), b"") == expected, name
     for f in (a / "heldout").iterdir():
         assert (b / "heldout" / f.name).read_text() == f.read_text()
+
+
+def test_phi_drop_policy_and_token_dtype():
+    from datatrove.data import Document
+
+    from preprocessing.recipe import SourceConfig
+    from preprocessing.steps import PHIGuard, token_dtype
+
+    guard = PHIGuard([SourceConfig(name="ehr", paths=[], share=1.0, phi_guard=True, phi_policy="drop")])
+    docs = [Document(text="Call 555-123-4567 tomorrow.", id="a", metadata={"source": "ehr"}),
+            Document(text="No identifiers here.", id="b", metadata={"source": "ehr"})]
+    assert [d.id for d in guard.run(iter(docs))] == ["b"]
+    assert guard.stats["dropped/ehr/phi"].total == 1 and guard.stats["phi/ehr/phone"].total == 1
+    assert token_dtype(248320) == np.int32 and token_dtype(2048) == np.uint16
+
+
+def test_two_workers_give_the_same_mix_as_one(demo_mix, tmp_path):
+    recipe, mix = demo_mix
+    two = build_mix.build(MixRecipe.load(_recipe(tmp_path)), workers=2)
+    for source, entry in mix["sources"].items():
+        assert two["sources"][source]["tokens"] == entry["tokens"], source
+        assert two["sources"][source]["documents"] == entry["documents"], source

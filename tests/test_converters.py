@@ -179,3 +179,9 @@ def test_export_rejects_a_template_of_another_architecture(text_dir, tmp_path):
     with pytest.raises(CheckpointError, match="intermediate_size"):
         convert_to_hf.convert(ckpt, tmp_path / "export", hf_template=other)
     assert not (tmp_path / "export").exists()
+
+
+def test_relative_checkpoint_paths(text_dir, monkeypatch):
+    monkeypatch.chdir(text_dir.parent)
+    ckpt = HFCheckpoint(text_dir.name)
+    assert torch.equal(ckpt.get("model.embed_tokens.weight"), HFCheckpoint(text_dir).get("model.embed_tokens.weight"))

@@ -1,19 +1,24 @@
 """`make demo`: the project's chain on CPU, end to end, on locally made data.
 
-Today: a tiny random Qwen3.5 *base* checkpoint in the release layout (multimodal, sharded, with vision
-tower and tokenizer) -> megatron checkpoint -> verified logits -> packed-document check -> HF release
-directory -> verified again -> generation through transformers. Stages are added here as the data
-pipeline, trainer and evaluation land.
+Today: the five-source demo corpus (``data/demo``) -> ``build_mix`` (clean, PHI guard, decontaminate,
+dedup, tokenise, mix.json, report); a tiny random Qwen3.5 *base* checkpoint in the release layout
+(multimodal, sharded, vision tower, the demo tokenizer) -> megatron checkpoint -> verified logits ->
+packed-document check -> HF release directory -> verified again -> generation through transformers.
+Stages are added here as the trainer and evaluation land.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import torch
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
 def run(out: Path) -> list[tuple[str, str, float]]:
@@ -31,11 +36,25 @@ def run(out: Path) -> list[tuple[str, str, float]]:
     out.mkdir(parents=True, exist_ok=True)
     base, ckpt, release = out / "base_hf", out / "base_megatron", out / "release_hf"
 
+    def mix():
+        from preprocessing.build_mix import build
+        from preprocessing.recipe import MixRecipe
+
+        result = build(MixRecipe.load(DEMO / "recipe.yaml", output_dir=str((out / "mix").resolve())))
+        tokens = sum(s["tokens"] for s in result["sources"].values())
+        return f"{tokens:,} tokens in {len(result['sources'])} sources; report: {out / 'mix' / 'report.md'}"
+
+    stage("build the data mix (datatrove)", mix)
+
     def make_base():
-        model = tiny_qwen35.multimodal(seed=0, hidden_size=128, intermediate_size=256,
-                                       layer_types=["linear_attention"] * 3 + ["full_attention"] * 1 + ["linear_attention"] * 3 + ["full_attention"])
+        tokenizer = DEMO / "tokenizer"
+        vocab = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"])
+        pattern = ["linear_attention"] * 3 + ["full_attention"]
+        model = tiny_qwen35.multimodal(seed=0, vocab_size=vocab, hidden_size=128, intermediate_size=256,
+                                       layer_types=pattern * 2)
         model.save_pretrained(base, max_shard_size="500KB")
-        tiny_qwen35.write_tokenizer(base)
+        for f in tokenizer.iterdir():
+            shutil.copy2(f, base / f.name)
         return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(list(base.glob('*.safetensors')))} shards"
 
     stage("make tiny Qwen3.5 base checkpoint", make_base)
@@ -45,7 +64,8 @@ def run(out: Path) -> list[tuple[str, str, float]]:
 
     def packed_check():
         model = load_model(ckpt)
-        a, b = torch.randint(0, 96, (1, 50)), torch.randint(0, 96, (1, 70))
+        vocab = model.qwen35_config.vocab_size
+        a, b = torch.randint(0, vocab, (1, 50)), torch.randint(0, vocab, (1, 70))
         pos = torch.cat([torch.arange(50), torch.arange(70)]).unsqueeze(0)
         with torch.no_grad():
             err = (model(torch.cat([a, b], 1), pos)[:, 50:] - model(b)).abs().max().item()

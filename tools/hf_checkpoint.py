@@ -42,7 +42,7 @@ class HFCheckpoint:
             except (json.JSONDecodeError, KeyError) as err:
                 raise CheckpointError(f"{self.dir / INDEX}: unreadable index ({err})") from err
         elif (self.dir / SINGLE).is_file():
-            weight_map = {k: SINGLE for k in self._open(SINGLE).keys()}
+            weight_map = {k: SINGLE for k in self._open(self.dir / SINGLE).keys()}
         else:
             raise CheckpointError(f"{self.dir}: no {INDEX} or {SINGLE}")
         self.files = {name: self.dir / f for name, f in weight_map.items()}
@@ -64,8 +64,7 @@ class HFCheckpoint:
     def is_multimodal(self) -> bool:
         return "text_config" in self.config
 
-    def _open(self, file: str | Path):
-        path = self.dir / file
+    def _open(self, path: Path):
         if path not in self._handles:
             try:
                 self._handles[path] = safe_open(str(path), framework="pt")
