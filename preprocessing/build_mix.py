@@ -96,7 +96,7 @@ def make_executor(kind: str, pipeline: list, tasks: int, workers: int, logging_d
         from datatrove.executor import RayPipelineExecutor
 
         return RayPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
-                                   depends=depends)
+                                   depends=depends, mem_per_cpu_gb=cluster.get("mem_per_cpu_gb", 2))
     raise ValueError(f"unknown executor {kind!r}; choose local, slurm or ray")
 
 
@@ -186,11 +186,12 @@ def build(recipe: MixRecipe, workers: int = 1, executor: str = "local", **cluste
             continue
         log.info("stage %s: %d tasks", name, n)
         previous = make_executor(executor, pipeline, n, workers, logging_dir, depends=previous, **cluster)
-        if executor == "local":
+        if executor != "slurm":  # local and Ray run a stage to the end here; Slurm jobs are chained
             previous.run()
+            previous = None
             if not completed(logging_dir, n):
                 raise RuntimeError(f"stage {name} did not complete; see {logging_dir}/logs (rerun to resume)")
-    if executor != "local" and not all(completed(out / "logs" / n, t) for n, _, t in stages(recipe, tasks)):
+    if executor == "slurm" and not all(completed(out / "logs" / n, t) for n, _, t in stages(recipe, tasks)):
         if previous is not None:
             previous.run()  # submits the chain of jobs
         print("cluster jobs submitted; rerun the same command when they have finished to merge and report")

@@ -245,3 +245,10 @@ def test_two_workers_give_the_same_mix_as_one(demo_mix, tmp_path):
     for source, entry in mix["sources"].items():
         assert two["sources"][source]["tokens"] == entry["tokens"], source
         assert two["sources"][source]["documents"] == entry["documents"], source
+
+
+def test_ray_executor_gives_the_same_mix(demo_mix, tmp_path):
+    """datatrove's Ray executor on a local Ray cluster (the Slurm one needs a Slurm controller)."""
+    recipe, mix = demo_mix
+    ray_mix = build_mix.build(MixRecipe.load(_recipe(tmp_path)), workers=2, executor="ray")
+    assert {s: e["tokens"] for s, e in ray_mix["sources"].items()} == {s: e["tokens"] for s, e in mix["sources"].items()}
