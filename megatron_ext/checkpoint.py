@@ -49,26 +49,43 @@ def read_config(ckpt_dir: str | Path) -> Qwen35Config:
 
 
 def save_model(
-    model: Qwen35GPTModel, out_dir: str | Path, extra: dict | None = None, hf_files: list[Path] = ()
+    model: Qwen35GPTModel,
+    out_dir: str | Path,
+    extra=None,
+    hf_files: list[Path] = (),
+    rank_state: dict | None = None,
+    before_publish=None,
 ) -> Path:
     """Save ``model`` (all ranks call this) as a dist checkpoint at ``out_dir``, atomically: it appears
-    only once complete, replacing an older one of the same name. ``extra`` is a sharded state dict of
-    further state (optimizer, scheduler, ...) saved alongside; ``hf_files`` (tokenizer, configs) are kept
-    under ``hf_source/`` for the export back to HF."""
+    only once complete, replacing an older one of the same name.
+
+    ``extra``: further state saved alongside: a dict, or a function of the model's sharded state dict
+    returning one (the optimizer's sharded state needs it); ShardedTensors are sharded, other values go
+    to the common file. ``rank_state``: per-rank objects (RNG states). ``hf_files`` (tokenizer, configs)
+    are kept under ``hf_source/`` for the export back to HF. ``before_publish`` runs when everything is
+    written but not yet renamed into place (fault injection in tests).
+    """
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if _rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    state = {"model": model.sharded_state_dict(), **(extra or {})}
+    model_state = model.sharded_state_dict()
+    state = {"model": model_state, **((extra(model_state) if callable(extra) else extra) or {})}
     dist_checkpointing.save(state, str(tmp))
+    if rank_state is not None:
+        torch.save(rank_state, tmp / f"rank_state_{dist.get_rank() if dist.is_initialized() else 0:05d}.pt")
     if _rank0():
         (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.qwen35_config), indent=1))
         if hf_files:
             (tmp / HF_SOURCE_DIR).mkdir()
             for f in hf_files:
                 shutil.copy2(f, tmp / HF_SOURCE_DIR / Path(f).name)
+    _barrier()
+    if before_publish is not None:
+        before_publish()
+    if _rank0():
         replace_dir(tmp, out)
     _barrier()
     return out

@@ -63,6 +63,36 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+class _CpuDeviceTorch:
+    """The ``torch`` module as seen by megatron modules that hard-code ``device='cuda'`` in tensor
+    factories: the same module, with those factories allocating on the CPU instead."""
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        def factory(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's clip_grad_by_total_norm_fp32 without its assertion that grads are torch.cuda tensors."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    assert all(g.dtype == torch.float32 or use_decoupled_grad for g in grads)
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for g in grads:
+            g.detach().mul_(clip_coeff)
+
+
 def apply() -> None:
     """Apply the CPU patches once, if and only if CUDA is unavailable."""
     global _applied
@@ -94,5 +124,19 @@ def apply() -> None:
     # 4. GatedDeltaNet refuses to build when fla's Triton kernels fail to import (no Triton on CPU).
     #    Our subclass picks kernels by device and uses the pure-torch ones here.
     gdn.HAVE_FLA = True
+
+    # 5. The optimizer wrappers, gradient clipping and the forward/backward schedules allocate small
+    #    tensors with device='cuda' (loss scale, norms and their local multi-tensor fallback in utils,
+    #    overflow flags, token counts); give those modules a torch whose factories use the CPU.
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as optimizer
+    import megatron.core.pipeline_parallel.schedules as schedules
+    import megatron.core.utils as utils
+
+    for module in (optimizer, clip_grads, schedules, utils):
+        module.torch = _CpuDeviceTorch()
+
+    # 6. Gradient clipping asserts that grads are torch.cuda.FloatTensor; same clipping, CPU tensors.
+    clip_grads.clip_grad_by_total_norm_fp32 = optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
 
     log.info("CUDA not available: applied megatron-core CPU patches")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -204,12 +205,12 @@ def test_resume_after_kill_gives_identical_outputs(tmp_path):
         if kill_after is None:
             subprocess.run(cmd, check=True, capture_output=True)
             return
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         marker = tmp_path / tag / "mix" / "logs" / kill_after / "completions"
         deadline = time.time() + 120
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the job and its worker processes, like an OOM kill of the job
         proc.wait()
         assert not (tmp_path / tag / "mix" / "mix.json").exists()  # it really died mid-way
         subprocess.run(cmd, check=True, capture_output=True)  # the same command resumes

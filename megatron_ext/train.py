@@ -1,0 +1,416 @@
+"""Continued pre-training of Qwen3.5 on megatron-core.
+
+    python -m megatron_ext.train --config launch/configs/neuro_cpt_2b.yaml [key=value ...]
+    torchrun --nproc_per_node 8 -m megatron_ext.train --config ...        (launch/cpt_8gpu.sh)
+
+megatron-core does the work: DistributedDataParallel, its optimizer (AdamW, distributed optimizer, fp32
+master weights under BF16), OptimizerParamScheduler's Warmup-Stable-Decay schedule, the no-pipelining
+forward/backward schedule with gradient accumulation, dist_checkpointing. This file wires them together
+and adds what a long CPT run needs: exact resume, atomic checkpoints with a ``latest`` pointer, per-domain
+validation, NaN/Inf guards, metrics (jsonl, TensorBoard, optional W&B) and a loss curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_ext.train_config import TrainConfig
+
+log = logging.getLogger("neurocpt.train")
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    loss_ema: float | None = None
+    spikes: int = 0
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def _all_reduce(value: float, op=dist.ReduceOp.SUM, group=None) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, op=op, group=group)
+    return t.item()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / CHECKPOINTS / "latest"
+    return run_dir / CHECKPOINTS / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class Metrics:
+    """``metrics.jsonl`` (rank 0), TensorBoard and optionally W&B; a progress line per log interval."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = _rank0()
+        self.tb = self.wandb = None
+        if not self.enabled:
+            return
+        if self.path.exists():  # drop what a killed run logged after the checkpoint we resume from
+            kept = [x for x in self.path.read_text().splitlines() if json.loads(x)["step"] <= resume_step]
+            self.path.write_text("".join(x + "\n" for x in kept))
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if cfg.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb_project, dir=str(run_dir), config=dataclasses.asdict(cfg),
+                                    resume="allow", id=run_dir.name)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step" and v is not None}
+        if self.tb:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+        if self.wandb:
+            self.wandb.log(numbers, step=record["step"])
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def plot_losses(run_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    domains = sorted({k for r in records for k in r if k.startswith("val/")})
+    for d in domains:
+        pts = [(r["step"], r[d]) for r in records if d in r]
+        ax.plot(*zip(*pts), marker="o", label=d)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize="small")
+    ax.set_title(run_dir.name)
+    fig.tight_layout()
+    out = run_dir / "loss_curve.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- steps
+
+
+def forward_step(data_iterator, model, nan_now: bool = False):
+    """megatron-core forward step: per-token loss from the model, masked mean in the loss function."""
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+
+    def loss_func(output):
+        mask = batch["loss_mask"].float()
+        loss = (output.float() * mask).sum() / mask.sum().clamp_min(1.0)
+        if nan_now:
+            loss = loss * float("nan")
+        # clone: the schedule divides the returned loss in place by the number of micro-batches
+        return loss, {"lm loss": loss.detach().clone(), "tokens": mask.sum().detach()}
+
+    return losses, loss_func
+
+
+def grads_finite(model) -> bool:
+    finite = all(bool(torch.isfinite(p.main_grad).all()) for p in model.parameters() if p.requires_grad)
+    return _all_reduce(float(finite), dist.ReduceOp.MIN) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def train(cfg: TrainConfig) -> TrainState:
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_ext import build_model, parallel
+    from megatron_ext.checkpoint import hf_source_files, load_weights, read_config, save_model
+    from megatron_ext.data import build_train_dataset, heldout_batches, micro_batches, read_mix
+    from megatron_ext.flops import peak_tflops, train_flops_per_token
+    from preprocessing.steps import eos_id, load_tokenizer
+
+    parallel.initialize(tensor_parallel=cfg.tensor_parallel, seed=cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    resume = latest_checkpoint(run_dir)
+    source = resume or (Path(cfg.init_from) if cfg.init_from else None)
+    if source is None:
+        raise SystemExit("nothing to start from: set init_from to a converted checkpoint (tools.convert_from_hf)")
+    qcfg = read_config(source)
+    mix = read_mix(cfg.mix)
+    tokenizer_dir = mix["tokenizer"]
+    vocab = load_tokenizer(tokenizer_dir).get_vocab_size()
+    if vocab > qcfg.vocab_size:
+        raise SystemExit(f"the mix's tokenizer has {vocab} tokens but the model only {qcfg.vocab_size}")
+    eod = eos_id(tokenizer_dir)
+
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+        raise SystemExit(f"global_batch_size {cfg.global_batch_size} is not a multiple of micro_batch_size x DP "
+                         f"= {cfg.micro_batch_size} x {dp}")
+    num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)
+    iters = cfg.train_iters or max(1, mix["token_budget"] // (cfg.global_batch_size * cfg.seq_length))
+    nccl = dist.get_backend() == "nccl"
+    dist_opt = cfg.distributed_optimizer if cfg.distributed_optimizer is not None else nccl
+
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    overrides = {}
+    if cfg.recompute:
+        overrides.update(recompute_granularity=cfg.recompute)
+        if cfg.recompute == "full":
+            overrides.update(recompute_method="uniform", recompute_num_layers=1)
+    if cfg.fp8:
+        overrides.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
+    model = build_model(qcfg, cfg.backend, gdn_kernel=cfg.gdn_kernel, params_dtype=dtype,
+                        perform_initialization=False, **overrides)
+    if resume is None:
+        load_weights(model, cfg.init_from)
+    ddp = DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt),
+        module=model,
+    )
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+                        clip_grad=cfg.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                        use_distributed_optimizer=dist_opt),
+        [ddp],
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
+        lr_warmup_steps=round(cfg.warmup_fraction * iters), lr_decay_steps=iters, lr_decay_style="WSD",
+        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=iters, wd_incr_style="constant",
+        wsd_decay_steps=max(1, round(cfg.decay_fraction * iters)), lr_wsd_decay_style=cfg.decay_style,
+    )
+    state = TrainState()
+    if resume is not None:
+        state = _load_checkpoint(resume, model, optimizer, scheduler)
+        log.info("resumed from %s at step %d", resume, state.step)
+    hf_files = hf_source_files(source)
+
+    dataset = build_train_dataset(mix, cfg.seq_length, iters * cfg.global_batch_size, eod, qcfg.vocab_size, cfg.seed)
+    data = micro_batches(dataset, state.consumed_samples, cfg.micro_batch_size, dp_rank, dp)
+    eval_sets = heldout_batches(mix, tokenizer_dir, cfg.seq_length, cfg.eval_docs, cfg.micro_batch_size, eod)
+    metrics = Metrics(run_dir, cfg, state.step)
+    if _rank0():
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    flops_per_token = train_flops_per_token(qcfg, cfg.seq_length)
+    peak = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None, cfg.peak_tflops)
+    stop = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    forward_backward = get_forward_backward_func()
+    nan_steps = set(cfg.debug.get("nan_at_steps", []))
+    tokens_per_step = cfg.global_batch_size * cfg.seq_length
+    if _rank0():
+        log.info("training %d steps of %d x %d tokens; %d micro-batches of %d per rank, DP=%d TP=%d",
+                 iters, cfg.global_batch_size, cfg.seq_length, num_micro, cfg.micro_batch_size, dp, cfg.tensor_parallel)
+
+    ddp.train()
+    started = time.perf_counter()
+    while state.step < iters:
+        t0 = time.perf_counter()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        out = forward_backward(
+            forward_step_func=partial(forward_step, nan_now=state.step + 1 in nan_steps), data_iterator=data,
+            model=[ddp], num_microbatches=num_micro, seq_length=cfg.seq_length,
+            micro_batch_size=cfg.micro_batch_size, forward_only=False,
+        )
+        loss = _all_reduce(sum(o["lm loss"].item() for o in out) / len(out),
+                           group=parallel_state.get_data_parallel_group()) / dp
+        state.step += 1
+        state.consumed_samples += cfg.global_batch_size
+        record = {"step": state.step}
+        if math.isfinite(loss) and grads_finite(ddp):
+            _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            state.nonfinite_in_a_row = 0
+            if state.loss_ema is not None and loss > cfg.spike_factor * state.loss_ema:
+                state.spikes += 1
+                log.warning("step %d: loss %.4f is %.1fx its running mean %.4f (spike #%d)",
+                            state.step, loss, loss / state.loss_ema, state.loss_ema, state.spikes)
+            state.loss_ema = loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * loss
+            record.update(loss=loss, grad_norm=grad_norm)
+        else:
+            state.skipped_steps += 1
+            state.nonfinite_in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, %d in all)",
+                        state.step, state.nonfinite_in_a_row, state.skipped_steps)
+            record.update(loss=None, grad_norm=None)
+            if state.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+                raise SystemExit(f"halting: {state.nonfinite_in_a_row} non-finite steps in a row at step {state.step}; "
+                                 f"resume from the last checkpoint with a lower lr or check the data")
+        elapsed = time.perf_counter() - t0
+        tps = tokens_per_step / elapsed
+        record.update(lr=scheduler.get_lr(optimizer.param_groups[0]), tokens_per_s=tps,
+                      mfu=flops_per_token * tps / (peak * 1e12 * dist.get_world_size()) if peak else None,
+                      mem_gb=_memory_gb(), skipped_steps=state.skipped_steps, consumed_samples=state.consumed_samples)
+        if cfg.eval_interval and (state.step % cfg.eval_interval == 0 or state.step == iters):
+            record.update(_evaluate(ddp, eval_sets, forward_backward, cfg, dp_rank, dp))
+        metrics.log(record)
+        if _rank0() and (state.step % cfg.log_interval == 0 or state.step == iters):
+            eta = (time.perf_counter() - started) / state.step * (iters - state.step)
+            print(f"step {state.step}/{iters} | loss {record['loss'] if record['loss'] is None else round(record['loss'], 4)}"
+                  f" | lr {record['lr']:.2e} | {tps:,.0f} tok/s | mfu {record['mfu'] or 0:.1%} | "
+                  f"mem {record['mem_gb']:.1f} GB | eta {eta:.0f}s", flush=True)
+        stopping = _all_reduce(float(stop["requested"]), dist.ReduceOp.MAX) > 0
+        if state.step % cfg.save_interval == 0 or state.step == iters or stopping:
+            _save_checkpoint(run_dir, cfg, model, optimizer, scheduler, state, hf_files)
+        if stopping:
+            log.warning("SIGTERM: saved step %d, exiting", state.step)
+            break
+    metrics.close()
+    if _rank0():
+        plot_losses(run_dir)
+    return state
+
+
+def _evaluate(ddp, eval_sets: dict, forward_backward, cfg: TrainConfig, dp_rank: int, dp: int) -> dict:
+    """Validation loss per held-out domain (token-weighted), batches split over DP ranks."""
+    ddp.eval()
+    out = {}
+    with torch.no_grad():
+        for domain, batches in eval_sets.items():
+            mine = batches[dp_rank::dp]
+            loss_sum = tokens = 0.0
+            if mine:
+                res = forward_backward(forward_step_func=forward_step, data_iterator=iter(mine), model=[ddp],
+                                       num_microbatches=len(mine), seq_length=cfg.seq_length,
+                                       micro_batch_size=cfg.micro_batch_size, forward_only=True)
+                loss_sum = sum(r["lm loss"].item() * r["tokens"].item() for r in res)
+                tokens = sum(r["tokens"].item() for r in res)
+            loss_sum, tokens = _all_reduce(loss_sum), _all_reduce(tokens)
+            out[f"val/{domain}"] = loss_sum / max(tokens, 1.0)
+    ddp.train()
+    return out
+
+
+def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, hf_files) -> None:
+    from megatron_ext.checkpoint import save_model
+
+    checkpoints = run_dir / CHECKPOINTS
+    name = f"iter_{state.step:07d}"
+    kill_at = cfg.debug.get("kill_in_save_at_step")
+
+    def crash():  # fault injection: die with everything written but nothing published
+        if kill_at == state.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    save_model(
+        model, checkpoints / name,
+        extra=lambda model_state: {"optimizer": optimizer.sharded_state_dict(model_state),
+                                   "scheduler": scheduler.state_dict(), "train_state": dataclasses.asdict(state)},
+        hf_files=hf_files, rank_state=_rng_state(), before_publish=crash,
+    )
+    if _rank0():
+        tmp = checkpoints / "latest.tmp"
+        tmp.write_text(name)
+        os.replace(tmp, checkpoints / "latest")  # only now does a restart use the new checkpoint
+        for old in sorted(checkpoints.glob("iter_*"))[: -cfg.keep_last]:
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("saved %s", checkpoints / name)
+    dist.barrier()
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+    from megatron.core import dist_checkpointing
+
+    model_state = model.sharded_state_dict()
+    request = {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True)}
+    loaded = dist_checkpointing.load(request, str(path))
+    model.load_state_dict(loaded["model"], strict=True)
+    optimizer.load_state_dict(loaded["optimizer"])
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    scheduler.load_state_dict(common["scheduler"])
+    _set_rng_state(torch.load(path / f"rank_state_{dist.get_rank():05d}.pt", weights_only=False))
+    return TrainState(**common["train_state"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML run config (launch/configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train(TrainConfig.load(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Training run configuration: one dataclass, loaded from YAML, any key overridable as ``key=value``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    # where things are
+    run_dir: str = "runs/cpt"
+    init_from: str | None = None  # a converted (tools.convert_from_hf) or trained checkpoint
+    mix: str = "out/mix/mix.json"  # from preprocessing.build_mix
+    # batch geometry: micro-batches and accumulation are derived from the world size
+    seq_length: int = 4096
+    global_batch_size: int = 256
+    micro_batch_size: int = 1
+    train_iters: int | None = None  # default: the mix's token_budget / (global_batch_size * seq_length)
+    # AdamW (megatron-core optimizer) with a Warmup-Stable-Decay schedule
+    lr: float = 2e-6
+    min_lr: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    warmup_fraction: float = 0.01
+    decay_fraction: float = 0.14  # the last 14% decay (after 1% warmup and 85% stable)
+    decay_style: str = "cosine"
+    # numerics and parallelism
+    precision: str = "bf16"  # bf16 (fp32 master weights) | fp32
+    fp8: str | None = None  # a TE FP8 format ("hybrid", "e4m3") when TE is present
+    fp8_recipe: str = "delayed"
+    recompute: str | None = None  # None | "selective" | "full"
+    tensor_parallel: int = 1
+    distributed_optimizer: bool | None = None  # default: on with NCCL, off on gloo (no reduce-scatter)
+    backend: str = "auto"  # te | local | auto
+    gdn_kernel: str = "auto"
+    # cadence
+    log_interval: int = 1
+    eval_interval: int = 50
+    eval_docs: int = 64  # held-out documents per domain
+    save_interval: int = 200
+    keep_last: int = 3
+    seed: int = 1234
+    # guards
+    max_nonfinite_in_a_row: int = 5
+    spike_factor: float = 3.0  # warn when a loss exceeds this multiple of its running mean
+    # logging
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    peak_tflops: float | None = None  # per GPU, for MFU; default from the GPU name
+    # fault injection for tests: {"nan_at_steps": [..], "kill_in_save_at_step": n}
+    debug: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        if self.recompute not in (None, "selective", "full"):
+            raise ValueError(f"recompute must be null, selective or full, got {self.recompute!r}")
+        if not 0 <= self.warmup_fraction + self.decay_fraction <= 1:
+            raise ValueError("warmup_fraction + decay_fraction must be within [0, 1]")
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> "TrainConfig":
+        raw = yaml.safe_load(Path(path).read_text()) if path else {}
+        raw = raw or {}
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        names = set(types)
+        unknown = set(raw) - names
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or key not in names:
+                raise ValueError(f"override {item!r}: expected key=value with key one of the config fields")
+            raw[key] = yaml.safe_load(value)
+        for key, value in raw.items():  # YAML reads 3e-5 (no dot) as a string
+            if isinstance(value, str) and types[key].startswith("float"):
+                raw[key] = float(value)
+        return cls(**raw)

@@ -1,0 +1,181 @@
+"""The CPT trainer on CPU: exact resume after SIGKILL, DP=2 == 1 rank with 2x accumulation, a kill during
+a checkpoint save, NaN guards, the WSD schedule, metrics and the MFU FLOPs formula."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from megatron_ext.parallel import free_port
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+L, F = "linear_attention", "full_attention"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The demo mix and a tiny random base checkpoint with the demo tokenizer's vocabulary."""
+    from preprocessing.build_mix import build
+    from preprocessing.recipe import MixRecipe
+    from tools import convert_from_hf, tiny_qwen35
+
+    root = tmp_path_factory.mktemp("train")
+    build(MixRecipe.load(DEMO / "recipe.yaml", output_dir=str(root / "mix")))
+    hf = root / "base_hf"
+    tiny_qwen35.causal_lm(tiny_qwen35.text_config(vocab_size=2048, layer_types=[L, F, L, F]), seed=3).save_pretrained(hf)
+    convert_from_hf.convert(hf, root / "base")
+    return root
+
+
+def _config(root: Path, run: str, **overrides) -> Path:
+    cfg = dict(run_dir=str(root / run), init_from=str(root / "base"), mix=str(root / "mix" / "mix.json"),
+               seq_length=128, global_batch_size=4, micro_batch_size=2, train_iters=8, lr=1e-3, min_lr=1e-4,
+               warmup_fraction=0.25, decay_fraction=0.25, precision="fp32", backend="local", log_interval=1,
+               eval_interval=4, eval_docs=4, save_interval=4, keep_last=2, tensorboard=True)
+    cfg.update(overrides)
+    path = root / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train(config: Path, *extra: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the trainer as users do; output goes to files, and whatever the run leaves behind (a killed
+    run's checkpoint-writer helpers) is killed with its process group."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_ext.train", "--config", str(config), *extra]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+               "-m", "megatron_ext.train", "--config", str(config), *extra]
+    out, err = config.with_suffix(".out"), config.with_suffix(".err")
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen(cmd, stdout=o, stderr=e, start_new_session=True)
+        code = proc.wait(timeout=600)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    run = subprocess.CompletedProcess(cmd, code, out.read_text(), err.read_text())
+    if check:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """An uninterrupted 8-step run."""
+    _train(_config(setup, "reference"))
+    return _metrics(setup / "reference")
+
+
+def test_reference_run_logs_learns_and_follows_wsd(reference, setup):
+    assert [m["step"] for m in reference] == list(range(1, 9))
+    losses = [m["loss"] for m in reference]
+    assert losses[-1] < losses[0] - 0.25  # a random model starts learning the demo text
+    lrs = [m["lr"] for m in reference]
+    # 8 steps: warmup 2 (0.25), stable, cosine decay over the last 2 (0.25) to min_lr
+    assert lrs[0] < lrs[1] == pytest.approx(1e-3) and lrs[1:6] == [pytest.approx(1e-3)] * 5
+    assert lrs[6] < 1e-3 and lrs[7] == pytest.approx(1e-4)
+    for key in ("grad_norm", "tokens_per_s", "mem_gb", "consumed_samples"):
+        assert all(m[key] is not None for m in reference), key
+    assert {"val/ehr", "val/pubmed_neuro", "val/english"} <= set(reference[3])  # per-domain validation
+    run = setup / "reference"
+    assert (run / "loss_curve.png").stat().st_size > 5000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "latest").read_text() == "iter_0000008"
+    assert sorted(p.name for p in (run / "checkpoints").glob("iter_*")) == ["iter_0000004", "iter_0000008"]
+
+
+def test_sigkill_after_a_checkpoint_resumes_bit_exact(reference, setup):
+    config = _config(setup, "killed")
+    cmd = [sys.executable, "-m", "megatron_ext.train", "--config", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = setup / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text() == "iter_0000004"
+    resumed = _train(config)
+    assert "resumed from" in resumed.stderr
+    got = _metrics(setup / "killed")
+    assert [m["step"] for m in got] == list(range(1, 9))
+    assert [m["loss"] for m in got] == [m["loss"] for m in reference]  # bit-exact on CPU
+    assert [m["lr"] for m in got] == [m["lr"] for m in reference]
+
+
+def test_kill_during_a_save_keeps_the_previous_checkpoint(reference, setup):
+    config = _config(setup, "crash_in_save")
+    crashed = _train(config, "debug={kill_in_save_at_step: 8}", check=False)
+    assert crashed.returncode == -signal.SIGKILL
+    checkpoints = setup / "crash_in_save" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "iter_0000004"
+    assert not (checkpoints / "iter_0000008").exists()
+    from megatron_ext.checkpoint import load_model
+
+    assert load_model(checkpoints).qwen35_config.vocab_size == 2048  # the previous one loads
+    resumed = _train(config)
+    assert "iter_0000004" in resumed.stderr
+    assert [m["loss"] for m in _metrics(setup / "crash_in_save")] == [m["loss"] for m in reference]
+
+
+def test_two_ranks_equal_one_rank_with_twice_the_accumulation(setup):
+    one = _config(setup, "dp1", micro_batch_size=1, train_iters=4, eval_interval=0, save_interval=100)
+    two = _config(setup, "dp2", micro_batch_size=1, train_iters=4, eval_interval=0, save_interval=100)
+    _train(one)
+    _train(two, nproc=2)
+    a, b = _metrics(setup / "dp1"), _metrics(setup / "dp2")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_halt(setup):
+    config = _config(setup, "nan", train_iters=6, eval_interval=0, save_interval=100)
+    _train(config, "debug={nan_at_steps: [3]}")
+    m = _metrics(setup / "nan")
+    assert m[2]["loss"] is None and m[2]["skipped_steps"] == 1 and m[-1]["skipped_steps"] == 1
+    assert all(x["loss"] is not None and x["loss"] == x["loss"] for i, x in enumerate(m) if i != 2)
+    assert m[3]["lr"] == m[2]["lr"]  # the schedule does not advance on a skipped step
+    halted = _train(_config(setup, "nan_halt", train_iters=6, eval_interval=0, save_interval=100,
+                            max_nonfinite_in_a_row=2), "debug={nan_at_steps: [2, 3]}", check=False)
+    assert halted.returncode != 0 and "halting: 2 non-finite steps in a row at step 3" in halted.stderr
+
+
+def test_overrides_and_bad_config():
+    from megatron_ext.train_config import TrainConfig
+
+    cfg = TrainConfig.load(None, ["lr=3e-5", "recompute=selective", "debug={nan_at_steps: [1]}"])
+    assert cfg.lr == 3e-5 and cfg.recompute == "selective" and cfg.debug == {"nan_at_steps": [1]}
+    with pytest.raises(ValueError, match="key=value"):
+        TrainConfig.load(None, ["learning_rate=1"])
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig.load(None, ["precision=fp16"])
+
+
+def test_flops_count_every_matmul_weight():
+    """The parameter part of the MFU formula equals 2 FLOPs per weight of every linear layer + LM head."""
+    from megatron_ext import Qwen35Config, build_model
+    from megatron_ext.flops import forward_flops_per_token
+
+    config = Qwen35Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                          layer_types=[L, L, L, F], num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          linear_key_head_dim=8, linear_value_head_dim=12, linear_num_key_heads=2,
+                          linear_num_value_heads=4, tie_word_embeddings=False)
+    model = build_model(config, "local", device="cpu")
+    weights = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "word_embeddings" not in n)
+    assert forward_flops_per_token(config, 4096)["matmul_params"] == 2 * weights
