@@ -122,6 +122,24 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
         return y.to(x.dtype)
 
 
+def allreduce_gdn_out_norm_grads(model: torch.nn.Module) -> None:
+    """Sum the GDN output-norm gradient over tensor-parallel ranks. Its weight is shared by all value
+    heads but each rank only sees its own heads; megatron's ``finalize_model_grads`` does this for the
+    q/k layernorms but not for this norm."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    if torch.distributed.get_world_size(group) == 1:
+        return
+    grads = [getattr(p, "main_grad", p.grad) for n, p in model.named_parameters() if n.endswith("out_norm.weight")]
+    grads = [g for g in grads if g is not None]
+    if grads:
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat, group=group)
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+
 class PackedDotProductAttention(DotProductAttention):
     """megatron-core's local attention, which rejects packed (thd) input; here packed documents become
     a block-diagonal causal mask, so the CPU path keeps documents independent like TE's thd kernels."""

@@ -77,6 +77,19 @@ class Qwen35GPTModel(GPTModel):
         return out.reshape(b, s, *out.shape[2:])
 
 
+def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """megatron-core sets ``tensor_model_parallel`` on sharded weights inside its init functions, which
+    ``perform_initialization=False`` (weights come from a checkpoint) skips; grad norms, clipping and
+    the optimizer need it to count each shard once."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for module in model.modules():
+        dim = 0 if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)) else 1 if isinstance(module, RowParallelLinear) else None
+        if dim is not None and not getattr(module.weight, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(module.weight, is_parallel=True, dim=dim, stride=1)
+
+
 def build_model(
     config: Qwen35Config,
     backend: str = "auto",
@@ -121,6 +134,8 @@ def build_model(
         parallel_output=True,
         vp_stage=vp_stage,
     )
+    if not tcfg.perform_initialization:
+        _mark_tensor_parallel_weights(model)
     model.qwen35_config = config
     model.backend = backend
     if device == "cuda":

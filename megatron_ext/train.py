@@ -201,6 +201,7 @@ def train(cfg: TrainConfig) -> TrainState:
     from megatron_ext.checkpoint import hf_source_files, load_weights, read_config, save_model
     from megatron_ext.data import build_train_dataset, heldout_batches, micro_batches, read_mix
     from megatron_ext.flops import peak_tflops, train_flops_per_token
+    from megatron_ext.layers import allreduce_gdn_out_norm_grads
     from preprocessing.steps import eos_id, load_tokenizer
 
     parallel.initialize(tensor_parallel=cfg.tensor_parallel, seed=cfg.seed)
@@ -243,7 +244,11 @@ def train(cfg: TrainConfig) -> TrainState:
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt),
         module=model,
     )
-    model.config.finalize_model_grads_func = finalize_model_grads
+    def finalize_grads(*args, **kwargs):
+        finalize_model_grads(*args, **kwargs)
+        allreduce_gdn_out_norm_grads(ddp)
+
+    model.config.finalize_model_grads_func = finalize_grads
     model.config.no_sync_func = ddp.no_sync
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,

@@ -132,21 +132,51 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(reference, setup):
     assert [m["loss"] for m in _metrics(setup / "crash_in_save")] == [m["loss"] for m in reference]
 
 
-def test_two_ranks_equal_one_rank_with_twice_the_accumulation(setup):
-    one = _config(setup, "dp1", micro_batch_size=1, train_iters=4, eval_interval=0, save_interval=100)
-    two = _config(setup, "dp2", micro_batch_size=1, train_iters=4, eval_interval=0, save_interval=100)
-    _train(one)
-    _train(two, nproc=2)
-    a, b = _metrics(setup / "dp1"), _metrics(setup / "dp2")
-    assert len(a) == len(b) == 4
-    for x, y in zip(a, b):
+@pytest.fixture(scope="module")
+def one_rank(setup):
+    _train(_config(setup, "dp1", micro_batch_size=1, train_iters=4, eval_interval=0, save_interval=100))
+    return _metrics(setup / "dp1")
+
+
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "recompute_full"])
+def test_layouts_equal_one_rank(one_rank, setup, layout):
+    """DP=2 with half the accumulation, TP=2, and full activation recomputation train like one rank."""
+    extra = {"tp2": {"tensor_parallel": 2}, "recompute_full": {"recompute": "full"}}.get(layout, {})
+    config = _config(setup, layout, micro_batch_size=1, train_iters=4, eval_interval=0, save_interval=100, **extra)
+    _train(config, nproc=1 if layout == "recompute_full" else 2)
+    got = _metrics(setup / layout)
+    assert len(got) == len(one_rank) == 4
+    for x, y in zip(one_rank, got):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
 
 
+def test_sigterm_saves_and_exits_then_resumes(reference, setup):
+    config = _config(setup, "sigterm")
+    with open(config.with_suffix(".err"), "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "megatron_ext.train", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        metrics = setup / "sigterm" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # what a scheduler sends before preempting the job
+        assert proc.wait(timeout=300) == 0
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    stopped_at = len(_metrics(setup / "sigterm"))
+    assert 2 <= stopped_at < 8
+    assert (setup / "sigterm" / "checkpoints" / "latest").read_text() == f"iter_{stopped_at:07d}"
+    _train(config)
+    assert [m["loss"] for m in _metrics(setup / "sigterm")] == [m["loss"] for m in reference]
+
+
 def test_nonfinite_steps_are_skipped_counted_and_halt(setup):
-    config = _config(setup, "nan", train_iters=6, eval_interval=0, save_interval=100)
-    _train(config, "debug={nan_at_steps: [3]}")
+    config = _config(setup, "nan", train_iters=6, eval_interval=0, save_interval=100, spike_factor=0.5)
+    run = _train(config, "debug={nan_at_steps: [3]}")
+    assert "spike #" in run.stderr  # with factor 0.5 every later loss counts as a spike: the warning works
     m = _metrics(setup / "nan")
     assert m[2]["loss"] is None and m[2]["skipped_steps"] == 1 and m[-1]["skipped_steps"] == 1
     assert all(x["loss"] is not None and x["loss"] == x["loss"] for i, x in enumerate(m) if i != 2)
