@@ -1,10 +1,10 @@
 """`make demo`: the project's chain on CPU, end to end, on locally made data.
 
-Today: the five-source demo corpus (``data/demo``) -> ``build_mix`` (clean, PHI guard, decontaminate,
-dedup, tokenise, mix.json, report); a tiny random Qwen3.5 *base* checkpoint in the release layout
-(multimodal, sharded, vision tower, the demo tokenizer) -> megatron checkpoint -> verified logits ->
-packed-document check -> HF release directory -> verified again -> generation through transformers.
-Stages are added here as the trainer and evaluation land.
+The five-source demo corpus (``data/demo``) -> ``build_mix`` (clean, PHI guard, decontaminate, dedup,
+tokenise, mix.json, report); a tiny random Qwen3.5 *base* checkpoint in the release layout (multimodal,
+sharded, vision tower, the demo tokenizer) -> megatron checkpoint -> verified logits -> packed-document
+check -> tiny CPT run (``launch/configs/demo_cpu.yaml``) -> HF release of the trained model -> verified
+again -> generation through transformers. Evaluation stages are added as they land.
 """
 
 from __future__ import annotations
@@ -13,12 +13,16 @@ import argparse
 import json
 import logging
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
+CONFIG = ROOT / "launch" / "configs" / "demo_cpu.yaml"
 
 
 def run(out: Path) -> list[tuple[str, str, float]]:
@@ -72,10 +76,23 @@ def run(out: Path) -> list[tuple[str, str, float]]:
         return f"doc 2 packed vs alone: max abs diff {err:.1e}"
 
     stage("packed documents stay independent", packed_check)
-    stage("export megatron -> HF release (template: base)",
-          lambda: convert_to_hf.convert(ckpt, release, hf_template=base))
-    stage("verify release vs megatron logits",
-          lambda: "max rel err {max_rel_err:.1e}".format(**compare(release, ckpt, seq_len=128)))
+
+    run_dir = out / "cpt"
+
+    def cpt():
+        cmd = [sys.executable, "-m", "megatron_ext.train", "--config", str(CONFIG), f"run_dir={run_dir}",
+               f"init_from={ckpt}", f"mix={out / 'mix' / 'mix.json'}"]
+        subprocess.run(cmd, check=True)
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        vals = {k: round(v, 2) for k, v in records[-1].items() if k.startswith("val/")}
+        return (f"{len(records)} steps, loss {records[0]['loss']:.2f} -> {records[-1]['loss']:.2f}; "
+                f"held-out {vals}; curve: {run_dir / 'loss_curve.png'}")
+
+    stage("continued pre-training (megatron-core, CPU)", cpt)
+    stage("export trained model -> HF release (template: base)",
+          lambda: convert_to_hf.convert(run_dir / "checkpoints", release, hf_template=base))
+    stage("verify release vs trained checkpoint logits",
+          lambda: "max rel err {max_rel_err:.1e}".format(**compare(release, run_dir / "checkpoints", seq_len=128)))
 
     def generate():
         from transformers import AutoTokenizer, Qwen3_5ForConditionalGeneration
@@ -84,7 +101,7 @@ def run(out: Path) -> list[tuple[str, str, float]]:
         model = Qwen3_5ForConditionalGeneration.from_pretrained(release).eval()
         ids = tok("The patient presented with", return_tensors="pt").input_ids
         new = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
-        return f"{len(new)} tokens: {tok.decode(new)!r} (random weights)"
+        return f"{len(new)} tokens: {tok.decode(new)!r}"
 
     stage("generate from the release with transformers", generate)
     (out / "summary.md").write_text(
