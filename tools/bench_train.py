@@ -1,0 +1,114 @@
+"""Benchmark one training step on one GPU: our megatron-core Qwen3.5 (BF16, and FP8 when Transformer
+Engine is present) against transformers' Qwen3.5 with flash-linear-attention kernels, same shape, same run.
+
+    python -m tools.bench_train [--hf-config Qwen3.5-2B-Base/config.json] [--seq 4096] [--micro-batch 1]
+
+Random init, seq 4096, AdamW step included. Reports tokens/s, MFU (formula: megatron_ext/flops.py) and
+peak memory as a markdown table for docs/benchmarks.md. Goals: >= 45% MFU in BF16, >= 1.5x the HF step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import date
+
+import torch
+
+from tools.check_gpu_model import APPROX_2B
+
+
+def _time_steps(step, warmup: int, iters: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters, torch.cuda.max_memory_allocated() / 2**30
+
+
+def ours(config, seq: int, mbs: int, fp8: str | None, warmup: int, iters: int):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron_ext import build_model
+
+    overrides = {"fp8": fp8, "fp8_recipe": "delayed"} if fp8 else {}
+    model = build_model(config, "auto", params_dtype=torch.bfloat16, recompute_granularity="selective", **overrides)
+    ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=True), module=model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=2e-6, bf16=True, params_dtype=torch.bfloat16,
+                                                 use_distributed_optimizer=True, clip_grad=1.0), [ddp])
+    ids = torch.randint(0, config.vocab_size, (mbs, seq), device="cuda")
+    pos = torch.arange(seq, device="cuda").expand(mbs, seq)
+
+    def step():
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        ddp(ids, pos, labels=torch.roll(ids, -1, 1)).mean().backward()
+        ddp.finish_grad_sync()
+        opt.step()
+
+    result = _time_steps(step, warmup, iters)
+    del ddp, opt, model
+    torch.cuda.empty_cache()
+    return result
+
+
+def hf(config, seq: int, mbs: int, warmup: int, iters: int):
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    hf_config = Qwen3_5TextConfig(**config.to_hf_text_dict())
+    model = Qwen3_5ForCausalLM._from_config(hf_config, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    model.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-6, fused=True)
+    ids = torch.randint(0, config.vocab_size, (mbs, seq), device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    result = _time_steps(step, warmup, iters)
+    del model, opt
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-config")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    from megatron_ext import Qwen35Config, parallel
+    from megatron_ext.flops import peak_tflops, train_flops_per_token
+    from megatron_ext.spec import have_transformer_engine
+
+    parallel.initialize()
+    config = Qwen35Config.from_hf(args.hf_config) if args.hf_config else Qwen35Config(**APPROX_2B)
+    tokens = args.seq * args.micro_batch
+    flops = train_flops_per_token(config, args.seq) * tokens
+    peak = peak_tflops(torch.cuda.get_device_name())
+    rows = [("neurocpt megatron-core BF16", *ours(config, args.seq, args.micro_batch, None, args.warmup, args.iters))]
+    if have_transformer_engine():
+        rows.append(("neurocpt megatron-core FP8 (TE)", *ours(config, args.seq, args.micro_batch, "hybrid", args.warmup, args.iters)))
+    rows.append(("transformers Qwen3.5 + fla, BF16", *hf(config, args.seq, args.micro_batch, args.warmup, args.iters)))
+    base = rows[-1][1]
+    print(f"\n### Training step ({date.today()}, {torch.cuda.get_device_name()}, seq {args.seq}, micro-batch "
+          f"{args.micro_batch}, shape {'from ' + args.hf_config if args.hf_config else 'APPROX_2B'})\n")
+    print("| implementation | s/step | tokens/s | MFU | peak GiB | vs HF |\n|---|---|---|---|---|---|")
+    for name, seconds, mem in rows:
+        mfu = f"{flops / seconds / (peak * 1e12):.1%}" if peak else "n/a"
+        print(f"| {name} | {seconds:.3f} | {tokens / seconds:,.0f} | {mfu} | {mem:.1f} | {base / seconds:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
