@@ -83,7 +83,6 @@ def layer_specs(config: Qwen35Config, backend: str, gdn_kernel: str = "auto") ->
     """One TransformerLayer spec per HF layer: Gated DeltaNet or gated full attention, then SwiGLU."""
     p = spec_provider(backend)
     norm_linear = p.column_parallel_layer_norm_linear()  # pre-norms live inside the following linear
-    pre_norm = IdentityOp
 
     gated_delta_net = ModuleSpec(
         module=Qwen35GatedDeltaNet,
@@ -112,10 +111,10 @@ def layer_specs(config: Qwen35Config, backend: str, gdn_kernel: str = "auto") ->
         return ModuleSpec(
             module=TransformerLayer,
             submodules=TransformerLayerSubmodules(
-                input_layernorm=pre_norm,
+                input_layernorm=IdentityOp,  # folded into the mixer's input linear
                 self_attention=mixer,
                 self_attn_bda=get_bias_dropout_add,
-                pre_mlp_layernorm=pre_norm,
+                pre_mlp_layernorm=IdentityOp,  # folded into linear_fc1
                 mlp=mlp,
                 mlp_bda=get_bias_dropout_add,
             ),

@@ -253,3 +253,25 @@ def test_ray_executor_gives_the_same_mix(demo_mix, tmp_path):
     recipe, mix = demo_mix
     ray_mix = build_mix.build(MixRecipe.load(_recipe(tmp_path)), workers=2, executor="ray")
     assert {s: e["tokens"] for s, e in ray_mix["sources"].items()} == {s: e["tokens"] for s, e in mix["sources"].items()}
+
+
+def test_latex_becomes_prose():
+    from preprocessing.steps import latex_to_text
+
+    text = latex_to_text(r"""\documentclass{article}\title{Cortical dynamics}\author{A. B.}\begin{document}\maketitle
+\section{Intro} Rates follow $\tau \dot r = -r$ \cite{ref1}, see Fig.~\ref{fig:1}.
+\begin{figure}\caption{hidden}\end{figure}
+\begin{thebibliography}{9}\bibitem{ref1} Someone.\end{thebibliography}\end{document}""")
+    assert "Cortical dynamics" in text and "Rates follow" in text and "τ" in text
+    for leftover in ("\\", "cite", "ref1", "Someone", "hidden", "A. B.", "NO \\author", "<cit.>"):
+        assert leftover not in text, leftover
+
+
+def test_mix_warns_when_a_source_needs_many_epochs(caplog):
+    recipe = MixRecipe(tokenizer="t", output_dir="o", token_budget=1000,
+                       sources=[{"name": "a", "paths": [], "share": 0.5}, {"name": "b", "paths": [], "share": 0.5}])
+    ledger = {"a": {"tokens": 100, "chunks": 1}, "b": {"tokens": 1000, "chunks": 1}}
+    mix = build_mix.mix_json(recipe, {"a": "a_text_document", "b": "b_text_document"}, {"a": "h/a", "b": "h/b"}, ledger)
+    assert mix["sources"]["a"]["epochs"] == 5.0 and mix["sources"]["b"]["epochs"] == 0.5
+    assert mix["data_path"] == [0.5, "a_text_document", 0.5, "b_text_document"]
+    assert "source a: 5.0 epochs" in caplog.text and "source b" not in caplog.text

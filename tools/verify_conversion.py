@@ -8,27 +8,18 @@ Run it after every conversion, either way round. Exits 1 when the max relative e
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 
-def load_hf(hf_dir: str | Path, device: str):
-    """The HF model in fp32, the multimodal class for a multimodal checkpoint."""
-    from transformers import AutoModelForCausalLM, Qwen3_5ForConditionalGeneration
-
-    config = json.loads((Path(hf_dir) / "config.json").read_text())
-    cls = Qwen3_5ForConditionalGeneration if "text_config" in config else AutoModelForCausalLM
-    return cls.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
-
-
 def compare(hf_dir: str | Path, ckpt: str | Path, seq_len: int = 256, batch: int = 2, seed: int = 0,
             device: str = "cpu", text: str | None = None) -> dict[str, float]:
+    from evaluation.perplexity import load_hf_model
     from megatron_ext.checkpoint import load_model
 
-    hf = load_hf(hf_dir, device)
+    hf, _ = load_hf_model(hf_dir, device)
     ours = load_model(ckpt, device=device, params_dtype=torch.float32)
     if text:
         from transformers import AutoTokenizer

@@ -1,0 +1,143 @@
+"""Per-domain token-level perplexity of one or more HF models, side by side.
+
+    python -m evaluation.perplexity --model base=Qwen3.5-2B-Base --model cpt=release/ \\
+        --data "Patient EHR"=out/mix/heldout/ehr.jsonl --data English=out/mix/heldout/english.jsonl \\
+        [--max-length 4096] [--stride 2048] [--max-docs 500] [--out results/perplexity]
+
+Perplexity is exp(total NLL / total predicted tokens) over all documents of a domain (each document
+scored on its own, from its second token). Documents longer than ``--max-length`` are scored with a
+sliding window: windows start every ``--stride`` tokens, and each window scores only the tokens the
+previous one did not, so every token is scored once with at least ``max_length - stride`` tokens of
+context (except at the start). The improvement column is the relative perplexity reduction of each
+model against the first one. Writes ``<out>.json`` and ``<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def load_hf_model(model_dir: str | Path, device: str, dtype: torch.dtype = torch.float32):
+    """transformers model and tokenizer of a HF directory (the multimodal class for a multimodal one)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3_5ForConditionalGeneration
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    cls = Qwen3_5ForConditionalGeneration if "text_config" in config else AutoModelForCausalLM
+    model = cls.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+@torch.no_grad()
+def document_nll(model, ids: list[int], max_length: int, stride: int, device: str) -> tuple[float, int]:
+    """(sum of NLL, number of scored tokens) of one document, sliding window for long ones."""
+    if len(ids) < 2:
+        return 0.0, 0
+    if not 0 < stride < max_length:
+        raise ValueError(f"stride must be in (0, max_length), got {stride} (max_length {max_length})")
+    total, count, scored_to = 0.0, 0, 1  # token 0 has no context: positions [1, len) are scored
+    start = 0
+    while scored_to < len(ids):
+        end = min(start + max_length, len(ids))
+        window = torch.tensor(ids[start:end], device=device).unsqueeze(0)
+        logits = model(input_ids=window).logits[0, :-1].float()
+        targets = window[0, 1:]
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        new = nll[scored_to - start - 1 :]  # target at position p is logits index p - start - 1
+        total += new.sum().item()
+        count += new.numel()
+        scored_to = end
+        start += stride
+        if end == len(ids):
+            break
+    return total, count
+
+
+def read_documents(path: str | Path, max_docs: int | None, text_key: str = "text") -> list[str]:
+    docs = []
+    with open(path) as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)[text_key])
+            except (json.JSONDecodeError, KeyError) as err:
+                raise ValueError(f"{path}:{i}: not a jsonl record with a {text_key!r} field ({err})") from err
+            if max_docs and len(docs) >= max_docs:
+                break
+    if not docs:
+        raise ValueError(f"{path}: no documents")
+    return docs
+
+
+def evaluate(models: dict[str, str], data: dict[str, str], max_length: int = 4096, stride: int = 2048,
+             max_docs: int | None = None, device: str | None = None) -> dict:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    docs = {domain: read_documents(path, max_docs) for domain, path in data.items()}
+    results: dict[str, dict[str, dict]] = {d: {} for d in data}
+    for name, model_dir in models.items():
+        model, tok = load_hf_model(model_dir, device, dtype)
+        for domain, texts in docs.items():
+            total, count = 0.0, 0
+            for text in tqdm(texts, desc=f"{name} / {domain}", unit="doc"):
+                nll, n = document_nll(model, tok(text, add_special_tokens=False).input_ids, max_length, stride, device)
+                total, count = total + nll, count + n
+            results[domain][name] = {"ppl": math.exp(total / count), "nll": total / count, "tokens": count,
+                                     "documents": len(texts)}
+        del model
+    first = next(iter(models))
+    for domain in results:
+        base = results[domain][first]["ppl"]
+        for name in models:
+            results[domain][name]["improvement_vs_" + first] = (base - results[domain][name]["ppl"]) / base
+    return {"models": models, "data": data, "max_length": max_length, "stride": stride, "results": results}
+
+
+def to_markdown(report: dict) -> str:
+    names = list(report["models"])
+    first = names[0]
+    head = "| Domain | " + " | ".join(f"{n} PPL" for n in names) + "".join(f" | {n} vs {first}" for n in names[1:]) + " |"
+    lines = [head, "|" + "---|" * (1 + len(names) + len(names) - 1)]
+    for domain, row in report["results"].items():
+        cells = [f"{row[n]['ppl']:.3f}" for n in names] + [f"{100 * row[n]['improvement_vs_' + first]:+.1f}%" for n in names[1:]]
+        lines.append(f"| {domain} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--{what} {item!r}: expected name=path")
+        out[name] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True, help="name=HF directory (first one is the baseline)")
+    p.add_argument("--data", action="append", required=True, help="domain=jsonl file with a 'text' field")
+    p.add_argument("--max-length", type=int, default=4096)
+    p.add_argument("--stride", type=int, default=2048)
+    p.add_argument("--max-docs", type=int)
+    p.add_argument("--device")
+    p.add_argument("--out", default="results/perplexity", help="writes OUT.json and OUT.md")
+    args = p.parse_args(argv)
+    report = evaluate(_pairs(args.model, "model"), _pairs(args.data, "data"), args.max_length, args.stride,
+                      args.max_docs, args.device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(to_markdown(report))
+    print(to_markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Real lm-evaluation-harness runs, offline, on a tiny local model and local copies of a multiple-choice
+task (mmlu_anatomy) and a yes/no/maybe task (pubmedqa) in the hub datasets' own format."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluation.eval_qwen import local_task_config, to_markdown
+from tools.tiny_qwen35 import causal_lm, text_config
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmeval")
+    for name, seed in (("base", 0), ("cpt", 1)):
+        causal_lm(text_config(vocab_size=2048), seed=seed).save_pretrained(root / name)
+        for f in (DEMO / "tokenizer").iterdir():
+            shutil.copy2(f, root / name / f.name)
+    rng = random.Random(0)
+    (root / "bench" / "pubmedqa").mkdir(parents=True)
+    (root / "bench" / "mmlu_anatomy").mkdir(parents=True)
+    for split, n in (("test", 12), ("train", 3)):  # bigbio/pubmed_qa fields; train feeds the few-shot examples
+        with open(root / "bench" / "pubmedqa" / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"QUESTION": f"Does treatment {i} reduce stroke recurrence?",
+                                    "CONTEXTS": [f"In {rng.randint(50, 900)} patients treatment {i} was studied.",
+                                                 "Outcomes were recorded at 90 days."],
+                                    "LABELS": ["BACKGROUND", "RESULTS"], "MESHES": [], "YEAR": "2019",
+                                    "reasoning_required_pred": "yes", "reasoning_free_pred": "yes",
+                                    "final_decision": rng.choice(["yes", "no", "maybe"]), "LONG_ANSWER": "..."}) + "\n")
+    for split, n in (("test", 10), ("dev", 5)):  # cais/mmlu fields
+        with open(root / "bench" / "mmlu_anatomy" / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"question": f"Which nerve innervates muscle {i}?", "subject": "anatomy",
+                                    "choices": ["Median", "Ulnar", "Radial", "Axillary"],
+                                    "answer": rng.randint(0, 3)}) + "\n")
+    return root
+
+
+def test_lm_eval_runs_offline_and_writes_the_card_table(setup, tmp_path):
+    cmd = [sys.executable, "-m", "evaluation.eval_qwen", "--model", f"base_sft={setup / 'base'}",
+           "--model", f"cpt_sft={setup / 'cpt'}", "--tasks", "pubmedqa,mmlu_anatomy", "--num-fewshot", "1",
+           "--data-dir", str(setup / "bench"), "--delta", "cpt_sft-base_sft", "--device", "cpu",
+           "--out", str(tmp_path / "lm_eval")]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "lm_eval.json").read_text())
+    for task, n in (("pubmedqa", 12), ("mmlu_anatomy", 10)):
+        for model in ("base_sft", "cpt_sft"):
+            r = report["results"][task][model]
+            assert 0.0 <= r["acc"] <= 1.0 and r["acc_stderr"] > 0 and r["samples"] == n
+    assert report["results"]["pubmedqa"]["base_sft"]["acc"] != report["results"]["pubmedqa"]["cpt_sft"]["acc"] or \
+        report["results"]["mmlu_anatomy"]["base_sft"]["acc"] != report["results"]["mmlu_anatomy"]["cpt_sft"]["acc"]
+    table = (tmp_path / "lm_eval.md").read_text()
+    assert table.splitlines()[0] == "| Benchmark | base_sft | cpt_sft | Δ cpt_sft − base_sft |"
+    assert "| **Medical Average** |" in table
+
+
+def test_missing_local_split_is_named(setup):
+    with pytest.raises(FileNotFoundError, match="mmlu_anatomy/test.jsonl"):
+        local_task_config("mmlu_anatomy", setup / "nowhere", 0)
+    with pytest.raises(KeyError, match="no task"):
+        local_task_config("not_a_task", setup / "bench", 0)
+
+
+def test_markdown_delta_and_medical_average():
+    report = {"models": {"a": "x", "b": "y"}, "results": {
+        "pubmedqa": {"a": {"acc": 0.5, "acc_stderr": 0.05}, "b": {"acc": 0.6, "acc_stderr": 0.05}},
+        "mmlu_anatomy": {"a": {"acc": 0.3, "acc_stderr": 0.04}, "b": {"acc": 0.2, "acc_stderr": 0.04}},
+        "boolq": {"a": {"acc": 0.7, "acc_stderr": 0.01}, "b": {"acc": 0.7, "acc_stderr": 0.01}}}}
+    table = to_markdown(report, ("b", "a"))
+    assert "| pubmedqa | 50.0 ± 5.0 | 60.0 ± 5.0 | +10.0 |" in table
+    assert "| **Medical Average** | 40.0 | 40.0 | +0.0 |" in table  # boolq is general, not medical

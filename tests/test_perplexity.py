@@ -1,0 +1,83 @@
+"""Per-domain perplexity equals a direct computation with transformers; the sliding window scores every
+token once with the documented context."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluation.perplexity import document_nll, evaluate, load_hf_model
+from tools.tiny_qwen35 import causal_lm, text_config
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppl")
+    for name, seed in (("base", 0), ("other", 1)):
+        causal_lm(text_config(vocab_size=2048), seed=seed).save_pretrained(root / name)
+        for f in (DEMO / "tokenizer").iterdir():
+            shutil.copy2(f, root / name / f.name)
+    texts = {"notes": [json.loads(x)["text"] for x in (DEMO / "ehr" / "notes_0.jsonl").read_text().splitlines()[:6]],
+             "web": [json.loads(x)["text"] for x in (DEMO / "en" / "web.jsonl").read_text().splitlines()[:6]]}
+    for domain, docs in texts.items():
+        (root / f"{domain}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    return root, texts
+
+
+def test_equals_direct_transformers_computation(models):
+    root, texts = models
+    report = evaluate({"base": str(root / "base"), "other": str(root / "other")},
+                      {d: str(root / f"{d}.jsonl") for d in texts}, max_length=4096, stride=2048, device="cpu")
+    model, tok = load_hf_model(root / "base", "cpu")
+    for domain, docs in texts.items():
+        nll = n = 0
+        with torch.no_grad():
+            for text in docs:
+                ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+                logits = model(input_ids=ids).logits[0, :-1]
+                nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+                n += ids.shape[1] - 1
+        got = report["results"][domain]
+        assert got["base"]["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-6)
+        assert got["base"]["tokens"] == n and got["base"]["documents"] == len(docs)
+        assert got["other"]["improvement_vs_base"] == pytest.approx(1 - got["other"]["ppl"] / got["base"]["ppl"])
+
+
+def test_sliding_window_context(models):
+    root, _ = models
+    model, _ = load_hf_model(root / "base", "cpu")
+    ids = list(range(100, 110))
+    total, count = document_nll(model, ids, max_length=6, stride=3, device="cpu")
+    # windows [0,6) score 1..5, [3,9) score 6..8 with context from 3, [6,10) scores 9 with context from 6
+    contexts = {p: 0 for p in range(1, 6)} | {p: 3 for p in range(6, 9)} | {9: 6}
+    expected = 0.0
+    with torch.no_grad():
+        for p, start in contexts.items():
+            logits = model(input_ids=torch.tensor([ids[start:p]])).logits[0, -1]
+            expected += torch.nn.functional.cross_entropy(logits[None], torch.tensor([ids[p]])).item()
+    assert count == 9
+    assert total == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="stride"):
+        document_nll(model, ids, max_length=6, stride=6, device="cpu")
+
+
+def test_cli_writes_json_and_markdown(models, tmp_path):
+    root, texts = models
+    cmd = [sys.executable, "-m", "evaluation.perplexity", "--model", f"base={root / 'base'}", "--model",
+           f"other={root / 'other'}", "--data", f"Patient EHR={root / 'notes.jsonl'}", "--max-length", "64",
+           "--stride", "32", "--out", str(tmp_path / "ppl"), "--device", "cpu"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    table = (tmp_path / "ppl.md").read_text()
+    assert table.splitlines()[0] == "| Domain | base PPL | other PPL | other vs base |"
+    assert "| Patient EHR |" in table
+    assert json.loads((tmp_path / "ppl.json").read_text())["stride"] == 32
