@@ -1,0 +1,340 @@
+"""Blind pairwise LLM-judge comparison of two models' clinical reasoning.
+
+    OPENAI_API_KEY=... python -m evaluation.eval_reasoning_judge --model base_sft=DIR --model cpt_sft=DIR \\
+        --medmcqa medmcqa.jsonl --pubmedqa pubmedqa.jsonl --medqa medqa.jsonl --n 200 \\
+        [--judge-model gpt-4o] [--base-url URL] [--seed 0] [--out results/judge]
+
+1. Sample ``--n`` questions, seeded and stratified by source, from local MedMCQA (question, opa..opd, cop,
+   exp), PubMedQA (QUESTION, CONTEXTS, LONG_ANSWER, final_decision) and MedQA (question, options,
+   answer) jsonl files.
+2. Generate each model's full answer (reasoning included) with its tokenizer's chat template.
+3. Judge every question twice through the ``openai`` client, once in each presentation order; which model
+   is "Response A" in the first call is drawn per question from ``--seed`` (recorded). The judge returns
+   JSON (schema below): a verdict A/B/tie and 1-5 scores on Diagnostic Reasoning, Clinical Knowledge,
+   Management Quality, Reasoning Chain and Overall. Malformed output is retried, then counted as failed.
+4. Verdict rule: when both orders name the same model, it wins; when they disagree (position bias) or
+   both say tie, the question is a tie; a question with a failed order counts only its valid order.
+   Scores are averaged over the valid orders.
+5. Report win/tie/loss, win rate (ties count half) and mean score differences with bootstrap 95% CIs,
+   judge tokens and cost; per-question results in ``<out>.jsonl``.
+
+Judgements are cached by (judge model, prompt version, question, both responses, order): a rerun costs no
+new calls for what is done. The API key is read from the environment only and is never written anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+log = logging.getLogger("neurocpt.judge")
+
+CRITERIA = ["diagnostic_reasoning", "clinical_knowledge", "management_quality", "reasoning_chain", "overall"]
+PROMPT_VERSION = "judge-v1"
+PROMPT_FILE = Path(__file__).with_name("prompts") / f"{PROMPT_VERSION}.txt"
+SCORE = {"type": "integer", "minimum": 1, "maximum": 5}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "verdict": {"type": "string", "enum": ["A", "B", "tie"]},
+        "scores": {"type": "object", "properties": {
+            side: {"type": "object", "properties": {c: SCORE for c in CRITERIA}, "required": CRITERIA,
+                   "additionalProperties": False} for side in ("A", "B")},
+            "required": ["A", "B"], "additionalProperties": False},
+        "rationale": {"type": "string"},
+    },
+    "required": ["verdict", "scores", "rationale"],
+    "additionalProperties": False,
+}
+
+
+# ------------------------------------------------------------------------------------------ questions
+
+
+def _read_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{i}: malformed JSON ({err})") from err
+    return rows
+
+
+def load_questions(medmcqa=None, pubmedqa=None, medqa=None) -> dict[str, list[dict]]:
+    """Normalised {id, source, prompt, reference} per source."""
+    out: dict[str, list[dict]] = {}
+    if medmcqa:
+        out["medmcqa"] = [{
+            "id": f"medmcqa/{r.get('id', i)}", "source": "medmcqa",
+            "prompt": f"{r['question']}\nA. {r['opa']}\nB. {r['opb']}\nC. {r['opc']}\nD. {r['opd']}\n"
+                      "Explain your reasoning step by step, then give the answer.",
+            "reference": f"Answer: {'ABCD'[int(r['cop'])]}. {r.get('exp') or ''}".strip()}
+            for i, r in enumerate(_read_jsonl(medmcqa))]
+    if pubmedqa:
+        out["pubmedqa"] = [{
+            "id": f"pubmedqa/{r.get('pubid', i)}", "source": "pubmedqa",
+            "prompt": "Abstract: " + " ".join(r["CONTEXTS"]) + f"\nQuestion: {r['QUESTION']}\n"
+                      "Reason about the evidence, then answer yes, no or maybe.",
+            "reference": f"{r['final_decision']}. {r['LONG_ANSWER']}"}
+            for i, r in enumerate(_read_jsonl(pubmedqa))]
+    if medqa:
+        rows = _read_jsonl(medqa)
+        out["medqa"] = [{
+            "id": f"medqa/{r.get('id', i)}", "source": "medqa",
+            "prompt": r["question"] + "\n" + "\n".join(f"{k}. {v}" for k, v in sorted(r["options"].items()))
+                      + "\nExplain your reasoning step by step, then give the answer.",
+            "reference": f"Answer: {r.get('answer_idx', '')} {r['answer']}".strip()}
+            for i, r in enumerate(rows)]
+    return out
+
+
+def sample(questions: dict[str, list[dict]], n: int, seed: int) -> list[dict]:
+    """``n`` questions, as evenly as possible over the sources, drawn with ``seed``."""
+    rng = random.Random(seed)
+    sources = sorted(questions)
+    quota = {s: n // len(sources) + (i < n % len(sources)) for i, s in enumerate(sources)}
+    picked = []
+    for s in sources:
+        pool = questions[s]
+        if quota[s] > len(pool):
+            raise ValueError(f"{s}: {quota[s]} questions requested, file has {len(pool)}")
+        picked += rng.sample(pool, quota[s])
+    return picked
+
+
+# ----------------------------------------------------------------------------------------- generation
+
+
+def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: str) -> list[str]:
+    """Greedy answers with the model's own chat template."""
+    import torch
+
+    from evaluation.perplexity import load_hf_model
+
+    model, tok = load_hf_model(model_dir, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    if not tok.chat_template:
+        raise ValueError(f"{model_dir}: the tokenizer has no chat template (needed for the judged answers)")
+    answers = []
+    for prompt in prompts:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"].to(device)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+# ------------------------------------------------------------------------------------------ judging
+
+
+class Judge:
+    """OpenAI-compatible chat judge with schema validation, retries and a persistent cache."""
+
+    def __init__(self, model: str, base_url: str | None, api_key_env: str, cache: Path, retries: int = 3,
+                 timeout: float = 60.0):
+        from openai import OpenAI
+
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise SystemExit(f"set the judge API key in the environment variable {api_key_env}")
+        self.client = OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=retries)
+        self.model, self.retries = model, retries
+        self.template = PROMPT_FILE.read_text()
+        self.cache_path = cache
+        self.cache = {}
+        if cache.is_file():
+            for line in cache.read_text().splitlines():
+                entry = json.loads(line)
+                self.cache[entry["key"]] = entry
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "cached": 0, "malformed": 0}
+
+    def key(self, question: dict, a: str, b: str) -> str:
+        payload = json.dumps([self.model, PROMPT_VERSION, question["id"], question["prompt"], a, b])
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def __call__(self, question: dict, a: str, b: str) -> dict:
+        """{"judgement": dict | None, "error": str | None} for one presentation order."""
+        import jsonschema
+
+        k = self.key(question, a, b)
+        if k in self.cache:
+            self.usage["cached"] += 1
+            return self.cache[k]
+        prompt = self.template.format(question=question["prompt"], reference=question["reference"], a=a, b=b)
+        error = None
+        for attempt in range(1, self.retries + 1):
+            try:
+                response = self.client.chat.completions.create(
+                    model=self.model, temperature=0.0, messages=[{"role": "user", "content": prompt}],
+                    response_format={"type": "json_schema", "json_schema": {"name": "judgement", "schema": SCHEMA, "strict": True}},
+                )
+            except Exception as err:  # the client already retried transport errors and 5xx
+                error = f"request failed: {type(err).__name__}"
+                break
+            self.usage["calls"] += 1
+            if response.usage:
+                self.usage["prompt_tokens"] += response.usage.prompt_tokens
+                self.usage["completion_tokens"] += response.usage.completion_tokens
+            text = response.choices[0].message.content or ""
+            try:
+                judgement = json.loads(text)
+                jsonschema.validate(judgement, SCHEMA)
+            except (json.JSONDecodeError, jsonschema.ValidationError) as err:
+                self.usage["malformed"] += 1
+                error = f"malformed judge output after {attempt} attempt(s): {str(err)[:120]}; raw: {text[:300]}"
+                log.warning("question %s: malformed judge output (attempt %d/%d)", question["id"], attempt, self.retries)
+                continue
+            entry = {"key": k, "judgement": judgement, "error": None}
+            self._store(entry)
+            return entry
+        entry = {"key": k, "judgement": None, "error": error}
+        if error and error.startswith("malformed"):
+            self._store(entry)  # a settled failure; transport failures are retried on the next run
+        return entry
+
+    def _store(self, entry: dict) -> None:
+        self.cache[entry["key"]] = entry
+        with open(self.cache_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def combine(first: str, second: str, orders: list[tuple[str, dict | None]]) -> dict:
+    """Per question: the verdict by the rule in the module docstring and the mean scores per model.
+    ``orders``: (name of the model shown as A, judgement or None) for both presentation orders."""
+    winners, scores = [], {first: [], second: []}
+    for a_name, judgement in orders:
+        if judgement is None:
+            continue
+        b_name = second if a_name == first else first
+        winners.append({"A": a_name, "B": b_name, "tie": "tie"}[judgement["verdict"]])
+        scores[a_name].append(judgement["scores"]["A"])
+        scores[b_name].append(judgement["scores"]["B"])
+    if not winners:
+        verdict = None
+    elif len(winners) == 1 or winners[0] == winners[1]:
+        verdict = winners[0]
+    else:
+        verdict = "tie"
+    mean = {m: {c: sum(s[c] for s in v) / len(v) for c in CRITERIA} if v else None for m, v in scores.items()}
+    return {"verdict": verdict, "orders_valid": len(winners), "consistent": len(set(winners)) <= 1, "scores": mean}
+
+
+def bootstrap_ci(values: list[float], seed: int, n: int = 2000) -> tuple[float, float, float]:
+    import numpy as np
+
+    arr = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = arr[rng.integers(0, len(arr), size=(n, len(arr)))].mean(axis=1)
+    return float(arr.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summarize(rows: list[dict], first: str, second: str, seed: int, usage: dict, prices: tuple[float, float]) -> dict:
+    judged = [r for r in rows if r["verdict"] is not None]
+    win = [1.0 if r["verdict"] == second else 0.5 if r["verdict"] == "tie" else 0.0 for r in judged]
+    summary = {
+        "questions": len(rows), "judged": len(judged), "failed": len(rows) - len(judged),
+        "inconsistent_orders": sum(not r["consistent"] for r in judged),
+        f"{second}_wins": sum(r["verdict"] == second for r in judged),
+        f"{first}_wins": sum(r["verdict"] == first for r in judged), "ties": sum(r["verdict"] == "tie" for r in judged),
+        f"{second}_win_rate": bootstrap_ci(win, seed) if win else None,
+        "score_difference": {}, "usage": usage,
+        "cost_usd": usage["prompt_tokens"] / 1e6 * prices[0] + usage["completion_tokens"] / 1e6 * prices[1],
+    }
+    both = [r for r in judged if r["scores"][first] and r["scores"][second]]
+    for c in CRITERIA:
+        diffs = [r["scores"][second][c] - r["scores"][first][c] for r in both]
+        summary["score_difference"][c] = bootstrap_ci(diffs, seed) if diffs else None
+    return summary
+
+
+def to_markdown(summary: dict, first: str, second: str) -> str:
+    lines = [f"| {second} vs {first} | value | 95% CI |", "|---|---|---|"]
+    rate = summary[f"{second}_win_rate"]
+    if rate:
+        lines.append(f"| win rate (ties half) | {rate[0]:.3f} | [{rate[1]:.3f}, {rate[2]:.3f}] |")
+    lines.append(f"| wins / ties / losses | {summary[f'{second}_wins']} / {summary['ties']} / {summary[f'{first}_wins']} | |")
+    for c, v in summary["score_difference"].items():
+        if v:
+            lines.append(f"| Δ {c.replace('_', ' ')} (1-5) | {v[0]:+.2f} | [{v[1]:+.2f}, {v[2]:+.2f}] |")
+    u = summary["usage"]
+    lines.append(f"| judged / failed / inconsistent orders | {summary['judged']} / {summary['failed']} / "
+                 f"{summary['inconsistent_orders']} | |")
+    lines.append(f"| judge calls (cached) / tokens in / out / cost | {u['calls']} ({u['cached']}) / {u['prompt_tokens']} / "
+                 f"{u['completion_tokens']} / ${summary['cost_usd']:.4f} | |")
+    return "\n".join(lines) + "\n"
+
+
+def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, max_new_tokens: int, device: str,
+        out: Path, prices: tuple[float, float] = (0.0, 0.0)) -> dict:
+    first, second = list(models)
+    answers_path = out.with_suffix(".answers.json")
+    answers = json.loads(answers_path.read_text()) if answers_path.is_file() else {}
+    for name, model_dir in models.items():  # answers are cached too: regeneration is not free either
+        todo = [q for q in questions if q["id"] not in answers.get(name, {})]
+        if todo:
+            new = generate(model_dir, [q["prompt"] for q in todo], max_new_tokens, device)
+            answers.setdefault(name, {}).update({q["id"]: a for q, a in zip(todo, new)})
+            answers_path.write_text(json.dumps(answers, indent=1))
+    rows = []
+    for q in questions:
+        rng = random.Random(f"{seed}:{q['id']}")
+        a_first = first if rng.random() < 0.5 else second  # blind: which model is shown as A first
+        b_first = second if a_first == first else first
+        results = [(a, judge(q, answers[a][q["id"]], answers[b][q["id"]])) for a, b in ((a_first, b_first), (b_first, a_first))]
+        rows.append({"id": q["id"], "source": q["source"], "seed": seed, "first_order_A": a_first,
+                     **combine(first, second, [(a, r["judgement"]) for a, r in results]),
+                     "errors": [r["error"] for _, r in results if r["error"]]})
+    with open(out.with_suffix(".jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    summary = summarize(rows, first, second, seed, judge.usage, prices)
+    out.with_suffix(".json").write_text(json.dumps({"models": models, "judge_model": judge.model,
+                                                    "prompt_version": PROMPT_VERSION, "seed": seed, **summary}, indent=2))
+    out.with_suffix(".md").write_text(to_markdown(summary, first, second))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True, help="name=HF directory (exactly two)")
+    p.add_argument("--medmcqa")
+    p.add_argument("--pubmedqa")
+    p.add_argument("--medqa")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--judge-model", default="gpt-4o")
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint (default: the OpenAI API)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--price-in", type=float, default=0.0, help="USD per 1M prompt tokens")
+    p.add_argument("--price-out", type=float, default=0.0, help="USD per 1M completion tokens")
+    p.add_argument("--device")
+    p.add_argument("--out", default="results/judge")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # request lines are noise; headers are never logged
+    models = dict(m.split("=", 1) for m in args.model)
+    if len(models) != 2:
+        raise SystemExit("give exactly two --model name=DIR")
+    import torch
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    questions = sample(load_questions(args.medmcqa, args.pubmedqa, args.medqa), args.n, args.seed)
+    judge = Judge(args.judge_model, args.base_url, args.api_key_env, out.with_suffix(".cache.jsonl"), args.retries, args.timeout)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    summary = run(models, questions, judge, args.seed, args.max_new_tokens, device, out, (args.price_in, args.price_out))
+    print(to_markdown(summary, *models))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The reasoning judge against a real local OpenAI-protocol server through the real openai client: both
+orders, seeded positions, malformed output retried then counted, HTTP 500 and timeouts, caching, and an
+API key that never reaches an output file or log."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from openai_server import JudgeServer
+
+from evaluation.eval_reasoning_judge import combine, sample
+from tools.tiny_qwen35 import causal_lm, text_config
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+KEY = "sk-test-SECRET-9f8e7d"
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("judge")
+    for name, seed, length in (("base", 0, 6), ("cpt", 1, 6)):
+        causal_lm(text_config(vocab_size=2048), seed=seed).save_pretrained(root / name)
+        for f in (DEMO / "tokenizer").iterdir():
+            shutil.copy2(f, root / name / f.name)
+        cfg = json.loads((root / name / "tokenizer_config.json").read_text())
+        cfg["chat_template"] = CHAT_TEMPLATE
+        (root / name / "tokenizer_config.json").write_text(json.dumps(cfg))
+    med = [{"id": f"m{i}", "question": f"A 60-year-old with sudden aphasia case {i}{' MALFORMED-ALWAYS' if i == 0 else ''}",
+            "opa": "Stroke", "opb": "Migraine", "opc": "Seizure", "opd": "Tumor", "cop": 0, "exp": "Sudden focal deficit."}
+           for i in range(3)]
+    pub = [{"pubid": f"p{i}", "QUESTION": f"Does early mobilisation help {i}?{' MALFORMED-ONCE' if i == 0 else ''}",
+            "CONTEXTS": ["A trial of 300 patients."], "LONG_ANSWER": "It improved outcomes.", "final_decision": "yes"}
+           for i in range(3)]
+    mqa = [{"id": f"q{i}", "question": f"Best first-line drug for absence seizures {i}?{' SLOW' if i == 0 else ''}",
+            "options": {"A": "Ethosuximide", "B": "Phenytoin"}, "answer": "Ethosuximide", "answer_idx": "A"} for i in range(3)]
+    for name, rows in (("medmcqa", med), ("pubmedqa", pub), ("medqa", mqa)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _run(setup, server, out, seed=3):
+    cmd = [sys.executable, "-m", "evaluation.eval_reasoning_judge", "--model", f"base={setup / 'base'}",
+           "--model", f"cpt={setup / 'cpt'}", "--medmcqa", str(setup / "medmcqa.jsonl"), "--pubmedqa",
+           str(setup / "pubmedqa.jsonl"), "--medqa", str(setup / "medqa.jsonl"), "--n", "9", "--seed", str(seed),
+           "--judge-model", "judge-test", "--base-url", server.url, "--max-new-tokens", "6", "--retries", "2",
+           "--timeout", "1", "--price-in", "2.5", "--price-out", "10", "--device", "cpu", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": KEY})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_judge_end_to_end(setup, tmp_path):
+    server = JudgeServer(slow_seconds=3.0)
+    try:
+        run = _run(setup, server, tmp_path / "judge")
+        calls_first = len(server.requests)
+        first_summary = json.loads((tmp_path / "judge.json").read_text())
+        rerun = _run(setup, server, tmp_path / "judge")
+        calls_second = len(server.requests) - calls_first
+    finally:
+        server.close()
+    rows = [json.loads(x) for x in (tmp_path / "judge.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "judge.json").read_text())
+    assert len(rows) == 9 and {r["source"] for r in rows} == {"medmcqa", "pubmedqa", "medqa"}
+    # both orders were requested: for every judged question, two prompts with A and B swapped
+    prompts = [r["body"]["messages"][-1]["content"] for r in server.requests[1:calls_first]]
+    needles = {"medmcqa": "aphasia case {}", "pubmedqa": "mobilisation help {}?", "medqa": "seizures {}?"}
+    for row in rows:
+        if row["orders_valid"] == 2:
+            needle = needles[row["source"]].format(row["id"][-1])
+            sides = {(p.split("Response A:\n")[1].split("\n\nResponse B:")[0], p.split("Response B:\n")[1].split("\n\nScore")[0])
+                     for p in prompts if needle in p}
+            assert len(sides) == 2 and {(b, a) for a, b in sides} == sides, row["id"]
+    assert {r["first_order_A"] for r in rows} == {"base", "cpt"} and all(r["seed"] == 3 for r in rows)
+    # failures: the always-malformed question and the one slower than the timeout are counted, not judged
+    failed = {r["id"] for r in rows if r["verdict"] is None}
+    assert failed == {"medmcqa/m0", "medqa/q0"}
+    assert any("malformed judge output after 2 attempt" in e for r in rows if r["id"] == "medmcqa/m0" for e in r["errors"])
+    assert any("request failed" in e for r in rows if r["id"] == "medqa/q0" for e in r["errors"])
+    once = next(r for r in rows if r["id"] == "pubmedqa/p0")
+    assert once["verdict"] is not None  # malformed once, then retried successfully
+    assert summary["failed"] == 2 and summary["judged"] == 7
+    assert first_summary["usage"]["malformed"] == 2 * 2 + 2  # always: 2 orders x 2 attempts; once: 1 per order
+    assert first_summary["cost_usd"] > 0 and first_summary["usage"]["prompt_tokens"] > 0
+    assert summary["usage"]["cached"] > 0 and summary["cpt_win_rate"] == first_summary["cpt_win_rate"]
+    lo_hi = summary["cpt_win_rate"]
+    assert lo_hi[1] <= lo_hi[0] <= lo_hi[2]
+    # the rerun judged nothing new except the timed-out question (transport failures are not cached)
+    assert calls_second > 0
+    assert all("SLOW" in r["body"]["messages"][-1]["content"] for r in server.requests[calls_first:])
+    # the key was sent to the server, and is nowhere in outputs or logs
+    assert all(r["auth"] == f"Bearer {KEY}" for r in server.requests)
+    for f in tmp_path.iterdir():
+        assert KEY not in f.read_text(), f
+    assert KEY not in run.stdout + run.stderr + rerun.stdout + rerun.stderr
+    assert "| win rate (ties half) |" in (tmp_path / "judge.md").read_text()
+
+
+def test_verdict_rule_and_stratified_sampling():
+    j = lambda v: {"verdict": v, "scores": {s: {c: 3 for c in ("diagnostic_reasoning", "clinical_knowledge",  # noqa: E731
+                   "management_quality", "reasoning_chain", "overall")} for s in "AB"}, "rationale": ""}
+    assert combine("x", "y", [("x", j("A")), ("y", j("B"))])["verdict"] == "x"  # both orders pick x
+    assert combine("x", "y", [("x", j("A")), ("y", j("A"))])["verdict"] == "tie"  # position bias -> tie
+    assert combine("x", "y", [("x", j("B")), ("y", None)])["verdict"] == "y"  # one valid order counts
+    assert combine("x", "y", [("x", None), ("y", None)])["verdict"] is None
+    qs = {s: [{"id": f"{s}/{i}", "source": s} for i in range(10)] for s in ("a", "b", "c")}
+    picked = sample(qs, 7, seed=1)
+    assert [q["source"] for q in picked].count("a") == 3 and len(picked) == 7
+    assert picked == sample(qs, 7, seed=1) and picked != sample(qs, 7, seed=2)
