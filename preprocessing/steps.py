@@ -7,6 +7,7 @@ report adds up. Bad records never stop a job: they are written to ``errors/`` wi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -65,10 +66,10 @@ def latex_to_text(source: str) -> str:
     db = get_default_latex_context_db()
     db.add_context_category(
         "neurocpt", prepend=True,
-        macros=[MacroTextSpec(m, simplify_repl="") for m in ("cite", "citep", "citet", "ref", "eqref", "label", "maketitle",
+        macros=[MacroTextSpec(m, discard=True) for m in ("cite", "citep", "citet", "ref", "eqref", "label", "maketitle",
                                                                "author", "date", "thanks", "bibliographystyle", "bibliography")]
         + [MacroTextSpec("title", simplify_repl="%(1)s\n\n")],
-        environments=[EnvironmentTextSpec(e, simplify_repl="") for e in ("thebibliography", "figure", "table")],
+        environments=[EnvironmentTextSpec(e, discard=True) for e in ("thebibliography", "figure", "table")],
     )
     return LatexNodes2Text(latex_context=db, math_mode="text").latex_to_text(source)
 
@@ -409,15 +410,15 @@ class MegatronTokenWriter(PipelineStep):
 
     def __init__(self, output_dir: str, tokenizer_dir: str, seq_length: int, overlaps: dict[str, int], batch_size: int = 512):
         super().__init__()
-        self.output_dir, self.tokenizer_dir = output_dir, tokenizer_dir
+        self.output_dir = output_dir
+        self.tokenizer, self.eos = load_tokenizer(tokenizer_dir), eos_id(tokenizer_dir)  # once, shipped to workers
         self.seq_length, self.overlaps, self.batch_size = seq_length, overlaps, batch_size
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         from datatrove.utils.batching import batched
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-        tok = load_tokenizer(self.tokenizer_dir)
-        eos = eos_id(self.tokenizer_dir)
+        tok, eos = self.tokenizer, self.eos
         dtype = token_dtype(tok.get_vocab_size())
         builders: dict[str, IndexedDatasetBuilder] = {}
         for batch in batched(data, self.batch_size):
@@ -455,28 +456,26 @@ def merge_indexed(parts: list[Path], out_prefix: Path, dtype) -> None:
         os.replace(f"{tmp}{ext}", f"{out_prefix}{ext}")
 
 
-def load_tokenizer(tokenizer_dir: str):
-    """The fast (Rust) tokenizer of a local HF tokenizer or checkpoint directory."""
-    from tokenizers import Tokenizer
+@functools.cache
+def hf_tokenizer(tokenizer_dir: str):
+    """The user's tokenizer exactly as transformers loads it (so training, evaluation and serving agree)."""
+    from transformers import AutoTokenizer
 
-    path = Path(tokenizer_dir)
-    path = path / "tokenizer.json" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer.json at {path}: point 'tokenizer' at a local HF tokenizer directory")
-    return Tokenizer.from_file(str(path))
+    if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file() and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{tokenizer_dir}: no HF tokenizer files; point 'tokenizer' at a local tokenizer directory")
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def load_tokenizer(tokenizer_dir: str):
+    """The Rust tokenizer behind the HF one: batched, GIL-free, picklable to workers."""
+    return hf_tokenizer(str(tokenizer_dir)).backend_tokenizer
 
 
 def eos_id(tokenizer_dir: str) -> int:
-    """EOS id as transformers defines it (``eos_token`` of tokenizer_config.json), read without
-    importing transformers in every worker."""
-    config = Path(tokenizer_dir) / "tokenizer_config.json"
-    eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
-    if isinstance(eos, dict):  # AddedToken form
-        eos = eos.get("content")
-    token_id = load_tokenizer(tokenizer_dir).token_to_id(eos) if eos else None
-    if token_id is None:
-        raise ValueError(f"{config}: no eos_token in the tokenizer's vocabulary")
-    return token_id
+    eos = hf_tokenizer(str(tokenizer_dir)).eos_token_id
+    if eos is None:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} defines no eos_token")
+    return eos
 
 
 def token_dtype(vocab_size: int):

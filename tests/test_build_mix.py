@@ -275,3 +275,20 @@ def test_mix_warns_when_a_source_needs_many_epochs(caplog):
     assert mix["sources"]["a"]["epochs"] == 5.0 and mix["sources"]["b"]["epochs"] == 0.5
     assert mix["data_path"] == [0.5, "a_text_document", 0.5, "b_text_document"]
     assert "source a: 5.0 epochs" in caplog.text and "source b" not in caplog.text
+
+
+def test_slurm_executor_wiring(demo_mix, tmp_path):
+    """The Slurm path (stage job arrays chained by dependencies; rerun to merge and report) with stand-ins
+    for sbatch/srun that run each array task on this machine, since no Slurm controller is available."""
+    recipe, mix = demo_mix
+    fake = Path(__file__).parent / "fake_slurm"
+    env = {**os.environ, "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "preprocessing.build_mix", "--config", str(_recipe(tmp_path)),
+           "--executor", "slurm", "--partition", "demo"]
+    submitted = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    assert "cluster jobs submitted" in submitted.stdout and not (tmp_path / "mix" / "mix.json").exists()
+    finished = subprocess.run(cmd, env=env, capture_output=True, text=True)  # after the jobs: merge + report
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    slurm_mix = json.loads((tmp_path / "mix" / "mix.json").read_text())
+    assert {s: e["tokens"] for s, e in slurm_mix["sources"].items()} == {s: e["tokens"] for s, e in mix["sources"].items()}

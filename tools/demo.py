@@ -4,7 +4,8 @@ The five-source demo corpus (``data/demo``) -> ``build_mix`` (clean, PHI guard, 
 tokenise, mix.json, report); a tiny random Qwen3.5 *base* checkpoint in the release layout (multimodal,
 sharded, vision tower, the demo tokenizer) -> megatron checkpoint -> verified logits -> packed-document
 check -> tiny CPT run (``launch/configs/demo_cpu.yaml``) -> HF release of the trained model -> verified
-again -> generation through transformers. Evaluation stages are added as they land.
+again -> generation through transformers -> per-domain perplexity of base vs CPT on the held-out
+splits and the evaluation report.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def run(out: Path) -> list[tuple[str, str, float]]:
 
     def make_base():
         tokenizer = DEMO / "tokenizer"
-        vocab = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"])
+        tokens = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"])
+        vocab = -(-tokens // 128) * 128  # padded like released checkpoints' embeddings
         pattern = ["linear_attention"] * 3 + ["full_attention"]
         model = tiny_qwen35.multimodal(seed=0, vocab_size=vocab, hidden_size=128, intermediate_size=256,
                                        layer_types=pattern * 2)
@@ -104,6 +106,22 @@ def run(out: Path) -> list[tuple[str, str, float]]:
         return f"{len(new)} tokens: {tok.decode(new)!r}"
 
     stage("generate from the release with transformers", generate)
+
+    def ppl():
+        from evaluation import perplexity, report
+
+        names = {"ehr": "Patient EHR", "pubmed_neuro": "PubMed Neurology", "arxiv_neuro": "arXiv Neuroscience",
+                 "general_medical": "General medical", "english": "English"}
+        data = {names[s]: str(out / "mix" / "heldout" / f"{s}.jsonl") for s in names}
+        result = perplexity.evaluate({"base": str(base), "cpt": str(release)}, data, max_length=256, stride=128)
+        (out / "results").mkdir(exist_ok=True)
+        (out / "results" / "perplexity.json").write_text(json.dumps(result, indent=2))
+        report.build(out / "results", out / "results" / "report.md")
+        ehr = result["results"]["Patient EHR"]
+        return (f"Patient EHR perplexity {ehr['base']['ppl']:.1f} -> {ehr['cpt']['ppl']:.1f}; "
+                f"report: {out / 'results' / 'report.md'}")
+
+    stage("domain perplexity, base vs CPT (held-out splits)", ppl)
     (out / "summary.md").write_text(
         "| stage | result | seconds |\n|---|---|---|\n" + "".join(f"| {n} | {r} | {s:.1f} |\n" for n, r, s in rows)
     )

@@ -71,14 +71,24 @@ def multimodal(seed: int = 0, **text_overrides):
     return model
 
 
-def write_tokenizer(directory: str | Path, vocab_size: int = 96, texts: list[str] | None = None) -> None:
-    """A real fast BPE tokenizer trained locally, saved the HF way (tokenizer.json + config)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def write_tokenizer(directory: str | Path, vocab_size: int = 512, texts: list[str] | None = None) -> None:
+    """A real Qwen3.5 tokenizer (``Qwen3_5Tokenizer``: Qwen's split regex, NFC, byte-level BPE, no unknown
+    tokens) whose merges are trained locally on ``texts``, saved the HF way. Byte-level BPE starts from 256
+    byte tokens, so ``vocab_size`` counts those."""
+    import json
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<|endoftext|>"])
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen3_5Tokenizer
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts or DEMO_TEXT * 20, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>",
-                            pad_token="<|endoftext|>").save_pretrained(directory)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    Qwen3_5Tokenizer(vocab=model["vocab"], merges=merges).save_pretrained(directory)
