@@ -159,8 +159,8 @@ def generate(out: Path, seed: int = 0) -> None:
         (out / "ehr" / f"notes_{k}.jsonl").write_text("\n".join(lines) + "\n")
 
     abstracts = [abstract(rng) for _ in range(150)]
-    with gzip.open(out / "pubmed" / "abstracts.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps(a) + "\n" for a in abstracts)
+    with gzip.GzipFile(out / "pubmed" / "abstracts.jsonl.gz", "wb", mtime=0) as f:  # byte-identical reruns
+        f.write("".join(json.dumps(a) + "\n" for a in abstracts).encode())
 
     med = [{"doc_id": f"med-{i}", "text": " ".join(abstract(rng)["text"] for _ in range(2))} for i in range(100)]
     med.append({"doc_id": "med-crosspost", "text": abstracts[3]["text"]})  # exact duplicate of a PubMed abstract
