@@ -36,7 +36,7 @@ BACKENDS = ("auto", "te", "local")
 @functools.cache
 def have_transformer_engine() -> bool:
     try:
-        import transformer_engine  # noqa: F401
+        import transformer_engine  # noqa: F401  (availability probe)
     except ImportError:
         return False
     return True

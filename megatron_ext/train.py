@@ -198,7 +198,7 @@ def train(cfg: TrainConfig) -> TrainState:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_ext import build_model, parallel
-    from megatron_ext.checkpoint import hf_source_files, load_weights, read_config, save_model
+    from megatron_ext.checkpoint import hf_source_files, load_weights, read_config
     from megatron_ext.data import build_train_dataset, heldout_batches, micro_batches, read_mix
     from megatron_ext.flops import peak_tflops, train_flops_per_token
     from megatron_ext.layers import allreduce_gdn_out_norm_grads

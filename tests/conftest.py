@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import megatron_ext
 from megatron_ext import hf_mapping, parallel
