@@ -5,26 +5,20 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from evaluation.eval_qwen import local_task_config, to_markdown
-from tools.tiny_qwen35 import causal_lm, text_config
-
-DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+from conftest import tiny_hf_dir
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmeval")
     for name, seed in (("base", 0), ("cpt", 1)):
-        causal_lm(text_config(vocab_size=2048), seed=seed).save_pretrained(root / name)
-        for f in (DEMO / "tokenizer").iterdir():
-            shutil.copy2(f, root / name / f.name)
+        tiny_hf_dir(root / name, seed)
     rng = random.Random(0)
     (root / "bench" / "pubmedqa").mkdir(parents=True)
     (root / "bench" / "mmlu_anatomy").mkdir(parents=True)

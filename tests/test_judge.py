@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import tiny_hf_dir
 from openai_server import JudgeServer
 
 from evaluation.eval_reasoning_judge import combine, sample
-from tools.tiny_qwen35 import causal_lm, text_config
-
-DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 KEY = "sk-test-SECRET-9f8e7d"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 
@@ -25,13 +21,8 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("judge")
-    for name, seed, length in (("base", 0, 6), ("cpt", 1, 6)):
-        causal_lm(text_config(vocab_size=2048), seed=seed).save_pretrained(root / name)
-        for f in (DEMO / "tokenizer").iterdir():
-            shutil.copy2(f, root / name / f.name)
-        cfg = json.loads((root / name / "tokenizer_config.json").read_text())
-        cfg["chat_template"] = CHAT_TEMPLATE
-        (root / name / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for name, seed in (("base", 0), ("cpt", 1)):
+        tiny_hf_dir(root / name, seed, chat_template=CHAT_TEMPLATE)
     med = [{"id": f"m{i}", "question": f"A 60-year-old with sudden aphasia case {i}{' MALFORMED-ALWAYS' if i == 0 else ''}",
             "opa": "Stroke", "opb": "Migraine", "opc": "Seizure", "opd": "Tumor", "cop": 0, "exp": "Sudden focal deficit."}
            for i in range(3)]

@@ -5,27 +5,21 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from evaluation.perplexity import document_nll, evaluate, load_hf_model
-from tools.tiny_qwen35 import causal_lm, text_config
-
-DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+from conftest import DEMO, tiny_hf_dir
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppl")
     for name, seed in (("base", 0), ("other", 1)):
-        causal_lm(text_config(vocab_size=2048), seed=seed).save_pretrained(root / name)
-        for f in (DEMO / "tokenizer").iterdir():
-            shutil.copy2(f, root / name / f.name)
+        tiny_hf_dir(root / name, seed)
     texts = {"notes": [json.loads(x)["text"] for x in (DEMO / "ehr" / "notes_0.jsonl").read_text().splitlines()[:6]],
              "web": [json.loads(x)["text"] for x in (DEMO / "en" / "web.jsonl").read_text().splitlines()[:6]]}
     for domain, docs in texts.items():
