@@ -22,6 +22,8 @@ import json
 import os
 from pathlib import Path
 
+from evaluation.common import named_paths
+
 MEDICAL = ["pubmedqa", "mmlu_clinical_knowledge", "mmlu_anatomy", "mmlu_college_medicine", "mmlu_professional_medicine",
            "mmlu_medical_genetics", "mmlu_college_biology", "mmlu_virology", "mmlu_nutrition"]
 GENERAL = ["hellaswag", "arc_challenge", "winogrande", "boolq"]
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--delta", help="NAME_A-NAME_B: add a column A minus B")
     p.add_argument("--out", default="results/lm_eval")
     args = p.parse_args(argv)
-    models = dict(m.split("=", 1) for m in args.model)
+    models = named_paths(args.model, "model")
     delta = tuple(args.delta.split("-", 1)) if args.delta else None
     if delta and not set(delta) <= set(models):
         raise SystemExit(f"--delta {args.delta}: both names must be among --model {list(models)}")

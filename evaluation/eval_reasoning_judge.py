@@ -32,6 +32,8 @@ import os
 import random
 from pathlib import Path
 
+from evaluation.common import named_paths
+
 log = logging.getLogger("neurocpt.judge")
 
 CRITERIA = ["diagnostic_reasoning", "clinical_knowledge", "management_quality", "reasoning_chain", "overall"]
@@ -117,7 +119,7 @@ def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: st
     """Greedy answers with the model's own chat template."""
     import torch
 
-    from evaluation.perplexity import load_hf_model
+    from evaluation.common import load_hf_model
 
     model, tok = load_hf_model(model_dir, device, torch.bfloat16 if device == "cuda" else torch.float32)
     if not tok.chat_template:
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # request lines are noise; headers are never logged
-    models = dict(m.split("=", 1) for m in args.model)
+    models = named_paths(args.model, "model")
     if len(models) != 2:
         raise SystemExit("give exactly two --model name=DIR")
     import torch

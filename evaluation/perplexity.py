@@ -22,15 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-
-def load_hf_model(model_dir: str | Path, device: str, dtype: torch.dtype = torch.float32):
-    """transformers model and tokenizer of a HF directory (the multimodal class for a multimodal one)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3_5ForConditionalGeneration
-
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    cls = Qwen3_5ForConditionalGeneration if "text_config" in config else AutoModelForCausalLM
-    model = cls.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
+from evaluation.common import load_hf_model, named_paths
 
 
 @torch.no_grad()
@@ -110,16 +102,6 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pairs(items: list[str], what: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--{what} {item!r}: expected name=path")
-        out[name] = value
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="name=HF directory (first one is the baseline)")
@@ -130,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device")
     p.add_argument("--out", default="results/perplexity", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
-    report = evaluate(_pairs(args.model, "model"), _pairs(args.data, "data"), args.max_length, args.stride,
+    report = evaluate(named_paths(args.model, "model"), named_paths(args.data, "data"), args.max_length, args.stride,
                       args.max_docs, args.device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

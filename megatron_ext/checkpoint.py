@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_ext import parallel
+from megatron_ext.parallel import barrier, is_rank0
 from megatron_ext.config import Qwen35Config
 from megatron_ext.model import Qwen35GPTModel, build_model
 
@@ -23,15 +24,6 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "qwen35_config.json"
 HF_SOURCE_DIR = "hf_source"  # the source HF checkpoint's non-weight files (config, tokenizer, chat template)
 LATEST_FILE = "latest"  # a run directory's pointer to its newest complete checkpoint
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def resolve(ckpt_dir: str | Path) -> Path:
@@ -67,27 +59,27 @@ def save_model(
     """
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
-    if _rank0():
+    if is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     model_state = model.sharded_state_dict()
     state = {"model": model_state, **((extra(model_state) if callable(extra) else extra) or {})}
     dist_checkpointing.save(state, str(tmp))
     if rank_state is not None:
         torch.save(rank_state, tmp / f"rank_state_{dist.get_rank() if dist.is_initialized() else 0:05d}.pt")
-    if _rank0():
+    if is_rank0():
         (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.qwen35_config), indent=1))
         if hf_files:
             (tmp / HF_SOURCE_DIR).mkdir()
             for f in hf_files:
                 shutil.copy2(f, tmp / HF_SOURCE_DIR / Path(f).name)
-    _barrier()
+    barrier()
     if before_publish is not None:
         before_publish()
-    if _rank0():
+    if is_rank0():
         replace_dir(tmp, out)
-    _barrier()
+    barrier()
     return out
 
 

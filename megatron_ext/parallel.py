@@ -49,6 +49,16 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
     model_parallel_cuda_manual_seed(seed)
 
 
+def is_rank0() -> bool:
+    """Rank 0 of the world (or no world at all): the one that writes shared files and logs."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def destroy() -> None:
     from megatron.core import parallel_state
 

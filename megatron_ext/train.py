@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_ext.parallel import is_rank0
 from megatron_ext.train_config import TrainConfig
 
 log = logging.getLogger("neurocpt.train")
@@ -47,10 +48,6 @@ class TrainState:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def _rank0() -> bool:
-    return dist.get_rank() == 0
 
 
 def _all_reduce(value: float, op=dist.ReduceOp.SUM, group=None) -> float:
@@ -98,7 +95,7 @@ class Metrics:
 
     def __init__(self, run_dir: Path, cfg: TrainConfig, resume_step: int):
         self.path = run_dir / "metrics.jsonl"
-        self.enabled = _rank0()
+        self.enabled = is_rank0()
         self.tb = self.wandb = None
         if not self.enabled:
             return
@@ -182,8 +179,10 @@ def forward_step(data_iterator, model, nan_now: bool = False):
     return losses, loss_func
 
 
-def grads_finite(model) -> bool:
-    finite = all(bool(torch.isfinite(p.main_grad).all()) for p in model.parameters() if p.requires_grad)
+def grads_finite(ddp) -> bool:
+    """All gradients finite on every rank; checked on DDP's contiguous gradient buffers (one reduction per
+    buffer, not one host sync per parameter)."""
+    finite = all(bool(torch.isfinite(b.grad_data).all()) for b in ddp.buffers + ddp.expert_parallel_buffers)
     return _all_reduce(float(finite), dist.ReduceOp.MIN) == 1.0
 
 
@@ -273,7 +272,7 @@ def train(cfg: TrainConfig) -> TrainState:
     data = micro_batches(dataset, state.consumed_samples, cfg.micro_batch_size, dp_rank, dp)
     eval_sets = heldout_batches(mix, tokenizer_dir, cfg.seq_length, cfg.eval_docs, cfg.micro_batch_size, eod)
     metrics = Metrics(run_dir, cfg, state.step)
-    if _rank0():
+    if is_rank0():
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     flops_per_token = train_flops_per_token(qcfg, cfg.seq_length)
     peak = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None, cfg.peak_tflops)
@@ -282,7 +281,7 @@ def train(cfg: TrainConfig) -> TrainState:
     forward_backward = get_forward_backward_func()
     nan_steps = set(cfg.debug.get("nan_at_steps", []))
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
-    if _rank0():
+    if is_rank0():
         log.info("training %d steps of %d x %d tokens; %d micro-batches of %d per rank, DP=%d TP=%d",
                  iters, cfg.global_batch_size, cfg.seq_length, num_micro, cfg.micro_batch_size, dp, cfg.tensor_parallel)
 
@@ -329,7 +328,7 @@ def train(cfg: TrainConfig) -> TrainState:
         if cfg.eval_interval and (state.step % cfg.eval_interval == 0 or state.step == iters):
             record.update(_evaluate(ddp, eval_sets, forward_backward, cfg, dp_rank, dp))
         metrics.log(record)
-        if _rank0() and (state.step % cfg.log_interval == 0 or state.step == iters):
+        if is_rank0() and (state.step % cfg.log_interval == 0 or state.step == iters):
             eta = (time.perf_counter() - started) / state.step * (iters - state.step)
             print(f"step {state.step}/{iters} | loss {record['loss'] if record['loss'] is None else round(record['loss'], 4)}"
                   f" | lr {record['lr']:.2e} | {tps:,.0f} tok/s | mfu {record['mfu'] or 0:.1%} | "
@@ -341,7 +340,7 @@ def train(cfg: TrainConfig) -> TrainState:
             log.warning("SIGTERM: saved step %d, exiting", state.step)
             break
     metrics.close()
-    if _rank0():
+    if is_rank0():
         plot_losses(run_dir)
     return state
 
@@ -383,7 +382,7 @@ def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, schedule
                                    "scheduler": scheduler.state_dict(), "train_state": dataclasses.asdict(state)},
         hf_files=hf_files, rank_state=_rng_state(), before_publish=crash,
     )
-    if _rank0():
+    if is_rank0():
         tmp = checkpoints / "latest.tmp"
         tmp.write_text(name)
         os.replace(tmp, checkpoints / "latest")  # only now does a restart use the new checkpoint

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from evaluation.perplexity import document_nll, evaluate, load_hf_model
+from evaluation.common import load_hf_model
+from evaluation.perplexity import document_nll, evaluate
 from conftest import DEMO, tiny_hf_dir
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+from tools.hf_checkpoint import DTYPES
+
 
 
 def source_dtype(ckpt, names: list[str]) -> torch.dtype:

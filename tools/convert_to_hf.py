@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+from tools.hf_checkpoint import DTYPES
+
 DTYPE_NAMES = {v: k for k, v in {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}.items()}
 # fields that describe the architecture; the rest (eos id, context length) may legitimately differ
 _IGNORED_FIELDS = {"eos_token_id", "max_position_embeddings"}

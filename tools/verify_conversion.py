@@ -16,7 +16,7 @@ import torch
 
 def compare(hf_dir: str | Path, ckpt: str | Path, seq_len: int = 256, batch: int = 2, seed: int = 0,
             device: str = "cpu", text: str | None = None) -> dict[str, float]:
-    from evaluation.perplexity import load_hf_model
+    from evaluation.common import load_hf_model
     from megatron_ext.checkpoint import load_model
 
     hf, _ = load_hf_model(hf_dir, device)
