@@ -13,7 +13,7 @@ import json
 import re
 import unicodedata
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from datatrove.data import Document, DocumentsPipeline
@@ -96,6 +96,29 @@ class WhitespaceWordTokenizer(WordTokenizer):
 # -------------------------------------------------------------------------------------------- reading
 
 
+def jsonl_records(path: str) -> Iterator[tuple[int, Any, str | None]]:
+    """(line, record, problem) for every non-blank line of a jsonl or jsonl.gz file; a line that is not
+    UTF-8 or not JSON comes back with its problem (and an excerpt as the record) instead of stopping."""
+    import gzip
+
+    import orjson
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield i, f"byte {err.start}", "non_utf8"
+                continue
+            try:
+                yield i, orjson.loads(raw), None
+            except orjson.JSONDecodeError:
+                yield i, raw[:200].decode("utf-8", "replace"), "malformed_json"
+
+
 class MixReader(PipelineStep):
     """Reads every source's files (jsonl, jsonl.gz, parquet, LaTeX); files are sharded over ranks.
     Each document gets ``metadata.source``. Malformed lines, missing text keys, non-UTF-8 bytes, empty or
@@ -149,24 +172,7 @@ class MixReader(PipelineStep):
 
     @staticmethod
     def _jsonl(path: str, source: SourceConfig):
-        import gzip
-
-        import orjson
-
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            for i, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    yield i, f"byte {err.start}", "non_utf8"
-                    continue
-                try:
-                    yield i, orjson.loads(raw), None
-                except orjson.JSONDecodeError:
-                    yield i, raw[:200].decode("utf-8", "replace"), "malformed_json"
+        return jsonl_records(path)
 
     @staticmethod
     def _parquet(path: str, source: SourceConfig):
