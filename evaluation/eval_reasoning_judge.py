@@ -25,16 +25,13 @@ new calls for what is done. The API key is read from the environment only and is
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import os
 import random
 from pathlib import Path
 
 from evaluation.common import named_paths
-
-log = logging.getLogger("neurocpt.judge")
+from preprocessing.llm import JsonlCache, LLMConfig, LLMError, Request, StructuredLLM, cache_key
 
 CRITERIA = ["diagnostic_reasoning", "clinical_knowledge", "management_quality", "reasoning_chain", "overall"]
 PROMPT_VERSION = "judge-v1"
@@ -138,74 +135,29 @@ def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: st
 
 
 class Judge:
-    """OpenAI-compatible chat judge with schema validation, retries and a persistent cache."""
+    """The judge model behind :class:`preprocessing.llm.StructuredLLM`: schema-validated JSON, malformed output
+    retried, a persistent cache, usage counted."""
 
     def __init__(self, model: str, base_url: str | None, api_key_env: str, cache: Path, retries: int = 3,
                  timeout: float = 60.0):
-        from openai import OpenAI
-
-        key = os.environ.get(api_key_env)
-        if not key:
-            raise SystemExit(f"set the judge API key in the environment variable {api_key_env}")
-        self.client = OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=retries)
-        self.model, self.retries = model, retries
+        config = LLMConfig(model=model, base_url=base_url, api_key_env=api_key_env, retries=retries, timeout=timeout)
+        try:
+            self.llm = StructuredLLM(config, JsonlCache(cache), what="judge")
+        except LLMError as err:
+            raise SystemExit(str(err)) from None
+        self.model = model
         self.template = PROMPT_FILE.read_text()
-        self.cache_path = cache
-        self.cache = {}
-        if cache.is_file():
-            for line in cache.read_text().splitlines():
-                entry = json.loads(line)
-                self.cache[entry["key"]] = entry
-        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "cached": 0, "malformed": 0}
 
-    def key(self, question: dict, a: str, b: str) -> str:
-        payload = json.dumps([self.model, PROMPT_VERSION, question["id"], question["prompt"], a, b])
-        return hashlib.sha256(payload.encode()).hexdigest()
+    @property
+    def usage(self) -> dict:
+        return self.llm.usage
 
     def __call__(self, question: dict, a: str, b: str) -> dict:
         """{"judgement": dict | None, "error": str | None} for one presentation order."""
-        import jsonschema
-
-        k = self.key(question, a, b)
-        if k in self.cache:
-            self.usage["cached"] += 1
-            return self.cache[k]
         prompt = self.template.format(question=question["prompt"], reference=question["reference"], a=a, b=b)
-        error = None
-        for attempt in range(1, self.retries + 1):
-            try:
-                response = self.client.chat.completions.create(
-                    model=self.model, temperature=0.0, messages=[{"role": "user", "content": prompt}],
-                    response_format={"type": "json_schema", "json_schema": {"name": "judgement", "schema": SCHEMA, "strict": True}},
-                )
-            except Exception as err:  # the client already retried transport errors and 5xx
-                error = f"request failed: {type(err).__name__}"
-                break
-            self.usage["calls"] += 1
-            if response.usage:
-                self.usage["prompt_tokens"] += response.usage.prompt_tokens
-                self.usage["completion_tokens"] += response.usage.completion_tokens
-            text = response.choices[0].message.content or ""
-            try:
-                judgement = json.loads(text)
-                jsonschema.validate(judgement, SCHEMA)
-            except (json.JSONDecodeError, jsonschema.ValidationError) as err:
-                self.usage["malformed"] += 1
-                error = f"malformed judge output after {attempt} attempt(s): {str(err)[:120]}; raw: {text[:300]}"
-                log.warning("question %s: malformed judge output (attempt %d/%d)", question["id"], attempt, self.retries)
-                continue
-            entry = {"key": k, "judgement": judgement, "error": None}
-            self._store(entry)
-            return entry
-        entry = {"key": k, "judgement": None, "error": error}
-        if error and error.startswith("malformed"):
-            self._store(entry)  # a settled failure; transport failures are retried on the next run
-        return entry
-
-    def _store(self, entry: dict) -> None:
-        self.cache[entry["key"]] = entry
-        with open(self.cache_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        key = cache_key(self.model, PROMPT_VERSION, question["id"], question["prompt"], a, b)
+        result = self.llm.call(Request(key, prompt, SCHEMA, "judgement", ref=f"question {question['id']}"))
+        return {"judgement": result.output, "error": result.error}
 
 
 def combine(first: str, second: str, orders: list[tuple[str, dict | None]]) -> dict:
@@ -334,7 +286,10 @@ def main(argv: list[str] | None = None) -> None:
     questions = sample(load_questions(args.medmcqa, args.pubmedqa, args.medqa), args.n, args.seed)
     judge = Judge(args.judge_model, args.base_url, args.api_key_env, out.with_suffix(".cache.jsonl"), args.retries, args.timeout)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    summary = run(models, questions, judge, args.seed, args.max_new_tokens, device, out, (args.price_in, args.price_out))
+    try:
+        summary = run(models, questions, judge, args.seed, args.max_new_tokens, device, out, (args.price_in, args.price_out))
+    except LLMError as err:
+        raise SystemExit(f"judge stopped: {err}. Judgements so far are cached; rerun the same command to resume.") from None
     print(to_markdown(summary, *models))
 
 

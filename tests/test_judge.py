@@ -11,9 +11,9 @@ import sys
 
 import pytest
 from conftest import tiny_hf_dir
-from openai_server import JudgeServer
 
 from evaluation.eval_reasoning_judge import combine, sample
+from tools.openai_stub_server import StubServer
 KEY = "sk-test-SECRET-9f8e7d"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 
@@ -48,7 +48,7 @@ def _run(setup, server, out, seed=3):
 
 
 def test_judge_end_to_end(setup, tmp_path):
-    server = JudgeServer(slow_seconds=3.0)
+    server = StubServer(slow_seconds=3.0, fail_first=True)
     try:
         run = _run(setup, server, tmp_path / "judge")
         calls_first = len(server.requests)
