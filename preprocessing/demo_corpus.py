@@ -1,7 +1,8 @@
 """Generate the synthetic demo corpus under ``data/demo/`` (no real patient data; every identifier is
 invented). Five sources in their real formats, with a few planted problems for the pipeline to handle:
 near-duplicate notes, one abstract duplicated across sources, fake PHI in notes, a benchmark question
-pasted into a web document, and one malformed JSON line.
+pasted into a web document, and one malformed JSON line. Plus chat conversations for SFT, with bad records
+(no assistant turn, an unknown role, an over-long sample, malformed JSON).
 
     python -m preprocessing.demo_corpus [--out data/demo] [--seed 0]
 """
@@ -140,6 +141,62 @@ def english_doc(rng: random.Random) -> str:
                     + rng.sample(EN_DETAILS, rng.randint(5, 8)))
 
 
+# SFT: (condition, key finding, first step, why) for question-answer conversations with reasoning
+CASES = [("acute ischemic stroke", "sudden focal weakness with a last known well under 4.5 hours",
+          "non-contrast CT of the head, then thrombolysis if there is no bleed", "time is brain tissue"),
+         ("first unprovoked seizure", "a witnessed tonic-clonic event with full recovery", "EEG and MRI of the brain",
+          "they show the risk of a second seizure"),
+         ("bacterial meningitis", "fever, neck stiffness and confusion", "blood cultures and empiric antibiotics without delay",
+          "each hour of delay raises mortality"),
+         ("Guillain-Barre syndrome", "ascending weakness with lost reflexes after an infection",
+          "lumbar puncture and forced vital capacity checks", "respiratory failure can come quickly"),
+         ("myasthenia gravis", "fatigable ptosis and double vision", "acetylcholine receptor antibodies",
+          "they confirm the diagnosis in most patients"),
+         ("Parkinson disease", "resting tremor, rigidity and slowness", "a levodopa trial",
+          "a clear response supports the diagnosis"),
+         ("multiple sclerosis relapse", "new optic neuritis in a known patient", "MRI with contrast and high-dose steroids",
+          "steroids speed recovery from the relapse"),
+         ("subarachnoid hemorrhage", "a thunderclap headache", "CT of the head and, if negative, lumbar puncture",
+          "a missed bleed can be fatal"),
+         ("migraine", "throbbing one-sided headache with photophobia", "a triptan early in the attack",
+          "early treatment works best"),
+         ("peripheral neuropathy", "numbness in both feet in a patient with diabetes", "glucose control and foot care",
+          "they slow progression and prevent ulcers")]
+
+
+def sft_conversation(rng: random.Random, i: int) -> dict:
+    """One chat: a question about a case, answered with (sometimes) reasoning in <think>; some multi-turn."""
+    condition, finding, step, why = rng.choice(CASES)
+    question = f"A patient has {finding}. What is the most likely diagnosis and the first step?"
+    answer = f"The most likely diagnosis is {condition}. The first step is {step}."
+    reasoning = f"<think>\n{finding.capitalize()} points to {condition}. The first step matters because {why}.\n</think>\n\n"
+    messages = [{"role": "user", "content": question},
+                {"role": "assistant", "content": (reasoning if i % 2 == 0 else "") + answer}]
+    if i % 3 == 0:
+        messages.insert(0, {"role": "system", "content": "You are a careful neurology assistant."})
+    if i % 4 == 0:
+        messages += [{"role": "user", "content": "Why is that step first?"},
+                     {"role": "assistant", "content": f"Because {why}."}]
+    return {"id": f"chat-{i:04d}", "messages": messages}
+
+
+def sft_corpus(out: Path, seed: int) -> None:
+    """``sft/conversations.jsonl``: 240 chats and six bad records for the SFT step to quarantine."""
+    rng = random.Random(seed + 1)
+    lines = [json.dumps(sft_conversation(rng, i)) for i in range(240)]
+    bad = [{"id": "bad-no-assistant", "messages": [{"role": "user", "content": "Is anyone there?"}]},
+           {"id": "bad-role", "messages": [{"role": "doctor", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+           {"id": "bad-too-long", "messages": [{"role": "user", "content": "Summarise. " + "The patient was seen. " * 400},
+                                               {"role": "assistant", "content": "Seen."}]},
+           {"id": "bad-no-messages", "text": "plain text is not a conversation"},
+           {"id": "bad-content", "messages": [{"role": "user", "content": ["not", "a", "string"]}]}]
+    for k, record in enumerate(bad):
+        lines.insert(20 * (k + 1), json.dumps(record))
+    lines.insert(130, '{"id": "bad-json", "messages": [')
+    (out / "sft").mkdir(parents=True, exist_ok=True)
+    (out / "sft" / "conversations.jsonl").write_text("\n".join(lines) + "\n")
+
+
 def generate(out: Path, seed: int = 0) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -180,6 +237,7 @@ def generate(out: Path, seed: int = 0) -> None:
 
     texts = [n["text"] for n in notes] + [a["text"] for a in abstracts] + [d["text"] for d in en]
     write_tokenizer(out / "tokenizer", vocab_size=2048, texts=texts)
+    sft_corpus(out, seed)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,28 @@ DEMO_TEXT = [
 ]
 
 
+# A ChatML template with Qwen3.5's reasoning convention, written for the tests and the demo: an assistant
+# turn's ``<think>`` block is shown only for turns after the last user message; earlier turns keep just
+# their answer. That makes it not prefix-stable (turn k renders differently once a later user turn
+# follows), which the SFT preprocessing must handle, as it must for the released Qwen3.5 template.
+CHAT_TEMPLATE = """{%- set ns = namespace(last_user=-1) -%}
+{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{%- for m in messages -%}
+{%- if m.role == 'assistant' -%}
+{%- set answer = m.content.split('</think>')[-1].lstrip('\\n') -%}
+{%- set reasoning = m.content.split('</think>')[0].split('<think>')[-1].strip('\\n') if '</think>' in m.content else '' -%}
+{%- if loop.index0 > ns.last_user -%}
+{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + answer + '<|im_end|>\\n' -}}
+{%- else -%}
+{{- '<|im_start|>assistant\\n' + answer + '<|im_end|>\\n' -}}
+{%- endif -%}
+{%- else -%}
+{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}"""
+
+
 def text_config(**overrides):
     """A Qwen3.5 text config small enough for CPU: GVA in the GDN layers, GQA, untied, partial mRoPE."""
     from transformers import Qwen3_5TextConfig
@@ -91,4 +113,8 @@ def write_tokenizer(directory: str | Path, vocab_size: int = 512, texts: list[st
     tok.train_from_iterator(texts or DEMO_TEXT * 20, trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    Qwen3_5Tokenizer(vocab=model["vocab"], merges=merges).save_pretrained(directory)
+    hf = Qwen3_5Tokenizer(vocab=model["vocab"], merges=merges)
+    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})  # appended: BPE ids unchanged
+    hf.add_tokens(["<think>", "</think>"])
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(directory)
