@@ -15,15 +15,20 @@ def _stat_total(value) -> float:
     return value["total"] if isinstance(value, dict) else value
 
 
-def collect_ledger(logs_dir: Path, sources: list[str]) -> dict[str, dict]:
-    """Per source: ``read``, ``quarantined`` {reason: n}, ``dropped`` {reason: n} (filters, PHI, benchmark
-    overlap, exact and near duplicates), ``phi`` {type: n}, ``heldout``, ``kept``, ``chunks``, ``tokens``."""
+def stat_totals(logs_dir: Path) -> dict[str, float]:
+    """Every stat key of every stage under ``logs_dir``, summed over the steps and ranks that counted it."""
     raw: dict[str, float] = defaultdict(float)
     for stats in sorted(logs_dir.glob("*/stats.json")):
         for step in json.loads(stats.read_text()):
             for key, value in step.get("stats", {}).items():
-                if "/" in key:
-                    raw[key] += _stat_total(value)
+                raw[key] += _stat_total(value)
+    return dict(raw)
+
+
+def collect_ledger(logs_dir: Path, sources: list[str]) -> dict[str, dict]:
+    """Per source: ``read``, ``quarantined`` {reason: n}, ``dropped`` {reason: n} (filters, PHI, benchmark
+    overlap, exact and near duplicates), ``phi`` {type: n}, ``heldout``, ``kept``, ``chunks``, ``tokens``."""
+    raw = {k: v for k, v in stat_totals(logs_dir).items() if "/" in k}
     ledger = {}
     for s in sources:
         entry = {"read": int(raw.get(f"read/{s}", 0)), "quarantined": {}, "dropped": {}, "phi": {}}

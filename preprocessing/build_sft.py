@@ -1,0 +1,298 @@
+"""Chat conversations -> megatron indexed datasets of token ids and loss masks for SFT.
+
+    python -m preprocessing.build_sft --config sft_recipe.yaml [--workers N] [--clean]
+
+Input: jsonl / jsonl.gz files of ``{"id": ..., "messages": [{"role": ..., "content": ...}, ...]}``;
+assistant turns may carry reasoning as ``<think>...</think>`` before the answer. Every conversation is
+rendered with the tokenizer's own chat template (:mod:`preprocessing.chat`), tokenised once with character
+offsets, and gets a loss mask: 1 on assistant tokens (``loss_on: assistant``) or on every token (``all``).
+
+Bad records are quarantined with file, line and reason, and counted: malformed JSON, no ``messages``,
+unknown roles, no assistant turn, a template error, samples longer than ``seq_length + 1`` tokens (the
+trainer packs whole conversations and never cuts one).
+
+Outputs in ``output_dir``: ``{train,valid}_tokens.{bin,idx}`` and ``{train,valid}_loss_mask.{bin,idx}`` (the
+same documents, mask as uint8), ``sft.json`` (what the trainer reads: ``sft_data: .../sft.json``),
+``report.md`` + ``lengths.png``, ``errors/``. One datatrove stage with completion markers under
+``logs/``: rerun the same command after a crash and only unfinished tasks run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+
+from preprocessing.chat import LOSS_ON, ROLES, check_conversation, render_samples, token_mask
+
+log = logging.getLogger(__name__)
+NAME = "sft"  # the ledger's one "source"
+SPLITS = ("train", "valid")
+
+
+@dataclass
+class SFTRecipe:
+    tokenizer: str  # a local HF tokenizer directory with a chat template (the model's own)
+    output_dir: str
+    paths: list[str]  # globs of jsonl / jsonl.gz files, relative to the recipe file
+    seq_length: int = 4096
+    loss_on: str = "assistant"  # or "all"
+    roles: list[str] = field(default_factory=lambda: list(ROLES))
+    valid_fraction: float = 0.02
+    seed: int = 1234
+    base_dir: str = "."
+
+    def __post_init__(self) -> None:
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
+        if not 0 <= self.valid_fraction < 1:
+            raise ValueError("valid_fraction must be in [0, 1)")
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides) -> "SFTRecipe":
+        path = Path(path)
+        raw = {**(yaml.safe_load(path.read_text()) or {}), **overrides}
+        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown SFT recipe keys {sorted(unknown)}")
+        raw["base_dir"] = str(path.parent / raw.get("base_dir", "."))
+        return cls(**raw)
+
+    def resolve(self, p: str) -> Path:
+        q = Path(p)
+        return q if q.is_absolute() else (Path(self.base_dir) / q).resolve()
+
+    def files(self) -> list[str]:
+        import glob
+
+        found = sorted({p for pattern in self.paths for p in glob.glob(str(self.resolve(pattern)), recursive=True)})
+        if not found:
+            raise FileNotFoundError(f"no SFT files match {self.paths} (relative to {self.base_dir})")
+        return found
+
+    @property
+    def out(self) -> Path:
+        return self.resolve(self.output_dir)
+
+
+class ChatReader(PipelineStep):
+    """Conversations from jsonl files (sharded over ranks); bad records go to ``errors/`` and are counted."""
+
+    name = "💬 Chat reader"
+    type = "📖 - READER"
+
+    def __init__(self, files: list[str], errors_dir: str, roles: list[str]):
+        super().__init__()
+        self.files, self.errors_dir, self.roles = files, errors_dir, tuple(roles)
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        from preprocessing.steps import Quarantine, jsonl_records
+
+        quarantine = Quarantine(self.errors_dir, "read", rank)
+        try:
+            for path in self.files[rank::world_size]:
+                try:
+                    for line, record, problem in jsonl_records(path):
+                        messages, reason = (None, problem) if problem else check_conversation(record, self.roles)
+                        self.stat_update(f"read/{NAME}")
+                        if reason:
+                            self.stat_update(f"quarantined/{NAME}/{reason}")
+                            quarantine.write(path, line, reason, record if isinstance(record, str) else json.dumps(record))
+                            continue
+                        doc_id = str(record.get("id") or f"{Path(path).name}:{line}")
+                        yield Document(text="", id=doc_id, metadata={"messages": messages, "file": path, "line": line})
+                except OSError as err:  # unreadable or corrupt file: counted, the others go on
+                    self.stat_update(f"quarantined/{NAME}/unreadable_file")
+                    quarantine.write(path, None, "unreadable_file", f"{type(err).__name__}: {err}")
+        finally:
+            quarantine.close()
+
+
+class ChatTokenWriter(PipelineStep):
+    """Renders, tokenises and masks each conversation, splits train/valid by id, and writes per-rank
+    indexed datasets of tokens and masks with megatron-core's ``IndexedDatasetBuilder``."""
+
+    name = "🧮 SFT tokens"
+    type = "✍ - WRITER"
+
+    def __init__(self, output_dir: str, errors_dir: str, tokenizer_dir: str, seq_length: int, loss_on: str,
+                 valid_fraction: float, seed: int):
+        super().__init__()
+        self.output_dir, self.errors_dir, self.tokenizer_dir = output_dir, errors_dir, tokenizer_dir
+        self.seq_length, self.loss_on, self.valid_fraction, self.seed = seq_length, loss_on, valid_fraction, seed
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        from preprocessing.steps import Quarantine, hf_tokenizer, is_heldout, token_dtype
+
+        hf = hf_tokenizer(self.tokenizer_dir)
+        if not hf.chat_template:
+            raise ValueError(f"{self.tokenizer_dir}: the tokenizer has no chat template; SFT renders with the model's own")
+        backend, dtype = hf.backend_tokenizer, token_dtype(len(hf))
+        quarantine = Quarantine(self.errors_dir, "tokenize", rank)
+        builders = {}
+        for split in SPLITS:
+            for kind, kind_dtype in (("tokens", dtype), ("loss_mask", np.uint8)):
+                path = Path(self.output_dir) / f"{split}_{kind}" / f"{rank:05d}.bin"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                builders[split, kind] = IndexedDatasetBuilder(str(path), dtype=kind_dtype)
+        try:
+            for doc in data:
+                samples = self._encode(backend, hf, doc, quarantine)
+                if samples is None:
+                    continue
+                split = "valid" if is_heldout(doc.id, self.valid_fraction, self.seed) else "train"
+                self.stat_update(f"{'heldout' if split == 'valid' else 'kept'}/{NAME}")
+                for ids, mask in samples:
+                    builders[split, "tokens"].add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+                    builders[split, "loss_mask"].add_document(np.asarray(mask, dtype=np.uint8), [len(mask)])
+                    self.stat_update(f"samples/{split}")
+                    self.stat_update(f"tokens/{split}", value=len(ids))
+                    self.stat_update(f"loss_tokens/{split}", value=sum(mask))
+                yield doc
+        finally:
+            quarantine.close()
+        for (split, kind), builder in builders.items():
+            builder.finalize(str(Path(self.output_dir) / f"{split}_{kind}" / f"{rank:05d}.idx"))
+
+    def _encode(self, backend, hf, doc: Document, quarantine) -> list[tuple[list[int], list[int]]] | None:
+        def bad(reason: str, detail: str = "") -> None:
+            self.stat_update(f"quarantined/{NAME}/{reason}")
+            quarantine.write(doc.metadata["file"], doc.metadata["line"], reason, detail)
+
+        try:
+            rendered, split_turns = render_samples(hf, doc.metadata["messages"], self.loss_on)
+        except Exception as err:  # jinja errors (the template's raise_exception) and prefix violations
+            return bad("template_error", f"{type(err).__name__}: {err}")
+        samples = []
+        for text, spans in rendered:
+            enc = backend.encode(text, add_special_tokens=False)
+            if len(enc.ids) > self.seq_length + 1:
+                return bad("too_long", f"{len(enc.ids)} tokens > seq_length + 1 = {self.seq_length + 1}")
+            samples.append((enc.ids, token_mask(enc.offsets, spans)))
+        if split_turns:
+            self.stat_update("split_into_turns")
+        return samples
+
+
+def chat_template_hash(tokenizer_dir: str) -> str:
+    from preprocessing.steps import hf_tokenizer
+
+    return hashlib.sha256(hf_tokenizer(tokenizer_dir).chat_template.encode()).hexdigest()[:16]
+
+
+def merge(recipe: SFTRecipe) -> tuple[dict[str, dict], np.ndarray]:
+    """One tokens and one mask dataset per split from the per-rank ones; checks they line up. Returns the
+    splits' summary and the training samples' lengths."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from preprocessing.steps import hf_tokenizer, merge_indexed, token_dtype
+
+    out, work = recipe.out, recipe.out / "work"
+    dtype = token_dtype(len(hf_tokenizer(str(recipe.resolve(recipe.tokenizer)))))
+    result, lengths = {}, {}
+    for split in SPLITS:
+        for kind, kind_dtype in (("tokens", dtype), ("loss_mask", np.uint8)):
+            merge_indexed(sorted((work / f"{split}_{kind}").glob("*.idx")), out / f"{split}_{kind}", kind_dtype)
+        tokens, masks = IndexedDataset(str(out / f"{split}_tokens")), IndexedDataset(str(out / f"{split}_loss_mask"))
+        if not np.array_equal(tokens.sequence_lengths, masks.sequence_lengths):
+            raise RuntimeError(f"{out}/{split}: token and mask datasets disagree in length; rebuild with --clean")
+        n = lengths[split] = np.array(tokens.sequence_lengths)  # a copy: the index is an mmap closed with its dataset
+        result[split] = {"tokens_prefix": f"{split}_tokens", "loss_mask_prefix": f"{split}_loss_mask",
+                         "samples": int(len(n)), "tokens": int(n.sum()), "max_length": int(n.max()) if len(n) else 0}
+    if not result["train"]["samples"]:
+        raise RuntimeError(f"{out}: no training conversation survived (see {out / 'errors'} and the report)")
+    return result, lengths["train"]
+
+
+def write_report(recipe: SFTRecipe, ledger: dict, sft: dict, train_lengths: np.ndarray) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from preprocessing.report import balance
+
+    out = recipe.out
+    lines = ["# SFT data report", "", f"Output `{out}`; seq_length {recipe.seq_length}; loss on {recipe.loss_on} tokens; "
+             f"chat template sha256 {sft['chat_template_sha256']}.", "",
+             "| conversations | count |", "|---|---|", f"| read | {ledger['read']} |"]
+    lines += [f"| quarantined: {reason} | {n} |" for reason, n in sorted(ledger["quarantined"].items())]
+    lines += [f"| train | {ledger['kept']} |", f"| valid | {ledger['heldout']} |",
+              f"| split into per-turn samples (template hides earlier reasoning) | {sft['split_into_turns']} |",
+              f"| unaccounted | {balance(ledger)} |", "",
+              "| split | samples | tokens | loss tokens | longest |", "|---|---|---|---|---|"]
+    for split in SPLITS:
+        s = sft[split]
+        lines.append(f"| {split} | {s['samples']} | {s['tokens']:,} | {s['loss_tokens']:,} | {s['max_length']} |")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(train_lengths, bins=40)
+    ax.axvline(recipe.seq_length + 1, color="red", linestyle="--", label="seq_length + 1")
+    ax.set_xlabel("tokens per sample")
+    ax.set_ylabel("samples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "lengths.png", dpi=100)
+    plt.close(fig)
+    lines += ["", "![sample lengths](lengths.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def build(recipe: SFTRecipe, workers: int = 1) -> dict:
+    """Run (or resume) the stage, merge, write ``sft.json`` and the report; returns sft.json's content."""
+    from preprocessing.build_mix import completed, make_executor, write_json_atomic
+    from preprocessing.report import collect_ledger, stat_totals
+
+    out = recipe.out
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = str(recipe.resolve(recipe.tokenizer))
+    tasks = max(1, workers)
+    logs = out / "logs"
+    if not completed(logs / "tokenize", tasks):
+        pipeline = [ChatReader(recipe.files(), str(out / "errors"), recipe.roles),
+                    ChatTokenWriter(str(out / "work"), str(out / "errors"), tokenizer, recipe.seq_length, recipe.loss_on,
+                                    recipe.valid_fraction, recipe.seed)]
+        make_executor("local", pipeline, tasks, workers, logs / "tokenize").run()
+        if not completed(logs / "tokenize", tasks):
+            raise RuntimeError(f"SFT tokenisation did not complete; see {logs / 'tokenize'} (rerun to resume)")
+    ledger = collect_ledger(logs, [NAME])[NAME]
+    stats = stat_totals(logs)
+    splits, train_lengths = merge(recipe)
+    for split in SPLITS:
+        splits[split]["loss_tokens"] = int(stats.get(f"loss_tokens/{split}", 0))
+    sft = {"kind": "sft", "seq_length": recipe.seq_length, "tokenizer": tokenizer, "loss_on": recipe.loss_on,
+           "chat_template_sha256": chat_template_hash(tokenizer), "split_into_turns": int(stats.get("split_into_turns", 0)),
+           **splits, "conversations": ledger}
+    write_json_atomic(out / "sft.json", sft)
+    write_report(recipe, ledger, sft, train_lengths)
+    return sft
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="SFT recipe YAML (data/demo/sft_recipe.yaml is an example)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--output-dir", help="override the recipe's output_dir")
+    p.add_argument("--clean", action="store_true", help="delete output_dir first instead of resuming")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # one line per index file read is noise here
+    recipe = SFTRecipe.load(args.config, **({"output_dir": str(Path(args.output_dir).resolve())} if args.output_dir else {}))
+    if args.clean:
+        shutil.rmtree(recipe.out, ignore_errors=True)
+    build(recipe, args.workers)
+    print((recipe.out / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

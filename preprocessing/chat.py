@@ -1,0 +1,73 @@
+"""Chat conversations -> training text and the character spans that carry loss, through the tokenizer's
+own chat template (so SFT sees exactly what the model sees when it is served).
+
+A turn's completion is what the template renders for that assistant message after the generation prompt
+(``render(messages[:i], add_generation_prompt=True)``), end-of-turn marker included, so the model learns
+to stop. Templates like Qwen3.5's show an assistant turn's ``<think>`` reasoning only when no user
+message follows it: rendered as a whole, earlier turns lose their reasoning. When the whole rendering
+contains every turn exactly as rendered on its own, a conversation is one sample with every assistant
+span trained; otherwise each assistant turn becomes its own sample (its context as the template renders
+it at that point), so no reasoning is trained out of context and none is dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool")
+LOSS_ON = ("assistant", "all")
+
+Spans = list[tuple[int, int]]
+
+
+def check_conversation(record: Any, roles: tuple[str, ...] | list[str] = ROLES) -> tuple[list[dict] | None, str | None]:
+    """(messages, None) for a usable record, else (None, reason) with a short, countable reason."""
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return None, "missing_messages"
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return None, "bad_message"
+        if m["role"] not in roles:
+            return None, f"unknown_role:{m['role'][:20]}"
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        return None, "no_assistant_turn"
+    first_assistant = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if not any(m["role"] == "user" for m in messages[:first_assistant]):
+        return None, "assistant_before_user"
+    return [{"role": m["role"], "content": m["content"]} for m in messages], None
+
+
+def render_samples(tokenizer, messages: list[dict], loss_on: str = "assistant") -> tuple[list[tuple[str, Spans]], bool]:
+    """([(text, loss spans)], split_into_turns). Raises ValueError when the template renders a turn in a
+    way no prefix rule can follow (the record is quarantined with that message)."""
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+
+    def render(msgs, generation_prompt=False) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    full = render(messages)
+    if loss_on == "all":
+        return [(full, [(0, len(full))])], False
+    turns = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt, alone = render(messages[:i], True), render(messages[: i + 1])
+        if not alone.startswith(prompt):
+            raise ValueError(f"turn {i}: the template's rendering of the turn does not start with its generation prompt")
+        turns.append((prompt, alone[len(prompt):]))
+    if all(full.startswith(p) and full.startswith(c, len(p)) for p, c in turns):
+        return [(full, [(len(p), len(p) + len(c)) for p, c in turns])], False
+    return [(p + c, [(len(p), len(p) + len(c))]) for p, c in turns], True
+
+
+def token_mask(offsets: list[tuple[int, int]], spans: Spans) -> list[int]:
+    """1 for every token that starts inside a loss span (offsets: the fast tokenizer's character offsets)."""
+    mask, k = [], 0
+    for start, _ in offsets:
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        mask.append(int(k < len(spans) and spans[k][0] <= start))
+    return mask
