@@ -1,18 +1,27 @@
-"""Training data from ``mix.json`` through megatron-core's BlendedMegatronDatasetBuilder + GPTDataset, and
-per-domain validation batches from the held-out splits.
+"""Training data for the trainer, CPT or SFT, as micro-batches of ``tokens``, ``labels``, ``loss_mask`` and
+``position_ids``; a row may hold several documents, and ``position_ids`` restart at each one, which is
+where the model starts a new document for both layer types.
 
-Documents are packed into ``seq_length`` rows by GPTDataset; ``reset_position_ids`` restarts positions
-after every EOS, which is where the model starts a new document for both layer types, and
-``eod_mask_loss`` masks the prediction made *from* an EOS (the next document's first token).
+CPT (``mix.json`` from build_mix): megatron-core's BlendedMegatronDatasetBuilder + GPTDataset pack
+documents into ``seq_length`` rows; ``reset_position_ids`` restarts positions after every EOS and
+``eod_mask_loss`` masks the prediction made *from* an EOS (the next document's first token). Validation:
+per-domain held-out splits.
+
+SFT (``sft.json`` from build_sft): whole conversations packed into rows by best-fit, never cut, with
+their per-token loss masks; validation on the held-out conversations.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
@@ -111,6 +120,140 @@ def heldout_batches(mix: dict, tokenizer_dir: str, seq_length: int, max_docs: in
                 p = 0 if t == eod else p + 1
             rows.append({"tokens": torch.tensor(tokens), "labels": torch.tensor(labels),
                          "loss_mask": torch.tensor(mask), "position_ids": torch.tensor(positions)})
-        out[name] = [{k: torch.stack([r[k] for r in rows[i : i + micro_batch_size]]) for k in rows[0]}
-                     for i in range(0, len(rows), micro_batch_size)]
+        out[name] = stack_micro_batches(rows, micro_batch_size)
     return out
+
+
+def stack_micro_batches(rows: list[dict], micro_batch_size: int) -> list[dict]:
+    return [{k: torch.stack([r[k] for r in rows[i : i + micro_batch_size]]) for k in rows[0]}
+            for i in range(0, len(rows), micro_batch_size)]
+
+
+# ------------------------------------------------------------------------------------------------ SFT
+
+
+def read_sft(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no sft.json (run python -m preprocessing.build_sft first)")
+    sft = json.loads(path.read_text())
+    sft["dir"] = str(path.parent)
+    return sft
+
+
+def pack(lengths: np.ndarray, capacity: int, rng: np.random.Generator | None, window: int = 8192) -> list[list[int]]:
+    """Rows of sample indices whose lengths fit ``capacity``: best-fit decreasing within windows of a
+    shuffled order (``rng``; None keeps the order), rows shuffled again so long and short ones mix."""
+    order = rng.permutation(len(lengths)) if rng is not None else np.arange(len(lengths))
+    rows: list[list[int]] = []
+    for w in range(0, len(order), window):
+        block = order[w : w + window]
+        block = block[np.argsort(-lengths[block], kind="stable")]
+        bins: list[list[int]] = []
+        free: list[tuple[int, int]] = []  # (space left, bin), sorted: the best fit is the first that fits
+        for i in block.tolist():
+            k = bisect.bisect_left(free, (int(lengths[i]), -1))
+            if k == len(free):
+                bins.append([i])
+                bisect.insort(free, (capacity - int(lengths[i]), len(bins) - 1))
+            else:
+                space, b = free.pop(k)
+                bins[b].append(i)
+                bisect.insort(free, (space - int(lengths[i]), b))
+        if rng is not None:
+            rng.shuffle(bins)
+        rows += bins
+    return rows
+
+
+class PackedSFTDataset(torch.utils.data.Dataset):
+    """SFT samples packed whole into ``seq_length`` rows, a fresh shuffle and packing per epoch (seeded).
+    A sample of n tokens gives n - 1 (input, label) pairs with its own positions 0..n-2; a row's tail is
+    padding with loss mask 0. Written here because megatron-core's GPTDataset concatenates documents
+    across rows and has no per-token loss mask."""
+
+    def __init__(self, tokens_prefix: str, mask_prefix: str, seq_length: int, pad_id: int, seed: int,
+                 shuffle: bool = True):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.tokens, self.masks = IndexedDataset(tokens_prefix), IndexedDataset(mask_prefix)
+        pairs = np.array(self.tokens.sequence_lengths, dtype=np.int64) - 1
+        if not np.array_equal(pairs + 1, self.masks.sequence_lengths):
+            raise ValueError(f"{tokens_prefix} and {mask_prefix} disagree in sample lengths; rebuild the SFT data")
+        if len(pairs) and pairs.max() > seq_length:
+            raise ValueError(f"{tokens_prefix}: a sample has {pairs.max() + 1} tokens, more than seq_length + 1 = "
+                             f"{seq_length + 1}; build the SFT data with this seq_length")
+        self.seq_length, self.pad_id = seq_length, pad_id
+        self.seed, self.shuffle, self.pairs = seed, shuffle, pairs
+        self.rows = self._epoch(0)
+        self.rows_per_epoch = len(self.rows)
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        return pack(self.pairs, self.seq_length, np.random.default_rng([self.seed, epoch]) if self.shuffle else None)
+
+    def resize(self, num_rows: int) -> "PackedSFTDataset":
+        """Exactly ``num_rows`` rows: more epochs, each shuffled and packed anew, or the first rows."""
+        while len(self.rows) < num_rows:
+            self.rows += self._epoch(len(self.rows) // self.rows_per_epoch)
+        self.rows = self.rows[:num_rows]
+        return self
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        tokens, labels, mask, positions = [], [], [], []
+        for s in self.rows[i]:
+            t, m = self.tokens[s].astype(np.int64), self.masks[s]
+            tokens.append(t[:-1])
+            labels.append(t[1:])
+            mask.append(m[1:].astype(np.float32))  # the loss of predicting token k is token k's mask
+            positions.append(np.arange(len(t) - 1))
+        pad = self.seq_length - sum(len(t) for t in tokens)
+        tokens.append(np.full(pad, self.pad_id))
+        labels.append(np.full(pad, self.pad_id))
+        mask.append(np.zeros(pad, dtype=np.float32))
+        positions.append(np.arange(pad))
+        row = {"tokens": tokens, "labels": labels, "loss_mask": mask, "position_ids": positions}
+        return {k: torch.from_numpy(np.concatenate(parts)) for k, parts in row.items()}
+
+
+@dataclass
+class TrainingData:
+    tokenizer_dir: str
+    eod: int
+    train: Any  # rows indexed by sample number: what micro_batches reads
+    eval_sets: dict[str, list[dict]]  # name -> micro-batches
+    iters: int
+
+
+def load_training_data(cfg, model_vocab: int) -> TrainingData:
+    """The run's data, CPT (``cfg.mix``) or SFT (``cfg.sft_data``), and its number of steps: ``train_iters``,
+    else the mix's token budget (CPT) or ``epochs`` over the packed conversations (SFT)."""
+    from preprocessing.steps import eos_id, load_tokenizer
+
+    info = read_sft(cfg.sft_data) if cfg.sft_data else read_mix(cfg.mix)
+    tokenizer_dir = info["tokenizer"]
+    vocab = load_tokenizer(tokenizer_dir).get_vocab_size()
+    if vocab > model_vocab:
+        raise SystemExit(f"the data's tokenizer ({tokenizer_dir}) has {vocab} tokens but the model only {model_vocab}")
+    eod = eos_id(tokenizer_dir)
+    if cfg.sft_data:
+        if cfg.seq_length != info["seq_length"]:
+            log.warning("training seq_length %d differs from the SFT data's %d", cfg.seq_length, info["seq_length"])
+        split = {s: (str(Path(info["dir"]) / info[s]["tokens_prefix"]), str(Path(info["dir"]) / info[s]["loss_mask_prefix"]))
+                 for s in ("train", "valid")}
+        train = PackedSFTDataset(*split["train"], cfg.seq_length, eod, cfg.seed)
+        iters = cfg.train_iters or max(1, math.ceil(cfg.epochs * train.rows_per_epoch / cfg.global_batch_size))
+        train.resize(iters * cfg.global_batch_size)
+        eval_sets = {}
+        if info["valid"]["samples"] and cfg.eval_docs:
+            valid = PackedSFTDataset(*split["valid"], cfg.seq_length, eod, cfg.seed, shuffle=False)
+            eval_sets["sft"] = stack_micro_batches([valid[i] for i in range(len(valid))], cfg.micro_batch_size)
+        log.info("SFT data: %d conversation rows per epoch, %d steps = %.2f epochs", train.rows_per_epoch, iters,
+                 iters * cfg.global_batch_size / train.rows_per_epoch)
+        return TrainingData(tokenizer_dir, eod, train, eval_sets, iters)
+    iters = cfg.train_iters or max(1, info["token_budget"] // (cfg.global_batch_size * cfg.seq_length))
+    train = build_train_dataset(info, cfg.seq_length, iters * cfg.global_batch_size, eod, model_vocab, cfg.seed)
+    eval_sets = heldout_batches(info, tokenizer_dir, cfg.seq_length, cfg.eval_docs, cfg.micro_batch_size, eod)
+    return TrainingData(tokenizer_dir, eod, train, eval_sets, iters)

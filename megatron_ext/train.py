@@ -1,7 +1,10 @@
-"""Continued pre-training of Qwen3.5 on megatron-core.
+"""Continued pre-training and SFT of Qwen3.5 on megatron-core.
 
     python -m megatron_ext.train --config launch/configs/neuro_cpt_2b.yaml [key=value ...]
-    torchrun --nproc_per_node 8 -m megatron_ext.train --config ...        (launch/cpt_8gpu.sh)
+    torchrun --nproc_per_node 8 -m megatron_ext.train --config ...        (launch/cpt_8gpu.sh, sft_8gpu.sh)
+
+A config with ``sft_data`` (``sft.json`` from preprocessing.build_sft) trains on packed conversations with
+their loss masks; otherwise on the CPT mix. Everything else (checkpoints, resume, guards, logging) is shared.
 
 megatron-core does the work: DistributedDataParallel, its optimizer (AdamW, distributed optimizer, fp32
 master weights under BF16), OptimizerParamScheduler's Warmup-Stable-Decay schedule, the no-pipelining
@@ -51,9 +54,20 @@ class TrainState:
 
 
 def _all_reduce(value: float, op=dist.ReduceOp.SUM, group=None) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    return _all_reduce_many([value], op, group)[0]
+
+
+def _all_reduce_many(values: list[float], op=dist.ReduceOp.SUM, group=None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(t, op=op, group=group)
-    return t.item()
+    return t.tolist()
+
+
+def _mean_loss(outputs: list[dict], group=None) -> float:
+    """Token-weighted mean of the micro-batches' ``lm loss`` (sum, tokens) pairs over the ranks of ``group``."""
+    loss_sum, tokens = _all_reduce_many([sum(o["lm loss"][0].item() for o in outputs),
+                                         sum(o["lm loss"][1].item() for o in outputs)], group=group)
+    return loss_sum / max(tokens, 1.0)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -162,7 +176,10 @@ def plot_losses(run_dir: Path) -> Path:
 
 
 def forward_step(data_iterator, model, nan_now: bool = False):
-    """megatron-core forward step: per-token loss from the model, masked mean in the loss function."""
+    """megatron-core forward step: per-token losses from the model, summed under the loss mask. The
+    schedule turns the sum into a per-micro-batch mean, or, with ``calculate_per_token_loss`` (SFT), into a
+    mean over every loss token of the global batch (megatron's finalize_model_grads divides the gradients
+    by that count), so short and long answers weigh by their tokens."""
     batch = next(data_iterator)
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -170,11 +187,11 @@ def forward_step(data_iterator, model, nan_now: bool = False):
 
     def loss_func(output):
         mask = batch["loss_mask"].float()
-        loss = (output.float() * mask).sum() / mask.sum().clamp_min(1.0)
+        loss_sum = (output.float() * mask).sum()
         if nan_now:
-            loss = loss * float("nan")
-        # clone: the schedule divides the returned loss in place by the number of micro-batches
-        return loss, {"lm loss": loss.detach().clone(), "tokens": mask.sum().detach()}
+            loss_sum = loss_sum * float("nan")
+        # clone: the schedule divides the returned loss in place
+        return loss_sum, mask.sum().int(), {"lm loss": torch.stack([loss_sum.detach().clone(), mask.sum().detach()])}
 
     return losses, loss_func
 
@@ -198,10 +215,9 @@ def train(cfg: TrainConfig) -> TrainState:
 
     from megatron_ext import build_model, parallel
     from megatron_ext.checkpoint import hf_source_files, load_weights, read_config
-    from megatron_ext.data import build_train_dataset, heldout_batches, micro_batches, read_mix
+    from megatron_ext.data import load_training_data, micro_batches
     from megatron_ext.flops import peak_tflops, train_flops_per_token
     from megatron_ext.layers import allreduce_gdn_out_norm_grads
-    from preprocessing.steps import eos_id, load_tokenizer
 
     parallel.initialize(tensor_parallel=cfg.tensor_parallel, seed=cfg.seed)
     run_dir = Path(cfg.run_dir)
@@ -210,24 +226,19 @@ def train(cfg: TrainConfig) -> TrainState:
     if source is None:
         raise SystemExit("nothing to start from: set init_from to a converted checkpoint (tools.convert_from_hf)")
     qcfg = read_config(source)
-    mix = read_mix(cfg.mix)
-    tokenizer_dir = mix["tokenizer"]
-    vocab = load_tokenizer(tokenizer_dir).get_vocab_size()
-    if vocab > qcfg.vocab_size:
-        raise SystemExit(f"the mix's tokenizer has {vocab} tokens but the model only {qcfg.vocab_size}")
-    eod = eos_id(tokenizer_dir)
+    data_info = load_training_data(cfg, qcfg.vocab_size)
+    iters = data_info.iters
 
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     if cfg.global_batch_size % (cfg.micro_batch_size * dp):
         raise SystemExit(f"global_batch_size {cfg.global_batch_size} is not a multiple of micro_batch_size x DP "
                          f"= {cfg.micro_batch_size} x {dp}")
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)
-    iters = cfg.train_iters or max(1, mix["token_budget"] // (cfg.global_batch_size * cfg.seq_length))
     nccl = dist.get_backend() == "nccl"
     dist_opt = cfg.distributed_optimizer if cfg.distributed_optimizer is not None else nccl
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    overrides = {}
+    overrides = {"calculate_per_token_loss": cfg.per_token_loss}
     if cfg.recompute:
         overrides.update(recompute_granularity=cfg.recompute)
         if cfg.recompute == "full":
@@ -268,9 +279,10 @@ def train(cfg: TrainConfig) -> TrainState:
         log.info("resumed from %s at step %d", resume, state.step)
     hf_files = hf_source_files(source)
 
-    dataset = build_train_dataset(mix, cfg.seq_length, iters * cfg.global_batch_size, eod, qcfg.vocab_size, cfg.seed)
-    data = micro_batches(dataset, state.consumed_samples, cfg.micro_batch_size, dp_rank, dp)
-    eval_sets = heldout_batches(mix, tokenizer_dir, cfg.seq_length, cfg.eval_docs, cfg.micro_batch_size, eod)
+    data = micro_batches(data_info.train, state.consumed_samples, cfg.micro_batch_size, dp_rank, dp)
+    eval_sets = data_info.eval_sets
+    if is_rank0():
+        run_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(run_dir, cfg, state.step)
     if is_rank0():
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -296,8 +308,7 @@ def train(cfg: TrainConfig) -> TrainState:
             model=[ddp], num_microbatches=num_micro, seq_length=cfg.seq_length,
             micro_batch_size=cfg.micro_batch_size, forward_only=False,
         )
-        loss = _all_reduce(sum(o["lm loss"].item() for o in out) / len(out),
-                           group=parallel_state.get_data_parallel_group()) / dp
+        loss = _mean_loss(out, group=parallel_state.get_data_parallel_group())
         state.step += 1
         state.consumed_samples += cfg.global_batch_size
         record = {"step": state.step}
@@ -352,15 +363,10 @@ def _evaluate(ddp, eval_sets: dict, forward_backward, cfg: TrainConfig, dp_rank:
     with torch.no_grad():
         for domain, batches in eval_sets.items():
             mine = batches[dp_rank::dp]
-            loss_sum = tokens = 0.0
-            if mine:
-                res = forward_backward(forward_step_func=forward_step, data_iterator=iter(mine), model=[ddp],
-                                       num_microbatches=len(mine), seq_length=cfg.seq_length,
-                                       micro_batch_size=cfg.micro_batch_size, forward_only=True)
-                loss_sum = sum(r["lm loss"].item() * r["tokens"].item() for r in res)
-                tokens = sum(r["tokens"].item() for r in res)
-            loss_sum, tokens = _all_reduce(loss_sum), _all_reduce(tokens)
-            out[f"val/{domain}"] = loss_sum / max(tokens, 1.0)
+            res = forward_backward(forward_step_func=forward_step, data_iterator=iter(mine), model=[ddp],
+                                   num_microbatches=len(mine), seq_length=cfg.seq_length,
+                                   micro_batch_size=cfg.micro_batch_size, forward_only=True) if mine else []
+            out[f"val/{domain}"] = _mean_loss(res)
     ddp.train()
     return out
 

@@ -14,13 +14,16 @@ import yaml
 class TrainConfig:
     # where things are
     run_dir: str = "runs/cpt"
-    init_from: str | None = None  # a converted (tools.convert_from_hf) or trained checkpoint
-    mix: str = "out/mix/mix.json"  # from preprocessing.build_mix
+    init_from: str | None = None  # a converted (tools.convert_from_hf) or trained checkpoint (a run's checkpoints/)
+    mix: str = "out/mix/mix.json"  # CPT data, from preprocessing.build_mix
+    sft_data: str | None = None  # SFT data (sft.json from preprocessing.build_sft); when set, the run is SFT
+    epochs: float = 1.0  # SFT: passes over the conversations when train_iters is not set
     # batch geometry: micro-batches and accumulation are derived from the world size
     seq_length: int = 4096
     global_batch_size: int = 256
     micro_batch_size: int = 1
-    train_iters: int | None = None  # default: the mix's token_budget / (global_batch_size * seq_length)
+    train_iters: int | None = None  # default: CPT the mix's token_budget / (global_batch_size * seq_length), SFT epochs
+    per_token_loss: bool = False  # mean over the global batch's loss tokens (SFT) rather than per micro-batch
     # AdamW (megatron-core optimizer) with a Warmup-Stable-Decay schedule
     lr: float = 2e-6
     min_lr: float = 0.0
@@ -44,7 +47,7 @@ class TrainConfig:
     # cadence
     log_interval: int = 1
     eval_interval: int = 50
-    eval_docs: int = 64  # held-out documents per domain
+    eval_docs: int = 64  # CPT: held-out documents per domain (SFT: all held-out conversations; 0 = no validation)
     save_interval: int = 200
     keep_last: int = 3
     seed: int = 1234

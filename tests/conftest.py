@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +47,31 @@ def tiny_hf_dir(path: Path, seed: int, chat_template: str | None = None) -> Path
         cfg["chat_template"] = chat_template
         (path / "tokenizer_config.json").write_text(json.dumps(cfg))
     return path
+
+
+def run_trainer(config: Path, *extra: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the trainer as users do; output goes to files, and whatever the run leaves behind (a killed
+    run's checkpoint-writer helpers) is killed with its process group."""
+    from megatron_ext.parallel import free_port
+
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_ext.train", "--config", str(config), *extra]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+               "-m", "megatron_ext.train", "--config", str(config), *extra]
+    out, err = config.with_suffix(".out"), config.with_suffix(".err")
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen(cmd, stdout=o, stderr=e, start_new_session=True)
+        code = proc.wait(timeout=600)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    run = subprocess.CompletedProcess(cmd, code, out.read_text(), err.read_text())
+    if check:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -3,7 +3,6 @@ a checkpoint save, NaN guards, the WSD schedule, metrics and the MFU FLOPs formu
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_ext.parallel import free_port
+from conftest import read_metrics, run_trainer
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 L, F = "linear_attention", "full_attention"
@@ -46,37 +45,11 @@ def _config(root: Path, run: str, **overrides) -> Path:
     return path
 
 
-def _train(config: Path, *extra: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the trainer as users do; output goes to files, and whatever the run leaves behind (a killed
-    run's checkpoint-writer helpers) is killed with its process group."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron_ext.train", "--config", str(config), *extra]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-               "-m", "megatron_ext.train", "--config", str(config), *extra]
-    out, err = config.with_suffix(".out"), config.with_suffix(".err")
-    with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen(cmd, stdout=o, stderr=e, start_new_session=True)
-        code = proc.wait(timeout=600)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    run = subprocess.CompletedProcess(cmd, code, out.read_text(), err.read_text())
-    if check:
-        assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def reference(setup):
     """An uninterrupted 8-step run."""
-    _train(_config(setup, "reference"))
-    return _metrics(setup / "reference")
+    run_trainer(_config(setup, "reference"))
+    return read_metrics(setup / "reference")
 
 
 def test_reference_run_logs_learns_and_follows_wsd(reference, setup):
@@ -108,9 +81,9 @@ def test_sigkill_after_a_checkpoint_resumes_bit_exact(reference, setup):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert latest.read_text() == "iter_0000004"
-    resumed = _train(config)
+    resumed = run_trainer(config)
     assert "resumed from" in resumed.stderr
-    got = _metrics(setup / "killed")
+    got = read_metrics(setup / "killed")
     assert [m["step"] for m in got] == list(range(1, 9))
     assert [m["loss"] for m in got] == [m["loss"] for m in reference]  # bit-exact on CPU
     assert [m["lr"] for m in got] == [m["lr"] for m in reference]
@@ -118,7 +91,7 @@ def test_sigkill_after_a_checkpoint_resumes_bit_exact(reference, setup):
 
 def test_kill_during_a_save_keeps_the_previous_checkpoint(reference, setup):
     config = _config(setup, "crash_in_save")
-    crashed = _train(config, "debug={kill_in_save_at_step: 8}", check=False)
+    crashed = run_trainer(config, "debug={kill_in_save_at_step: 8}", check=False)
     assert crashed.returncode == -signal.SIGKILL
     checkpoints = setup / "crash_in_save" / "checkpoints"
     assert (checkpoints / "latest").read_text() == "iter_0000004"
@@ -126,15 +99,15 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(reference, setup):
     from megatron_ext.checkpoint import load_model
 
     assert load_model(checkpoints).qwen35_config.vocab_size == 2048  # the previous one loads
-    resumed = _train(config)
+    resumed = run_trainer(config)
     assert "iter_0000004" in resumed.stderr
-    assert [m["loss"] for m in _metrics(setup / "crash_in_save")] == [m["loss"] for m in reference]
+    assert [m["loss"] for m in read_metrics(setup / "crash_in_save")] == [m["loss"] for m in reference]
 
 
 @pytest.fixture(scope="module")
 def one_rank(setup):
-    _train(_config(setup, "dp1", micro_batch_size=1, train_iters=4, eval_interval=0, save_interval=100))
-    return _metrics(setup / "dp1")
+    run_trainer(_config(setup, "dp1", micro_batch_size=1, train_iters=4, eval_interval=0, save_interval=100))
+    return read_metrics(setup / "dp1")
 
 
 @pytest.mark.parametrize("layout", ["dp2", "tp2", "recompute_full"])
@@ -142,8 +115,8 @@ def test_layouts_equal_one_rank(one_rank, setup, layout):
     """DP=2 with half the accumulation, TP=2, and full activation recomputation train like one rank."""
     extra = {"tp2": {"tensor_parallel": 2}, "recompute_full": {"recompute": "full"}}.get(layout, {})
     config = _config(setup, layout, micro_batch_size=1, train_iters=4, eval_interval=0, save_interval=100, **extra)
-    _train(config, nproc=1 if layout == "recompute_full" else 2)
-    got = _metrics(setup / layout)
+    run_trainer(config, nproc=1 if layout == "recompute_full" else 2)
+    got = read_metrics(setup / layout)
     assert len(got) == len(one_rank) == 4
     for x, y in zip(one_rank, got):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
@@ -165,22 +138,22 @@ def test_sigterm_saves_and_exits_then_resumes(reference, setup):
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    stopped_at = len(_metrics(setup / "sigterm"))
+    stopped_at = len(read_metrics(setup / "sigterm"))
     assert 2 <= stopped_at < 8
     assert (setup / "sigterm" / "checkpoints" / "latest").read_text() == f"iter_{stopped_at:07d}"
-    _train(config)
-    assert [m["loss"] for m in _metrics(setup / "sigterm")] == [m["loss"] for m in reference]
+    run_trainer(config)
+    assert [m["loss"] for m in read_metrics(setup / "sigterm")] == [m["loss"] for m in reference]
 
 
 def test_nonfinite_steps_are_skipped_counted_and_halt(setup):
     config = _config(setup, "nan", train_iters=6, eval_interval=0, save_interval=100, spike_factor=0.5)
-    run = _train(config, "debug={nan_at_steps: [3]}")
+    run = run_trainer(config, "debug={nan_at_steps: [3]}")
     assert "spike #" in run.stderr  # with factor 0.5 every later loss counts as a spike: the warning works
-    m = _metrics(setup / "nan")
+    m = read_metrics(setup / "nan")
     assert m[2]["loss"] is None and m[2]["skipped_steps"] == 1 and m[-1]["skipped_steps"] == 1
     assert all(x["loss"] is not None and x["loss"] == x["loss"] for i, x in enumerate(m) if i != 2)
     assert m[3]["lr"] == m[2]["lr"]  # the schedule does not advance on a skipped step
-    halted = _train(_config(setup, "nan_halt", train_iters=6, eval_interval=0, save_interval=100,
+    halted = run_trainer(_config(setup, "nan_halt", train_iters=6, eval_interval=0, save_interval=100,
                             max_nonfinite_in_a_row=2), "debug={nan_at_steps: [2, 3]}", check=False)
     assert halted.returncode != 0 and "halting: 2 non-finite steps in a row at step 3" in halted.stderr
 
