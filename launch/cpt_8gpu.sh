@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Continued pre-training on 8 GPUs of one node (more nodes: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT).
+# Continued pre-training on 8 GPUs of one node (more nodes: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT;
+# another GPU count: GPUS_PER_NODE; the Python of your environment: PYTHON, default python3).
 #   launch/cpt_8gpu.sh [config.yaml] [key=value ...]
 set -euo pipefail
 CONFIG=${1:-launch/configs/neuro_cpt_2b.yaml}
 shift || true
-exec torchrun \
+exec "${PYTHON:-python3}" -m torch.distributed.run \
   --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "${GPUS_PER_NODE:-8}" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
   -m megatron_ext.train --config "$CONFIG" "$@"

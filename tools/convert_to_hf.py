@@ -49,7 +49,7 @@ def _text_only_config(config, dtype: torch.dtype) -> dict:
 
 
 def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | None = None, dtype: str = "auto",
-            max_shard_size: str = "5GB") -> Path:
+            max_shard_size: str = "5GB", stop_tokens: list[str] = ()) -> Path:
     from megatron_ext import build_model, hf_mapping, parallel
     from megatron_ext.checkpoint import hf_source_files, load_weights, read_config, saved_dtype
     from megatron_ext.config import Qwen35Config
@@ -97,8 +97,30 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
             if not (tmp / "generation_config.json").exists():
                 gen = {"eos_token_id": config.eos_token_id} if config.eos_token_id is not None else {}
                 (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if stop_tokens:
+            _add_stop_tokens(tmp, stop_tokens)
         writer.close()
     return Path(out)
+
+
+def _add_stop_tokens(directory: Path, tokens: list[str]) -> None:
+    """Make generation stop at ``tokens`` too (an SFT model ends its turns with the chat template's
+    end-of-turn token, e.g. ``<|im_end|>``, which a base model's generation_config does not list)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    ids = []
+    for t in tokens:
+        i = tok.convert_tokens_to_ids(t)
+        if i is None or i == tok.unk_token_id and t != tok.unk_token:
+            raise ValueError(f"stop token {t!r} is not a token of the tokenizer in {directory}")
+        ids.append(i)
+    path = directory / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    eos = gen.get("eos_token_id")
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    gen["eos_token_id"] = ids + [i for i in eos if i not in ids]
+    path.write_text(json.dumps(gen, indent=2))
 
 
 def _set_dtype(config_path: Path, dtype: torch.dtype) -> None:
@@ -116,9 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hf-template", help="HF checkpoint whose other tensors, config and tokenizer to carry over")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--stop-tokens", default="", help="comma-separated tokens generation also stops at (SFT: '<|im_end|>')")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    print(f"wrote {convert(args.ckpt, args.out, args.hf_template, args.dtype, args.max_shard_size)}")
+    stops = [t for t in args.stop_tokens.split(",") if t]
+    print(f"wrote {convert(args.ckpt, args.out, args.hf_template, args.dtype, args.max_shard_size, stops)}")
 
 
 if __name__ == "__main__":

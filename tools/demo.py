@@ -5,7 +5,9 @@ tokenise, mix.json, report); a tiny random Qwen3.5 *base* checkpoint in the rele
 sharded, vision tower, the demo tokenizer) -> megatron checkpoint -> verified logits -> packed-document
 check -> tiny CPT run (``launch/configs/demo_cpu.yaml``) -> HF release of the trained model -> verified
 again -> generation through transformers -> per-domain perplexity of base vs CPT on the held-out
-splits and the evaluation report.
+splits and the evaluation report -> the SFT comparison's two arms, Base+SFT and CPT+SFT, through
+``make sft-arms`` (``data/demo/sft_recipe.yaml``, ``launch/configs/demo_sft_cpu.yaml``) -> a chat answer
+from the CPT+SFT release through its chat template.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +27,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
 CONFIG = ROOT / "launch" / "configs" / "demo_cpu.yaml"
+SFT_CONFIG = ROOT / "launch" / "configs" / "demo_sft_cpu.yaml"
+
+
+def generate(release: Path, messages: list[dict] | None = None, text: str = "", max_new_tokens: int = 8) -> str:
+    """Greedy continuation of ``text``, or the answer to ``messages`` through the release's chat template."""
+    from transformers import AutoTokenizer, Qwen3_5ForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(release)
+    model = Qwen3_5ForConditionalGeneration.from_pretrained(release).eval()
+    if messages is None:
+        ids = tok(text, return_tensors="pt").input_ids
+    else:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    new = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:]
+    return tok.decode(new)
 
 
 def run(out: Path) -> list[tuple[str, str, float]]:
@@ -96,16 +114,7 @@ def run(out: Path) -> list[tuple[str, str, float]]:
     stage("verify release vs trained checkpoint logits",
           lambda: "max rel err {max_rel_err:.1e}".format(**compare(release, run_dir / "checkpoints", seq_len=128)))
 
-    def generate():
-        from transformers import AutoTokenizer, Qwen3_5ForConditionalGeneration
-
-        tok = AutoTokenizer.from_pretrained(release)
-        model = Qwen3_5ForConditionalGeneration.from_pretrained(release).eval()
-        ids = tok("The patient presented with", return_tensors="pt").input_ids
-        new = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
-        return f"{len(new)} tokens: {tok.decode(new)!r}"
-
-    stage("generate from the release with transformers", generate)
+    stage("generate from the release with transformers", lambda: repr(generate(release, text="The patient presented with")))
 
     def ppl():
         from evaluation import perplexity, report
@@ -122,6 +131,30 @@ def run(out: Path) -> list[tuple[str, str, float]]:
                 f"report: {out / 'results' / 'report.md'}")
 
     stage("domain perplexity, base vs CPT (held-out splits)", ppl)
+
+    arms = out / "sft"
+
+    def sft_arms():
+        from megatron_ext.parallel import free_port
+
+        variables = {"PY": sys.executable, "SFT_DATA_RECIPE": DEMO / "sft_recipe.yaml", "SFT_DATA_DIR": out / "sft_data",
+                     "SFT_CONFIG": SFT_CONFIG, "BASE_CKPT": ckpt, "CPT_CKPT": run_dir / "checkpoints",
+                     "HF_TEMPLATE": base, "ARMS_DIR": arms}
+        env = {**os.environ, "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port())}
+        subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "sft-arms",
+                        *(f"{k}={Path(v).resolve() if k != 'PY' else v}" for k, v in variables.items())], check=True, env=env)
+        data = json.loads((out / "sft_data" / "sft.json").read_text())
+        finals = {arm: [json.loads(x) for x in (arms / arm / "metrics.jsonl").read_text().splitlines()][-1]
+                  for arm in ("base_sft", "cpt_sft")}
+        return (f"{data['train']['samples']} samples ({data['train']['loss_tokens']:,} loss tokens), "
+                f"{sum(data['conversations']['quarantined'].values())} conversations quarantined; held-out SFT loss "
+                + ", ".join(f"{arm} {m['val/sft']:.2f}" for arm, m in finals.items())
+                + f"; report: {out / 'sft_data' / 'report.md'}")
+
+    stage("SFT arms: Base+SFT and CPT+SFT (make sft-arms)", sft_arms)
+    question = "A patient has sudden focal weakness with a last known well under 4.5 hours. What is the most likely diagnosis and the first step?"
+    stage("chat with the CPT+SFT release (its chat template)",
+          lambda: repr(generate(arms / "cpt_sft" / "hf", [{"role": "user", "content": question}], max_new_tokens=60)))
     (out / "summary.md").write_text(
         "| stage | result | seconds |\n|---|---|---|\n" + "".join(f"| {n} | {r} | {s:.1f} |\n" for n, r, s in rows)
     )

@@ -1,0 +1,275 @@
+"""SFT: loss masks from the tokenizer's own chat template, quarantine of bad conversations, packing that
+never cuts a conversation, masked tokens that contribute nothing to loss or gradient, the trainer on SFT
+data (DP=2 with per-token loss equals one rank), and `make sft-arms` producing both arms, exported and
+generating through their chat template."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import DEMO, megatron_twin, read_metrics, run_trainer
+
+from megatron_ext.data import PackedSFTDataset, read_sft
+from preprocessing.chat import check_conversation, render_samples, token_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+TWO_TURNS = [{"role": "system", "content": "Be brief."},
+             {"role": "user", "content": "Sudden aphasia at 9am. Diagnosis?"},
+             {"role": "assistant", "content": "<think>\nFocal deficit, sudden onset.\n</think>\n\nIschemic stroke."},
+             {"role": "user", "content": "First step?"},
+             {"role": "assistant", "content": "Non-contrast CT."}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from preprocessing.steps import hf_tokenizer
+
+    return hf_tokenizer(str(DEMO / "tokenizer"))
+
+
+def _masked_text(tok, text: str, spans) -> str:
+    enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+    return tok.decode([i for i, m in zip(enc.ids, token_mask(enc.offsets, spans)) if m])
+
+
+def test_qwen_style_template_splits_turns_and_masks_exactly_the_answers(tok):
+    """The demo template shows reasoning only after the last user turn, as Qwen3.5's does: each assistant turn
+    becomes a sample whose masked tokens are exactly that turn's completion, reasoning and end-of-turn included."""
+    samples, split = render_samples(tok, TWO_TURNS)
+    assert split and len(samples) == 2
+    first, second = samples
+    assert _masked_text(tok, *first) == "Focal deficit, sudden onset.\n</think>\n\nIschemic stroke.<|im_end|>\n"
+    assert first[0].endswith("Ischemic stroke.<|im_end|>\n") and "First step?" not in first[0]
+    # the second turn's context is the template's own rendering: the first answer without its reasoning
+    assert "Focal deficit" not in second[0] and "<|im_start|>assistant\nIschemic stroke.<|im_end|>" in second[0]
+    assert _masked_text(tok, *second) == "\n</think>\n\nNon-contrast CT.<|im_end|>\n"
+    # everything before the answer, generation prompt included, carries no loss
+    enc = tok.backend_tokenizer.encode(second[0], add_special_tokens=False)
+    mask = token_mask(enc.offsets, second[1])
+    assert tok.decode([i for i, m in zip(enc.ids, mask) if not m]) == tok.apply_chat_template(
+        TWO_TURNS[:4], tokenize=False, add_generation_prompt=True)
+
+
+def test_prefix_stable_template_is_one_sample_with_every_answer(tok):
+    plain = type(tok).from_pretrained(str(DEMO / "tokenizer"))
+    plain.chat_template = CHATML
+    samples, split = render_samples(plain, TWO_TURNS)
+    assert not split and len(samples) == 1
+    text, spans = samples[0]
+    assert text == plain.apply_chat_template(TWO_TURNS, tokenize=False) and len(spans) == 2
+    assert [text[a:b] for a, b in spans] == [TWO_TURNS[2]["content"] + "<|im_end|>\n", "Non-contrast CT.<|im_end|>\n"]
+    (all_text, all_spans), = render_samples(plain, TWO_TURNS, loss_on="all")[0]
+    enc = plain.backend_tokenizer.encode(all_text, add_special_tokens=False)
+    assert all(token_mask(enc.offsets, all_spans))
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"messages": [{"role": "user", "content": "hello?"}]}, "no_assistant_turn"),
+    ({"messages": [{"role": "doctor", "content": "hi"}, {"role": "assistant", "content": "hi"}]}, "unknown_role:doctor"),
+    ({"text": "no conversation"}, "missing_messages"),
+    ({"messages": [{"role": "user", "content": 3}]}, "bad_message"),
+    ({"messages": [{"role": "assistant", "content": "unprompted"}, {"role": "user", "content": "?"}]}, "assistant_before_user"),
+    ({"messages": TWO_TURNS}, None),
+])
+def test_conversation_checks(record, reason):
+    assert check_conversation(record)[1] == reason
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    from preprocessing.build_sft import SFTRecipe, build
+
+    out = tmp_path_factory.mktemp("sft") / "data"
+    build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(out)), workers=2)
+    return out
+
+
+def test_build_quarantines_counts_and_resumes(sft_data):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from preprocessing.build_sft import SFTRecipe, build
+
+    info = read_sft(sft_data / "sft.json")
+    conv = info["conversations"]
+    assert conv["quarantined"] == {"no_assistant_turn": 1, "unknown_role:doctor": 1, "too_long": 1, "missing_messages": 1,
+                                   "bad_message": 1, "malformed_json": 1}
+    assert conv["read"] == 246 and conv["kept"] + conv["heldout"] == 240 and conv["heldout"] > 0
+    assert "| unaccounted | 0 |" in (sft_data / "report.md").read_text() and (sft_data / "lengths.png").is_file()
+    errors = [json.loads(x) for f in sorted((sft_data / "errors").glob("*.jsonl")) for x in f.read_text().splitlines()]
+    assert {e["reason"] for e in errors} == set(conv["quarantined"])
+    assert all(e["file"].endswith("conversations.jsonl") and e["line"] for e in errors)
+    # every multi-turn conversation (1 in 4) became one sample per assistant turn
+    assert info["split_into_turns"] == 60 and info["train"]["samples"] + info["valid"]["samples"] == 240 + 60
+    for split in ("train", "valid"):
+        tokens, masks = IndexedDataset(str(sft_data / f"{split}_tokens")), IndexedDataset(str(sft_data / f"{split}_loss_mask"))
+        assert len(tokens) == info[split]["samples"] and np.array_equal(tokens.sequence_lengths, masks.sequence_lengths)
+        assert sum(int(masks[i].sum()) for i in range(len(masks))) == info[split]["loss_tokens"] > 0
+        assert max(tokens.sequence_lengths) <= info["seq_length"] + 1
+    # a rerun resumes from the completion markers: nothing is tokenised again, the outputs are the same
+    before = {p.name: p.read_bytes() for p in sft_data.glob("*_*.bin")}
+    stamp = (sft_data / "work" / "train_tokens" / "00000.bin").stat().st_mtime_ns
+    assert build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(sft_data)), workers=2)["train"] == info["train"]
+    assert (sft_data / "work" / "train_tokens" / "00000.bin").stat().st_mtime_ns == stamp
+    assert {p.name: p.read_bytes() for p in sft_data.glob("*_*.bin")} == before
+
+
+def _dataset(sft_data, seed=7):
+    return PackedSFTDataset(str(sft_data / "train_tokens"), str(sft_data / "train_loss_mask"), 256, pad_id=0, seed=seed)
+
+
+def test_packing_keeps_conversations_whole_and_apart(sft_data):
+    ds = _dataset(sft_data)
+    n = len(ds.tokens)
+    epoch0 = [s for row in ds.rows for s in row]
+    assert sorted(epoch0) == list(range(n))  # each sample exactly once per epoch
+    ds.resize(3 * ds.rows_per_epoch)
+    epoch1 = [s for row in ds.rows[ds.rows_per_epoch : 2 * ds.rows_per_epoch] for s in row]
+    assert sorted(epoch1) == list(range(n)) and epoch1 != epoch0  # reshuffled and repacked
+    assert ds.rows == _dataset(sft_data).resize(3 * ds.rows_per_epoch).rows  # deterministic
+    for i in (0, 5, len(ds) - 1):
+        row = ds[i]
+        assert row["tokens"].shape == (256,)
+        pos = 0
+        for s in ds.rows[i]:
+            t, m = ds.tokens[s], ds.masks[s]
+            k = len(t) - 1
+            assert row["tokens"][pos : pos + k].tolist() == t[:-1].tolist()
+            assert row["labels"][pos : pos + k].tolist() == t[1:].tolist()
+            assert row["loss_mask"][pos : pos + k].tolist() == m[1:].tolist()
+            assert row["position_ids"][pos : pos + k].tolist() == list(range(k))  # a new document for the model
+            pos += k
+        assert row["loss_mask"][pos:].sum() == 0  # padding carries no loss
+    fill = sum(len(ds.tokens[s]) - 1 for row in ds.rows[: ds.rows_per_epoch] for s in row) / (256 * ds.rows_per_epoch)
+    assert fill > 0.9
+
+
+def test_masked_tokens_contribute_nothing_to_loss_or_gradient(sft_data):
+    """A packed row through megatron's model and the trainer's loss: rewriting every masked label, or every
+    token of a conversation that carries no loss, leaves the loss and every gradient bit-identical; rewriting
+    one unmasked label changes them (so the check can fail)."""
+    from megatron_ext.train import forward_step
+    from tools.tiny_qwen35 import causal_lm, text_config
+
+    model = megatron_twin(causal_lm(text_config(vocab_size=2048), seed=5))
+    ds = _dataset(sft_data)
+    i = next(i for i in range(len(ds)) if len(ds.rows[i]) >= 2)
+    row = {k: v.unsqueeze(0) for k, v in ds[i].items()}
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        output, loss_func = forward_step(iter([batch]), model)
+        loss_sum, tokens, _ = loss_func(output)
+        (loss_sum / tokens).backward()
+        return loss_sum.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref_grads = loss_and_grads(row)
+    masked = row["loss_mask"] == 0
+    g = torch.Generator().manual_seed(0)
+
+    relabelled = {**row, "labels": torch.where(masked, torch.randint(0, 2048, row["labels"].shape, generator=g), row["labels"])}
+    first_len = len(ds.tokens[ds.rows[i][0]]) - 1
+    silenced = {k: v.clone() for k, v in row.items()}  # the first conversation: no loss, then any tokens at all
+    silenced["loss_mask"][0, :first_len] = 0
+    silent_loss, silent_grads = loss_and_grads(silenced)
+    silenced["tokens"][0, :first_len] = torch.randint(0, 2048, (first_len,), generator=g)
+    silenced["labels"][0, :first_len] = torch.randint(0, 2048, (first_len,), generator=g)
+    rewritten_loss, rewritten_grads = loss_and_grads(silenced)
+    assert rewritten_loss == silent_loss
+    assert all(torch.equal(rewritten_grads[n], silent_grads[n]) for n in silent_grads)
+
+    loss, grads = loss_and_grads(relabelled)
+    assert loss == ref_loss and all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
+
+    k = int(torch.nonzero(~masked[0])[0])
+    changed = {**row, "labels": row["labels"].clone()}
+    changed["labels"][0, k] = (changed["labels"][0, k] + 1) % 2048
+    loss, grads = loss_and_grads(changed)
+    assert loss != ref_loss and any(not torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny random base model with the demo tokenizer and chat template: HF directory + megatron checkpoint."""
+    from conftest import tiny_hf_dir
+
+    from tools import convert_from_hf
+
+    root = tmp_path_factory.mktemp("sft_base")
+    hf = tiny_hf_dir(root / "hf", seed=11)
+    convert_from_hf.convert(hf, root / "megatron")
+    return root
+
+
+def _sft_config(root: Path, sft_data: Path, init: Path, run: str, **overrides) -> Path:
+    cfg = dict(run_dir=str(root / run), init_from=str(init), sft_data=str(sft_data / "sft.json"), seq_length=256,
+               global_batch_size=4, micro_batch_size=1, train_iters=4, per_token_loss=True, lr=1e-3, min_lr=1e-4,
+               warmup_fraction=0.25, decay_fraction=0.25, precision="fp32", backend="local", log_interval=1,
+               eval_interval=2, save_interval=100, keep_last=1, tensorboard=False)
+    cfg.update(overrides)
+    path = root / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_sft_trains_with_per_token_loss_and_dp2_equals_one_rank(sft_data, base, tmp_path):
+    """Ranks see different numbers of assistant tokens; with per-token loss the gradient is the mean over all
+    of them, so DP=2 must train exactly like one rank accumulating both halves."""
+    run_trainer(_sft_config(tmp_path, sft_data, base / "megatron", "one"))
+    run_trainer(_sft_config(tmp_path, sft_data, base / "megatron", "dp2"), nproc=2)
+    one, dp2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "dp2")
+    assert len(one) == len(dp2) == 4
+    for x, y in zip(one, dp2):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+        assert ("val/sft" in x) == (x["step"] % 2 == 0)
+    assert one[3]["val/sft"] == pytest.approx(dp2[3]["val/sft"], rel=1e-5) and one[3]["val/sft"] < one[1]["val/sft"]
+    saved = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert saved["sft_data"].endswith("sft.json") and saved["per_token_loss"] is True
+
+
+def test_make_sft_arms_exports_both_arms_that_chat(sft_data, base, tmp_path):
+    """`make sft-arms` as a user runs it: SFT data, Base+SFT and CPT+SFT with one config (the "CPT" checkpoint is
+    a trained run's checkpoints/ directory), both exported with <|im_end|> as a stop token, both generating
+    through the chat template with transformers, with the logits of the trained checkpoints."""
+    from megatron_ext.parallel import free_port
+    from tools.verify_conversion import compare
+
+    cpt = tmp_path / "cpt"
+    run_trainer(_sft_config(tmp_path, sft_data, base / "megatron", "cpt", train_iters=2, eval_interval=0))
+    arms = tmp_path / "arms"
+    variables = {"PY": sys.executable, "SFT_DATA_RECIPE": DEMO / "sft_recipe.yaml", "SFT_DATA_DIR": tmp_path / "data",
+                 "SFT_CONFIG": ROOT / "launch" / "configs" / "demo_sft_cpu.yaml", "BASE_CKPT": base / "megatron",
+                 "CPT_CKPT": cpt / "checkpoints", "HF_TEMPLATE": base / "hf", "ARMS_DIR": arms,
+                 "SFT_ARGS": "train_iters=3 eval_interval=3 global_batch_size=4"}
+    run = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "sft-arms", *(f"{k}={v}" for k, v in variables.items())],
+                         capture_output=True, text=True, env={**os.environ, "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port())})
+    assert run.returncode == 0, run.stderr[-3000:]
+    configs = {arm: json.loads((arms / arm / "config.json").read_text()) for arm in ("base_sft", "cpt_sft")}
+    differing = {k for k in configs["base_sft"] if configs["base_sft"][k] != configs["cpt_sft"][k]}
+    assert differing == {"run_dir", "init_from"}  # identical SFT settings
+    first = {arm: read_metrics(arms / arm)[0]["loss"] for arm in configs}
+    assert first["base_sft"] != first["cpt_sft"]  # they did start from different weights
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for arm in configs:
+        hf = arms / arm / "hf"
+        assert compare(hf, arms / arm / "checkpoints", seq_len=64)["max_rel_err"] < 1e-4
+        tok = AutoTokenizer.from_pretrained(hf)
+        gen = json.loads((hf / "generation_config.json").read_text())
+        assert tok.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
+        ids = tok.apply_chat_template([{"role": "user", "content": "Sudden aphasia. Diagnosis?"}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        assert tok.decode(ids[0]).endswith("<|im_start|>assistant\n<think>\n")
+        out = AutoModelForCausalLM.from_pretrained(hf).eval().generate(ids, max_new_tokens=5, do_sample=False)
+        assert 0 < out.shape[1] - ids.shape[1] <= 5
