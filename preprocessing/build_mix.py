@@ -10,6 +10,10 @@ killed run restarted with the same command redoes only unfinished work):
 5-7. minhash   datatrove MinHash near-dedup across sources (signatures, buckets, cluster)
 8. final       MinHash filter, held-out split, tokenise + chunk + EOS into megatron indexed datasets
 
+When a source has an ``enrich`` block, stage 8 is split in two: ``enrich`` (MinHash filter, then the LLM
+enrichment of ``preprocessing/enrich_data.py``, writing ``output_dir/enriched/``) and ``final`` (held-out
+split and tokenisation of the enriched documents).
+
 then, in this process: merge the per-rank binaries per source, write ``mix.json`` and the report.
 """
 
@@ -60,6 +64,18 @@ def stages(recipe: MixRecipe, tasks: int) -> list[tuple[str, list, int]]:
     def reader(folder: str):
         return JsonlReader(str(work / folder), glob_pattern="*.jsonl.gz")
 
+    near = [reader("exact"), steps.CountBySource("before_near"), MinhashDedupFilter(str(work / "minhash_remove")),
+            steps.CountBySource("after_near")]
+    tokens = [steps.HeldoutSplit(str(work / "heldout"), recipe.heldout_fraction, recipe.seed),
+              steps.MegatronTokenWriter(str(work / "tokens"), str(recipe.resolve(recipe.tokenizer)), recipe.seq_length,
+                                        {s.name: s.chunk_overlap for s in recipe.sources})]
+    if recipe.enriched_sources:
+        from preprocessing.enrich_data import enrich_steps
+
+        last = [("enrich", near + enrich_steps(recipe), tasks),
+                ("final", [JsonlReader(str(out / "enriched"), glob_pattern="*/*.jsonl.gz"), *tokens], tasks)]
+    else:
+        last = [("final", near + tokens, tasks)]
     return [
         ("clean", clean, tasks),
         ("exact_signatures", [reader("clean"), ExactDedupSignature(str(work / "exact_sigs"), exact)], tasks),
@@ -71,11 +87,7 @@ def stages(recipe: MixRecipe, tasks: int) -> list[tuple[str, list, int]]:
         ("minhash_buckets", [MinhashDedupBuckets(str(work / "minhash_sigs"), str(work / "minhash_buckets"), config=minhash)],
          minhash.num_buckets),
         ("minhash_cluster", [MinhashDedupCluster(str(work / "minhash_buckets"), str(work / "minhash_remove"), config=minhash)], 1),
-        ("final", [reader("exact"), steps.CountBySource("before_near"), MinhashDedupFilter(str(work / "minhash_remove")),
-                   steps.CountBySource("after_near"),
-                   steps.HeldoutSplit(str(work / "heldout"), recipe.heldout_fraction, recipe.seed),
-                   steps.MegatronTokenWriter(str(work / "tokens"), str(recipe.resolve(recipe.tokenizer)), recipe.seq_length,
-                                             {s.name: s.chunk_overlap for s in recipe.sources})], tasks),
+        *last,
     ]
 
 
@@ -169,17 +181,24 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 # -------------------------------------------------------------------------------------------- driver
 
 
-def build(recipe: MixRecipe, workers: int = 1, executor: str = "local", **cluster) -> dict | None:
-    """Run (or resume) every stage, then merge, mix.json and report. Returns mix.json's content, or
-    None when cluster jobs were submitted and are still to finish (rerun the same command then)."""
-    from preprocessing.report import collect_ledger, write_report
-
+def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", until: str | None = None, **cluster) -> bool:
+    """Run (or resume) the stages in order, through ``until`` (default: all). True when they are all complete;
+    False when Slurm jobs were submitted and are still to finish (rerun the same command then)."""
     out = recipe.out
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "recipe.resolved.json", asdict(recipe))
     tasks = max(1, workers)
+    todo = stages(recipe, tasks)
+    if until is not None:
+        names = [name for name, _, _ in todo]
+        if until not in names:
+            raise ValueError(f"no stage {until!r} in {names}")
+        todo = todo[: names.index(until) + 1]
+    if recipe.llm and recipe.llm.backend == "openai" and any(
+            name == "enrich" and not completed(out / "logs" / name, n) for name, _, n in todo):
+        recipe.llm.api_key()  # no key: stop now, naming the variable, not after hours of dedup
     previous = None
-    for name, pipeline, n in stages(recipe, tasks):
+    for name, pipeline, n in todo:
         logging_dir = out / "logs" / name
         if completed(logging_dir, n):
             log.info("stage %s: already complete", name)
@@ -191,11 +210,22 @@ def build(recipe: MixRecipe, workers: int = 1, executor: str = "local", **cluste
             previous = None
             if not completed(logging_dir, n):
                 raise RuntimeError(f"stage {name} did not complete; see {logging_dir}/logs (rerun to resume)")
-    if executor == "slurm" and not all(completed(out / "logs" / n, t) for n, _, t in stages(recipe, tasks)):
+    if executor == "slurm" and not all(completed(out / "logs" / n, t) for n, _, t in todo):
         if previous is not None:
             previous.run()  # submits the chain of jobs
         print("cluster jobs submitted; rerun the same command when they have finished to merge and report")
+        return False
+    return True
+
+
+def build(recipe: MixRecipe, workers: int = 1, executor: str = "local", **cluster) -> dict | None:
+    """Run (or resume) every stage, then merge, mix.json and report. Returns mix.json's content, or
+    None when cluster jobs were submitted and are still to finish (rerun the same command then)."""
+    from preprocessing.report import collect_ledger, write_report
+
+    if not run_stages(recipe, workers, executor, **cluster):
         return None
+    out = recipe.out
     ledger = collect_ledger(out / "logs", [s.name for s in recipe.sources])
     mix = mix_json(recipe, merge_tokens(recipe), merge_heldout(recipe), ledger)
     write_json_atomic(out / "mix.json", mix)
@@ -203,13 +233,18 @@ def build(recipe: MixRecipe, workers: int = 1, executor: str = "local", **cluste
     return mix
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="recipe YAML")
+def add_executor_args(p: argparse.ArgumentParser) -> None:
+    """The command-line options that choose how stages run (shared by the commands built on these stages)."""
     p.add_argument("--workers", type=int, default=1, help="parallel tasks per stage")
     p.add_argument("--executor", default="local", choices=["local", "slurm", "ray"])
     p.add_argument("--partition", help="Slurm partition")
     p.add_argument("--time", default="24:00:00", help="Slurm time limit per task")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="recipe YAML")
+    add_executor_args(p)
     p.add_argument("--clean", action="store_true", help="delete output_dir first instead of resuming")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -199,9 +199,12 @@ class OpenAIBackend:
             return err  # this request was too slow (after the client's retries); others may be fine
         except (openai.APIConnectionError, openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
             self.down.set()
-            status = f"HTTP {err.status_code} " if isinstance(err, openai.APIStatusError) else ""
-            # status and type only: error bodies can quote part of the key
-            return LLMUnavailable(f"{where}: {status}{type(err).__name__} (model {self.config.model}, key from ${self.config.api_key_env})")
+            if isinstance(err, openai.APIStatusError):  # status and type only: error bodies can quote part of the key
+                why = (f"HTTP {err.status_code} {type(err).__name__}; check the model name {self.config.model!r} and the key "
+                       f"in ${self.config.api_key_env}")
+            else:
+                why = f"cannot connect ({type(err).__name__}); is the server running?"
+            return LLMUnavailable(f"LLM server {where}: {why}")
         except openai.APIError as err:
             return err  # e.g. HTTP 500 after the client's retries, 400 for an over-long prompt: this request failed
         usage = response.usage

@@ -10,7 +10,19 @@ from typing import Any
 
 import yaml
 
+from preprocessing.llm import LLMConfig
+
 FORMATS = ("jsonl", "parquet", "latex")
+
+
+def from_dict(cls, raw: dict | Any, where: str):
+    """``cls(**raw)`` with unknown keys named in the error (a typo must not silently switch a feature off)."""
+    if not isinstance(raw, dict):
+        return raw
+    unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+    return cls(**raw)
 
 
 @dataclass
@@ -21,6 +33,43 @@ class FilterConfig:
     min_chars: int = 200
     gopher_quality: dict[str, Any] | None = field(default_factory=dict)
     gopher_repetition: dict[str, Any] | None = field(default_factory=dict)
+
+
+@dataclass
+class EnrichConfig:
+    """LLM enrichment of one source (``preprocessing/enrich_data.py``): ``classify`` keep/drop for medical
+    relevance and quality; ``expand`` documents shorter than ``expand_below_words`` words into an extra,
+    synthetic explanatory document; ``arxiv`` subfield and residual-LaTeX clean-up. ``on_failure``: what
+    happens to a document whose classify or arxiv answer stayed malformed (or whose request failed)."""
+
+    classify: bool = False
+    expand: bool = False
+    arxiv: bool = False
+    expand_below_words: int = 150
+    on_failure: str = "keep"  # or "drop"
+
+    def __post_init__(self) -> None:
+        if not (self.classify or self.expand or self.arxiv):
+            raise ValueError("an enrich block must switch on at least one of classify, expand, arxiv")
+        if self.on_failure not in ("keep", "drop"):
+            raise ValueError(f"enrich.on_failure must be keep or drop, not {self.on_failure!r}")
+        if self.expand_below_words < 1:
+            raise ValueError("enrich.expand_below_words must be positive")
+
+
+@dataclass
+class EnrichLLMConfig(LLMConfig):
+    """The recipe's ``llm:`` block: the model and server (:class:`preprocessing.llm.LLMConfig`) plus how the
+    enrichment feeds it."""
+
+    cache_dir: str | None = None  # default <output_dir>/llm_cache; relative paths against the recipe file
+    batch_size: int = 64  # documents per batch (a batch's requests run concurrently)
+    max_input_chars: int = 24_000  # longer documents are sent truncated (classification and arXiv clean-up)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size < 1 or self.max_input_chars < 1:
+            raise ValueError("llm.batch_size and llm.max_input_chars must be positive")
 
 
 @dataclass
@@ -35,10 +84,12 @@ class SourceConfig:
     phi_guard: bool = False
     phi_policy: str = "redact"  # or "drop"
     filters: FilterConfig = field(default_factory=FilterConfig)
+    enrich: EnrichConfig | None = None  # LLM enrichment; off unless given
 
     def __post_init__(self) -> None:
         if isinstance(self.filters, dict):
             self.filters = FilterConfig(**self.filters)
+        self.enrich = from_dict(EnrichConfig, self.enrich, f"source {self.name}: enrich")
         if self.format not in FORMATS:
             raise ValueError(f"source {self.name}: format {self.format!r} is not one of {FORMATS}")
         if self.phi_policy not in ("redact", "drop"):
@@ -60,10 +111,14 @@ class MixRecipe:
     max_doc_chars: int = 5_000_000  # larger records are quarantined, not read into the pipeline
     minhash: dict[str, int] = field(default_factory=lambda: {"n_grams": 5, "num_buckets": 14, "hashes_per_bucket": 8})
     seed: int = 1234
+    llm: EnrichLLMConfig | None = None  # needed when a source has ``enrich``
     base_dir: str = "."  # relative paths in the recipe resolve against the recipe file's folder
 
     def __post_init__(self) -> None:
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
+        self.llm = from_dict(EnrichLLMConfig, self.llm, "llm")
+        if self.enriched_sources and self.llm is None:
+            raise ValueError(f"sources {self.enriched_sources} have enrich blocks but the recipe has no llm: block")
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate source names in {names}")
@@ -104,3 +159,11 @@ class MixRecipe:
     @property
     def out(self) -> Path:
         return self.resolve(self.output_dir)
+
+    @property
+    def enriched_sources(self) -> list[str]:
+        return [s.name for s in self.sources if s.enrich is not None]
+
+    @property
+    def llm_cache(self) -> Path:
+        return self.resolve(self.llm.cache_dir) if self.llm and self.llm.cache_dir else self.out / "llm_cache"

@@ -27,16 +27,17 @@ def stat_totals(logs_dir: Path) -> dict[str, float]:
 
 def collect_ledger(logs_dir: Path, sources: list[str]) -> dict[str, dict]:
     """Per source: ``read``, ``quarantined`` {reason: n}, ``dropped`` {reason: n} (filters, PHI, benchmark
-    overlap, exact and near duplicates), ``phi`` {type: n}, ``heldout``, ``kept``, ``chunks``, ``tokens``."""
+    overlap, exact and near duplicates, LLM drops), ``phi`` {type: n}, ``heldout``, ``kept``, ``chunks``, ``tokens``,
+    ``synthetic`` (documents the LLM enrichment added) and ``enrich`` {event: n}."""
     raw = {k: v for k, v in stat_totals(logs_dir).items() if "/" in k}
     ledger = {}
     for s in sources:
-        entry = {"read": int(raw.get(f"read/{s}", 0)), "quarantined": {}, "dropped": {}, "phi": {}}
+        entry = {"read": int(raw.get(f"read/{s}", 0)), "quarantined": {}, "dropped": {}, "phi": {}, "enrich": {}}
         for key, n in raw.items():
             event, source, *rest = key.split("/", 2)
             if source != s or not rest:
                 continue
-            if event in ("quarantined", "dropped", "phi"):
+            if event in ("quarantined", "dropped", "phi", "enrich"):
                 entry[event][rest[0]] = int(n)
         exact = raw.get(f"before_exact/{s}", 0) - raw.get(f"after_exact/{s}", 0)
         near = raw.get(f"before_near/{s}", 0) - raw.get(f"after_near/{s}", 0)
@@ -44,15 +45,16 @@ def collect_ledger(logs_dir: Path, sources: list[str]) -> dict[str, dict]:
             entry["dropped"]["exact_duplicate"] = int(exact)
         if near:
             entry["dropped"]["near_duplicate"] = int(near)
-        for event in ("heldout", "kept", "chunks", "tokens"):
+        for event in ("heldout", "kept", "chunks", "tokens", "synthetic"):
             entry[event] = int(raw.get(f"{event}/{s}", 0))
         ledger[s] = entry
     return ledger
 
 
 def balance(entry: dict) -> int:
-    """read - (quarantined + dropped + heldout + kept): zero when nothing was lost without a reason."""
-    return entry["read"] - sum(entry["quarantined"].values()) - sum(entry["dropped"].values()) - entry["heldout"] - entry["kept"]
+    """read + synthetic - (quarantined + dropped + heldout + kept): zero when nothing was lost without a reason."""
+    return (entry["read"] + entry["synthetic"] - sum(entry["quarantined"].values()) - sum(entry["dropped"].values())
+            - entry["heldout"] - entry["kept"])
 
 
 def write_report(recipe, ledger: dict, mix: dict, out: Path) -> None:
@@ -64,18 +66,21 @@ def write_report(recipe, ledger: dict, mix: dict, out: Path) -> None:
     sources = list(ledger)
     lines = ["# Mix report", "", f"Output: `{out}`; seq_length {recipe.seq_length}; token budget {recipe.token_budget:,}.", "",
              "## Documents per stage", "",
-             "| source | read | quarantined | dropped | held out | kept | kept % | unaccounted |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| source | read | quarantined | dropped | + synthetic | held out | kept | kept % | unaccounted |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in sources:
         e = ledger[s]
         q, d = sum(e["quarantined"].values()), sum(e["dropped"].values())
         pct = 100 * e["kept"] / e["read"] if e["read"] else 0.0
-        lines.append(f"| {s} | {e['read']} | {q} | {d} | {e['heldout']} | {e['kept']} | {pct:.1f} | {balance(e)} |")
+        lines.append(f"| {s} | {e['read']} | {q} | {d} | {e['synthetic']} | {e['heldout']} | {e['kept']} | {pct:.1f} | {balance(e)} |")
     lines += ["", "## Reasons", "", "| source | kind | reason | documents |", "|---|---|---|---|"]
     for s in sources:
         for kind in ("quarantined", "dropped"):
             for reason, n in sorted(ledger[s][kind].items()):
                 lines.append(f"| {s} | {kind} | {reason} | {n} |")
+    if any(ledger[s]["enrich"] for s in sources):
+        lines += ["", "## LLM enrichment (see enrich_report.md)", "", "| source | event | documents |", "|---|---|---|"]
+        lines += [f"| {s} | {event} | {n} |" for s in sources for event, n in sorted(ledger[s]["enrich"].items())]
     lines += ["", "## PHI found (redacted or dropped per source policy)", "", "| source | type | occurrences |", "|---|---|---|"]
     for s in sources:
         for kind, n in sorted(ledger[s]["phi"].items()):

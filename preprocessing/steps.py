@@ -361,7 +361,9 @@ def is_heldout(doc_id: str, fraction: float, seed: int) -> bool:
 
 
 class HeldoutSplit(PipelineStep):
-    """Moves a deterministic ``fraction`` of each source's documents (by id hash) to held-out jsonl."""
+    """Moves a deterministic ``fraction`` of each source's documents (by id hash) to held-out jsonl. A synthetic
+    document (an LLM expansion, with ``metadata.parent_id``) follows its parent's draw; with a held-out parent it
+    is dropped and counted, so no text derived from a held-out document is trained on, or evaluated on."""
 
     name = "✂ Held-out split"
     type = "🔻 - FILTER"
@@ -374,8 +376,11 @@ class HeldoutSplit(PipelineStep):
         files: dict[str, object] = {}
         try:
             for doc in data:
-                source = doc.metadata["source"]
-                if is_heldout(doc.id, self.fraction, self.seed):
+                source, parent = doc.metadata["source"], doc.metadata.get("parent_id")
+                if is_heldout(parent or doc.id, self.fraction, self.seed):
+                    if parent:
+                        self.stat_update(f"dropped/{source}/synthetic_of_heldout")
+                        continue
                     if source not in files:
                         path = Path(self.output_dir) / source / f"{rank:05d}.jsonl"
                         path.parent.mkdir(parents=True, exist_ok=True)
