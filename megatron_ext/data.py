@@ -52,13 +52,14 @@ class EodTokenizer(MegatronLegacyTokenizer):
         raise NotImplementedError
 
 
-def read_mix(path: str | Path) -> dict:
+def read_data_json(path: str | Path, builder: str) -> dict:
+    """``mix.json`` (builder ``build_mix``) or ``sft.json`` (``build_sft``), with ``dir``: where it lies."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no mix.json (run python -m preprocessing.build_mix first)")
-    mix = json.loads(path.read_text())
-    mix["dir"] = str(path.parent)
-    return mix
+        raise FileNotFoundError(f"{path}: not found (run python -m preprocessing.{builder} first)")
+    info = json.loads(path.read_text())
+    info["dir"] = str(path.parent)
+    return info
 
 
 def build_train_dataset(mix: dict, seq_length: int, num_samples: int, eod: int, vocab_size: int, seed: int):
@@ -130,15 +131,6 @@ def stack_micro_batches(rows: list[dict], micro_batch_size: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ SFT
-
-
-def read_sft(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no sft.json (run python -m preprocessing.build_sft first)")
-    sft = json.loads(path.read_text())
-    sft["dir"] = str(path.parent)
-    return sft
 
 
 def pack(lengths: np.ndarray, capacity: int, rng: np.random.Generator | None, window: int = 8192) -> list[list[int]]:
@@ -232,7 +224,7 @@ def load_training_data(cfg, model_vocab: int) -> TrainingData:
     else the mix's token budget (CPT) or ``epochs`` over the packed conversations (SFT)."""
     from preprocessing.steps import eos_id, load_tokenizer
 
-    info = read_sft(cfg.sft_data) if cfg.sft_data else read_mix(cfg.mix)
+    info = read_data_json(cfg.sft_data, "build_sft") if cfg.sft_data else read_data_json(cfg.mix, "build_mix")
     tokenizer_dir = info["tokenizer"]
     vocab = load_tokenizer(tokenizer_dir).get_vocab_size()
     if vocab > model_vocab:

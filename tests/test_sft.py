@@ -17,7 +17,7 @@ import torch
 import yaml
 from conftest import DEMO, megatron_twin, read_metrics, run_trainer
 
-from megatron_ext.data import PackedSFTDataset, read_sft
+from megatron_ext.data import PackedSFTDataset, read_data_json
 from preprocessing.chat import check_conversation, render_samples, token_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_build_quarantines_counts_and_resumes(sft_data):
 
     from preprocessing.build_sft import SFTRecipe, build
 
-    info = read_sft(sft_data / "sft.json")
+    info = read_data_json(sft_data / "sft.json", "build_sft")
     conv = info["conversations"]
     assert conv["quarantined"] == {"no_assistant_turn": 1, "unknown_role:doctor": 1, "too_long": 1, "missing_messages": 1,
                                    "bad_message": 1, "malformed_json": 1}
@@ -235,6 +235,11 @@ def test_sft_trains_with_per_token_loss_and_dp2_equals_one_rank(sft_data, base, 
     assert one[3]["val/sft"] == pytest.approx(dp2[3]["val/sft"], rel=1e-5) and one[3]["val/sft"] < one[1]["val/sft"]
     saved = json.loads((tmp_path / "one" / "config.json").read_text())
     assert saved["sft_data"].endswith("sft.json") and saved["per_token_loss"] is True
+    # resume: killed while saving step 4, restarted from step 2's checkpoint, it trains the same rows exactly
+    config = _sft_config(tmp_path, sft_data, base / "megatron", "resumed", save_interval=2)
+    assert run_trainer(config, "debug={kill_in_save_at_step: 4}", check=False).returncode == -9
+    assert "resumed from" in run_trainer(config).stderr
+    assert [m["loss"] for m in read_metrics(tmp_path / "resumed")] == [m["loss"] for m in one]
 
 
 def test_make_sft_arms_exports_both_arms_that_chat(sft_data, base, tmp_path):
