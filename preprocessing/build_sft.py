@@ -258,6 +258,8 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     tokenizer = str(recipe.resolve(recipe.tokenizer))
     tasks = max(1, workers)
     logs = out / "logs"
+    _check_settings(out / "settings.json", {**dataclasses.asdict(recipe), "tasks": tasks,
+                                            "chat_template_sha256": chat_template_hash(tokenizer)})
     if not completed(logs / "tokenize", tasks):
         pipeline = [ChatReader(recipe.files(), str(out / "errors"), recipe.roles),
                     ChatTokenWriter(str(out / "work"), str(out / "errors"), tokenizer, recipe.seq_length, recipe.loss_on,
@@ -265,7 +267,8 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
         make_executor("local", pipeline, tasks, workers, logs / "tokenize").run()
         if not completed(logs / "tokenize", tasks):
             raise RuntimeError(f"SFT tokenisation did not complete; see {logs / 'tokenize'} (rerun to resume)")
-    ledger = collect_ledger(logs, [NAME])[NAME]
+    full = collect_ledger(logs, [NAME])[NAME]
+    ledger = {k: full[k] for k in ("read", "quarantined", "kept", "heldout")}
     stats = stat_totals(logs)
     splits, train_lengths = merge(recipe)
     for split in SPLITS:
@@ -274,8 +277,21 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
            "chat_template_sha256": chat_template_hash(tokenizer), "split_into_turns": int(stats.get("split_into_turns", 0)),
            **splits, "conversations": ledger}
     write_json_atomic(out / "sft.json", sft)
-    write_report(recipe, ledger, sft, train_lengths)
+    write_report(recipe, full, sft, train_lengths)
     return sft
+
+
+def _check_settings(path: Path, settings: dict) -> None:
+    """Resuming reuses finished work, so it must be the same work: refuse outputs made with other settings."""
+    from preprocessing.build_mix import write_json_atomic
+
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"{path.parent} was built with other settings ({', '.join(changed)} changed); "
+                             "rerun with --clean (or another output_dir)")
+    write_json_atomic(path, settings)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -121,6 +121,8 @@ def test_build_quarantines_counts_and_resumes(sft_data):
     assert build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(sft_data)), workers=2)["train"] == info["train"]
     assert (sft_data / "work" / "train_tokens" / "00000.bin").stat().st_mtime_ns == stamp
     assert {p.name: p.read_bytes() for p in sft_data.glob("*_*.bin")} == before
+    with pytest.raises(ValueError, match="seq_length changed"):  # resuming never mixes outputs of other settings
+        build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(sft_data), seq_length=512), workers=2)
 
 
 def _dataset(sft_data, seed=7):
