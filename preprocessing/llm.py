@@ -179,7 +179,6 @@ class OpenAIBackend:
         self.config = config
         self.client = OpenAI(api_key=config.api_key(), base_url=config.base_url, timeout=config.timeout,
                              max_retries=config.retries)
-        self.pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="llm")
         self.down = threading.Event()  # set by the first sign of an unreachable server: skip what is queued
 
     def _one(self, request: Request) -> Completion | Exception:
@@ -213,9 +212,10 @@ class OpenAIBackend:
 
     def complete(self, requests: list[Request]) -> Iterator[tuple[int, Completion | Exception]]:
         """(index, completion or exception) for every request, as they finish."""
-        futures = {self.pool.submit(self._one, r): i for i, r in enumerate(requests)}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
+        with ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="llm") as pool:
+            futures = {pool.submit(self._one, r): i for i, r in enumerate(requests)}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
 
 
 class VLLMBackend:
