@@ -117,11 +117,11 @@ def latex_paper(rng: random.Random, i: int) -> str:
         lambda: f"Population activity was recorded with {rng.choice(['two-photon imaging', 'Neuropixels probes', 'high-density EEG', 'fMRI'])} in {rng.randint(3, 40)} subjects \\cite{{ref{rng.randint(1, 40)}}}.",
         lambda: f"The firing rate $r_i(t)$ of unit $i$ follows $\\tau \\frac{{dr_i}}{{dt}} = -r_i + \\phi(\\sum_j W_{{ij}} r_j + I_i)$ with $\\tau = {rng.randint(5, 50)}$ ms.",
         lambda: f"As shown in Figure~\\ref{{fig:{rng.randint(1, 5)}}}, {rng.choice(EXPOSURES)} {rng.choice(FINDINGS)} {rng.choice(['gamma', 'theta', 'beta', 'alpha'])} power (\\emph{{p}} $<$ 0.0{rng.randint(1, 5)}).",
-        lambda: f"We fit a {rng.choice(['generalized linear model', 'latent dynamical system', 'hidden Markov model', 'Gaussian process'])} to trial-averaged responses and held out {rng.randint(10, 30)}% of trials.",
+        lambda: f"We fit a {rng.choice(['generalized linear model', 'latent dynamical system', 'hidden Markov model', 'Gaussian process'])} to trial-averaged responses and held out {rng.randint(10, 30)}\\% of trials.",
         lambda: f"Connectivity was estimated from {rng.choice(['cross-correlograms', 'Granger causality', 'transfer entropy', 'coherence'])} and thresholded at $z > {rng.uniform(1.5, 3.5):.1f}$.",
-        lambda: f"Lesions of the {rng.choice(['hippocampus', 'thalamus', 'basal ganglia', 'prefrontal cortex', 'cerebellum'])} abolished the effect in {rng.randint(60, 100)}% of sessions.",
+        lambda: f"Lesions of the {rng.choice(['hippocampus', 'thalamus', 'basal ganglia', 'prefrontal cortex', 'cerebellum'])} abolished the effect in {rng.randint(60, 100)}\\% of sessions.",
         lambda: f"The spectral radius of $W$ was kept below ${rng.uniform(0.8, 1.2):.2f}$ so that activity {rng.choice(['remained stable', 'approached criticality', 'showed slow oscillations'])}.",
-        lambda: f"Decoding accuracy reached {rng.randint(55, 97)}% using {rng.randint(20, 400)} simultaneously recorded neurons.",
+        lambda: f"Decoding accuracy reached {rng.randint(55, 97)}\\% using {rng.randint(20, 400)} simultaneously recorded neurons.",
     ]
     paras = [" ".join(f() for f in rng.sample(sentences, 4)) for _ in range(rng.randint(6, 9))]
     return "\n".join([
