@@ -2,7 +2,8 @@
 invented). Five sources in their real formats, with a few planted problems for the pipeline to handle:
 near-duplicate notes, one abstract duplicated across sources, fake PHI in notes, a benchmark question
 pasted into a web document, and one malformed JSON line. Plus chat conversations for SFT, with bad records
-(no assistant turn, an unknown role, an over-long sample, malformed JSON).
+(no assistant turn, an unknown role, an over-long sample, malformed JSON), and small benchmark copies for
+evaluating the SFT models.
 
     python -m preprocessing.demo_corpus [--out data/demo] [--seed 0]
 """
@@ -197,6 +198,33 @@ def sft_corpus(out: Path, seed: int) -> None:
     (out / "sft" / "conversations.jsonl").write_text("\n".join(lines) + "\n")
 
 
+def eval_sets(out: Path, seed: int) -> None:
+    """``eval/``: small local benchmark copies for the demo's evaluation of the SFT arms: PubMedQA in the
+    bigbio/pubmed_qa layout lm-eval reads (``eval/pubmedqa/{test,train}.jsonl``) and MedQA-style questions for
+    the judge (``eval/medqa.jsonl``), worded unlike the SFT conversations."""
+    rng = random.Random(seed + 2)
+    (out / "eval" / "pubmedqa").mkdir(parents=True, exist_ok=True)
+    for split, n in (("test", 20), ("train", 3)):  # train feeds lm-eval's few-shot examples
+        rows = []
+        for i in range(n):
+            exposure, outcome, topic = rng.choice(EXPOSURES), rng.choice(OUTCOMES), rng.choice(TOPICS)
+            decision = rng.choice(["yes", "no", "maybe"])
+            rows.append({"QUESTION": f"Does {exposure} change {outcome} in {topic}?",
+                         "CONTEXTS": [f"{rng.choice(DESIGNS).capitalize()} of {rng.randint(40, 900)} patients with {topic} "
+                                      f"examined {exposure}.", f"It {rng.choice(FINDINGS)} {outcome}."],
+                         "LABELS": ["METHODS", "RESULTS"], "MESHES": [], "YEAR": "2024", "reasoning_required_pred": decision,
+                         "reasoning_free_pred": decision, "final_decision": decision, "LONG_ANSWER": "See the results."})
+        (out / "eval" / "pubmedqa" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    questions = []
+    for i, (condition, finding, step, why) in enumerate(CASES):
+        wrong = rng.sample([c[2] for c in CASES if c[0] != condition], 3)
+        options = dict(zip("ABCD", rng.sample([step, *wrong], 4)))
+        answer = next(k for k, v in options.items() if v == step)
+        questions.append({"id": f"demo-medqa-{i}", "question": f"In suspected {condition}, which first step is most appropriate?",
+                          "options": options, "answer": step, "answer_idx": answer})
+    (out / "eval" / "medqa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+
+
 def generate(out: Path, seed: int = 0) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -238,6 +266,7 @@ def generate(out: Path, seed: int = 0) -> None:
     texts = [n["text"] for n in notes] + [a["text"] for a in abstracts] + [d["text"] for d in en]
     write_tokenizer(out / "tokenizer", vocab_size=2048, texts=texts)
     sft_corpus(out, seed)
+    eval_sets(out, seed)
 
 
 def main(argv: list[str] | None = None) -> None:

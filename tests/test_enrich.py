@@ -12,7 +12,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from megatron_ext.parallel import free_port
 from preprocessing import build_mix, enrich_data
 from preprocessing.llm import LLMConfig, LLMError, VLLMBackend
 from preprocessing.recipe import MixRecipe
@@ -303,12 +303,6 @@ def test_api_key_is_sent_and_written_nowhere(enriched):
 # --------------------------------------------------------------------------------- kill -9 and resume
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(port: int, log: Path) -> subprocess.Popen:
     server = subprocess.Popen([sys.executable, "-m", "tools.openai_stub_server", "--port", str(port), "--delay", "0.1",
                                "--request-log", str(log)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -324,7 +318,7 @@ def test_server_killed_mid_run_then_restarted_resumes_without_redoing_cached_wor
     corpus = tmp_path / "corpus"
     (corpus / "pubmed").mkdir(parents=True)
     (corpus / "pubmed" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _abstracts(16, seed=3)))
-    port = _free_port()
+    port = free_port()
     recipe = _recipe(tmp_path, corpus, f"http://127.0.0.1:{port}/v1", concurrency=2, batch_size=4, timeout=10)
     raw = yaml.safe_load(recipe.read_text())
     raw["sources"] = [{**raw["sources"][0], "share": 1.0, "enrich": {"classify": True, "expand": True, "expand_below_words": 1000}}]

@@ -7,7 +7,8 @@ check -> tiny CPT run (``launch/configs/demo_cpu.yaml``) -> HF release of the tr
 again -> generation through transformers -> per-domain perplexity of base vs CPT on the held-out
 splits and the evaluation report -> the SFT comparison's two arms, Base+SFT and CPT+SFT, through
 ``make sft-arms`` (``data/demo/sft_recipe.yaml``, ``launch/configs/demo_sft_cpu.yaml``) -> a chat answer
-from the CPT+SFT release through its chat template.
+from the CPT+SFT release through its chat template -> lm-eval (local PubMedQA copy) and the judge (against
+the OpenAI-protocol stub server, ``tools/openai_stub_server.py``) on both arms, in the evaluation report.
 """
 
 from __future__ import annotations
@@ -155,6 +156,38 @@ def run(out: Path) -> list[tuple[str, str, float]]:
     question = "A patient has sudden focal weakness with a last known well under 4.5 hours. What is the most likely diagnosis and the first step?"
     stage("chat with the CPT+SFT release (its chat template)",
           lambda: repr(generate(arms / "cpt_sft" / "hf", [{"role": "user", "content": question}], max_new_tokens=60)))
+
+    def evaluate_arms():
+        """lm-eval on a local PubMedQA copy, and the judge against the stub server (a stand-in for a real judge
+        model: it prefers the longer answer), as a user runs them on the two arms; then the report."""
+        from evaluation import report
+        from megatron_ext.parallel import free_port
+
+        models = ["--model", f"base_sft={arms / 'base_sft' / 'hf'}", "--model", f"cpt_sft={arms / 'cpt_sft' / 'hf'}"]
+        results = out / "results"
+        subprocess.run([sys.executable, "-m", "evaluation.eval_qwen", *models, "--tasks", "pubmedqa", "--data-dir",
+                        str(DEMO / "eval"), "--delta", "cpt_sft-base_sft", "--device", "cpu", "--out", str(results / "lm_eval")],
+                       check=True, capture_output=True)
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "tools.openai_stub_server", "--port", str(port)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            server.stdout.readline()  # printed once it listens
+            subprocess.run([sys.executable, "-m", "evaluation.eval_reasoning_judge", *models, "--medqa", str(DEMO / "eval" / "medqa.jsonl"),
+                            "--n", "6", "--judge-model", "stub", "--base-url", f"http://127.0.0.1:{port}/v1",
+                            "--max-new-tokens", "48", "--device", "cpu", "--out", str(results / "judge")],
+                           check=True, capture_output=True, env={**os.environ, "OPENAI_API_KEY": "EMPTY"})
+        finally:
+            server.kill()
+        report.build(results, results / "report.md")
+        acc = json.loads((results / "lm_eval.json").read_text())["results"]["pubmedqa"]
+        judged = json.loads((results / "judge.json").read_text())
+        return (f"PubMedQA acc base_sft {acc['base_sft']['acc']:.2f} vs cpt_sft {acc['cpt_sft']['acc']:.2f}; stub judge (rules "
+                f"that prefer the longer answer, not a model): "
+                f"cpt_sft {judged['cpt_sft_wins']} wins / {judged['ties']} ties / {judged['base_sft_wins']} losses; "
+                f"report: {results / 'report.md'}")
+
+    stage("evaluate both arms: lm-eval + judge (stub server)", evaluate_arms)
     (out / "summary.md").write_text(
         "| stage | result | seconds |\n|---|---|---|\n" + "".join(f"| {n} | {r} | {s:.1f} |\n" for n, r, s in rows)
     )
