@@ -47,6 +47,7 @@ class SFTRecipe:
     paths: list[str]  # globs of jsonl / jsonl.gz files, relative to the recipe file
     seq_length: int = 4096
     loss_on: str = "assistant"  # or "all"
+    chat_template_kwargs: dict = field(default_factory=dict)  # passed to the template, e.g. {enable_thinking: true}
     roles: list[str] = field(default_factory=lambda: list(ROLES))
     valid_fraction: float = 0.02
     seed: int = 1234
@@ -125,11 +126,11 @@ class ChatTokenWriter(PipelineStep):
     name = "🧮 SFT tokens"
     type = "✍ - WRITER"
 
-    def __init__(self, output_dir: str, errors_dir: str, tokenizer_dir: str, seq_length: int, loss_on: str,
-                 valid_fraction: float, seed: int):
+    def __init__(self, output_dir: str, errors_dir: str, tokenizer_dir: str, recipe: SFTRecipe):
         super().__init__()
         self.output_dir, self.errors_dir, self.tokenizer_dir = output_dir, errors_dir, tokenizer_dir
-        self.seq_length, self.loss_on, self.valid_fraction, self.seed = seq_length, loss_on, valid_fraction, seed
+        self.seq_length, self.loss_on, self.template_kwargs = recipe.seq_length, recipe.loss_on, recipe.chat_template_kwargs
+        self.valid_fraction, self.seed = recipe.valid_fraction, recipe.seed
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -172,7 +173,7 @@ class ChatTokenWriter(PipelineStep):
             quarantine.write(doc.metadata["file"], doc.metadata["line"], reason, detail)
 
         try:
-            rendered, split_turns = render_samples(hf, doc.metadata["messages"], self.loss_on)
+            rendered, split_turns = render_samples(hf, doc.metadata["messages"], self.loss_on, self.template_kwargs)
         except Exception as err:  # jinja errors (the template's raise_exception) and prefix violations
             return bad("template_error", f"{type(err).__name__}: {err}")
         samples = []
@@ -262,8 +263,7 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
                                             "chat_template_sha256": chat_template_hash(tokenizer)})
     if not completed(logs / "tokenize", tasks):
         pipeline = [ChatReader(recipe.files(), str(out / "errors"), recipe.roles),
-                    ChatTokenWriter(str(out / "work"), str(out / "errors"), tokenizer, recipe.seq_length, recipe.loss_on,
-                                    recipe.valid_fraction, recipe.seed)]
+                    ChatTokenWriter(str(out / "work"), str(out / "errors"), tokenizer, recipe)]
         make_executor("local", pipeline, tasks, workers, logs / "tokenize").run()
         if not completed(logs / "tokenize", tasks):
             raise RuntimeError(f"SFT tokenisation did not complete; see {logs / 'tokenize'} (rerun to resume)")

@@ -38,14 +38,17 @@ def check_conversation(record: Any, roles: tuple[str, ...] | list[str] = ROLES) 
     return [{"role": m["role"], "content": m["content"]} for m in messages], None
 
 
-def render_samples(tokenizer, messages: list[dict], loss_on: str = "assistant") -> tuple[list[tuple[str, Spans]], bool]:
-    """([(text, loss spans)], split_into_turns). Raises ValueError when the template renders a turn in a
-    way no prefix rule can follow (the record is quarantined with that message)."""
+def render_samples(tokenizer, messages: list[dict], loss_on: str = "assistant",
+                   template_kwargs: dict | None = None) -> tuple[list[tuple[str, Spans]], bool]:
+    """([(text, loss spans)], split_into_turns). ``template_kwargs`` go to the template (e.g. Qwen's
+    ``enable_thinking``). Raises ValueError when the template renders a turn in a way no prefix rule can
+    follow (the record is quarantined with that message)."""
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
 
     def render(msgs, generation_prompt=False) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt,
+                                             **(template_kwargs or {}))
 
     full = render(messages)
     if loss_on == "all":

@@ -73,6 +73,19 @@ def test_prefix_stable_template_is_one_sample_with_every_answer(tok):
     assert all(token_mask(enc.offsets, all_spans))
 
 
+def test_template_kwargs_reach_the_template(tok):
+    """Like Qwen's enable_thinking=false: the generation prompt pre-closes the think block, so it is context."""
+    closing = type(tok).from_pretrained(str(DEMO / "tokenizer"))
+    closing.chat_template = CHATML.replace("'<|im_start|>assistant\\n' }}", "'<|im_start|>assistant\\n' }}"
+                                           "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
+    one_turn = TWO_TURNS[:2] + [{"role": "assistant", "content": "<think></think>Stroke."}]
+    (text, spans), = render_samples(closing, one_turn, template_kwargs={"enable_thinking": False})[0]
+    assert text.endswith("<|im_start|>assistant\n<think></think>Stroke.<|im_end|>\n")
+    assert [text[a:b] for a, b in spans] == ["Stroke.<|im_end|>\n"]
+    (text, spans), = render_samples(closing, one_turn)[0]
+    assert [text[a:b] for a, b in spans] == ["<think></think>Stroke.<|im_end|>\n"]
+
+
 @pytest.mark.parametrize("record, reason", [
     ({"messages": [{"role": "user", "content": "hello?"}]}, "no_assistant_turn"),
     ({"messages": [{"role": "doctor", "content": "hi"}, {"role": "assistant", "content": "hi"}]}, "unknown_role:doctor"),
