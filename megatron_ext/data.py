@@ -212,8 +212,6 @@ class PackedSFTDataset(torch.utils.data.Dataset):
 
 @dataclass
 class TrainingData:
-    tokenizer_dir: str
-    eod: int
     train: Any  # rows indexed by sample number: what micro_batches reads
     eval_sets: dict[str, list[dict]]  # name -> micro-batches
     iters: int
@@ -244,8 +242,8 @@ def load_training_data(cfg, model_vocab: int) -> TrainingData:
             eval_sets["sft"] = stack_micro_batches([valid[i] for i in range(len(valid))], cfg.micro_batch_size)
         log.info("SFT data: %d conversation rows per epoch, %d steps = %.2f epochs", train.rows_per_epoch, iters,
                  iters * cfg.global_batch_size / train.rows_per_epoch)
-        return TrainingData(tokenizer_dir, eod, train, eval_sets, iters)
+        return TrainingData(train, eval_sets, iters)
     iters = cfg.train_iters or max(1, info["token_budget"] // (cfg.global_batch_size * cfg.seq_length))
     train = build_train_dataset(info, cfg.seq_length, iters * cfg.global_batch_size, eod, model_vocab, cfg.seed)
     eval_sets = heldout_batches(info, tokenizer_dir, cfg.seq_length, cfg.eval_docs, cfg.micro_batch_size, eod)
-    return TrainingData(tokenizer_dir, eod, train, eval_sets, iters)
+    return TrainingData(train, eval_sets, iters)

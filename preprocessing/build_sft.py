@@ -222,6 +222,7 @@ def write_report(recipe: SFTRecipe, ledger: dict, sft: dict, train_lengths: np.n
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from preprocessing.report import balance
 
     out = recipe.out
@@ -259,8 +260,8 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     tokenizer = str(recipe.resolve(recipe.tokenizer))
     tasks = max(1, workers)
     logs = out / "logs"
-    _check_settings(out / "settings.json", {**dataclasses.asdict(recipe), "tasks": tasks,
-                                            "chat_template_sha256": chat_template_hash(tokenizer)})
+    template_sha = chat_template_hash(tokenizer)
+    _check_settings(out / "settings.json", {**dataclasses.asdict(recipe), "tasks": tasks, "chat_template_sha256": template_sha})
     if not completed(logs / "tokenize", tasks):
         pipeline = [ChatReader(recipe.files(), str(out / "errors"), recipe.roles),
                     ChatTokenWriter(str(out / "work"), str(out / "errors"), tokenizer, recipe)]
@@ -274,7 +275,7 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     for split in SPLITS:
         splits[split]["loss_tokens"] = int(stats.get(f"loss_tokens/{split}", 0))
     sft = {"kind": "sft", "seq_length": recipe.seq_length, "tokenizer": tokenizer, "loss_on": recipe.loss_on,
-           "chat_template_sha256": chat_template_hash(tokenizer), "split_into_turns": int(stats.get("split_into_turns", 0)),
+           "chat_template_sha256": template_sha, "split_into_turns": int(stats.get("split_into_turns", 0)),
            **splits, "conversations": ledger}
     write_json_atomic(out / "sft.json", sft)
     write_report(recipe, full, sft, train_lengths)

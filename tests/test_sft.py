@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import DEMO, megatron_twin, read_metrics, run_trainer
+from conftest import DEMO, megatron_twin, read_metrics, run_trainer, tiny_hf_dir
 
 from megatron_ext.data import PackedSFTDataset, read_data_json
 from preprocessing.chat import check_conversation, render_samples, token_mask
@@ -215,8 +215,6 @@ def test_masked_tokens_contribute_nothing_to_loss_or_gradient(sft_data):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny random base model with the demo tokenizer and chat template: HF directory + megatron checkpoint."""
-    from conftest import tiny_hf_dir
-
     from tools import convert_from_hf
 
     root = tmp_path_factory.mktemp("sft_base")
