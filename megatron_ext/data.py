@@ -96,7 +96,7 @@ def heldout_batches(mix: dict, tokenizer_dir: str, seq_length: int, max_docs: in
                     eod: int) -> dict[str, list[dict]]:
     """Per domain: the first ``max_docs`` held-out documents, tokenised, EOS-separated and packed into
     ``seq_length`` rows (the last row padded with masked EOS), in micro-batches."""
-    from preprocessing.steps import load_tokenizer
+    from preprocessing.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     out = {}
@@ -220,7 +220,7 @@ class TrainingData:
 def load_training_data(cfg, model_vocab: int) -> TrainingData:
     """The run's data, CPT (``cfg.mix``) or SFT (``cfg.sft_data``), and its number of steps: ``train_iters``,
     else the mix's token budget (CPT) or ``epochs`` over the packed conversations (SFT)."""
-    from preprocessing.steps import eos_id, load_tokenizer
+    from preprocessing.tokenizer import eos_id, load_tokenizer
 
     info = read_data_json(cfg.sft_data, "build_sft") if cfg.sft_data else read_data_json(cfg.mix, "build_mix")
     tokenizer_dir = info["tokenizer"]

@@ -122,7 +122,8 @@ def completed(logging_dir: Path, tasks: int) -> bool:
 
 def merge_tokens(recipe: MixRecipe) -> dict[str, str]:
     """One megatron indexed dataset per source from the per-rank ones; returns source -> prefix."""
-    from preprocessing.steps import load_tokenizer, merge_indexed, token_dtype
+    from preprocessing.steps import merge_indexed
+    from preprocessing.tokenizer import load_tokenizer, token_dtype
 
     dtype = token_dtype(load_tokenizer(str(recipe.resolve(recipe.tokenizer))).get_vocab_size())
     prefixes = {}

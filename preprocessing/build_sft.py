@@ -135,7 +135,8 @@ class ChatTokenWriter(PipelineStep):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-        from preprocessing.steps import Quarantine, hf_tokenizer, is_heldout, token_dtype
+        from preprocessing.steps import Quarantine, is_heldout
+        from preprocessing.tokenizer import hf_tokenizer, token_dtype
 
         hf = hf_tokenizer(self.tokenizer_dir)
         if not hf.chat_template:
@@ -188,7 +189,7 @@ class ChatTokenWriter(PipelineStep):
 
 
 def chat_template_hash(tokenizer_dir: str) -> str:
-    from preprocessing.steps import hf_tokenizer
+    from preprocessing.tokenizer import hf_tokenizer
 
     return hashlib.sha256(hf_tokenizer(tokenizer_dir).chat_template.encode()).hexdigest()[:16]
 
@@ -198,7 +199,8 @@ def merge(recipe: SFTRecipe) -> tuple[dict[str, dict], np.ndarray]:
     splits' summary and the training samples' lengths."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from preprocessing.steps import hf_tokenizer, merge_indexed, token_dtype
+    from preprocessing.steps import merge_indexed
+    from preprocessing.tokenizer import hf_tokenizer, token_dtype
 
     out, work = recipe.out, recipe.out / "work"
     dtype = token_dtype(len(hf_tokenizer(str(recipe.resolve(recipe.tokenizer)))))

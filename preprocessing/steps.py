@@ -7,7 +7,6 @@ report adds up. Bad records never stop a job: they are written to ``errors/`` wi
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
@@ -21,6 +20,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from preprocessing.recipe import SourceConfig
+from preprocessing.tokenizer import eos_id, load_tokenizer, token_dtype
 
 # --------------------------------------------------------------------------------------------- errors
 
@@ -465,29 +465,3 @@ def merge_indexed(parts: list[Path], out_prefix: Path, dtype) -> None:
     builder.finalize(f"{tmp}.idx")
     for ext in (".bin", ".idx"):
         os.replace(f"{tmp}{ext}", f"{out_prefix}{ext}")
-
-
-@functools.cache
-def hf_tokenizer(tokenizer_dir: str):
-    """The user's tokenizer exactly as transformers loads it (so training, evaluation and serving agree)."""
-    from transformers import AutoTokenizer
-
-    if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file() and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{tokenizer_dir}: no HF tokenizer files; point 'tokenizer' at a local tokenizer directory")
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
-
-
-def load_tokenizer(tokenizer_dir: str):
-    """The Rust tokenizer behind the HF one: batched, GIL-free, picklable to workers."""
-    return hf_tokenizer(str(tokenizer_dir)).backend_tokenizer
-
-
-def eos_id(tokenizer_dir: str) -> int:
-    eos = hf_tokenizer(str(tokenizer_dir)).eos_token_id
-    if eos is None:
-        raise ValueError(f"the tokenizer in {tokenizer_dir} defines no eos_token")
-    return eos
-
-
-def token_dtype(vocab_size: int):
-    return np.int32 if vocab_size > 65535 else np.uint16

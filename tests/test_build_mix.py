@@ -230,7 +230,8 @@ def test_phi_drop_policy_and_token_dtype():
     from datatrove.data import Document
 
     from preprocessing.recipe import SourceConfig
-    from preprocessing.steps import PHIGuard, token_dtype
+    from preprocessing.steps import PHIGuard
+    from preprocessing.tokenizer import token_dtype
 
     guard = PHIGuard([SourceConfig(name="ehr", paths=[], share=1.0, phi_guard=True, phi_policy="drop")])
     docs = [Document(text="Call 555-123-4567 tomorrow.", id="a", metadata={"source": "ehr"}),

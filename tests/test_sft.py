@@ -32,7 +32,7 @@ TWO_TURNS = [{"role": "system", "content": "Be brief."},
 
 @pytest.fixture(scope="module")
 def tok():
-    from preprocessing.steps import hf_tokenizer
+    from preprocessing.tokenizer import hf_tokenizer
 
     return hf_tokenizer(str(DEMO / "tokenizer"))
 

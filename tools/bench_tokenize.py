@@ -65,7 +65,8 @@ def ours(corpus_dir: Path, tokenizer_dir: str, work: Path, workers: int) -> int:
     from datatrove.pipeline.readers import JsonlReader
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from preprocessing.steps import MegatronTokenWriter, load_tokenizer, merge_indexed, token_dtype
+    from preprocessing.steps import MegatronTokenWriter, merge_indexed
+    from preprocessing.tokenizer import load_tokenizer, token_dtype
 
     class TagSource:  # the writer groups by metadata.source; the demo corpus has one source here
         def __call__(self, data, rank=0, world_size=1):

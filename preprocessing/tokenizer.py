@@ -1,0 +1,35 @@
+"""The tokenizer as the data pipeline and the trainer both see it, without datatrove (a training node may
+have only the training stack): loading, EOS id, and the token dtype of the indexed datasets."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+
+@functools.cache
+def hf_tokenizer(tokenizer_dir: str):
+    """The user's tokenizer exactly as transformers loads it (so training, evaluation and serving agree)."""
+    from transformers import AutoTokenizer
+
+    if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file() and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{tokenizer_dir}: no HF tokenizer files; point 'tokenizer' at a local tokenizer directory")
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def load_tokenizer(tokenizer_dir: str):
+    """The Rust tokenizer behind the HF one: batched, GIL-free, picklable to workers."""
+    return hf_tokenizer(str(tokenizer_dir)).backend_tokenizer
+
+
+def eos_id(tokenizer_dir: str) -> int:
+    eos = hf_tokenizer(str(tokenizer_dir)).eos_token_id
+    if eos is None:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} defines no eos_token")
+    return eos
+
+
+def token_dtype(vocab_size: int):
+    return np.int32 if vocab_size > 65535 else np.uint16
