@@ -53,12 +53,14 @@ class EodTokenizer(MegatronLegacyTokenizer):
 
 
 def read_data_json(path: str | Path, builder: str) -> dict:
-    """``mix.json`` (builder ``build_mix``) or ``sft.json`` (``build_sft``), with ``dir``: where it lies."""
+    """``mix.json`` (builder ``build_mix``) or ``sft.json`` (``build_sft``), with ``dir``: where it lies.
+    Its paths are relative to that directory; an absolute tokenizer path (older builds) is kept as it is."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (run python -m preprocessing.{builder} first)")
     info = json.loads(path.read_text())
     info["dir"] = str(path.parent)
+    info["tokenizer"] = str(path.parent / info["tokenizer"])
     return info
 
 

@@ -154,6 +154,8 @@ def merge_heldout(recipe: MixRecipe) -> dict[str, str]:
 def mix_json(recipe: MixRecipe, prefixes: dict[str, str], heldout: dict[str, str], ledger: dict) -> dict:
     """Blend weights: every sample the trainer draws is ``seq_length`` tokens whatever its source, so the
     token share of a source equals its sample share, i.e. its blend weight is its target share."""
+    from preprocessing.tokenizer import bundle_tokenizer
+
     sources = {}
     for s in recipe.sources:
         tokens = ledger[s.name].get("tokens", 0)
@@ -166,7 +168,7 @@ def mix_json(recipe: MixRecipe, prefixes: dict[str, str], heldout: dict[str, str
     return {
         "seq_length": recipe.seq_length,
         "token_budget": recipe.token_budget,
-        "tokenizer": str(recipe.resolve(recipe.tokenizer)),
+        "tokenizer": bundle_tokenizer(recipe.resolve(recipe.tokenizer), recipe.out),  # relative: the mix can move
         "sources": sources,
         # megatron's data_path form: weight prefix weight prefix ...
         "data_path": [x for s in sources.values() for x in (s["weight"], s["prefix"])],

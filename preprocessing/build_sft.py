@@ -256,6 +256,7 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     """Run (or resume) the stage, merge, write ``sft.json`` and the report; returns sft.json's content."""
     from preprocessing.build_mix import completed, make_executor, write_json_atomic
     from preprocessing.report import collect_ledger, stat_totals
+    from preprocessing.tokenizer import bundle_tokenizer
 
     out = recipe.out
     out.mkdir(parents=True, exist_ok=True)
@@ -276,7 +277,8 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     splits, train_lengths = merge(recipe)
     for split in SPLITS:
         splits[split]["loss_tokens"] = int(stats.get(f"loss_tokens/{split}", 0))
-    sft = {"kind": "sft", "seq_length": recipe.seq_length, "tokenizer": tokenizer, "loss_on": recipe.loss_on,
+    sft = {"kind": "sft", "seq_length": recipe.seq_length, "tokenizer": bundle_tokenizer(tokenizer, out),  # relative
+           "loss_on": recipe.loss_on,
            "chat_template_sha256": template_sha, "split_into_turns": int(stats.get("split_into_turns", 0)),
            **splits, "conversations": ledger}
     write_json_atomic(out / "sft.json", sft)

@@ -4,6 +4,8 @@ have only the training stack): loading, EOS id, and the token dtype of the index
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,3 +35,15 @@ def eos_id(tokenizer_dir: str) -> int:
 
 def token_dtype(vocab_size: int):
     return np.int32 if vocab_size > 65535 else np.uint16
+
+
+def bundle_tokenizer(tokenizer_dir: str | Path, out_dir: str | Path) -> str:
+    """Save the tokenizer into a data build's output directory and return its path relative to it, so
+    mix.json / sft.json name a tokenizer that moves with them (to another machine, another path)."""
+    out = Path(out_dir)
+    tmp, final = out / "tokenizer.tmp", out / "tokenizer"
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf_tokenizer(str(tokenizer_dir)).save_pretrained(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final.name
