@@ -8,6 +8,7 @@ On a machine with CUDA, :func:`apply` does nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -93,6 +94,29 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             g.detach().mul_(clip_coeff)
 
 
+def _reporting_cuda_type_names(init):
+    """Wrap an optimizer ``__init__`` that sorts parameters by ``param.type()`` against CUDA type names
+    ('torch.cuda.FloatTensor', ...): while it runs, a CPU tensor's argument-less ``type()`` answers with
+    the CUDA name of its dtype, so CPU parameters sort into the same fp32/fp16/bf16 groups."""
+    plain_type = torch.Tensor.type
+
+    def cuda_type(self, dtype=None, non_blocking=False, **kwargs):
+        name = plain_type(self, dtype, non_blocking, **kwargs)
+        if dtype is None and not kwargs and isinstance(name, str) and name.startswith("torch.") and self.device.type == "cpu":
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
+
+    @functools.wraps(init)
+    def wrapped(*args, **kwargs):
+        torch.Tensor.type = cuda_type
+        try:
+            return init(*args, **kwargs)
+        finally:
+            torch.Tensor.type = plain_type
+
+    return wrapped
+
+
 def apply() -> None:
     """Apply the CPU patches once, if and only if CUDA is unavailable."""
     global _applied
@@ -138,5 +162,12 @@ def apply() -> None:
 
     # 6. Gradient clipping asserts that grads are torch.cuda.FloatTensor; same clipping, CPU tensors.
     clip_grads.clip_grad_by_total_norm_fp32 = optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+    # 7. The distributed optimizer (and the bf16 one) sort parameters into fp32/fp16/bf16 groups by comparing
+    #    param.type() with CUDA type names and refuse anything else; same grouping for CPU parameters.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for cls in (DistributedOptimizer, optimizer.Float16OptimizerWithFloat16Params):
+        cls.__init__ = _reporting_cuda_type_names(cls.__init__)
 
     log.info("CUDA not available: applied megatron-core CPU patches")

@@ -234,8 +234,7 @@ def train(cfg: TrainConfig) -> TrainState:
         raise SystemExit(f"global_batch_size {cfg.global_batch_size} is not a multiple of micro_batch_size x DP "
                          f"= {cfg.micro_batch_size} x {dp}")
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)
-    nccl = dist.get_backend() == "nccl"
-    dist_opt = cfg.distributed_optimizer if cfg.distributed_optimizer is not None else nccl
+    dist_opt = _use_distributed_optimizer(cfg, resume)
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     overrides = {"calculate_per_token_loss": cfg.per_token_loss}
@@ -275,7 +274,7 @@ def train(cfg: TrainConfig) -> TrainState:
     )
     state = TrainState()
     if resume is not None:
-        state = _load_checkpoint(resume, model, optimizer, scheduler)
+        state = _load_checkpoint(resume, model, optimizer, scheduler, dist_opt)
         log.info("resumed from %s at step %d", resume, state.step)
     hf_files = hf_source_files(source)
 
@@ -346,7 +345,7 @@ def train(cfg: TrainConfig) -> TrainState:
                   f"mem {record['mem_gb']:.1f} GB | eta {eta:.0f}s", flush=True)
         stopping = _all_reduce(float(stop["requested"]), dist.ReduceOp.MAX) > 0
         if state.step % cfg.save_interval == 0 or state.step == iters or stopping:
-            _save_checkpoint(run_dir, cfg, model, optimizer, scheduler, state, hf_files)
+            _save_checkpoint(run_dir, cfg, model, optimizer, scheduler, state, hf_files, dist_opt)
         if stopping:
             log.warning("SIGTERM: saved step %d, exiting", state.step)
             break
@@ -371,7 +370,37 @@ def _evaluate(ddp, eval_sets: dict, forward_backward, cfg: TrainConfig, dp_rank:
     return out
 
 
-def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, hf_files) -> None:
+# The distributed optimizer's checkpoint format, the same on save and load. dp_reshardable: each rank writes
+# and reads its own shard of the optimizer state in parallel, with no gather and no host copy of the whole
+# state (fully_reshardable gathers 12 bytes per parameter, 29 GB at 2B, at every save), and it reshards
+# across data-parallel sizes (a 16-GPU run resumes on 8, a 2-rank run on 1), which is what changes between
+# jobs of one run. A new tensor-parallel size starts from the weights (init_from) instead. megatron-core
+# 0.16.1's default, fully_sharded_model_space, cannot be saved at all (ShardedTensor.flattened_range).
+DISTRIBUTED_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _optimizer_metadata(distributed: bool) -> dict | None:
+    return DISTRIBUTED_OPTIMIZER_FORMAT if distributed else None
+
+
+def _use_distributed_optimizer(cfg: TrainConfig, resume: Path | None) -> bool:
+    """The config's choice (default on), which must match the optimizer state a resumed checkpoint holds."""
+    saved = None
+    if resume is not None:
+        from megatron.core import dist_checkpointing
+
+        saved = dist_checkpointing.load_common_state_dict(str(resume)).get("optimizer_format", {}).get("distributed")
+    if cfg.distributed_optimizer is None:
+        return True if saved is None else saved
+    if saved is not None and saved != cfg.distributed_optimizer:
+        kind = "the distributed" if saved else "megatron's plain"
+        raise SystemExit(f"{resume} holds {kind} optimizer's state; resume with distributed_optimizer={str(saved).lower()} "
+                         f"(or leave it unset)")
+    return cfg.distributed_optimizer
+
+
+def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, hf_files,
+                     dist_opt: bool) -> None:
     from megatron_ext.checkpoint import save_model
 
     checkpoints = run_dir / CHECKPOINTS
@@ -384,8 +413,10 @@ def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, schedule
 
     save_model(
         model, checkpoints / name,
-        extra=lambda model_state: {"optimizer": optimizer.sharded_state_dict(model_state),
-                                   "scheduler": scheduler.state_dict(), "train_state": dataclasses.asdict(state)},
+        extra=lambda model_state: {
+            "optimizer": optimizer.sharded_state_dict(model_state, metadata=_optimizer_metadata(dist_opt)),
+            "optimizer_format": {"distributed": dist_opt, **(_optimizer_metadata(dist_opt) or {})},
+            "scheduler": scheduler.state_dict(), "train_state": dataclasses.asdict(state)},
         hf_files=hf_files, rank_state=_rng_state(), before_publish=crash,
     )
     if is_rank0():
@@ -399,14 +430,30 @@ def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, schedule
     dist.barrier()
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+@torch.no_grad()  # the fp32 distributed optimizer's main parameters are views of the model's: copy in place
+def _load_checkpoint(path: Path, model, optimizer, scheduler, dist_opt: bool) -> TrainState:
     from megatron.core import dist_checkpointing
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 
+    torch_adam = dist_opt and not HAVE_APEX_OR_TE  # the distributed optimizer on torch's Adam (no TE or Apex)
+    distributed_optimizers = getattr(optimizer, "chained_optimizers", [optimizer]) if torch_adam else []
+    for opt in distributed_optimizers:
+        # It reads the step count from allocated Adam state even when loading: allocate it (a zero-gradient
+        # step, as megatron does for its FSDP format); the checkpoint overwrites all of it.
+        opt._init_optimizer_states_with_dummy_values()
     model_state = model.sharded_state_dict()
-    request = {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True)}
+    request = {"model": model_state, "optimizer": optimizer.sharded_state_dict(
+        model_state, is_loading=True, metadata=_optimizer_metadata(dist_opt))}
     loaded = dist_checkpointing.load(request, str(path))
     model.load_state_dict(loaded["model"], strict=True)
     optimizer.load_state_dict(loaded["optimizer"])
+    for opt in distributed_optimizers:
+        # megatron-core 0.16.1 restores Adam's step count into the param groups, but then copies the step
+        # tensors captured before loading (our zero-gradient step's) back over each parameter's, and would
+        # share one tensor that torch's Adam increments once per parameter. Each its own, from the groups.
+        for group in opt.optimizer.param_groups:
+            for param in group["params"]:
+                opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
     common = dist_checkpointing.load_common_state_dict(str(path))
     scheduler.load_state_dict(common["scheduler"])
     _set_rng_state(torch.load(path / f"rank_state_{dist.get_rank():05d}.pt", weights_only=False))

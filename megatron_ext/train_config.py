@@ -41,7 +41,7 @@ class TrainConfig:
     fp8_recipe: str = "delayed"
     recompute: str | None = None  # None | "selective" | "full"
     tensor_parallel: int = 1
-    distributed_optimizer: bool | None = None  # default: on with NCCL, off on gloo (no reduce-scatter)
+    distributed_optimizer: bool | None = None  # default: on (a resumed run keeps its checkpoint's choice)
     backend: str = "auto"  # te | local | auto
     gdn_kernel: str = "auto"
     # cadence
