@@ -172,6 +172,28 @@ def plot_losses(run_dir: Path) -> Path:
     return out
 
 
+class Progress:
+    """The progress line's timing. A process's first step compiles and autotunes kernels (fla's take about
+    110 s on a fresh GPU), so it is named as such and kept out of the average throughput and the ETA."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.warm_since: float | None = None  # end of the first step
+        self.steps = 0  # steps since then
+        self.step_seconds = 0.0  # their training time (evaluation and saves excluded)
+
+    def update(self, step_seconds: float, steps_left: int) -> str:
+        now = time.perf_counter()
+        if self.warm_since is None:
+            self.warm_since = now
+            return f"first step {step_seconds:.0f}s (compiling kernels; not in avg or eta)"
+        self.steps += 1
+        self.step_seconds += step_seconds
+        avg = self.tokens_per_step * self.steps / self.step_seconds
+        eta = (now - self.warm_since) / self.steps * steps_left  # wall clock: evaluation and saves included
+        return f"avg {avg:,.0f} tok/s | eta {eta:.0f}s"
+
+
 # --------------------------------------------------------------------------------------------- steps
 
 
@@ -213,12 +235,13 @@ def train(cfg: TrainConfig) -> TrainState:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_ext import build_model, parallel
+    from megatron_ext import build_model, gpu_stack, parallel
     from megatron_ext.checkpoint import hf_source_files, load_weights, read_config
     from megatron_ext.data import load_training_data, micro_batches
     from megatron_ext.flops import peak_tflops, train_flops_per_token
     from megatron_ext.layers import allreduce_gdn_out_norm_grads
 
+    gpu_stack.check(cfg.gdn_kernel)  # before anything slow: a wrong GPU stack stops here with what to install
     parallel.initialize(tensor_parallel=cfg.tensor_parallel, seed=cfg.seed)
     run_dir = Path(cfg.run_dir)
     resume = latest_checkpoint(run_dir)
@@ -297,7 +320,7 @@ def train(cfg: TrainConfig) -> TrainState:
                  iters, cfg.global_batch_size, cfg.seq_length, num_micro, cfg.micro_batch_size, dp, cfg.tensor_parallel)
 
     ddp.train()
-    started = time.perf_counter()
+    progress = Progress(tokens_per_step)
     while state.step < iters:
         t0 = time.perf_counter()
         ddp.zero_grad_buffer()
@@ -338,11 +361,11 @@ def train(cfg: TrainConfig) -> TrainState:
         if cfg.eval_interval and (state.step % cfg.eval_interval == 0 or state.step == iters):
             record.update(_evaluate(ddp, eval_sets, forward_backward, cfg, dp_rank, dp))
         metrics.log(record)
+        timing = progress.update(elapsed, iters - state.step)
         if is_rank0() and (state.step % cfg.log_interval == 0 or state.step == iters):
-            eta = (time.perf_counter() - started) / state.step * (iters - state.step)
             print(f"step {state.step}/{iters} | loss {record['loss'] if record['loss'] is None else round(record['loss'], 4)}"
                   f" | lr {record['lr']:.2e} | {tps:,.0f} tok/s | mfu {record['mfu'] or 0:.1%} | "
-                  f"mem {record['mem_gb']:.1f} GB | eta {eta:.0f}s", flush=True)
+                  f"mem {record['mem_gb']:.1f} GB | {timing}", flush=True)
         stopping = _all_reduce(float(stop["requested"]), dist.ReduceOp.MAX) > 0
         if state.step % cfg.save_interval == 0 or state.step == iters or stopping:
             _save_checkpoint(run_dir, cfg, model, optimizer, scheduler, state, hf_files, dist_opt)

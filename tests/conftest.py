@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import megatron_ext
 from megatron_ext import hf_mapping, parallel
@@ -49,16 +50,35 @@ def tiny_hf_dir(path: Path, seed: int, chat_template: str | None = None) -> Path
     return path
 
 
-def run_trainer(config: Path, *extra: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the trainer as users do; output goes to files, and whatever the run leaves behind (a killed
-    run's checkpoint-writer helpers) is killed with its process group."""
+def trainer_command(config: Path, *extra: str, nproc: int = 1) -> list[str]:
+    """The trainer's command line: one process, or torchrun with ``nproc`` ranks (gloo on CPU)."""
     from megatron_ext.parallel import free_port
 
     if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron_ext.train", "--config", str(config), *extra]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-               "-m", "megatron_ext.train", "--config", str(config), *extra]
+        return [sys.executable, "-m", "megatron_ext.train", "--config", str(config), *extra]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            "-m", "megatron_ext.train", "--config", str(config), *extra]
+
+
+def kill_after_first_checkpoint(config: Path, nproc: int = 1) -> None:
+    """Start the trainer and SIGKILL all its processes as soon as its first checkpoint is published."""
+    import time
+
+    run_dir = Path(yaml.safe_load(config.read_text())["run_dir"])
+    proc = subprocess.Popen(trainer_command(config, nproc=nproc), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_trainer(config: Path, *extra: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the trainer as users do; output goes to files, and whatever the run leaves behind (a killed
+    run's checkpoint-writer helpers) is killed with its process group."""
+    cmd = trainer_command(config, *extra, nproc=nproc)
     out, err = config.with_suffix(".out"), config.with_suffix(".err")
     with open(out, "w") as o, open(err, "w") as e:
         proc = subprocess.Popen(cmd, stdout=o, stderr=e, start_new_session=True)

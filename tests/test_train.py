@@ -3,7 +3,9 @@ a checkpoint save, NaN guards, the WSD schedule, metrics and the MFU FLOPs formu
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import read_metrics, run_trainer
+from conftest import kill_after_first_checkpoint, read_metrics, run_trainer, trainer_command
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 L, F = "linear_attention", "full_attention"
@@ -72,15 +74,8 @@ def test_reference_run_logs_learns_and_follows_wsd(reference, setup):
 
 def test_sigkill_after_a_checkpoint_resumes_bit_exact(reference, setup):
     config = _config(setup, "killed")
-    cmd = [sys.executable, "-m", "megatron_ext.train", "--config", str(config)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    latest = setup / "killed" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert latest.read_text() == "iter_0000004"
+    kill_after_first_checkpoint(config)
+    assert (setup / "killed" / "checkpoints" / "latest").read_text() == "iter_0000004"
     resumed = run_trainer(config)
     assert "resumed from" in resumed.stderr
     got = read_metrics(setup / "killed")
@@ -121,6 +116,70 @@ def test_layouts_equal_one_rank(one_rank, setup, layout):
     for x, y in zip(one_rank, got):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def dp2_reference(setup):
+    """8 uninterrupted steps on 2 ranks with the distributed optimizer (the default)."""
+    run_trainer(_config(setup, "dp2_reference", micro_batch_size=1, eval_interval=0), nproc=2)
+    return read_metrics(setup / "dp2_reference")
+
+
+def test_distributed_optimizer_resumes_bit_exact_and_continues_on_one_rank(dp2_reference, setup):
+    from megatron.core import dist_checkpointing
+
+    config = _config(setup, "dp2_killed", micro_batch_size=1, eval_interval=0)
+    kill_after_first_checkpoint(config, nproc=2)
+    checkpoint = setup / "dp2_killed" / "checkpoints" / "iter_0000004"
+    assert (checkpoint.parent / "latest").read_text() == checkpoint.name
+    assert dist_checkpointing.load_common_state_dict(str(checkpoint))["optimizer_format"] == {
+        "distributed": True, "distrib_optim_sharding_type": "dp_reshardable"}
+    shutil.copytree(setup / "dp2_killed", setup / "dp2_to_1")  # the same step-4 state, to continue on 1 rank
+
+    run_trainer(config, nproc=2)
+    assert [m["loss"] for m in read_metrics(setup / "dp2_killed")] == [m["loss"] for m in dp2_reference]
+
+    # DP 2 -> 1: the optimizer state reshards. Not bit-exact (1 rank sums 4 micro-batches, 2 ranks 2 each,
+    # then all-reduce), but a lost or wrong Adam state (step count, moments) moves the loss by ~1e-3.
+    run_trainer(_config(setup, "dp2_to_1", micro_batch_size=1, eval_interval=0), nproc=1)
+    got = read_metrics(setup / "dp2_to_1")
+    assert [m["step"] for m in got] == list(range(1, 9))
+    for x, y in zip(dp2_reference, got):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=0)
+
+    refused = run_trainer(config, "distributed_optimizer=false", check=False)
+    assert refused.returncode != 0
+    assert "holds the distributed optimizer's state; resume with distributed_optimizer=true" in refused.stderr
+
+
+def test_trains_from_a_moved_mix_on_a_node_without_datatrove(setup, tmp_path):
+    """A training node: datatrove cannot be imported, and the mix was built elsewhere and moved here."""
+    moved = tmp_path / "elsewhere" / "mix"
+    shutil.copytree(setup / "mix", moved)
+    mix = json.loads((moved / "mix.json").read_text())
+    paths = [mix["tokenizer"]] + [s[k] for s in mix["sources"].values() for k in ("prefix", "heldout")]
+    assert not any(Path(p).is_absolute() for p in paths), paths
+    (tmp_path / "blocker" / "datatrove").mkdir(parents=True)
+    (tmp_path / "blocker" / "datatrove" / "__init__.py").write_text("raise ImportError('no datatrove on this node')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "blocker")}
+    assert subprocess.run([sys.executable, "-c", "import datatrove"], env=env, capture_output=True).returncode != 0
+    config = _config(setup, "no_datatrove", mix=str(moved / "mix.json"), train_iters=2, eval_interval=2,
+                     save_interval=100)
+    run = subprocess.run(trainer_command(config), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = read_metrics(setup / "no_datatrove")
+    assert [m["step"] for m in got] == [1, 2] and "val/ehr" in got[1]
+
+
+def test_progress_keeps_the_compiling_first_step_out_of_average_and_eta(monkeypatch):
+    from megatron_ext import train
+
+    clock = iter([100.0, 101.0, 104.0])  # wall clock at the end of steps 1, 2, 3
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    progress = train.Progress(tokens_per_step=1000)
+    assert progress.update(95.0, steps_left=3) == "first step 95s (compiling kernels; not in avg or eta)"
+    assert progress.update(1.0, steps_left=2) == "avg 1,000 tok/s | eta 2s"
+    assert progress.update(3.0, steps_left=1) == "avg 500 tok/s | eta 2s"  # 2 steps in 4 s of wall clock
 
 
 def test_sigterm_saves_and_exits_then_resumes(reference, setup):
