@@ -254,7 +254,7 @@ def write_report(recipe: SFTRecipe, ledger: dict, sft: dict, train_lengths: np.n
 
 def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     """Run (or resume) the stage, merge, write ``sft.json`` and the report; returns sft.json's content."""
-    from preprocessing.build_mix import completed, make_executor, write_json_atomic
+    from preprocessing.pipeline import completed, make_executor, write_json_atomic
     from preprocessing.report import collect_ledger, stat_totals
     from preprocessing.tokenizer import bundle_tokenizer
 
@@ -288,7 +288,7 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
 
 def _check_settings(path: Path, settings: dict) -> None:
     """Resuming reuses finished work, so it must be the same work: refuse outputs made with other settings."""
-    from preprocessing.build_mix import write_json_atomic
+    from preprocessing.pipeline import write_json_atomic
 
     if path.is_file():
         before = json.loads(path.read_text())

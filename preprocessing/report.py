@@ -51,13 +51,41 @@ def collect_ledger(logs_dir: Path, sources: list[str]) -> dict[str, dict]:
     return ledger
 
 
+def stage_of(kind: str, reason: str) -> str:
+    """The pipeline stage that removes documents for ``reason`` (a ledger key of ``quarantined`` or ``dropped``)."""
+    if kind == "quarantined":
+        return "read"
+    if reason == "phi":
+        return "PHI guard"
+    if reason == "benchmark_overlap":
+        return "decontamination"
+    if reason == "too_short" or reason.startswith(("gopher_quality:", "gopher_repetition:")):
+        return "quality filters"
+    if reason in ("exact_duplicate", "near_duplicate"):
+        return reason.replace("_duplicate", " dedup")
+    if reason == "synthetic_of_heldout":
+        return "held-out split"
+    return "LLM enrichment"  # llm_classifier, llm_failed:<task>
+
+
+def losses(entry: dict) -> list[tuple[str, str, int]]:
+    """(stage, reason, documents) for every way a source lost documents, the largest first; documents moved
+    to the held-out split count as a loss to training."""
+    found = [(stage_of(kind, reason), reason, n) for kind in ("quarantined", "dropped") for reason, n in entry[kind].items()]
+    if entry["heldout"]:
+        found.append(("held-out split", "heldout", entry["heldout"]))
+    return sorted(found, key=lambda x: -x[2])
+
+
 def balance(entry: dict) -> int:
     """read + synthetic - (quarantined + dropped + heldout + kept): zero when nothing was lost without a reason."""
     return (entry["read"] + entry["synthetic"] - sum(entry["quarantined"].values()) - sum(entry["dropped"].values())
             - entry["heldout"] - entry["kept"])
 
 
-def write_report(recipe, ledger: dict, mix: dict, out: Path) -> None:
+def write_report(recipe, ledger: dict, mix: dict | None, out: Path) -> None:
+    """``report.md`` and its charts. ``mix`` is None when the build stopped before the merge (a source lost
+    every document): the document counts are then all there is to see, and the report says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,11 +101,11 @@ def write_report(recipe, ledger: dict, mix: dict, out: Path) -> None:
         q, d = sum(e["quarantined"].values()), sum(e["dropped"].values())
         pct = 100 * e["kept"] / e["read"] if e["read"] else 0.0
         lines.append(f"| {s} | {e['read']} | {q} | {d} | {e['synthetic']} | {e['heldout']} | {e['kept']} | {pct:.1f} | {balance(e)} |")
-    lines += ["", "## Reasons", "", "| source | kind | reason | documents |", "|---|---|---|---|"]
+    lines += ["", "## Reasons", "", "| source | stage | kind | reason | documents |", "|---|---|---|---|---|"]
     for s in sources:
         for kind in ("quarantined", "dropped"):
             for reason, n in sorted(ledger[s][kind].items()):
-                lines.append(f"| {s} | {kind} | {reason} | {n} |")
+                lines.append(f"| {s} | {stage_of(kind, reason)} | {kind} | {reason} | {n} |")
     if any(ledger[s]["enrich"] for s in sources):
         lines += ["", "## LLM enrichment (see enrich_report.md)", "", "| source | event | documents |", "|---|---|---|"]
         lines += [f"| {s} | {event} | {n} |" for s in sources for event, n in sorted(ledger[s]["enrich"].items())]
@@ -85,11 +113,17 @@ def write_report(recipe, ledger: dict, mix: dict, out: Path) -> None:
     for s in sources:
         for kind, n in sorted(ledger[s]["phi"].items()):
             lines.append(f"| {s} | {kind} | {n} |")
-    lines += ["", "## Tokens and blend", "", "| source | sequences | tokens | target share | weight | epochs for budget |",
-              "|---|---|---|---|---|---|"]
-    for s, m in mix["sources"].items():
-        lines.append(f"| {s} | {m['documents']} | {m['tokens']:,} | {m['share']:.3f} | {m['weight']:.3f} | {m['epochs']:.2f} |")
-    lines += ["", "![documents](report_documents.png)", "", "![tokens](report_tokens.png)", ""]
+    if mix is None:
+        empty = [s for s in sources if not ledger[s]["kept"]]
+        lines += ["", "## Build stopped", "", f"No document of {', '.join(empty)} reached the training split, so no mix "
+                  "was written. The reasons above say which stage removed them; relax that source's filters.", "",
+                  "![documents](report_documents.png)", ""]
+    else:
+        lines += ["", "## Tokens and blend", "", "| source | sequences | tokens | target share | weight | epochs for budget |",
+                  "|---|---|---|---|---|---|"]
+        for s, m in mix["sources"].items():
+            lines.append(f"| {s} | {m['documents']} | {m['tokens']:,} | {m['share']:.3f} | {m['weight']:.3f} | {m['epochs']:.2f} |")
+        lines += ["", "![documents](report_documents.png)", "", "![tokens](report_tokens.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -107,6 +141,8 @@ def write_report(recipe, ledger: dict, mix: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "report_documents.png", dpi=100)
     plt.close(fig)
+    if mix is None:
+        return
 
     fig, ax = plt.subplots(figsize=(8, 4))
     total = sum(m["tokens"] for m in mix["sources"].values()) or 1

@@ -76,6 +76,13 @@ def test_counts_add_up_and_report_exists(demo_mix):
                        "excerpt": errors[0]["excerpt"]}]
 
 
+def test_work_is_removed_after_the_merge_and_a_rerun_is_a_no_op(demo_mix):
+    recipe, mix = demo_mix
+    assert not (recipe.out / "work").exists()  # the per-worker copies of every token are gone
+    assert (recipe.out / "logs" / "final" / "completions").is_dir()
+    assert build_mix.build(recipe) == mix  # the same command again: already built, nothing to redo
+
+
 def test_planted_duplicates_removed_across_sources(demo_mix):
     recipe, _ = demo_mix
     from preprocessing.report import collect_ledger
@@ -186,7 +193,8 @@ def test_bad_input_is_quarantined_and_counted(tmp_path):
                        max_doc_chars=10_000_000, base_dir=str(tmp_path),
                        sources=[{"name": "notes", "paths": ["raw/*.jsonl*"], "share": 1.0,
                                  "filters": {"min_chars": 10, "gopher_quality": None, "gopher_repetition": None}}])
-    mix = build_mix.build(recipe)
+    mix = build_mix.build(recipe, keep_work=True)
+    assert sorted(p.name for p in (tmp_path / "out" / "work" / "tokens" / "notes").iterdir()) == ["00000.bin", "00000.idx"]
     errors = [json.loads(x) for f in (tmp_path / "out" / "errors").glob("*.jsonl") for x in f.read_text().splitlines()]
     by_reason = {e["reason"]: e for e in errors}
     assert set(by_reason) == {"malformed_json", "missing_text_key", "non_utf8", "empty", "too_large", "unreadable_file"}
@@ -197,6 +205,35 @@ def test_bad_input_is_quarantined_and_counted(tmp_path):
     entry = collect_ledger(tmp_path / "out" / "logs", ["notes"])["notes"]
     assert entry["kept"] == 2 and balance(entry) == 0 and sum(entry["quarantined"].values()) == 6
     assert mix["sources"]["notes"]["documents"] >= 2
+    # heldout_fraction 0: an empty held-out file, which the trainer reads as no validation set for the source
+    from megatron_ext.data import heldout_batches
+
+    assert (tmp_path / "out" / mix["sources"]["notes"]["heldout"]).read_text() == ""
+    assert heldout_batches({**mix, "dir": str(tmp_path / "out")}, str(tmp_path / "tok"), 64, 4, 1, eod=0) == {}
+
+
+def test_a_source_losing_every_document_gets_a_report_and_the_filter_named(tmp_path):
+    """Templated clinical notes (a few lines repeated in every note) fall to datatrove's default Gopher
+    repetition thresholds: the build stops, but only after writing the per-stage report, and names the filter."""
+    exam = "Mental status: alert and oriented.\nCranial nerves: intact.\nMotor: strength 5/5 throughout.\n"
+    complaints = ["headache", "dizziness", "numbness", "tremor", "seizure", "neck pain"]
+    notes = [{"id": f"n{i}", "text": f"Patient {i} was seen in clinic for {complaints[i % 6]} lasting {i + 2} days.\n" + exam * 3}
+             for i in range(12)]
+    (tmp_path / "notes.jsonl").write_text("".join(json.dumps(n) + "\n" for n in notes))
+    out = tmp_path / "out"
+    recipe = MixRecipe(tokenizer=str(DEMO / "tokenizer"), output_dir=str(out), seq_length=128, heldout_fraction=0.0,
+                       base_dir=str(tmp_path),
+                       sources=[{"name": "notes", "paths": ["notes.jsonl"], "share": 0.5, "filters": {"min_chars": 50, "gopher_quality": None}},
+                                {"name": "english", "paths": [str(DEMO / "en" / "*.jsonl")], "share": 0.5}])
+    with pytest.raises(RuntimeError, match=r"source notes: no documents survived the pipeline; stage 'quality filters' "
+                                           r"removed the most \(gopher_repetition:dup_line_frac: 12 of 12 read\)"):
+        build_mix.build(recipe)
+    report = (out / "report.md").read_text()
+    assert "| notes | 12 | 0 | 12 | 0 | 0 | 0 | 0.0 | 0 |" in report  # per-stage counts, all accounted for
+    assert "| notes | quality filters | dropped | gopher_repetition:dup_line_frac | 12 |" in report
+    assert "No document of notes reached the training split" in report and "| english |" in report
+    assert (out / "report_documents.png").is_file() and not (out / "mix.json").exists()
+    assert (out / "work").is_dir()  # a failed build keeps its work for a rerun with relaxed filters
 
 
 def test_resume_after_kill_gives_identical_outputs(tmp_path):
@@ -268,8 +305,8 @@ def test_latex_becomes_prose():
         assert leftover not in text, leftover
 
 
-def test_mix_warns_when_a_source_needs_many_epochs(caplog):
-    recipe = MixRecipe(tokenizer="t", output_dir="o", token_budget=1000,
+def test_mix_warns_when_a_source_needs_many_epochs(caplog, tmp_path):
+    recipe = MixRecipe(tokenizer=str(DEMO / "tokenizer"), output_dir=str(tmp_path), token_budget=1000,
                        sources=[{"name": "a", "paths": [], "share": 0.5}, {"name": "b", "paths": [], "share": 0.5}])
     ledger = {"a": {"tokens": 100, "chunks": 1}, "b": {"tokens": 1000, "chunks": 1}}
     mix = build_mix.mix_json(recipe, {"a": "a_text_document", "b": "b_text_document"}, {"a": "h/a", "b": "h/b"}, ledger)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from megatron_ext.parallel import free_port
-from preprocessing import build_mix, enrich_data
+from preprocessing import build_mix, enrich_data, pipeline
 from preprocessing.llm import LLMConfig, LLMError, VLLMBackend
 from preprocessing.recipe import MixRecipe
 from preprocessing.report import balance, collect_ledger
@@ -149,7 +149,8 @@ def enriched(tmp_path_factory):
     docs_first = _jsonl_gz(tmp / "out" / "enriched")
     shutil.rmtree(tmp / "out" / "logs" / "enrich")
     second = _cli(recipe, "--workers", "2")
-    yield {"tmp": tmp, "out": tmp / "out", "recipe": recipe, "server": server, "runs": [first, second],
+    clean = {d["id"]: d["text"] for d in _jsonl_gz(tmp / "out" / "work" / "clean")}  # build_mix removes work/ later
+    yield {"tmp": tmp, "out": tmp / "out", "recipe": recipe, "server": server, "runs": [first, second], "clean": clean,
            "calls_first": calls_first, "summary_first": summary_first, "docs_first": docs_first,
            "summary": json.loads((tmp / "out" / "enrich_report.json").read_text()), "docs": _jsonl_gz(tmp / "out" / "enriched")}
     server.close()
@@ -238,13 +239,11 @@ def test_expansions_are_extra_synthetic_documents(enriched):
             assert doc["metadata"]["enrich"]["expand"]["synthetic_id"] == child["id"]
     assert any(len(d["text"].split()) >= EXPAND_BELOW for d in originals if d["id"] != "pubmed/p-slow")  # both sides tested
     # the originals are kept as they were read
-    clean = {d["id"]: d["text"] for d in _jsonl_gz(enriched["out"] / "work" / "clean")}
-    assert all(doc["text"] == clean[doc["id"]] for doc in originals)
+    assert all(doc["text"] == enriched["clean"][doc["id"]] for doc in originals)
 
 
 def test_residual_latex_removed_from_arxiv(enriched):
-    docs = _by_id(enriched["docs"])
-    clean = {d["id"]: d["text"] for d in _jsonl_gz(enriched["out"] / "work" / "clean")}
+    docs, clean = _by_id(enriched["docs"]), enriched["clean"]
     leftovers = ["§", "<ref>", "< g r a p h i c s >", " ."]
     for i in (0, 1):
         before, after = clean[f"arxiv/paper_{i}"], docs[f"arxiv/paper_{i}"]
@@ -385,7 +384,7 @@ def test_bad_recipes_and_setup_give_clear_errors(tmp_path, monkeypatch):
         load(llm={**raw["llm"], "backend": "tgi"})
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(LLMError, match=KEY_ENV):  # before any stage runs
-        build_mix.run_stages(load(), until="enrich")
+        pipeline.run_stages(load(), until="enrich")
     assert not (tmp_path / "out" / "logs").exists()
     with pytest.raises(SystemExit, match="no source has an enrich"):
         enrich_data.main(["--config", str(DEMO / "recipe.yaml")])
