@@ -234,7 +234,7 @@ def load_training_data(cfg, model_vocab: int) -> TrainingData:
         if cfg.seq_length != info["seq_length"]:
             log.warning("training seq_length %d differs from the SFT data's %d", cfg.seq_length, info["seq_length"])
         split = {s: (str(Path(info["dir"]) / info[s]["tokens_prefix"]), str(Path(info["dir"]) / info[s]["loss_mask_prefix"]))
-                 for s in ("train", "valid")}
+                 for s in ("train", "valid") if info[s]["samples"]}  # an empty split has no files
         train = PackedSFTDataset(*split["train"], cfg.seq_length, eod, cfg.seed)
         iters = cfg.train_iters or max(1, math.ceil(cfg.epochs * train.rows_per_epoch / cfg.global_batch_size))
         train.resize(iters * cfg.global_batch_size)

@@ -194,18 +194,25 @@ def chat_template_hash(tokenizer_dir: str) -> str:
     return hashlib.sha256(hf_tokenizer(tokenizer_dir).chat_template.encode()).hexdigest()[:16]
 
 
-def merge(recipe: SFTRecipe) -> tuple[dict[str, dict], np.ndarray]:
-    """One tokens and one mask dataset per split from the per-rank ones; checks they line up. Returns the
-    splits' summary and the training samples' lengths."""
+def merge(recipe: SFTRecipe, samples: dict[str, int]) -> tuple[dict[str, dict], np.ndarray]:
+    """One tokens and one mask dataset per split from the per-rank ones; checks they line up. A split without
+    samples (``valid_fraction: 0``) gets no files and null prefixes. Returns the splits' summary and the
+    training samples' lengths."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from preprocessing.steps import merge_indexed
     from preprocessing.tokenizer import hf_tokenizer, token_dtype
 
     out, work = recipe.out, recipe.out / "work"
+    if not samples["train"]:
+        raise RuntimeError(f"{out}: no training conversation survived (see {out / 'errors'} and the report)")
     dtype = token_dtype(len(hf_tokenizer(str(recipe.resolve(recipe.tokenizer)))))
     result, lengths = {}, {}
     for split in SPLITS:
+        if not samples[split]:  # megatron cannot open an empty dataset
+            result[split] = {"tokens_prefix": None, "loss_mask_prefix": None, "samples": 0, "tokens": 0, "max_length": 0}
+            lengths[split] = np.zeros(0, dtype=np.int64)
+            continue
         for kind, kind_dtype in (("tokens", dtype), ("loss_mask", np.uint8)):
             merge_indexed(sorted((work / f"{split}_{kind}").glob("*.idx")), out / f"{split}_{kind}", kind_dtype)
         tokens, masks = IndexedDataset(str(out / f"{split}_tokens")), IndexedDataset(str(out / f"{split}_loss_mask"))
@@ -213,9 +220,7 @@ def merge(recipe: SFTRecipe) -> tuple[dict[str, dict], np.ndarray]:
             raise RuntimeError(f"{out}/{split}: token and mask datasets disagree in length; rebuild with --clean")
         n = lengths[split] = np.array(tokens.sequence_lengths)  # a copy: the index is an mmap closed with its dataset
         result[split] = {"tokens_prefix": f"{split}_tokens", "loss_mask_prefix": f"{split}_loss_mask",
-                         "samples": int(len(n)), "tokens": int(n.sum()), "max_length": int(n.max()) if len(n) else 0}
-    if not result["train"]["samples"]:
-        raise RuntimeError(f"{out}: no training conversation survived (see {out / 'errors'} and the report)")
+                         "samples": int(len(n)), "tokens": int(n.sum()), "max_length": int(n.max())}
     return result, lengths["train"]
 
 
@@ -274,7 +279,7 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     full = collect_ledger(logs, [NAME])[NAME]
     ledger = {k: full[k] for k in ("read", "quarantined", "kept", "heldout")}
     stats = stat_totals(logs)
-    splits, train_lengths = merge(recipe)
+    splits, train_lengths = merge(recipe, {split: int(stats.get(f"samples/{split}", 0)) for split in SPLITS})
     for split in SPLITS:
         splits[split]["loss_tokens"] = int(stats.get(f"loss_tokens/{split}", 0))
     sft = {"kind": "sft", "seq_length": recipe.seq_length, "tokenizer": bundle_tokenizer(tokenizer, out),  # relative

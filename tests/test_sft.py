@@ -255,6 +255,23 @@ def test_sft_trains_with_per_token_loss_and_dp2_equals_one_rank(sft_data, base, 
     assert [m["loss"] for m in read_metrics(tmp_path / "resumed")] == [m["loss"] for m in one]
 
 
+def test_no_validation_split_builds_and_trains_without_validation(base, tmp_path):
+    """valid_fraction: 0 (the user evaluates on a separate set): the empty split gets no files and 0 samples in
+    sft.json, and SFT trains without validation."""
+    from preprocessing.build_sft import SFTRecipe, build
+
+    data = tmp_path / "data"
+    sft = build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(data), valid_fraction=0.0))
+    assert sft["valid"] == {"tokens_prefix": None, "loss_mask_prefix": None, "samples": 0, "tokens": 0, "max_length": 0,
+                            "loss_tokens": 0}
+    assert sft["train"]["samples"] == 240 + 60 and sft["conversations"]["heldout"] == 0
+    assert not list(data.glob("valid_*")) and "| valid | 0 | 0 | 0 | 0 |" in (data / "report.md").read_text()
+    run_trainer(_sft_config(tmp_path, data, base / "megatron", "no_valid", train_iters=2, eval_interval=1))
+    metrics = read_metrics(tmp_path / "no_valid")
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] > 0 for m in metrics)
+    assert not any(k.startswith("val/") for m in metrics for k in m)
+
+
 def test_make_sft_arms_exports_both_arms_that_chat(sft_data, base, tmp_path):
     """`make sft-arms` as a user runs it: SFT data, Base+SFT and CPT+SFT with one config (the "CPT" checkpoint is
     a trained run's checkpoints/ directory), both exported with <|im_end|> as a stop token, both generating
