@@ -91,7 +91,7 @@ def to_markdown(report: dict, delta: tuple[str, str] | None = None) -> str:
     lines = [head, "|---" * (len(names) + 1 + bool(delta)) + "|"]
 
     def row(label: str, values: dict[str, float], errs: dict[str, float | None]) -> str:
-        cells = [f"{100 * values[n]:.1f}" + (f" ± {100 * errs[n]:.1f}" if errs.get(n) else "") for n in names]
+        cells = [f"{100 * values[n]:.1f}" + (f" ± {100 * errs[n]:.1f}" if errs.get(n) is not None else "") for n in names]
         if delta:
             cells.append(f"{100 * (values[delta[0]] - values[delta[1]]):+.1f}")
         return f"| {label} | " + " | ".join(cells) + " |"

@@ -15,8 +15,9 @@
 4. Verdict rule: when both orders name the same model, it wins; when they disagree (position bias) or
    both say tie, the question is a tie; a question with a failed order counts only its valid order.
    Scores are averaged over the valid orders.
-5. Report win/tie/loss, win rate (ties count half) and mean score differences with bootstrap 95% CIs,
-   judge tokens and cost; per-question results in ``<out>.jsonl``.
+5. Report win/tie/loss, win rate (ties count half), each model's mean score per criterion and the mean
+   differences (over the questions both were scored on), all with bootstrap 95% CIs, judge tokens and cost;
+   per-question results in ``<out>.jsonl``.
 
 Judgements are cached by (judge model, prompt version, question, both responses, order): a rerun costs no
 new calls for what is done. The API key is read from the environment only and is never written anywhere.
@@ -199,14 +200,20 @@ def summarize(rows: list[dict], first: str, second: str, seed: int, usage: dict,
         f"{second}_wins": sum(r["verdict"] == second for r in judged),
         f"{first}_wins": sum(r["verdict"] == first for r in judged), "ties": sum(r["verdict"] == "tie" for r in judged),
         f"{second}_win_rate": bootstrap_ci(win, seed) if win else None,
-        "score_difference": {}, "usage": usage,
+        "scores": {first: {}, second: {}}, "score_difference": {}, "usage": usage,
         "cost_usd": usage["prompt_tokens"] / 1e6 * prices[0] + usage["completion_tokens"] / 1e6 * prices[1],
     }
-    both = [r for r in judged if r["scores"][first] and r["scores"][second]]
+    both = [r for r in judged if r["scores"][first] and r["scores"][second]]  # means and differences: same questions
     for c in CRITERIA:
+        for m in (first, second):
+            summary["scores"][m][c] = bootstrap_ci([r["scores"][m][c] for r in both], seed) if both else None
         diffs = [r["scores"][second][c] - r["scores"][first][c] for r in both]
         summary["score_difference"][c] = bootstrap_ci(diffs, seed) if diffs else None
     return summary
+
+
+def _with_ci(v: list[float] | None, sign: str = "") -> str:
+    return f"{v[0]:{sign}.2f} [{v[1]:{sign}.2f}, {v[2]:{sign}.2f}]" if v else "-"
 
 
 def to_markdown(summary: dict, first: str, second: str) -> str:
@@ -215,14 +222,15 @@ def to_markdown(summary: dict, first: str, second: str) -> str:
     if rate:
         lines.append(f"| win rate (ties half) | {rate[0]:.3f} | [{rate[1]:.3f}, {rate[2]:.3f}] |")
     lines.append(f"| wins / ties / losses | {summary[f'{second}_wins']} / {summary['ties']} / {summary[f'{first}_wins']} | |")
-    for c, v in summary["score_difference"].items():
-        if v:
-            lines.append(f"| Δ {c.replace('_', ' ')} (1-5) | {v[0]:+.2f} | [{v[1]:+.2f}, {v[2]:+.2f}] |")
     u = summary["usage"]
     lines.append(f"| judged / failed / inconsistent orders | {summary['judged']} / {summary['failed']} / "
                  f"{summary['inconsistent_orders']} | |")
     lines.append(f"| judge calls (cached) / tokens in / out / cost | {u['calls']} ({u['cached']}) / {u['prompt_tokens']} / "
                  f"{u['completion_tokens']} / ${summary['cost_usd']:.4f} | |")
+    lines += ["", f"| mean score (1-5) [95% CI] | {first} | {second} | Δ {second} − {first} |", "|---|---|---|---|"]
+    for c, diff in summary["score_difference"].items():
+        lines.append(f"| {c.replace('_', ' ')} | {_with_ci(summary['scores'][first][c])} | "
+                     f"{_with_ci(summary['scores'][second][c])} | {_with_ci(diff, '+')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -83,6 +83,10 @@ def test_judge_end_to_end(setup, tmp_path):
     assert summary["usage"]["cached"] > 0 and summary["cpt_win_rate"] == first_summary["cpt_win_rate"]
     lo_hi = summary["cpt_win_rate"]
     assert lo_hi[1] <= lo_hi[0] <= lo_hi[2]
+    for c, diff in summary["score_difference"].items():  # each arm's mean (1-5) over the same questions as the difference
+        base, cpt = summary["scores"]["base"][c], summary["scores"]["cpt"][c]
+        assert 1 <= base[1] <= base[0] <= base[2] <= 5 and 1 <= cpt[1] <= cpt[0] <= cpt[2] <= 5
+        assert diff[0] == pytest.approx(cpt[0] - base[0])
     # the rerun judged nothing new except the timed-out question (transport failures are not cached)
     assert calls_second > 0
     assert all("SLOW" in r["body"]["messages"][-1]["content"] for r in server.requests[calls_first:])
@@ -92,6 +96,7 @@ def test_judge_end_to_end(setup, tmp_path):
         assert KEY not in f.read_text(), f
     assert KEY not in run.stdout + run.stderr + rerun.stdout + rerun.stderr
     assert "| win rate (ties half) |" in (tmp_path / "judge.md").read_text()
+    assert "| mean score (1-5) [95% CI] | base | cpt | Δ cpt − base |" in (tmp_path / "judge.md").read_text()
 
 
 def test_verdict_rule_and_stratified_sampling():
