@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,7 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from torch.overrides import TorchFunctionMode
 
 import megatron_ext
 from megatron_ext import hf_mapping, parallel
@@ -21,6 +24,30 @@ from megatron_ext import hf_mapping, parallel
 def megatron_world():
     parallel.initialize(tensor_parallel=1, pipeline_parallel=1, seed=1234)
     yield
+
+
+class _Float32MeansFloat64(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.float:
+            func = torch.Tensor.double
+        args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+        kwargs = {k: torch.float64 if v is torch.float32 else v for k, v in (kwargs or {}).items()}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def float64():
+    """Everything built or run inside computes in float64. transformers' and megatron's Qwen3.5 code upcast
+    to float32 on purpose (norm statistics, RoPE angles, softmax, the GDN recurrence), which would cap a
+    float64 comparison at float32 rounding; here every float32 request (``.float()``, ``dtype=torch.float32``,
+    the default dtype of new tensors) gets float64 instead."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with _Float32MeansFloat64():
+            yield
+    finally:
+        torch.set_default_dtype(default)
 
 
 def megatron_twin(hf_model, **build_kwargs):

@@ -10,14 +10,17 @@ import torch
 def run(rank: int, world: int, port: int, ckpt: str, inputs: str, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from conftest import float64
+
     from megatron_ext import parallel
     from megatron_ext.checkpoint import load_model
 
     parallel.initialize(tensor_parallel=world)
-    model = load_model(ckpt, tensor_parallel=world)
     batch = torch.load(inputs)
-    logits = model(batch["ids"], batch["positions"])
-    (logits * batch["weights"]).sum().backward()
+    with float64():
+        model = load_model(ckpt, tensor_parallel=world)
+        logits = model(batch["ids"], batch["positions"])
+        (logits * batch["weights"]).sum().backward()
     torch.save(
         {
             "logits": logits.detach(),
