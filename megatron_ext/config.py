@@ -45,6 +45,9 @@ class Qwen35Config:
     tie_word_embeddings: bool = True
     hidden_act: str = "silu"
     eos_token_id: int | None = None
+    # rows of megatron's embedding/output layer: vocab_size padded (see padded_to); the extra ids are never
+    # predicted (the model masks them) and are dropped again at export
+    padded_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.layer_types:  # HF's default: every 4th layer is full attention
@@ -58,6 +61,16 @@ class Qwen35Config:
             raise ValueError("linear_num_value_heads must be a multiple of linear_num_key_heads")
         if self.hidden_act != "silu":
             raise ValueError(f"Qwen3.5 uses silu, got hidden_act={self.hidden_act!r}")
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = self.vocab_size
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"padded_vocab_size={self.padded_vocab_size} is smaller than vocab_size={self.vocab_size}")
+
+    def padded_to(self, multiple: int) -> "Qwen35Config":
+        """This config with the vocabulary padded to a multiple of ``multiple``: megatron pads to
+        ``make_vocab_size_divisible_by`` (128) x TP so that every TP rank holds an equal, GEMM-friendly slice
+        of the embedding and output layer, whatever size the tokenizer has."""
+        return dataclasses.replace(self, padded_vocab_size=-(-self.vocab_size // multiple) * multiple)
 
     # ------------------------------------------------------------------ HF I/O
     @classmethod
@@ -98,7 +111,7 @@ class Qwen35Config:
         rope = {"rope_type": "default", "rope_theta": self.rope_theta, "partial_rotary_factor": self.partial_rotary_factor}
         if self.mrope_section is not None:
             rope.update(mrope_section=self.mrope_section, mrope_interleaved=True)
-        skip = {"rope_theta", "partial_rotary_factor", "mrope_section"}
+        skip = {"rope_theta", "partial_rotary_factor", "mrope_section", "padded_vocab_size"}
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         out.update(model_type="qwen3_5_text", rope_parameters=rope)
         return out
@@ -121,8 +134,10 @@ class Qwen35Config:
         """megatron-core ``TransformerConfig`` for this architecture (overrides go straight through)."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
+        if self.padded_vocab_size % tensor_parallel:
+            raise ValueError(f"the padded vocabulary ({self.padded_vocab_size} rows) is not divisible by "
+                             f"tensor_parallel={tensor_parallel}; convert again with --tp {tensor_parallel}")
         for what, n in (
-            ("vocab_size", self.vocab_size),
             ("num_key_value_heads", self.num_key_value_heads),
             ("linear_num_key_heads", self.linear_num_key_heads),
             ("linear_num_value_heads", self.linear_num_value_heads),

@@ -51,6 +51,14 @@ def _splitter(sizes: list[int]) -> Callable[[Tensor], list[Tensor]]:
     return lambda t: list(torch.split(t, sizes, dim=0))
 
 
+def _vocab_rule(megatron: str, hf: str, c: Qwen35Config) -> Rule:
+    """Embedding or LM head: megatron holds ``padded_vocab_size`` rows, zeros past the HF vocabulary;
+    export drops them, so the HF tensor comes back unchanged."""
+    pad = c.padded_vocab_size - c.vocab_size
+    return Rule(megatron, (hf,), lambda ts: torch.nn.functional.pad(ts[0], (0, 0, 0, pad)),
+                lambda t: [t[: c.vocab_size]])
+
+
 def _qkv_rules(c: Qwen35Config) -> tuple[Callable, Callable]:
     heads, groups, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     r = heads // groups
@@ -79,7 +87,7 @@ def rules(c: Qwen35Config) -> list[Rule]:
     value_dim = c.linear_num_value_heads * c.linear_value_head_dim
     in_proj_sizes = [2 * key_dim + value_dim, value_dim, c.linear_num_value_heads, c.linear_num_value_heads]
     qkv_merge, qkv_split = _qkv_rules(c)
-    out = [Rule("embedding.word_embeddings.weight", ("embed_tokens.weight",), _same, _unsame)]
+    out = [_vocab_rule("embedding.word_embeddings.weight", "embed_tokens.weight", c)]
     for i, kind in enumerate(c.layer_types):
         m, h = f"decoder.layers.{i}.", f"layers.{i}."
         one = lambda mk, hk: Rule(m + mk, (h + hk,), _same, _unsame)  # noqa: E731
@@ -123,7 +131,7 @@ def rules(c: Qwen35Config) -> list[Rule]:
         ]
     out.append(Rule("decoder.final_layernorm.weight", ("norm.weight",), _same, _unsame))
     if not c.tie_word_embeddings:
-        out.append(Rule("output_layer.weight", (LM_HEAD,), _same, _unsame))
+        out.append(_vocab_rule("output_layer.weight", LM_HEAD, c))
     return out
 
 

@@ -42,6 +42,10 @@ class Qwen35GPTModel(GPTModel):
     ``packed_seq_params`` the document boundaries come from ``position_ids`` resets and the optional
     [b, s] padding ``attention_mask``. Returns logits [b, s, vocab] (gathered over TP), or the per-token
     loss [b, s] when ``labels`` are given.
+
+    The output layer has ``padded_vocab_size`` rows (a multiple of 128 x TP, as megatron pads); the ids
+    past ``vocab_size`` do not exist for the tokenizer, so they are never predicted: gathered logits stop
+    at ``vocab_size``, vocab-parallel logits and the loss see them as -inf (zero probability, no gradient).
     """
 
     def forward(
@@ -74,7 +78,22 @@ class Qwen35GPTModel(GPTModel):
         )
         if not self.post_process:
             return out
+        if labels is None:
+            out = out[..., : self.qwen35_config.vocab_size] if runtime_gather_output else self._mask_padded_vocab(out)
         return out.reshape(b, s, *out.shape[2:])
+
+    def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
+        return super().compute_language_model_loss(labels, self._mask_padded_vocab(logits))
+
+    def _mask_padded_vocab(self, logits: Tensor) -> Tensor:
+        """-inf for the padded ids in vocab-parallel logits (this TP rank's slice of the vocabulary)."""
+        c = self.qwen35_config
+        if c.padded_vocab_size == c.vocab_size:
+            return logits
+        width = logits.shape[-1]
+        first = parallel_state.get_tensor_model_parallel_rank() * width if width != c.padded_vocab_size else 0
+        ids = torch.arange(first, first + width, device=logits.device)
+        return logits.masked_fill(ids >= c.vocab_size, float("-inf"))
 
 
 def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
@@ -86,7 +105,9 @@ def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
 
     for module in model.modules():
         dim = 0 if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)) else 1 if isinstance(module, RowParallelLinear) else None
-        if dim is not None and not getattr(module.weight, "tensor_model_parallel", False):
+        if dim is None or module.weight is None:  # tied embeddings: the output layer owns no weight
+            continue
+        if not getattr(module.weight, "tensor_model_parallel", False):
             set_tensor_model_parallel_attributes(module.weight, is_parallel=True, dim=dim, stride=1)
 
 
@@ -123,7 +144,7 @@ def build_model(
     model = Qwen35GPTModel(
         config=tcfg,
         transformer_layer_spec=block_spec(config, tcfg, backend, gdn_kernel, vp_stage=vp_stage),
-        vocab_size=config.vocab_size,
+        vocab_size=config.padded_vocab_size,
         max_sequence_length=config.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
