@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import torch
+
+
+def device_and_dtype(device: str | None) -> tuple[str, torch.dtype]:
+    """The device to evaluate on (CUDA when present) and its dtype: bf16 on GPU, fp32 on CPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, torch.bfloat16 if device == "cuda" else torch.float32
 
 
 def load_hf_model(model_dir: str | Path, device: str, dtype: torch.dtype = torch.float32):
@@ -16,6 +23,31 @@ def load_hf_model(model_dir: str | Path, device: str, dtype: torch.dtype = torch
     cls = Qwen3_5ForConditionalGeneration if "text_config" in config else AutoModelForCausalLM
     model = cls.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def mask_padded_ids(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Logits with the ids past the tokenizer's ``vocab`` at -inf: checkpoints pad their embedding (Qwen3.5:
+    248,320 rows for fewer tokens) and no text contains those ids, so they must get no probability."""
+    return logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab, float("-inf"))
+
+
+def models_on_domains_parser(doc: str, model_help: str) -> argparse.ArgumentParser:
+    """The command line that the per-domain comparisons (perplexity, MTP accuracy) share."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True, help=f"name=HF directory ({model_help})")
+    p.add_argument("--data", action="append", required=True, help="domain=jsonl file with a 'text' field")
+    p.add_argument("--max-docs", type=int)
+    p.add_argument("--device")
+    return p
+
+
+def write_report(out: str | Path, report: dict, markdown: str) -> None:
+    """``OUT.json`` (the full report) and ``OUT.md`` (its table); the table is printed too."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
 
 
 def named_paths(items: list[str], what: str) -> dict[str, str]:

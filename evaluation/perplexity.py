@@ -14,7 +14,6 @@ model against the first one. Writes ``<out>.json`` and ``<out>.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -22,12 +21,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evaluation.common import load_hf_model, named_paths
+from evaluation.common import device_and_dtype, load_hf_model, mask_padded_ids, models_on_domains_parser, named_paths, write_report
 
 
 @torch.no_grad()
-def document_nll(model, ids: list[int], max_length: int, stride: int, device: str) -> tuple[float, int]:
-    """(sum of NLL, number of scored tokens) of one document, sliding window for long ones."""
+def document_nll(model, ids: list[int], max_length: int, stride: int, device: str, vocab: int) -> tuple[float, int]:
+    """(sum of NLL, number of scored tokens) of one document, sliding window for long ones; the softmax
+    runs over the tokenizer's ``vocab`` ids only (padded embedding rows are no tokens)."""
     if len(ids) < 2:
         return 0.0, 0
     if not 0 < stride < max_length:
@@ -37,7 +37,7 @@ def document_nll(model, ids: list[int], max_length: int, stride: int, device: st
     while scored_to < len(ids):
         end = min(start + max_length, len(ids))
         window = torch.tensor(ids[start:end], device=device).unsqueeze(0)
-        logits = model(input_ids=window).logits[0, :-1].float()
+        logits = mask_padded_ids(model(input_ids=window).logits[0, :-1].float(), vocab)
         targets = window[0, 1:]
         nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
         new = nll[scored_to - start - 1 :]  # target at position p is logits index p - start - 1
@@ -69,8 +69,7 @@ def read_documents(path: str | Path, max_docs: int | None, text_key: str = "text
 
 def evaluate(models: dict[str, str], data: dict[str, str], max_length: int = 4096, stride: int = 2048,
              max_docs: int | None = None, device: str | None = None) -> dict:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = device_and_dtype(device)
     docs = {domain: read_documents(path, max_docs) for domain, path in data.items()}
     results: dict[str, dict[str, dict]] = {d: {} for d in data}
     for name, model_dir in models.items():
@@ -78,7 +77,8 @@ def evaluate(models: dict[str, str], data: dict[str, str], max_length: int = 409
         for domain, texts in docs.items():
             total, count = 0.0, 0
             for text in tqdm(texts, desc=f"{name} / {domain}", unit="doc"):
-                nll, n = document_nll(model, tok(text, add_special_tokens=False).input_ids, max_length, stride, device)
+                ids = tok(text, add_special_tokens=False).input_ids
+                nll, n = document_nll(model, ids, max_length, stride, device, len(tok))
                 total, count = total + nll, count + n
             results[domain][name] = {"ppl": math.exp(total / count), "nll": total / count, "tokens": count,
                                      "documents": len(texts)}
@@ -103,22 +103,14 @@ def to_markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True, help="name=HF directory (first one is the baseline)")
-    p.add_argument("--data", action="append", required=True, help="domain=jsonl file with a 'text' field")
+    p = models_on_domains_parser(__doc__, "the first one is the baseline")
     p.add_argument("--max-length", type=int, default=4096)
     p.add_argument("--stride", type=int, default=2048)
-    p.add_argument("--max-docs", type=int)
-    p.add_argument("--device")
     p.add_argument("--out", default="results/perplexity", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     report = evaluate(named_paths(args.model, "model"), named_paths(args.data, "data"), args.max_length, args.stride,
                       args.max_docs, args.device)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(to_markdown(report))
-    print(to_markdown(report))
+    write_report(args.out, report, to_markdown(report))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Per-domain perplexity equals a direct computation with transformers; the sliding window scores every
-token once with the documented context."""
+"""Per-domain perplexity equals a direct computation with transformers over the tokenizer's ids (the
+checkpoint's padded embedding rows are never counted); the sliding window scores every token once with the
+documented context."""
 
 from __future__ import annotations
 
@@ -33,12 +34,13 @@ def test_equals_direct_transformers_computation(models):
     report = evaluate({"base": str(root / "base"), "other": str(root / "other")},
                       {d: str(root / f"{d}.jsonl") for d in texts}, max_length=4096, stride=2048, device="cpu")
     model, tok = load_hf_model(root / "base", "cpu")
+    assert len(tok) < model.config.vocab_size  # the demo checkpoints pad their embedding, as releases do
     for domain, docs in texts.items():
         nll = n = 0
         with torch.no_grad():
             for text in docs:
                 ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
-                logits = model(input_ids=ids).logits[0, :-1]
+                logits = model(input_ids=ids).logits[0, :-1, : len(tok)]
                 nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
                 n += ids.shape[1] - 1
         got = report["results"][domain]
@@ -49,20 +51,20 @@ def test_equals_direct_transformers_computation(models):
 
 def test_sliding_window_context(models):
     root, _ = models
-    model, _ = load_hf_model(root / "base", "cpu")
+    model, tok = load_hf_model(root / "base", "cpu")
     ids = list(range(100, 110))
-    total, count = document_nll(model, ids, max_length=6, stride=3, device="cpu")
+    total, count = document_nll(model, ids, max_length=6, stride=3, device="cpu", vocab=len(tok))
     # windows [0,6) score 1..5, [3,9) score 6..8 with context from 3, [6,10) scores 9 with context from 6
     contexts = {p: 0 for p in range(1, 6)} | {p: 3 for p in range(6, 9)} | {9: 6}
     expected = 0.0
     with torch.no_grad():
         for p, start in contexts.items():
-            logits = model(input_ids=torch.tensor([ids[start:p]])).logits[0, -1]
+            logits = model(input_ids=torch.tensor([ids[start:p]])).logits[0, -1, : len(tok)]
             expected += torch.nn.functional.cross_entropy(logits[None], torch.tensor([ids[p]])).item()
     assert count == 9
     assert total == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="stride"):
-        document_nll(model, ids, max_length=6, stride=6, device="cpu")
+        document_nll(model, ids, max_length=6, stride=6, device="cpu", vocab=len(tok))
 
 
 def test_cli_writes_json_and_markdown(models, tmp_path):
