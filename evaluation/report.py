@@ -2,8 +2,8 @@
 
     python -m evaluation.report [--results results/] [--out results/report.md]
 
-Reads whichever of ``perplexity.json`` (evaluation.perplexity), ``lm_eval.json`` (evaluation.eval_qwen)
-and ``judge.json`` (evaluation.eval_reasoning_judge) exist in ``--results`` and writes their tables and
+Reads whichever of ``perplexity.json`` (evaluation.perplexity), ``mtp.json`` (evaluation.mtp),
+``lm_eval.json`` (evaluation.eval_qwen) and ``judge.json`` (evaluation.eval_reasoning_judge) exist in ``--results`` and writes their tables and
 plots side by side; a missing one is named in the report.
 """
 
@@ -43,7 +43,7 @@ def bar_chart(groups: list[str], series: dict[str, list[float]], ylabel: str, ti
 
 
 def build(results: Path, out: Path) -> str:
-    from evaluation import eval_qwen, eval_reasoning_judge, perplexity
+    from evaluation import eval_qwen, eval_reasoning_judge, mtp, perplexity
 
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# Evaluation report", ""]
@@ -59,6 +59,15 @@ def build(results: Path, out: Path) -> str:
                   ).savefig(out.parent / "report_perplexity.png", dpi=100)
     else:
         lines += [f"(no {ppl_file.name})", ""]
+
+    mtp_file = results / "mtp.json"
+    lines += ["## MTP head: next-next-token accuracy", ""]
+    if mtp_file.is_file():
+        lines += ["Top-1 accuracy of the MTP head (what speculative decoding drafts) on held-out text; the head is "
+                  "not trained by CPT (frozen, copied from the base), so a drop measures how far the trunk moved.", "",
+                  mtp.to_markdown(json.loads(mtp_file.read_text())), ""]
+    else:
+        lines += [f"(no {mtp_file.name})", ""]
 
     lines += ["## Benchmarks (lm-evaluation-harness, accuracy %)", ""]
     if lm_file.is_file():

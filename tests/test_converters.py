@@ -1,5 +1,7 @@
-"""HF <-> megatron converters: bit-exact round trips (text-only, multimodal with MTP, TP=1 and TP=2),
-exports that transformers loads, verify_conversion, and bad input that never leaves a partial output."""
+"""HF <-> megatron converters: bit-exact round trips (text-only, multimodal with MTP, tied embeddings in
+both layouts, a vocabulary that TP does not divide; TP=1 and TP=2), exports that transformers loads with
+equal logits, the padded vocabulary never predicted, the frozen MTP head carried over and declared,
+verify_conversion, and bad input that never leaves a partial output."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch.multiprocessing as mp
 from megatron_ext.parallel import free_port
 from safetensors.torch import load_file, save_file
 
-from tools.tiny_qwen35 import causal_lm, multimodal, text_config, write_tokenizer
+from tools.tiny_qwen35 import add_mtp, causal_lm, multimodal, text_config, write_tokenizer
 from tools import convert_from_hf, convert_to_hf
 from tools.hf_checkpoint import CheckpointError, HFCheckpoint
 from tools.verify_conversion import compare
@@ -33,26 +35,46 @@ def _assert_bit_exact(a_dir, b_dir):
         assert torch.equal(a[name], b[name]), name
 
 
+def _text_layout(d, seed: int, **config):
+    causal_lm(text_config(**config), seed=seed).save_pretrained(d)
+    write_tokenizer(d)
+    return d
+
+
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("text") / "hf"
-    causal_lm(text_config(), seed=5).save_pretrained(d)
+    return _text_layout(tmp_path_factory.mktemp("text") / "hf", seed=5)
+
+
+def _release_layout(d, seed: int, tied: bool):
+    """Sharded multimodal checkpoint with a vision tower and an MTP shard, as the releases are."""
+    multimodal(seed=seed, tie_word_embeddings=tied).save_pretrained(d, max_shard_size="30KB")
     write_tokenizer(d)
+    add_mtp(d, seed=seed)
     return d
 
 
 @pytest.fixture(scope="module")
 def multimodal_dir(tmp_path_factory):
-    """Sharded multimodal checkpoint with a vision tower and an extra MTP shard, as the release has."""
-    d = tmp_path_factory.mktemp("mm") / "hf"
-    multimodal(seed=6, tie_word_embeddings=False).save_pretrained(d, max_shard_size="30KB")
-    write_tokenizer(d)
-    mtp = {"mtp.fc.weight": torch.randn(64, 128), "mtp.norm.weight": torch.randn(64)}
-    save_file(mtp, str(d / "model-mtp.safetensors"), metadata={"format": "pt"})
-    index = json.loads((d / "model.safetensors.index.json").read_text())
-    index["weight_map"].update({k: "model-mtp.safetensors" for k in mtp})
-    (d / "model.safetensors.index.json").write_text(json.dumps(index))
-    return d
+    return _release_layout(tmp_path_factory.mktemp("mm") / "hf", seed=6, tied=False)
+
+
+@pytest.fixture(scope="module")
+def tied_text_dir(tmp_path_factory):
+    """Text-only and tied, as the small releases are: the safetensors hold no lm_head.weight."""
+    return _text_layout(tmp_path_factory.mktemp("tied_text") / "hf", seed=8, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def tied_multimodal_dir(tmp_path_factory):
+    """The 2B release's layout: tied by the top-level flag only (the safetensors hold no lm_head.weight)."""
+    return _release_layout(tmp_path_factory.mktemp("tied_mm") / "hf", seed=9, tied=True)
+
+
+@pytest.fixture(scope="module")
+def odd_vocab_dir(tmp_path_factory):
+    """A vocabulary of 517 (a tokenizer extended by a few tokens): TP=2 does not divide it."""
+    return _text_layout(tmp_path_factory.mktemp("odd") / "hf", seed=10, vocab_size=517)
 
 
 def test_text_round_trip_is_bit_exact_and_loads(text_dir, tmp_path):
@@ -109,6 +131,104 @@ def test_verify_conversion_cli_prints_errors(text_dir, tmp_path):
                           "--ckpt", str(ckpt), "--seq-len", "33"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "max_abs_err" in run.stdout and "max_rel_err" in run.stdout and "OK" in run.stdout
+
+
+def _resave_tp2(ckpt, out):
+    """Load a checkpoint with TP=2 and save it from that layout, as the trainer does."""
+    mp.start_processes(__import__("tp_worker").resave, args=(2, free_port(), str(ckpt), str(out)),
+                       nprocs=2, start_method="spawn", join=True)
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("source", ["tied_text_dir", "tied_multimodal_dir"])
+def test_tied_round_trip_is_bit_exact_with_transformers_logits(source, tp, request, tmp_path):
+    src = request.getfixturevalue(source)
+    assert "lm_head.weight" not in HFCheckpoint(src).keys()
+    ckpt = convert_from_hf.convert(src, tmp_path / "ckpt", tp=tp)
+    assert compare(src, ckpt, seq_len=40)["max_rel_err"] <= 1e-5  # transformers vs megatron after import
+    if tp == 2:
+        ckpt = _resave_tp2(ckpt, tmp_path / "tp2")
+    template = src if source == "tied_multimodal_dir" else None
+    out = convert_to_hf.convert(ckpt, tmp_path / "export", hf_template=template)
+    _assert_bit_exact(src, out)
+    assert compare(out, ckpt, seq_len=40)["max_rel_err"] <= 1e-5
+
+
+def test_odd_vocabulary_is_padded_for_tp2_and_round_trips(odd_vocab_dir, tmp_path):
+    ckpt = convert_from_hf.convert(odd_vocab_dir, tmp_path / "ckpt", tp=2)
+    saved = json.loads((ckpt / "qwen35_config.json").read_text())
+    assert (saved["vocab_size"], saved["padded_vocab_size"]) == (517, 768)  # 128 x TP, as megatron pads
+    assert compare(odd_vocab_dir, ckpt, seq_len=40)["max_rel_err"] <= 1e-5
+    tp2 = _resave_tp2(ckpt, tmp_path / "tp2")
+    _assert_bit_exact(odd_vocab_dir, convert_to_hf.convert(tp2, tmp_path / "export"))
+
+    # logits over the real ids under TP=2 (each rank holds 384 rows, the second one 251 padded) match transformers
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 517, (2, 30), generator=gen)
+    positions = torch.arange(30).expand(2, 30).contiguous()
+    weights = torch.randn(2, 30, 517, generator=gen)
+    torch.save({"ids": ids, "positions": positions, "weights": weights}, tmp_path / "inputs.pt")
+    mp.start_processes(__import__("tp_worker").run, args=(2, free_port(), str(tp2), str(tmp_path / "inputs.pt"), str(tmp_path)),
+                       nprocs=2, start_method="spawn", join=True)
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(odd_vocab_dir).eval()(input_ids=ids).logits
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt")["logits"], ref, atol=1e-5, rtol=1e-5)
+    from megatron_ext import Qwen35Config
+
+    with pytest.raises(ValueError, match="not divisible by tensor_parallel=3; convert again with --tp 3"):
+        Qwen35Config(vocab_size=517).padded_to(128).to_transformer_config(tensor_parallel=3)
+
+
+def test_padded_ids_are_never_predicted_nor_learned(odd_vocab_dir):
+    """The loss is the cross entropy over the real ids only, and the padded rows get no gradient, so
+    training never moves probability onto them."""
+    from megatron_ext import Qwen35Config, build_model, hf_mapping
+
+    hf = causal_lm(text_config(vocab_size=517), seed=10).double()
+    config = Qwen35Config.from_hf(hf.config.to_dict()).padded_to(128)
+    model = build_model(config, backend="local", device="cpu", params_dtype=torch.float64)
+    state = hf.state_dict()
+    hf_mapping.copy_hf_into(model, config, state.__getitem__, "model.")
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 517, (2, 24), generator=gen)
+    labels = torch.randint(0, 517, (2, 24), generator=gen)
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+    loss = model(ids, labels=labels)
+    expected = torch.nn.functional.cross_entropy(ref.reshape(-1, 517), labels.reshape(-1), reduction="none")
+    # megatron's vocab-parallel cross entropy works in fp32 whatever the weights' dtype
+    torch.testing.assert_close(loss.reshape(-1).double(), expected, atol=1e-6, rtol=1e-6)
+    loss.sum().backward()
+    grad = model.output_layer.weight.grad
+    assert grad[517:].abs().max() == 0 and grad[:517].abs().max() > 0
+    sharded = model(ids, runtime_gather_output=False)  # vocab-parallel logits keep the padded ids, at -inf
+    assert sharded.shape[-1] == 640 and torch.isneginf(sharded[..., 517:]).all()
+    assert model(ids).shape[-1] == 517  # what users get: the tokenizer's ids only
+
+
+def test_release_keeps_the_frozen_mtp_head_and_says_so(multimodal_dir, tmp_path):
+    """The MTP head is not trained (README: frozen); the release must carry the base's bytes and say so."""
+    from megatron_ext.checkpoint import load_model, save_model
+
+    ckpt = convert_from_hf.convert(multimodal_dir, tmp_path / "ckpt")
+    model = load_model(ckpt)
+    with torch.no_grad():
+        model.decoder.final_layernorm.weight.add_(0.5)  # "training" changed the trunk
+    save_model(model, tmp_path / "trained")
+    out = convert_to_hf.convert(tmp_path / "trained", tmp_path / "export", hf_template=multimodal_dir)
+    base, release = HFCheckpoint(multimodal_dir), HFCheckpoint(out)
+    mtp = [k for k in base.keys() if k.startswith("mtp.")]
+    assert len(mtp) > 10 and sorted(mtp) == sorted(k for k in release.keys() if k.startswith("mtp."))
+    for name in mtp:
+        a, b = base.get(name), release.get(name)
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
+    assert not torch.equal(base.get("model.language_model.norm.weight"), release.get("model.language_model.norm.weight"))
+    note = (out / "README.md").read_text()
+    assert "MTP" in note and "frozen" in note and "evaluation.mtp" in note
 
 
 # ----------------------------------------------------------------------------------------- bad input

@@ -1,9 +1,13 @@
 """HF Qwen3.5 checkpoint -> megatron-core distributed checkpoint that the trainer and ``load_model`` read.
 
     python -m tools.convert_from_hf --hf-dir DIR --out CKPT [--tp N] [--pp N] [--dtype auto|bf16|fp32]
+        [--vocab-divisor 128]
 
 The dist checkpoint is layout-free (megatron reshards at load), so it loads under any TP/PP; ``--tp`` and
-``--pp`` check that the architecture divides for the layout you will train with. Only the language model
+``--pp`` check that the architecture divides for the layout you will train with. As megatron does, the
+embedding (and untied output layer) is padded with zero rows to a multiple of ``--vocab-divisor`` x TP;
+the model never predicts those ids and ``convert_to_hf`` drops them. Tied embeddings (the small releases'
+``tie_word_embeddings: true``) stay tied. Only the language model
 is converted; vision tower and MTP weights stay in the HF directory and come back at export
 (``tools.convert_to_hf --hf-template``). Memory: one model copy plus one HF tensor at a time.
 """
@@ -26,7 +30,8 @@ def source_dtype(ckpt, names: list[str]) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: str = "auto") -> Path:
+def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: str = "auto",
+            vocab_divisor: int = 128) -> Path:
     from megatron_ext import build_model, hf_mapping, parallel
     from megatron_ext.checkpoint import save_model
     from megatron_ext.config import Qwen35Config
@@ -34,7 +39,7 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype
 
     ckpt = HFCheckpoint(hf_dir)
     try:
-        config = Qwen35Config.from_hf(ckpt.config)
+        config = Qwen35Config.from_hf(ckpt.config).padded_to(vocab_divisor * tp)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{ckpt.dir / 'config.json'}: {err}") from err
     config.to_transformer_config(tensor_parallel=tp, pipeline_parallel=pp)  # validates divisibility
@@ -66,7 +71,37 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype
         )
     except ValueError as err:
         raise CheckpointError(str(err)) from err
-    return save_model(model, out, hf_files=ckpt.extra_files())
+    weights = _SavedWeights(model)
+    del model  # the sharded state dict now holds the only references to the weights
+    return save_model(weights.compacted(), out, hf_files=ckpt.extra_files())
+
+
+class _SavedWeights:
+    """The model as ``save_model`` uses it (sharded state dict and config), for a peak of one model copy.
+
+    megatron's save splits fused weights (GLU ``linear_fc1``, GDN ``in_proj``, attention ``linear_qkv``) into
+    slices for TP resharding and clones every slice before writing anything: half a model more at the
+    peak. Here each slice gets its own storage one at a time and the fused weight is freed once its slices
+    are copied, so megatron finds nothing to clone."""
+
+    def __init__(self, model):
+        from megatron.core.dist_checkpointing.mapping import apply_factories
+
+        self.qwen35_config = model.qwen35_config
+        self._state = model.sharded_state_dict()
+        apply_factories(self._state)
+
+    def compacted(self) -> "_SavedWeights":
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        for sh in nested_values(self._state):
+            if isinstance(sh, ShardedTensor) and sh.data.untyped_storage().nbytes() != sh.data.nbytes:
+                sh.data = sh.data.clone()
+        return self
+
+    def sharded_state_dict(self) -> dict:
+        return self._state
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,9 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size you will train with (checked)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size you will train with (checked)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: the source's dtype, fp32 if mixed")
+    p.add_argument("--vocab-divisor", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this x TP (megatron's make-vocab-size-divisible-by)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    out = convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype)
+    out = convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.vocab_divisor)
     print(f"wrote {out}")
 
 

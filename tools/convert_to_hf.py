@@ -5,7 +5,8 @@
 With ``--hf-template`` (e.g. the Qwen3.5-2B-Base directory you started from) the output is a complete
 checkpoint of the template's architecture: the language model comes from CKPT, every other tensor (vision
 tower, MTP, ...) and every non-weight file (config, tokenizer, chat template, processor) is copied from
-the template unchanged. Without it: a text-only ``Qwen3_5ForCausalLM`` directory, with the tokenizer
+the template unchanged. The MTP head is not trained here: the release's README says so (section "MTP head:
+frozen"). Memory: one layer and one output tensor at a time (shards are written in place, not held). Without it: a text-only ``Qwen3_5ForCausalLM`` directory, with the tokenizer
 files the checkpoint kept from its conversion. ``--dtype auto`` writes each tensor in the template's
 dtype (else the checkpoint's). The directory appears only when complete.
 """
@@ -13,9 +14,11 @@ dtype (else the checkpoint's). The directory appears only when complete.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -24,9 +27,10 @@ from tqdm import tqdm
 
 from tools.hf_checkpoint import DTYPES
 
+MTP_PREFIX = "mtp."
 DTYPE_NAMES = {v: k for k, v in {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}.items()}
 # fields that describe the architecture; the rest (eos id, context length) may legitimately differ
-_IGNORED_FIELDS = {"eos_token_id", "max_position_embeddings"}
+_IGNORED_FIELDS = {"eos_token_id", "max_position_embeddings", "padded_vocab_size"}
 
 
 def _check_same_architecture(ours, template_config, where: Path) -> None:
@@ -51,7 +55,7 @@ def _text_only_config(config, dtype: torch.dtype) -> dict:
 def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | None = None, dtype: str = "auto",
             max_shard_size: str = "5GB", stop_tokens: list[str] = ()) -> Path:
     from megatron_ext import build_model, hf_mapping, parallel
-    from megatron_ext.checkpoint import hf_source_files, load_weights, read_config, saved_dtype
+    from megatron_ext.checkpoint import hf_source_files, read_config, saved_dtype
     from megatron_ext.config import Qwen35Config
     from tools.hf_checkpoint import HFCheckpoint, ShardedWriter, atomic_directory, parse_size
 
@@ -65,9 +69,10 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
 
     parallel.initialize()
     stored = saved_dtype(ckpt_dir)
+    # the model lends its layout (names, shapes, TP resharding); its own weights are never filled
     model = build_model(config, backend="local", device="cpu", params_dtype=stored, perform_initialization=False)
-    load_weights(model, ckpt_dir)
-    weights = model.state_dict()
+    shapes = {k: v.shape for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    reader = _LayerReader(model, ckpt_dir)
 
     def out_dtype(name: str) -> torch.dtype:
         if dtype != "auto":
@@ -76,18 +81,24 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
             return template.dtype_of(name)
         return stored
 
+    meta = hf_mapping.megatron_to_hf(config, lambda n: torch.empty(shapes[n], dtype=stored, device="meta"), prefix)
+    plan = [(name, out_dtype(name), tuple(t.shape)) for name, t in meta]
+    others = [k for k in template.keys() if not hf_mapping.is_language_model(k, prefix)] if template is not None else []
+    plan += [(name, template.dtype_of(name), template.shape_of(name)) for name in others]
+
     with atomic_directory(out) as tmp:
-        writer = ShardedWriter(tmp, parse_size(max_shard_size))
-        for name, tensor in tqdm(hf_mapping.megatron_to_hf(config, weights.__getitem__, prefix),
-                                 desc="megatron -> HF", unit="tensor"):
-            writer.add(name, tensor.to(out_dtype(name)))
+        writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
+        for name, tensor in tqdm(hf_mapping.megatron_to_hf(config, reader.get, prefix), desc="megatron -> HF", unit="tensor"):
+            writer.write(name, tensor.to(out_dtype(name)))
+        for name in tqdm(others, desc="template tensors", unit="tensor"):
+            writer.write(name, template.get(name))
+        writer.close()
         if template is not None:
-            others = [k for k in template.keys() if not hf_mapping.is_language_model(k, prefix)]
-            for name in tqdm(others, desc="template tensors", unit="tensor"):
-                writer.add(name, template.get(name))
             for f in template.extra_files():
                 shutil.copy2(f, tmp / f.name)
             _set_dtype(tmp / "config.json", out_dtype(prefix + "embed_tokens.weight"))
+            if any(k.startswith(MTP_PREFIX) for k in others):
+                _declare_frozen_mtp(tmp / "README.md", Path(hf_template))
         else:
             for f in hf_source_files(ckpt_dir):
                 if f.name != "config.json":
@@ -99,8 +110,50 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
                 (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if stop_tokens:
             _add_stop_tokens(tmp, stop_tokens)
-        writer.close()
     return Path(out)
+
+
+class _LayerReader:
+    """The megatron tensors of a dist checkpoint, one layer at a time: ``get(name)`` loads the layer (or
+    lone tensor) that ``name`` belongs to into fresh memory and drops the previous one, so the export holds
+    one layer, not a model. The model's sharded state dict says what to load and how TP shards merge."""
+
+    def __init__(self, model, ckpt_dir: str | Path):
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+        from megatron_ext.checkpoint import resolve
+
+        self.dir = str(resolve(ckpt_dir))
+        self.state = {k: v for k, v in model.sharded_state_dict().items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+        self.group, self.loaded = None, {}
+
+    @staticmethod
+    def _group(name: str) -> str:
+        m = re.match(r"decoder\.layers\.\d+\.", name)
+        return m.group(0) if m else name
+
+    def get(self, name: str) -> torch.Tensor:
+        from megatron.core import dist_checkpointing
+
+        group = self._group(name)
+        if group != self.group:
+            self.loaded = {}  # freed before the next layer arrives
+            request = {}
+            for k, v in self.state.items():
+                if self._group(k) == group:
+                    request[k] = copy.copy(v)
+                    request[k].data = torch.empty_like(v.data)  # load into fresh memory, not the model's weights
+            self.loaded, self.group = dist_checkpointing.load(request, self.dir), group
+        return self.loaded[name]
+
+
+def _declare_frozen_mtp(readme: Path, template: Path) -> None:
+    """Say in the release that its MTP head is the template's, untrained (see the project README)."""
+    note = (f"\n\n## MTP head: frozen\n\nThe language model was trained (continued pre-training) with neurocpt; the "
+            f"MTP (multi-token prediction) head, the `{MTP_PREFIX}*` tensors, is frozen: copied unchanged from "
+            f"`{template.name}`, it was trained for that model's trunk, not this one. Speculative decoding with it "
+            "stays exact but may accept fewer draft tokens; its next-next-token accuracy on held-out text is "
+            "measured by `python -m evaluation.mtp` (in the evaluation report).\n")
+    readme.write_text((readme.read_text() if readme.is_file() else "") + note)
 
 
 def _add_stop_tokens(directory: Path, tokens: list[str]) -> None:

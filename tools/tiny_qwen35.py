@@ -78,12 +78,15 @@ def causal_lm(config=None, seed: int = 0):
     return model
 
 
-def multimodal(seed: int = 0, **text_overrides):
-    """Qwen3_5ForConditionalGeneration: a one-block vision tower around the tiny text model."""
+def multimodal(seed: int = 0, tie_word_embeddings: bool = False, **text_overrides):
+    """Qwen3_5ForConditionalGeneration: a one-block vision tower around the tiny text model. Ties (or not)
+    by the top-level flag only, as the releases' configs do and transformers obeys; ``text_config`` keeps
+    its own (untied) default, so a converter reading the wrong flag fails."""
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     torch.manual_seed(seed)
     config = Qwen3_5Config(
+        tie_word_embeddings=tie_word_embeddings,
         text_config=text_config(**text_overrides).to_dict(),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                            patch_size=4, num_position_embeddings=16),
@@ -91,6 +94,34 @@ def multimodal(seed: int = 0, **text_overrides):
     model = Qwen3_5ForConditionalGeneration(config).float().eval()
     _perturb_norms(model)
     return model
+
+
+def add_mtp(directory: str | Path, seed: int = 0) -> None:
+    """Add a random MTP head in the release layout (``mtp.*`` tensors in their own shard, listed in the
+    index) to a saved checkpoint, as Qwen3.5 releases carry one for speculative decoding."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from evaluation.mtp import PREFIX, MTPHead
+    from tools.hf_checkpoint import INDEX, SINGLE
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    head = MTPHead(AutoConfig.from_pretrained(directory).get_text_config())
+    _perturb_norms(head)
+    save_file({PREFIX + k: v.contiguous() for k, v in head.state_dict().items()}, str(directory / "model-mtp.safetensors"),
+              metadata={"format": "pt"})
+    if (directory / INDEX).is_file():
+        index = json.loads((directory / INDEX).read_text())
+    else:  # a single-file checkpoint becomes an indexed one
+        from safetensors import safe_open
+
+        with safe_open(str(directory / SINGLE), framework="pt") as f:
+            index = {"metadata": {}, "weight_map": {k: SINGLE for k in f.keys()}}
+    index["weight_map"].update({PREFIX + k: "model-mtp.safetensors" for k in head.state_dict()})
+    (directory / INDEX).write_text(json.dumps(index, indent=2))
 
 
 def write_tokenizer(directory: str | Path, vocab_size: int = 512, texts: list[str] | None = None) -> None:
