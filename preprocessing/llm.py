@@ -55,7 +55,10 @@ class LLMConfig:
     retries: int = 3  # attempts for malformed output; also the client's transport retries (backoff) per attempt
     temperature: float = 0.0
     max_tokens: int = 2048
-    chat_template_kwargs: dict | None = None  # e.g. {enable_thinking: false} for Qwen3 (vLLM and vllm serve)
+    # passed to the model's chat template; None: {enable_thinking: false} under vLLM (Qwen3-style templates
+    # otherwise think first, while the JSON is asked for from the first token), nothing over HTTP (the OpenAI
+    # API refuses unknown fields; set it for a Qwen3 model behind vllm serve)
+    chat_template_kwargs: dict | None = None
     tensor_parallel: int = 1  # vllm backend
     gpu_memory_utilization: float = 0.9  # vllm backend
     max_model_len: int | None = None  # vllm backend
@@ -220,8 +223,8 @@ class OpenAIBackend:
 
 class VLLMBackend:
     """vLLM's offline engine on this machine's GPUs: each round of requests is one batched ``LLM.chat`` call,
-    every request with JSON-schema guided decoding. Needs the ``gpu`` extra; not exercised by the tests here
-    (no GPU)."""
+    every request with JSON-schema structured output (vLLM 0.33's API). Needs the ``gpu`` extra; the tests
+    here run it against a stand-in for ``vllm`` (no GPU)."""
 
     def __init__(self, config: LLMConfig):
         try:
@@ -233,22 +236,16 @@ class VLLMBackend:
                        gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_model_len)
 
     def _sampling(self, schema: dict):
-        from vllm import SamplingParams
+        from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 
-        common = {"temperature": self.config.temperature, "max_tokens": self.config.max_tokens}
-        try:  # vLLM >= 0.10.2 (the guided_decoding spelling was removed in 0.12)
-            from vllm.sampling_params import StructuredOutputsParams
-
-            return SamplingParams(**common, structured_outputs=StructuredOutputsParams(json=schema))
-        except ImportError:
-            from vllm.sampling_params import GuidedDecodingParams
-
-            return SamplingParams(**common, guided_decoding=GuidedDecodingParams(json=schema))
+        return SamplingParams(temperature=self.config.temperature, max_tokens=self.config.max_tokens,
+                              structured_outputs=StructuredOutputsParams(json=schema))
 
     def complete(self, requests: list[Request]) -> Iterator[tuple[int, Completion | Exception]]:
-        extra = {"chat_template_kwargs": self.config.chat_template_kwargs} if self.config.chat_template_kwargs else {}
+        kwargs = self.config.chat_template_kwargs
         outputs = self.llm.chat([[{"role": "user", "content": r.prompt}] for r in requests],
-                                [self._sampling(r.schema) for r in requests], use_tqdm=False, **extra)
+                                [self._sampling(r.schema) for r in requests], use_tqdm=False,
+                                chat_template_kwargs={"enable_thinking": False} if kwargs is None else kwargs)
         for i, out in enumerate(outputs):
             yield i, Completion(out.outputs[0].text, len(out.prompt_token_ids or ()), len(out.outputs[0].token_ids))
 
