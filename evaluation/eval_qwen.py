@@ -13,6 +13,8 @@ one JSON object per line, with the fields of the hub dataset the task names (``b
 ``allenai/ai2_arc`` ARC-Challenge, ``winogrande`` winogrande_xl, ``super_glue`` boolq); the splits are the
 ones the task uses (its test or validation split, and the few-shot split when ``--num-fewshot`` > 0).
 Hub access is switched off (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE). Writes ``<out>.json`` and ``<out>.md``.
+With several models, each is evaluated in its own process (this command with one ``--model``) and the
+results are merged: a vLLM engine keeps its GPU memory until its process ends.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from evaluation.common import named_paths
@@ -83,6 +88,27 @@ def run(models: dict[str, str], tasks: list[str], data_dir: str | Path, backend:
     return {"models": models, "tasks": tasks, "num_fewshot": num_fewshot, "limit": limit, "results": results}
 
 
+def run_each_in_own_process(models: dict[str, str], tasks: list[str], args: argparse.Namespace) -> dict:
+    """:func:`run` for every model in a child process of this command, the reports merged in model order."""
+    merged = {"models": models, "tasks": tasks, "num_fewshot": args.num_fewshot, "limit": args.limit, "results": {}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=Path(args.out).parent, prefix=".eval_qwen-") as tmp:
+        for i, (name, model_dir) in enumerate(models.items()):
+            out = Path(tmp) / str(i)
+            cmd = [sys.executable, "-m", "evaluation.eval_qwen", "--model", f"{name}={model_dir}", "--tasks", ",".join(tasks),
+                   "--data-dir", str(args.data_dir), "--backend", args.backend, "--num-fewshot", str(args.num_fewshot),
+                   "--batch-size", args.batch_size, "--out", str(out)]
+            if args.limit is not None:
+                cmd += ["--limit", str(args.limit)]
+            if args.device:
+                cmd += ["--device", args.device]
+            if subprocess.run(cmd).returncode:
+                raise SystemExit(f"lm-eval of model {name} ({model_dir}) failed; its output is above")
+            for task, per_model in json.loads(out.with_suffix(".json").read_text())["results"].items():
+                merged["results"].setdefault(task, {}).update(per_model)
+    return merged
+
+
 def to_markdown(report: dict, delta: tuple[str, str] | None = None) -> str:
     """The card's layout: one row per benchmark, accuracy ± stderr per model, a Medical Average row, and
     a delta column (first minus second of ``delta``)."""
@@ -125,7 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--delta {args.delta}: both names must be among --model {list(models)}")
     tasks = args.tasks.split(",") if args.tasks else SUITES[args.suite]
     batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
-    report = run(models, tasks, args.data_dir, args.backend, args.num_fewshot, args.limit, batch, args.device)
+    if len(models) > 1:
+        report = run_each_in_own_process(models, tasks, args)
+    else:
+        report = run(models, tasks, args.data_dir, args.backend, args.num_fewshot, args.limit, batch, args.device)
     report["delta"] = delta
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

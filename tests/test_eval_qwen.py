@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,42 @@ def test_markdown_delta_and_medical_average():
     table = to_markdown(report, ("b", "a"))
     assert "| pubmedqa | 50.0 ± 5.0 | 60.0 ± 5.0 | +10.0 |" in table
     assert "| **Medical Average** | 40.0 | 40.0 | +0.0 |" in table  # boolq is general, not medical
+
+
+def test_several_models_run_one_process_each_and_merge(tmp_path, monkeypatch):
+    """--backend vllm with two models: two child processes of the same command, one --model each (a vLLM engine
+    frees its GPU memory only when its process ends), their reports merged as one in-process run would give."""
+    from evaluation import eval_qwen
+
+    children = []
+
+    def child(cmd):  # stands in for the child process: records its command, writes the report it would write
+        children.append(cmd)
+        name = cmd[cmd.index("--model") + 1].split("=")[0]
+        report = {"results": {t: {name: {"acc": len(children) / 10, "acc_stderr": 0.01}} for t in ("pubmedqa", "boolq")}}
+        Path(cmd[cmd.index("--out") + 1]).with_suffix(".json").write_text(json.dumps(report))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(eval_qwen.subprocess, "run", child)
+    eval_qwen.main(["--model", "base=/m/base", "--model", "cpt=/m/cpt", "--tasks", "pubmedqa,boolq", "--data-dir", "/bench",
+                    "--backend", "vllm", "--limit", "5", "--delta", "cpt-base", "--out", str(tmp_path / "lm_eval")])
+    assert [c[c.index("--model") + 1] for c in children] == ["base=/m/base", "cpt=/m/cpt"]
+    for c in children:
+        assert c[:3] == [sys.executable, "-m", "evaluation.eval_qwen"] and c.count("--model") == 1
+        assert c[c.index("--backend") + 1] == "vllm" and c[c.index("--tasks") + 1] == "pubmedqa,boolq"
+        assert c[c.index("--limit") + 1] == "5" and "--device" not in c
+    report = json.loads((tmp_path / "lm_eval.json").read_text())
+    assert report["results"] == {t: {"base": {"acc": 0.1, "acc_stderr": 0.01}, "cpt": {"acc": 0.2, "acc_stderr": 0.01}}
+                                 for t in ("pubmedqa", "boolq")}
+    assert report["models"] == {"base": "/m/base", "cpt": "/m/cpt"} and report["limit"] == 5
+    assert "| pubmedqa | 10.0 ± 1.0 | 20.0 ± 1.0 | +10.0 |" in (tmp_path / "lm_eval.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm_eval.json", "lm_eval.md"]  # children's files removed
+
+
+def test_a_failing_model_process_stops_with_its_name(tmp_path, monkeypatch):
+    from evaluation import eval_qwen
+
+    monkeypatch.setattr(eval_qwen.subprocess, "run", lambda cmd: subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(SystemExit, match=r"model base \(/m/base\) failed"):
+        eval_qwen.main(["--model", "base=/m/base", "--model", "cpt=/m/cpt", "--tasks", "pubmedqa", "--data-dir", "/b",
+                        "--backend", "vllm", "--out", str(tmp_path / "lm_eval")])
