@@ -2,7 +2,11 @@
 
     OPENAI_API_KEY=... python -m evaluation.eval_reasoning_judge --model base_sft=DIR --model cpt_sft=DIR \\
         --medmcqa medmcqa.jsonl --pubmedqa pubmedqa.jsonl --medqa medqa.jsonl --n 200 \\
-        [--judge-model gpt-4o] [--base-url URL] [--seed 0] [--out results/judge]
+        [--judge-model gpt-4o] [--base-url URL] [--chat-template-kwargs JSON] [--seed 0] [--out results/judge]
+
+The judge is a server: the OpenAI API, or any OpenAI-compatible one given by ``--base-url`` (a local model:
+``vllm serve Qwen/Qwen3-32B --port 8000``, then ``--base-url http://127.0.0.1:8000/v1``). This command does
+not start vLLM itself: the answers are generated here with transformers, the judgements come from the server.
 
 1. Sample ``--n`` questions, seeded and stratified by source, from local MedMCQA (question, opa..opd, cop,
    exp), PubMedQA (QUESTION, CONTEXTS, LONG_ANSWER, final_decision) and MedQA (question, options,
@@ -140,8 +144,9 @@ class Judge:
     retried, a persistent cache, usage counted."""
 
     def __init__(self, model: str, base_url: str | None, api_key_env: str, cache: Path, retries: int = 3,
-                 timeout: float = 60.0):
-        config = LLMConfig(model=model, base_url=base_url, api_key_env=api_key_env, retries=retries, timeout=timeout)
+                 timeout: float = 60.0, chat_template_kwargs: dict | None = None):
+        config = LLMConfig(model=model, backend="openai", base_url=base_url, api_key_env=api_key_env, retries=retries,
+                           timeout=timeout, chat_template_kwargs=chat_template_kwargs)
         try:
             self.llm = StructuredLLM(config, JsonlCache(cache), what="judge")
         except LLMError as err:
@@ -272,7 +277,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--judge-model", default="gpt-4o")
-    p.add_argument("--base-url", help="OpenAI-compatible endpoint (default: the OpenAI API)")
+    p.add_argument("--base-url", help="the judge's OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 for "
+                                      "vllm serve (default: the OpenAI API)")
+    p.add_argument("--chat-template-kwargs", type=json.loads, metavar="JSON",
+                   help='sent to the server for the judge\'s chat template, e.g. \'{"enable_thinking": false}\' for a '
+                        "Qwen3 judge behind vllm serve (the OpenAI API refuses it)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--retries", type=int, default=3)
@@ -292,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     questions = sample(load_questions(args.medmcqa, args.pubmedqa, args.medqa), args.n, args.seed)
-    judge = Judge(args.judge_model, args.base_url, args.api_key_env, out.with_suffix(".cache.jsonl"), args.retries, args.timeout)
+    judge = Judge(args.judge_model, args.base_url, args.api_key_env, out.with_suffix(".cache.jsonl"), args.retries, args.timeout,
+                  args.chat_template_kwargs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         summary = run(models, questions, judge, args.seed, args.max_new_tokens, device, out, (args.price_in, args.price_out))

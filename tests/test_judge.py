@@ -41,7 +41,8 @@ def _run(setup, server, out, seed=3):
            "--model", f"cpt={setup / 'cpt'}", "--medmcqa", str(setup / "medmcqa.jsonl"), "--pubmedqa",
            str(setup / "pubmedqa.jsonl"), "--medqa", str(setup / "medqa.jsonl"), "--n", "9", "--seed", str(seed),
            "--judge-model", "judge-test", "--base-url", server.url, "--max-new-tokens", "6", "--retries", "2",
-           "--timeout", "1", "--price-in", "2.5", "--price-out", "10", "--device", "cpu", "--out", str(out)]
+           "--timeout", "1", "--price-in", "2.5", "--price-out", "10", "--device", "cpu", "--out", str(out),
+           "--chat-template-kwargs", '{"enable_thinking": false}']
     run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": KEY})
     assert run.returncode == 0, run.stderr[-3000:]
     return run
@@ -90,6 +91,8 @@ def test_judge_end_to_end(setup, tmp_path):
     # the rerun judged nothing new except the timed-out question (transport failures are not cached)
     assert calls_second > 0
     assert all("SLOW" in r["body"]["messages"][-1]["content"] for r in server.requests[calls_first:])
+    # the chat template's arguments reached the server with every request (a Qwen3 judge behind vllm serve)
+    assert all(r["body"]["chat_template_kwargs"] == {"enable_thinking": False} for r in server.requests)
     # the key was sent to the server, and is nowhere in outputs or logs
     assert all(r["auth"] == f"Bearer {KEY}" for r in server.requests)
     for f in tmp_path.iterdir():
@@ -110,3 +113,13 @@ def test_verdict_rule_and_stratified_sampling():
     picked = sample(qs, 7, seed=1)
     assert [q["source"] for q in picked].count("a") == 3 and len(picked) == 7
     assert picked == sample(qs, 7, seed=1) and picked != sample(qs, 7, seed=2)
+
+
+def test_help_says_the_judge_is_a_server(capsys):
+    """No offline vLLM engine here: --help tells how to put a local judge model behind a server."""
+    from evaluation.eval_reasoning_judge import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "The judge is a server" in text and "vllm serve" in text and "--base-url http://127.0.0.1:8000/v1" in text
