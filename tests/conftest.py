@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch.overrides import TorchFunctionMode
+import yaml
 
-import megatron_ext
-from megatron_ext import hf_mapping, parallel
+from megatron_ext import parallel
+from tools.parity import megatron_twin  # noqa: F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,16 +50,6 @@ def float64():
         torch.set_default_dtype(default)
 
 
-def megatron_twin(hf_model, **build_kwargs):
-    """The megatron model with the HF model's weights, copied through the converters' mapping."""
-    config = megatron_ext.Qwen35Config.from_hf(hf_model.config.to_dict())
-    model = megatron_ext.build_model(config, backend="local", device="cpu", **build_kwargs)
-    state = hf_model.state_dict()
-    hf_mapping.copy_hf_into(model, config, state.__getitem__, hf_mapping.lm_prefix(state))
-    return model
-
-
-
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
@@ -80,26 +70,19 @@ def tiny_hf_dir(path: Path, seed: int, chat_template: str | None = None) -> Path
 def trainer_command(config: Path, *extra: str, nproc: int = 1) -> list[str]:
     """The trainer's command line: one process, or torchrun with ``nproc`` ranks (gloo on CPU)."""
     from megatron_ext.parallel import free_port
+    from tools import gpu_check
 
     if nproc == 1:
-        return [sys.executable, "-m", "megatron_ext.train", "--config", str(config), *extra]
+        return gpu_check.trainer_command(config, *extra)
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
             "-m", "megatron_ext.train", "--config", str(config), *extra]
 
 
 def kill_after_first_checkpoint(config: Path, nproc: int = 1) -> None:
-    """Start the trainer and SIGKILL all its processes as soon as its first checkpoint is published."""
-    import time
+    from tools import gpu_check
 
     run_dir = Path(yaml.safe_load(config.read_text())["run_dir"])
-    proc = subprocess.Popen(trainer_command(config, nproc=nproc), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    latest = run_dir / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    gpu_check.kill_after_first_checkpoint(trainer_command(config, nproc=nproc), run_dir)
 
 
 def run_trainer(config: Path, *extra: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:

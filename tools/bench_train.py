@@ -10,12 +10,19 @@ peak memory as a markdown table for docs/benchmarks.md. Goals: >= 45% MFU in BF1
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from datetime import date
 
 import torch
 
-from tools.check_gpu_model import APPROX_2B
+# The Qwen3.5-2B shape as far as it matters for speed (pass --hf-config with the real config.json for
+# recorded numbers): tied embeddings, 24 layers 3:1 GDN:attention, GDN 16 key / 16 value heads of 128.
+APPROX_2B = dict(
+    vocab_size=248320, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+    num_attention_heads=8, num_key_value_heads=2, head_dim=256, linear_key_head_dim=128,
+    linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=16, tie_word_embeddings=True,
+)
 
 
 def _time_steps(step, warmup: int, iters: int) -> tuple[float, float]:
@@ -59,7 +66,8 @@ def hf(config, seq: int, mbs: int, warmup: int, iters: int):
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
     hf_config = Qwen3_5TextConfig(**config.to_hf_text_dict())
-    model = Qwen3_5ForCausalLM._from_config(hf_config, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    with torch.device("cuda"):  # initialise on the GPU: a 2B init on the CPU takes longer than the benchmark
+        model = Qwen3_5ForCausalLM._from_config(hf_config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-6, fused=True)
     ids = torch.randint(0, config.vocab_size, (mbs, seq), device="cuda")
@@ -72,6 +80,31 @@ def hf(config, seq: int, mbs: int, warmup: int, iters: int):
     return _time_steps(step, warmup, iters)
 
 
+def measure(config=None, seq: int = 4096, micro_batch: int = 1, warmup: int = 3, iters: int = 10):
+    """Rows (implementation, s/step, tokens/s, MFU text, peak GiB): ours in BF16 (and FP8 with TE), then
+    transformers + fla, one after the other on this GPU (each model is freed before the next)."""
+    from megatron_ext import Qwen35Config, parallel
+    from megatron_ext.flops import peak_tflops, train_flops_per_token
+    from megatron_ext.spec import have_transformer_engine
+
+    parallel.initialize()
+    config = config or Qwen35Config(**APPROX_2B)
+    tokens = seq * micro_batch
+    flops = train_flops_per_token(config, seq) * tokens
+    peak = peak_tflops(torch.cuda.get_device_name())
+    runs = [("neurocpt megatron-core BF16", lambda: ours(config, seq, micro_batch, None, warmup, iters))]
+    if have_transformer_engine():
+        runs.append(("neurocpt megatron-core FP8 (TE)", lambda: ours(config, seq, micro_batch, "hybrid", warmup, iters)))
+    runs.append(("transformers Qwen3.5 + fla, BF16", lambda: hf(config, seq, micro_batch, warmup, iters)))
+    rows = []
+    for name, run in runs:
+        seconds, mem = run()
+        gc.collect()  # the model and optimizer of this run, before the next one allocates its own
+        torch.cuda.empty_cache()
+        rows.append((name, seconds, tokens / seconds, f"{flops / seconds / (peak * 1e12):.1%}" if peak else "n/a", mem))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-config")
@@ -82,26 +115,16 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
-    from megatron_ext import Qwen35Config, parallel
-    from megatron_ext.flops import peak_tflops, train_flops_per_token
-    from megatron_ext.spec import have_transformer_engine
+    from megatron_ext import Qwen35Config
 
-    parallel.initialize()
-    config = Qwen35Config.from_hf(args.hf_config) if args.hf_config else Qwen35Config(**APPROX_2B)
-    tokens = args.seq * args.micro_batch
-    flops = train_flops_per_token(config, args.seq) * tokens
-    peak = peak_tflops(torch.cuda.get_device_name())
-    rows = [("neurocpt megatron-core BF16", *ours(config, args.seq, args.micro_batch, None, args.warmup, args.iters))]
-    if have_transformer_engine():
-        rows.append(("neurocpt megatron-core FP8 (TE)", *ours(config, args.seq, args.micro_batch, "hybrid", args.warmup, args.iters)))
-    rows.append(("transformers Qwen3.5 + fla, BF16", *hf(config, args.seq, args.micro_batch, args.warmup, args.iters)))
+    config = Qwen35Config.from_hf(args.hf_config) if args.hf_config else None
+    rows = measure(config, args.seq, args.micro_batch, args.warmup, args.iters)
     base = rows[-1][1]
     print(f"\n### Training step ({date.today()}, {torch.cuda.get_device_name()}, seq {args.seq}, micro-batch "
           f"{args.micro_batch}, shape {'from ' + args.hf_config if args.hf_config else 'APPROX_2B'})\n")
     print("| implementation | s/step | tokens/s | MFU | peak GiB | vs HF |\n|---|---|---|---|---|---|")
-    for name, seconds, mem in rows:
-        mfu = f"{flops / seconds / (peak * 1e12):.1%}" if peak else "n/a"
-        print(f"| {name} | {seconds:.3f} | {tokens / seconds:,.0f} | {mfu} | {mem:.1f} | {base / seconds:.2f}x |")
+    for name, seconds, tokens_per_s, mfu, mem in rows:
+        print(f"| {name} | {seconds:.3f} | {tokens_per_s:,.0f} | {mfu} | {mem:.1f} | {base / seconds:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""tools/gpu_check.py without a GPU: its help, its process control (time boxes, failures reported while the
+other parts still run, rows echoed and written), and the parts that can run on CPU."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tools import gpu_check
+
+ROWS = "| part | check | value | limit | verdict |"
+
+
+def _check(tmp_path, *args: str) -> tuple[str, str]:
+    out = tmp_path / "gpu_check.md"
+    run = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--device", "cpu", "--workdir", str(tmp_path / "work"),
+                          "--out", str(out), *args], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout, out.read_text()
+
+
+def test_help_documents_every_part_and_its_time_box():
+    text = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--help"], capture_output=True, text=True).stdout
+    for name, seconds in gpu_check.BOXES.items():
+        assert re.search(rf"^  {name} +{seconds}  ", text, re.MULTILINE), name
+    assert sum(gpu_check.BOXES.values()) <= 360  # the whole check in at most 6 minutes
+    assert "--box PART=SECONDS" in text
+
+
+def test_a_failing_part_and_an_overrunning_part_are_reported_and_the_rest_runs(tmp_path):
+    stdout, written = _check(tmp_path, "--parts", "bench,resume,kernels", "--box", "resume=4", "--box", "kernels=3")
+    lines = [x for x in stdout.splitlines() if x.startswith("| ")]
+    assert lines[0] == ROWS
+    bench, resume, kernels = lines[1:]
+    assert bench.startswith("| bench | exit code 1 |") and "CUDA" in bench and bench.endswith("| FAILED |")
+    assert resume == "| resume | time box | stopped after 4 s | | TIMEOUT |"
+    assert kernels == "| kernels | time box | stopped after 3 s | | TIMEOUT |"
+    assert all(x in written for x in lines)  # --out holds what the terminal showed
+
+
+def test_unknown_part_is_refused():
+    run = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--parts", "kernels,speed"], capture_output=True,
+                         text=True)
+    assert run.returncode != 0 and "unknown ['speed']" in run.stderr
+
+
+def _rows(capsys) -> list[list[str]]:
+    return [[c.strip() for c in x.split("|")[1:-1]] for x in capsys.readouterr().out.splitlines() if x.startswith("| ")]
+
+
+def test_kernels_part_on_cpu(capsys):
+    gpu_check.part_kernels("cpu")  # the torch kernels in bf16 against fp32: the same checks fla gets on CUDA
+    rows = _rows(capsys)
+    assert [r[1] for r in rows if r[4] == "pass"] == [
+        "gated delta rule output, torch bf16 vs torch fp32", *(f"gated delta rule d{x}" for x in "q k v g beta".split()),
+        *(f"causal conv1d {x}, torch bf16 vs torch fp32" for x in ("output", "dx", "dweight"))]
+    assert ["kernels", "torch gated delta rule deterministic (two runs, same bits)", "yes", "", ""] in rows
+
+
+def test_parity_part_on_cpu(capsys):
+    gpu_check.part_parity("cpu")
+    logits, grads = _rows(capsys)
+    assert logits[1] == "logits, megatron_ext vs transformers, fp32 on cpu" and logits[4] == "pass"
+    assert grads[1].startswith("gradients of 56 parameters") and grads[4] == "pass"
+
+
+@pytest.mark.parametrize("steps", [4])
+def test_resume_part_on_cpu(capsys, tmp_path, steps):
+    gpu_check.part_resume("cpu", steps, tmp_path)
+    rows = _rows(capsys)
+    assert [r[4] for r in rows[:3]] == ["pass", "pass", "pass (bit-identical)"]
+    assert rows[1][2] == "iter_0000002"

@@ -1,0 +1,298 @@
+"""The GPU check: one command for a GPU node with the training stack installed (no pip, no network, an
+empty kernel cache), done in at most 6 minutes. Each part runs in its own process under its own time box,
+so a part that runs long or crashes is reported and the others still run; each result row is printed
+(markdown) as soon as it is known and appended to ``--out``.
+
+    python -m tools.gpu_check [--out gpu_check.md] [--parts kernels,parity,resume,bench] [--box resume=150]
+
+Parts and their time boxes (seconds):
+  kernels  100  fla vs the pure-torch GDN kernels (gated delta rule, causal conv1d), bf16, packed documents
+                with the 2B GDN geometry (16 key / 16 value heads of 128): outputs and gradients, and
+                whether two identical fla runs give identical bits (determinism).
+  parity    60  transformers vs megatron_ext on CUDA, float32 both sides (TF32 off), a random model with
+                the real head sizes (attention head_dim 256; GDN 16 key and 16 value heads of 128):
+                logits and every parameter's gradient.
+  resume   130  the trainer in bf16 with the distributed optimizer on the demo mix: 20 steps uninterrupted;
+                20 steps SIGKILLed right after the step-10 checkpoint, then resumed; losses compared.
+  bench     70  tools.bench_train on the 2B shape (APPROX_2B, seq 4096): ours vs transformers + fla,
+                tokens/s, MFU, peak memory.
+The first part to run fla compiles and autotunes its kernels (about 110 s on a fresh machine); later parts
+reuse the compiled kernels from Triton's on-disk cache.
+
+``--device cpu`` runs what can run without CUDA (kernels: the torch kernels in bf16 against fp32; parity
+with the pure-torch kernels; resume in fp32 on a tiny shape): the test suite uses it to check this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BOXES = {"kernels": 100, "parity": 60, "resume": 130, "bench": 70}  # seconds; 360 in all
+L, F = "linear_attention", "full_attention"
+# A small model with the 2B release's head geometry, so that the fla kernels compiled for it serve the
+# 2B benchmark too (their head counts and sizes are compile-time constants).
+REAL_HEADS = dict(
+    vocab_size=2048, hidden_size=256, intermediate_size=512, layer_types=[L, L, L, F],
+    num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+    linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=16,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                     "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+)
+LIMITS = {  # verdict thresholds on relative error (max |ours - ref| / max |ref|)
+    "bf16": 4 * 2.0**-8,  # fla in bf16 vs the fp32 reference: a few bf16 roundings (eps 2^-8)
+    "fp32 logits": 1e-4,  # the same fla kernels on both sides in fp32; only the glue differs
+    "fp32 grads": 1e-3,  # gradients sum over the sequence: more accumulation-order noise
+}
+
+
+def row(part: str, check: str, value, limit: float | None = None, verdict: str | None = None) -> None:
+    """Print one result row at once (the parent collects rows from stdout)."""
+    shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+    if verdict is None and limit is not None:
+        verdict = "pass" if value <= limit else "FAIL"
+    print(f"| {part} | {check} | {shown} | {'' if limit is None else f'<= {limit:.2g}'} | {verdict or ''} |", flush=True)
+
+
+# --------------------------------------------------------------------------------------------- parts
+
+
+def part_kernels(device: str) -> None:
+    from megatron_ext.kernels import causal_conv1d_silu, gated_delta_rule
+
+    kernel = "fla" if device == "cuda" else "torch"  # on CPU: the same checks of the torch kernels in bf16
+    gen = torch.Generator(device).manual_seed(0)
+    t, heads, d = 3000 if device == "cuda" else 300, 16, 128
+    cu = torch.tensor([0, 1, t // 4, t * 2 // 3, t], device=device, dtype=torch.int32)  # a 1-token document too
+
+    def rand(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
+
+    inputs = {"q": rand(1, t, heads, d), "k": rand(1, t, heads, d), "v": rand(1, t, heads, d),
+              "g": -0.5 * torch.rand(1, t, heads, generator=gen, device=device),  # log decay, fp32 as the layer gives it
+              "beta": torch.rand(1, t, heads, generator=gen, device=device).to(torch.bfloat16)}
+    upstream = rand(1, t, heads, d, dtype=torch.float32)
+
+    def run(kernel: str, dtype_of):
+        leaves = {k: v.detach().to(dtype_of(v)).requires_grad_() for k, v in inputs.items()}
+        out = gated_delta_rule(*leaves.values(), cu, kernel)
+        (out.float() * upstream).sum().backward()
+        return out.float(), {k: v.grad.float() for k, v in leaves.items()}
+
+    out, grads = run(kernel, lambda v: v.dtype)
+    ref, ref_grads = run("torch", lambda v: torch.float32)
+    row("kernels", f"gated delta rule output, {kernel} bf16 vs torch fp32", rel(out, ref), LIMITS["bf16"])
+    for name in grads:
+        row("kernels", f"gated delta rule d{name}", rel(grads[name], ref_grads[name]), LIMITS["bf16"])
+    again, again_grads = run(kernel, lambda v: v.dtype)
+    same = torch.equal(out, again) and all(torch.equal(grads[k], again_grads[k]) for k in grads)
+    row("kernels", f"{kernel} gated delta rule deterministic (two runs, same bits)", "yes" if same else "no")
+
+    width, channels = 4, 2 * heads * d + heads * d
+    x, w = rand(1, t, channels), rand(channels, width)
+    up = rand(1, t, channels, dtype=torch.float32)
+
+    def conv(kernel: str, dtype):
+        xl, wl = x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
+        y = causal_conv1d_silu(xl, wl, cu, kernel)
+        (y.float() * up).sum().backward()
+        return y.float(), xl.grad.float(), wl.grad.float()
+
+    got, want = conv(kernel, torch.bfloat16), conv("torch", torch.float32)
+    for name, a, b in zip(("output", "dx", "dweight"), got, want):
+        row("kernels", f"causal conv1d {name}, {kernel} bf16 vs torch fp32", rel(a, b), LIMITS["bf16"])
+
+
+def part_parity(device: str) -> None:
+    from tools.parity import compare, megatron_twin
+    from tools.tiny_qwen35 import causal_lm, text_config
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    hf = causal_lm(text_config(**REAL_HEADS), seed=1).to(device)
+    ours = megatron_twin(hf, device=device)
+    gen = torch.Generator(device).manual_seed(2)
+    seq = 300 if device == "cuda" else 100  # more than one 64-token GDN chunk, not a multiple of it
+    ids = torch.randint(0, hf.config.vocab_size, (2, seq), generator=gen, device=device)
+    errors = compare(hf, ours, ids, gen)
+    row("parity", f"logits, megatron_ext vs transformers, fp32 on {device}", errors.pop("logits"), LIMITS["fp32 logits"])
+    worst = max(errors, key=errors.get)
+    row("parity", f"gradients of {len(errors)} parameters, worst ({worst})", errors[worst], LIMITS["fp32 grads"])
+
+
+def part_resume(device: str, steps: int, workdir: Path) -> None:
+    import yaml
+
+    from preprocessing.build_mix import build
+    from preprocessing.recipe import MixRecipe
+    from tools import convert_from_hf, tiny_qwen35
+
+    mix = workdir / "mix" / "mix.json"
+    if not mix.is_file():
+        build(MixRecipe.load(ROOT / "data" / "demo" / "recipe.yaml", output_dir=str(mix.parent)))
+    base = workdir / "base"
+    if not base.is_dir():  # on CPU a tiny shape: there the part checks the procedure, not the kernels
+        shape = REAL_HEADS if device == "cuda" else dict(vocab_size=REAL_HEADS["vocab_size"])
+        tiny_qwen35.causal_lm(tiny_qwen35.text_config(**shape), seed=3).save_pretrained(workdir / "base_hf")
+        convert_from_hf.convert(workdir / "base_hf", base)
+    precision = "bf16" if device == "cuda" else "fp32"  # bf16 matmuls crawl on CPU
+
+    def config(name: str) -> Path:
+        cfg = dict(run_dir=str(workdir / name), init_from=str(base), mix=str(mix), seq_length=256, global_batch_size=8,
+                   micro_batch_size=2, train_iters=steps, lr=1e-3, min_lr=1e-4, warmup_fraction=0.1,
+                   decay_fraction=0.2, precision=precision, distributed_optimizer=True, log_interval=1,
+                   eval_interval=0, save_interval=steps // 2, keep_last=2, tensorboard=False)
+        path = workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    def losses(name: str) -> list[float]:
+        return [json.loads(x)["loss"] for x in (workdir / name / "metrics.jsonl").read_text().splitlines()]
+
+    def train(path: Path) -> None:
+        with open(path.with_suffix(".log"), "w") as log:
+            subprocess.run(trainer_command(path), stdout=log, stderr=subprocess.STDOUT, check=True)
+
+    started = time.perf_counter()
+    train(config("uninterrupted"))
+    reference = losses("uninterrupted")
+    row("resume", f"{steps} steps, {precision}, distributed optimizer: first / last loss",
+        f"{reference[0]:.4f} / {reference[-1]:.4f}", verdict="pass" if reference[-1] < reference[0] else "FAIL")
+    killed = config("killed")
+    kill_after_first_checkpoint(trainer_command(killed), workdir / "killed")
+    latest = (workdir / "killed" / "checkpoints" / "latest").read_text()
+    row("resume", "SIGKILL right after the first checkpoint; latest checkpoint", latest,
+        verdict="pass" if latest == f"iter_{steps // 2:07d}" else "FAIL")
+    train(killed)
+    resumed = losses("killed")
+    diff = max(abs(a - b) / abs(b) for a, b in zip(resumed, reference))
+    row("resume", "losses after resume vs uninterrupted: max rel diff", diff, LIMITS["bf16"],
+        "pass (bit-identical)" if resumed == reference else None)
+    row("resume", "seconds for the three runs", f"{time.perf_counter() - started:.0f}")
+
+
+def part_bench(device: str) -> None:
+    from tools import bench_train
+
+    for name, seconds, tokens_per_s, mfu, peak_gib in bench_train.measure(seq=4096, micro_batch=1, warmup=2, iters=5):
+        row("bench", f"{name}: s/step | tok/s | MFU | peak GiB",
+            f"{seconds:.3f} | {tokens_per_s:,.0f} | {mfu} | {peak_gib:.1f}")
+
+
+PARTS = {"kernels": part_kernels, "parity": part_parity, "resume": part_resume, "bench": part_bench}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    from tools.parity import rel_err
+
+    return rel_err(a, b)
+
+
+# ------------------------------------------------------------------------------------ process control
+
+
+def trainer_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "megatron_ext.train", "--config", str(config), *extra]
+
+
+def kill_after_first_checkpoint(cmd: list[str], run_dir: Path, timeout: float = 300) -> None:
+    """Start a training command and SIGKILL all its processes as soon as its first checkpoint is published."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + timeout
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_part(name: str, box: float, args: argparse.Namespace, out) -> None:
+    """Run one part in a child process under its time box, echoing its rows as they come."""
+    log = Path(args.workdir) / f"{name}.log"
+    cmd = [sys.executable, "-m", "tools.gpu_check", "--run-part", name, "--device", args.device,
+           "--resume-steps", str(args.resume_steps), "--workdir", args.workdir]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+                                cwd=ROOT, env=env)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+        deadline = time.monotonic() + box
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                emit(out, f"| {name} | time box | stopped after {box:.0f} s | | TIMEOUT |")
+                return
+            if line is None:
+                break
+            if line.startswith("| "):
+                emit(out, line.rstrip("\n"))
+        code = proc.wait()
+    if code:
+        last = [x for x in log.read_text().splitlines() if x.strip()][-1:] or ["(no output)"]
+        emit(out, f"| {name} | exit code {code} | {last[0][:200].replace('|', '/')} | see {log} | FAILED |")
+
+
+def emit(out, line: str) -> None:
+    print(line, flush=True)
+    out.write(line + "\n")
+    out.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="gpu_check.md", help="markdown file the rows are appended to")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
+    p.add_argument("--box", action="append", default=[], metavar="PART=SECONDS", help="change a part's time box")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--resume-steps", type=int, default=20, help="steps of the resume part (checkpoint at half)")
+    p.add_argument("--workdir", default="out/gpu_check", help="data, checkpoints and per-part logs")
+    p.add_argument("--run-part", choices=PARTS, help=argparse.SUPPRESS)  # the child process of one part
+    args = p.parse_args(argv)
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    if args.run_part:
+        from megatron_ext import parallel
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("needs a CUDA device (--device cpu runs the parts that do not)")
+        parallel.initialize()
+        fn = PARTS[args.run_part]
+        fn(args.device, args.resume_steps, Path(args.workdir)) if fn is part_resume else fn(args.device)
+        return
+    boxes = dict(BOXES)
+    for item in args.box:
+        name, _, seconds = item.partition("=")
+        if name not in boxes:
+            raise SystemExit(f"--box {item}: unknown part {name!r}")
+        boxes[name] = float(seconds)
+    parts = [x for x in args.parts.split(",") if x]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    from megatron_ext.gpu_stack import installed
+
+    stack = installed()
+    versions = ", ".join(f"{k} {v}" for k, v in stack.versions.items() if v)
+    with open(args.out, "a") as out:
+        emit(out, f"\n### GPU check, {date.today()}, {stack.device} ({versions})\n")
+        emit(out, "| part | check | value | limit | verdict |\n|---|---|---|---|---|")
+        for name in parts:
+            run_part(name, boxes[name], args, out)
+
+
+if __name__ == "__main__":
+    main()
