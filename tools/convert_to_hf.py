@@ -148,7 +148,7 @@ class _LayerReader:
 
 def _declare_frozen_mtp(readme: Path, template: Path) -> None:
     """Say in the release that its MTP head is the template's, untrained (see the project README)."""
-    note = (f"\n\n## MTP head: frozen\n\nThe language model was trained (continued pre-training) with neurocpt; the "
+    note = (f"\n\n## MTP head: frozen\n\nThe language model was trained with neurocpt (continued pre-training, SFT); the "
             f"MTP (multi-token prediction) head, the `{MTP_PREFIX}*` tensors, is frozen: copied unchanged from "
             f"`{template.name}`, it was trained for that model's trunk, not this one. Speculative decoding with it "
             "stays exact but may accept fewer draft tokens; its next-next-token accuracy on held-out text is "

@@ -1,11 +1,11 @@
 """`make demo`: the project's chain on CPU, end to end, on locally made data.
 
 The five-source demo corpus (``data/demo``) -> ``build_mix`` (clean, PHI guard, decontaminate, dedup,
-tokenise, mix.json, report); a tiny random Qwen3.5 *base* checkpoint in the release layout (multimodal,
-sharded, vision tower, the demo tokenizer) -> megatron checkpoint -> verified logits -> packed-document
+tokenise, mix.json, report); a tiny random Qwen3.5 *base* checkpoint in the 2B release's layout (multimodal,
+tied embeddings, sharded, vision tower, MTP head, the demo tokenizer) -> megatron checkpoint -> verified logits -> packed-document
 check -> tiny CPT run (``launch/configs/demo_cpu.yaml``) -> HF release of the trained model -> verified
-again -> generation through transformers -> per-domain perplexity of base vs CPT on the held-out
-splits and the evaluation report -> the SFT comparison's two arms, Base+SFT and CPT+SFT, through
+again -> generation through transformers -> per-domain perplexity and MTP next-next-token accuracy of
+base vs CPT on the held-out splits and the evaluation report -> the SFT comparison's two arms, Base+SFT and CPT+SFT, through
 ``make sft-arms`` (``data/demo/sft_recipe.yaml``, ``launch/configs/demo_sft_cpu.yaml``) -> a chat answer
 from the CPT+SFT release through its chat template -> lm-eval (local PubMedQA copy) and the judge (against
 the OpenAI-protocol stub server, ``tools/openai_stub_server.py``) on both arms, in the evaluation report.
@@ -22,8 +22,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
@@ -45,7 +43,19 @@ def generate(release: Path, messages: list[dict] | None = None, text: str = "", 
     return tok.decode(new)
 
 
-def run(out: Path) -> list[tuple[str, str, float]]:
+def sh(cmd: list, log: Path | None, **kwargs) -> None:
+    """Run one command of the chain, its output appended to the demo's ``log`` (None: on the terminal)."""
+    if log is None:
+        subprocess.run(cmd, check=True, **kwargs)
+        return
+    with open(log, "a") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, **kwargs).returncode
+    if code:
+        raise SystemExit(f"[demo] failed (exit {code}): {' '.join(map(str, cmd))}\nits output is at the end of {log}")
+
+
+def run(out: Path, log: Path | None = None) -> list[tuple[str, str, float]]:
+    """The chain; subprocesses' output goes to ``log`` (None: to the terminal)."""
     from megatron_ext.checkpoint import load_model
     from tools import convert_from_hf, convert_to_hf, tiny_qwen35
     from tools.verify_conversion import compare
@@ -75,12 +85,14 @@ def run(out: Path) -> list[tuple[str, str, float]]:
         tokens = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"])
         vocab = -(-tokens // 128) * 128  # padded like released checkpoints' embeddings
         pattern = ["linear_attention"] * 3 + ["full_attention"]
-        model = tiny_qwen35.multimodal(seed=0, vocab_size=vocab, hidden_size=128, intermediate_size=256,
-                                       layer_types=pattern * 2)
+        model = tiny_qwen35.multimodal(seed=0, tie_word_embeddings=True, vocab_size=vocab, hidden_size=128,
+                                       intermediate_size=256, layer_types=pattern * 2)
         model.save_pretrained(base, max_shard_size="500KB")
+        tiny_qwen35.add_mtp(base, seed=0)
         for f in tokenizer.iterdir():
             shutil.copy2(f, base / f.name)
-        return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(list(base.glob('*.safetensors')))} shards"
+        return (f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, tied embeddings, "
+                f"{len(list(base.glob('*.safetensors')))} shards")
 
     stage("make tiny Qwen3.5 base checkpoint", make_base)
     stage("convert HF -> megatron", lambda: convert_from_hf.convert(base, ckpt))
@@ -88,6 +100,8 @@ def run(out: Path) -> list[tuple[str, str, float]]:
           lambda: "max rel err {max_rel_err:.1e}, argmax agreement {argmax_agreement:.0%}".format(**compare(base, ckpt, seq_len=128)))
 
     def packed_check():
+        import torch
+
         model = load_model(ckpt)
         vocab = model.qwen35_config.vocab_size
         a, b = torch.randint(0, vocab, (1, 50)), torch.randint(0, vocab, (1, 70))
@@ -103,7 +117,7 @@ def run(out: Path) -> list[tuple[str, str, float]]:
     def cpt():
         cmd = [sys.executable, "-m", "megatron_ext.train", "--config", str(CONFIG), f"run_dir={run_dir}",
                f"init_from={ckpt}", f"mix={out / 'mix' / 'mix.json'}"]
-        subprocess.run(cmd, check=True)
+        sh(cmd, log)
         records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         vals = {k: round(v, 2) for k, v in records[-1].items() if k.startswith("val/")}
         return (f"{len(records)} steps, loss {records[0]['loss']:.2f} -> {records[-1]['loss']:.2f}; "
@@ -118,7 +132,7 @@ def run(out: Path) -> list[tuple[str, str, float]]:
     stage("generate from the release with transformers", lambda: repr(generate(release, text="The patient presented with")))
 
     def ppl():
-        from evaluation import perplexity, report
+        from evaluation import mtp, perplexity, report
 
         names = {"ehr": "Patient EHR", "pubmed_neuro": "PubMed Neurology", "arxiv_neuro": "arXiv Neuroscience",
                  "general_medical": "General medical", "english": "English"}
@@ -126,12 +140,15 @@ def run(out: Path) -> list[tuple[str, str, float]]:
         result = perplexity.evaluate({"base": str(base), "cpt": str(release)}, data, max_length=256, stride=128)
         (out / "results").mkdir(exist_ok=True)
         (out / "results" / "perplexity.json").write_text(json.dumps(result, indent=2))
+        heads = mtp.evaluate({"base": str(base), "cpt": str(release)}, data, max_length=256, max_docs=20)
+        (out / "results" / "mtp.json").write_text(json.dumps(heads, indent=2))
         report.build(out / "results", out / "results" / "report.md")
-        ehr = result["results"]["Patient EHR"]
-        return (f"Patient EHR perplexity {ehr['base']['ppl']:.1f} -> {ehr['cpt']['ppl']:.1f}; "
+        ehr, ehr_mtp = result["results"]["Patient EHR"], heads["results"]["Patient EHR"]
+        return (f"Patient EHR perplexity {ehr['base']['ppl']:.1f} -> {ehr['cpt']['ppl']:.1f}, frozen MTP head's "
+                f"accuracy {ehr_mtp['base']['mtp_acc']:.1%} -> {ehr_mtp['cpt']['mtp_acc']:.1%}; "
                 f"report: {out / 'results' / 'report.md'}")
 
-    stage("domain perplexity, base vs CPT (held-out splits)", ppl)
+    stage("domain perplexity and MTP accuracy, base vs CPT (held-out splits)", ppl)
 
     arms = out / "sft"
 
@@ -142,8 +159,8 @@ def run(out: Path) -> list[tuple[str, str, float]]:
                      "SFT_CONFIG": SFT_CONFIG, "BASE_CKPT": ckpt, "CPT_CKPT": run_dir / "checkpoints",
                      "HF_TEMPLATE": base, "ARMS_DIR": arms}
         env = {**os.environ, "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port())}
-        subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "sft-arms",
-                        *(f"{k}={Path(v).resolve() if k != 'PY' else v}" for k, v in variables.items())], check=True, env=env)
+        sh(["make", "--no-print-directory", "-C", str(ROOT), "sft-arms",
+            *(f"{k}={Path(v).resolve() if k != 'PY' else v}" for k, v in variables.items())], log, env=env)
         data = json.loads((out / "sft_data" / "sft.json").read_text())
         finals = {arm: [json.loads(x) for x in (arms / arm / "metrics.jsonl").read_text().splitlines()][-1]
                   for arm in ("base_sft", "cpt_sft")}
@@ -165,18 +182,17 @@ def run(out: Path) -> list[tuple[str, str, float]]:
 
         models = ["--model", f"base_sft={arms / 'base_sft' / 'hf'}", "--model", f"cpt_sft={arms / 'cpt_sft' / 'hf'}"]
         results = out / "results"
-        subprocess.run([sys.executable, "-m", "evaluation.eval_qwen", *models, "--tasks", "pubmedqa", "--data-dir",
-                        str(DEMO / "eval"), "--delta", "cpt_sft-base_sft", "--device", "cpu", "--out", str(results / "lm_eval")],
-                       check=True, capture_output=True)
+        sh([sys.executable, "-m", "evaluation.eval_qwen", *models, "--tasks", "pubmedqa", "--data-dir",
+            str(DEMO / "eval"), "--delta", "cpt_sft-base_sft", "--device", "cpu", "--out", str(results / "lm_eval")], log)
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "tools.openai_stub_server", "--port", str(port)],
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
             server.stdout.readline()  # printed once it listens
-            subprocess.run([sys.executable, "-m", "evaluation.eval_reasoning_judge", *models, "--medqa", str(DEMO / "eval" / "medqa.jsonl"),
-                            "--n", "6", "--judge-model", "stub", "--base-url", f"http://127.0.0.1:{port}/v1",
-                            "--max-new-tokens", "48", "--device", "cpu", "--out", str(results / "judge")],
-                           check=True, capture_output=True, env={**os.environ, "OPENAI_API_KEY": "EMPTY"})
+            sh([sys.executable, "-m", "evaluation.eval_reasoning_judge", *models, "--medqa", str(DEMO / "eval" / "medqa.jsonl"),
+                "--n", "6", "--judge-model", "stub", "--base-url", f"http://127.0.0.1:{port}/v1",
+                "--max-new-tokens", "48", "--device", "cpu", "--out", str(results / "judge")],
+               log, env={**os.environ, "OPENAI_API_KEY": "EMPTY"})
         finally:
             server.kill()
         report.build(results, results / "report.md")
@@ -197,10 +213,17 @@ def run(out: Path) -> list[tuple[str, str, float]]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/demo", type=Path)
+    p.add_argument("--verbose", action="store_true", help="every tool's and library's output on the terminal "
+                                                          "(always in OUT/demo.log)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    run(args.out)
+    if not args.verbose:  # before tqdm is imported: each stage prints one line instead of progress bars
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    from megatron_ext import logs
+
+    log = logs.setup(args.out / "demo.log", args.verbose, console_level=logging.WARNING)
+    run(args.out, None if args.verbose else log)
     print((args.out / "summary.md").read_text())
+    print(f"full log: {log}")
 
 
 if __name__ == "__main__":
