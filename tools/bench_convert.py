@@ -1,6 +1,6 @@
 """Benchmark: checkpoint conversion time and peak memory against a plain copy of the same safetensors files.
 
-    python -m tools.bench_convert [--hidden 1024] [--layers 12] [--vocab 32000] [--dtype bf16] [--repeat 2]
+    python -m tools.bench_convert [--hidden 1024] [--layers 24] [--vocab 64000] [--dtype bf16] [--repeat 2]
 
 Builds a random Qwen3.5 checkpoint (release layout: multimodal, tied, sharded), then times (best of
 --repeat): ``cp`` of its shard files, ``convert_from_hf`` and ``convert_to_hf --hf-template``, each
@@ -80,8 +80,8 @@ def _copy_shards(src: Path, dst: Path, durable: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--vocab", type=int, default=64000)
     p.add_argument("--dtype", default="bf16", choices=DTYPES)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temp dir)")
