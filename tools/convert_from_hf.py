@@ -7,9 +7,9 @@ The dist checkpoint is layout-free (megatron reshards at load), so it loads unde
 ``--pp`` check that the architecture divides for the layout you will train with. As megatron does, the
 embedding (and untied output layer) is padded with zero rows to a multiple of ``--vocab-divisor`` x TP;
 the model never predicts those ids and ``convert_to_hf`` drops them. Tied embeddings (the small releases'
-``tie_word_embeddings: true``) stay tied. Only the language model
-is converted; vision tower and MTP weights stay in the HF directory and come back at export
-(``tools.convert_to_hf --hf-template``). Memory: one model copy plus one HF tensor at a time.
+``tie_word_embeddings: true``) stay tied. Only the language model is converted; vision tower and MTP
+weights stay in the HF directory and come back at export (``tools.convert_to_hf --hf-template``).
+Memory: one model copy plus one HF tensor at a time.
 """
 
 from __future__ import annotations
