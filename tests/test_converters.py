@@ -163,36 +163,46 @@ def test_odd_vocabulary_is_padded_for_tp2_and_round_trips(odd_vocab_dir, tmp_pat
     tp2 = _resave_tp2(ckpt, tmp_path / "tp2")
     _assert_bit_exact(odd_vocab_dir, convert_to_hf.convert(tp2, tmp_path / "export"))
 
-    # logits over the real ids under TP=2 (each rank holds 384 rows, the second one 251 padded) match transformers
+    # logits over the real ids under TP=2 (each rank holds 384 rows, the second one 251 padded) match
+    # transformers; both sides in float64, as tp_worker computes
+    from conftest import float64
+    from megatron_ext.checkpoint import save_model
+
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 517, (2, 30), generator=gen)
     positions = torch.arange(30).expand(2, 30).contiguous()
-    weights = torch.randn(2, 30, 517, generator=gen)
+    weights = torch.randn(2, 30, 517, generator=gen, dtype=torch.float64)
     torch.save({"ids": ids, "positions": positions, "weights": weights}, tmp_path / "inputs.pt")
-    mp.start_processes(__import__("tp_worker").run, args=(2, free_port(), str(tp2), str(tmp_path / "inputs.pt"), str(tmp_path)),
-                       nprocs=2, start_method="spawn", join=True)
-    from transformers import AutoModelForCausalLM
-
-    with torch.no_grad():
-        ref = AutoModelForCausalLM.from_pretrained(odd_vocab_dir).eval()(input_ids=ids).logits
+    with float64():
+        hf = causal_lm(text_config(vocab_size=517), seed=10)
+        save_model(_padded_twin(hf, 128 * 2), tmp_path / "fp64")
+        with torch.no_grad():
+            ref = hf(input_ids=ids).logits
+    mp.start_processes(__import__("tp_worker").run, args=(2, free_port(), str(tmp_path / "fp64"), str(tmp_path / "inputs.pt"),
+                                                          str(tmp_path)), nprocs=2, start_method="spawn", join=True)
     for rank in range(2):
-        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt")["logits"], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt")["logits"], ref, atol=1e-10, rtol=1e-10)
     from megatron_ext import Qwen35Config
 
     with pytest.raises(ValueError, match="not divisible by tensor_parallel=3; convert again with --tp 3"):
         Qwen35Config(vocab_size=517).padded_to(128).to_transformer_config(tensor_parallel=3)
 
 
-def test_padded_ids_are_never_predicted_nor_learned(odd_vocab_dir):
-    """The loss is the cross entropy over the real ids only, and the padded rows get no gradient, so
-    training never moves probability onto them."""
+def _padded_twin(hf, multiple: int):
+    """The megatron model of a HF text model, its vocabulary padded to ``multiple`` as convert_from_hf does."""
     from megatron_ext import Qwen35Config, build_model, hf_mapping
 
+    config = Qwen35Config.from_hf(hf.config.to_dict()).padded_to(multiple)
+    model = build_model(config, backend="local", device="cpu", params_dtype=next(hf.parameters()).dtype)
+    hf_mapping.copy_hf_into(model, config, hf.state_dict().__getitem__, "model.")
+    return model
+
+
+def test_padded_ids_are_never_predicted_nor_learned():
+    """The loss is the cross entropy over the real ids only, and the padded rows get no gradient, so
+    training never moves probability onto them."""
     hf = causal_lm(text_config(vocab_size=517), seed=10).double()
-    config = Qwen35Config.from_hf(hf.config.to_dict()).padded_to(128)
-    model = build_model(config, backend="local", device="cpu", params_dtype=torch.float64)
-    state = hf.state_dict()
-    hf_mapping.copy_hf_into(model, config, state.__getitem__, "model.")
+    model = _padded_twin(hf, 128)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 517, (2, 24), generator=gen)
     labels = torch.randint(0, 517, (2, 24), generator=gen)
