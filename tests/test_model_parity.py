@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import float64, megatron_twin
 
+from tools.parity import gradient_pairs, rel_err
 from tools.tiny_qwen35 import causal_lm, text_config
 
 import megatron_ext
-from megatron_ext import hf_mapping
 
 L, F = "linear_attention", "full_attention"
 
@@ -28,10 +28,6 @@ SHAPES = {
 SEQ = 77  # > one 64-token GDN chunk, not a multiple of it
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def _reference(shape: dict, seed: int = 0):
     """transformers' model in float64, its logits for random ids, and its gradients of a random projection."""
     gen = torch.Generator().manual_seed(seed)
@@ -44,16 +40,6 @@ def _reference(shape: dict, seed: int = 0):
     return hf, ids, logits.detach(), weights
 
 
-def _gradient_pairs(ours, hf) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(HF name, our gradient in HF layout, HF gradient) for every HF parameter (a tied head is one)."""
-    ours_grads = {n: p.grad for n, p in ours.named_parameters()}
-    hf_grads = {n: p.grad for n, p in hf.named_parameters()}
-    pairs = [(name, grad, hf_grads[name]) for name, grad in
-             hf_mapping.megatron_to_hf(ours.qwen35_config, ours_grads.__getitem__, hf_mapping.lm_prefix(hf_grads))]
-    assert len(pairs) == len(hf_grads)
-    return pairs
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 def test_logits_and_gradients_match_transformers_in_float64(shape):
     hf, ids, ref, weights = _reference(SHAPES[shape])
@@ -62,9 +48,9 @@ def test_logits_and_gradients_match_transformers_in_float64(shape):
         out = ours(ids)
         (out * weights).sum().backward()
     assert out.dtype == torch.float64 and out.shape == ref.shape
-    assert _rel(out, ref) <= 1e-10
-    for name, grad, hf_grad in _gradient_pairs(ours, hf):
-        assert grad.dtype == torch.float64 and _rel(grad, hf_grad) <= 1e-10, name
+    assert rel_err(out, ref) <= 1e-10
+    for name, grad, hf_grad in gradient_pairs(ours, hf):
+        assert grad.dtype == torch.float64 and rel_err(grad, hf_grad) <= 1e-10, name
 
 
 def test_float32_error_is_within_the_rounding_bound_of_its_longest_reduction():
@@ -79,8 +65,8 @@ def test_float32_error_is_within_the_rounding_bound_of_its_longest_reduction():
     assert out.dtype == torch.float32
     n = max(hf.config.hidden_size, hf.config.intermediate_size, SEQ)
     tol = n * torch.finfo(torch.float32).eps
-    assert _rel(out.double(), ref) <= tol
-    pairs = _gradient_pairs(ours, hf)
+    assert rel_err(out.double(), ref) <= tol
+    pairs = gradient_pairs(ours, hf)
     scale = max(hf_grad.abs().max() for _, _, hf_grad in pairs)
     worst = max((grad.double() - hf_grad).abs().max() for _, grad, hf_grad in pairs)
     assert worst / scale <= tol

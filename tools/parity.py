@@ -34,12 +34,17 @@ def compare(hf_model, ours, ids: torch.Tensor, generator: torch.Generator) -> di
     weights = torch.randn(ref.shape, generator=generator, dtype=ref.dtype, device=ref.device)
     (ref * weights).sum().backward()
     (out * weights).sum().backward()
+    errors.update((name, rel_err(grad, hf_grad)) for name, grad, hf_grad in gradient_pairs(ours, hf_model))
+    return errors
+
+
+def gradient_pairs(ours, hf_model) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(HF name, our gradient in HF layout, HF gradient) for every HF parameter after a backward on both."""
     ours_grads = {n: p.grad for n, p in ours.named_parameters()}
     hf_grads = {n: p.grad for n, p in hf_model.named_parameters()}
-    prefix = hf_mapping.lm_prefix(hf_grads)
-    for name, grad in hf_mapping.megatron_to_hf(ours.qwen35_config, ours_grads.__getitem__, prefix):
-        errors[name] = rel_err(grad, hf_grads[name])
-    missing = set(hf_grads) - set(errors)
+    pairs = [(name, grad, hf_grads[name]) for name, grad in
+             hf_mapping.megatron_to_hf(ours.qwen35_config, ours_grads.__getitem__, hf_mapping.lm_prefix(hf_grads))]
+    missing = set(hf_grads) - {name for name, _, _ in pairs}
     if missing:  # a tied head is one parameter on both sides; anything else unmapped is a mapping bug
         raise KeyError(f"HF parameters without a megatron gradient: {sorted(missing)}")
-    return errors
+    return pairs
