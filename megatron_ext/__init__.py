@@ -1,7 +1,8 @@
 """Qwen3.5 hybrid (Gated DeltaNet + gated attention) language model on megatron-core."""
 
-from megatron_ext import cpu_patches
+from megatron_ext import cpu_patches, logs
 
+logs.hide_harmless_warnings()  # before megatron's modules warn that TE/Apex are absent (logs.setup says it once)
 cpu_patches.apply()  # no-op when CUDA is present
 
 from megatron_ext.config import Qwen35Config  # noqa: E402

@@ -123,11 +123,14 @@ def main(argv: list[str] | None = None) -> None:
     add_executor_args(p)
     p.add_argument("--clean", action="store_true", help="delete output_dir first instead of resuming")
     p.add_argument("--keep-work", action="store_true", help="keep output_dir/work/ (per-worker intermediates) after the merge")
+    p.add_argument("--verbose", action="store_true", help="every library's log on the console (always in output_dir/build_mix.log)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from megatron_ext import logs
+
     recipe = MixRecipe.load(args.config)
     if args.clean:
         shutil.rmtree(recipe.out, ignore_errors=True)
+    logs.setup(recipe.out / "build_mix.log", args.verbose)
     mix = build(recipe, args.workers, args.executor, args.keep_work, partition=args.partition, time=args.time)
     if mix is not None:
         print((recipe.out / "report.md").read_text())

@@ -310,12 +310,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--output-dir", help="override the recipe's output_dir")
     p.add_argument("--clean", action="store_true", help="delete output_dir first instead of resuming")
+    p.add_argument("--verbose", action="store_true", help="every library's log on the console (always in output_dir/build_sft.log)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # one line per index file read is noise here
+    from megatron_ext import logs
+
     recipe = SFTRecipe.load(args.config, **({"output_dir": str(Path(args.output_dir).resolve())} if args.output_dir else {}))
     if args.clean:
         shutil.rmtree(recipe.out, ignore_errors=True)
+    logs.setup(recipe.out / "build_sft.log", args.verbose)
     build(recipe, args.workers)
     print((recipe.out / "report.md").read_text())
 

@@ -240,8 +240,7 @@ def test_resume_after_kill_gives_identical_outputs(tmp_path):
     def run(tag: str, kill_after: str | None = None):
         cmd = [sys.executable, "-m", "preprocessing.build_mix", "--config", str(_recipe(tmp_path / tag))]
         if kill_after is None:
-            subprocess.run(cmd, check=True, capture_output=True)
-            return
+            return subprocess.run(cmd, check=True, capture_output=True, text=True)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         marker = tmp_path / tag / "mix" / "logs" / kill_after / "completions"
         deadline = time.time() + 120
@@ -252,7 +251,11 @@ def test_resume_after_kill_gives_identical_outputs(tmp_path):
         assert not (tmp_path / tag / "mix" / "mix.json").exists()  # it really died mid-way
         subprocess.run(cmd, check=True, capture_output=True)  # the same command resumes
 
-    run("a")
+    quiet = run("a")
+    # the console has the stage lines, not datatrove's pipeline and stats tables: those are in the log file
+    log = (tmp_path / "a" / "mix" / "build_mix.log").read_text()
+    assert "stage clean: 1 tasks" in quiet.stderr and "📉" not in quiet.stderr and "📉" in log and "PIPELINE" in log
+    assert quiet.stderr.count("\n") <= 25, quiet.stderr  # stage lines and a few dedup progress bars
     run("b", kill_after="exact_filter")
     a, b = tmp_path / "a" / "mix", tmp_path / "b" / "mix"
     names = sorted(p.name for p in a.glob("*_text_document.*")) + ["mix.json"]

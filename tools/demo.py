@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
 CONFIG = ROOT / "launch" / "configs" / "demo_cpu.yaml"
@@ -45,7 +43,19 @@ def generate(release: Path, messages: list[dict] | None = None, text: str = "", 
     return tok.decode(new)
 
 
-def run(out: Path) -> list[tuple[str, str, float]]:
+def sh(cmd: list, log: Path | None, **kwargs) -> None:
+    """Run one command of the chain, its output appended to the demo's ``log`` (None: on the terminal)."""
+    if log is None:
+        subprocess.run(cmd, check=True, **kwargs)
+        return
+    with open(log, "a") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, **kwargs).returncode
+    if code:
+        raise SystemExit(f"[demo] failed (exit {code}): {' '.join(map(str, cmd))}\nits output is at the end of {log}")
+
+
+def run(out: Path, log: Path | None = None) -> list[tuple[str, str, float]]:
+    """The chain; subprocesses' output goes to ``log`` (None: to the terminal)."""
     from megatron_ext.checkpoint import load_model
     from tools import convert_from_hf, convert_to_hf, tiny_qwen35
     from tools.verify_conversion import compare
@@ -90,6 +100,8 @@ def run(out: Path) -> list[tuple[str, str, float]]:
           lambda: "max rel err {max_rel_err:.1e}, argmax agreement {argmax_agreement:.0%}".format(**compare(base, ckpt, seq_len=128)))
 
     def packed_check():
+        import torch
+
         model = load_model(ckpt)
         vocab = model.qwen35_config.vocab_size
         a, b = torch.randint(0, vocab, (1, 50)), torch.randint(0, vocab, (1, 70))
@@ -105,7 +117,7 @@ def run(out: Path) -> list[tuple[str, str, float]]:
     def cpt():
         cmd = [sys.executable, "-m", "megatron_ext.train", "--config", str(CONFIG), f"run_dir={run_dir}",
                f"init_from={ckpt}", f"mix={out / 'mix' / 'mix.json'}"]
-        subprocess.run(cmd, check=True)
+        sh(cmd, log)
         records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         vals = {k: round(v, 2) for k, v in records[-1].items() if k.startswith("val/")}
         return (f"{len(records)} steps, loss {records[0]['loss']:.2f} -> {records[-1]['loss']:.2f}; "
@@ -147,8 +159,8 @@ def run(out: Path) -> list[tuple[str, str, float]]:
                      "SFT_CONFIG": SFT_CONFIG, "BASE_CKPT": ckpt, "CPT_CKPT": run_dir / "checkpoints",
                      "HF_TEMPLATE": base, "ARMS_DIR": arms}
         env = {**os.environ, "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port())}
-        subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "sft-arms",
-                        *(f"{k}={Path(v).resolve() if k != 'PY' else v}" for k, v in variables.items())], check=True, env=env)
+        sh(["make", "--no-print-directory", "-C", str(ROOT), "sft-arms",
+            *(f"{k}={Path(v).resolve() if k != 'PY' else v}" for k, v in variables.items())], log, env=env)
         data = json.loads((out / "sft_data" / "sft.json").read_text())
         finals = {arm: [json.loads(x) for x in (arms / arm / "metrics.jsonl").read_text().splitlines()][-1]
                   for arm in ("base_sft", "cpt_sft")}
@@ -170,18 +182,17 @@ def run(out: Path) -> list[tuple[str, str, float]]:
 
         models = ["--model", f"base_sft={arms / 'base_sft' / 'hf'}", "--model", f"cpt_sft={arms / 'cpt_sft' / 'hf'}"]
         results = out / "results"
-        subprocess.run([sys.executable, "-m", "evaluation.eval_qwen", *models, "--tasks", "pubmedqa", "--data-dir",
-                        str(DEMO / "eval"), "--delta", "cpt_sft-base_sft", "--device", "cpu", "--out", str(results / "lm_eval")],
-                       check=True, capture_output=True)
+        sh([sys.executable, "-m", "evaluation.eval_qwen", *models, "--tasks", "pubmedqa", "--data-dir",
+            str(DEMO / "eval"), "--delta", "cpt_sft-base_sft", "--device", "cpu", "--out", str(results / "lm_eval")], log)
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "tools.openai_stub_server", "--port", str(port)],
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
             server.stdout.readline()  # printed once it listens
-            subprocess.run([sys.executable, "-m", "evaluation.eval_reasoning_judge", *models, "--medqa", str(DEMO / "eval" / "medqa.jsonl"),
-                            "--n", "6", "--judge-model", "stub", "--base-url", f"http://127.0.0.1:{port}/v1",
-                            "--max-new-tokens", "48", "--device", "cpu", "--out", str(results / "judge")],
-                           check=True, capture_output=True, env={**os.environ, "OPENAI_API_KEY": "EMPTY"})
+            sh([sys.executable, "-m", "evaluation.eval_reasoning_judge", *models, "--medqa", str(DEMO / "eval" / "medqa.jsonl"),
+                "--n", "6", "--judge-model", "stub", "--base-url", f"http://127.0.0.1:{port}/v1",
+                "--max-new-tokens", "48", "--device", "cpu", "--out", str(results / "judge")],
+               log, env={**os.environ, "OPENAI_API_KEY": "EMPTY"})
         finally:
             server.kill()
         report.build(results, results / "report.md")
@@ -202,10 +213,17 @@ def run(out: Path) -> list[tuple[str, str, float]]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/demo", type=Path)
+    p.add_argument("--verbose", action="store_true", help="every tool's and library's output on the terminal "
+                                                          "(always in OUT/demo.log)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    run(args.out)
+    if not args.verbose:  # before tqdm is imported: each stage prints one line instead of progress bars
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    from megatron_ext import logs
+
+    log = logs.setup(args.out / "demo.log", args.verbose, console_level=logging.WARNING)
+    run(args.out, None if args.verbose else log)
     print((args.out / "summary.md").read_text())
+    print(f"full log: {log}")
 
 
 if __name__ == "__main__":
