@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_ext import logs
 from megatron_ext.parallel import is_rank0
 from megatron_ext.train_config import TrainConfig
 
@@ -487,9 +488,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run config (launch/configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
+    p.add_argument("--verbose", action="store_true", help="every library's log on the console (always in run_dir/train*.log)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    train(TrainConfig.load(args.config, args.overrides))
+    cfg = TrainConfig.load(args.config, args.overrides)
+    rank = int(os.environ.get("RANK", 0))
+    logs.setup(Path(cfg.run_dir) / ("train.log" if rank == 0 else f"train.rank{rank}.log"), args.verbose, rank=rank)
+    train(cfg)
 
 
 if __name__ == "__main__":

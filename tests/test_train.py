@@ -72,6 +72,18 @@ def test_reference_run_logs_learns_and_follows_wsd(reference, setup):
     assert sorted(p.name for p in (run / "checkpoints").glob("iter_*")) == ["iter_0000004", "iter_0000008"]
 
 
+def test_console_is_quiet_and_the_log_file_has_everything(reference, setup):
+    """The trainer's console: its own lines and the TE/Apex fallback once, in one line; megatron's INFO dumps
+    (configs, bucket lists) and the libraries' Python warnings only in run_dir/train.log."""
+    console = (setup / "reference.out").read_text() + (setup / "reference.err").read_text()
+    log = (setup / "reference" / "train.log").read_text()
+    for noise in ("Params for bucket", "DistributedDataParallelConfig", "Warning: "):
+        assert noise in log and noise not in console, noise
+    assert console.count("not installed") == 1 and "Transformer Engine and Apex not installed" in console
+    assert "step 8/8" in console and "saved " in console and "saved " in log
+    assert len(console.splitlines()) <= 25, console
+
+
 def test_sigkill_after_a_checkpoint_resumes_bit_exact(reference, setup):
     config = _config(setup, "killed")
     kill_after_first_checkpoint(config)
@@ -206,8 +218,9 @@ def test_sigterm_saves_and_exits_then_resumes(reference, setup):
 
 def test_nonfinite_steps_are_skipped_counted_and_halt(setup):
     config = _config(setup, "nan", train_iters=6, eval_interval=0, save_interval=100, spike_factor=0.5)
-    run = run_trainer(config, "debug={nan_at_steps: [3]}")
+    run = run_trainer(config, "debug={nan_at_steps: [3]}", "--verbose")
     assert "spike #" in run.stderr  # with factor 0.5 every later loss counts as a spike: the warning works
+    assert "Params for bucket" in run.stderr  # --verbose: megatron's INFO on the console too
     m = read_metrics(setup / "nan")
     assert m[2]["loss"] is None and m[2]["skipped_steps"] == 1 and m[-1]["skipped_steps"] == 1
     assert all(x["loss"] is not None and x["loss"] == x["loss"] for i, x in enumerate(m) if i != 2)
