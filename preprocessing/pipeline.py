@@ -112,32 +112,6 @@ def completed(logging_dir: Path, tasks: int) -> bool:
     return done.is_dir() and len(list(done.iterdir())) >= tasks
 
 
-def make_executor(kind: str, pipeline: list, tasks: int, workers: int, logging_dir: Path, depends=None, **cluster):
-    """datatrove's executors: local processes, a Slurm job array, or Ray tasks."""
-    if kind == "local":
-        from datatrove.executor import LocalPipelineExecutor
-
-        return LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
-                                     logging_dir=str(logging_dir), start_method="fork")
-    if kind == "slurm":
-        from datatrove.executor import SlurmPipelineExecutor
-
-        return SlurmPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
-                                     depends=depends, job_name=f"build_mix_{logging_dir.name}",
-                                     time=cluster.get("time", "24:00:00"), partition=cluster.get("partition"))
-    if kind == "ray":
-        from datatrove.executor import RayPipelineExecutor
-
-        return RayPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
-                                   depends=depends, mem_per_cpu_gb=cluster.get("mem_per_cpu_gb", 2))
-    raise ValueError(f"unknown executor {kind!r}; choose local, slurm or ray")
-
-
-def completed(logging_dir: Path, tasks: int) -> bool:
-    done = logging_dir / "completions"
-    return done.is_dir() and len(list(done.iterdir())) >= tasks
-
-
 def write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
