@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,6 +20,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from preprocessing.phi import phi_spans, redact_phi
 from preprocessing.recipe import SourceConfig
 from preprocessing.tokenizer import eos_id, load_tokenizer, token_dtype
 
@@ -196,33 +198,9 @@ class MixReader(PipelineStep):
 
 # ------------------------------------------------------------------------------------------ PHI guard
 
-PHI_PATTERNS: dict[str, re.Pattern] = {
-    "url_with_id": re.compile(r"https?://\S*?\d{3,}\S*"),
-    "email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"),
-    "ssn": re.compile(r"\b\d{3}-\d{2}-\d{4}\b"),
-    "phone": re.compile(r"(?:\+?1[\s.-]?)?\(?\b\d{3}\)?[\s.-]\d{3}[\s.-]\d{4}\b"),
-    "mrn": re.compile(r"\b(?:MRN|MR#|Medical Record(?: Number)?|Patient ID)\s*[:#]?\s*[A-Z]{0,3}\d{5,12}\b", re.I),
-    "full_date": re.compile(
-        r"\b(?:\d{1,2}[/-]\d{1,2}[/-](?:19|20)\d{2}|(?:19|20)\d{2}-\d{2}-\d{2}|"
-        r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.? \d{1,2}, (?:19|20)\d{2})\b"),
-    "street_address": re.compile(
-        r"\b\d{1,5} (?:[A-Z][a-z]+ ){1,3}(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way)\b\.?"),
-}
-
-
-def find_phi(text: str) -> dict[str, int]:
-    return {kind: len(p.findall(text)) for kind, p in PHI_PATTERNS.items() if p.search(text)}
-
-
-def redact_phi(text: str) -> str:
-    for kind, p in PHI_PATTERNS.items():  # order matters: URLs and e-mails before the digit patterns
-        text = p.sub(f"[{kind.upper()}]", text)
-    return text
-
-
 class PHIGuard(PipelineStep):
-    """Residual identifiers in sources with ``phi_guard``: redacted (default) or the document dropped,
-    counted per identifier type."""
+    """Residual identifiers in sources with ``phi_guard`` (every Safe Harbor kind, :mod:`preprocessing.phi`):
+    replaced by typed placeholders (default) or the document dropped, counted per kind."""
 
     name = "🛡 PHI guard"
     type = "🔻 - FILTER"
@@ -235,14 +213,15 @@ class PHIGuard(PipelineStep):
         for doc in data:
             source = doc.metadata["source"]
             if source in self.policy:
-                found = find_phi(doc.text)
-                for kind, n in found.items():
+                with self.track_time():
+                    spans = phi_spans(doc.text)
+                for kind, n in Counter(s.kind for s in spans).items():
                     self.stat_update(f"phi/{source}/{kind}", value=n)
-                if found and self.policy[source] == "drop":
+                if spans and self.policy[source] == "drop":
                     self.stat_update(f"dropped/{source}/phi")
                     continue
-                if found:
-                    doc.text = redact_phi(doc.text)
+                if spans:
+                    doc.text = redact_phi(doc.text, spans)
             yield doc
 
 

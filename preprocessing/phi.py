@@ -1,0 +1,339 @@
+"""PHI detection for the guard on EHR sources: every HIPAA Safe Harbor identifier kind that can occur in note text.
+
+Built on Microsoft Presidio (``presidio-analyzer``): its recognizers find e-mails, phone and fax numbers
+(Google's libphonenumber), SSNs (with the SSA's validity rules), URLs, IP and MAC addresses, numeric dates,
+credit-card, bank, IBAN, DEA, NPI, Medicare (MBI), passport, claim and prescription numbers, each scored and
+raised by context words near it. What Presidio leaves to an NER model (names, places) or does not cover
+(MRNs, labelled account/plan/licence/device ids, ZIP codes, ages over 89, VINs, month-name dates) is added
+here as Presidio recognizers. Person names come from the first/last-name lists and the common-word list that
+philter-lite (the maintained fork of UCSF's clinical de-identifier Philter) ships. Left out: Presidio's
+driver-licence and insurance-member recognizers, whose weak patterns raised by a context word anywhere in
+the five words before flag clinical scores ("T2", "ABCD2") after an "Insurance: Medicare." line; the
+labelled recognizers here cover those ids.
+
+Why not philter-lite's own engine: its ``detect_phi`` part-of-speech-tags every note with NLTK's perceptron
+tagger, whose data comes only from the NLTK downloader (not from PyPI), and nothing may be downloaded at run
+time. Why not a Presidio NER model: spaCy's English models are not on PyPI under official names, and
+general-domain NER misses the terse name formats of notes. So Presidio runs here on a blank spaCy English
+tokenizer (no model), which is all its context scoring needs.
+
+Kept as they are: neurology eponyms (``EPONYMS``; "Parkinson", "Guillain-Barré", "Glasgow Coma Scale"),
+drug names (philter-lite's common-word list has them), and upstream de-identification placeholders
+(``[**Name**]``, ``___``).
+"""
+
+from __future__ import annotations
+
+import functools
+import unicodedata
+from typing import NamedTuple
+
+import regex
+
+KINDS = ("name", "address", "city", "zip", "date", "age", "phone", "email", "ssn", "mrn", "health_plan", "account",
+         "license", "vehicle", "device", "url", "ip", "other_id")
+
+# Presidio's entity names -> our kinds (our own recognizers name their entity after the kind)
+_PRESIDIO_KIND = {
+    "PERSON": "name", "EMAIL_ADDRESS": "email", "PHONE_NUMBER": "phone", "US_SSN": "ssn", "US_ITIN": "ssn",
+    "URL": "url", "IP_ADDRESS": "ip", "DATE_TIME": "date", "MEDICAL_LICENSE": "license", "US_NPI": "license", "US_PASSPORT": "other_id", "US_BANK_NUMBER": "account",
+    "CREDIT_CARD": "account", "IBAN_CODE": "account", "US_MBI": "health_plan", "MAC_ADDRESS": "device", "UUID": "other_id", "US_CLAIM_NUMBER": "other_id",
+    "US_PRIOR_AUTHORIZATION_NUMBER": "other_id", "US_PRESCRIPTION_NUMBER": "other_id",
+    "US_REFERRAL_NUMBER": "other_id",
+}
+
+# Eponyms of neurology (and their co-eponyms) that are also in the name lists: never a person in a note.
+EPONYMS = frozenset("""
+adie alzheimer argyll arnold babinski barre bell broca brown brudzinski charcot chiari creutzfeldt dandy dix eaton
+epley fisher friedreich gowers gunn guillain hallpike hess hoffmann horner hunt huntington jackson jakob kernig
+korsakoff lambert lewy lhermitte marcus marie martin meniere miller parkinson phalen ramsay rankin rinne robertson
+romberg sequard spetzler sturge sydenham tinel todd tourette uhthoff walker wallenberg weber wernicke willis wilson
+glasgow
+""".split())
+
+SCORE_THRESHOLD = 0.4  # Presidio's floor for a weak pattern raised by a context word
+PIECE_CHARS = 4_000  # analysed at once: Presidio's context scoring is quadratic in a text's length
+
+_PLACEHOLDER = regex.compile(r"\[\*\*.*?\*\*\]")  # MIMIC-style upstream de-identification
+
+
+class Span(NamedTuple):
+    start: int
+    end: int
+    kind: str
+
+
+# ------------------------------------------------------------------------------------------- names
+
+_WORD = r"\p{Lu}[\p{L}'’]*\p{L}(?:-\p{Lu}[\p{L}'’]*\p{L})?"  # Smith, O'Brien, Müller, SMITH, Smith-Jones
+_NAME_WORD = regex.compile(_WORD)
+_INITIAL = r"\p{Lu}\.?"
+_TITLED = regex.compile(rf"\b(?:Dr|Drs|Mr|Mrs|Ms|Mx|Miss|Prof|Doctor|DR\.)\.?[ \t]+\K(?:{_INITIAL}[ \t]+)?{_WORD}"
+                        rf"(?:[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD})?")
+_ROLES = ("patient|pt|name|patient name|seen by|seen with|examined by|evaluated by|referred by|discussed with|d/w|"
+          "spoke with|spoke to|signed by|dictated by|transcribed by|cosigned by|attending|resident|fellow|intern|"
+          "pcp|provider|physician|surgeon|neurologist|nurse|rn|np|wife|husband|spouse|partner|son|daughter|mother|"
+          "father|sister|brother|grandson|granddaughter|niece|nephew|aunt|uncle|friend|neighbor|neighbour|"
+          "caregiver|guardian|hcp|poa|proxy|contact|cc")
+_CUED = regex.compile(rf"(?<![\p{{L}}/])(?i:{_ROLES})\b\s*[:,(]?\s*\K{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}")
+_GAP_FIRST_LAST = regex.compile(r"[ \t]+(?:\p{Lu}\.?[ \t]+)?")
+_GAP_LAST_FIRST = regex.compile(r",[ \t]*")
+_CREDENTIALED = regex.compile(rf"{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}(?=,?[ \t]+(?:MD|DO|RN|NP|PA-C|PA|PhD|"
+                              r"APRN|CNP|CRNP|DNP|FNP|MSW|LCSW|LICSW|PharmD|RPh|DPT|OTR|LPN)\b)")
+
+
+def _name_recognizer():
+    from presidio_analyzer import EntityRecognizer, RecognizerResult
+
+    class NameRecognizer(EntityRecognizer):
+        """Person names: after a title (Dr., Ms.), after a role or relation (patient, seen by, wife), before
+        a credential (", MD"), or a first name then a last name from philter-lite's lists (not an eponym
+        pair such as "Marcus Gunn"). A word of philter-lite's common-word list (English and medical words,
+        drug names) is a name only where it is also a listed name."""
+
+        def __init__(self):
+            super().__init__(supported_entities=["PERSON"], name="NameRecognizer")
+
+        def load(self) -> None:
+            from philter_lite.filters.filter_db import set_db
+
+            self.first, self.last, self.common = (frozenset(set_db[k]) for k in ("firstnames", "lastnames", "nonames"))
+
+        def analyze(self, text, entities, nlp_artifacts=None):
+            spans = [*self._runs(_TITLED, text, 0.85), *self._runs(_CUED, text, 0.7),
+                     *self._runs(_CREDENTIALED, text, 0.85), *self._listed_pairs(text)]
+            return [RecognizerResult("PERSON", s, e, score) for s, e, score in spans]
+
+        @staticmethod
+        def _key(word: str) -> str:
+            """The lists' spelling: lower case, no accent, no possessive, no apostrophe (O'Brien's -> obrien)."""
+            word = word.lower().replace("’", "'").removesuffix("'s").replace("'", "")
+            return unicodedata.normalize("NFKD", word).encode("ascii", "ignore").decode()
+
+        def _could_be_name(self, word: str) -> bool:
+            key = self._key(word)
+            return key in self.first or key in self.last or key not in self.common
+
+        def _runs(self, pattern, text: str, score: float):
+            """Per match, its words that could be a name (a common word too where it stands next to an
+            unambiguous surname: "Son Ana Reyes"): from the start (after a title, the first word is always
+            one), or for a credential the words right before it; a third word that is an eponym starts the
+            next phrase."""
+            for m in pattern.finditer(text):
+                words = list(_NAME_WORD.finditer(m.group()))
+                keys = [self._key(w.group()) for w in words]
+                surname = [k in self.last and k not in self.common for k in keys]
+                ok = [(pattern is _TITLED and i == 0) or self._could_be_name(w.group())
+                      or any(surname[max(i - 1, 0):i + 2]) for i, w in enumerate(words)]
+                if len(ok) == 3 and keys[2] in EPONYMS:  # "Attending: Zofia Dubois Horner syndrome"
+                    ok[2] = False
+                if pattern is _CREDENTIALED:
+                    words, ok = words[::-1], ok[::-1]
+                n = ok.index(False) if False in ok else len(ok)
+                if n:
+                    first, last = (words[n - 1], words[0]) if pattern is _CREDENTIALED else (words[0], words[n - 1])
+                    yield m.start() + first.start(), m.start() + last.end(), score
+
+        def _listed_pairs(self, text: str):
+            """A listed first name then a listed last name ("John A. Smith"), or "Smith, John"."""
+            words = list(_NAME_WORD.finditer(text))
+            keys = [self._key(w.group()) for w in words]
+            for i in range(len(words) - 1):
+                a, b = keys[i], keys[i + 1]
+                if a in EPONYMS or b in EPONYMS:
+                    continue
+                gap = text[words[i].end():words[i + 1].start()]
+                forward = (a in self.first and a not in self.common and b in self.last
+                           and _GAP_FIRST_LAST.fullmatch(gap))
+                backward = (a in self.last and a not in self.common and b in self.first and b not in self.common
+                            and _GAP_LAST_FIRST.fullmatch(gap))
+                if forward or backward:
+                    yield words[i].start(), words[i + 1].end(), 0.6
+
+    return NameRecognizer()
+
+
+# ------------------------------------------------------------------------- identifiers Presidio lacks
+
+_MONTH = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sep(?:t(?:ember)?)?|"
+          r"Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\.?")
+_DAY = r"(?:[12]\d|3[01]|0?[1-9])(?:st|nd|rd|th)?"
+_STATES = ("AL|AK|AZ|AR|CA|CO|CT|DE|FL|GA|HI|ID|IL|IN|IA|KS|KY|LA|ME|MD|MA|MI|MN|MS|MO|MT|NE|NV|NH|NJ|NM|NY|NC|"
+           "ND|OH|OK|OR|PA|RI|SC|SD|TN|TX|UT|VT|VA|WA|WV|WI|WY|DC|PR")
+_PLACE = r"\p{Lu}\p{Ll}+(?:[ -]\p{Lu}\p{Ll}+){0,2}"
+_STREET = ("Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|Terrace|Ter|Circle|"
+           "Cir|Parkway|Pkwy|Highway|Hwy|Square|Sq|Trail|Trl")
+# an identifier value: 4+ letters and digits (at least one digit), inner dashes or slashes
+_ID = r"(?=[\p{L}\d/-]{4,})(?=[\p{L}\d/-]*\d)[\p{L}\d]+(?:[-/][\p{L}\d]+)*\b"
+_NO = r"\s*(?:#|no\b\.?|num(?:ber)?\b|id\b)"  # required after a label that is also a common word
+_DOT = r"(?:\.(?=\s*(?:[:#\d]|no\b|num|id\b)))?"  # "Lic. 44-1902", not "Medicare. ABCD2 score"
+_LABEL_END = rf"(?![\p{{L}}\d]){_DOT}(?:{_NO})?{_DOT}(?:\s+is\b)?\s*[:#]?\s*"
+
+# kind -> labels, each followed by the identifier it labels ("MRN#: A1234567", "Acct no. 00482913")
+LABELS = {
+    "ssn": r"SSN|SS|social security(?: number)?",
+    "mrn": rf"MRN|MR|medical record|med rec|EMPI|MPI|(?:hospital|unit|chart|patient|pt){_NO}",
+    "health_plan": rf"health plan|member|subscriber|policy|insurance|insurer|Medicaid|Medicare|beneficiary|HICN|"
+                   rf"payer|(?:plan|group){_NO}",
+    "account": rf"account|acct|acc|HAR|CSN|FIN|invoice|(?:billing|encounter|visit){_NO}",
+    "license": r"licen[cs]e|lic|DEA|certificate|certification",
+    "vehicle": rf"VIN|vehicle(?: identification)?|licen[cs]e plate|plate|(?:tag|registration){_NO}",
+    "device": rf"serial|S/?N|UDI|IMEI|(?:device|implant|pacemaker|lot|model){_NO}",
+    "other_id": rf"ID|identifier|accession|specimen|requisition|passport|(?:study|subject|case|sample|order|ref|"
+                rf"reference|claim|record){_NO}",
+}
+
+
+def _our_recognizers():
+    """Presidio pattern recognizers for what Presidio lacks, one per kind; case-sensitive unless a part says (?i)."""
+    from presidio_analyzer import Pattern, PatternRecognizer
+
+    flags = regex.DOTALL | regex.MULTILINE | regex.V0
+
+    def recognizer(kind: str, *patterns: tuple[str, float]):
+        return PatternRecognizer(supported_entity=kind.upper(), name=f"neurocpt_{kind}", global_regex_flags=flags,
+                                 patterns=[Pattern(f"{kind} {i}", p, s) for i, (p, s) in enumerate(patterns)])
+
+    age = r"(?:9\d|1[01]\d)"
+    return [
+        *(recognizer(kind, (rf"(?<![\p{{L}}\d])(?i:(?:{labels}){_LABEL_END})\K{_ID}", 0.85)) for kind, labels in LABELS.items()),
+        recognizer("vehicle", (r"\b(?=[A-HJ-NPR-Z\d]{17}\b)(?=[A-Z\d]*\d)(?=[A-Z\d]*[A-Z])[A-HJ-NPR-Z\d]{17}\b", 0.6)),
+        recognizer("zip", (rf"\b(?:{_STATES})\s{{1,2}}\K\d{{5}}(?:-\d{{4}})?\b", 0.7),
+                   (r"(?i:zip|zip code|postal code|zipcode)\s*:?\s*\K\d{5}(?:-\d{4})?\b", 0.85)),
+        recognizer("address", (rf"\b\d{{1,6}}\s+(?:[NSEW]\.?\s+)?(?:\p{{Lu}}[\p{{L}}'.-]*\s+){{1,3}}(?:{_STREET})\b\.?"
+                               r"(?:,?\s+(?i:apt|apartment|unit|suite|ste|#)\.?\s*#?[\p{L}\d-]+)?", 0.7),
+                   (r"\b(?i:p\.?\s?o\.?\s+box)\s+\d+\b", 0.7)),
+        recognizer("city", (rf"{_PLACE}(?=,\s*(?:{_STATES})\b(?:\s+\d{{5}}|\s*[.;)]|\s*$))", 0.7),
+                   (rf"{_PLACE}\s+(?:County|Parish|Township)\b", 0.7),
+                   (r"(?i:lives|living|lived|resides|residing|resident|born|moved|relocated|grew up|home|travel(?:l?ed)?)"
+                    rf"\s+(?i:alone\s+|with\s+\p{{Ll}}+\s+)?(?i:in|to|at|near|from|of)\s+\K{_PLACE}", 0.6)),
+        recognizer("date", (rf"\b{_MONTH}\s+{_DAY}(?:,?\s+\d{{4}})?\b", 0.6),
+                   (rf"\b{_DAY}\s+(?:of\s+)?{_MONTH}(?:,?\s+\d{{4}})?\b", 0.6),
+                   (rf"\b{_MONTH},?\s+(?:19|20)\d\d\b", 0.6),
+                   (r"\b(?:0?[1-9]|1[0-2])[./-](?:0?[1-9]|[12]\d|3[01])[./-](?:19|20)?\d\d\b", 0.6),
+                   (r"(?i:on|since|until|till|through|dated|as of|starting|admitted|discharged|DOB|DOS)\s*:?\s*"
+                    r"\K(?:0?[1-9]|1[0-2])/(?:0?[1-9]|[12]\d|3[01])\b(?!/)", 0.6)),
+        recognizer("age", (rf"\b{age}(?=\s*-?\s*(?i:years?|yrs?|y/?o|y\.o\.)\b|\s?[MF]\b|\s+(?i:male|female|man|woman)\b)"
+                           r"(?<!\b(?i:t|temp|temperature|tmax)\s*:?\s*\d+)", 0.7),
+                   (rf"(?i:age[ds]?|aged)\s*:?\s*\K{age}\b", 0.7),
+                   (r"(?i:in\s+(?:his|her|their|the)\s+(?:early\s+|mid-?|late\s+)?)\K(?:90|100)s\b", 0.7)),
+    ]
+
+
+def _presidio_recognizers():
+    """Presidio's recognizers for the kinds above, configured for offline use and notes."""
+    import tldextract
+    from presidio_analyzer.predefined_recognizers import (
+        CreditCardRecognizer, DateRecognizer, EmailRecognizer, IbanRecognizer, IpRecognizer, MacAddressRecognizer,
+        MedicalLicenseRecognizer, PhoneRecognizer, UrlRecognizer, UsBankRecognizer, UsClaimNumberRecognizer,
+        UsItinRecognizer, UsMbiRecognizer, UsNpiRecognizer, UsPassportRecognizer, UsPrescriptionNumberRecognizer,
+        UsPriorAuthorizationNumberRecognizer, UsReferralNumberRecognizer, UsSsnRecognizer, UuidRecognizer)
+
+    class OfflineEmailRecognizer(EmailRecognizer):
+        """Presidio's e-mail recognizer checking the domain against the public-suffix list bundled with tldextract
+        (tldextract's default fetches the list from the network)."""
+
+        _suffixes = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+        def validate_result(self, pattern_text: str) -> bool:
+            return self._suffixes(pattern_text).fqdn != ""
+
+    class SsnRecognizer(UsSsnRecognizer):
+        """Presidio's SSN rules, except that the published sample numbers (123-45-6789) count too: a guard
+        for training text does not trust a number because it is a well-known example."""
+
+        def invalidate_result(self, pattern_text: str) -> bool:
+            digits = "".join(c for c in pattern_text if c.isdigit())
+            return super().invalidate_result(pattern_text) and digits not in ("123456789", "987654320", "078051120")
+
+    return [
+        OfflineEmailRecognizer(), SsnRecognizer(), UrlRecognizer(), IpRecognizer(), DateRecognizer(),
+        # leniency 0 (possible numbers): a guard also catches numbers with an unassigned area code
+        PhoneRecognizer(supported_regions=("US",), leniency=0,  # US covers the whole North American plan
+                        context=PhoneRecognizer.CONTEXT + ["fax", "pager", "tel", "ph"]),
+        CreditCardRecognizer(), IbanRecognizer(), UsBankRecognizer(), MedicalLicenseRecognizer(),
+        UsPassportRecognizer(), UsItinRecognizer(), UsNpiRecognizer(), UsMbiRecognizer(),
+        MacAddressRecognizer(), UuidRecognizer(),
+        UsClaimNumberRecognizer(), UsPriorAuthorizationNumberRecognizer(), UsPrescriptionNumberRecognizer(),
+        UsReferralNumberRecognizer(),
+    ]
+
+
+@functools.cache
+def analyzer():
+    """The Presidio analyzer, built once per process (a few seconds: spaCy, the name lists)."""
+    import spacy
+    from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+    from presidio_analyzer.nlp_engine import SpacyNlpEngine
+
+    def lower_lemma(doc):  # a blank pipeline has no lemmas; Presidio's context words are matched on them
+        for token in doc:
+            token.lemma_ = token.lower_
+        return doc
+
+    spacy.Language.component("neurocpt_lower_lemma", func=lower_lemma)
+
+    class BlankEnglish(SpacyNlpEngine):
+        """spaCy's rule-based English tokenizer, no model: tokens and lemmas for Presidio's context words."""
+
+        def load(self) -> None:
+            nlp = spacy.blank("en")
+            nlp.add_pipe("neurocpt_lower_lemma")
+            self.nlp = {"en": nlp}
+
+        def process_text(self, text: str, language: str):
+            artifacts = super().process_text(text, language)
+            # Presidio's context scoring walks the tokens once per finding: a list of strings, not the
+            # spaCy Doc (whose iteration builds Token objects), halves the guard's time
+            artifacts.tokens = [token.text for token in artifacts.tokens]
+            return artifacts
+
+    nlp = BlankEnglish(models=[{"lang_code": "en", "model_name": "blank"}])
+    registry = RecognizerRegistry(recognizers=[*_presidio_recognizers(), *_our_recognizers(), _name_recognizer()])
+    return AnalyzerEngine(registry=registry, nlp_engine=nlp, default_score_threshold=SCORE_THRESHOLD)
+
+
+# ------------------------------------------------------------------------------------------- API
+
+
+def _pieces(text: str, size: int = PIECE_CHARS):
+    """(offset, piece) of ``text`` in pieces of at most ``size`` characters, cut after a line (else a word)."""
+    start = 0
+    while len(text) - start > size:
+        stop = start + size
+        cut = next((c for c in (text.rfind("\n", start, stop), text.rfind(" ", start, stop)) if c > start), stop - 1)
+        yield start, text[start:cut + 1]
+        start = cut + 1
+    yield start, text[start:]
+
+
+def phi_spans(text: str) -> list[Span]:
+    """Identifier spans in ``text``, trailing punctuation left out, overlaps merged (the longest part, then the
+    surest, names the kind); none inside an upstream placeholder."""
+    protected = [m.span() for m in _PLACEHOLDER.finditer(text)]
+    found = []
+    for offset, piece in _pieces(text):
+        for r in analyzer().analyze(piece, language="en"):
+            start, end = offset + r.start, offset + r.start + len(piece[r.start:r.end].rstrip(".,;:)"))
+            if end > start and not any(start < pe and ps < end for ps, pe in protected):
+                found.append((start, end, _PRESIDIO_KIND.get(r.entity_type, r.entity_type.lower()), r.score))
+    merged: list[list] = []  # start, end, kind, (length, score) of the part that named it
+    for start, end, kind, score in sorted(found):
+        rank = (end - start, score)
+        if merged and start < merged[-1][1]:
+            last = merged[-1]
+            last[1] = max(last[1], end)
+            if rank > last[3]:
+                last[2:] = kind, rank
+        else:
+            merged.append([start, end, kind, rank])
+    return [Span(s, e, k) for s, e, k, _ in merged]
+
+
+def redact_phi(text: str, spans: list[Span] | None = None) -> str:
+    """``text`` with every identifier replaced by its typed placeholder (``[NAME]``, ``[DATE]``, ...)."""
+    out, last = [], 0
+    for s in phi_spans(text) if spans is None else spans:
+        out += [text[last:s.start], f"[{s.kind.upper()}]"]
+        last = s.end
+    return "".join(out) + text[last:]
