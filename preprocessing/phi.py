@@ -78,8 +78,8 @@ _ROLES = ("patient|pt|name|patient name|seen by|seen with|examined by|evaluated 
 _CUED = regex.compile(rf"(?<![\p{{L}}/])(?i:{_ROLES})\b\s*[:,(]?\s*\K{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}")
 _GAP_FIRST_LAST = regex.compile(r"[ \t]+(?:\p{Lu}\.?[ \t]+)?")
 _GAP_LAST_FIRST = regex.compile(r",[ \t]*")
-_CREDENTIALED = regex.compile(rf"{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}(?=,?[ \t]+(?:MD|DO|RN|NP|PA-C|PA|PhD|"
-                              r"APRN|CNP|CRNP|DNP|FNP|MSW|LCSW|LICSW|PharmD|RPh|DPT|OTR|LPN)\b)")
+_CREDENTIALED = regex.compile(rf"{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}(?=,?[ \t]+(?:MD|M\.D\.|DO|D\.O\.|RN|NP|"
+                              r"PA-C|PA|PhD|Ph\.D\.|APRN|CNP|CRNP|DNP|FNP|MSW|LCSW|LICSW|PharmD|RPh|DPT|OTR|LPN)(?!\p{L}))")
 
 
 def _name_recognizer():
@@ -157,6 +157,7 @@ def _name_recognizer():
 
 _MONTH = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sep(?:t(?:ember)?)?|"
           r"Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\.?")
+_MONTH_NAME = "January|February|March|April|May|June|July|August|September|October|November|December"
 _DAY = r"(?:[12]\d|3[01]|0?[1-9])(?:st|nd|rd|th)?"
 _STATES = ("AL|AK|AZ|AR|CA|CO|CT|DE|FL|GA|HI|ID|IL|IN|IA|KS|KY|LA|ME|MD|MA|MI|MN|MS|MO|MT|NE|NV|NH|NJ|NM|NY|NC|"
            "ND|OH|OK|OR|PA|RI|SC|SD|TN|TX|UT|VT|VA|WA|WV|WI|WY|DC|PR")
@@ -171,6 +172,7 @@ _LABEL_END = rf"(?![\p{{L}}\d]){_DOT}(?:{_NO})?{_DOT}(?:\s+is\b)?\s*[:#]?\s*"
 
 # kind -> labels, each followed by the identifier it labels ("MRN#: A1234567", "Acct no. 00482913")
 LABELS = {
+    "phone": r"pager|beeper|ext|extension",
     "ssn": r"SSN|SS|social security(?: number)?",
     "mrn": rf"MRN|MR|medical record|med rec|EMPI|MPI|(?:hospital|unit|chart|patient|pt){_NO}",
     "health_plan": rf"health plan|member|subscriber|policy|insurance|insurer|Medicaid|Medicare|beneficiary|HICN|"
@@ -197,6 +199,8 @@ def _our_recognizers():
     age = r"(?:9\d|1[01]\d)"
     return [
         *(recognizer(kind, (rf"(?<![\p{{L}}\d])(?i:(?:{labels}){_LABEL_END})\K{_ID}", 0.85)) for kind, labels in LABELS.items()),
+        # dictation footers: author's initials, then the typists' user names ("XGT:holmes", "GPP/church/olinger")
+        recognizer("name", (r"^[ \t]*\p{Lu}{2,4}[:/]\K\p{Ll}{2,}(?:/\p{Ll}{2,})*(?=[ \t]*$)", 0.7)),
         recognizer("vehicle", (r"\b(?=[A-HJ-NPR-Z\d]{17}\b)(?=[A-Z\d]*\d)(?=[A-Z\d]*[A-Z])[A-HJ-NPR-Z\d]{17}\b", 0.6)),
         recognizer("zip", (rf"\b(?:{_STATES})\s{{1,2}}\K\d{{5}}(?:-\d{{4}})?\b", 0.7),
                    (r"(?i:zip|zip code|postal code|zipcode)\s*:?\s*\K\d{5}(?:-\d{4})?\b", 0.85)),
@@ -212,7 +216,10 @@ def _our_recognizers():
                    (rf"\b{_MONTH},?\s+(?:19|20)\d\d\b", 0.6),
                    (r"\b(?:0?[1-9]|1[0-2])[./-](?:0?[1-9]|[12]\d|3[01])[./-](?:19|20)?\d\d\b", 0.6),
                    (r"(?i:on|since|until|till|through|dated|as of|starting|admitted|discharged|DOB|DOS)\s*:?\s*"
-                    r"\K(?:0?[1-9]|1[0-2])/(?:0?[1-9]|[12]\d|3[01])\b(?!/)", 0.6)),
+                    r"\K(?:0?[1-9]|1[0-2])/(?:0?[1-9]|[12]\d|3[01])\b(?!/)", 0.6),
+                   # "in 3/80", "with 8/79", "for cath 2/18"; not a score out of 10 ("pain 3/10")
+                   (r"(?i:in|from|with|for|to|after|before|prior|since|until|cath)\s+\K(?:0?[1-9]|1[0-2])/(?!10\b)\d\d\b(?!/)", 0.6),
+                   (rf"(?i:in|since|from|until|till|through|during|by|of|last|next|early|late|mid)\s+\K{_MONTH_NAME}\b", 0.6)),
         recognizer("age", (rf"\b{age}(?=\s*-?\s*(?i:years?|yrs?|y/?o|y\.o\.)\b|\s?[MF]\b|\s+(?i:male|female|man|woman)\b)"
                            r"(?<!\b(?i:t|temp|temperature|tmax)\s*:?\s*\d+)", 0.7),
                    (rf"(?i:age[ds]?|aged)\s*:?\s*\K{age}\b", 0.7),

@@ -98,6 +98,8 @@ PHI_TEMPLATES = [  # {slot}: an identifier (kind from SLOTS); everything else is
     "ZIP {zip}.",
     "DOB: {date}.", "Admitted {date}.", "Seen on {md} for follow-up.", "Symptoms began {date}.", "Last seen {date}.",
     "MRI performed on {date} was unremarkable.", "Discharged {date}.", "Note time {date} 08:30.",
+    "I have not seen him since {month}.", "s/p CABG x 4 in {myy}.", "{full}, M.D., pager {pager}",
+    "\nGPP/{typist}\n",
     "{age}-year-old woman with falls.", "The patient is {age} yo.", "{age} y/o man with tremor.", "Age: {age}.",
     "{title} {last}, {age}{sex}, with memory loss.", "Aged {age}, lives independently.", "{age} years old.", "A woman in her {decade}, alert.", "A man in his late {decade}.",
     "Phone {phone}.", "Call back at {phone}.", "Fax: {phone}.", "Cell: {phone}; pager {phone}.",
@@ -117,7 +119,7 @@ PHI_TEMPLATES = [  # {slot}: an identifier (kind from SLOTS); everything else is
 
 SLOT_KIND = {"full": "name", "first": "name", "last": "name", "caps_last_first": "name", "last_first": "name",
              "street": "address", "pobox": "address", "city": "city", "county": "city", "zip": "zip", "date": "date",
-             "md": "date", "age": "age", "decade": "age", "phone": "phone", "email": "email", "ssn": "ssn", "mrn": "mrn",
+             "md": "date", "month": "date", "myy": "date", "pager": "phone", "typist": "name", "age": "age", "decade": "age", "phone": "phone", "email": "email", "ssn": "ssn", "mrn": "mrn",
              "plan": "health_plan", "acct": "account", "dea": "license", "lic": "license", "vin": "vehicle",
              "plate": "vehicle", "serial": "device", "imei": "device", "mac": "device", "url": "url", "ip": "ip",
              "oid": "other_id"}
@@ -158,6 +160,8 @@ def _value(slot: str, rng: random.Random) -> str:
         "pobox": lambda: f"PO Box {rng.randint(10, 9999)}", "city": lambda: rng.choice(CITIES),
         "county": lambda: f"{rng.choice(CITIES)} County", "zip": lambda: rng.choice([_digits(rng, 5), f"{_digits(rng, 5)}-{_digits(rng, 4)}"]),
         "date": lambda: _date(rng), "md": lambda: f"{rng.randint(1, 12)}/{rng.randint(1, 28)}",
+        "month": lambda: rng.choice(MONTHS), "myy": lambda: f"{rng.randint(1, 12)}/{rng.randint(11, 99)}",
+        "pager": lambda: _digits(rng, 5), "typist": lambda: ascii_last,
         "age": lambda: str(rng.randint(90, 109)), "decade": lambda: rng.choice(["90s", "100s"]),
         "phone": lambda: rng.choice([f"({area}) {mid}-{line}", f"{area}-{mid}-{line}", f"{area}.{mid}.{line}",
                                      f"+1 {area} {mid} {line}", f"{area}{mid}{line}",
@@ -241,7 +245,7 @@ def phi_notes(n: int, seed: int = 0) -> list[Note]:
         for i in range(18):
             sentence = _fill(templates.draw(), rng, labels, len(text)) if i % 2 == 0 else clinical.sentence()
             text += sentence + ("\n" if i % 4 == 3 else " ")
-        notes.append(Note(text.strip(), labels))
+        notes.append(Note(text.rstrip(), labels))
     return notes
 
 

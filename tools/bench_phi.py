@@ -1,0 +1,125 @@
+"""Benchmark the PHI guard (:mod:`preprocessing.phi`): recall per identifier kind, false positives per 1,000
+words on identifier-free clinical text, and throughput per core.
+
+    python -m tools.bench_phi [--notes 400] [--clean 300] [--seed 0]
+
+Recall is measured on two labelled sets: the synthetic set of ``tests/phi_eval_set.py`` (every Safe Harbor
+kind in several formats), and the five i2b2 2014 sample notes that philter-lite ships with their
+annotations (real note layout, surrogate identifiers, annotated independently of this guard). An identifier
+counts as caught when every letter and digit of it is redacted. False positives: spans found in the
+synthetic identifier-free notes, spans of the i2b2 notes that overlap no annotation, and any eponym, drug
+name or placeholder touched. Throughput: bytes of
+note text per CPU second of this process (one core), and that x 16 against the goal of 1 GB in an hour on
+16 cores (0.017 MB/s per core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from datetime import date
+from importlib import resources
+
+GOAL_MB_S_PER_CORE = 1000 / 3600 / 16
+
+# i2b2 2014 annotation (tag, TYPE) -> Safe Harbor kind; absent: not a Safe Harbor identifier (a profession,
+# a hospital name); an AGE only over 89
+I2B2_KIND = {("NAME", "PATIENT"): "name", ("NAME", "DOCTOR"): "name", ("NAME", "USERNAME"): "other_id",
+             ("DATE", "DATE"): "date", ("ID", "MEDICALRECORD"): "mrn", ("ID", "IDNUM"): "other_id",
+             ("CONTACT", "PHONE"): "phone", ("CONTACT", "EMAIL"): "email", ("LOCATION", "STREET"): "address",
+             ("LOCATION", "CITY"): "city", ("LOCATION", "ZIP"): "zip"}
+
+
+def i2b2_samples():
+    """The i2b2 2014 sample notes in philter-lite as ``Note``s labelled with Safe Harbor kinds, and per note
+    the spans of every annotation (Safe Harbor or not: hospital names, professions)."""
+    from tests.phi_eval_set import Note
+
+    notes, annotated = [], []
+    for xml in sorted(resources.files("philter_lite").joinpath("data", "i2b2_xml").iterdir()):
+        root = ET.fromstring(xml.read_text())
+        labels, spans = [], []
+        for tag in root.find("TAGS"):
+            start, end = int(tag.get("start")), int(tag.get("end"))
+            kind = "age" if tag.tag == "AGE" and int(tag.get("text")) > 89 else I2B2_KIND.get((tag.tag, tag.get("TYPE")))
+            if kind:
+                labels.append((kind, start, end))
+            spans.append((start, end))
+        notes.append(Note(root.find("TEXT").text, labels))
+        annotated.append(spans)
+    return notes, annotated
+
+
+def unannotated(found, annotated) -> list:
+    """Spans found that overlap no annotation: false positives."""
+    return [s for s in found if not any(s.start < e and b < s.end for b, e in annotated)]
+
+
+def recall_table(title: str, recall: dict[str, tuple[int, int]]) -> list[str]:
+    found, planted = (sum(x) for x in zip(*recall.values()))
+    rows = [f"### {title}", "", "| kind | caught | planted | recall |", "|---|---|---|---|"]
+    rows += [f"| {k} | {a} | {b} | {a / b:.1%} |" for k, (a, b) in recall.items()]
+    return rows + [f"| **all** | {found} | {planted} | **{found / planted:.1%}** |", ""]
+
+
+def misses(notes, spans, removed) -> list[str]:
+    return [f"{kind}: {n.text[a:b]!r}" for n, found in zip(notes, spans) for kind, a, b in n.labels
+            if not removed(n.text, a, b, found)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--notes", type=int, default=400, help="synthetic notes with identifiers")
+    p.add_argument("--clean", type=int, default=300, help="synthetic identifier-free notes")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from tests.phi_eval_set import clean_notes, phi_notes, protected_terms_hit, recall_by_kind, removed
+
+    from preprocessing.phi import analyzer, phi_spans
+
+    t0 = time.perf_counter()
+    analyzer()
+    load_s = time.perf_counter() - t0
+    notes, clean = phi_notes(args.notes, args.seed), clean_notes(args.clean, args.seed + 1)
+    i2b2, i2b2_annotated = i2b2_samples()
+    texts = [n.text for n in notes] + clean
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    found = [phi_spans(t) for t in texts]
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    spans, clean_spans = found[:len(notes)], found[len(notes):]
+    i2b2_spans = [phi_spans(n.text) for n in i2b2]
+
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    words = sum(len(t.split()) for t in clean)
+    fps = Counter((s.kind, t[s.start:s.end]) for t, ss in zip(clean, clean_spans) for s in ss)
+    touched = protected_terms_hit(clean, clean_spans) + protected_terms_hit([n.text for n in notes], spans)
+    per_core = mb / cpu
+    i2b2_words = sum(len(n.text.split()) for n in i2b2)
+    i2b2_fp = sum(len(unannotated(f, a)) for f, a in zip(i2b2_spans, i2b2_annotated))
+    lines = [f"{date.today()}, {platform.machine()}, {platform.node()}; analyzer built in {load_s:.1f} s", "",
+             *recall_table(f"Synthetic set: {args.notes} notes (seed {args.seed})", recall_by_kind(notes, spans)),
+             *recall_table("i2b2 2014 samples shipped with philter-lite (5 notes)", recall_by_kind(i2b2, i2b2_spans)),
+             "| precision and speed | value |", "|---|---|",
+             f"| false positives per 1,000 words ({args.clean} identifier-free notes, {words} words) | "
+             f"{1000 * sum(fps.values()) / words:.2f} ({sum(fps.values())} spans) |",
+             f"| false positives per 1,000 words (i2b2 samples, {i2b2_words} words) | {1000 * i2b2_fp / i2b2_words:.2f} "
+             f"({i2b2_fp} spans) |",
+             f"| eponyms, drug names, placeholders touched | {len(touched)} |",
+             f"| throughput, MB/s per core (CPU time, {mb:.2f} MB) | {per_core:.3f} (goal >= {GOAL_MB_S_PER_CORE:.3f}) |",
+             f"| x 16 cores: MB/s; hours for 1 GB | {16 * per_core:.2f}; {1000 / (16 * per_core) / 3600:.2f} |",
+             f"| wall clock, MB/s (this process; shared machine) | {mb / wall:.3f} |", ""]
+    print("\n".join(lines))
+    print("false positives:", dict(fps.most_common(20)) or "none")
+    print("touched:", Counter(touched).most_common(10) or "none")
+    print("synthetic misses:", misses(notes, spans, removed)[:20] or "none")
+    print("i2b2 misses:", misses(i2b2, i2b2_spans, removed) or "none")
+    print("i2b2 false positives:", [n.text[s.start:s.end] for n, found, ann in zip(i2b2, i2b2_spans, i2b2_annotated)
+                                     for s in unannotated(found, ann)] or "none")
+
+
+if __name__ == "__main__":
+    main()
