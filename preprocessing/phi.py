@@ -174,10 +174,10 @@ _LABEL_END = rf"(?![\p{{L}}\d]){_DOT}(?:{_NO})?{_DOT}(?:\s+is\b)?\s*[:#]?\s*"
 LABELS = {
     "phone": r"pager|beeper|ext|extension",
     "ssn": r"SSN|SS|social security(?: number)?",
-    "mrn": rf"MRN|MR|medical record|med rec|EMPI|MPI|(?:hospital|unit|chart|patient|pt){_NO}",
+    "mrn": rf"MRN|MR|medical record|med rec|EMPI|(?:hospital|unit|chart|patient|pt){_NO}",
     "health_plan": rf"health plan|member|subscriber|policy|insurance|insurer|Medicaid|Medicare|beneficiary|HICN|"
                    rf"payer|(?:plan|group){_NO}",
-    "account": rf"account|acct|acc|HAR|CSN|FIN|invoice|(?:billing|encounter|visit){_NO}",
+    "account": rf"account|acct|HAR|CSN|FIN|invoice|(?:billing|encounter|visit){_NO}",
     "license": r"licen[cs]e|lic|DEA|certificate|certification",
     "vehicle": rf"VIN|vehicle(?: identification)?|licen[cs]e plate|plate|(?:tag|registration){_NO}",
     "device": rf"serial|S/?N|UDI|IMEI|(?:device|implant|pacemaker|lot|model){_NO}",
@@ -203,27 +203,27 @@ def _our_recognizers():
         recognizer("name", (r"^[ \t]*\p{Lu}{2,4}[:/]\K\p{Ll}{2,}(?:/\p{Ll}{2,})*(?=[ \t]*$)", 0.7)),
         recognizer("vehicle", (r"\b(?=[A-HJ-NPR-Z\d]{17}\b)(?=[A-Z\d]*\d)(?=[A-Z\d]*[A-Z])[A-HJ-NPR-Z\d]{17}\b", 0.6)),
         recognizer("zip", (rf"\b(?:{_STATES})\s{{1,2}}\K\d{{5}}(?:-\d{{4}})?\b", 0.7),
-                   (r"(?i:zip|zip code|postal code|zipcode)\s*:?\s*\K\d{5}(?:-\d{4})?\b", 0.85)),
+                   (r"\b(?i:zip|zip code|postal code|zipcode)\s*:?\s*\K\d{5}(?:-\d{4})?\b", 0.85)),
         recognizer("address", (rf"\b\d{{1,6}}\s+(?:[NSEW]\.?\s+)?(?:\p{{Lu}}[\p{{L}}'.-]*\s+){{1,3}}(?:{_STREET})\b\.?"
                                r"(?:,?\s+(?i:apt|apartment|unit|suite|ste|#)\.?\s*#?[\p{L}\d-]+)?", 0.7),
                    (r"\b(?i:p\.?\s?o\.?\s+box)\s+\d+\b", 0.7)),
         recognizer("city", (rf"{_PLACE}(?=,\s*(?:{_STATES})\b(?:\s+\d{{5}}|\s*[.;)]|\s*$))", 0.7),
                    (rf"{_PLACE}\s+(?:County|Parish|Township)\b", 0.7),
-                   (r"(?i:lives|living|lived|resides|residing|resident|born|moved|relocated|grew up|home|travel(?:l?ed)?)"
+                   (r"\b(?i:lives|living|lived|resides|residing|resident|born|moved|relocated|grew up|travel(?:l?ed)?)"
                     rf"\s+(?i:alone\s+|with\s+\p{{Ll}}+\s+)?(?i:in|to|at|near|from|of)\s+\K{_PLACE}", 0.6)),
         recognizer("date", (rf"\b{_MONTH}\s+{_DAY}(?:,?\s+\d{{4}})?\b", 0.6),
                    (rf"\b{_DAY}\s+(?:of\s+)?{_MONTH}(?:,?\s+\d{{4}})?\b", 0.6),
                    (rf"\b{_MONTH},?\s+(?:19|20)\d\d\b", 0.6),
                    (r"\b(?:0?[1-9]|1[0-2])[./-](?:0?[1-9]|[12]\d|3[01])[./-](?:19|20)?\d\d\b", 0.6),
-                   (r"(?i:on|since|until|till|through|dated|as of|starting|admitted|discharged|DOB|DOS)\s*:?\s*"
+                   (r"\b(?i:on|since|until|till|through|dated|as of|starting|admitted|discharged|DOB|DOS)\s*:?\s*"
                     r"\K(?:0?[1-9]|1[0-2])/(?:0?[1-9]|[12]\d|3[01])\b(?!/)", 0.6),
                    # "in 3/80", "with 8/79", "for cath 2/18"; not a score out of 10 ("pain 3/10")
-                   (r"(?i:in|from|with|for|to|after|before|prior|since|until|cath)\s+\K(?:0?[1-9]|1[0-2])/(?!10\b)\d\d\b(?!/)", 0.6),
-                   (rf"(?i:in|since|from|until|till|through|during|by|of|last|next|early|late|mid)\s+\K{_MONTH_NAME}\b", 0.6)),
+                   (r"\b(?i:in|from|with|for|to|after|before|prior|since|until|cath)\s+\K(?:0?[1-9]|1[0-2])/(?!10\b)\d\d\b(?!/)", 0.6),
+                   (rf"\b(?i:in|since|from|until|till|through|during|by|of|last|next|early|late|mid)\s+\K{_MONTH_NAME}\b", 0.6)),
         recognizer("age", (rf"\b{age}(?=\s*-?\s*(?i:years?|yrs?|y/?o|y\.o\.)\b|\s?[MF]\b|\s+(?i:male|female|man|woman)\b)"
                            r"(?<!\b(?i:t|temp|temperature|tmax)\s*:?\s*\d+)", 0.7),
-                   (rf"(?i:age[ds]?|aged)\s*:?\s*\K{age}\b", 0.7),
-                   (r"(?i:in\s+(?:his|her|their|the)\s+(?:early\s+|mid-?|late\s+)?)\K(?:90|100)s\b", 0.7)),
+                   (rf"\b(?i:age[ds]?|aged)\s*:?\s*\K{age}\b", 0.7),
+                   (r"\b(?i:in\s+(?:his|her|their|the)\s+(?:early\s+|mid-?|late\s+)?)\K(?:90|100)s\b", 0.7)),
     ]
 
 

@@ -82,6 +82,9 @@ CLEAN = [  # {e}: an eponym, {d}/{d2}: drugs, {n}/{m}: small numbers, {y}: a yea
     "Pt Denies headache or neck stiffness.", "Spoke with Pharmacy regarding {d} dosing.", "Insurance: Medicare.",
     "Attending: Neurology Consult Service.", "Day {m} of admission; Unit 4B.", "Plan 1000 mg {d} daily.",
     "Wife at bedside; Son updated by phone.", "Contact Precautions for MRSA.", "Case discussed at Tumor Board.",
+    "Per ACC/AHA {y} guidelines; MPI {y} normal.", "Discharged home to Rehab.", "Anti-MAG titer 1:{n}60.",
+    "Platelets 1{n}0000, CK 1{m}50, ferritin 1{n}00.", "Patient Health Questionnaire-9 score 1{m}.",
+    "Walked 100 m with a cane; 12-lead ECG normal.", "Knee extension 4/5, hip flexion 4+/5.",
 ]
 
 PHI_TEMPLATES = [  # {slot}: an identifier (kind from SLOTS); everything else is kept text
