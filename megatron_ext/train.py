@@ -480,7 +480,12 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, dist_opt: bool) ->
                 opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
     common = dist_checkpointing.load_common_state_dict(str(path))
     scheduler.load_state_dict(common["scheduler"])
-    _set_rng_state(torch.load(path / f"rank_state_{dist.get_rank():05d}.pt", weights_only=False))
+    rank_state = path / f"rank_state_{dist.get_rank():05d}.pt"
+    if rank_state.is_file():
+        _set_rng_state(torch.load(rank_state, weights_only=False))
+    else:  # a rank the saving run did not have: the run goes on, but not bit-exactly as it would have
+        log.warning("%s has no RNG state for rank %d (saved by fewer ranks): this rank keeps its seeded RNG; a "
+                    "resume is bit-exact only on the layout that saved", path, dist.get_rank())
     return TrainState(**common["train_state"])
 
 

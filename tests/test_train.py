@@ -137,7 +137,7 @@ def dp2_reference(setup):
     return read_metrics(setup / "dp2_reference")
 
 
-def test_distributed_optimizer_resumes_bit_exact_and_continues_on_one_rank(dp2_reference, setup):
+def test_distributed_optimizer_resumes_bit_exact_and_reshards_to_one_and_four_ranks(dp2_reference, setup):
     from megatron.core import dist_checkpointing
 
     config = _config(setup, "dp2_killed", micro_batch_size=1, eval_interval=0)
@@ -146,18 +146,21 @@ def test_distributed_optimizer_resumes_bit_exact_and_continues_on_one_rank(dp2_r
     assert (checkpoint.parent / "latest").read_text() == checkpoint.name
     assert dist_checkpointing.load_common_state_dict(str(checkpoint))["optimizer_format"] == {
         "distributed": True, "distrib_optim_sharding_type": "dp_reshardable"}
-    shutil.copytree(setup / "dp2_killed", setup / "dp2_to_1")  # the same step-4 state, to continue on 1 rank
+    for other in ("dp2_to_1", "dp2_to_4"):  # the same step-4 state, to continue on 1 and on 4 ranks
+        shutil.copytree(setup / "dp2_killed", setup / other)
 
     run_trainer(config, nproc=2)
     assert [m["loss"] for m in read_metrics(setup / "dp2_killed")] == [m["loss"] for m in dp2_reference]
 
-    # DP 2 -> 1: the optimizer state reshards. Not bit-exact (1 rank sums 4 micro-batches, 2 ranks 2 each,
-    # then all-reduce), but a lost or wrong Adam state (step count, moments) moves the loss by ~1e-3.
-    run_trainer(_config(setup, "dp2_to_1", micro_batch_size=1, eval_interval=0), nproc=1)
-    got = read_metrics(setup / "dp2_to_1")
-    assert [m["step"] for m in got] == list(range(1, 9))
-    for x, y in zip(dp2_reference, got):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=0)
+    # DP 2 -> 1 and 2 -> 4: the optimizer state reshards. Not bit-exact (the gradient sums run in another
+    # order), but a lost or wrong Adam state (step count, moments) moves the loss by ~1e-3.
+    for other, nproc in (("dp2_to_1", 1), ("dp2_to_4", 4)):
+        run = run_trainer(_config(setup, other, micro_batch_size=1, eval_interval=0), nproc=nproc)
+        got = read_metrics(setup / other)
+        assert [m["step"] for m in got] == list(range(1, 9))
+        for x, y in zip(dp2_reference, got):
+            assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=0), other
+    assert "has no RNG state for rank 3 (saved by fewer ranks)" in run.stderr
 
     refused = run_trainer(config, "distributed_optimizer=false", check=False)
     assert refused.returncode != 0
