@@ -36,10 +36,10 @@ KINDS = ("name", "address", "city", "zip", "date", "age", "phone", "email", "ssn
 # Presidio's entity names -> our kinds (our own recognizers name their entity after the kind)
 _PRESIDIO_KIND = {
     "PERSON": "name", "EMAIL_ADDRESS": "email", "PHONE_NUMBER": "phone", "US_SSN": "ssn", "US_ITIN": "ssn",
-    "URL": "url", "IP_ADDRESS": "ip", "DATE_TIME": "date", "MEDICAL_LICENSE": "license", "US_NPI": "license", "US_PASSPORT": "other_id", "US_BANK_NUMBER": "account",
-    "CREDIT_CARD": "account", "IBAN_CODE": "account", "US_MBI": "health_plan", "MAC_ADDRESS": "device", "UUID": "other_id", "US_CLAIM_NUMBER": "other_id",
-    "US_PRIOR_AUTHORIZATION_NUMBER": "other_id", "US_PRESCRIPTION_NUMBER": "other_id",
-    "US_REFERRAL_NUMBER": "other_id",
+    "URL": "url", "IP_ADDRESS": "ip", "DATE_TIME": "date", "MEDICAL_LICENSE": "license", "US_NPI": "license",
+    "US_BANK_NUMBER": "account", "CREDIT_CARD": "account", "IBAN_CODE": "account", "US_MBI": "health_plan",
+    "MAC_ADDRESS": "device", "UUID": "other_id", "US_PASSPORT": "other_id", "US_CLAIM_NUMBER": "other_id",
+    "US_PRIOR_AUTHORIZATION_NUMBER": "other_id", "US_PRESCRIPTION_NUMBER": "other_id", "US_REFERRAL_NUMBER": "other_id",
 }
 
 # Eponyms of neurology (and their co-eponyms) that are also in the name lists: never a person in a note.
