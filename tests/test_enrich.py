@@ -102,7 +102,7 @@ def _recipe(tmp: Path, corpus: Path, base_url: str, **llm) -> Path:
     raw = {
         "tokenizer": str(DEMO / "tokenizer"), "output_dir": str(tmp / "out"), "seq_length": 256, "token_budget": 20000,
         "heldout_fraction": 0.25, "seed": 11,
-        "llm": {"model": "stub-model", "base_url": base_url, "api_key_env": KEY_ENV, "concurrency": 4, "timeout": 1.5,
+        "llm": {"model": "stub-model", "base_url": base_url, "api_key_env": KEY_ENV, "concurrency": 4, "timeout": 4.0,
                 "retries": 2, "batch_size": 6, "cache_dir": str(tmp / "cache"), **llm},
         "sources": [
             {"name": "pubmed", "paths": [str(corpus / "pubmed" / "*.jsonl")], "id_key": "pmid", "share": 0.5, "filters": NO_FILTERS,
@@ -141,7 +141,7 @@ def enriched(tmp_path_factory):
     stage's completion markers were deleted (so every document goes through the cache)."""
     tmp = tmp_path_factory.mktemp("enrich")
     _corpus(tmp / "corpus")
-    server = StubServer(slow_seconds=3.0, fail_first=True)
+    server = StubServer(slow_seconds=10.0, fail_first=True)  # a SLOW prompt times out; no other may on a loaded machine
     recipe = _recipe(tmp, tmp / "corpus", server.url)
     first = _cli(recipe, "--workers", "2")
     calls_first = len(server.requests)
