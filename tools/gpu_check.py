@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from tools.parity import rel_err
+
 ROOT = Path(__file__).resolve().parents[1]
 # Seconds, 360 in all, in the order the parts run: the bf16 parts first (they share compiled kernels; the
 # first one compiles), parity last (its fp32 kernels are compiled for it alone). On an H100 with an empty
@@ -97,9 +99,9 @@ def part_kernels(device: str) -> None:
 
     out, grads = run(kernel, lambda v: v.dtype)
     ref, ref_grads = run("torch", lambda v: torch.float32)
-    row("kernels", f"gated delta rule output, {kernel} bf16 vs torch fp32", rel(out, ref), LIMITS["bf16"])
+    row("kernels", f"gated delta rule output, {kernel} bf16 vs torch fp32", rel_err(out, ref), LIMITS["bf16"])
     for name in grads:
-        row("kernels", f"gated delta rule d{name}", rel(grads[name], ref_grads[name]), LIMITS["bf16"])
+        row("kernels", f"gated delta rule d{name}", rel_err(grads[name], ref_grads[name]), LIMITS["bf16"])
     again, again_grads = run(kernel, lambda v: v.dtype)
     same = torch.equal(out, again) and all(torch.equal(grads[k], again_grads[k]) for k in grads)
     row("kernels", f"{kernel} gated delta rule deterministic (two runs, same bits)", "yes" if same else "no")
@@ -116,7 +118,7 @@ def part_kernels(device: str) -> None:
 
     got, want = conv(kernel, torch.bfloat16), conv("torch", torch.float32)
     for name, a, b in zip(("output", "dx", "dweight"), got, want):
-        row("kernels", f"causal conv1d {name}, {kernel} bf16 vs torch fp32", rel(a, b), LIMITS["bf16"])
+        row("kernels", f"causal conv1d {name}, {kernel} bf16 vs torch fp32", rel_err(a, b), LIMITS["bf16"])
 
 
 def part_parity(device: str) -> None:
@@ -195,12 +197,6 @@ def part_bench(device: str) -> None:
 
 
 PARTS = {"kernels": part_kernels, "resume": part_resume, "bench": part_bench, "parity": part_parity}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    from tools.parity import rel_err
-
-    return rel_err(a, b)
 
 
 # ------------------------------------------------------------------------------------ process control
