@@ -18,7 +18,7 @@ demo: setup
 	$(PY) -m tools.demo --out out/demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest  # no -q: the header names the random order's seed (--randomly-seed=N repeats it)
 
 # The SFT comparison: Base+SFT and CPT+SFT from one SFT dataset with one SFT config (only init_from and
 # run_dir differ), each exported to HF for evaluation.eval_qwen and evaluation.eval_reasoning_judge.
