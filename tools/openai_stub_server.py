@@ -15,7 +15,7 @@ The task is read from ``response_format.json_schema.name``:
 
 Markers in a prompt script failures, for tests: ``MALFORMED-ALWAYS`` (never JSON), ``MALFORMED-ONCE`` (cut-off
 JSON the first time), ``OFF-SCHEMA`` (valid JSON that breaks the schema), ``SLOW`` (sleeps ``slow_seconds``).
-With ``fail_first`` the very first request gets an HTTP 500. Every request is kept in ``requests`` (with its
+With ``fail_first`` the very first request gets an HTTP 500. Every request is kept in ``requests`` as it arrives (with its
 Authorization header, in memory only) and, with ``request_log``, appended to a JSONL file (task, a hash of
 the document, HTTP status; no headers) that survives a ``kill -9``.
 """
@@ -120,12 +120,13 @@ class StubServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
+                record = {"path": self.path, "body": body, "auth": self.headers.get("Authorization"), "status": None}
+                with server.lock:  # kept on arrival: a SLOW request still being answered belongs to the run that sent it
                     first_ever, server.received = server.received == 0, server.received + 1
+                    server.requests.append(record)
                 code, payload = server.respond(body, first_ever)
                 with server.lock:
-                    server.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization"),
-                                            "status": code})
+                    record["status"] = code
                     if server.log:
                         prompt = body["messages"][-1]["content"]
                         server.log.write(json.dumps({"task": _task(body), "status": code,
