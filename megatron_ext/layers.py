@@ -3,6 +3,10 @@ megatron-core's own (SelfAttention with ``attention_output_gate``, MLP, parallel
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
+
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.ssm.gated_delta_net import GatedDeltaNet
@@ -12,6 +16,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
 from megatron_ext.kernels import causal_conv1d_silu, gated_delta_rule, resolve_kernel
+
+log = logging.getLogger(__name__)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, zero_centered: bool) -> Tensor:
@@ -140,9 +146,109 @@ def allreduce_gdn_out_norm_grads(model: torch.nn.Module) -> None:
             g.copy_(synced)
 
 
+ATTENTION_KERNELS = ("auto", "fused", "flex", "masked")
+
+
+@functools.cache
+def _varlen_attn():
+    """torch's FlashAttention-2 for packed rows (``torch.nn.attention.varlen``; causal through
+    ``window_size`` since torch 2.11), or None when the installed torch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn if "window_size" in inspect.signature(varlen_attn).parameters else None
+
+
+def resolve_attention_kernel(requested: str, query: Tensor) -> str:
+    """The core-attention kernel for packed rows, like :func:`megatron_ext.kernels.resolve_kernel`.
+
+    * ``fused``: FlashAttention-2 through ``torch.nn.attention.varlen``: CUDA, bf16/fp16 only.
+    * ``flex``: FlexAttention with a document block mask (compiled on CUDA; on CPU eager and forward only).
+    * ``masked``: megatron's unfused attention under a [T, T] block-diagonal causal mask; any device and
+      dtype, the reference.
+
+    ``auto`` picks ``fused`` where it runs and ``masked`` elsewhere (CPU, fp32 parity runs). ``fused`` is
+    the default over ``flex`` because FlashAttention-2 needs no compilation and no mask, and runs head_dim
+    256 forward and backward on sm80/sm90 with its own tiles, while FlexAttention's Triton templates fall
+    back to 32x64 tiles at head_dim 256 (torch/_inductor/template_heuristics); ``tools/bench_train.py``
+    measures both (rows local-fused and local-flex) so a measurement can overturn this.
+    """
+    if requested not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention kernel {requested!r}; choose one of {ATTENTION_KERNELS}")
+    fused_runs = query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _varlen_attn() is not None
+    chosen = ("fused" if fused_runs else "masked") if requested == "auto" else requested
+    if chosen == "fused" and not fused_runs:
+        raise ValueError(
+            "attention_kernel='fused' is FlashAttention-2 through torch.nn.attention.varlen (torch >= 2.11): "
+            f"it needs CUDA tensors in bf16 or fp16, got {query.device.type} {query.dtype}; "
+            "use 'masked' (any device and dtype) or 'auto'"
+        )
+    _log_attention_choice(requested, chosen, query.device.type, str(query.dtype).removeprefix("torch."))
+    return chosen
+
+
+@functools.cache
+def _log_attention_choice(requested: str, chosen: str, device: str, dtype: str) -> None:
+    log.info("attention kernel: %s (requested %s, device %s, %s)", chosen, requested, device, dtype)
+
+
+def document_causal_block_mask(cu_seqlens: Tensor, total: int, block: int = 128):
+    """Causal attention within each packed document as a FlexAttention ``BlockMask``, without a [T, T]
+    mask or a host sync: blocks are classified from the documents of their first and last tokens.
+
+    With document ids non-decreasing along the row, a (query block i, key block j) tile has a visible
+    pair iff j <= i and the key block's last document reaches the query block's first one; every pair is
+    visible iff j < i and both blocks lie in one document ("full": the kernel skips the mask there).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    device = cu_seqlens.device
+    doc = torch.searchsorted(cu_seqlens, torch.arange(total, device=device, dtype=cu_seqlens.dtype), right=True)
+    starts = torch.arange(0, total, block, device=device)
+    first, last = doc[starts], doc[(starts + block - 1).clamp(max=total - 1)]
+    i, j = starts[:, None] // block, starts[None, :] // block
+    visible = (j <= i) & (last[None, :] >= first[:, None])
+    full = (j < i) & (first[None, :] == last[:, None])
+
+    def ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:  # BlockMask's layout: counts, then indices first
+        counts = blocks.sum(-1, dtype=torch.int32)
+        return counts[None, None], blocks.int().argsort(dim=-1, descending=True, stable=True).int()[None, None]
+
+    def causal_document(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+
+    return BlockMask.from_kv_blocks(*ordered(visible & ~full), *ordered(full), BLOCK_SIZE=block,
+                                    mask_mod=causal_document, seq_lengths=(total, total))
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)  # uncompiled, flex materialises the scores
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> Tensor:
+    """FlexAttention on [1, heads, t, dim]: compiled on CUDA; on CPU eagerly, forward only. The eager
+    path traces the mask with dynamo, which ``megatron_ext.cpu_patches`` turns off on CPU."""
+    if q.is_cuda:
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with torch._dynamo.config.patch(disable=False):
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
 class PackedDotProductAttention(DotProductAttention):
-    """megatron-core's local attention, which rejects packed (thd) input; here packed documents become
-    a block-diagonal causal mask, so the CPU path keeps documents independent like TE's thd kernels."""
+    """megatron-core's local attention, which rejects packed (thd) input. Packed documents stay
+    independent like in TE's thd kernels, by the kernel :func:`resolve_attention_kernel` picks: a fused
+    kernel that reads the boundaries (``cu_seqlens_q``, ``max_seqlen_q``) without host syncs, or a
+    block-diagonal causal [T, T] mask (the reference)."""
+
+    def __init__(self, *args, kernel: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernel = kernel
 
     def forward(
         self,
@@ -156,17 +262,32 @@ class PackedDotProductAttention(DotProductAttention):
     ) -> Tensor:
         if packed_seq_params is None:
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
-        # thd: [t, heads, dim] -> one row of t tokens
+        # thd: [t, heads, dim], k and v with the query groups' heads
         cu = packed_seq_params.cu_seqlens_q_padded
         if cu is None:
             cu = packed_seq_params.cu_seqlens_q
+        kernel = resolve_attention_kernel(self.kernel, query)
+        if kernel == "masked":
+            return self._masked(query, key, value, cu, attention_bias)
+        if attention_bias is not None or (self.training and self.attention_dropout.p):
+            raise ValueError(f"attention_kernel={kernel!r} supports neither attention_bias nor attention dropout")
+        if kernel == "fused":
+            longest = packed_seq_params.max_seqlen_q
+            out = _varlen_attn()(query, key, value, cu, cu, longest, longest, scale=self.softmax_scale,
+                                 window_size=(-1, 0), enable_gqa=True)
+        else:
+            q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # [1, heads, t, dim]
+            mask = document_causal_block_mask(cu, query.shape[0])
+            out = _flex_attention(q, k, v, mask, self.softmax_scale)[0].transpose(0, 1)
+        return out.reshape(out.shape[0], 1, -1)  # [t, 1, heads * dim]; Attention reshapes it for thd
+
+    def _masked(self, query: Tensor, key: Tensor, value: Tensor, cu: Tensor, attention_bias: Tensor | None) -> Tensor:
         total = query.shape[0]
         doc = torch.repeat_interleave(torch.arange(len(cu) - 1, device=query.device), (cu[1:] - cu[:-1]).to(query.device))
         if doc.numel() != total:
             raise ValueError(f"cu_seqlens cover {doc.numel()} tokens but the packed row has {total}")
         future = torch.ones(total, total, dtype=torch.bool, device=query.device).triu(1)
         mask = (doc[:, None] != doc[None, :]) | future  # True = masked out
-        out = super().forward(
+        return super().forward(
             query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask[None, None], AttnMaskType.arbitrary, attention_bias
-        )
-        return out  # [t, 1, heads * dim]; Attention reshapes it for thd
+        )  # [t, 1, heads * dim]

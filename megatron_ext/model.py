@@ -116,6 +116,7 @@ def build_model(
     backend: str = "auto",
     *,
     gdn_kernel: str = "auto",
+    attention_kernel: str = "auto",
     params_dtype: torch.dtype = torch.float32,
     device: str | None = None,
     vp_stage: int | None = None,
@@ -125,6 +126,8 @@ def build_model(
 
     backend: ``auto`` | ``te`` | ``local`` (see :func:`megatron_ext.spec.resolve_backend`);
     gdn_kernel: ``auto`` | ``fla`` | ``torch`` (see :mod:`megatron_ext.kernels`);
+    attention_kernel: ``auto`` | ``fused`` | ``flex`` | ``masked``, the local backend's core attention (see
+    :func:`megatron_ext.layers.resolve_attention_kernel`);
     device: ``cuda`` (default when available) or ``cpu``.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,7 +146,8 @@ def build_model(
     )
     model = Qwen35GPTModel(
         config=tcfg,
-        transformer_layer_spec=block_spec(config, tcfg, backend, gdn_kernel, vp_stage=vp_stage),
+        transformer_layer_spec=block_spec(config, tcfg, backend, gdn_kernel, vp_stage=vp_stage,
+                                           attention_kernel=attention_kernel),
         vocab_size=config.padded_vocab_size,
         max_sequence_length=config.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),

@@ -56,7 +56,11 @@ def resolve_backend(requested: str = "auto") -> str:
 
 class LocalQwen35SpecProvider(LocalSpecProvider):
     """megatron's local modules, with norm+linear fused like TE's, a norm that supports zero-centred gamma,
-    and packed-aware attention."""
+    and packed-aware attention with a choice of kernel."""
+
+    def __init__(self, attention_kernel: str = "auto"):
+        super().__init__()
+        self.attention_kernel = attention_kernel
 
     def fuse_layernorm_and_linear(self) -> bool:
         return True
@@ -67,21 +71,24 @@ class LocalQwen35SpecProvider(LocalSpecProvider):
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
         return RMSNorm
 
-    def core_attention(self) -> type:
-        return PackedDotProductAttention
+    def core_attention(self) -> ModuleSpec:
+        return ModuleSpec(module=PackedDotProductAttention, params={"kernel": self.attention_kernel})
 
 
-def spec_provider(backend: str) -> BackendSpecProvider:
+def spec_provider(backend: str, attention_kernel: str = "auto") -> BackendSpecProvider:
     if backend == "te":
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
         return TESpecProvider()
-    return LocalQwen35SpecProvider()
+    return LocalQwen35SpecProvider(attention_kernel)
 
 
-def layer_specs(config: Qwen35Config, backend: str, gdn_kernel: str = "auto") -> list[ModuleSpec]:
-    """One TransformerLayer spec per HF layer: Gated DeltaNet or gated full attention, then SwiGLU."""
-    p = spec_provider(backend)
+def layer_specs(config: Qwen35Config, backend: str, gdn_kernel: str = "auto",
+                attention_kernel: str = "auto") -> list[ModuleSpec]:
+    """One TransformerLayer spec per HF layer: Gated DeltaNet or gated full attention, then SwiGLU.
+    ``attention_kernel`` (see :func:`megatron_ext.layers.resolve_attention_kernel`) is the local
+    backend's; TE's attention picks its own fused kernels."""
+    p = spec_provider(backend, attention_kernel)
     norm_linear = p.column_parallel_layer_norm_linear()  # pre-norms live inside the following linear
 
     gated_delta_net = ModuleSpec(
@@ -124,9 +131,9 @@ def layer_specs(config: Qwen35Config, backend: str, gdn_kernel: str = "auto") ->
 
 
 def block_spec(config: Qwen35Config, transformer_config, backend: str, gdn_kernel: str = "auto",
-               vp_stage: int | None = None) -> TransformerBlockSubmodules:
+               vp_stage: int | None = None, attention_kernel: str = "auto") -> TransformerBlockSubmodules:
     """The decoder block for this pipeline stage: its slice of the layers plus the final norm."""
-    specs = layer_specs(config, backend, gdn_kernel)
+    specs = layer_specs(config, backend, gdn_kernel, attention_kernel)
     offset = get_transformer_layer_offset(transformer_config, vp_stage=vp_stage)
     count = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(

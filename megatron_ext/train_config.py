@@ -44,6 +44,7 @@ class TrainConfig:
     distributed_optimizer: bool | None = None  # default: on (a resumed run keeps its checkpoint's choice)
     backend: str = "auto"  # te | local | auto
     gdn_kernel: str = "auto"
+    attention_kernel: str = "auto"  # auto | fused | flex | masked: the local backend's core attention
     # cadence
     log_interval: int = 1
     eval_interval: int = 50

@@ -188,6 +188,57 @@ def part_resume(device: str, steps: int, workdir: Path) -> None:
     row("resume", "seconds for the three runs", f"{time.perf_counter() - started:.0f}")
 
 
+def core_attention(kernel: str, heads: int, groups: int, head_dim: int, device: str = "cpu",
+                   dtype: torch.dtype = torch.float32):
+    """The local spec's core attention alone (it has no weights), for packed [t, heads, dim] inputs."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_ext.layers import PackedDotProductAttention
+
+    config = TransformerConfig(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads,
+                               num_query_groups=groups, kv_channels=head_dim, attention_dropout=0.0,
+                               params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=True)
+    module = PackedDotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                                       attention_type="self", kernel=kernel)
+    return module.to(device)
+
+
+def part_attention(device: str, kernel: str = "fused") -> None:
+    """A fused attention kernel in bf16 against the masked path in fp32 on a packed row with the 2B's
+    attention geometry: outputs and gradients. On CPU: FlexAttention eagerly, forward only (FlashAttention
+    has no CPU kernel and torch refuses Flex's CPU backward)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference stays fp32
+    if device != "cuda":
+        kernel = "flex"
+    heads, groups, head_dim = REAL_HEADS["num_attention_heads"], REAL_HEADS["num_key_value_heads"], REAL_HEADS["head_dim"]
+    t = 4096 if device == "cuda" else 300
+    gen = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(t, h, head_dim, generator=gen, device=device) for h in (heads, groups, groups))
+    upstream = torch.randn(t, 1, heads * head_dim, generator=gen, device=device)
+    grads = device == "cuda"
+    layouts = {"documents of 1, 1, t/3, t/2 and the rest tokens": [1, 1, t // 3, t // 2, t - 2 - t // 3 - t // 2],
+               "one document": [t]}
+    for layout, lengths in layouts.items():
+        cu = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
+                                 max_seqlen_kv=max(lengths))
+
+        def run(kernel: str, dtype: torch.dtype):
+            leaves = [x.to(dtype).requires_grad_(grads) for x in (q, k, v)]
+            out = core_attention(kernel, heads, groups, head_dim, device, dtype)(*leaves, None, packed_seq_params=params)
+            if grads:
+                (out.float() * upstream).sum().backward()
+            return out.float(), [x.grad.float() for x in leaves] if grads else []
+
+        (out, got), (ref, want) = run(kernel, torch.bfloat16), run("masked", torch.float32)
+        row("attention", f"{kernel} bf16 vs masked fp32, {layout}: output", rel_err(out, ref), LIMITS["bf16"])
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            row("attention", f"{kernel} bf16 vs masked fp32, {layout}: {name}", rel_err(a, b), LIMITS["bf16"])
+
+
 def part_bench(device: str) -> None:
     from tools import bench_train
 

@@ -1,0 +1,144 @@
+"""The local spec's core attention on packed documents: which kernel runs where, and that each keeps
+documents apart exactly like attention over each document alone (float64, so a leak or a wrong scale
+shows far above rounding). FlashAttention (``fused``) has no CPU kernel: its call is checked here through a
+stand-in with the documented semantics of ``varlen_attn``, its numbers by ``tools/gpu_check.py``'s
+attention part on CUDA. FlexAttention runs eagerly on CPU, forward only (torch refuses its CPU backward)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megatron_ext import layers
+from megatron_ext.layers import document_causal_block_mask, resolve_attention_kernel
+from tools.gpu_check import core_attention
+
+HEADS, GROUPS, HEAD_DIM = 4, 2, 16  # the 2B's GQA (8 query heads on 2 KV heads of 256), scaled down
+TOL = dict(atol=1e-12, rtol=1e-10)
+LAYOUTS = {  # document lengths of one packed row
+    "documents of length 1 among longer ones": [1, 6, 1, 1, 9, 1],
+    "one document": [19],
+}
+
+
+def _packed(lengths: list[int]) -> PackedSeqParams:
+    cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
+                           max_seqlen_kv=max(lengths))
+
+
+def _qkv(total: int, seed: int = 0, requires_grad: bool = True) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(total, HEADS, HEAD_DIM), (total, GROUPS, HEAD_DIM), (total, GROUPS, HEAD_DIM)]
+    return [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_(requires_grad) for s in shapes]
+
+
+def _each_document_alone(q, k, v, lengths: list[int]) -> torch.Tensor:
+    """Causal attention over every document on its own (torch SDPA), as [t, 1, heads * dim]."""
+    outs = [F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in part), is_causal=True, enable_gqa=True)
+            for part in zip(*(x.split(lengths) for x in (q, k, v)))]
+    return torch.cat(outs, dim=1).transpose(0, 1).reshape(q.shape[0], 1, -1)
+
+
+def _grads(out: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    upstream = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return torch.autograd.grad((out * upstream).sum(), leaves)
+
+
+def test_auto_is_masked_on_cpu_and_logged_once(caplog):
+    layers._log_attention_choice.cache_clear()
+    with caplog.at_level(logging.INFO, logger="megatron_ext.layers"):
+        for _ in range(2):
+            assert resolve_attention_kernel("auto", torch.zeros(1)) == "masked"
+    assert [r.getMessage() for r in caplog.records] == ["attention kernel: masked (requested auto, device cpu, float32)"]
+
+
+def test_fused_is_refused_on_cpu_and_unknown_kernels_are_refused():
+    with pytest.raises(ValueError, match=r"'fused' is FlashAttention-2 .* needs CUDA tensors in bf16 or fp16, got cpu"):
+        resolve_attention_kernel("fused", torch.zeros(1, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
+        resolve_attention_kernel("flash", torch.zeros(1))
+
+
+def test_the_setting_reaches_every_attention_layer_and_fused_stops_a_cpu_forward():
+    from tools.parity import megatron_twin
+    from tools.tiny_qwen35 import causal_lm, text_config
+
+    hf = causal_lm(text_config(), seed=0)
+    model = megatron_twin(hf, attention_kernel="fused")
+    kernels = [m.kernel for m in model.modules() if isinstance(m, layers.PackedDotProductAttention)]
+    assert kernels == ["fused"] * hf.config.layer_types.count("full_attention") and kernels
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        model(torch.zeros(1, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize("lengths", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_masked_equals_each_document_alone_forward_and_gradients(lengths):
+    q, k, v = _qkv(sum(lengths))
+    out = core_attention("masked", HEADS, GROUPS, HEAD_DIM, dtype=torch.float64)(q, k, v, None,
+                                                                                packed_seq_params=_packed(lengths))
+    ref = _each_document_alone(q, k, v, lengths)
+    torch.testing.assert_close(out, ref, **TOL)
+    for got, want in zip(_grads(out, [q, k, v]), _grads(ref, [q, k, v])):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("lengths", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_flex_equals_masked_forward(lengths):
+    q, k, v = _qkv(sum(lengths), requires_grad=False)
+    params = _packed(lengths)
+    flex, masked = (core_attention(kernel, HEADS, GROUPS, HEAD_DIM, dtype=torch.float64) for kernel in ("flex", "masked"))
+    torch.testing.assert_close(flex(q, k, v, None, packed_seq_params=params),
+                               masked(q, k, v, None, packed_seq_params=params), **TOL)
+
+
+@pytest.mark.parametrize("block", [1, 4, 5])
+@pytest.mark.parametrize("lengths", [*LAYOUTS.values(), [4, 4, 8, 3]], ids=[*LAYOUTS.keys(), "block-aligned"])
+def test_block_mask_skips_exactly_the_hidden_tiles_and_marks_the_full_ones(lengths, block):
+    """The kernel computes only listed tiles and applies the mask only on partial ones: a listed hidden
+    tile costs time, an unlisted visible one or a "full" tile with a hidden pair would be wrong."""
+    total = sum(lengths)
+    mask = document_causal_block_mask(_packed(lengths).cu_seqlens_q, total, block)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    pos = torch.arange(total)
+    visible = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+
+    def listed(counts, indices) -> set[tuple[int, int]]:
+        return {(i, int(j)) for i in range(counts.shape[-1]) for j in indices[0, 0, i, : counts[0, 0, i]]}
+
+    partial, full = listed(mask.kv_num_blocks, mask.kv_indices), listed(mask.full_kv_num_blocks, mask.full_kv_indices)
+    n = -(-total // block)
+    tiles = {(i, j): visible[i * block:(i + 1) * block, j * block:(j + 1) * block] for i in range(n) for j in range(n)}
+    assert partial.isdisjoint(full)
+    assert partial | full == {t for t, m in tiles.items() if m.any()}
+    assert full == {(i, j) for (i, j), m in tiles.items() if m.all() and j < i}
+
+
+def test_fused_call_passes_the_packed_documents_causally_with_gqa_and_the_layer_scale(monkeypatch):
+    """The varlen call without CUDA: a stand-in that computes what torch documents for ``varlen_attn``
+    (causal iff ``window_size == (-1, 0)``, GQA, ``scale``) document by document."""
+    lengths = LAYOUTS["documents of length 1 among longer ones"]
+    params = _packed(lengths)
+    seen = {}
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        seen.update(cu=(cu_q, cu_k), max=(max_q, max_k))
+        bounds = cu_q.tolist()
+        outs = [F.scaled_dot_product_attention(*(x[s:e].transpose(0, 1) for x in (q, k, v)), scale=scale,
+                                               is_causal=window_size == (-1, 0), enable_gqa=enable_gqa).transpose(0, 1)
+                for s, e in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(outs)
+
+    monkeypatch.setattr(layers, "_varlen_attn", lambda: varlen_attn)
+    monkeypatch.setattr(layers, "resolve_attention_kernel", lambda requested, query: requested)
+    q, k, v = _qkv(sum(lengths), seed=1)
+    fused, masked = (core_attention(kernel, HEADS, GROUPS, HEAD_DIM, dtype=torch.float64) for kernel in ("fused", "masked"))
+    out, ref = fused(q, k, v, None, packed_seq_params=params), masked(q, k, v, None, packed_seq_params=params)
+    assert all(cu is params.cu_seqlens_q for cu in seen["cu"]) and seen["max"] == (9, 9)
+    torch.testing.assert_close(out, ref, **TOL)
+    for got, want in zip(_grads(out, [q, k, v]), _grads(ref, [q, k, v])):
+        torch.testing.assert_close(got, want, **TOL)
