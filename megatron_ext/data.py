@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
+from megatron_ext.packing import Documents
+
 log = logging.getLogger(__name__)
 
 
@@ -83,15 +85,40 @@ def build_train_dataset(mix: dict, seq_length: int, num_samples: int, eod: int, 
     return train
 
 
-def micro_batches(dataset, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> Iterator[dict]:
+FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def collate(rows: list[dict]) -> dict:
+    """Rows -> one micro-batch, with its packed-document boundaries computed here, on the host, before the
+    batch goes to the GPU (so the model's layers need no device sync to find them)."""
+    batch = {k: torch.stack([r[k] for r in rows]) for k in FIELDS}
+    batch["documents"] = Documents.from_positions(batch["position_ids"])
+    return batch
+
+
+class MicroBatchOrder(torch.utils.data.Sampler):
     """Deterministic order: micro-step k takes rows [consumed + k*mbs*dp, ...) and this rank its slice.
-    ``consumed`` (rows already trained on) is what a resumed run restores."""
-    step_rows = micro_batch_size * dp_size
-    start = consumed
-    while True:
-        rows = [dataset[start + dp_rank * micro_batch_size + i] for i in range(micro_batch_size)]
-        yield {k: torch.stack([r[k] for r in rows]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
-        start += step_rows
+    ``consumed`` (rows already trained on) is what a resumed run restores. Endless: the trainer stops."""
+
+    def __init__(self, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.consumed, self.mbs, self.dp_rank, self.dp_size = consumed, micro_batch_size, dp_rank, dp_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.consumed + self.dp_rank * self.mbs
+        while True:
+            yield list(range(start, start + self.mbs))
+            start += self.mbs * self.dp_size
+
+
+def micro_batches(dataset, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                  workers: int = 2) -> Iterator[dict]:
+    """This rank's micro-batches in :class:`MicroBatchOrder`, read ahead by ``workers`` processes and, with
+    CUDA, in pinned memory, so the copy to the GPU is asynchronous and reading overlaps the step."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=MicroBatchOrder(consumed, micro_batch_size, dp_rank, dp_size), collate_fn=collate,
+        num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+    )
+    return iter(loader)
 
 
 def heldout_batches(mix: dict, tokenizer_dir: str, seq_length: int, max_docs: int, micro_batch_size: int,
@@ -128,8 +155,7 @@ def heldout_batches(mix: dict, tokenizer_dir: str, seq_length: int, max_docs: in
 
 
 def stack_micro_batches(rows: list[dict], micro_batch_size: int) -> list[dict]:
-    return [{k: torch.stack([r[k] for r in rows[i : i + micro_batch_size]]) for k in rows[0]}
-            for i in range(0, len(rows), micro_batch_size)]
+    return [collate(rows[i : i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size)]
 
 
 # ------------------------------------------------------------------------------------------------ SFT

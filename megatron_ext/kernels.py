@@ -4,6 +4,9 @@
   both varlen through ``cu_seqlens``. GPU only.
 * ``torch``: the pure-torch chunked algorithm below, one document at a time. Runs anywhere, keeps fp64
   inputs in fp64 (megatron's and transformers' torch versions force fp32 and have no ``cu_seqlens``).
+
+Document boundaries arrive as :class:`megatron_ext.packing.Documents` (None: one document per row), the
+same object for every layer of a micro-batch.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import logging
 
 import torch
 import torch.nn.functional as F
+
+from megatron_ext.packing import Documents
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +40,29 @@ def _log_choice(requested: str, chosen: str, device: str) -> None:
     log.info("GatedDeltaNet kernels: %s (requested %s, device %s)", chosen, requested, device)
 
 
-def _segments(total: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int]]:
-    if cu_seqlens is None:
+def _segments(total: int, docs: Documents | None) -> list[tuple[int, int]]:
+    if docs is None:
         return [(0, total)]
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != total:
-        raise ValueError(f"cu_seqlens {bounds} do not cover the {total} packed tokens")
-    return list(zip(bounds[:-1], bounds[1:]))
+    if docs.segments[0][0] != 0 or docs.total != total:
+        raise ValueError(f"cu_seqlens {docs.cu_seqlens_cpu.tolist()} do not cover the {total} packed tokens")
+    return docs.segments
 
 
-def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None, kernel: str) -> torch.Tensor:
+def _fla_varlen(docs: Documents | None) -> dict:
+    return {} if docs is None else docs.fla_kwargs()
+
+
+def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, docs: Documents | None, kernel: str) -> torch.Tensor:
     """Depthwise causal conv + SiLU over ``x`` [B, T, D] with ``weight`` [D, W]; no state crosses a
-    ``cu_seqlens`` boundary."""
+    document boundary."""
     if kernel == "fla":
         from fla.modules.causal_conv1d import causal_conv1d
 
-        out, _ = causal_conv1d(x, weight=weight, activation="silu", cu_seqlens=_as_long(cu_seqlens))
+        out, _ = causal_conv1d(x, weight=weight, activation="silu", **_fla_varlen(docs))
         return out
     width = weight.shape[-1]
     outs = []
-    for start, end in _segments(x.shape[1], cu_seqlens):
+    for start, end in _segments(x.shape[1], docs):
         seg = x[:, start:end].transpose(1, 2)
         y = F.conv1d(seg.to(weight.dtype), weight.unsqueeze(1), padding=width - 1, groups=seg.shape[1])
         outs.append(F.silu(y[..., : end - start]).to(x.dtype).transpose(1, 2))
@@ -72,7 +80,7 @@ def gated_delta_rule(
     v: torch.Tensor,
     g: torch.Tensor,
     beta: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
+    docs: Documents | None,
     kernel: str,
 ) -> torch.Tensor:
     """Gated delta rule with L2-normed q/k.
@@ -84,7 +92,7 @@ def gated_delta_rule(
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
         out, _ = chunk_gated_delta_rule(
-            q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True, cu_seqlens=_as_long(cu_seqlens)
+            q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True, **_fla_varlen(docs)
         )
         return out
     compute = torch.promote_types(v.dtype, torch.float32)
@@ -94,7 +102,7 @@ def gated_delta_rule(
         q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
     outs = [
         torch_chunk_gated_delta_rule(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e])
-        for s, e in _segments(v.shape[1], cu_seqlens)
+        for s, e in _segments(v.shape[1], docs)
     ]
     return torch.cat(outs, dim=1).to(v.dtype)
 
@@ -141,7 +149,3 @@ def torch_chunk_gated_delta_rule(
         state = state * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ v_new
     o = torch.stack(out, dim=2).reshape(batch, heads, n * chunk_size, -1)[:, :, :length]
     return o.transpose(1, 2)
-
-
-def _as_long(cu_seqlens: torch.Tensor | None) -> torch.Tensor | None:
-    return None if cu_seqlens is None else cu_seqlens.long()

@@ -16,6 +16,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
 from megatron_ext.kernels import causal_conv1d_silu, gated_delta_rule, resolve_kernel
+from megatron_ext.packing import documents_of
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,9 @@ class NormColumnParallelLinear(ColumnParallelLinear):
 
 class Qwen35GatedDeltaNet(GatedDeltaNet):
     """megatron-core's GatedDeltaNet (parameters, TP layout, sharded checkpoint) with a forward that
-    differs in two ways: packed documents (``cu_seqlens``) reset the conv and recurrent state, and the
-    kernels are chosen by device (megatron's forward rejects packed input and always calls fla)."""
+    differs in two ways: packed documents reset the conv and recurrent state (the micro-batch's
+    :class:`~megatron_ext.packing.Documents`, shared by all layers), and the kernels are chosen by device
+    (megatron's forward rejects packed input and always calls fla)."""
 
     def __init__(self, *args, kernel: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -93,13 +95,9 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
         qkvzba, _ = self.in_proj(hidden_states)
         qkvzba = qkvzba.transpose(0, 1)  # [s, b, d] -> [b, s, d]
         batch, seq_len, _ = qkvzba.shape
-        cu_seqlens = None
-        if packed_seq_params is not None:
-            cu_seqlens = packed_seq_params.cu_seqlens_q_padded
-            if cu_seqlens is None:
-                cu_seqlens = packed_seq_params.cu_seqlens_q
-            if batch != 1:
-                raise ValueError(f"packed (thd) input must have batch 1, got {batch}")
+        docs = documents_of(packed_seq_params)
+        if docs is not None and batch != 1:
+            raise ValueError(f"packed (thd) input must have batch 1, got {batch}")
         kernel = resolve_kernel(self.kernel, qkvzba.device)
 
         tp = self.tp_size
@@ -108,7 +106,7 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
             [(self.qk_dim * 2 + self.v_dim) // tp, self.v_dim // tp, self.num_value_heads // tp, self.num_value_heads // tp],
             dim=-1,
         )
-        qkv = causal_conv1d_silu(qkv, self.conv1d.weight.squeeze(1), cu_seqlens, kernel)
+        qkv = causal_conv1d_silu(qkv, self.conv1d.weight.squeeze(1), docs, kernel)
         q, k, v = torch.split(qkv, [self.qk_dim // tp, self.qk_dim // tp, self.v_dim // tp], dim=-1)
         q = q.reshape(batch, seq_len, -1, self.key_head_dim)
         k = k.reshape(batch, seq_len, -1, self.key_head_dim)
@@ -116,7 +114,7 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
         g = -self.A_log.float().exp() * torch.nn.functional.softplus(a.float() + self.dt_bias)
         beta = b.sigmoid()
 
-        core = gated_delta_rule(q, k, v, g, beta, cu_seqlens, kernel)
+        core = gated_delta_rule(q, k, v, g, beta, docs, kernel)
         out = self._gated_norm(core, z)
         out = out.reshape(batch, seq_len, -1).transpose(0, 1).contiguous()
         return self.out_proj(out)

@@ -10,29 +10,12 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-from megatron_ext import parallel
+from megatron_ext import parallel, rope
 from megatron_ext.config import Qwen35Config
+from megatron_ext.packing import Documents
 from megatron_ext.spec import block_spec, resolve_backend
 
 log = logging.getLogger(__name__)
-
-
-def packed_seq_params_from_batch(position_ids: Tensor, attention_mask: Tensor | None = None) -> PackedSeqParams:
-    """Document boundaries of a [b, s] batch, flattened to one packed (thd) row.
-
-    A new document starts at every row start, wherever ``position_ids`` does not continue by +1 (the
-    packed-documents convention of HF and megatron's GPTDataset with ``reset_position_ids``), and where a
-    padding ``attention_mask`` (1 = token, 0 = pad) switches between tokens and padding.
-    """
-    b, s = position_ids.shape
-    start = torch.ones_like(position_ids, dtype=torch.bool)
-    start[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    if attention_mask is not None:
-        start[:, 1:] |= attention_mask[:, 1:] != attention_mask[:, :-1]
-    starts = start.flatten().nonzero().flatten()
-    cu = torch.cat([starts, starts.new_tensor([b * s])]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
 
 class Qwen35GPTModel(GPTModel):
@@ -40,8 +23,9 @@ class Qwen35GPTModel(GPTModel):
 
     ``forward(input_ids, position_ids, attention_mask=None)`` takes a [b, s] batch; without explicit
     ``packed_seq_params`` the document boundaries come from ``position_ids`` resets and the optional
-    [b, s] padding ``attention_mask``. Returns logits [b, s, vocab] (gathered over TP), or the per-token
-    loss [b, s] when ``labels`` are given.
+    [b, s] padding ``attention_mask``, read on the host (the trainer passes the params it built before
+    copying the batch: :class:`~megatron_ext.packing.Documents`). Returns logits [b, s, vocab] (gathered
+    over TP), or the per-token loss [b, s] when ``labels`` are given.
 
     The output layer has ``padded_vocab_size`` rows (a multiple of 128 x TP, as megatron pads); the ids
     past ``vocab_size`` do not exist for the tokenizer, so they are never predicted: gathered logits stop
@@ -64,7 +48,7 @@ class Qwen35GPTModel(GPTModel):
                 raise ValueError("attention_mask must be a [batch, seq] padding mask; pass packed_seq_params for documents")
             if position_ids is None:
                 position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-            packed_seq_params = packed_seq_params_from_batch(position_ids, attention_mask)
+            packed_seq_params = Documents.from_positions(position_ids, attention_mask).to(input_ids.device).packed_seq_params()
         if runtime_gather_output is None:
             runtime_gather_output = labels is None  # users get full-vocab logits; the loss stays vocab-parallel
         out = super().forward(
@@ -141,6 +125,8 @@ def build_model(
     else:
         transformer_overrides.setdefault("transformer_impl", "local")
     transformer_overrides.setdefault("use_cpu_initialization", device == "cpu")
+    if transformer_overrides.setdefault("apply_rope_fusion", True):
+        rope.install()  # packed rows rotate without host syncs (megatron's unfused thd RoPE syncs per layer)
     tcfg = config.to_transformer_config(
         tensor_parallel=tp, pipeline_parallel=pp, params_dtype=params_dtype, **transformer_overrides
     )

@@ -16,6 +16,7 @@ validation, NaN/Inf guards, metrics (jsonl, TensorBoard, optional W&B) and a los
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext import logs
+from megatron_ext.data import FIELDS
 from megatron_ext.parallel import is_rank0
 from megatron_ext.train_config import TrainConfig
 
@@ -54,21 +56,40 @@ class TrainState:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _all_reduce(value: float, op=dist.ReduceOp.SUM, group=None) -> float:
-    return _all_reduce_many([value], op, group)[0]
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _all_reduce_many(values: list[float], op=dist.ReduceOp.SUM, group=None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(t, op=op, group=group)
-    return t.tolist()
+def _loss_totals(outputs: list[dict]) -> torch.Tensor:
+    """(loss sum, tokens) of this rank's micro-batches, on the device: no host sync per micro-batch."""
+    if not outputs:
+        return torch.zeros(2, dtype=torch.float64, device=_device())
+    return torch.stack([o["lm loss"] for o in outputs]).double().sum(0)
 
 
-def _mean_loss(outputs: list[dict], group=None) -> float:
-    """Token-weighted mean of the micro-batches' ``lm loss`` (sum, tokens) pairs over the ranks of ``group``."""
-    loss_sum, tokens = _all_reduce_many([sum(o["lm loss"][0].item() for o in outputs),
-                                         sum(o["lm loss"][1].item() for o in outputs)], group=group)
+def _mean_loss(outputs: list[dict]) -> float:
+    """Token-weighted mean of the micro-batches' ``lm loss`` (sum, tokens) pairs over all ranks (see
+    :func:`_reduce_step` for why the whole world)."""
+    totals = _loss_totals(outputs)
+    dist.all_reduce(totals)
+    loss_sum, tokens = totals.tolist()
     return loss_sum / max(tokens, 1.0)
+
+
+def _reduce_step(outputs: list[dict], ddp, stop_requested: bool) -> tuple[float, bool, bool]:
+    """What every rank must agree on after a step, in one all-reduce and one host sync: the token-weighted
+    loss over the data-parallel ranks, whether every gradient on every rank is finite, and whether any rank
+    got SIGTERM. Summed over the whole world: tensor-parallel ranks hold the same loss sum and token count,
+    which leaves the ratio unchanged. Non-finite gradients show in each gradient buffer's sum (inf and NaN
+    propagate; no buffer-sized mask is made); a sum overflows only where gradients are already absurd
+    (~1e29 each), and such a step is skipped too."""
+    sums = torch.stack([b.grad_data.sum(dtype=torch.float32) for b in ddp.buffers + ddp.expert_parallel_buffers])
+    nonfinite = (~sums.isfinite()).sum().double().view(1)
+    stop = torch.full((1,), float(stop_requested), dtype=torch.float64, device=sums.device)
+    totals = torch.cat([_loss_totals(outputs), nonfinite, stop])
+    dist.all_reduce(totals)
+    loss_sum, tokens, nonfinite_buffers, stopping = totals.tolist()
+    return loss_sum / max(tokens, 1.0), nonfinite_buffers == 0, stopping > 0
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -205,8 +226,9 @@ def forward_step(data_iterator, model, nan_now: bool = False):
     by that count), so short and long answers weigh by their tokens."""
     batch = next(data_iterator)
     device = next(model.parameters()).device
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+    packed = batch["documents"].to(device).packed_seq_params()  # found on the host by the loader (collate)
+    batch = {k: batch[k].to(device, non_blocking=True) for k in FIELDS}
+    losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"], packed_seq_params=packed)
 
     def loss_func(output):
         mask = batch["loss_mask"].float()
@@ -217,13 +239,6 @@ def forward_step(data_iterator, model, nan_now: bool = False):
         return loss_sum, mask.sum().int(), {"lm loss": torch.stack([loss_sum.detach().clone(), mask.sum().detach()])}
 
     return losses, loss_func
-
-
-def grads_finite(ddp) -> bool:
-    """All gradients finite on every rank; checked on DDP's contiguous gradient buffers (one reduction per
-    buffer, not one host sync per parameter)."""
-    finite = all(bool(torch.isfinite(b.grad_data).all()) for b in ddp.buffers + ddp.expert_parallel_buffers)
-    return _all_reduce(float(finite), dist.ReduceOp.MIN) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -272,15 +287,23 @@ def train(cfg: TrainConfig) -> TrainState:
                         perform_initialization=False, **overrides)
     if resume is None:
         load_weights(model, cfg.init_from)
+    # With DP > 1 the gradient reduce-scatter runs bucket by bucket during the backward of the last micro-batch,
+    # and the parameter all-gather during the next forward, in megatron's buckets (its default size), instead
+    # of in one block inside optimizer.step(). The gathered parameters arrive lazily: see _synced_parameters.
+    overlap = dp > 1 if cfg.overlap_communication is None else cfg.overlap_communication
     ddp = DistributedDataParallel(
         config=model.config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt),
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt,
+                                                 overlap_grad_reduce=overlap, overlap_param_gather=overlap and dist_opt),
         module=model,
     )
     def finalize_grads(*args, **kwargs):
         finalize_model_grads(*args, **kwargs)
         allreduce_gdn_out_norm_grads(ddp)
 
+    if overlap:
+        log.info("DP=%d: gradient reduce and parameter gather overlapped with compute, buckets of %s parameters",
+                 dp, ddp.ddp_config.bucket_size)
     model.config.finalize_model_grads_func = finalize_grads
     model.config.no_sync_func = ddp.no_sync
     optimizer = get_megatron_optimizer(
@@ -302,7 +325,7 @@ def train(cfg: TrainConfig) -> TrainState:
         log.info("resumed from %s at step %d", resume, state.step)
     hf_files = hf_source_files(source)
 
-    data = micro_batches(data_info.train, state.consumed_samples, cfg.micro_batch_size, dp_rank, dp)
+    data = micro_batches(data_info.train, state.consumed_samples, cfg.micro_batch_size, dp_rank, dp, cfg.data_workers)
     eval_sets = data_info.eval_sets
     if is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -331,11 +354,11 @@ def train(cfg: TrainConfig) -> TrainState:
             model=[ddp], num_microbatches=num_micro, seq_length=cfg.seq_length,
             micro_batch_size=cfg.micro_batch_size, forward_only=False,
         )
-        loss = _mean_loss(out, group=parallel_state.get_data_parallel_group())
+        loss, grads_finite, stopping = _reduce_step(out, ddp, stop["requested"])
         state.step += 1
         state.consumed_samples += cfg.global_batch_size
         record = {"step": state.step}
-        if math.isfinite(loss) and grads_finite(ddp):
+        if math.isfinite(loss) and grads_finite:
             _, grad_norm, _ = optimizer.step()
             scheduler.step(increment=1)
             state.nonfinite_in_a_row = 0
@@ -360,16 +383,17 @@ def train(cfg: TrainConfig) -> TrainState:
                       mfu=flops_per_token * tps / (peak * 1e12 * dist.get_world_size()) if peak else None,
                       mem_gb=_memory_gb(), skipped_steps=state.skipped_steps, consumed_samples=state.consumed_samples)
         if cfg.eval_interval and (state.step % cfg.eval_interval == 0 or state.step == iters):
-            record.update(_evaluate(ddp, eval_sets, forward_backward, cfg, dp_rank, dp))
+            with _synced_parameters(ddp):
+                record.update(_evaluate(ddp, eval_sets, forward_backward, cfg, dp_rank, dp))
         metrics.log(record)
         timing = progress.update(elapsed, iters - state.step)
         if is_rank0() and (state.step % cfg.log_interval == 0 or state.step == iters):
             print(f"step {state.step}/{iters} | loss {record['loss'] if record['loss'] is None else round(record['loss'], 4)}"
                   f" | lr {record['lr']:.2e} | {tps:,.0f} tok/s | mfu {record['mfu'] or 0:.1%} | "
                   f"mem {record['mem_gb']:.1f} GB | {timing}", flush=True)
-        stopping = _all_reduce(float(stop["requested"]), dist.ReduceOp.MAX) > 0
         if state.step % cfg.save_interval == 0 or state.step == iters or stopping:
-            _save_checkpoint(run_dir, cfg, model, optimizer, scheduler, state, hf_files, dist_opt)
+            with _synced_parameters(ddp):
+                _save_checkpoint(run_dir, cfg, model, optimizer, scheduler, state, hf_files, dist_opt)
         if stopping:
             log.warning("SIGTERM: saved step %d, exiting", state.step)
             break
@@ -377,6 +401,22 @@ def train(cfg: TrainConfig) -> TrainState:
     if is_rank0():
         plot_losses(run_dir)
     return state
+
+
+@contextlib.contextmanager
+def _synced_parameters(ddp):
+    """Every parameter up to date on every rank for the duration. With ``overlap_param_gather`` the
+    optimizer step leaves each rank's copy stale outside its own shard until the next training forward
+    gathers it bucket by bucket; evaluation and checkpoints need all of it now (megatron's own training loop
+    does the same: forward pre-hooks off with a synchronous gather, back on after)."""
+    if not ddp.use_forward_hook:
+        yield
+        return
+    ddp.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        ddp.enable_forward_pre_hook()
 
 
 def _evaluate(ddp, eval_sets: dict, forward_backward, cfg: TrainConfig, dp_rank: int, dp: int) -> dict:

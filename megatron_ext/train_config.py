@@ -42,6 +42,8 @@ class TrainConfig:
     recompute: str | None = None  # None | "selective" | "full"
     tensor_parallel: int = 1
     distributed_optimizer: bool | None = None  # default: on (a resumed run keeps its checkpoint's choice)
+    overlap_communication: bool | None = None  # gradient reduce / parameter gather overlapped; default: DP > 1
+    data_workers: int = 2  # processes reading micro-batches ahead (0: in the training process)
     backend: str = "auto"  # te | local | auto
     gdn_kernel: str = "auto"
     attention_kernel: str = "auto"  # auto | fused | flex | masked: the local backend's core attention

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megatron_ext.kernels import causal_conv1d_silu, gated_delta_rule, l2norm, torch_chunk_gated_delta_rule
+from megatron_ext.packing import Documents
 
 
 def naive_recurrence(q, k, v, g, beta):
@@ -41,10 +42,10 @@ def test_chunked_equals_recurrence_fp64(length):
 
 
 def test_grouped_value_heads_and_documents():
-    """Each key head serves consecutive value heads; cu_seqlens restart the state at every document."""
+    """Each key head serves consecutive value heads; the state restarts at every document."""
     q, k, v, g, beta = _inputs(90, hk=2, hv=6, b=1)
-    cu = torch.tensor([0, 20, 71, 90], dtype=torch.int32)
-    out = gated_delta_rule(q, k, v, g, beta, cu, "torch")
+    docs = Documents.from_cu_seqlens(torch.tensor([0, 20, 71, 90], dtype=torch.int32))
+    out = gated_delta_rule(q, k, v, g, beta, docs, "torch")
     qn, kn = (l2norm(x).repeat_interleave(3, dim=2) for x in (q, k))
     expected = torch.cat(
         [naive_recurrence(qn[:, s:e], kn[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e]) for s, e in [(0, 20), (20, 71), (71, 90)]],
@@ -59,8 +60,7 @@ def test_causal_conv_is_causal_and_respects_documents():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 30, 5, dtype=torch.float64, generator=gen)
     w = torch.randn(5, 4, dtype=torch.float64, generator=gen)
-    cu = torch.tensor([0, 12, 30])
-    packed = causal_conv1d_silu(x, w, cu, "torch")
+    packed = causal_conv1d_silu(x, w, Documents(torch.tensor([0, 12, 30])), "torch")
     second_alone = causal_conv1d_silu(x[:, 12:], w, None, "torch")
     torch.testing.assert_close(packed[:, 12:], second_alone)
     # the reference definition: out[t] = silu(sum_j w[:, j] * x[t - 3 + j]) with zeros before the start

@@ -41,3 +41,42 @@ def test_rows_of_a_batch_and_left_padding_are_independent():
         out = model(batch, attention_mask=mask)
         torch.testing.assert_close(out[0, 13:], model(short)[0], **TOL)
         torch.testing.assert_close(out[1], model(long)[0], **TOL)
+
+
+def test_documents_are_found_once_per_micro_batch_and_every_layer_gets_the_same_objects(monkeypatch):
+    """The trainer's path (collate in the loader, then forward_step): the boundaries are computed once, on the
+    host, and every layer, RoPE included, receives the very same objects (fla's caches are keyed by identity;
+    anything rebuilt per layer costs device syncs on a GPU)."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer.attention import SelfAttention
+
+    from megatron_ext.data import collate
+    from megatron_ext.layers import Qwen35GatedDeltaNet
+    from megatron_ext.packing import Documents
+    from megatron_ext.train import forward_step
+
+    built, rotated, seen = [], [], []
+    find = Documents.from_positions.__func__
+    monkeypatch.setattr(Documents, "from_positions", classmethod(lambda cls, *a: built.append(1) or find(cls, *a)))
+    rotate = rope_utils.fused_apply_rotary_pos_emb_thd
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb_thd", lambda t, cu, *a, **k: rotated.append(cu) or rotate(t, cu, *a, **k))
+
+    model = megatron_twin(causal_lm(text_config(layer_types=[L, F, L, F]), seed=2))
+    for module in model.modules():
+        if isinstance(module, (Qwen35GatedDeltaNet, SelfAttention)):
+            module.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["packed_seq_params"]), with_kwargs=True)
+    gen = torch.Generator().manual_seed(4)
+    rows = [{"tokens": torch.randint(0, 96, (24,), generator=gen), "labels": torch.randint(0, 96, (24,), generator=gen),
+             "loss_mask": torch.ones(24), "position_ids": torch.cat([torch.arange(n) for n in lengths])}
+            for lengths in ([10, 1, 13], [24])]
+    batch = collate(rows)
+    output, loss_func = forward_step(iter([batch]), model)
+    loss_func(output)[0].backward()
+
+    assert len(built) == 1  # in collate; the model did not look for them again
+    assert len(seen) == 4 and all(params is seen[0] for params in seen)
+    docs = seen[0].documents
+    assert docs.segments == [(0, 10), (10, 11), (11, 24), (24, 48)]  # a 1-token document; row 2 is one document
+    assert seen[0].cu_seqlens_q is docs.cu_seqlens and seen[0].max_seqlen_q == 24
+    assert len(rotated) == 4 and all(cu is docs.cu_seqlens for cu in rotated)  # q and k of both attention layers
+    # fla's varlen arguments (GPU only: fla needs Triton) come from the same object: tools.gpu_check's kernels part

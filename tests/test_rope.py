@@ -41,3 +41,26 @@ def test_distinct_vision_positions_do_not_reduce():
     cos_text, _ = _hf_cos_sin(torch.arange(seq).view(1, 1, seq).expand(3, 1, seq))
     cos_image, _ = _hf_cos_sin(pos)
     assert not torch.allclose(cos_text, cos_image)
+
+
+def test_sync_free_packed_rope_equals_megatrons_per_document_rope():
+    """megatron_ext.rope rotates a packed row at once (positions from cu_seqlens on the device); megatron's
+    unfused thd RoPE rotates each document alone. Same numbers, float64, partial rotary, a 1-token document."""
+    from megatron.core import parallel_state
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_thd
+
+    from megatron_ext import parallel
+    from megatron_ext.rope import thd_rotary
+
+    parallel.initialize()
+    gen = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 5, 6, 40, 71], dtype=torch.int32)
+    t = torch.randn(71, 3, 256, generator=gen, dtype=torch.float64)
+    rope = RotaryEmbedding(kv_channels=256, rotary_percent=0.25, rotary_base=10_000_000.0)
+    freqs = rope(34).double()  # as long as the longest document
+    ours = thd_rotary(t, cu, freqs)
+    theirs = _apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=parallel_state.get_context_parallel_group())
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+    assert torch.equal(ours[..., 64:], t[..., 64:])  # the unrotated three quarters pass through
+    one_document = thd_rotary(t, torch.tensor([0, 71], dtype=torch.int32), rope(71).double())
+    assert not torch.allclose(ours[6:40], one_document[6:40])  # guard: positions restart at each document

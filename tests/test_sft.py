@@ -172,13 +172,14 @@ def test_masked_tokens_contribute_nothing_to_loss_or_gradient(sft_data):
     """A packed row through megatron's model and the trainer's loss: rewriting every masked label, or every
     token of a conversation that carries no loss, leaves the loss and every gradient bit-identical; rewriting
     one unmasked label changes them (so the check can fail)."""
+    from megatron_ext.data import FIELDS, collate
     from megatron_ext.train import forward_step
     from tools.tiny_qwen35 import causal_lm, text_config
 
     model = megatron_twin(causal_lm(text_config(vocab_size=2048), seed=5))
     ds = _dataset(sft_data)
     i = next(i for i in range(len(ds)) if len(ds.rows[i]) >= 2)
-    row = {k: v.unsqueeze(0) for k, v in ds[i].items()}
+    row = collate([ds[i]])
 
     def loss_and_grads(batch):
         model.zero_grad()
@@ -193,7 +194,8 @@ def test_masked_tokens_contribute_nothing_to_loss_or_gradient(sft_data):
 
     relabelled = {**row, "labels": torch.where(masked, torch.randint(0, 2048, row["labels"].shape, generator=g), row["labels"])}
     first_len = len(ds.tokens[ds.rows[i][0]]) - 1
-    silenced = {k: v.clone() for k, v in row.items()}  # the first conversation: no loss, then any tokens at all
+    # the first conversation: no loss, then any tokens at all
+    silenced = {k: v.clone() if k in FIELDS else v for k, v in row.items()}
     silenced["loss_mask"][0, :first_len] = 0
     silent_loss, silent_grads = loss_and_grads(silenced)
     silenced["tokens"][0, :first_len] = torch.randint(0, 2048, (first_len,), generator=g)

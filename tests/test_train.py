@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import kill_after_first_checkpoint, read_metrics, run_trainer, trainer_command
@@ -128,6 +129,26 @@ def test_layouts_equal_one_rank(one_rank, setup, layout):
     for x, y in zip(one_rank, got):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+
+
+def test_overlapped_communication_trains_evaluates_and_saves_like_synchronous(setup):
+    """DP=2 overlaps the gradient reduce-scatter with the backward and the parameter all-gather with the next
+    forward (the default with DP > 1). Same losses as without overlap; and the evaluation and the checkpoint
+    made right after an optimizer step see the updated parameters (stale ones change both)."""
+    from megatron_ext.checkpoint import load_model
+
+    for name, overlap in (("overlapped", True), ("synchronous", False)):
+        run_trainer(_config(setup, f"dp2_{name}", micro_batch_size=1, train_iters=4, eval_interval=3,
+                            save_interval=2, overlap_communication=overlap), nproc=2)  # step 2: a save alone
+    overlapped, synchronous = read_metrics(setup / "dp2_overlapped"), read_metrics(setup / "dp2_synchronous")
+    assert "gradient reduce and parameter gather overlapped" in (setup / "dp2_overlapped" / "train.log").read_text()
+    for key in ("loss", "val/ehr", "val/pubmed_neuro"):
+        got, want = [m[key] for m in overlapped if key in m], [m[key] for m in synchronous if key in m]
+        assert len(got) == len(want) > 0 and got == pytest.approx(want, rel=1e-6), key
+    for step in ("iter_0000002", "iter_0000004"):
+        ours, theirs = (load_model(setup / run / "checkpoints" / step) for run in ("dp2_overlapped", "dp2_synchronous"))
+        for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0, msg=f"{step} {name}")
 
 
 @pytest.fixture(scope="module")

@@ -77,11 +77,12 @@ def row(part: str, check: str, value, limit: float | None = None, verdict: str |
 
 def part_kernels(device: str) -> None:
     from megatron_ext.kernels import causal_conv1d_silu, gated_delta_rule
+    from megatron_ext.packing import Documents
 
     kernel = "fla" if device == "cuda" else "torch"  # on CPU: the same checks of the torch kernels in bf16
     gen = torch.Generator(device).manual_seed(0)
     t, heads, d = 3000 if device == "cuda" else 300, 16, 128
-    cu = torch.tensor([0, 1, t // 4, t * 2 // 3, t], device=device, dtype=torch.int32)  # a 1-token document too
+    docs = Documents(torch.tensor([0, 1, t // 4, t * 2 // 3, t])).to(device)  # a 1-token document too
 
     def rand(*shape, dtype=torch.bfloat16):
         return torch.randn(*shape, generator=gen, device=device).to(dtype)
@@ -93,7 +94,7 @@ def part_kernels(device: str) -> None:
 
     def run(kernel: str, dtype_of):
         leaves = {k: v.detach().to(dtype_of(v)).requires_grad_() for k, v in inputs.items()}
-        out = gated_delta_rule(*leaves.values(), cu, kernel)
+        out = gated_delta_rule(*leaves.values(), docs, kernel)
         (out.float() * upstream).sum().backward()
         return out.float(), {k: v.grad.float() for k, v in leaves.items()}
 
@@ -112,7 +113,7 @@ def part_kernels(device: str) -> None:
 
     def conv(kernel: str, dtype):
         xl, wl = x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
-        y = causal_conv1d_silu(xl, wl, cu, kernel)
+        y = causal_conv1d_silu(xl, wl, docs, kernel)
         (y.float() * up).sum().backward()
         return y.float(), xl.grad.float(), wl.grad.float()
 
