@@ -26,7 +26,8 @@ def test_help_documents_every_part_and_its_time_box():
     text = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--help"], capture_output=True, text=True).stdout
     for name, seconds in gpu_check.BOXES.items():
         assert re.search(rf"^  {name} +{seconds}  ", text, re.MULTILINE), name
-    assert sum(gpu_check.BOXES.values()) <= 360  # the whole check in at most 6 minutes
+    default = [name for name in gpu_check.PARTS if name not in gpu_check.OPTIONAL]
+    assert sum(gpu_check.BOXES[name] for name in default) <= 360  # the default check in at most 6 minutes
     assert "--box PART=SECONDS" in text
 
 
@@ -58,6 +59,13 @@ def test_kernels_part_on_cpu(capsys):
         "gated delta rule output, torch bf16 vs torch fp32", *(f"gated delta rule d{x}" for x in "q k v g beta".split()),
         *(f"causal conv1d {x}, torch bf16 vs torch fp32" for x in ("output", "dx", "dweight"))]
     assert ["kernels", "torch gated delta rule deterministic (two runs, same bits)", "yes", "", ""] in rows
+
+
+def test_attention_part_on_cpu(capsys):
+    gpu_check.part_attention("cpu")  # FlexAttention eagerly in bf16 against the masked path in fp32, forward only
+    rows = _rows(capsys)
+    assert [(r[1].split(", ")[0], r[1].split(": ")[-1], r[4]) for r in rows] == [
+        ("flex bf16 vs masked fp32", "output", "pass")] * 2
 
 
 def test_parity_part_on_cpu(capsys):

@@ -1,18 +1,31 @@
-"""Benchmark one training step on one GPU: our megatron-core Qwen3.5 (BF16, and FP8 when Transformer
-Engine is present) against transformers' Qwen3.5 with flash-linear-attention kernels, same shape, same run.
+"""Benchmark one training step on one GPU: our megatron-core Qwen3.5 (local spec with each attention kernel)
+against transformers' Qwen3.5 with flash-linear-attention kernels, same shape, same run.
 
-    python -m tools.bench_train [--hf-config Qwen3.5-2B-Base/config.json] [--seq 4096] [--micro-batch 1]
+    python -m tools.bench_train [--hf-config Qwen3.5-2B-Base/config.json] [--seqs 4096,8192] [--only REGEX]
 
-Random init, seq 4096, AdamW step included. Reports tokens/s, MFU (formula: megatron_ext/flops.py) and
-peak memory as a markdown table for docs/benchmarks.md. Goals: >= 45% MFU in BF16, >= 1.5x the HF step.
+Random init, BF16 with fp32 master weights, AdamW step included. Every row names its memory policy, and
+the "vs HF" column compares rows with the same policy only (transformers' gradient checkpointing is
+megatron's full recomputation, one layer at a time; megatron's selective recomputation has no transformers
+counterpart). After the table, each side's fastest row that fits, labelled. A row that runs out of memory
+is reported as OOM and the run goes on. MFU counts model FLOPs (megatron_ext/flops.py), not recomputed
+ones. "resident GiB" is what stays allocated between steps (weights, gradients, optimizer state); peak
+minus resident is the step's activations and temporaries. Goals (issue 12): >= 1.5x the transformers + fla
+step and >= 40% MFU without Transformer Engine on an H100.
+
+The rows are :data:`SETUPS`, a list of named configurations; a new backend (Transformer Engine BF16/FP8)
+is one more :class:`Setup` whose ``build`` is :func:`ours` with other arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import re
 import time
+from dataclasses import dataclass
 from datetime import date
+from typing import Callable
 
 import torch
 
@@ -24,33 +37,35 @@ APPROX_2B = dict(
     linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=16, tie_word_embeddings=True,
 )
 
+# megatron's recomputation settings by policy name. "selective" recomputes megatron's default module, core
+# attention: what the masked path needs (its [T, T] scores are its largest activation) and close to free
+# with a fused kernel, which keeps no scores; "selective-mlp" recomputes the MLPs instead, the largest
+# activations once attention is fused. "full" recomputes every layer from its input, as transformers'
+# gradient checkpointing does.
+RECOMPUTE = {
+    "none": {},
+    "selective": dict(recompute_granularity="selective"),
+    "selective-mlp": dict(recompute_granularity="selective", recompute_modules=["mlp"]),
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
 
-def _time_steps(step, warmup: int, iters: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters, torch.cuda.max_memory_allocated() / 2**30
 
-
-def ours(config, seq: int, mbs: int, fp8: str | None, warmup: int, iters: int):
+def ours(config, seq: int, micro_batch: int, *, memory: str, backend: str = "local", attention_kernel: str = "auto",
+         **overrides) -> Callable[[], None]:
+    """Our model (megatron DDP + distributed optimizer, as the trainer runs it) and its training step."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron_ext import build_model
 
-    overrides = {"fp8": fp8, "fp8_recipe": "delayed"} if fp8 else {}
-    model = build_model(config, "auto", params_dtype=torch.bfloat16, recompute_granularity="selective", **overrides)
+    model = build_model(config, backend, attention_kernel=attention_kernel, params_dtype=torch.bfloat16,
+                        **RECOMPUTE[memory], **overrides)
     ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=True), module=model)
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=2e-6, bf16=True, params_dtype=torch.bfloat16,
                                                  use_distributed_optimizer=True, clip_grad=1.0), [ddp])
-    ids = torch.randint(0, config.vocab_size, (mbs, seq), device="cuda")
-    pos = torch.arange(seq, device="cuda").expand(mbs, seq)
+    ids = torch.randint(0, config.vocab_size, (micro_batch, seq), device="cuda")
+    pos = torch.arange(seq, device="cuda").expand(micro_batch, seq)
 
     def step():
         ddp.zero_grad_buffer()
@@ -59,72 +74,168 @@ def ours(config, seq: int, mbs: int, fp8: str | None, warmup: int, iters: int):
         ddp.finish_grad_sync()
         opt.step()
 
-    return _time_steps(step, warmup, iters)  # the model is freed when this returns
+    return step
 
 
-def hf(config, seq: int, mbs: int, warmup: int, iters: int):
+def hf(config, seq: int, micro_batch: int, *, memory: str) -> Callable[[], None]:
+    """transformers' Qwen3.5 (fla kernels for GDN, SDPA attention) with fused AdamW; ``memory``: none | full."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
     hf_config = Qwen3_5TextConfig(**config.to_hf_text_dict())
     with torch.device("cuda"):  # initialise on the GPU: a 2B init on the CPU takes longer than the benchmark
         model = Qwen3_5ForCausalLM._from_config(hf_config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model.gradient_checkpointing_enable()
+    if {"full": True, "none": False}[memory]:
+        model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-6, fused=True)
-    ids = torch.randint(0, config.vocab_size, (mbs, seq), device="cuda")
+    ids = torch.randint(0, config.vocab_size, (micro_batch, seq), device="cuda")
 
     def step():
         opt.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
 
-    return _time_steps(step, warmup, iters)
+    return step
 
 
-def measure(config=None, seq: int = 4096, micro_batch: int = 1, warmup: int = 3, iters: int = 10):
-    """Rows (implementation, s/step, tokens/s, MFU text, peak GiB): ours in BF16 (and FP8 with TE), then
-    transformers + fla, one after the other on this GPU (each model is freed before the next)."""
+@dataclass(frozen=True)
+class Setup:
+    """One benchmark row: an implementation, its memory policy, and how to build its training step."""
+
+    name: str
+    memory: str
+    build: Callable[..., Callable[[], None]]  # (config, seq, micro_batch) -> step
+    baseline: bool = False  # transformers + fla: the rows the ratios are taken against
+
+
+def _ours(name: str, memory: str, **kwargs) -> Setup:
+    return Setup(name, memory, functools.partial(ours, memory=memory, **kwargs))
+
+
+def _hf(memory: str) -> Setup:
+    return Setup("transformers + fla", memory, functools.partial(hf, memory=memory), baseline=True)
+
+
+SETUPS = [
+    # the attention kernels under the trainer's usual policy
+    _ours("local-fused", "selective", attention_kernel="fused"),
+    _ours("local-flex", "selective", attention_kernel="flex"),
+    _ours("local-masked", "selective", attention_kernel="masked"),
+    # the fused kernel under every policy: the like-for-like pairs with transformers are none and full
+    _ours("local-fused", "none", attention_kernel="fused"),
+    _ours("local-fused", "selective-mlp", attention_kernel="fused"),
+    _ours("local-fused", "full", attention_kernel="fused"),
+    _hf("none"),
+    _hf("full"),
+]
+# the GPU check's bench part: one like-for-like pair that fits any 80 GB GPU
+QUICK = [_ours("ours (auto)", "full", backend="auto"), _hf("full")]
+
+
+@dataclass
+class Result:
+    setup: Setup
+    seq: int
+    seconds: float | None = None  # None: out of memory
+    peak_gib: float | None = None
+    resident_gib: float | None = None
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+
+
+def _time_steps(step, warmup: int, iters: int) -> tuple[float, float, float]:
+    """Seconds per step, peak GiB over the timed steps, GiB still allocated after them."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters, torch.cuda.max_memory_allocated() / 2**30, \
+        torch.cuda.memory_allocated() / 2**30
+
+
+def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 3, iters: int = 10,
+            setups: list[Setup] = SETUPS) -> list[Result]:
+    """Every setup at every sequence length, one after the other on this GPU (each model is freed before
+    the next is built); a setup that runs out of memory gives a Result with ``seconds=None``."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("tools.bench_train needs a CUDA device")
     from megatron_ext import Qwen35Config, parallel
     from megatron_ext.flops import peak_tflops, train_flops_per_token
-    from megatron_ext.spec import have_transformer_engine
 
     parallel.initialize()
     config = config or Qwen35Config(**APPROX_2B)
-    tokens = seq * micro_batch
-    flops = train_flops_per_token(config, seq) * tokens
     peak = peak_tflops(torch.cuda.get_device_name())
-    runs = [("neurocpt megatron-core BF16", lambda: ours(config, seq, micro_batch, None, warmup, iters))]
-    if have_transformer_engine():
-        runs.append(("neurocpt megatron-core FP8 (TE)", lambda: ours(config, seq, micro_batch, "hybrid", warmup, iters)))
-    runs.append(("transformers Qwen3.5 + fla, BF16", lambda: hf(config, seq, micro_batch, warmup, iters)))
-    rows = []
-    for name, run in runs:
-        seconds, mem = run()
-        gc.collect()  # the model and optimizer of this run, before the next one allocates its own
-        torch.cuda.empty_cache()
-        rows.append((name, seconds, tokens / seconds, f"{flops / seconds / (peak * 1e12):.1%}" if peak else "n/a", mem))
-    return rows
+    results = []
+    for seq in seqs:
+        tokens = seq * micro_batch
+        for setup in setups:
+            result = Result(setup, seq)
+            try:
+                seconds, result.peak_gib, result.resident_gib = _time_steps(
+                    setup.build(config, seq, micro_batch), warmup, iters)
+                result.seconds, result.tokens_per_s = seconds, tokens / seconds
+                if peak:
+                    result.mfu = train_flops_per_token(config, seq) * tokens / seconds / (peak * 1e12)
+            except torch.OutOfMemoryError:
+                pass
+            gc.collect()  # this setup's model and optimizer (also when an OOM left them in a traceback)
+            torch.cuda.empty_cache()
+            results.append(result)
+    return results
+
+
+def cells(r: Result) -> list[str]:
+    """s/step, tokens/s, MFU, peak GiB, resident GiB as table cells (OOM when it did not fit)."""
+    if r.seconds is None:
+        return ["OOM"] * 5
+    return [f"{r.seconds:.3f}", f"{r.tokens_per_s:,.0f}", f"{r.mfu:.1%}" if r.mfu is not None else "n/a",
+            f"{r.peak_gib:.1f}", f"{r.resident_gib:.1f}"]
+
+
+def table(results: list[Result]) -> list[str]:
+    """Markdown: every row with its ratio to transformers under the same memory policy, then each side's
+    fastest row that fits at each sequence length."""
+    hf_time = {(r.seq, r.setup.memory): r.seconds for r in results if r.setup.baseline and r.seconds}
+    lines = ["| implementation | memory policy | seq | s/step | tokens/s | MFU | peak GiB | resident GiB | vs HF, same policy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        base = hf_time.get((r.seq, r.setup.memory))
+        ratio = f"{base / r.seconds:.2f}x" if base and r.seconds and not r.setup.baseline else ""
+        lines.append(f"| {r.setup.name} | {r.setup.memory} | {r.seq} | {' | '.join(cells(r))} | {ratio} |")
+    lines += ["", "| seq | best of ours that fits | best of transformers + fla that fits | ratio |", "|---|---|---|---|"]
+    for seq in dict.fromkeys(r.seq for r in results):
+        best = [max((r for r in results if r.seq == seq and r.seconds and r.setup.baseline == side),
+                    key=lambda r: r.tokens_per_s, default=None) for side in (False, True)]
+        shown = [f"{b.setup.name} [{b.setup.memory}]: {b.tokens_per_s:,.0f} tok/s, {b.peak_gib:.1f} GiB" if b else "none"
+                 for b in best]
+        ratio = f"{best[1].seconds / best[0].seconds:.2f}x" if all(best) else ""
+        lines.append(f"| {seq} | {shown[0]} | {shown[1]} | {ratio} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-config")
-    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--seqs", default="4096,8192", help="comma-separated sequence lengths")
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--only", help="run only the setups whose 'name [memory]' matches this regular expression")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     from megatron_ext import Qwen35Config
 
+    setups = [s for s in SETUPS if not args.only or re.search(args.only, f"{s.name} [{s.memory}]")]
     config = Qwen35Config.from_hf(args.hf_config) if args.hf_config else None
-    rows = measure(config, args.seq, args.micro_batch, args.warmup, args.iters)
-    base = rows[-1][1]
-    print(f"\n### Training step ({date.today()}, {torch.cuda.get_device_name()}, seq {args.seq}, micro-batch "
-          f"{args.micro_batch}, shape {'from ' + args.hf_config if args.hf_config else 'APPROX_2B'})\n")
-    print("| implementation | s/step | tokens/s | MFU | peak GiB | vs HF |\n|---|---|---|---|---|---|")
-    for name, seconds, tokens_per_s, mfu, mem in rows:
-        print(f"| {name} | {seconds:.3f} | {tokens_per_s:,.0f} | {mfu} | {mem:.1f} | {base / seconds:.2f}x |")
+    seqs = [int(x) for x in args.seqs.split(",")]
+    results = measure(config, seqs, args.micro_batch, args.warmup, args.iters, setups)
+    print(f"\n### Training step ({date.today()}, {torch.cuda.get_device_name()}, micro-batch {args.micro_batch}, "
+          f"shape {'from ' + args.hf_config if args.hf_config else 'APPROX_2B'})\n")
+    print("\n".join(table(results)))
 
 
 if __name__ == "__main__":

@@ -6,27 +6,37 @@ so a part that runs long or crashes is reported and the others still run; each r
     python -m tools.gpu_check [--out gpu_check.md] [--parts kernels,parity,resume,bench] [--box resume=150]
 
 Parts, in the order they run, and their time boxes (seconds):
+  attention  20  the local spec's fused attention (FlashAttention-2 through torch.nn.attention.varlen) in
+                bf16 vs the masked path in fp32 on a packed row of 4096 tokens with the 2B attention geometry
+                (8 query heads on 2 KV heads of 256), 1-token documents and a one-document row: outputs and
+                dq, dk, dv. FlashAttention ships compiled in torch: this part compiles nothing.
   kernels  140  fla vs the pure-torch GDN kernels (gated delta rule, causal conv1d), bf16, packed documents
                 with the 2B GDN geometry (16 key / 16 value heads of 128): outputs and gradients, and
                 whether two identical fla runs give identical bits (determinism).
   resume   120  the trainer in bf16 with the distributed optimizer on the demo mix: 20 steps uninterrupted;
                 20 steps SIGKILLed right after the step-10 checkpoint, then resumed; losses compared.
-  bench     50  tools.bench_train on the 2B shape (APPROX_2B, seq 4096): ours vs transformers + fla,
-                tokens/s, MFU, peak memory.
+  bench     30  tools.bench_train on the 2B shape (APPROX_2B, seq 4096), its "quick" rows: ours (auto
+                backend and kernels) vs transformers + fla, both with full recomputation (the same memory
+                policy): tokens/s, MFU, peak memory. A cold kernel cache needs more (--box bench=300).
   parity    50  transformers vs megatron_ext on CUDA, float32 both sides (TF32 off), a random model with
                 the real head sizes (attention head_dim 256; GDN 16 key and 16 value heads of 128):
                 logits and every parameter's gradient.
-The first part compiles and autotunes fla's bf16 kernels (more than 100 s on a fresh H100); the bf16 parts
+Not in the default list (name it in --parts):
+  flex     120  the attention checks for FlexAttention (attention_kernel: flex), which torch.compile builds
+                for head_dim 256 first; a comparison for choosing the kernel, not needed for training.
+The kernels part compiles and autotunes fla's bf16 kernels (more than 100 s on a fresh H100); the bf16 parts
 after it reuse them from Triton's on-disk cache, parity compiles fp32 ones. On a fresh node a part can
 overrun its box: its row says TIMEOUT; run again (the cache is then warm) or give it more with --box.
 
-``--device cpu`` runs what can run without CUDA (kernels: the torch kernels in bf16 against fp32; parity
-with the pure-torch kernels; resume in fp32 on a tiny shape): the test suite uses it to check this script.
+``--device cpu`` runs what can run without CUDA (attention and flex: FlexAttention eagerly, forward only;
+kernels: the torch kernels in bf16 against fp32; parity with the pure-torch kernels; resume in fp32 on a
+tiny shape): the test suite uses it to check this script.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import queue
@@ -46,7 +56,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Seconds, 360 in all, in the order the parts run: the bf16 parts first (they share compiled kernels; the
 # first one compiles), parity last (its fp32 kernels are compiled for it alone). On an H100 with an empty
 # Triton cache, compiling fla's kernels alone took more than 100 s (docs/benchmarks.md).
-BOXES = {"kernels": 140, "resume": 120, "bench": 50, "parity": 50}
+# attention compiles nothing and goes first; its 20 s came off bench, whose 50 s a cold node overran anyway.
+BOXES = {"attention": 20, "kernels": 140, "resume": 120, "bench": 30, "parity": 50, "flex": 120}
+OPTIONAL = ("flex",)  # run only when named in --parts
 L, F = "linear_attention", "full_attention"
 # A small model with the 2B release's head geometry, so that the fla kernels compiled for it serve the
 # 2B benchmark too (their head counts and sizes are compile-time constants).
@@ -243,12 +255,13 @@ def part_attention(device: str, kernel: str = "fused") -> None:
 def part_bench(device: str) -> None:
     from tools import bench_train
 
-    for name, seconds, tokens_per_s, mfu, peak_gib in bench_train.measure(seq=4096, micro_batch=1, warmup=2, iters=5):
-        row("bench", f"{name}: s/step | tok/s | MFU | peak GiB",
-            f"{seconds:.3f} | {tokens_per_s:,.0f} | {mfu} | {peak_gib:.1f}")
+    for r in bench_train.measure(seqs=(4096,), micro_batch=1, warmup=2, iters=5, setups=bench_train.QUICK):
+        row("bench", f"{r.setup.name} [{r.setup.memory} recomputation]: s/step / tok/s / MFU / peak GiB / resident GiB",
+            " / ".join(bench_train.cells(r)))
 
 
-PARTS = {"kernels": part_kernels, "resume": part_resume, "bench": part_bench, "parity": part_parity}
+PARTS = {"attention": part_attention, "kernels": part_kernels, "resume": part_resume, "bench": part_bench,
+         "parity": part_parity, "flex": functools.partial(part_attention, kernel="flex")}
 
 
 # ------------------------------------------------------------------------------------ process control
@@ -308,7 +321,8 @@ def emit(out, line: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_check.md", help="markdown file the rows are appended to")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
+    p.add_argument("--parts", default=",".join(x for x in PARTS if x not in OPTIONAL),
+                   help=f"comma-separated, from {', '.join(PARTS)}")
     p.add_argument("--box", action="append", default=[], metavar="PART=SECONDS", help="change a part's time box")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--resume-steps", type=int, default=20, help="steps of the resume part (checkpoint at half)")
