@@ -68,6 +68,12 @@ def test_attention_part_on_cpu(capsys):
         ("flex bf16 vs masked fp32", "output", "pass")] * 2
 
 
+def test_syncs_part_on_cpu(capsys):
+    """The trainer's step at two depths runs outside the trainer (syncs themselves are counted on CUDA only)."""
+    gpu_check.part_syncs("cpu")
+    assert [r[1] for r in _rows(capsys)] == ["training step, 4 layers", "training step, 8 layers"]
+
+
 def test_parity_part_on_cpu(capsys):
     gpu_check.part_parity("cpu")
     logits, grads = _rows(capsys)

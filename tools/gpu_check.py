@@ -24,6 +24,10 @@ Parts, in the order they run, and their time boxes (seconds):
 Not in the default list (name it in --parts):
   flex     120  the attention checks for FlexAttention (attention_kernel: flex), which torch.compile builds
                 for head_dim 256 first; a comparison for choosing the kernel, not needed for training.
+  syncs     60  host syncs in one training step (the trainer's forward_step, schedule, step reduction and
+                optimizer step) under torch.cuda.set_sync_debug_mode("warn"), at 4 and at 8 layers with the
+                2B head geometry: the count must not grow with depth; where each sync comes from goes to
+                the part's log.
 The kernels part compiles and autotunes fla's bf16 kernels (more than 100 s on a fresh H100); the bf16 parts
 after it reuse them from Triton's on-disk cache, parity compiles fp32 ones. On a fresh node a part can
 overrun its box: its row says TIMEOUT; run again (the cache is then warm) or give it more with --box.
@@ -57,8 +61,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # first one compiles), parity last (its fp32 kernels are compiled for it alone). On an H100 with an empty
 # Triton cache, compiling fla's kernels alone took more than 100 s (docs/benchmarks.md).
 # attention compiles nothing and goes first; its 20 s came off bench, whose 50 s a cold node overran anyway.
-BOXES = {"attention": 20, "kernels": 140, "resume": 120, "bench": 30, "parity": 50, "flex": 120}
-OPTIONAL = ("flex",)  # run only when named in --parts
+BOXES = {"attention": 20, "kernels": 140, "resume": 120, "bench": 30, "parity": 50, "flex": 120, "syncs": 60}
+OPTIONAL = ("flex", "syncs")  # run only when named in --parts (the default run keeps to 360 s)
 L, F = "linear_attention", "full_attention"
 # A small model with the 2B release's head geometry, so that the fla kernels compiled for it serve the
 # 2B benchmark too (their head counts and sizes are compile-time constants).
@@ -252,6 +256,65 @@ def part_attention(device: str, kernel: str = "fused") -> None:
             row("attention", f"{kernel} bf16 vs masked fp32, {layout}: {name}", rel_err(a, b), LIMITS["bf16"])
 
 
+def part_syncs(device: str) -> None:
+    import collections
+    import warnings
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_ext import Qwen35Config, build_model
+    from megatron_ext.data import collate
+    from megatron_ext.train import _reduce_step, forward_step
+    from tools.tiny_qwen35 import text_config
+
+    seq = 2048 if device == "cuda" else 128
+    gen = torch.Generator().manual_seed(5)
+    lengths = [seq // 2, 1, seq // 4, seq - seq // 2 - 1 - seq // 4]  # a 1-token document among them
+    batch = collate([{"tokens": torch.randint(0, 2048, (seq,), generator=gen),
+                      "labels": torch.randint(0, 2048, (seq,), generator=gen), "loss_mask": torch.ones(seq),
+                      "position_ids": torch.cat([torch.arange(n) for n in lengths])}])
+    if device == "cuda":  # as the trainer's loader hands them over
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+    counts, sources = {}, collections.Counter()
+    for depth in (4, 8):
+        config = Qwen35Config.from_hf(text_config(**{**REAL_HEADS, "layer_types": [L, L, L, F] * (depth // 4)}).to_dict())
+        model = build_model(config, "local", params_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=True))
+        optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, bf16=device == "cuda",
+                                                           use_distributed_optimizer=True, clip_grad=1.0), [ddp])
+
+        def step():
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]), model=[ddp],
+                                              num_microbatches=1, seq_length=seq, micro_batch_size=1, forward_only=False)
+            _reduce_step(out, ddp, stop_requested=False)
+            optimizer.step()
+
+        step()  # compiles and autotunes; not counted
+        if device != "cuda":
+            step()
+            row("syncs", f"training step, {depth} layers", "ran; syncs are counted on CUDA only")
+            continue
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            step()
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        counts[depth] = len(syncs)
+        sources.update(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+        del model, ddp, optimizer
+    if counts:
+        row("syncs", "host syncs per training step, 4 / 8 layers (the same number: none per layer)",
+            f"{counts[4]} / {counts[8]}", verdict="pass" if counts[4] == counts[8] else "FAIL")
+        print("sync sources (file:line count, both depths):", dict(sources.most_common()), file=sys.stderr)
+
+
 def part_bench(device: str) -> None:
     from tools import bench_train
 
@@ -261,7 +324,7 @@ def part_bench(device: str) -> None:
 
 
 PARTS = {"attention": part_attention, "kernels": part_kernels, "resume": part_resume, "bench": part_bench,
-         "parity": part_parity, "flex": functools.partial(part_attention, kernel="flex")}
+         "parity": part_parity, "flex": functools.partial(part_attention, kernel="flex"), "syncs": part_syncs}
 
 
 # ------------------------------------------------------------------------------------ process control
