@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
 from megatron_ext import parallel
 from megatron_ext.parallel import barrier, is_rank0
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "qwen35_config.json"
 HF_SOURCE_DIR = "hf_source"  # the source HF checkpoint's non-weight files (config, tokenizer, chat template)
 LATEST_FILE = "latest"  # a run directory's pointer to its newest complete checkpoint
+EXTRA_STATE = "_extra_state"  # the state-dict key suffix of torch's Module.get_extra_state
 
 
 def resolve(ckpt_dir: str | Path) -> Path:
@@ -104,11 +108,29 @@ def saved_dtype(ckpt_dir: str | Path) -> torch.dtype:
     return meta["embedding.word_embeddings.weight"].dtype
 
 
+def load_state(model: Qwen35GPTModel, request: dict, ckpt_dir: str | Path) -> dict:
+    """Load ``request`` from a dist checkpoint (its ``"model"`` entry: ``model.sharded_state_dict()``) and the
+    model's part into ``model``; returns everything loaded.
+
+    The checkpoint may lack the model's ``_extra_state`` entries (torch's slot for a module's non-tensor
+    state), and only those: Transformer Engine's modules keep FP8 scaling state there (its RMSNorm, for one,
+    where the local spec's norm has none), so a checkpoint converted or trained under the local spec on a
+    CPU node has none of them, and TE starts that state afresh. Any other mismatch fails as before.
+    """
+    saved = {entry.key for entry in load_sharded_metadata(str(ckpt_dir)).values()}
+    request = {**request, "model": {k: v for k, v in request["model"].items() if not (
+        isinstance(v, ShardedObject) and k.endswith(EXTRA_STATE) and v.key not in saved)}}
+    loaded = dist_checkpointing.load(request, str(ckpt_dir))
+    result = model.load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)]
+    if missing or result.unexpected_keys:
+        raise CheckpointingException(f"{ckpt_dir}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return loaded
+
+
 def load_weights(model: Qwen35GPTModel, ckpt_dir: str | Path) -> None:
-    """Load the model tensors of a checkpoint (saved with any TP/PP) into ``model``."""
-    path = resolve(ckpt_dir)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
-    model.load_state_dict(state["model"], strict=True)
+    """Load the model tensors of a checkpoint (saved with any TP/PP, either backend) into ``model``."""
+    load_state(model, {"model": model.sharded_state_dict()}, resolve(ckpt_dir))
 
 
 def load_model(

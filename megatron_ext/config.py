@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,34 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
+
 LINEAR = "linear_attention"
 FULL = "full_attention"
+# Transformer Engine's FP8 settings as megatron-core's TransformerConfig names them (its ``fp8`` and
+# ``fp8_recipe`` literals; "custom" is left out: it needs a quantizer factory this project never passes).
+FP8_FORMATS = ("hybrid", "e4m3")  # hybrid: e4m3 forward, e5m2 gradients
+FP8_RECIPES = {
+    "delayed": "delayed scaling",
+    "tensorwise": "current scaling, per tensor",
+    "blockwise": "current scaling, per block",
+    "mxfp8": "MXFP8, Blackwell only",
+}
+
+
+def check_fp8(fp8: str | None, recipe: str, backend: str, bf16: bool) -> None:
+    """FP8 settings a run can use, checked before anything is built: one line naming what to change."""
+    if recipe not in FP8_RECIPES:
+        choices = ", ".join(f"{k} ({v})" for k, v in FP8_RECIPES.items())
+        raise ValueError(f"fp8_recipe must be one of {choices}; got {recipe!r}")
+    if fp8 is None:
+        return
+    if fp8 not in FP8_FORMATS:
+        raise ValueError(f"fp8 must be null, {' or '.join(FP8_FORMATS)}; got {fp8!r}")
+    if backend != "te":
+        raise ValueError(f"fp8 runs on Transformer Engine's GEMMs: set backend: te (got backend: {backend})")
+    if not bf16:
+        raise ValueError("fp8 needs precision: bf16 (FP8 GEMMs with bf16 activations and fp32 master weights)")
 
 
 @dataclass
@@ -127,12 +154,28 @@ class Qwen35Config:
         tensor_parallel: int = 1,
         pipeline_parallel: int = 1,
         params_dtype: torch.dtype = torch.float32,
+        backend: str = "local",
         fp8: str | None = None,
+        fp8_recipe: str = "delayed",
         use_cpu_initialization: bool | None = None,
         **overrides: Any,
     ):
-        """megatron-core ``TransformerConfig`` for this architecture (overrides go straight through)."""
+        """megatron-core ``TransformerConfig`` for this architecture (overrides go straight through).
+
+        ``backend="te"`` (resolved, see :func:`megatron_ext.spec.resolve_backend`): Transformer Engine's
+        modules with its fused kernels on: RoPE (TE's fused kernel takes packed THD rows and partial
+        rotary, ``freqs`` narrower than the head) and SwiGLU; selective recomputation is dropped, as it only
+        recomputes the core attention, which TE's flash/fused attention keeps no score matrix for (megatron
+        warns about it; recomputing costs a second attention forward). ``local``: plain torch modules.
+        """
         from megatron.core.transformer.transformer_config import TransformerConfig
+
+        te = backend == "te"
+        check_fp8(fp8, fp8_recipe, backend, bf16=params_dtype == torch.bfloat16)
+        if te and overrides.get("recompute_granularity") == "selective" and overrides.get("recompute_modules") in (
+                None, ["core_attn"]):
+            log.info("backend te: selective recomputation (core attention only) is off; full recompute still works")
+            overrides.pop("recompute_granularity")
 
         if self.padded_vocab_size % tensor_parallel:
             raise ValueError(f"the padded vocabulary ({self.padded_vocab_size} rows) is not divisible by "
@@ -164,9 +207,10 @@ class Qwen35Config:
             add_qkv_bias=False,
             hidden_dropout=0.0,
             attention_dropout=0.0,
-            bias_activation_fusion=False,
+            transformer_impl="transformer_engine" if te else "local",
+            bias_activation_fusion=te,  # megatron's fused SwiGLU (bias-free here)
             masked_softmax_fusion=False,
-            apply_rope_fusion=False,
+            apply_rope_fusion=te,
             persist_layer_norm=False,
             linear_conv_kernel_dim=self.linear_conv_kernel_dim,
             linear_key_head_dim=self.linear_key_head_dim,
@@ -184,6 +228,6 @@ class Qwen35Config:
             hetereogenous_dist_checkpoint=True,
         )
         if fp8:
-            kwargs.update(fp8=fp8, fp8_recipe=overrides.pop("fp8_recipe", "delayed"))
+            kwargs.update(fp8=fp8, fp8_recipe=fp8_recipe)
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)

@@ -120,15 +120,11 @@ def build_model(
     backend = resolve_backend(backend)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if backend == "te":
-        transformer_overrides.setdefault("transformer_impl", "transformer_engine")
-    else:
-        transformer_overrides.setdefault("transformer_impl", "local")
     transformer_overrides.setdefault("use_cpu_initialization", device == "cpu")
     if transformer_overrides.setdefault("apply_rope_fusion", True):
         rope.install()  # packed rows rotate without host syncs (megatron's unfused thd RoPE syncs per layer)
     tcfg = config.to_transformer_config(
-        tensor_parallel=tp, pipeline_parallel=pp, params_dtype=params_dtype, **transformer_overrides
+        tensor_parallel=tp, pipeline_parallel=pp, params_dtype=params_dtype, backend=backend, **transformer_overrides
     )
     model = Qwen35GPTModel(
         config=tcfg,

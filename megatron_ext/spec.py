@@ -34,22 +34,30 @@ BACKENDS = ("auto", "te", "local")
 
 
 @functools.cache
-def have_transformer_engine() -> bool:
+def transformer_engine_error() -> str | None:
+    """Why Transformer Engine's PyTorch modules do not import here, or None when they do."""
     try:
-        import transformer_engine  # noqa: F401  (availability probe)
-    except ImportError:
-        return False
-    return True
+        import transformer_engine.pytorch  # noqa: F401  (availability probe)
+    except Exception as e:  # not installed (ImportError), or a binding built for another torch/CUDA (OSError, ...)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def have_transformer_engine() -> bool:
+    return transformer_engine_error() is None
 
 
 def resolve_backend(requested: str = "auto") -> str:
     """``auto``: TE when it is installed and CUDA is present, else megatron's local modules."""
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; choose one of {BACKENDS}")
-    te_usable = have_transformer_engine() and torch.cuda.is_available()
-    if requested == "te" and not te_usable:
-        raise RuntimeError("backend='te' needs transformer-engine and a CUDA device (pip install '.[gpu]')")
-    chosen = ("te" if te_usable else "local") if requested == "auto" else requested
+    te_missing = transformer_engine_error()
+    if requested == "te" and te_missing:
+        raise RuntimeError(f"backend 'te' needs Transformer Engine, which does not import here ({te_missing}); install "
+                           "it as README's 'Transformer Engine' section says, or use backend 'local'")
+    if requested == "te" and not torch.cuda.is_available():
+        raise RuntimeError("backend 'te' needs a CUDA device and torch sees none; on a CPU machine use backend 'local'")
+    chosen = ("te" if not te_missing and torch.cuda.is_available() else "local") if requested == "auto" else requested
     log.info("Qwen3.5 spec backend: %s (requested %s)", chosen, requested)
     return chosen
 

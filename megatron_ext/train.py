@@ -499,6 +499,8 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, dist_opt: bool) ->
     from megatron.core import dist_checkpointing
     from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 
+    from megatron_ext.checkpoint import load_state
+
     torch_adam = dist_opt and not HAVE_APEX_OR_TE  # the distributed optimizer on torch's Adam (no TE or Apex)
     distributed_optimizers = getattr(optimizer, "chained_optimizers", [optimizer]) if torch_adam else []
     for opt in distributed_optimizers:
@@ -508,8 +510,7 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, dist_opt: bool) ->
     model_state = model.sharded_state_dict()
     request = {"model": model_state, "optimizer": optimizer.sharded_state_dict(
         model_state, is_loading=True, metadata=_optimizer_metadata(dist_opt))}
-    loaded = dist_checkpointing.load(request, str(path))
-    model.load_state_dict(loaded["model"], strict=True)
+    loaded = load_state(model, request, path)  # a checkpoint saved under the local spec resumes under TE too
     optimizer.load_state_dict(loaded["optimizer"])
     for opt in distributed_optimizers:
         # megatron-core 0.16.1 restores Adam's step count into the param groups, but then copies the step

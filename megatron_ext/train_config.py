@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from megatron_ext.config import check_fp8
+
 
 @dataclass
 class TrainConfig:
@@ -37,8 +39,8 @@ class TrainConfig:
     decay_style: str = "cosine"
     # numerics and parallelism
     precision: str = "bf16"  # bf16 (fp32 master weights) | fp32
-    fp8: str | None = None  # a TE FP8 format ("hybrid", "e4m3") when TE is present
-    fp8_recipe: str = "delayed"
+    fp8: str | None = None  # a TE FP8 format ("hybrid", "e4m3"); needs backend: te and precision: bf16
+    fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling) | blockwise | mxfp8 (Blackwell)
     recompute: str | None = None  # None | "selective" | "full"
     tensor_parallel: int = 1
     distributed_optimizer: bool | None = None  # default: on (a resumed run keeps its checkpoint's choice)
@@ -69,6 +71,7 @@ class TrainConfig:
             raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.recompute not in (None, "selective", "full"):
             raise ValueError(f"recompute must be null, selective or full, got {self.recompute!r}")
+        check_fp8(self.fp8, self.fp8_recipe, self.backend, bf16=self.precision == "bf16")
         if not 0 <= self.warmup_fraction + self.decay_fraction <= 1:
             raise ValueError("warmup_fraction + decay_fraction must be within [0, 1]")
 
