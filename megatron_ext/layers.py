@@ -158,7 +158,7 @@ def _varlen_attn():
     return varlen_attn if "window_size" in inspect.signature(varlen_attn).parameters else None
 
 
-def resolve_attention_kernel(requested: str, query: Tensor) -> str:
+def resolve_attention_kernel(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """The core-attention kernel for packed rows, like :func:`megatron_ext.kernels.resolve_kernel`.
 
     * ``fused``: FlashAttention-2 through ``torch.nn.attention.varlen``: CUDA, bf16/fp16 only.
@@ -174,15 +174,16 @@ def resolve_attention_kernel(requested: str, query: Tensor) -> str:
     """
     if requested not in ATTENTION_KERNELS:
         raise ValueError(f"unknown attention kernel {requested!r}; choose one of {ATTENTION_KERNELS}")
-    fused_runs = query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _varlen_attn() is not None
+    device = torch.device(device)
+    fused_runs = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _varlen_attn() is not None
     chosen = ("fused" if fused_runs else "masked") if requested == "auto" else requested
     if chosen == "fused" and not fused_runs:
         raise ValueError(
             "attention_kernel='fused' is FlashAttention-2 through torch.nn.attention.varlen (torch >= 2.11): "
-            f"it needs CUDA tensors in bf16 or fp16, got {query.device.type} {query.dtype}; "
+            f"it needs CUDA tensors in bf16 or fp16, got {device.type} {dtype}; "
             "use 'masked' (any device and dtype) or 'auto'"
         )
-    _log_attention_choice(requested, chosen, query.device.type, str(query.dtype).removeprefix("torch."))
+    _log_attention_choice(requested, chosen, device.type, str(dtype).removeprefix("torch."))
     return chosen
 
 
@@ -264,7 +265,7 @@ class PackedDotProductAttention(DotProductAttention):
         cu = packed_seq_params.cu_seqlens_q_padded
         if cu is None:
             cu = packed_seq_params.cu_seqlens_q
-        kernel = resolve_attention_kernel(self.kernel, query)
+        kernel = resolve_attention_kernel(self.kernel, query.device, query.dtype)
         if kernel == "masked":
             return self._masked(query, key, value, cu, attention_bias)
         if attention_bias is not None or (self.training and self.attention_dropout.p):

@@ -13,7 +13,7 @@ from torch import Tensor
 from megatron_ext import parallel, rope
 from megatron_ext.config import Qwen35Config
 from megatron_ext.packing import Documents
-from megatron_ext.spec import block_spec, resolve_backend
+from megatron_ext.spec import block_spec, resolve_backend, selective_recompute_modules
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,9 @@ def build_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     transformer_overrides.setdefault("use_cpu_initialization", device == "cpu")
+    if transformer_overrides.get("recompute_granularity") == "selective":
+        transformer_overrides.setdefault("recompute_modules", selective_recompute_modules(
+            backend, attention_kernel, device, params_dtype))
     if transformer_overrides.setdefault("apply_rope_fusion", True):
         rope.install()  # packed rows rotate without host syncs (megatron's unfused thd RoPE syncs per layer)
     tcfg = config.to_transformer_config(

@@ -15,6 +15,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_ext import layers
 from megatron_ext.layers import document_causal_block_mask, resolve_attention_kernel
+from megatron_ext.spec import selective_recompute_modules
 from tools.gpu_check import core_attention
 
 HEADS, GROUPS, HEAD_DIM = 4, 2, 16  # the 2B's GQA (8 query heads on 2 KV heads of 256), scaled down
@@ -53,15 +54,15 @@ def test_auto_is_masked_on_cpu_and_logged_once(caplog):
     layers._log_attention_choice.cache_clear()
     with caplog.at_level(logging.INFO, logger="megatron_ext.layers"):
         for _ in range(2):
-            assert resolve_attention_kernel("auto", torch.zeros(1)) == "masked"
+            assert resolve_attention_kernel("auto", torch.device("cpu"), torch.float32) == "masked"
     assert [r.getMessage() for r in caplog.records] == ["attention kernel: masked (requested auto, device cpu, float32)"]
 
 
 def test_fused_is_refused_on_cpu_and_unknown_kernels_are_refused():
     with pytest.raises(ValueError, match=r"'fused' is FlashAttention-2 .* needs CUDA tensors in bf16 or fp16, got cpu"):
-        resolve_attention_kernel("fused", torch.zeros(1, dtype=torch.bfloat16))
+        resolve_attention_kernel("fused", torch.device("cpu"), torch.bfloat16)
     with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
-        resolve_attention_kernel("flash", torch.zeros(1))
+        resolve_attention_kernel("flash", torch.device("cpu"), torch.float32)
 
 
 def test_the_setting_reaches_every_attention_layer_and_fused_stops_a_cpu_forward():
@@ -74,6 +75,20 @@ def test_the_setting_reaches_every_attention_layer_and_fused_stops_a_cpu_forward
     assert kernels == ["fused"] * hf.config.layer_types.count("full_attention") and kernels
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         model(torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_selective_recomputation_recomputes_core_attention_only_when_it_is_masked():
+    from tools.parity import megatron_twin
+    from tools.tiny_qwen35 import causal_lm, text_config
+
+    cpu, cuda, bf16, fp32 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16, torch.float32
+    assert selective_recompute_modules("local", "auto", cpu, fp32) == ["core_attn"]  # the [T, T] scores
+    assert selective_recompute_modules("local", "masked", cuda, bf16) == ["core_attn"]
+    assert selective_recompute_modules("local", "auto", cuda, bf16) == ["mlp"]  # fused: no scores kept
+    assert selective_recompute_modules("local", "flex", cpu, fp32) == ["mlp"]
+    assert selective_recompute_modules("te", "auto", cuda, bf16) == ["mlp"]  # TE's attention is fused
+    model = megatron_twin(causal_lm(text_config(), seed=0), recompute_granularity="selective")
+    assert model.config.recompute_modules == ["core_attn"]  # what build_model gives the trainer on CPU
 
 
 @pytest.mark.parametrize("lengths", LAYOUTS.values(), ids=LAYOUTS.keys())
@@ -134,7 +149,7 @@ def test_fused_call_passes_the_packed_documents_causally_with_gqa_and_the_layer_
         return torch.cat(outs)
 
     monkeypatch.setattr(layers, "_varlen_attn", lambda: varlen_attn)
-    monkeypatch.setattr(layers, "resolve_attention_kernel", lambda requested, query: requested)
+    monkeypatch.setattr(layers, "resolve_attention_kernel", lambda requested, device, dtype: requested)
     q, k, v = _qkv(sum(lengths), seed=1)
     fused, masked = (core_attention(kernel, HEADS, GROUPS, HEAD_DIM, dtype=torch.float64) for kernel in ("fused", "masked"))
     out, ref = fused(q, k, v, None, packed_seq_params=params), masked(q, k, v, None, packed_seq_params=params)
