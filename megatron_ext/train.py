@@ -283,8 +283,8 @@ def train(cfg: TrainConfig) -> TrainState:
             overrides.update(recompute_method="uniform", recompute_num_layers=1)
     if cfg.fp8:
         overrides.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
-    model = build_model(qcfg, cfg.backend, gdn_kernel=cfg.gdn_kernel, params_dtype=dtype,
-                        perform_initialization=False, **overrides)
+    model = build_model(qcfg, cfg.backend, gdn_kernel=cfg.gdn_kernel, attention_kernel=cfg.attention_kernel,
+                        params_dtype=dtype, perform_initialization=False, **overrides)
     if resume is None:
         load_weights(model, cfg.init_from)
     # With DP > 1 the gradient reduce-scatter runs bucket by bucket during the backward of the last micro-batch,
