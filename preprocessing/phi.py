@@ -5,8 +5,10 @@ Built on Microsoft Presidio (``presidio-analyzer``): its recognizers find e-mail
 credit-card, bank, IBAN, DEA, NPI, Medicare (MBI), passport, claim and prescription numbers, each scored and
 raised by context words near it. What Presidio leaves to an NER model (names, places) or does not cover
 (MRNs, labelled account/plan/licence/device ids, ZIP codes, ages over 89, VINs, month-name dates) is added
-here as Presidio recognizers. Person names come from the first/last-name lists and the common-word list that
-philter-lite (the maintained fork of UCSF's clinical de-identifier Philter) ships. Left out: Presidio's
+here as Presidio recognizers, among them the unlabelled id formats of philter-lite's rules (philter-lite is
+the maintained fork of UCSF's clinical de-identifier Philter). Person names come from the first/last-name
+lists and the common-word list that philter-lite ships, widened by the first and last names of Faker's 80-odd
+locales (philter-lite's lists lack, for one, "Ana", which they hold as the antibody test ANA). Left out: Presidio's
 driver-licence and insurance-member recognizers, whose weak patterns raised by a context word anywhere in
 the five words before flag clinical scores ("T2", "ABCD2") after an "Insurance: Medicare." line; the
 labelled recognizers here cover those ids.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import unicodedata
+from collections import Counter
 from typing import NamedTuple
 
 import regex
@@ -45,7 +48,7 @@ _PRESIDIO_KIND = {
 # Eponyms of neurology (and their co-eponyms) that are also in the name lists: never a person in a note.
 EPONYMS = frozenset("""
 adie alzheimer argyll arnold babinski barre bell broca brown brudzinski charcot chiari creutzfeldt dandy dix eaton
-epley fisher friedreich gowers gunn guillain hallpike hess hoffmann horner hunt huntington jackson jakob kernig
+epley fisher friedreich gehrig gowers gunn guillain hallpike hess hoffmann horner hunt huntington jackson jakob kernig
 korsakoff lambert lewy lhermitte marcus marie martin meniere miller parkinson phalen ramsay rankin rinne robertson
 romberg sequard spetzler sturge sydenham tinel todd tourette uhthoff walker wallenberg weber wernicke willis wilson
 glasgow
@@ -76,10 +79,45 @@ _ROLES = ("patient|pt|name|patient name|seen by|seen with|examined by|evaluated 
           "father|sister|brother|grandson|granddaughter|niece|nephew|aunt|uncle|friend|neighbor|neighbour|"
           "caregiver|guardian|hcp|poa|proxy|contact|cc")
 _CUED = regex.compile(rf"(?<![\p{{L}}/])(?i:{_ROLES})\b\s*[:,(]?\s*\K{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}")
+_ROLE_WORDS = frozenset(regex.findall(r"[a-z]+", _ROLES))  # a cue is never the name it announces ("Son", "Nurse")
+_PAIR_WORD = regex.compile(rf"(?<![\p{{L}}\d]){_WORD}(?![\p{{L}}\d])")  # a whole word: not "SpO" of "SpO2"
 _GAP_FIRST_LAST = regex.compile(r"[ \t]+(?:\p{Lu}\.?[ \t]+)?")
 _GAP_LAST_FIRST = regex.compile(r",[ \t]*")
 _CREDENTIALED = regex.compile(rf"{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}(?=,?[ \t]+(?:MD|M\.D\.|DO|D\.O\.|RN|NP|"
                               r"PA-C|PA|PhD|Ph\.D\.|APRN|CNP|CRNP|DNP|FNP|MSW|LCSW|LICSW|PharmD|RPh|DPT|OTR|LPN)(?!\p{L}))")
+
+
+def _faker_names() -> tuple[Counter, set[str]]:
+    """First names of every locale of Faker's person provider (census and registry lists), as keys with the
+    number of locales listing each, and its last names."""
+    import importlib
+    import pkgutil
+
+    import faker.providers.person as person
+
+    first, last = Counter(), set()
+    for locale in pkgutil.iter_modules(person.__path__):
+        provider = importlib.import_module(f"{person.__name__}.{locale.name}").Provider
+        names: tuple[set[str], set[str]] = set(), set()
+        for i, part in enumerate(("first_names", "last_names")):
+            for attr in (part, f"{part}_male", f"{part}_female", f"{part}_nonbinary"):
+                values = getattr(provider, attr, ())  # a tuple, or a dict of name -> weight; not a property
+                if isinstance(values, (tuple, list, dict)):
+                    names[i].update(k for k in map(_key, filter(lambda v: isinstance(v, str), values)) if len(k) > 1)
+        first.update(names[0])
+        last |= names[1]
+    return first, last
+
+
+def _key(word: str) -> str:
+    """The lists' spelling: lower case, no accent, no possessive, no apostrophe (O'Brien's -> obrien)."""
+    word = word.lower().replace("’", "'").removesuffix("'s").replace("'", "")
+    word = unicodedata.normalize("NFKD", word).encode("ascii", "ignore").decode()
+    return word if word.replace("-", "").isalpha() else ""
+
+
+def _eponym(key: str) -> bool:
+    return any(part in EPONYMS for part in key.split("-"))  # "guillain-barre"
 
 
 def _name_recognizer():
@@ -87,9 +125,12 @@ def _name_recognizer():
 
     class NameRecognizer(EntityRecognizer):
         """Person names: after a title (Dr., Ms.), after a role or relation (patient, seen by, wife), before
-        a credential (", MD"), or a first name then a last name from philter-lite's lists (not an eponym
-        pair such as "Marcus Gunn"). A word of philter-lite's common-word list (English and medical words,
-        drug names) is a name only where it is also a listed name."""
+        a credential (", MD"), or two name words in a row ("John A. Smith", "Smith, John") where one of them
+        is surely a name (listed and no common word) and the other a listed name, or a capitalised word of no
+        list after a sure first name ("Kenji Lindqvist"); never an eponym pair such as "Marcus Gunn". A word
+        of philter-lite's common-word list (English and medical words, drug names) is a name only where
+        philter-lite also lists it as one, or where it is a first name in three or more of Faker's locales
+        and not written in capitals ("Ana", not the antibody test "ANA")."""
 
         def __init__(self):
             super().__init__(supported_entities=["PERSON"], name="NameRecognizer")
@@ -97,22 +138,32 @@ def _name_recognizer():
         def load(self) -> None:
             from philter_lite.filters.filter_db import set_db
 
-            self.first, self.last, self.common = (frozenset(set_db[k]) for k in ("firstnames", "lastnames", "nonames"))
+            first, last = set(set_db["firstnames"]), set(set_db["lastnames"])
+            self.common = frozenset(set_db["nonames"])
+            more_first, more_last = _faker_names()
+            # Faker adds names but no common word, except those that philter-lite lists as no name while three
+            # or more of Faker's locales give them as first names ("ana"; not "age", "case" or "day", which one
+            # locale or a surname list has)
+            self.title_only = {k for k, n in more_first.items() if n >= 3} & (self.common - first - last)
+            other_common = self.common - self.title_only
+            self.first = (first | (more_first.keys() - other_common)) - _ROLE_WORDS
+            self.last = (last | (more_last - other_common)) - _ROLE_WORDS
 
         def analyze(self, text, entities, nlp_artifacts=None):
             spans = [*self._runs(_TITLED, text, 0.85), *self._runs(_CUED, text, 0.7),
-                     *self._runs(_CREDENTIALED, text, 0.85), *self._listed_pairs(text)]
+                     *self._runs(_CREDENTIALED, text, 0.85), *self._pairs(text)]
             return [RecognizerResult("PERSON", s, e, score) for s, e, score in spans]
 
-        @staticmethod
-        def _key(word: str) -> str:
-            """The lists' spelling: lower case, no accent, no possessive, no apostrophe (O'Brien's -> obrien)."""
-            word = word.lower().replace("’", "'").removesuffix("'s").replace("'", "")
-            return unicodedata.normalize("NFKD", word).encode("ascii", "ignore").decode()
-
-        def _could_be_name(self, word: str) -> bool:
-            key = self._key(word)
+        def _could_be_name(self, word: str, key: str) -> bool:
+            if key in self.title_only:
+                return not word.isupper()
             return key in self.first or key in self.last or key not in self.common
+
+        def _given(self, word: str, key: str, sure: bool) -> bool:
+            return key in self.first and (key not in self.common if sure else self._could_be_name(word, key))
+
+        def _family(self, word: str, key: str, sure: bool) -> bool:
+            return key in self.last and (key not in self.common if sure else self._could_be_name(word, key))
 
         def _runs(self, pattern, text: str, score: float):
             """Per match, its words that could be a name (a common word too where it stands next to an
@@ -121,9 +172,9 @@ def _name_recognizer():
             next phrase."""
             for m in pattern.finditer(text):
                 words = list(_NAME_WORD.finditer(m.group()))
-                keys = [self._key(w.group()) for w in words]
-                surname = [k in self.last and k not in self.common for k in keys]
-                ok = [(pattern is _TITLED and i == 0) or self._could_be_name(w.group())
+                keys = [_key(w.group()) for w in words]
+                surname = [self._family(w.group(), k, sure=True) for w, k in zip(words, keys)]
+                ok = [(pattern is _TITLED and i == 0) or self._could_be_name(w.group(), keys[i])
                       or any(surname[max(i - 1, 0):i + 2]) for i, w in enumerate(words)]
                 if len(ok) == 3 and keys[2] in EPONYMS:  # "Attending: Zofia Dubois Horner syndrome"
                     ok[2] = False
@@ -134,19 +185,22 @@ def _name_recognizer():
                     first, last = (words[n - 1], words[0]) if pattern is _CREDENTIALED else (words[0], words[n - 1])
                     yield m.start() + first.start(), m.start() + last.end(), score
 
-        def _listed_pairs(self, text: str):
-            """A listed first name then a listed last name ("John A. Smith"), or "Smith, John"."""
-            words = list(_NAME_WORD.finditer(text))
-            keys = [self._key(w.group()) for w in words]
+        def _pairs(self, text: str):
+            """A first then a last name ("John A. Smith", "Ana Patel", "Kenji Lindqvist"), or "Smith, John"."""
+            words = list(_PAIR_WORD.finditer(text))
+            keys = [_key(w.group()) for w in words]
             for i in range(len(words) - 1):
-                a, b = keys[i], keys[i + 1]
-                if a in EPONYMS or b in EPONYMS:
+                (a, ka), (b, kb) = (words[i].group(), keys[i]), (words[i + 1].group(), keys[i + 1])
+                if not ka or not kb or _eponym(ka) or _eponym(kb):
                     continue
                 gap = text[words[i].end():words[i + 1].start()]
-                forward = (a in self.first and a not in self.common and b in self.last
-                           and _GAP_FIRST_LAST.fullmatch(gap))
-                backward = (a in self.last and a not in self.common and b in self.first and b not in self.common
-                            and _GAP_LAST_FIRST.fullmatch(gap))
+                unknown = kb not in self.common and kb not in self.first and kb not in self.last
+                forward = _GAP_FIRST_LAST.fullmatch(gap) and (
+                    (self._given(a, ka, sure=True) and (self._family(b, kb, sure=False) or unknown))
+                    or (self._given(a, ka, sure=False) and self._family(b, kb, sure=True)))
+                backward = _GAP_LAST_FIRST.fullmatch(gap) and (
+                    (self._family(a, ka, sure=True) and self._given(b, kb, sure=False))
+                    or (self._family(a, ka, sure=False) and self._given(b, kb, sure=True)))
                 if forward or backward:
                     yield words[i].start(), words[i + 1].end(), 0.6
 
@@ -186,18 +240,39 @@ LABELS = {
 }
 
 
+# philter-lite's unlabelled id formats (the ``mrn_id`` rules of its config: "560-40-78-5", "XW277/90683"), less
+# those that also match clinical values: measurements with units ("2x3cm", "1000mcg"), lab, gene and antibody
+# names ("GAD65", "AQP4", "CA-125"), a lab panel written with spaces ("138 98 22"; its dashed form stays, in
+# DD-DD-DD-DD), any number of 5+ digits (platelet counts, CPT codes), and a paragraph of prose, not a rule
+PHILTER_ID_SKIPPED = frozenset({"mixed_010", "mixed003", "mixed004", "model_number", "DDD-DD-DD", "DDDDDD+",
+                                "coding_standards"})
+# philter-lite's pager rule ("84710", "FB59") also matches lab values and antigen names ("12500", "CD20"): an id
+# only near a signature or a pager (Presidio's context words), as in dictation footers ("BRIGHT, M.D.  FB59")
+PAGER_CONTEXT = ["m.d", "md", "dictated", "signed", "transcribed", "pager", "beeper"]
+
+
+def _philter_recognizers(recognizer):
+    from philter_lite.filters.filter_db import regex_db
+
+    ids = [(p, 0.5) for name, p in regex_db["mrn_id"].items() if name not in PHILTER_ID_SKIPPED]
+    return [recognizer("other_id", *ids),
+            recognizer("other_id", (regex_db["contact"]["pager"], 0.1), context=PAGER_CONTEXT, name="pager")]
+
+
 def _our_recognizers():
     """Presidio pattern recognizers for what Presidio lacks, one per kind; case-sensitive unless a part says (?i)."""
     from presidio_analyzer import Pattern, PatternRecognizer
 
     flags = regex.DOTALL | regex.MULTILINE | regex.V0
 
-    def recognizer(kind: str, *patterns: tuple[str, float]):
-        return PatternRecognizer(supported_entity=kind.upper(), name=f"neurocpt_{kind}", global_regex_flags=flags,
+    def recognizer(kind: str, *patterns: tuple[str, float], context=None, name=""):
+        return PatternRecognizer(supported_entity=kind.upper(), name=f"neurocpt_{name or kind}", context=context,
+                                 global_regex_flags=flags,
                                  patterns=[Pattern(f"{kind} {i}", p, s) for i, (p, s) in enumerate(patterns)])
 
     age = r"(?:9\d|1[01]\d)"
     return [
+        *_philter_recognizers(recognizer),
         *(recognizer(kind, (rf"(?<![\p{{L}}\d])(?i:(?:{labels}){_LABEL_END})\K{_ID}", 0.85)) for kind, labels in LABELS.items()),
         # dictation footers: author's initials, then the typists' user names ("XGT:holmes", "GPP/church/olinger")
         recognizer("name", (r"^[ \t]*\p{Lu}{2,4}[:/]\K\p{Ll}{2,}(?:/\p{Ll}{2,})*(?=[ \t]*$)", 0.7)),

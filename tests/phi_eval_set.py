@@ -3,7 +3,8 @@
 ``phi_notes``: neurology notes with planted identifiers of every Safe Harbor kind the guard covers, in the
 formats notes use (labelled and bare, several spellings per kind), each labelled with its kind and offsets.
 ``clean_notes``: clinical text without identifiers, full of what must survive: neurology eponyms, drug
-names (brand and generic), scores, doses, vitals, years, and upstream placeholders (``[**Name**]``, ``___``).
+names (brand and generic), scores, doses, vitals, lab, gene and antibody names, years, and upstream
+placeholders (``[**Name**]``, ``___``).
 Used by ``tests/test_phi.py`` and ``tools/bench_phi.py``.
 """
 
@@ -40,7 +41,8 @@ EPONYMS = ["Parkinson disease", "Alzheimer disease", "Guillain-Barré syndrome",
            "Lhermitte sign", "Uhthoff phenomenon", "Todd paralysis", "Hoffmann sign", "Tinel sign", "Phalen test",
            "Jacksonian march", "Gowers sign", "Friedreich ataxia", "Wilson disease", "Sydenham chorea", "Adie pupil",
            "modified Rankin Scale", "Hunt and Hess grade", "circle of Willis", "Kernig sign", "Brudzinski sign",
-           "Sturge-Weber syndrome", "Dandy-Walker malformation", "Meniere disease", "Argyll Robertson pupil"]
+           "Sturge-Weber syndrome", "Dandy-Walker malformation", "Meniere disease", "Argyll Robertson pupil",
+           "Lou Gehrig disease"]
 DRUGS = ["Keppra", "Lamictal", "Depakote", "Tegretol", "Dilantin", "Topamax", "Vimpat", "Briviact", "Sinemet", "Rytary",
          "Azilect", "Aricept", "Namenda", "Leqembi", "Ocrevus", "Tysabri", "Copaxone", "Kesimpta", "Botox", "Imitrex",
          "Nurtec", "Aimovig", "Emgality", "Ajovy", "Lyrica", "Neurontin", "Cymbalta", "Xarelto", "Eliquis", "Plavix",
@@ -85,6 +87,11 @@ CLEAN = [  # {e}: an eponym, {d}/{d2}: drugs, {n}/{m}: small numbers, {y}: a yea
     "Per ACC/AHA {y} guidelines; MPI {y} normal.", "Discharged home to Rehab.", "Anti-MAG titer 1:{n}60.",
     "Platelets 1{n}0000, CK 1{m}50, ferritin 1{n}00.", "Patient Health Questionnaire-9 score 1{m}.",
     "Walked 100 m with a cane; 12-lead ECG normal.", "Knee extension 4/5, hip flexion 4+/5.",
+    # lab, gene and antibody names and values of the shapes of ids; capitalised words after cue words
+    "Anti-GAD65 and AQP4-IgG negative; MOG-IgG pending; anti-CD20 therapy planned.",
+    "SMN2 copy number {m}; CYP2C19 poor metabolizer; lesion 2x{m}cm.", "Cyanocobalamin 1000mcg IM monthly.",
+    "WBC 1{n}500, CA-125 normal, CA19-9 normal, PHQ9 1{m}.", "Patient Age: 6{n}.",
+    "Discussed with Case Management; Pt Early mobilization.", "Patient Day {m}; Contact Isolation.",
 ]
 
 PHI_TEMPLATES = [  # {slot}: an identifier (kind from SLOTS); everything else is kept text
