@@ -9,33 +9,35 @@ from tools import bench_train
 from tools.bench_train import Result, Setup
 
 
-def _setup(name: str, memory: str, seconds: float | None, baseline: bool = False) -> Setup:
+def _setup(name: str, memory: str, seconds: float | Exception, baseline: bool = False) -> Setup:
     def build(config, seq, micro_batch):
-        if seconds is None:
-            raise torch.OutOfMemoryError("CUDA out of memory")
+        if isinstance(seconds, Exception):
+            raise seconds
         return lambda: seconds
 
     return Setup(name, memory, build, baseline)
 
 
-def test_an_oom_row_is_reported_and_the_others_still_run(monkeypatch):
+def test_failing_rows_are_reported_and_the_others_still_run(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(bench_train, "_time_steps", lambda step, warmup, iters: (step(), 40.0, 30.0))
-    setups = [_setup("a", "none", 2.0), _setup("b", "none", None), _setup("c", "full", 4.0)]
+    setups = [_setup("a", "none", 2.0), _setup("b", "none", torch.OutOfMemoryError("CUDA out of memory")),
+              _setup("c", "full", 4.0), _setup("d", "full", NotImplementedError("no kernel for head_dim 256"))]
     results = bench_train.measure(seqs=(64, 128), setups=setups)  # the 2B shape's FLOPs, H100 peak
-    assert [(r.setup.name, r.seq, r.seconds) for r in results] == [
-        ("a", 64, 2.0), ("b", 64, None), ("c", 64, 4.0), ("a", 128, 2.0), ("b", 128, None), ("c", 128, 4.0)]
-    assert results[0].tokens_per_s == 32 and 0 < results[0].mfu < results[3].mfu  # twice the tokens in the same time
-    assert bench_train.cells(results[1]) == ["OOM"] * 5
+    assert [(r.setup.name, r.seq, r.seconds, r.failure) for r in results] == [
+        (name, seq, seconds, failure) for seq in (64, 128)
+        for name, seconds, failure in [("a", 2.0, ""), ("b", None, "OOM"), ("c", 4.0, ""), ("d", None, "NotImplementedError")]]
+    assert results[0].tokens_per_s == 32 and 0 < results[0].mfu < results[4].mfu  # twice the tokens in the same time
+    assert bench_train.cells(results[1]) == ["OOM"] * 5 and bench_train.cells(results[3])[0] == "NotImplementedError"
 
 
 def test_ratios_compare_the_same_memory_policy_and_each_sides_best_that_fits_is_labelled():
     ours_full, ours_none, hf_full, hf_none = (_setup("ours", "full", 0), _setup("ours", "none", 0),
                                               _setup("hf", "full", 0, True), _setup("hf", "none", 0, True))
     rows = [Result(ours_full, 64, 2.0, 30.0, 20.0, 32.0), Result(ours_none, 64, 1.0, 50.0, 20.0, 64.0),
-            Result(hf_full, 64, 3.0, 35.0, 20.0, 64 / 3), Result(hf_none, 64)]  # hf without recomputation: OOM
+            Result(hf_full, 64, 3.0, 35.0, 20.0, 64 / 3), Result(hf_none, 64, failure="OOM")]
     lines = bench_train.table(rows)
     assert lines[2].startswith("| ours | full | 64 | 2.000 |") and lines[2].endswith("| 1.50x |")
     assert lines[3].endswith("| 50.0 | 20.0 |  |")  # no transformers row with this policy fits: no ratio

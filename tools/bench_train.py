@@ -7,7 +7,8 @@ Random init, BF16 with fp32 master weights, AdamW step included. Every row names
 the "vs HF" column compares rows with the same policy only (transformers' gradient checkpointing is
 megatron's full recomputation, one layer at a time; megatron's selective recomputation has no transformers
 counterpart). After the table, each side's fastest row that fits, labelled. A row that runs out of memory
-is reported as OOM and the run goes on. MFU counts model FLOPs (megatron_ext/flops.py), not recomputed
+is reported as OOM, one that fails otherwise (e.g. a kernel that does not compile) by its error's type with
+the traceback on stderr, and the run goes on. MFU counts model FLOPs (megatron_ext/flops.py), not recomputed
 ones. "resident GiB" is what stays allocated between steps (weights, gradients, optimizer state); peak
 minus resident is the step's activations and temporaries. On one GPU the distributed optimizer shards
 nothing, so resident is about 18 bytes per parameter (bf16 weights, fp32 gradients, fp32 master weights,
@@ -26,6 +27,7 @@ import functools
 import gc
 import re
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import date
 from typing import Callable
@@ -139,11 +141,12 @@ QUICK = [_ours("ours (auto)", "full", backend="auto"), _hf("full")]
 class Result:
     setup: Setup
     seq: int
-    seconds: float | None = None  # None: out of memory
+    seconds: float | None = None  # None: did not run, see ``failure``
     peak_gib: float | None = None
     resident_gib: float | None = None
     tokens_per_s: float | None = None
     mfu: float | None = None
+    failure: str = ""  # "OOM", or the type of the error it raised
 
 
 def _time_steps(step, warmup: int, iters: int) -> tuple[float, float, float]:
@@ -163,7 +166,7 @@ def _time_steps(step, warmup: int, iters: int) -> tuple[float, float, float]:
 def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 3, iters: int = 10,
             setups: list[Setup] = SETUPS) -> list[Result]:
     """Every setup at every sequence length, one after the other on this GPU (each model is freed before
-    the next is built); a setup that runs out of memory gives a Result with ``seconds=None``."""
+    the next is built); a setup that fails gives a Result with ``seconds=None`` and its ``failure``."""
     if not torch.cuda.is_available():
         raise RuntimeError("tools.bench_train needs a CUDA device")
     from megatron_ext import Qwen35Config, parallel
@@ -184,7 +187,10 @@ def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 
                 if peak:
                     result.mfu = train_flops_per_token(config, seq) * tokens / seconds / (peak * 1e12)
             except torch.OutOfMemoryError:
-                pass
+                result.failure = "OOM"
+            except Exception as e:  # one broken setup must not cost the others' measurements
+                traceback.print_exc()
+                result.failure = type(e).__name__
             gc.collect()  # this setup's model and optimizer (also when an OOM left them in a traceback)
             torch.cuda.empty_cache()
             results.append(result)
@@ -192,9 +198,9 @@ def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 
 
 
 def cells(r: Result) -> list[str]:
-    """s/step, tokens/s, MFU, peak GiB, resident GiB as table cells (OOM when it did not fit)."""
+    """s/step, tokens/s, MFU, peak GiB, resident GiB as table cells (the failure when it did not run)."""
     if r.seconds is None:
-        return ["OOM"] * 5
+        return [r.failure] * 5
     return [f"{r.seconds:.3f}", f"{r.tokens_per_s:,.0f}", f"{r.mfu:.1%}" if r.mfu is not None else "n/a",
             f"{r.peak_gib:.1f}", f"{r.resident_gib:.1f}"]
 
