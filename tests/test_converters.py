@@ -315,3 +315,27 @@ def test_relative_checkpoint_paths(text_dir, monkeypatch):
     monkeypatch.chdir(text_dir.parent)
     ckpt = HFCheckpoint(text_dir.name)
     assert torch.equal(ckpt.get("model.embed_tokens.weight"), HFCheckpoint(text_dir).get("model.embed_tokens.weight"))
+
+
+def test_a_save_starts_no_interpreter_that_imports_the_main_module_again(tmp_path):
+    """megatron's checkpoint writer starts a *spawned* multiprocessing Manager at a process's first save,
+    which imports the main module again (seconds per process; 23 s seen on a GPU node). A main script
+    without a ``__main__`` guard shows it: imported again, it would save again inside the spawned child."""
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "save_once.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from megatron_ext import build_model, checkpoint\n"
+        "from megatron_ext.config import Qwen35Config\n"
+        "from tools.tiny_qwen35 import text_config\n"
+        f"with open({str(tmp_path / 'runs')!r}, 'a') as f: f.write('x')\n"
+        f"checkpoint.save_model(build_model(Qwen35Config.from_hf(text_config().to_dict()), 'local'), {str(tmp_path / 'ckpt')!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    run = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "runs").read_text() == "x"  # the main module ran once
+    assert (tmp_path / "ckpt" / "qwen35_config.json").is_file()
