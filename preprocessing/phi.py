@@ -254,7 +254,7 @@ PAGER_CONTEXT = ["m.d", "md", "dictated", "signed", "transcribed", "pager", "bee
 def _philter_recognizers(recognizer):
     from philter_lite.filters.filter_db import regex_db
 
-    ids = [(p, 0.5) for name, p in regex_db["mrn_id"].items() if name not in PHILTER_ID_SKIPPED]
+    ids = [(p, SCORE_THRESHOLD) for name, p in regex_db["mrn_id"].items() if name not in PHILTER_ID_SKIPPED]
     return [recognizer("other_id", *ids),
             recognizer("other_id", (regex_db["contact"]["pager"], 0.1), context=PAGER_CONTEXT, name="pager")]
 
@@ -391,7 +391,7 @@ def _pieces(text: str, size: int = PIECE_CHARS):
 
 def phi_spans(text: str) -> list[Span]:
     """Identifier spans in ``text``, trailing punctuation left out, overlaps merged (the longest part, then the
-    surest, names the kind); none inside an upstream placeholder."""
+    surest, then one of a kind other than ``other_id``, names the kind); none inside an upstream placeholder."""
     protected = [m.span() for m in _PLACEHOLDER.finditer(text)]
     found = []
     for offset, piece in _pieces(text):
@@ -399,9 +399,9 @@ def phi_spans(text: str) -> list[Span]:
             start, end = offset + r.start, offset + r.start + len(piece[r.start:r.end].rstrip(".,;:)"))
             if end > start and not any(start < pe and ps < end for ps, pe in protected):
                 found.append((start, end, _PRESIDIO_KIND.get(r.entity_type, r.entity_type.lower()), r.score))
-    merged: list[list] = []  # start, end, kind, (length, score) of the part that named it
+    merged: list[list] = []  # start, end, kind, (length, score, specific) of the part that named it
     for start, end, kind, score in sorted(found):
-        rank = (end - start, score)
+        rank = (end - start, score, kind != "other_id")  # the catch-all kind names a span only where no other can
         if merged and start < merged[-1][1]:
             last = merged[-1]
             last[1] = max(last[1], end)
