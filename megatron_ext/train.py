@@ -245,7 +245,7 @@ def forward_step(data_iterator, model, nan_now: bool = False):
 
 
 def train(cfg: TrainConfig) -> TrainState:
-    from megatron.core import parallel_state
+    from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -273,7 +273,9 @@ def train(cfg: TrainConfig) -> TrainState:
         raise SystemExit(f"global_batch_size {cfg.global_batch_size} is not a multiple of micro_batch_size x DP "
                          f"= {cfg.micro_batch_size} x {dp}")
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)
-    dist_opt = _use_distributed_optimizer(cfg, resume)
+    # the checkpoint's common state (scheduler, data position, optimizer kind): read once, a few KB
+    common = dist_checkpointing.load_common_state_dict(str(resume)) if resume is not None else None
+    dist_opt = _use_distributed_optimizer(cfg, resume, common)
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     overrides = {"calculate_per_token_loss": cfg.per_token_loss}
@@ -321,7 +323,7 @@ def train(cfg: TrainConfig) -> TrainState:
     )
     state = TrainState()
     if resume is not None:
-        state = _load_checkpoint(resume, model, optimizer, scheduler, dist_opt)
+        state = _load_checkpoint(resume, common, model, optimizer, scheduler, dist_opt)
         log.info("resumed from %s at step %d", resume, state.step)
     hf_files = hf_source_files(source)
 
@@ -447,13 +449,9 @@ def _optimizer_metadata(distributed: bool) -> dict | None:
     return DISTRIBUTED_OPTIMIZER_FORMAT if distributed else None
 
 
-def _use_distributed_optimizer(cfg: TrainConfig, resume: Path | None) -> bool:
+def _use_distributed_optimizer(cfg: TrainConfig, resume: Path | None, common: dict | None) -> bool:
     """The config's choice (default on), which must match the optimizer state a resumed checkpoint holds."""
-    saved = None
-    if resume is not None:
-        from megatron.core import dist_checkpointing
-
-        saved = dist_checkpointing.load_common_state_dict(str(resume)).get("optimizer_format", {}).get("distributed")
+    saved = None if common is None else common.get("optimizer_format", {}).get("distributed")
     if cfg.distributed_optimizer is None:
         return True if saved is None else saved
     if saved is not None and saved != cfg.distributed_optimizer:
@@ -495,8 +493,7 @@ def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, schedule
 
 
 @torch.no_grad()  # the fp32 distributed optimizer's main parameters are views of the model's: copy in place
-def _load_checkpoint(path: Path, model, optimizer, scheduler, dist_opt: bool) -> TrainState:
-    from megatron.core import dist_checkpointing
+def _load_checkpoint(path: Path, common: dict, model, optimizer, scheduler, dist_opt: bool) -> TrainState:
     from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 
     from megatron_ext.checkpoint import load_state
@@ -519,7 +516,6 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, dist_opt: bool) ->
         for group in opt.optimizer.param_groups:
             for param in group["params"]:
                 opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
-    common = dist_checkpointing.load_common_state_dict(str(path))
     scheduler.load_state_dict(common["scheduler"])
     rank_state = path / f"rank_state_{dist.get_rank():05d}.pt"
     if rank_state.is_file():

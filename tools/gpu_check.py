@@ -308,7 +308,6 @@ def part_syncs(device: str) -> None:
         syncs = [w for w in caught if "synchroniz" in str(w.message)]
         counts[depth] = len(syncs)
         sources.update(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
-        del model, ddp, optimizer
     if counts:
         row("syncs", "host syncs per training step, 4 / 8 layers (the same number: none per layer)",
             f"{counts[4]} / {counts[8]}", verdict="pass" if counts[4] == counts[8] else "FAIL")
