@@ -27,8 +27,21 @@ def test_help_documents_every_part_and_its_time_box():
     for name, seconds in gpu_check.BOXES.items():
         assert re.search(rf"^  {name} +{seconds}  ", text, re.MULTILINE), name
     default = [name for name in gpu_check.PARTS if name not in gpu_check.OPTIONAL]
-    assert sum(gpu_check.BOXES[name] for name in default) <= 360  # the default check in at most 6 minutes
+    without_te = [name for name in default if name not in gpu_check.TE_BOXES]
+    assert sum(gpu_check.BOXES[name] for name in without_te) <= 360  # the default check in at most 6 minutes
+    assert default[-len(gpu_check.TE_BOXES):] == list(gpu_check.TE_BOXES)  # with TE: its parts after the rest
     assert "--box PART=SECONDS" in text
+
+
+def test_te_parts_without_transformer_engine_are_one_skipped_row_each(tmp_path, monkeypatch, capsys):
+    from megatron_ext import spec
+
+    monkeypatch.setattr(spec, "transformer_engine_error", lambda: "ImportError: No module named 'transformer_engine'")
+    gpu_check.main(["--device", "cpu", "--parts", ",".join(gpu_check.TE_BOXES), "--out", str(tmp_path / "check.md"),
+                    "--workdir", str(tmp_path / "work")])
+    assert _rows(capsys)[1:] == [[name, "needs Transformer Engine", "ImportError: No module named 'transformer_engine'",
+                                  "", "SKIPPED"] for name in gpu_check.TE_BOXES]
+    assert not any((tmp_path / "work").iterdir())  # no part process ran
 
 
 def test_a_failing_part_and_an_overrunning_part_are_reported_and_the_rest_runs(tmp_path):

@@ -28,6 +28,18 @@ Not in the default list (name it in --parts):
                 optimizer step) under torch.cuda.set_sync_debug_mode("warn"), at 4 and at 8 layers with the
                 2B head geometry: the count must not grow with depth; where each sync comes from goes to
                 the part's log.
+Transformer Engine parts, in the default run after the others where TE's torch modules import; where they
+do not, each reports one SKIPPED row and takes no time:
+  te_parity  60  the TE spec vs the local spec with the same weights in bf16, both against the local spec
+                in fp32 (TF32 off): logits and every parameter's gradient; TE passes when its error is at
+                most twice the local spec's bf16 error (and never needs to beat one bf16 ulp, 2^-8).
+  te_packed  40  documents packed in one row under TE's THD attention (a 1-token document among them)
+                vs each document run alone: logits, within the bf16 limit (GEMM shapes differ).
+  te_fp8    240  the trainer on the demo mix, 50 steps each: TE BF16, then fp8 hybrid with delayed and
+                with current (tensorwise) scaling; FP8 passes when the mean of its last 10 losses is
+                within 3% of BF16's.
+  te_ckpt    60  the converted (local-format) checkpoint loads under TE; saved under TE, it loads under
+                the local spec and back under TE: every weight equal, logits bit-identical on reload.
 The kernels part compiles and autotunes fla's bf16 kernels (more than 100 s on a fresh H100); the bf16 parts
 after it reuse them from Triton's on-disk cache, parity compiles fp32 ones. On a fresh node a part can
 overrun its box: its row says TIMEOUT; run again (the cache is then warm) or give it more with --box.
@@ -63,6 +75,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # attention compiles nothing and goes first; its 20 s came off bench, whose 50 s a cold node overran anyway.
 BOXES = {"attention": 20, "kernels": 140, "resume": 120, "bench": 30, "parity": 50, "flex": 120, "syncs": 60}
 OPTIONAL = ("flex", "syncs")  # run only when named in --parts (the default run keeps to 360 s)
+# Transformer Engine parts: in the default run where TE imports, on top of the 360 s; SKIPPED rows elsewhere
+TE_BOXES = {"te_parity": 60, "te_packed": 40, "te_fp8": 240, "te_ckpt": 60}
+BOXES.update(TE_BOXES)
 L, F = "linear_attention", "full_attention"
 # A small model with the 2B release's head geometry, so that the fla kernels compiled for it serve the
 # 2B benchmark too (their head counts and sizes are compile-time constants).
@@ -77,6 +92,7 @@ LIMITS = {  # verdict thresholds on relative error (max |ours - ref| / max |ref|
     "bf16": 4 * 2.0**-8,  # fla in bf16 vs the fp32 reference: a few bf16 roundings (eps 2^-8)
     "fp32 logits": 1e-4,  # the same fla kernels on both sides in fp32; only the glue differs
     "fp32 grads": 1e-3,  # gradients sum over the sequence: more accumulation-order noise
+    "fp8 loss": 0.03,  # FP8 vs BF16 training: mean of the last 10 losses, relative
 }
 
 
@@ -154,9 +170,8 @@ def part_parity(device: str) -> None:
     row("parity", f"gradients of {len(errors)} parameters, worst ({worst})", errors[worst], LIMITS["fp32 grads"])
 
 
-def part_resume(device: str, steps: int, workdir: Path) -> None:
-    import yaml
-
+def demo_base(device: str, workdir: Path) -> tuple[Path, Path]:
+    """The demo mix and a converted random base checkpoint (built once per workdir): the trainer's inputs."""
     from preprocessing.build_mix import build
     from preprocessing.recipe import MixRecipe
     from tools import convert_from_hf, tiny_qwen35
@@ -169,36 +184,45 @@ def part_resume(device: str, steps: int, workdir: Path) -> None:
         shape = REAL_HEADS if device == "cuda" else dict(vocab_size=REAL_HEADS["vocab_size"])
         tiny_qwen35.causal_lm(tiny_qwen35.text_config(**shape), seed=3).save_pretrained(workdir / "base_hf")
         convert_from_hf.convert(workdir / "base_hf", base)
+    return mix, base
+
+
+def demo_run(workdir: Path, name: str, steps: int, **fields) -> Path:
+    """A trainer config for ``steps`` steps on the demo mix (see :func:`demo_base`) under ``workdir/name``."""
+    import yaml
+
+    mix, base = workdir / "mix" / "mix.json", workdir / "base"
+    cfg = dict(run_dir=str(workdir / name), init_from=str(base), mix=str(mix), seq_length=256, global_batch_size=8,
+               micro_batch_size=2, train_iters=steps, lr=1e-3, min_lr=1e-4, warmup_fraction=0.1,
+               decay_fraction=0.2, distributed_optimizer=True, log_interval=1, eval_interval=0,
+               save_interval=steps // 2, keep_last=2, tensorboard=False)
+    cfg.update(fields)
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_losses(config: Path) -> list[float]:
+    """Run the trainer on ``config`` (output to a log beside it) and return its losses."""
+    with open(config.with_suffix(".log"), "w") as log:
+        subprocess.run(trainer_command(config), stdout=log, stderr=subprocess.STDOUT, check=True)
+    run_dir = config.with_suffix("")
+    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def part_resume(device: str, steps: int, workdir: Path) -> None:
+    demo_base(device, workdir)
     precision = "bf16" if device == "cuda" else "fp32"  # bf16 matmuls crawl on CPU
-
-    def config(name: str) -> Path:
-        cfg = dict(run_dir=str(workdir / name), init_from=str(base), mix=str(mix), seq_length=256, global_batch_size=8,
-                   micro_batch_size=2, train_iters=steps, lr=1e-3, min_lr=1e-4, warmup_fraction=0.1,
-                   decay_fraction=0.2, precision=precision, distributed_optimizer=True, log_interval=1,
-                   eval_interval=0, save_interval=steps // 2, keep_last=2, tensorboard=False)
-        path = workdir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
-
-    def losses(name: str) -> list[float]:
-        return [json.loads(x)["loss"] for x in (workdir / name / "metrics.jsonl").read_text().splitlines()]
-
-    def train(path: Path) -> None:
-        with open(path.with_suffix(".log"), "w") as log:
-            subprocess.run(trainer_command(path), stdout=log, stderr=subprocess.STDOUT, check=True)
-
     started = time.perf_counter()
-    train(config("uninterrupted"))
-    reference = losses("uninterrupted")
+    reference = train_losses(demo_run(workdir, "uninterrupted", steps, precision=precision))
     row("resume", f"{steps} steps, {precision}, distributed optimizer: first / last loss",
         f"{reference[0]:.4f} / {reference[-1]:.4f}", verdict="pass" if reference[-1] < reference[0] else "FAIL")
-    killed = config("killed")
+    killed = demo_run(workdir, "killed", steps, precision=precision)
     kill_after_first_checkpoint(trainer_command(killed), workdir / "killed")
     latest = (workdir / "killed" / "checkpoints" / "latest").read_text()
     row("resume", "SIGKILL right after the first checkpoint; latest checkpoint", latest,
         verdict="pass" if latest == f"iter_{steps // 2:07d}" else "FAIL")
-    train(killed)
-    resumed = losses("killed")
+    resumed = train_losses(killed)
     diff = max(abs(a - b) / abs(b) for a, b in zip(resumed, reference))
     row("resume", "losses after resume vs uninterrupted: max rel diff", diff, LIMITS["bf16"],
         "pass (bit-identical)" if resumed == reference else None)
@@ -314,6 +338,116 @@ def part_syncs(device: str) -> None:
         print("sync sources (file:line count, both depths):", dict(sources.most_common()), file=sys.stderr)
 
 
+def _real_heads_config():
+    from megatron_ext import Qwen35Config
+    from tools.tiny_qwen35 import text_config
+
+    return Qwen35Config.from_hf(text_config(**REAL_HEADS).to_dict())
+
+
+def _copy_weights(src: torch.nn.Module, *dst: torch.nn.Module) -> None:
+    """Same weights by name: the TE and local specs name their parameters alike (tests/te_spec_names.txt)."""
+    params = dict(src.named_parameters())
+    with torch.no_grad():
+        for model in dst:
+            for name, p in model.named_parameters():
+                p.copy_(params[name])
+
+
+def part_te_parity(device: str) -> None:
+    from megatron_ext import build_model
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    config = _real_heads_config()
+    ref = build_model(config, "local", params_dtype=torch.float32)
+    local, te = build_model(config, "local", params_dtype=torch.bfloat16), build_model(config, "te", params_dtype=torch.bfloat16)
+    _copy_weights(ref, local, te)
+    gen = torch.Generator(device).manual_seed(4)
+    ids = torch.randint(0, config.vocab_size, (2, 512), generator=gen, device=device)
+    upstream = torch.randn(2, 512, config.vocab_size, generator=gen, device=device)
+    outputs = {}
+    for name, model in (("ref", ref), ("local", local), ("te", te)):
+        logits = model(ids).float()
+        (logits * upstream).sum().backward()
+        outputs[name] = logits, {n: p.grad.float() for n, p in model.named_parameters()}
+
+    def errors(name: str) -> tuple[float, float, str]:
+        (logits, grads), (ref_logits, ref_grads) = outputs[name], outputs["ref"]
+        worst = max(grads, key=lambda n: rel_err(grads[n], ref_grads[n]))
+        return rel_err(logits, ref_logits), rel_err(grads[worst], ref_grads[worst]), worst
+
+    te_logits, te_grads, worst = errors("te")
+    local_logits, local_grads, _ = errors("local")
+    row("te_parity", "logits, TE bf16 vs local fp32 (limit: 2x local bf16's error)", te_logits,
+        max(2 * local_logits, 2.0**-8))
+    row("te_parity", f"gradients, TE bf16 vs local fp32, worst ({worst})", te_grads, max(2 * local_grads, 2.0**-8))
+
+
+def part_te_packed(device: str) -> None:
+    from megatron_ext import build_model
+
+    config = _real_heads_config()
+    model = build_model(config, "te", params_dtype=torch.bfloat16)
+    lengths = [300, 1, 700, 47]
+    gen = torch.Generator(device).manual_seed(6)
+    ids = torch.randint(0, config.vocab_size, (1, sum(lengths)), generator=gen, device=device)
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+    with torch.no_grad():
+        packed = model(ids, positions).float()
+        start, worst = 0, 0.0
+        for n in lengths:
+            alone = model(ids[:, start:start + n]).float()
+            worst = max(worst, rel_err(packed[:, start:start + n], alone))
+            start += n
+    row("te_packed", f"logits of {len(lengths)} documents packed (THD) vs alone, worst", worst, LIMITS["bf16"])
+
+
+def part_te_fp8(device: str, workdir: Path, steps: int = 50) -> None:
+    demo_base(device, workdir)
+    runs = {"bf16": {}, "fp8 hybrid, delayed": {"fp8": "hybrid", "fp8_recipe": "delayed"},
+            "fp8 hybrid, tensorwise": {"fp8": "hybrid", "fp8_recipe": "tensorwise"}}
+    losses = {}
+    for label, fp8 in runs.items():
+        name = "te_" + label.replace(", ", "_").replace(" ", "_")
+        losses[label] = train_losses(demo_run(workdir, name, steps, precision="bf16", backend="te", **fp8))
+        row("te_fp8", f"{steps} steps, TE {label}: first / last loss", f"{losses[label][0]:.4f} / {losses[label][-1]:.4f}",
+            verdict="pass" if losses[label][-1] < losses[label][0] else "FAIL")
+    bf16 = sum(losses["bf16"][-10:]) / 10
+    for label in list(runs)[1:]:
+        mean = sum(losses[label][-10:]) / 10
+        row("te_fp8", f"TE {label} vs bf16: mean of the last 10 losses, relative difference", abs(mean - bf16) / bf16,
+            LIMITS["fp8 loss"])
+
+
+def part_te_ckpt(device: str, workdir: Path) -> None:
+    from megatron_ext.checkpoint import load_model, save_model
+
+    _, base = demo_base(device, workdir)
+    ids = torch.randint(0, REAL_HEADS["vocab_size"], (1, 256), generator=torch.Generator(device).manual_seed(7),
+                        device=device)
+
+    def load(path: Path, backend: str):
+        model = load_model(path, device, backend=backend, params_dtype=torch.bfloat16)
+        with torch.no_grad():
+            return model, model(ids)
+
+    def same_weights(a, b) -> str:
+        other = dict(b.named_parameters())
+        return "pass" if all(torch.equal(p, other[n]) for n, p in a.named_parameters()) else "FAIL"
+
+    local, _ = load(base, "local")
+    te, te_logits = load(base, "te")
+    row("te_ckpt", "converted (local-format) checkpoint under TE: every weight equal", "loaded", verdict=same_weights(local, te))
+    save_model(te, workdir / "saved_by_te")
+    back, _ = load(workdir / "saved_by_te", "local")
+    row("te_ckpt", "saved under TE, loaded under local: every weight equal", "loaded", verdict=same_weights(te, back))
+    save_model(back, workdir / "saved_by_local")
+    again, again_logits = load(workdir / "saved_by_local", "te")
+    row("te_ckpt", "and back under TE: every weight equal; logits bit-identical",
+        "yes" if torch.equal(te_logits, again_logits) else "no",
+        verdict="pass" if same_weights(te, again) == "pass" and torch.equal(te_logits, again_logits) else "FAIL")
+
+
 def part_bench(device: str) -> None:
     from tools import bench_train
 
@@ -323,7 +457,9 @@ def part_bench(device: str) -> None:
 
 
 PARTS = {"attention": part_attention, "kernels": part_kernels, "resume": part_resume, "bench": part_bench,
-         "parity": part_parity, "flex": functools.partial(part_attention, kernel="flex"), "syncs": part_syncs}
+         "parity": part_parity, "flex": functools.partial(part_attention, kernel="flex"), "syncs": part_syncs,
+         "te_parity": part_te_parity, "te_packed": part_te_packed, "te_fp8": part_te_fp8, "te_ckpt": part_te_ckpt}
+NEEDS_WORKDIR = (part_te_fp8, part_te_ckpt)
 
 
 # ------------------------------------------------------------------------------------ process control
@@ -399,7 +535,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("needs a CUDA device (--device cpu runs the parts that do not)")
         parallel.initialize()
         fn = PARTS[args.run_part]
-        fn(args.device, args.resume_steps, Path(args.workdir)) if fn is part_resume else fn(args.device)
+        if fn is part_resume:
+            fn(args.device, args.resume_steps, Path(args.workdir))
+        else:
+            fn(args.device, Path(args.workdir)) if fn in NEEDS_WORKDIR else fn(args.device)
         return
     boxes = dict(BOXES)
     for item in args.box:
@@ -412,6 +551,9 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
     from megatron_ext.gpu_stack import installed
+    from megatron_ext.spec import transformer_engine_error
+
+    te_missing = transformer_engine_error() if set(parts) & set(TE_BOXES) else None
 
     stack = installed()
     versions = ", ".join(f"{k} {v}" for k, v in stack.versions.items() if v)
@@ -419,7 +561,10 @@ def main(argv: list[str] | None = None) -> None:
         emit(out, f"\n### GPU check, {date.today()}, {stack.device} ({versions})\n")
         emit(out, "| part | check | value | limit | verdict |\n|---|---|---|---|---|")
         for name in parts:
-            run_part(name, boxes[name], args, out)
+            if name in TE_BOXES and te_missing:
+                emit(out, f"| {name} | needs Transformer Engine | {te_missing[:150].replace('|', '/')} | | SKIPPED |")
+            else:
+                run_part(name, boxes[name], args, out)
 
 
 if __name__ == "__main__":
