@@ -62,14 +62,17 @@ def resolve_backend(requested: str = "auto") -> str:
     return chosen
 
 
-def selective_recompute_modules(backend: str, attention_kernel: str, device, dtype: torch.dtype) -> list[str]:
+def selective_recompute_modules(backend: str, attention_kernel: str, device, dtype: torch.dtype) -> list[str] | None:
     """What megatron's selective recomputation recomputes for this model: core attention when it is the
     masked path (its [T, T] scores are the largest activation; megatron's default), else the MLPs, the
     largest activations once attention is fused (a fused kernel keeps no scores, so recomputing it saves
-    next to nothing, as megatron itself warns)."""
+    next to nothing, as megatron itself warns). Under TE: None, megatron's default, which
+    ``Qwen35Config.to_transformer_config`` turns off (TE runs without recomputation unless ``full``)."""
     from megatron_ext.layers import resolve_attention_kernel
 
-    masked = backend == "local" and resolve_attention_kernel(attention_kernel, device, dtype) == "masked"
+    if backend == "te":
+        return None
+    masked = resolve_attention_kernel(attention_kernel, device, dtype) == "masked"
     return ["core_attn"] if masked else ["mlp"]
 
 
