@@ -43,3 +43,15 @@ def test_ratios_compare_the_same_memory_policy_and_each_sides_best_that_fits_is_
     assert lines[3].endswith("| 50.0 | 20.0 |  |")  # no transformers row with this policy fits: no ratio
     assert lines[5] == "| hf | none | 64 | OOM | OOM | OOM | OOM | OOM |  |"
     assert lines[-1] == "| 64 | ours [none]: 64 tok/s, 50.0 GiB | hf [full]: 21 tok/s, 35.0 GiB | 3.00x |"
+
+
+def test_te_rows_without_transformer_engine_say_so_and_build_nothing(monkeypatch):
+    from megatron_ext import spec
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(spec, "transformer_engine_error", lambda: "ImportError: No module named 'transformer_engine'")
+    te = [s for s in bench_train.SETUPS if s.needs_te]
+    assert [s.name for s in te] == ["te-bf16", "te-fp8-delayed", "te-fp8-tensorwise"]
+    results = bench_train.measure(seqs=(4096,), setups=te)  # building one would fail: no CUDA here
+    assert [(r.setup.name, r.failure) for r in results] == [(s.name, "needs TE") for s in te]
