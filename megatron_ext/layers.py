@@ -67,6 +67,10 @@ class NormColumnParallelLinear(ColumnParallelLinear):
         self.eps = config.layernorm_epsilon
         self.zero_centered = config.layernorm_zero_centered_gamma
         self.layer_norm_weight = _norm_weight(config, input_size, self.zero_centered)
+        # registered first, as TE's LayerNormLinear does: the gradient buffers follow the parameter order, and
+        # the distributed optimizer's checkpoint (dp_reshardable) stores its state in buffer order, so a run's
+        # optimizer state resumes under the other backend only with the same order
+        self._parameters = {"layer_norm_weight": self._parameters.pop("layer_norm_weight"), **self._parameters}
 
     def forward(self, x: Tensor, *args, **kwargs):
         return super().forward(rms_norm(x, self.layer_norm_weight, self.eps, self.zero_centered), *args, **kwargs)

@@ -184,6 +184,14 @@ def test_local_spec_has_te_parameter_names(monkeypatch):
     assert not te["state"] & (objects | tensors)
 
 
+def test_local_norm_linears_register_their_norm_first_as_te_does(monkeypatch):
+    """TE's LayerNormLinear registers ``layer_norm_weight`` before ``weight`` (te_spec_names.txt [lnl]); the
+    distributed optimizer keeps its checkpointed state in gradient-buffer order, which follows this order."""
+    names = [n for n, _ in _build(monkeypatch).named_parameters()]
+    norms = [i for i, n in enumerate(names) if n.endswith(".layer_norm_weight")]
+    assert len(norms) == 4 and all(names[i + 1] == names[i].replace("layer_norm_weight", "weight") for i in norms)
+
+
 def test_te_style_model_has_te_checkpoint_names(monkeypatch):
     te = _te_names()
     assert _checkpoint_entries(_build(monkeypatch, te_style=True)) == (te["param"], te["object"])  # checkpoints as TE's
