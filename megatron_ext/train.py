@@ -41,6 +41,7 @@ from megatron_ext.train_config import TrainConfig
 
 log = logging.getLogger("neurocpt.train")
 CHECKPOINTS = "checkpoints"
+DDP_BUCKET = 40_000_000  # megatron's default gradient-bucket size (elements) up to DP 40
 
 
 @dataclass
@@ -289,14 +290,18 @@ def train(cfg: TrainConfig) -> TrainState:
                         params_dtype=dtype, perform_initialization=False, **overrides)
     if resume is None:
         load_weights(model, cfg.init_from)
-    # With DP > 1 the gradient reduce-scatter runs bucket by bucket during the backward of the last micro-batch,
-    # and the parameter all-gather during the next forward, in megatron's buckets (its default size), instead
-    # of in one block inside optimizer.step(). The gathered parameters arrive lazily: see _synced_parameters.
-    overlap = dp > 1 if cfg.overlap_communication is None else cfg.overlap_communication
+    # The gradient reduce-scatter runs bucket by bucket during the backward of the last micro-batch, and the
+    # parameter all-gather during the next forward, instead of in one block inside optimizer.step(); the
+    # gathered parameters arrive lazily (see _synced_parameters). On at every DP size, 1 included (where the
+    # collectives cost nothing), with megatron's 40M-element buckets fixed: the distributed optimizer's
+    # checkpoint keeps its state per bucket, and the same buckets everywhere let a run resume on another DP
+    # size (without overlap megatron makes one bucket; its default size grows past DP 40).
+    overlap = cfg.overlap_communication
     ddp = DistributedDataParallel(
         config=model.config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt,
-                                                 overlap_grad_reduce=overlap, overlap_param_gather=overlap and dist_opt),
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt, bucket_size=DDP_BUCKET if overlap else None,
+            overlap_grad_reduce=overlap, overlap_param_gather=overlap and dist_opt),
         module=model,
     )
     def finalize_grads(*args, **kwargs):
@@ -304,8 +309,7 @@ def train(cfg: TrainConfig) -> TrainState:
         allreduce_gdn_out_norm_grads(ddp)
 
     if overlap:
-        log.info("DP=%d: gradient reduce and parameter gather overlapped with compute, buckets of %s parameters",
-                 dp, ddp.ddp_config.bucket_size)
+        log.info("gradient reduce and parameter gather overlapped with compute, in buckets of %d elements", DDP_BUCKET)
     model.config.finalize_model_grads_func = finalize_grads
     model.config.no_sync_func = ddp.no_sync
     optimizer = get_megatron_optimizer(

@@ -44,7 +44,8 @@ class TrainConfig:
     recompute: str | None = None  # None | "selective" | "full"
     tensor_parallel: int = 1
     distributed_optimizer: bool | None = None  # default: on (a resumed run keeps its checkpoint's choice)
-    overlap_communication: bool | None = None  # gradient reduce / parameter gather overlapped; default: DP > 1
+    overlap_communication: bool = True  # gradient reduce / parameter gather overlap compute; sets the
+    # distributed optimizer checkpoint's buckets: keep it the same within a run
     data_workers: int = 2  # processes reading micro-batches ahead (0: in the training process)
     backend: str = "auto"  # te | local | auto
     gdn_kernel: str = "auto"

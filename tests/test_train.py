@@ -133,7 +133,7 @@ def test_layouts_equal_one_rank(one_rank, setup, layout):
 
 def test_overlapped_communication_trains_evaluates_and_saves_like_synchronous(setup):
     """DP=2 overlaps the gradient reduce-scatter with the backward and the parameter all-gather with the next
-    forward (the default with DP > 1). Same losses as without overlap; and the evaluation and the checkpoint
+    forward (the default). Same losses as without overlap; and the evaluation and the checkpoint
     made right after an optimizer step see the updated parameters (stale ones change both)."""
     from megatron_ext.checkpoint import load_model
 
