@@ -242,12 +242,29 @@ def forward_step(data_iterator, model, nan_now: bool = False):
     return losses, loss_func
 
 
+def data_parallel(model, distributed_optimizer: bool = True, overlap: bool = True):
+    """megatron's DistributedDataParallel as the trainer runs it (also used by the benchmarks). With
+    ``overlap`` the gradient reduce-scatter runs bucket by bucket during the backward of the last
+    micro-batch, and the parameter all-gather during the next forward, instead of in one block inside
+    optimizer.step(); the gathered parameters arrive lazily (see :func:`_synced_parameters`). On at every DP
+    size, 1 included (the collectives then cost nothing), with megatron's 40M-element buckets fixed: the
+    distributed optimizer's checkpoint keeps its state per bucket, and the same buckets everywhere let a
+    run resume on another DP size (without overlap megatron makes one bucket; its default grows past DP 40)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer,
+        bucket_size=DDP_BUCKET if overlap else None, overlap_grad_reduce=overlap,
+        overlap_param_gather=overlap and distributed_optimizer)
+    return DistributedDataParallel(config=model.config, ddp_config=config, module=model)
+
+
 # ---------------------------------------------------------------------------------------------- train
 
 
 def train(cfg: TrainConfig) -> TrainState:
     from megatron.core import dist_checkpointing, parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -290,25 +307,12 @@ def train(cfg: TrainConfig) -> TrainState:
                         params_dtype=dtype, perform_initialization=False, **overrides)
     if resume is None:
         load_weights(model, cfg.init_from)
-    # The gradient reduce-scatter runs bucket by bucket during the backward of the last micro-batch, and the
-    # parameter all-gather during the next forward, instead of in one block inside optimizer.step(); the
-    # gathered parameters arrive lazily (see _synced_parameters). On at every DP size, 1 included (where the
-    # collectives cost nothing), with megatron's 40M-element buckets fixed: the distributed optimizer's
-    # checkpoint keeps its state per bucket, and the same buckets everywhere let a run resume on another DP
-    # size (without overlap megatron makes one bucket; its default size grows past DP 40).
-    overlap = cfg.overlap_communication
-    ddp = DistributedDataParallel(
-        config=model.config,
-        ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt, bucket_size=DDP_BUCKET if overlap else None,
-            overlap_grad_reduce=overlap, overlap_param_gather=overlap and dist_opt),
-        module=model,
-    )
+    ddp = data_parallel(model, dist_opt, cfg.overlap_communication)
     def finalize_grads(*args, **kwargs):
         finalize_model_grads(*args, **kwargs)
         allreduce_gdn_out_norm_grads(ddp)
 
-    if overlap:
+    if cfg.overlap_communication:
         log.info("gradient reduce and parameter gather overlapped with compute, in buckets of %d elements", DDP_BUCKET)
     model.config.finalize_model_grads_func = finalize_grads
     model.config.no_sync_func = ddp.no_sync

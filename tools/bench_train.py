@@ -13,8 +13,8 @@ ones. "resident GiB" is what stays allocated between steps (weights, gradients, 
 minus resident is the step's activations and temporaries. On one GPU the distributed optimizer shards
 nothing, so resident is about 18 bytes per parameter (bf16 weights, fp32 gradients, fp32 master weights,
 two Adam moments), about 34 GiB for the 2B; over DP ranks it falls towards 6 + 12/DP bytes while the
-activations stay: peak minus resident at seq 8192 is the figure for issue 12's "2B at seq 8192 in 40 GB". Goals (issue 12): >= 1.5x the transformers + fla
-step and >= 40% MFU without Transformer Engine on an H100.
+activations stay: peak minus resident at seq 8192 is the figure for issue 12's "2B at seq 8192 in 40 GB".
+Goals (issue 12): >= 1.5x the transformers + fla step and >= 40% MFU without Transformer Engine on an H100.
 
 The rows are :data:`SETUPS`, a list of named configurations, Transformer Engine's among them (BF16, and FP8
 hybrid with delayed and with current (tensorwise) scaling, under the trainer's policy for a fused attention):
@@ -61,24 +61,27 @@ RECOMPUTE = {
 def ours(config, seq: int, micro_batch: int, *, memory: str, backend: str = "local", attention_kernel: str = "auto",
          **overrides) -> Callable[[], None]:
     """Our model (megatron DDP + distributed optimizer, as the trainer runs it) and its training step."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_ext import build_model
+    from megatron_ext.packing import Documents
+    from megatron_ext.train import data_parallel
 
     model = build_model(config, backend, attention_kernel=attention_kernel, params_dtype=torch.bfloat16,
                         **RECOMPUTE[memory], **overrides)
-    ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=True), module=model)
+    ddp = data_parallel(model)
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=2e-6, bf16=True, params_dtype=torch.bfloat16,
                                                  use_distributed_optimizer=True, clip_grad=1.0), [ddp])
     ids = torch.randint(0, config.vocab_size, (micro_batch, seq), device="cuda")
-    pos = torch.arange(seq, device="cuda").expand(micro_batch, seq)
+    pos = torch.arange(seq).expand(micro_batch, seq)
+    documents = Documents.from_positions(pos).pin_memory()  # on the host, as the trainer's loader finds them
+    pos = pos.cuda()
 
     def step():
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        ddp(ids, pos, labels=torch.roll(ids, -1, 1)).mean().backward()
+        packed = documents.to("cuda").packed_seq_params()  # per micro-batch, as the trainer's forward_step
+        ddp(ids, pos, labels=torch.roll(ids, -1, 1), packed_seq_params=packed).mean().backward()
         ddp.finish_grad_sync()
         opt.step()
 

@@ -284,13 +284,13 @@ def part_syncs(device: str) -> None:
     import collections
     import warnings
 
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_ext import Qwen35Config, build_model
     from megatron_ext.data import collate
-    from megatron_ext.train import _reduce_step, forward_step
+    from megatron_ext.train import _reduce_step, data_parallel, forward_step
     from tools.tiny_qwen35 import text_config
 
     seq = 2048 if device == "cuda" else 128
@@ -305,8 +305,8 @@ def part_syncs(device: str) -> None:
     for depth in (4, 8):
         config = Qwen35Config.from_hf(text_config(**{**REAL_HEADS, "layer_types": [L, L, L, F] * (depth // 4)}).to_dict())
         model = build_model(config, "local", params_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-        ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=True))
+        ddp = data_parallel(model)
+        model.config.finalize_model_grads_func, model.config.no_sync_func = finalize_model_grads, ddp.no_sync
         optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, bf16=device == "cuda",
                                                            use_distributed_optimizer=True, clip_grad=1.0), [ddp])
 
