@@ -166,9 +166,14 @@ class Qwen35Config:
         modules with its fused kernels on: RoPE (TE's fused kernel takes packed THD rows and partial
         rotary, ``freqs`` narrower than the head) and SwiGLU; selective recomputation is dropped, as it only
         recomputes the core attention, which TE's flash/fused attention keeps no score matrix for (megatron
-        warns about it; recomputing costs a second attention forward). ``local``: plain torch modules.
+        warns about it; recomputing costs a second attention forward). ``local``: plain torch modules, and
+        the same fused-RoPE slot filled by :mod:`megatron_ext.rope` when TE is absent.
         """
         from megatron.core.transformer.transformer_config import TransformerConfig
+
+        from megatron_ext import rope
+
+        rope.install()  # before the config validates apply_rope_fusion
 
         te = backend == "te"
         check_fp8(fp8, fp8_recipe, backend, bf16=params_dtype == torch.bfloat16)
@@ -210,7 +215,7 @@ class Qwen35Config:
             transformer_impl="transformer_engine" if te else "local",
             bias_activation_fusion=te,  # megatron's fused SwiGLU (bias-free here)
             masked_softmax_fusion=False,
-            apply_rope_fusion=te,
+            apply_rope_fusion=True,  # TE's fused thd kernel, else megatron_ext.rope's: neither syncs per layer
             persist_layer_norm=False,
             linear_conv_kernel_dim=self.linear_conv_kernel_dim,
             linear_key_head_dim=self.linear_key_head_dim,

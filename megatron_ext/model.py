@@ -10,7 +10,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-from megatron_ext import parallel, rope
+from megatron_ext import parallel
 from megatron_ext.config import Qwen35Config
 from megatron_ext.packing import Documents
 from megatron_ext.spec import block_spec, resolve_backend, selective_recompute_modules
@@ -124,8 +124,6 @@ def build_model(
     if transformer_overrides.get("recompute_granularity") == "selective":
         transformer_overrides.setdefault("recompute_modules", selective_recompute_modules(
             backend, attention_kernel, device, params_dtype))
-    if transformer_overrides.setdefault("apply_rope_fusion", True):
-        rope.install()  # packed rows rotate without host syncs (megatron's unfused thd RoPE syncs per layer)
     tcfg = config.to_transformer_config(
         tensor_parallel=tp, pipeline_parallel=pp, params_dtype=params_dtype, backend=backend, **transformer_overrides
     )

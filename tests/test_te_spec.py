@@ -12,7 +12,6 @@ import pytest
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.enums import Fp8Recipe
-from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext import Qwen35Config, build_model, spec
@@ -110,14 +109,7 @@ def test_fp8_settings_that_load(recipe):
 # ------------------------------------------------------------------------ the transformer config for TE
 
 
-@pytest.fixture
-def te_rope_kernel(monkeypatch):
-    """TransformerConfig accepts ``apply_rope_fusion`` only when a fused RoPE kernel is importable (TE's);
-    a stand-in fills the slot so the config TE would get can be built here."""
-    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb_thd", lambda *a, **k: None)
-
-
-def test_te_config_has_the_fused_kernels_fp8_and_no_selective_recompute(te_rope_kernel):
+def test_te_config_has_the_fused_kernels_fp8_and_no_selective_recompute():
     tcfg = TINY.to_transformer_config(backend="te", params_dtype=torch.bfloat16, fp8="hybrid", fp8_recipe="tensorwise",
                                       recompute_granularity="selective")
     assert tcfg.transformer_impl == "transformer_engine"
@@ -132,6 +124,7 @@ def test_te_config_has_the_fused_kernels_fp8_and_no_selective_recompute(te_rope_
 def test_local_config_keeps_its_settings():
     tcfg = TINY.to_transformer_config(backend="local", recompute_granularity="selective")
     assert tcfg.transformer_impl == "local" and not tcfg.bias_activation_fusion and tcfg.fp8 is None
+    assert tcfg.apply_rope_fusion  # megatron_ext.rope's sync-free packed RoPE fills the slot without TE
     assert tcfg.recompute_granularity == "selective"  # the local attention materialises its scores: worth it
     with pytest.raises(ValueError, match="set backend: te"):
         TINY.to_transformer_config(backend="local", params_dtype=torch.bfloat16, fp8="hybrid")
