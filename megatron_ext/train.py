@@ -540,7 +540,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
     p.add_argument("--verbose", action="store_true", help="every library's log on the console (always in run_dir/train*.log)")
     args = p.parse_args(argv)
-    cfg = TrainConfig.load(args.config, args.overrides)
+    try:
+        cfg = TrainConfig.load(args.config, args.overrides)
+    except ValueError as e:  # a bad key or value: one line, not a traceback
+        raise SystemExit(f"{args.config or 'config'}: {e}") from None
     rank = int(os.environ.get("RANK", 0))
     logs.setup(Path(cfg.run_dir) / ("train.log" if rank == 0 else f"train.rank{rank}.log"), args.verbose, rank=rank)
     train(cfg)

@@ -263,6 +263,8 @@ def test_overrides_and_bad_config():
         TrainConfig.load(None, ["learning_rate=1"])
     with pytest.raises(ValueError, match="precision"):
         TrainConfig.load(None, ["precision=fp16"])
+    run = subprocess.run([sys.executable, "-m", "megatron_ext.train", "fp8=hybrid"], capture_output=True, text=True)
+    assert run.returncode != 0 and "Traceback" not in run.stderr and "backend: te" in run.stderr.strip().splitlines()[-1]
 
 
 def test_flops_count_every_matmul_weight():
