@@ -288,10 +288,9 @@ def part_syncs(device: str) -> None:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_ext import Qwen35Config, build_model
+    from megatron_ext import build_model
     from megatron_ext.data import collate
     from megatron_ext.train import _reduce_step, data_parallel, forward_step
-    from tools.tiny_qwen35 import text_config
 
     seq = 2048 if device == "cuda" else 128
     gen = torch.Generator().manual_seed(5)
@@ -303,7 +302,7 @@ def part_syncs(device: str) -> None:
         batch = {k: v.pin_memory() for k, v in batch.items()}
     counts, sources = {}, collections.Counter()
     for depth in (4, 8):
-        config = Qwen35Config.from_hf(text_config(**{**REAL_HEADS, "layer_types": [L, L, L, F] * (depth // 4)}).to_dict())
+        config = _real_heads_config(layer_types=[L, L, L, F] * (depth // 4))
         model = build_model(config, "local", params_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         ddp = data_parallel(model)
         model.config.finalize_model_grads_func, model.config.no_sync_func = finalize_model_grads, ddp.no_sync
@@ -338,11 +337,12 @@ def part_syncs(device: str) -> None:
         print("sync sources (file:line count, both depths):", dict(sources.most_common()), file=sys.stderr)
 
 
-def _real_heads_config():
+def _real_heads_config(**overrides):
+    """The Qwen35Config of a random model with the 2B's head geometry (:data:`REAL_HEADS`), ``overrides`` applied."""
     from megatron_ext import Qwen35Config
     from tools.tiny_qwen35 import text_config
 
-    return Qwen35Config.from_hf(text_config(**REAL_HEADS).to_dict())
+    return Qwen35Config.from_hf(text_config(**{**REAL_HEADS, **overrides}).to_dict())
 
 
 def _copy_weights(src: torch.nn.Module, *dst: torch.nn.Module) -> None:
