@@ -16,7 +16,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
 from megatron_ext.kernels import causal_conv1d_silu, gated_delta_rule, resolve_kernel
-from megatron_ext.packing import documents_of
+from megatron_ext.packing import cu_seqlens_of, documents_of
 
 log = logging.getLogger(__name__)
 
@@ -266,9 +266,7 @@ class PackedDotProductAttention(DotProductAttention):
         if packed_seq_params is None:
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
         # thd: [t, heads, dim], k and v with the query groups' heads
-        cu = packed_seq_params.cu_seqlens_q_padded
-        if cu is None:
-            cu = packed_seq_params.cu_seqlens_q
+        cu = cu_seqlens_of(packed_seq_params)
         kernel = resolve_attention_kernel(self.kernel, query.device, query.dtype)
         if kernel == "masked":
             return self._masked(query, key, value, cu, attention_bias)

@@ -118,12 +118,16 @@ class PackedDocuments(PackedSeqParams):
     documents: Documents | None = None
 
 
+def cu_seqlens_of(params: PackedSeqParams) -> Tensor:
+    """The packed row's boundaries on the device, as megatron's attention reads them (padded ones first)."""
+    return params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+
+
 def documents_of(params: PackedSeqParams | None) -> Documents | None:
     """The Documents of packed params: ours carry them; megatron's own are converted (one host copy)."""
     if params is None:
         return None
     docs = getattr(params, "documents", None)
     if docs is None:
-        cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
-        docs = params.documents = Documents.from_cu_seqlens(cu)  # kept: the next layers reuse it
+        docs = params.documents = Documents.from_cu_seqlens(cu_seqlens_of(params))  # kept: later layers reuse it
     return docs
