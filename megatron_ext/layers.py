@@ -153,13 +153,27 @@ ATTENTION_KERNELS = ("auto", "fused", "flex", "masked")
 
 @functools.cache
 def _varlen_attn():
-    """torch's FlashAttention-2 for packed rows (``torch.nn.attention.varlen``; causal through
-    ``window_size`` since torch 2.11), or None when the installed torch lacks it."""
+    """torch's FlashAttention-2 for packed rows (``torch.nn.attention.varlen``) as
+    ``attend(q, k, v, cu_seqlens, max_seqlen, scale)``: causal within each document, key/value heads shared by
+    groups of query heads (GQA). None when the installed torch lacks it.
+
+    Causal is ``window_size=(-1, 0)``, there since torch 2.11. GQA: torch 2.11's ``varlen_attn`` has no
+    ``enable_gqa`` and refuses it (FlashAttention-2 takes fewer key/value heads as they are); later versions
+    refuse fewer key/value heads without it (2.13, 2.14)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn if "window_size" in inspect.signature(varlen_attn).parameters else None
+    accepts = inspect.signature(varlen_attn).parameters
+    if "window_size" not in accepts:
+        return None
+    gqa = {"enable_gqa": True} if "enable_gqa" in accepts else {}
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> Tensor:
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
+                           window_size=(-1, 0), **gqa)
+
+    return attend
 
 
 def resolve_attention_kernel(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -273,9 +287,7 @@ class PackedDotProductAttention(DotProductAttention):
         if attention_bias is not None or (self.training and self.attention_dropout.p):
             raise ValueError(f"attention_kernel={kernel!r} supports neither attention_bias nor attention dropout")
         if kernel == "fused":
-            longest = packed_seq_params.max_seqlen_q
-            out = _varlen_attn()(query, key, value, cu, cu, longest, longest, scale=self.softmax_scale,
-                                 window_size=(-1, 0), enable_gqa=True)
+            out = _varlen_attn()(query, key, value, cu, packed_seq_params.max_seqlen_q, self.softmax_scale)
         else:
             q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # [1, heads, t, dim]
             mask = document_causal_block_mask(cu, query.shape[0])

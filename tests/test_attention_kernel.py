@@ -1,7 +1,7 @@
 """The local spec's core attention on packed documents: which kernel runs where, and that each keeps
 documents apart exactly like attention over each document alone (float64, so a leak or a wrong scale
-shows far above rounding). FlashAttention (``fused``) has no CPU kernel: its call is checked here through a
-stand-in with the documented semantics of ``varlen_attn``, its numbers by ``tools/gpu_check.py``'s
+shows far above rounding). FlashAttention (``fused``) has no CPU kernel: its call is checked here through
+stand-ins with the signatures and documented semantics of ``varlen_attn`` in two torch releases, its numbers by ``tools/gpu_check.py``'s
 attention part on CUDA. FlexAttention runs eagerly on CPU, forward only (torch refuses its CPU backward)."""
 
 from __future__ import annotations
@@ -133,22 +133,50 @@ def test_block_mask_skips_exactly_the_hidden_tiles_and_marks_the_full_ones(lengt
     assert full == {(i, j) for (i, j), m in tiles.items() if m.all() and j < i}
 
 
-def test_fused_call_passes_the_packed_documents_causally_with_gqa_and_the_layer_scale(monkeypatch):
-    """The varlen call without CUDA: a stand-in that computes what torch documents for ``varlen_attn``
-    (causal iff ``window_size == (-1, 0)``, GQA, ``scale``) document by document."""
-    lengths = LAYOUTS["documents of length 1 among longer ones"]
-    params = _packed(lengths)
-    seen = {}
+def _varlen_stand_in(gqa_flag: bool, seen: dict):
+    """``varlen_attn`` without CUDA, with the signature and checks of a torch release (read from its wheel):
+    2.11 has no ``enable_gqa`` (FlashAttention-2 takes fewer key/value heads as they are), 2.13 and 2.14
+    refuse fewer key/value heads without it. Computes what torch documents (causal iff ``window_size == (-1,
+    0)``, ``scale``) document by document."""
 
-    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size):
         seen.update(cu=(cu_q, cu_k), max=(max_q, max_k))
         bounds = cu_q.tolist()
         outs = [F.scaled_dot_product_attention(*(x[s:e].transpose(0, 1) for x in (q, k, v)), scale=scale,
-                                               is_causal=window_size == (-1, 0), enable_gqa=enable_gqa).transpose(0, 1)
+                                               is_causal=window_size == (-1, 0), enable_gqa=True).transpose(0, 1)
                 for s, e in zip(bounds[:-1], bounds[1:])]
         return torch.cat(outs)
 
-    monkeypatch.setattr(layers, "_varlen_attn", lambda: varlen_attn)
+    def torch_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        return attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size)
+
+    def torch_2_13(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                   enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+        if not enable_gqa and q.shape[1] != k.shape[1]:
+            raise ValueError("Expect query and key/value to have the same number of heads")
+        return attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size)
+
+    return torch_2_13 if gqa_flag else torch_2_11
+
+
+@pytest.fixture
+def fresh_varlen():
+    layers._varlen_attn.cache_clear()
+    yield
+    layers._varlen_attn.cache_clear()  # not the stand-in for later tests
+
+
+@pytest.mark.parametrize("release", ["torch 2.11", "torch 2.13"])
+def test_fused_call_passes_the_packed_documents_causally_with_gqa_and_the_layer_scale(monkeypatch, fresh_varlen, release):
+    """The varlen call without CUDA, through a stand-in for each ``varlen_attn`` signature: the packed
+    documents' own ``cu_seqlens`` and longest length, causal, GQA and the layer's scale, equal to the masked
+    reference in float64, forward and gradients."""
+    from torch.nn.attention import varlen
+
+    lengths = LAYOUTS["documents of length 1 among longer ones"]
+    params = _packed(lengths)
+    seen = {}
+    monkeypatch.setattr(varlen, "varlen_attn", _varlen_stand_in(release == "torch 2.13", seen))
     monkeypatch.setattr(layers, "resolve_attention_kernel", lambda requested, device, dtype: requested)
     q, k, v = _qkv(sum(lengths), seed=1)
     fused, masked = (core_attention(kernel, HEADS, GROUPS, HEAD_DIM, dtype=torch.float64) for kernel in ("fused", "masked"))
