@@ -16,7 +16,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
 from megatron_ext.kernels import causal_conv1d_silu, gated_delta_rule, resolve_kernel
-from megatron_ext.packing import cu_seqlens_of, documents_of
+from megatron_ext.packing import cu_seqlens_of, documents_of, token_documents
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def document_causal_block_mask(cu_seqlens: Tensor, total: int, block: int = 128)
     from torch.nn.attention.flex_attention import BlockMask
 
     device = cu_seqlens.device
-    doc = torch.searchsorted(cu_seqlens, torch.arange(total, device=device, dtype=cu_seqlens.dtype), right=True)
+    doc = token_documents(cu_seqlens, total)
     starts = torch.arange(0, total, block, device=device)
     first, last = doc[starts], doc[(starts + block - 1).clamp(max=total - 1)]
     i, j = starts[:, None] // block, starts[None, :] // block
@@ -296,9 +296,9 @@ class PackedDotProductAttention(DotProductAttention):
 
     def _masked(self, query: Tensor, key: Tensor, value: Tensor, cu: Tensor, attention_bias: Tensor | None) -> Tensor:
         total = query.shape[0]
-        doc = torch.repeat_interleave(torch.arange(len(cu) - 1, device=query.device), (cu[1:] - cu[:-1]).to(query.device))
-        if doc.numel() != total:
-            raise ValueError(f"cu_seqlens cover {doc.numel()} tokens but the packed row has {total}")
+        if int(cu[-1]) != total:  # a host sync: this is the reference path, not the fast one
+            raise ValueError(f"cu_seqlens cover {int(cu[-1])} tokens but the packed row has {total}")
+        doc = token_documents(cu.to(query.device), total)
         future = torch.ones(total, total, dtype=torch.bool, device=query.device).triu(1)
         mask = (doc[:, None] != doc[None, :]) | future  # True = masked out
         return super().forward(

@@ -123,6 +123,13 @@ def cu_seqlens_of(params: PackedSeqParams) -> Tensor:
     return params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
 
 
+def token_documents(cu_seqlens: Tensor, total: int) -> Tensor:
+    """The document of each of the row's ``total`` tokens (0, 0, 1, 2, 2, ...), on ``cu_seqlens``' device and
+    without a host sync (``searchsorted``); tokens past ``cu_seqlens[-1]`` get ``len(cu_seqlens) - 1``."""
+    tokens = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens, tokens, right=True) - 1
+
+
 def documents_of(params: PackedSeqParams | None) -> Documents | None:
     """The Documents of packed params: ours carry them; megatron's own are converted (one host copy)."""
     if params is None:

@@ -4,7 +4,7 @@ megatron-core applies RoPE to packed documents in one of two ways: TE's fused th
 ``apply_rope_fusion`` slot, filled when TE is importable), or a loop that reads every document's length to
 the host (``tolist()`` on the device ``cu_seqlens``: two syncs per attention layer) and rotates each
 document separately. Here the position of every token inside its document comes from ``cu_seqlens`` on the
-device (``searchsorted``), so the whole row rotates at once with no sync; it fills the same slot.
+device (:func:`megatron_ext.packing.token_documents`), so the whole row rotates at once with no sync; it fills the same slot.
 """
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ import torch
 from megatron.core.models.common.embeddings import rope_utils
 from torch import Tensor
 
+from megatron_ext.packing import token_documents
+
 
 def thd_rotary(t: Tensor, cu_seqlens: Tensor, freqs: Tensor, cp_size: int = 1, cp_rank: int = 0) -> Tensor:
     """``t`` [tokens, heads, dim] rotated by ``freqs`` [max_len, 1, 1, rot_dim] at each token's position in
     its document; dims past ``rot_dim`` pass through (partial RoPE). Not interleaved (Qwen3.5 is not)."""
     if cp_size != 1:
         raise NotImplementedError("context parallelism is not supported")
-    tokens = torch.arange(t.shape[0], device=t.device, dtype=cu_seqlens.dtype)
-    starts = cu_seqlens[torch.searchsorted(cu_seqlens, tokens, right=True) - 1]
-    return rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs[tokens - starts]).squeeze(1)
+    tokens = torch.arange(t.shape[0], device=t.device)
+    positions = tokens - cu_seqlens[token_documents(cu_seqlens, t.shape[0])]
+    return rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs[positions]).squeeze(1)
 
 
 def install() -> None:
