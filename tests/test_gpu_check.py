@@ -96,7 +96,7 @@ def test_parity_part_on_cpu(capsys):
 
 @pytest.mark.parametrize("steps", [4])
 def test_resume_part_on_cpu(capsys, tmp_path, steps):
-    gpu_check.part_resume("cpu", steps, tmp_path)
+    gpu_check.part_resume("cpu", tmp_path, resume_steps=steps)
     rows = _rows(capsys)
     assert [r[4] for r in rows[:3]] == ["pass", "pass", "pass (bit-identical)"]
     assert rows[1][2] == "iter_0000002"

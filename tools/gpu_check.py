@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import os
 import queue
@@ -210,18 +211,18 @@ def train_losses(config: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def part_resume(device: str, steps: int, workdir: Path) -> None:
+def part_resume(device: str, workdir: Path, resume_steps: int) -> None:
     demo_base(device, workdir)
     precision = "bf16" if device == "cuda" else "fp32"  # bf16 matmuls crawl on CPU
     started = time.perf_counter()
-    reference = train_losses(demo_run(workdir, "uninterrupted", steps, precision=precision))
-    row("resume", f"{steps} steps, {precision}, distributed optimizer: first / last loss",
+    reference = train_losses(demo_run(workdir, "uninterrupted", resume_steps, precision=precision))
+    row("resume", f"{resume_steps} steps, {precision}, distributed optimizer: first / last loss",
         f"{reference[0]:.4f} / {reference[-1]:.4f}", verdict="pass" if reference[-1] < reference[0] else "FAIL")
-    killed = demo_run(workdir, "killed", steps, precision=precision)
+    killed = demo_run(workdir, "killed", resume_steps, precision=precision)
     kill_after_first_checkpoint(trainer_command(killed), workdir / "killed")
     latest = (workdir / "killed" / "checkpoints" / "latest").read_text()
     row("resume", "SIGKILL right after the first checkpoint; latest checkpoint", latest,
-        verdict="pass" if latest == f"iter_{steps // 2:07d}" else "FAIL")
+        verdict="pass" if latest == f"iter_{resume_steps // 2:07d}" else "FAIL")
     resumed = train_losses(killed)
     diff = max(abs(a - b) / abs(b) for a, b in zip(resumed, reference))
     row("resume", "losses after resume vs uninterrupted: max rel diff", diff, LIMITS["bf16"],
@@ -459,7 +460,6 @@ def part_bench(device: str) -> None:
 PARTS = {"attention": part_attention, "kernels": part_kernels, "resume": part_resume, "bench": part_bench,
          "parity": part_parity, "flex": functools.partial(part_attention, kernel="flex"), "syncs": part_syncs,
          "te_parity": part_te_parity, "te_packed": part_te_packed, "te_fp8": part_te_fp8, "te_ckpt": part_te_ckpt}
-NEEDS_WORKDIR = (part_te_fp8, part_te_ckpt)
 
 
 # ------------------------------------------------------------------------------------ process control
@@ -535,10 +535,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("needs a CUDA device (--device cpu runs the parts that do not)")
         parallel.initialize()
         fn = PARTS[args.run_part]
-        if fn is part_resume:
-            fn(args.device, args.resume_steps, Path(args.workdir))
-        else:
-            fn(args.device, Path(args.workdir)) if fn in NEEDS_WORKDIR else fn(args.device)
+        given = {"device": args.device, "workdir": Path(args.workdir), "resume_steps": args.resume_steps}
+        fn(**{name: given[name] for name in inspect.signature(fn).parameters if name in given})
         return
     boxes = dict(BOXES)
     for item in args.box:
