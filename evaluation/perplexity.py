@@ -57,9 +57,12 @@ def read_documents(path: str | Path, max_docs: int | None, text_key: str = "text
             if not line.strip():
                 continue
             try:
-                docs.append(json.loads(line)[text_key])
-            except (json.JSONDecodeError, KeyError) as err:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{i}: not a jsonl record with a {text_key!r} field ({err})") from err
+            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                raise ValueError(f"{path}:{i}: not a jsonl record with a {text_key!r} string field")
+            docs.append(record[text_key])
             if max_docs and len(docs) >= max_docs:
                 break
     if not docs:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from evaluation.common import load_hf_model
-from evaluation.perplexity import document_nll, evaluate
+from evaluation.perplexity import document_nll, evaluate, read_documents
 from conftest import DEMO, tiny_hf_dir
 
 
@@ -78,3 +78,11 @@ def test_cli_writes_json_and_markdown(models, tmp_path):
     assert table.splitlines()[0] == "| Domain | base PPL | other PPL | other vs base |"
     assert "| Patient EHR |" in table
     assert json.loads((tmp_path / "ppl.json").read_text())["stride"] == 32
+
+
+@pytest.mark.parametrize("bad", ['{"text": "x"', "[1, 2]", '{"text": null}', '{"body": "x"}', '{"text": 3}'])
+def test_a_bad_record_is_named_by_file_and_line(tmp_path, bad):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n\n' + bad + "\n")
+    with pytest.raises(ValueError, match=rf"d\.jsonl:3: not a jsonl record with a 'text'"):
+        read_documents(path, None)
