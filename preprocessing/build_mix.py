@@ -88,6 +88,7 @@ def build(recipe: MixRecipe, workers: int = 1, executor: str = "local", keep_wor
     from preprocessing.report import collect_ledger, write_report
 
     out = recipe.out
+    shutil.rmtree(out / "work.removing", ignore_errors=True)  # a removal that was interrupted
     if (out / "mix.json").is_file() and not (out / "work").exists():
         log.info("%s is built (its work/ was removed after the merge); --clean rebuilds it", out)
         return json.loads((out / "mix.json").read_text())
@@ -101,8 +102,9 @@ def build(recipe: MixRecipe, workers: int = 1, executor: str = "local", keep_wor
     mix = mix_json(recipe, merge_tokens(recipe), merge_heldout(recipe), ledger)
     write_json_atomic(out / "mix.json", mix)
     write_report(recipe, ledger, mix, out)
-    if not keep_work:
-        shutil.rmtree(out / "work")
+    if not keep_work:  # renamed first: a removal killed half-way must not leave a work/ to merge again
+        os.replace(out / "work", out / "work.removing")
+        shutil.rmtree(out / "work.removing")
     return mix
 
 

@@ -330,3 +330,25 @@ def test_slurm_executor_wiring(demo_mix, tmp_path):
     assert finished.returncode == 0, finished.stderr[-3000:]
     slurm_mix = json.loads((tmp_path / "mix" / "mix.json").read_text())
     assert {s: e["tokens"] for s, e in slurm_mix["sources"].items()} == {s: e["tokens"] for s, e in mix["sources"].items()}
+
+
+def test_a_rerun_after_a_kill_while_work_is_removed_keeps_the_mix(tmp_path, monkeypatch):
+    """Removing work/ (hundreds of GB on a cluster) can be killed half-way; the rerun must not merge what is left."""
+    recipe = MixRecipe.load(_recipe(tmp_path, sources=[{"name": "english", "paths": ["en/*.jsonl"], "share": 1.0}]))
+    real_rmtree = shutil.rmtree
+
+    def killed_half_way(path, *args, **kwargs):
+        if Path(path).name not in ("work", "work.removing") or not Path(path).exists():
+            return real_rmtree(path, *args, **kwargs)
+        for part in Path(path).glob("tokens/english/*"):
+            part.unlink()  # some files are gone, then the job dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_mix.shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        build_mix.build(recipe)
+    monkeypatch.setattr(build_mix.shutil, "rmtree", real_rmtree)
+    data = (recipe.out / "english_text_document.bin").read_bytes()
+    mix = build_mix.build(recipe)
+    assert (recipe.out / "english_text_document.bin").read_bytes() == data and mix["sources"]["english"]["tokens"] > 0
+    assert not (recipe.out / "work").exists() and not (recipe.out / "work.removing").exists()
