@@ -83,6 +83,8 @@ def evaluate(models: dict[str, str], data: dict[str, str], max_length: int = 409
                 ids = tok(text, add_special_tokens=False).input_ids
                 nll, n = document_nll(model, ids, max_length, stride, device, len(tok))
                 total, count = total + nll, count + n
+            if not count:
+                raise ValueError(f"{data[domain]}: no document of {domain!r} has two tokens or more, nothing to score")
             results[domain][name] = {"ppl": math.exp(total / count), "nll": total / count, "tokens": count,
                                      "documents": len(texts)}
         del model

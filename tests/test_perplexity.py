@@ -86,3 +86,10 @@ def test_a_bad_record_is_named_by_file_and_line(tmp_path, bad):
     path.write_text('{"text": "fine"}\n\n' + bad + "\n")
     with pytest.raises(ValueError, match=rf"d\.jsonl:3: not a jsonl record with a 'text'"):
         read_documents(path, None)
+
+
+def test_a_domain_without_a_scorable_token_is_named(models, tmp_path):
+    root, _ = models
+    (tmp_path / "short.jsonl").write_text('{"text": ""}\n{"text": "a"}\n')  # no token has a token before it
+    with pytest.raises(ValueError, match=r"short\.jsonl: no document of 'tiny' has two tokens"):
+        evaluate({"base": str(root / "base")}, {"tiny": str(tmp_path / "short.jsonl")}, device="cpu")
