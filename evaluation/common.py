@@ -51,11 +51,14 @@ def write_report(out: str | Path, report: dict, markdown: str) -> None:
 
 
 def named_paths(items: list[str], what: str) -> dict[str, str]:
-    """``name=path`` command-line items as an ordered dict, with a clear error for a malformed one."""
+    """``name=path`` command-line items as an ordered dict, with a clear error for a malformed one or a name given twice
+    (the later would silently replace the earlier)."""
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--{what} {item!r}: expected name=path")
+        if name in out:
+            raise SystemExit(f"--{what} {item!r}: the name {name!r} is given twice")
         out[name] = value
     return out

@@ -93,3 +93,11 @@ def test_a_domain_without_a_scorable_token_is_named(models, tmp_path):
     (tmp_path / "short.jsonl").write_text('{"text": ""}\n{"text": "a"}\n')  # no token has a token before it
     with pytest.raises(ValueError, match=r"short\.jsonl: no document of 'tiny' has two tokens"):
         evaluate({"base": str(root / "base")}, {"tiny": str(tmp_path / "short.jsonl")}, device="cpu")
+
+
+def test_a_name_given_twice_is_refused():
+    from evaluation.common import named_paths
+
+    assert named_paths(["a=x", "b=y=z"], "model") == {"a": "x", "b": "y=z"}
+    with pytest.raises(SystemExit, match="'cpt' is given twice"):
+        named_paths(["cpt=ckpt/iter_1000", "cpt=ckpt/iter_2000"], "model")
