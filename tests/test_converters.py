@@ -294,12 +294,36 @@ def test_bad_input_names_the_problem_and_keeps_the_old_output(case, text_dir, tm
         kwargs, needle = BAD[case]
         bad = _edit(text_dir, tmp_path / "bad", **kwargs)
     with pytest.raises(CheckpointError, match=needle.replace(".", r"\.")) as err:
-        convert_from_hf.convert(bad, out)
+        convert_from_hf.convert(bad, out, overwrite=True)
     if case != "wrong architecture":
         assert "model.safetensors" in str(err.value)  # the file is named too
     assert sorted(p.name for p in out.iterdir()) == before
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
     assert compare(text_dir, out, seq_len=8)["max_rel_err"] <= 1e-5  # still the good checkpoint
+
+
+def test_an_existing_output_or_an_input_is_never_replaced(text_dir, tmp_path):
+    """A mistyped --out (the user's own directory, the HF source, the template) loses nothing; --overwrite
+    replaces an earlier output, never an input."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(CheckpointError, match="exists: pass --overwrite"):
+        convert_from_hf.convert(text_dir, mine)
+    ckpt = convert_from_hf.convert(text_dir, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="exists: pass --overwrite"):
+        convert_to_hf.convert(ckpt, mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    hf = sorted(p.name for p in text_dir.iterdir())
+    with pytest.raises(CheckpointError, match="would replace the input"):
+        convert_from_hf.convert(text_dir, text_dir, overwrite=True)
+    with pytest.raises(CheckpointError, match="would replace the input"):
+        convert_to_hf.convert(ckpt, text_dir.parent, hf_template=text_dir, overwrite=True)
+    with pytest.raises(CheckpointError, match="would replace the input"):
+        convert_to_hf.convert(ckpt, ckpt, overwrite=True)
+    assert sorted(p.name for p in text_dir.iterdir()) == hf and (ckpt / "qwen35_config.json").is_file()
+    convert_to_hf.convert(ckpt, mine, overwrite=True)
+    assert (mine / "config.json").is_file() and not (mine / "notes.txt").exists()
 
 
 def test_export_rejects_a_template_of_another_architecture(text_dir, tmp_path):

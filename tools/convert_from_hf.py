@@ -1,7 +1,7 @@
 """HF Qwen3.5 checkpoint -> megatron-core distributed checkpoint that the trainer and ``load_model`` read.
 
     python -m tools.convert_from_hf --hf-dir DIR --out CKPT [--tp N] [--pp N] [--dtype auto|bf16|fp32]
-        [--vocab-divisor 128]
+        [--vocab-divisor 128] [--overwrite]
 
 The dist checkpoint is layout-free (megatron reshards at load), so it loads under any TP/PP; ``--tp`` and
 ``--pp`` check that the architecture divides for the layout you will train with. As megatron does, the
@@ -31,12 +31,13 @@ def source_dtype(ckpt, names: list[str]) -> torch.dtype:
 
 
 def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: str = "auto",
-            vocab_divisor: int = 128) -> Path:
+            vocab_divisor: int = 128, overwrite: bool = False) -> Path:
     from megatron_ext import build_model, hf_mapping, parallel
     from megatron_ext.checkpoint import save_model
     from megatron_ext.config import Qwen35Config
-    from tools.hf_checkpoint import CheckpointError, HFCheckpoint
+    from tools.hf_checkpoint import CheckpointError, HFCheckpoint, check_output
 
+    check_output(out, [hf_dir], overwrite)
     ckpt = HFCheckpoint(hf_dir)
     try:
         config = Qwen35Config.from_hf(ckpt.config).padded_to(vocab_divisor * tp)
@@ -113,9 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: the source's dtype, fp32 if mixed")
     p.add_argument("--vocab-divisor", type=int, default=128,
                    help="pad the vocabulary to a multiple of this x TP (megatron's make-vocab-size-divisible-by)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never the HF directory)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    out = convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.vocab_divisor)
+    out = convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.vocab_divisor, args.overwrite)
     print(f"wrote {out}")
 
 

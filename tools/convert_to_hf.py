@@ -1,6 +1,7 @@
 """megatron-core checkpoint (any TP/PP it was saved with) -> HF Qwen3.5 directory for release.
 
     python -m tools.convert_to_hf --ckpt CKPT --out DIR [--hf-template DIR] [--dtype auto|bf16|fp32]
+        [--max-shard-size 5GB] [--stop-tokens '<|im_end|>'] [--overwrite]
 
 With ``--hf-template`` (e.g. the Qwen3.5-2B-Base directory you started from) the output is a complete
 checkpoint of the template's architecture: the language model comes from CKPT, every other tensor (vision
@@ -53,12 +54,13 @@ def _text_only_config(config, dtype: torch.dtype) -> dict:
 
 
 def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | None = None, dtype: str = "auto",
-            max_shard_size: str = "5GB", stop_tokens: list[str] = ()) -> Path:
+            max_shard_size: str = "5GB", stop_tokens: list[str] = (), overwrite: bool = False) -> Path:
     from megatron_ext import build_model, hf_mapping, parallel
-    from megatron_ext.checkpoint import hf_source_files, read_config, saved_dtype
+    from megatron_ext.checkpoint import hf_source_files, read_config, resolve, saved_dtype
     from megatron_ext.config import Qwen35Config
-    from tools.hf_checkpoint import HFCheckpoint, ShardedWriter, atomic_directory, parse_size
+    from tools.hf_checkpoint import HFCheckpoint, ShardedWriter, atomic_directory, check_output, parse_size
 
+    check_output(out, [ckpt_dir, resolve(ckpt_dir), *([hf_template] if hf_template else [])], overwrite)
     config = read_config(ckpt_dir)
     template = HFCheckpoint(hf_template) if hf_template else None
     if template is not None:
@@ -192,10 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--stop-tokens", default="", help="comma-separated tokens generation also stops at (SFT: '<|im_end|>')")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never CKPT or the template)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     stops = [t for t in args.stop_tokens.split(",") if t]
-    print(f"wrote {convert(args.ckpt, args.out, args.hf_template, args.dtype, args.max_shard_size, stops)}")
+    print(f"wrote {convert(args.ckpt, args.out, args.hf_template, args.dtype, args.max_shard_size, stops, args.overwrite)}")
 
 
 if __name__ == "__main__":

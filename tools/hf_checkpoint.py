@@ -180,6 +180,18 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> None:
+    """Refuse an ``out`` that exists (unless ``overwrite``) or that is, or holds, an input: the output
+    replaces the whole directory, so a mistyped ``--out`` (``.``, the HF directory) would lose what is there."""
+    out = Path(out).resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if out == source or out in source.parents:
+            raise CheckpointError(f"--out {out} would replace the input {source}: choose another directory")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} exists: pass --overwrite to replace it (the whole directory)")
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``out``, on failure it is removed
