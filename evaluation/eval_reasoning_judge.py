@@ -60,44 +60,50 @@ SCHEMA = {
 # ------------------------------------------------------------------------------------------ questions
 
 
-def _read_jsonl(path: str | Path) -> list[dict]:
-    rows = []
+def _medmcqa(r: dict, i: int) -> dict:
+    return {"id": f"medmcqa/{r.get('id', i)}", "source": "medmcqa",
+            "prompt": f"{r['question']}\nA. {r['opa']}\nB. {r['opb']}\nC. {r['opc']}\nD. {r['opd']}\n"
+                      "Explain your reasoning step by step, then give the answer.",
+            "reference": f"Answer: {'ABCD'[int(r['cop'])]}. {r.get('exp') or ''}".strip()}
+
+
+def _pubmedqa(r: dict, i: int) -> dict:
+    return {"id": f"pubmedqa/{r.get('pubid', i)}", "source": "pubmedqa",
+            "prompt": "Abstract: " + " ".join(r["CONTEXTS"]) + f"\nQuestion: {r['QUESTION']}\n"
+                      "Reason about the evidence, then answer yes, no or maybe.",
+            "reference": f"{r['final_decision']}. {r['LONG_ANSWER']}"}
+
+
+def _medqa(r: dict, i: int) -> dict:
+    return {"id": f"medqa/{r.get('id', i)}", "source": "medqa",
+            "prompt": r["question"] + "\n" + "\n".join(f"{k}. {v}" for k, v in sorted(r["options"].items()))
+                      + "\nExplain your reasoning step by step, then give the answer.",
+            "reference": f"Answer: {r.get('answer_idx', '')} {r['answer']}".strip()}
+
+
+def _read_questions(path: str | Path, source: str, build) -> list[dict]:
+    """``build(record, index)`` for every record of a jsonl file; a malformed line, a record without the
+    source's fields or an id seen before is named by file and line."""
+    rows, seen = [], set()
     with open(path) as f:
         for i, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{i}: malformed JSON ({err})") from err
+            if not line.strip():
+                continue
+            try:
+                q = build(json.loads(line), len(rows))
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+                raise ValueError(f"{path}:{i}: not a {source} record ({type(err).__name__}: {err})") from err
+            if q["id"] in seen:
+                raise ValueError(f"{path}:{i}: question id {q['id']!r} again (ids key the answers and judgements)")
+            seen.add(q["id"])
+            rows.append(q)
     return rows
 
 
 def load_questions(medmcqa=None, pubmedqa=None, medqa=None) -> dict[str, list[dict]]:
     """Normalised {id, source, prompt, reference} per source."""
-    out: dict[str, list[dict]] = {}
-    if medmcqa:
-        out["medmcqa"] = [{
-            "id": f"medmcqa/{r.get('id', i)}", "source": "medmcqa",
-            "prompt": f"{r['question']}\nA. {r['opa']}\nB. {r['opb']}\nC. {r['opc']}\nD. {r['opd']}\n"
-                      "Explain your reasoning step by step, then give the answer.",
-            "reference": f"Answer: {'ABCD'[int(r['cop'])]}. {r.get('exp') or ''}".strip()}
-            for i, r in enumerate(_read_jsonl(medmcqa))]
-    if pubmedqa:
-        out["pubmedqa"] = [{
-            "id": f"pubmedqa/{r.get('pubid', i)}", "source": "pubmedqa",
-            "prompt": "Abstract: " + " ".join(r["CONTEXTS"]) + f"\nQuestion: {r['QUESTION']}\n"
-                      "Reason about the evidence, then answer yes, no or maybe.",
-            "reference": f"{r['final_decision']}. {r['LONG_ANSWER']}"}
-            for i, r in enumerate(_read_jsonl(pubmedqa))]
-    if medqa:
-        rows = _read_jsonl(medqa)
-        out["medqa"] = [{
-            "id": f"medqa/{r.get('id', i)}", "source": "medqa",
-            "prompt": r["question"] + "\n" + "\n".join(f"{k}. {v}" for k, v in sorted(r["options"].items()))
-                      + "\nExplain your reasoning step by step, then give the answer.",
-            "reference": f"Answer: {r.get('answer_idx', '')} {r['answer']}".strip()}
-            for i, r in enumerate(rows)]
-    return out
+    files = {"medmcqa": (medmcqa, _medmcqa), "pubmedqa": (pubmedqa, _pubmedqa), "medqa": (medqa, _medqa)}
+    return {source: _read_questions(path, source, build) for source, (path, build) in files.items() if path}
 
 
 def sample(questions: dict[str, list[dict]], n: int, seed: int) -> list[dict]:
@@ -296,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     models = named_paths(args.model, "model")
     if len(models) != 2:
         raise SystemExit("give exactly two --model name=DIR")
+    if not (args.medmcqa or args.pubmedqa or args.medqa):
+        p.error("give at least one question file: --medmcqa, --pubmedqa or --medqa")
     import torch
 
     out = Path(args.out)

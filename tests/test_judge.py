@@ -123,3 +123,25 @@ def test_help_says_the_judge_is_a_server(capsys):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "The judge is a server" in text and "vllm serve" in text and "--base-url http://127.0.0.1:8000/v1" in text
+
+
+def test_bad_question_records_are_named_by_file_and_line(tmp_path):
+    from evaluation.eval_reasoning_judge import load_questions
+
+    good = {"id": "q1", "question": "Drug?", "options": {"A": "x", "B": "y"}, "answer": "x", "answer_idx": "A"}
+    for bad, why in (('{"id": "q2", "question": "Drug?"}', "KeyError: 'options'"), ("[1]", "AttributeError"),
+                     ('{"id": "q2"', "JSONDecodeError"), (json.dumps(good), "question id 'medqa/q1' again")):
+        (tmp_path / "medqa.jsonl").write_text(json.dumps(good) + "\n\n" + bad + "\n")
+        with pytest.raises(ValueError, match=rf"medqa\.jsonl:3: .*{why}"):
+            load_questions(medqa=tmp_path / "medqa.jsonl")
+    (tmp_path / "medmcqa.jsonl").write_text('{"question": "q", "opa": 1, "opb": 2, "opc": 3, "opd": 4, "cop": 4}\n')
+    with pytest.raises(ValueError, match=r"medmcqa\.jsonl:1: not a medmcqa record \(IndexError"):
+        load_questions(medmcqa=tmp_path / "medmcqa.jsonl")  # cop is 0-3 (the hub dataset's); 4 is no option
+
+
+def test_no_question_file_is_refused(capsys):
+    from evaluation.eval_reasoning_judge import main
+
+    with pytest.raises(SystemExit):
+        main(["--model", "a=x", "--model", "b=y", "--n", "4"])
+    assert "give at least one question file" in capsys.readouterr().err
