@@ -326,6 +326,23 @@ def test_an_existing_output_or_an_input_is_never_replaced(text_dir, tmp_path):
     assert (mine / "config.json").is_file() and not (mine / "notes.txt").exists()
 
 
+def test_a_killed_exports_leftovers_are_removed_by_the_next_run(text_dir, tmp_path):
+    """kill -9 leaves the hidden temporary directory (a whole model's size); the rerun removes it, and
+    leaves a live run's alone."""
+    import os
+    import socket
+
+    ckpt = convert_from_hf.convert(text_dir, tmp_path / "ckpt")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    killed, live = (tmp_path / f".export.tmp-{host}-{int(dead.stdout)}", tmp_path / f".export.tmp-{host}-{os.getppid()}")
+    for d in (killed, live):
+        d.mkdir()
+        (d / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+    convert_to_hf.convert(ckpt, tmp_path / "export")
+    assert not killed.exists() and live.exists()
+
+
 def test_export_rejects_a_template_of_another_architecture(text_dir, tmp_path):
     ckpt = convert_from_hf.convert(text_dir, tmp_path / "ckpt")
     other = tmp_path / "other"

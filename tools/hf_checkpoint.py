@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -197,7 +198,12 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``out``, on failure it is removed
     and ``out`` (if any) is left untouched."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    host = socket.gethostname()
+    for stale in out.parent.glob(f".{out.name}.tmp-{host}-*"):  # left by a killed run (a whole model's size)
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp-{host}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -206,6 +212,17 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, out)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (one we may not signal runs too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def parse_size(text: str) -> int:
