@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 
-from preprocessing.pipeline import add_executor_args, run_stages, write_json_atomic
+from preprocessing.pipeline import add_executor_args, check_recipe, run_stages, write_json_atomic
 from preprocessing.recipe import MixRecipe
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def build(recipe: MixRecipe, workers: int = 1, executor: str = "local", keep_wor
     out = recipe.out
     shutil.rmtree(out / "work.removing", ignore_errors=True)  # a removal that was interrupted
     if (out / "mix.json").is_file() and not (out / "work").exists():
+        check_recipe(recipe)
         log.info("%s is built (its work/ was removed after the merge); --clean rebuilds it", out)
         return json.loads((out / "mix.json").read_text())
     if not run_stages(recipe, workers, executor, **cluster):

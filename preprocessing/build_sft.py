@@ -259,7 +259,7 @@ def write_report(recipe: SFTRecipe, ledger: dict, sft: dict, train_lengths: np.n
 
 def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     """Run (or resume) the stage, merge, write ``sft.json`` and the report; returns sft.json's content."""
-    from preprocessing.pipeline import completed, make_executor, write_json_atomic
+    from preprocessing.pipeline import check_settings, completed, make_executor, write_json_atomic
     from preprocessing.report import collect_ledger, stat_totals
     from preprocessing.tokenizer import bundle_tokenizer
 
@@ -269,7 +269,7 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     tasks = max(1, workers)
     logs = out / "logs"
     template_sha = chat_template_hash(tokenizer)
-    _check_settings(out / "settings.json", {**dataclasses.asdict(recipe), "tasks": tasks, "chat_template_sha256": template_sha})
+    check_settings(out / "settings.json", {**dataclasses.asdict(recipe), "tasks": tasks, "chat_template_sha256": template_sha})
     if not completed(logs / "tokenize", tasks):
         pipeline = [ChatReader(recipe.files(), str(out / "errors"), recipe.roles),
                     ChatTokenWriter(str(out / "work"), str(out / "errors"), tokenizer, recipe)]
@@ -289,19 +289,6 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     write_json_atomic(out / "sft.json", sft)
     write_report(recipe, full, sft, train_lengths)
     return sft
-
-
-def _check_settings(path: Path, settings: dict) -> None:
-    """Resuming reuses finished work, so it must be the same work: refuse outputs made with other settings."""
-    from preprocessing.pipeline import write_json_atomic
-
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        if changed:
-            raise ValueError(f"{path.parent} was built with other settings ({', '.join(changed)} changed); "
-                             "rerun with --clean (or another output_dir)")
-    write_json_atomic(path, settings)
 
 
 def main(argv: list[str] | None = None) -> None:

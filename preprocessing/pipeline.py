@@ -118,12 +118,39 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def check_settings(path: Path, settings: dict) -> None:
+    """Resuming reuses finished work, so it must be the same work: refuse outputs made with other settings,
+    then record these in ``path``."""
+    settings = json.loads(json.dumps(settings))  # as the file holds them (lists, not tuples)
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"{path.parent} was built with other settings ({', '.join(changed)} changed); "
+                             "rerun with --clean (or another output_dir)")
+    write_json_atomic(path, settings)
+
+
+# how the enrichment reaches its model, not what it asks it: a resumed build may change them
+LLM_CONNECTION = ("base_url", "api_key_env", "concurrency", "timeout", "retries", "cache_dir", "batch_size",
+                  "tensor_parallel", "gpu_memory_utilization")
+
+
+def check_recipe(recipe: MixRecipe) -> None:
+    """A rerun resumes (or returns) the build its output_dir holds: a changed source, filter or split would
+    apply to none or part of the data, so it stops instead. Recorded in ``recipe.resolved.json``."""
+    settings = {**asdict(recipe), "base_dir": str(Path(recipe.base_dir).resolve())}  # the config by any path
+    if recipe.llm:
+        settings["llm"] = {k: v for k, v in settings["llm"].items() if k not in LLM_CONNECTION}
+    check_settings(recipe.out / "recipe.resolved.json", settings)
+
+
 def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", until: str | None = None, **cluster) -> bool:
     """Run (or resume) the stages in order, through ``until`` (default: all). True when they are all complete;
     False when Slurm jobs were submitted and are still to finish (rerun the same command then)."""
     out = recipe.out
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "recipe.resolved.json", asdict(recipe))
+    check_recipe(recipe)
     tasks = max(1, workers)
     todo = stages(recipe, tasks)
     if until is not None:

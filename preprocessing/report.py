@@ -116,7 +116,7 @@ def write_report(recipe, ledger: dict, mix: dict | None, out: Path) -> None:
     if mix is None:
         empty = [s for s in sources if not ledger[s]["kept"]]
         lines += ["", "## Build stopped", "", f"No document of {', '.join(empty)} reached the training split, so no mix "
-                  "was written. The reasons above say which stage removed them; relax that source's filters.", "",
+                  "was written. The reasons above say which stage removed them; relax that source's filters and rerun with --clean.", "",
                   "![documents](report_documents.png)", ""]
     else:
         lines += ["", "## Tokens and blend", "", "| source | sequences | tokens | target share | weight | epochs for budget |",

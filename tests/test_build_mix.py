@@ -352,3 +352,26 @@ def test_a_rerun_after_a_kill_while_work_is_removed_keeps_the_mix(tmp_path, monk
     mix = build_mix.build(recipe)
     assert (recipe.out / "english_text_document.bin").read_bytes() == data and mix["sources"]["english"]["tokens"] > 0
     assert not (recipe.out / "work").exists() and not (recipe.out / "work.removing").exists()
+
+
+def test_a_rerun_with_a_changed_recipe_stops_naming_what_changed(tmp_path):
+    """Finished stages are not redone, so relaxing a filter and rerunning would silently change nothing."""
+    exam = "Mental status: alert and oriented.\nCranial nerves: intact.\nMotor: strength 5/5 throughout.\n"
+    notes = [{"id": f"n{i}", "text": f"Patient {i} was seen in clinic for headache lasting {i + 2} days.\n" + exam * 3}
+             for i in range(12)]
+    (tmp_path / "notes.jsonl").write_text("".join(json.dumps(n) + "\n" for n in notes))
+    raw = dict(tokenizer=str(DEMO / "tokenizer"), output_dir=str(tmp_path / "out"), seq_length=128, heldout_fraction=0.0,
+               base_dir=str(tmp_path), sources=[{"name": "notes", "paths": ["notes.jsonl"], "share": 0.5,
+                                                 "filters": {"min_chars": 50, "gopher_quality": None}},
+                                                {"name": "english", "paths": [str(DEMO / "en" / "*.jsonl")], "share": 0.5}])
+    with pytest.raises(RuntimeError, match="gopher_repetition"):
+        build_mix.build(MixRecipe(**raw))
+    raw["sources"][0]["filters"]["gopher_repetition"] = None  # relaxed, as the error advises
+    with pytest.raises(ValueError, match=r"built with other settings \(sources changed\); rerun with --clean"):
+        build_mix.build(MixRecipe(**raw))
+    shutil.rmtree(tmp_path / "out")  # --clean
+    mix = build_mix.build(MixRecipe(**raw))
+    assert mix["sources"]["notes"]["documents"] > 0
+    with pytest.raises(ValueError, match=r"\(seq_length changed\)"):  # a finished build is not returned for another recipe
+        build_mix.build(MixRecipe(**{**raw, "seq_length": 64}))
+    assert build_mix.build(MixRecipe(**raw)) == mix
