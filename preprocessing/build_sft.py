@@ -269,7 +269,8 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     tasks = max(1, workers)
     logs = out / "logs"
     template_sha = chat_template_hash(tokenizer)
-    check_settings(out / "settings.json", {**dataclasses.asdict(recipe), "tasks": tasks, "chat_template_sha256": template_sha})
+    check_settings(out / "settings.json", {**dataclasses.asdict(recipe), "base_dir": str(Path(recipe.base_dir).resolve()),
+                                           "tasks": tasks, "chat_template_sha256": template_sha})
     if not completed(logs / "tokenize", tasks):
         pipeline = [ChatReader(recipe.files(), str(out / "errors"), recipe.roles),
                     ChatTokenWriter(str(out / "work"), str(out / "errors"), tokenizer, recipe)]
