@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -41,12 +42,24 @@ def models_on_domains_parser(doc: str, model_help: str) -> argparse.ArgumentPars
     return p
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """``path`` holds its old content or all of ``text``, never a part: a job killed (or failing) while writing
+    leaves no cut-off result for the next step to read. The text goes to a file beside it, then replaces it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_report(out: str | Path, report: dict, markdown: str) -> None:
-    """``OUT.json`` (the full report) and ``OUT.md`` (its table); the table is printed too."""
+    """``OUT.json`` (the full report) and ``OUT.md`` (its table), each written atomically; the table is printed too."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown)
+    write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2))
+    write_atomic(out.with_suffix(".md"), markdown)
     print(markdown)
 
 

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from evaluation.common import named_paths
+from evaluation.common import named_paths, write_report
 
 MEDICAL = ["pubmedqa", "mmlu_clinical_knowledge", "mmlu_anatomy", "mmlu_college_medicine", "mmlu_professional_medicine",
            "mmlu_medical_genetics", "mmlu_college_biology", "mmlu_virology", "mmlu_nutrition"]
@@ -156,11 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         report = run(models, tasks, args.data_dir, args.backend, args.num_fewshot, args.limit, batch, args.device)
     report["delta"] = delta
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(to_markdown(report, delta))
-    print(to_markdown(report, delta))
+    write_report(args.out, report, to_markdown(report, delta))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import logging
 import random
 from pathlib import Path
 
-from evaluation.common import named_paths
+from evaluation.common import named_paths, write_atomic, write_report
 from preprocessing.llm import JsonlCache, LLMConfig, LLMError, Request, StructuredLLM, cache_key
 
 CRITERIA = ["diagnostic_reasoning", "clinical_knowledge", "management_quality", "reasoning_chain", "overall"]
@@ -255,7 +255,7 @@ def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, 
         if todo:
             new = generate(model_dir, [q["prompt"] for q in todo], max_new_tokens, device)
             answers.setdefault(name, {}).update({q["id"]: a for q, a in zip(todo, new)})
-            answers_path.write_text(json.dumps(answers, indent=1))
+            write_atomic(answers_path, json.dumps(answers, indent=1))
     rows = []
     for q in questions:
         rng = random.Random(f"{seed}:{q['id']}")
@@ -265,12 +265,10 @@ def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, 
         rows.append({"id": q["id"], "source": q["source"], "seed": seed, "first_order_A": a_first,
                      **combine(first, second, [(a, r["judgement"]) for a, r in results]),
                      "errors": [r["error"] for _, r in results if r["error"]]})
-    with open(out.with_suffix(".jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    write_atomic(out.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     summary = summarize(rows, first, second, seed, judge.usage, prices)
-    out.with_suffix(".json").write_text(json.dumps({"models": models, "judge_model": judge.model,
-                                                    "prompt_version": PROMPT_VERSION, "seed": seed, **summary}, indent=2))
-    out.with_suffix(".md").write_text(to_markdown(summary, first, second))
+    write_report(out, {"models": models, "judge_model": judge.model, "prompt_version": PROMPT_VERSION, "seed": seed,
+                       **summary}, to_markdown(summary, first, second))
     return summary
 
 
@@ -313,10 +311,9 @@ def main(argv: list[str] | None = None) -> None:
                   args.chat_template_kwargs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        summary = run(models, questions, judge, args.seed, args.max_new_tokens, device, out, (args.price_in, args.price_out))
+        run(models, questions, judge, args.seed, args.max_new_tokens, device, out, (args.price_in, args.price_out))
     except LLMError as err:
         raise SystemExit(f"judge stopped: {err}. Judgements so far are cached; rerun the same command to resume.") from None
-    print(to_markdown(summary, *models))
 
 
 if __name__ == "__main__":

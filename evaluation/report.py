@@ -44,6 +44,7 @@ def bar_chart(groups: list[str], series: dict[str, list[float]], ylabel: str, ti
 
 def build(results: Path, out: Path) -> str:
     from evaluation import eval_qwen, eval_reasoning_judge, mtp, perplexity
+    from evaluation.common import write_atomic
 
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# Evaluation report", ""]
@@ -97,7 +98,7 @@ def build(results: Path, out: Path) -> str:
     else:
         lines += [f"(no {judge_file.name})", ""]
     text = "\n".join(lines)
-    out.write_text(text)
+    write_atomic(out, text)
     return text
 
 

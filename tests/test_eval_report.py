@@ -51,3 +51,18 @@ def test_perplexity_chart_has_a_log_axis_with_every_value_written():
 def test_missing_results_are_named(tmp_path):
     text = build(tmp_path, tmp_path / "report.md")
     assert "(no perplexity.json)" in text and "(no lm_eval.json)" in text and "(no judge.json)" in text
+
+
+def test_a_failed_write_keeps_the_old_result_whole(tmp_path):
+    """A write that dies halfway (here: text the encoder refuses at its end) leaves the previous result, not a
+    truncated file, and no temporary file beside it."""
+    from evaluation.common import write_atomic, write_report
+
+    out = tmp_path / "judge"
+    write_report(out, {"win_rate": 0.6}, "| table |\n")
+    with pytest.raises(UnicodeEncodeError):
+        write_report(out, {"win_rate": 0.7}, "| new table |\n" + "x" * 100_000 + "\ud800")
+    assert (tmp_path / "judge.md").read_text() == "| table |\n"
+    with pytest.raises(UnicodeEncodeError):
+        write_atomic(tmp_path / "judge.jsonl", '{"id": 1}\n' + "\ud800")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["judge.json", "judge.md"]
