@@ -56,7 +56,8 @@ class MTPHead(nn.Module):
         from transformers.masking_utils import create_causal_mask
 
         x = self.fc(torch.cat([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
-        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None, cache=None)
+        # positional: the cache argument is past_key_values up to transformers 5.20 (the gpu extra's), cache after
+        mask = create_causal_mask(self.config, x, None, None)
         for layer in self.layers:
             x = layer(x, position_embeddings=position_embeddings, attention_mask=mask, position_ids=position_ids)
         return self.norm(x)
@@ -90,7 +91,7 @@ def document_hits(model, head: MTPHead, ids: list[int], vocab: int, device: str)
     x = torch.tensor(ids, device=device).unsqueeze(0)
     hidden = lm(input_ids=x).last_hidden_state  # after the final norm, what the MTP head is fed
     positions = torch.arange(x.shape[1] - 1, device=device).unsqueeze(0)
-    rope = lm.rotary_emb(hidden, positions)
+    rope = lm.rotary_emb(hidden, positions.expand(3, 1, -1))  # text positions on the 3 mRoPE axes (5.17 wants them)
     out = head(hidden[:, :-1], lm.embed_tokens(x[:, 1:]), rope, positions)
     targets = x[0, 2:]  # position i predicts token i + 2 (MTP) and token i + 1 (main model)
     mtp = mask_padded_ids(model.lm_head(out[0, :-1]), vocab).argmax(-1)
