@@ -112,6 +112,14 @@ def completed(logging_dir: Path, tasks: int) -> bool:
     return done.is_dir() and len(list(done.iterdir())) >= tasks
 
 
+def started_tasks(logging_dir: Path, tasks: int) -> int:
+    """The task count a build started with: outputs, completion markers and the duplicates found in dedup
+    signatures are per rank, so a resumed build keeps it whatever ``--workers`` says now (that sets only how
+    many tasks run at once)."""
+    executor = logging_dir / "executor.json"
+    return json.loads(executor.read_text())["world_size"] if executor.is_file() else tasks
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -151,7 +159,7 @@ def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", unt
     out = recipe.out
     out.mkdir(parents=True, exist_ok=True)
     check_recipe(recipe)
-    tasks = max(1, workers)
+    tasks = started_tasks(out / "logs" / "clean", max(1, workers))
     todo = stages(recipe, tasks)
     if until is not None:
         names = [name for name, _, _ in todo]
@@ -184,7 +192,7 @@ def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", unt
 
 def add_executor_args(p: argparse.ArgumentParser) -> None:
     """The command-line options that choose how stages run (shared by the commands built on these stages)."""
-    p.add_argument("--workers", type=int, default=1, help="parallel tasks per stage")
+    p.add_argument("--workers", type=int, default=1, help="parallel tasks per stage (a resumed build keeps the task count it started with)")
     p.add_argument("--executor", default="local", choices=["local", "slurm", "ray"])
     p.add_argument("--partition", help="Slurm partition")
     p.add_argument("--time", default="24:00:00", help="Slurm time limit per task")

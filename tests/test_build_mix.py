@@ -375,3 +375,14 @@ def test_a_rerun_with_a_changed_recipe_stops_naming_what_changed(tmp_path):
     with pytest.raises(ValueError, match=r"\(seq_length changed\)"):  # a finished build is not returned for another recipe
         build_mix.build(MixRecipe(**{**raw, "seq_length": 64}))
     assert build_mix.build(MixRecipe(**raw)) == mix
+
+
+def test_a_build_killed_mid_stage_resumes_with_fewer_workers(tmp_path):
+    """A job killed on a 2-worker node and rerun on a 1-worker one: the unfinished rank runs, none is skipped."""
+    recipe = MixRecipe.load(_recipe(tmp_path, sources=[{"name": "english", "paths": ["en/*.jsonl"], "share": 1.0}]))
+    mix = build_mix.build(recipe, workers=2, keep_work=True)
+    data = (recipe.out / "english_text_document.bin").read_bytes()
+    for done in ("mix.json", "logs/final/completions/00000", "logs/final/stats.json", "logs/final/stats/00000.json"):
+        (recipe.out / done).unlink()  # rank 0 of the last stage was killed before it finished
+    assert build_mix.build(recipe, workers=1) == mix
+    assert (recipe.out / "english_text_document.bin").read_bytes() == data
