@@ -100,7 +100,10 @@ class Documents:
         return _to_device(table, self.device)
 
     def fla_kwargs(self) -> dict:
-        """What fla's varlen kernels take, so that none of them derives it again (each would sync)."""
+        """What fla's varlen kernels take, so that none of them derives it again (each would sync). Read in fla
+        0.6.0: the GDN forward and backward and causal_conv1d hand ``chunk_indices`` to every varlen helper, so
+        none rebuilds the table; what they still derive (``prepare_chunk_offsets``) is device arithmetic
+        without a sync, cached by tensor identity (a 4-entry cache per function: each sees one key here)."""
         return {"cu_seqlens": self.cu_seqlens_long, "cu_seqlens_cpu": self.cu_seqlens_cpu,
                 "chunk_indices": self.fla_chunk_indices}
 
