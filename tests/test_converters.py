@@ -35,6 +35,15 @@ def _assert_bit_exact(a_dir, b_dir):
         assert torch.equal(a[name], b[name]), name
 
 
+def _assert_same_files(a_dir, b_dir, but=()):
+    """Every non-weight file of ``a_dir`` (configs, tokenizer, chat template) is in ``b_dir``, byte for byte."""
+    files = [f for f in a_dir.iterdir() if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json"]
+    assert len(files) >= 5
+    for f in files:
+        if f.name not in but:
+            assert f.read_bytes() == (b_dir / f.name).read_bytes(), f.name
+
+
 def _text_layout(d, seed: int, **config):
     causal_lm(text_config(**config), seed=seed).save_pretrained(d)
     write_tokenizer(d)
@@ -81,8 +90,7 @@ def test_text_round_trip_is_bit_exact_and_loads(text_dir, tmp_path):
     ckpt = convert_from_hf.convert(text_dir, tmp_path / "ckpt")
     out = convert_to_hf.convert(ckpt, tmp_path / "export")  # no template: text-only Qwen3_5ForCausalLM
     _assert_bit_exact(text_dir, out)
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3_5ForCausalLM"]
-    assert (out / "tokenizer.json").read_text() == (text_dir / "tokenizer.json").read_text()
+    _assert_same_files(text_dir, out)  # config.json included: the source's, not one rebuilt from ours
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,6 +104,7 @@ def test_multimodal_round_trip_keeps_vision_and_mtp(multimodal_dir, tmp_path):
     ckpt = convert_from_hf.convert(multimodal_dir, tmp_path / "ckpt")
     out = convert_to_hf.convert(ckpt, tmp_path / "export", hf_template=multimodal_dir, max_shard_size="40KB")
     _assert_bit_exact(multimodal_dir, out)
+    _assert_same_files(multimodal_dir, out, but=["README.md"])  # the README gains the MTP note
     assert len(list(out.glob("model-*.safetensors"))) > 1  # sharded, with an index
     from transformers import Qwen3_5ForConditionalGeneration
 
@@ -153,6 +162,11 @@ def test_tied_round_trip_is_bit_exact_with_transformers_logits(source, tp, reque
     out = convert_to_hf.convert(ckpt, tmp_path / "export", hf_template=template)
     _assert_bit_exact(src, out)
     assert compare(out, ckpt, seq_len=40)["max_rel_err"] <= 1e-5
+    if template is not None and tp == 1:  # without the template: a text-only model, tied by its own flag
+        text = convert_to_hf.convert(ckpt, tmp_path / "text")
+        config = json.loads((text / "config.json").read_text())
+        assert config["architectures"] == ["Qwen3_5ForCausalLM"] and config["tie_word_embeddings"] is True
+        assert compare(text, ckpt, seq_len=40)["max_rel_err"] <= 1e-5
 
 
 def test_odd_vocabulary_is_padded_for_tp2_and_round_trips(odd_vocab_dir, tmp_path):

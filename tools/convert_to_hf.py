@@ -44,6 +44,11 @@ def _check_same_architecture(ours, template_config, where: Path) -> None:
                               + ", ".join(f"{k} checkpoint={x!r} template={y!r}" for k, (x, y) in diff.items()))
 
 
+def _is_text_only(config_path: Path) -> bool:
+    """Whether the checkpoint's source config (kept at conversion) is a text-only model's, so is the export's."""
+    return config_path.is_file() and "text_config" not in json.loads(config_path.read_text())
+
+
 def _text_only_config(config, dtype: torch.dtype) -> dict:
     from transformers import Qwen3_5TextConfig
 
@@ -103,10 +108,12 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
                 _declare_frozen_mtp(tmp / "README.md", Path(hf_template))
         else:
             for f in hf_source_files(ckpt_dir):
-                if f.name != "config.json":
-                    shutil.copy2(f, tmp / f.name)
-            text = _text_only_config(config, out_dtype(prefix + "embed_tokens.weight"))
-            (tmp / "config.json").write_text(json.dumps(text, indent=2))
+                shutil.copy2(f, tmp / f.name)
+            if _is_text_only(tmp / "config.json"):  # the source's own config, every field as it was
+                _set_dtype(tmp / "config.json", out_dtype(prefix + "embed_tokens.weight"))
+            else:
+                text = _text_only_config(config, out_dtype(prefix + "embed_tokens.weight"))
+                (tmp / "config.json").write_text(json.dumps(text, indent=2) + "\n")
             if not (tmp / "generation_config.json").exists():
                 gen = {"eos_token_id": config.eos_token_id} if config.eos_token_id is not None else {}
                 (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -179,11 +186,17 @@ def _add_stop_tokens(directory: Path, tokens: list[str]) -> None:
 
 
 def _set_dtype(config_path: Path, dtype: torch.dtype) -> None:
+    """Make the config name ``dtype`` wherever it names one (``dtype``, older files ``torch_dtype``; at the top
+    and in ``text_config``); a config that already does stays byte for byte the template's."""
     config = json.loads(config_path.read_text())
-    config["dtype"] = DTYPE_NAMES[dtype]
-    if "text_config" in config:
-        config["text_config"]["dtype"] = DTYPE_NAMES[dtype]
-    config_path.write_text(json.dumps(config, indent=2))
+    changed = False
+    for part in (config, config.get("text_config") or {}):
+        keys = [k for k in ("dtype", "torch_dtype") if k in part] or (["dtype"] if part is config else [])
+        for key in keys:
+            changed |= part.get(key) != DTYPE_NAMES[dtype]
+            part[key] = DTYPE_NAMES[dtype]
+    if changed:
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
