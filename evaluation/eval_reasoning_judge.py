@@ -23,8 +23,9 @@ not start vLLM itself: the answers are generated here with transformers, the jud
    differences (over the questions both were scored on), all with bootstrap 95% CIs, judge tokens and cost;
    per-question results in ``<out>.jsonl``.
 
-Judgements are cached by (judge model, prompt version, question, both responses, order): a rerun costs no
-new calls for what is done. The API key is read from the environment only and is never written anywhere.
+Judgements are cached by (judge model, prompt version, question, both responses, order) in ``<out>.cache.jsonl``,
+answers by (checkpoint directory, ``--max-new-tokens``, prompt) in ``<out>.answers.jsonl``, each as it settles: a
+rerun, or a run killed and started again, costs no new calls or generation for what is done. The API key is read from the environment only and is never written anywhere.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import json
 import logging
 import random
 from pathlib import Path
+from typing import Iterator
 
 from evaluation.common import named_paths, write_atomic, write_report
 from preprocessing.llm import JsonlCache, LLMConfig, LLMError, Request, StructuredLLM, cache_key
@@ -123,23 +125,22 @@ def sample(questions: dict[str, list[dict]], n: int, seed: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------- generation
 
 
-def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: str) -> list[str]:
-    """Greedy answers with the model's own chat template."""
+def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: str) -> Iterator[str]:
+    """Greedy answers with the model's own chat template, one at a time (the caller keeps each as it comes)."""
     import torch
+    from tqdm import tqdm
 
     from evaluation.common import load_hf_model
 
     model, tok = load_hf_model(model_dir, device, torch.bfloat16 if device == "cuda" else torch.float32)
     if not tok.chat_template:
         raise ValueError(f"{model_dir}: the tokenizer has no chat template (needed for the judged answers)")
-    answers = []
-    for prompt in prompts:
+    for prompt in tqdm(prompts, desc=f"answers of {model_dir}", unit="question"):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"].to(device)
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-        answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    return answers
+        yield tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 # ------------------------------------------------------------------------------------------ judging
@@ -248,14 +249,15 @@ def to_markdown(summary: dict, first: str, second: str) -> str:
 def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, max_new_tokens: int, device: str,
         out: Path, prices: tuple[float, float] = (0.0, 0.0)) -> dict:
     first, second = list(models)
-    answers_path = out.with_suffix(".answers.json")
-    answers = json.loads(answers_path.read_text()) if answers_path.is_file() else {}
-    for name, model_dir in models.items():  # answers are cached too: regeneration is not free either
-        todo = [q for q in questions if q["id"] not in answers.get(name, {})]
-        if todo:
-            new = generate(model_dir, [q["prompt"] for q in todo], max_new_tokens, device)
-            answers.setdefault(name, {}).update({q["id"]: a for q, a in zip(todo, new)})
-            write_atomic(answers_path, json.dumps(answers, indent=1))
+    cache = JsonlCache(out.with_suffix(".answers.jsonl"))  # answers are cached too, each as it comes: generating is slow
+    answers = {}
+    for name, model_dir in models.items():
+        # keyed by checkpoint, not by name: a name reused for another checkpoint must not get the old one's answers
+        keys = {q["id"]: cache_key(str(Path(model_dir).resolve()), max_new_tokens, q["prompt"]) for q in questions}
+        todo = [q for q in questions if cache.get(keys[q["id"]]) is None]
+        for q, answer in zip(todo, generate(model_dir, [q["prompt"] for q in todo], max_new_tokens, device)):
+            cache.put({"key": keys[q["id"]], "model": name, "model_dir": model_dir, "id": q["id"], "answer": answer})
+        answers[name] = {q["id"]: cache.get(keys[q["id"]])["answer"] for q in questions}
     rows = []
     for q in questions:
         rng = random.Random(f"{seed}:{q['id']}")

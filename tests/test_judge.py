@@ -145,3 +145,29 @@ def test_no_question_file_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--model", "a=x", "--model", "b=y", "--n", "4"])
     assert "give at least one question file" in capsys.readouterr().err
+
+
+def test_answers_belong_to_the_checkpoint_not_the_name(setup, tmp_path, monkeypatch):
+    """Rerunning into the same --out with the name 'cpt' now on the base checkpoint compares base with itself
+    (all ties: the stub prefers the longer answer), instead of reusing the old checkpoint's answers."""
+    from evaluation.eval_reasoning_judge import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    questions = tmp_path / "medqa.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"q{i}", "question": f"First-line drug for absence seizures {i}?",
+                                             "options": {"A": "Ethosuximide", "B": "Phenytoin"}, "answer": "Ethosuximide"})
+                                 + "\n" for i in range(4)))
+    server = StubServer()
+    try:
+        for cpt in ("cpt", "base"):
+            main(["--model", f"base={setup / 'base'}", "--model", f"cpt={setup / cpt}", "--medqa", str(questions),
+                  "--n", "4", "--judge-model", "judge-test", "--base-url", server.url, "--max-new-tokens", "6",
+                  "--device", "cpu", "--out", str(tmp_path / "judge")])
+            summary = json.loads((tmp_path / "judge.json").read_text())
+            if cpt == "cpt":
+                assert summary["ties"] < 4  # the two random models answer differently
+    finally:
+        server.close()
+    assert summary["ties"] == 4 and summary["judged"] == 4
+    answers = [json.loads(x) for x in (tmp_path / "judge.answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 8  # base's answers were reused on the rerun, cpt's kept for its checkpoint
