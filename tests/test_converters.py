@@ -295,7 +295,7 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", [*BAD, "truncated shard"])
+@pytest.mark.parametrize("case", [*BAD, "truncated shard", "truncated config"])
 def test_bad_input_names_the_problem_and_keeps_the_old_output(case, text_dir, tmp_path):
     out = convert_from_hf.convert(text_dir, tmp_path / "ckpt")  # a good output already in place
     before = sorted(p.name for p in out.iterdir())
@@ -304,16 +304,35 @@ def test_bad_input_names_the_problem_and_keeps_the_old_output(case, text_dir, tm
         data = (bad / "model.safetensors").read_bytes()
         (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
         needle = "model.safetensors"
+    elif case == "truncated config":
+        bad = _edit(text_dir, tmp_path / "bad")
+        (bad / "config.json").write_text((bad / "config.json").read_text()[:100])
+        needle = "config.json: not valid JSON"
     else:
         kwargs, needle = BAD[case]
         bad = _edit(text_dir, tmp_path / "bad", **kwargs)
     with pytest.raises(CheckpointError, match=needle.replace(".", r"\.")) as err:
         convert_from_hf.convert(bad, out, overwrite=True)
-    if case != "wrong architecture":
+    if case not in ("wrong architecture", "truncated config"):
         assert "model.safetensors" in str(err.value)  # the file is named too
     assert sorted(p.name for p in out.iterdir()) == before
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
     assert compare(text_dir, out, seq_len=8)["max_rel_err"] <= 1e-5  # still the good checkpoint
+
+
+def test_a_shard_of_another_checkpoint_is_refused(multimodal_dir, tmp_path):
+    """A shard replaced by a shard of another checkpoint, sharded otherwise (it holds the tensors the index
+    lists in it, and more), is named, not mixed in."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(multimodal_dir, bad)
+    shards = sorted(bad.glob("model-0*.safetensors"))
+    other = {k: torch.zeros_like(v) for f in shards[1:3] for k, v in load_file(str(f)).items()}
+    save_file(other, str(shards[1]), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{shards[1].name}: holds tensor"):
+        convert_from_hf.convert(bad, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_an_existing_output_or_an_input_is_never_replaced(text_dir, tmp_path):

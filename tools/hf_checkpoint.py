@@ -53,15 +53,33 @@ class HFCheckpoint:
         else:
             raise CheckpointError(f"{self.dir}: no {INDEX} or {SINGLE}")
         self.files = {name: self.dir / f for name, f in weight_map.items()}
-        for f in set(self.files.values()):
+        listed: dict[Path, set[str]] = {}
+        for name, f in self.files.items():
+            listed.setdefault(f, set()).add(name)
+        for f, names in sorted(listed.items()):
             if not f.is_file():
                 raise CheckpointError(f"{f}: shard listed in {INDEX} is missing")
+            self._check_shard(f, names)
+
+    def _check_shard(self, path: Path, listed: set[str]) -> None:
+        """A shard must hold exactly the tensors the index lists in it: another file under its name (a
+        shard of another checkpoint or sharding) would otherwise mix its tensors in unnoticed."""
+        with self._open(path) as f:
+            held = set(f.keys())
+        if held != listed:
+            name = min(held ^ listed)
+            what = "lacks" if name in listed else "holds"
+            raise CheckpointError(f"{path}: {what} tensor {name!r}, which {INDEX} lists "
+                                  f"{'in it' if name in listed else 'elsewhere or nowhere'}: not this checkpoint's shard")
 
     def _read_config(self) -> dict:
         path = self.dir / "config.json"
         if not path.is_file():
             raise CheckpointError(f"{path}: missing")
-        config = json.loads(path.read_text())
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path}: not valid JSON ({err})") from err
         archs = config.get("architectures") or []
         if not any(a in QWEN35_ARCHITECTURES for a in archs):
             raise CheckpointError(f"{path}: architectures {archs} is not a Qwen3.5 model {QWEN35_ARCHITECTURES}")
