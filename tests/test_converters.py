@@ -169,6 +169,16 @@ def test_tied_round_trip_is_bit_exact_with_transformers_logits(source, tp, reque
         assert compare(text, ckpt, seq_len=40)["max_rel_err"] <= 1e-5
 
 
+def test_layouts_are_checked_and_a_pipeline_layout_converts(text_dir, tmp_path):
+    """--tp/--pp name the layout the run will use: one that divides converts, one that does not is refused."""
+    ckpt = convert_from_hf.convert(text_dir, tmp_path / "ckpt", pp=2)
+    assert compare(text_dir, ckpt, seq_len=8)["max_rel_err"] <= 1e-5
+    with pytest.raises(CheckpointError, match="4 layers do not split into 3 pipeline stages"):
+        convert_from_hf.convert(text_dir, tmp_path / "pp3", pp=3)
+    with pytest.raises(CheckpointError, match="--tp 3 --pp 1: num_key_value_heads=2 is not divisible"):
+        convert_from_hf.convert(text_dir, tmp_path / "tp3", tp=3)
+
+
 def test_odd_vocabulary_is_padded_for_tp2_and_round_trips(odd_vocab_dir, tmp_path):
     ckpt = convert_from_hf.convert(odd_vocab_dir, tmp_path / "ckpt", tp=2)
     saved = json.loads((ckpt / "qwen35_config.json").read_text())

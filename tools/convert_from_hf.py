@@ -43,9 +43,12 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype
         config = Qwen35Config.from_hf(ckpt.config).padded_to(vocab_divisor * tp)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{ckpt.dir / 'config.json'}: {err}") from err
-    config.to_transformer_config(tensor_parallel=tp, pipeline_parallel=pp)  # validates divisibility
     if config.num_hidden_layers % pp:
         raise CheckpointError(f"{config.num_hidden_layers} layers do not split into {pp} pipeline stages")
+    try:  # validates divisibility; megatron asks pipelines for the dtype of what they send between stages
+        config.to_transformer_config(tensor_parallel=tp, pipeline_parallel=pp, pipeline_dtype=torch.float32)
+    except ValueError as err:
+        raise CheckpointError(f"--tp {tp} --pp {pp}: {err}") from err
 
     prefix = hf_mapping.lm_prefix(ckpt.keys())
     needed = {hf_mapping.hf_name(k, prefix) for rule in hf_mapping.rules(config) for k in rule.hf}
