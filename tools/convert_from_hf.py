@@ -1,6 +1,6 @@
 """HF Qwen3.5 checkpoint -> megatron-core distributed checkpoint that the trainer and ``load_model`` read.
 
-    python -m tools.convert_from_hf --hf-dir DIR --out CKPT [--tp N] [--pp N] [--dtype auto|bf16|fp32]
+    python -m tools.convert_from_hf --hf-dir DIR --out CKPT [--tp N] [--pp N] [--dtype auto|bf16|fp32|fp16]
         [--vocab-divisor 128] [--overwrite]
 
 The dist checkpoint is layout-free (megatron reshards at load), so it loads under any TP/PP; ``--tp`` and

@@ -1,6 +1,6 @@
 """megatron-core checkpoint (any TP/PP it was saved with) -> HF Qwen3.5 directory for release.
 
-    python -m tools.convert_to_hf --ckpt CKPT --out DIR [--hf-template DIR] [--dtype auto|bf16|fp32]
+    python -m tools.convert_to_hf --ckpt CKPT --out DIR [--hf-template DIR] [--dtype auto|bf16|fp32|fp16]
         [--max-shard-size 5GB] [--stop-tokens '<|im_end|>'] [--overwrite]
 
 With ``--hf-template`` (e.g. the Qwen3.5-2B-Base directory you started from) the output is a complete
@@ -201,11 +201,13 @@ def _set_dtype(config_path: Path, dtype: torch.dtype) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="megatron checkpoint directory (or a run dir with a 'latest' file)")
+    p.add_argument("--ckpt", required=True, help="megatron checkpoint directory, or a run's checkpoints/ directory "
+                                                 "(its 'latest' file names the checkpoint)")
     p.add_argument("--out", required=True, help="HF directory to write")
     p.add_argument("--hf-template", help="HF checkpoint whose other tensors, config and tokenizer to carry over")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
-    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: each tensor in the template's dtype (without a template: the checkpoint's)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB")
     p.add_argument("--stop-tokens", default="", help="comma-separated tokens generation also stops at (SFT: '<|im_end|>')")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never CKPT or the template)")
     args = p.parse_args(argv)
