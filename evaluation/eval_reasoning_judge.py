@@ -34,11 +34,14 @@ import argparse
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Iterator
 
 from evaluation.common import named_paths, write_atomic, write_report
 from preprocessing.llm import JsonlCache, LLMConfig, LLMError, Request, StructuredLLM, cache_key
+
+log = logging.getLogger("neurocpt.judge")
 
 CRITERIA = ["diagnostic_reasoning", "clinical_knowledge", "management_quality", "reasoning_chain", "overall"]
 PROMPT_VERSION = "judge-v1"
@@ -151,9 +154,9 @@ class Judge:
     retried, a persistent cache, usage counted."""
 
     def __init__(self, model: str, base_url: str | None, api_key_env: str, cache: Path, retries: int = 3,
-                 timeout: float = 60.0, chat_template_kwargs: dict | None = None):
+                 timeout: float = 60.0, chat_template_kwargs: dict | None = None, concurrency: int = 8):
         config = LLMConfig(model=model, backend="openai", base_url=base_url, api_key_env=api_key_env, retries=retries,
-                           timeout=timeout, chat_template_kwargs=chat_template_kwargs)
+                           timeout=timeout, chat_template_kwargs=chat_template_kwargs, concurrency=concurrency)
         try:
             self.llm = StructuredLLM(config, JsonlCache(cache), what="judge")
         except LLMError as err:
@@ -165,12 +168,21 @@ class Judge:
     def usage(self) -> dict:
         return self.llm.usage
 
-    def __call__(self, question: dict, a: str, b: str) -> dict:
-        """{"judgement": dict | None, "error": str | None} for one presentation order."""
-        prompt = self.template.format(question=question["prompt"], reference=question["reference"], a=a, b=b)
-        key = cache_key(self.model, PROMPT_VERSION, question["id"], question["prompt"], a, b)
-        result = self.llm.call(Request(key, prompt, SCHEMA, "judgement", ref=f"question {question['id']}"))
-        return {"judgement": result.output, "error": result.error}
+    def __call__(self, orders: list[tuple[dict, str, str]]) -> list[dict]:
+        """{"judgement": dict | None, "error": str | None} for each (question, response A, response B). They go to
+        the server in chunks, each chunk's requests concurrently (one at a time, 400 judge calls of seconds each
+        took most of an hour); progress and throughput are logged after each chunk."""
+        requests = []
+        for question, a, b in orders:
+            prompt = self.template.format(question=question["prompt"], reference=question["reference"], a=a, b=b)
+            key = cache_key(self.model, PROMPT_VERSION, question["id"], question["prompt"], a, b)
+            requests.append(Request(key, prompt, SCHEMA, "judgement", ref=f"question {question['id']}"))
+        results, start, chunk = [], time.monotonic(), 4 * self.llm.config.concurrency
+        for i in range(0, len(requests), chunk):
+            results += self.llm.run(requests[i:i + chunk])
+            log.info("judged %d/%d orders (%d from the cache), %.2f calls/s", len(results), len(requests),
+                     self.usage["cached"], self.usage["calls"] / (time.monotonic() - start))
+        return [{"judgement": r.output, "error": r.error} for r in results]
 
 
 def combine(first: str, second: str, orders: list[tuple[str, dict | None]]) -> dict:
@@ -255,18 +267,24 @@ def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, 
         # keyed by checkpoint, not by name: a name reused for another checkpoint must not get the old one's answers
         keys = {q["id"]: cache_key(str(Path(model_dir).resolve()), max_new_tokens, q["prompt"]) for q in questions}
         todo = [q for q in questions if cache.get(keys[q["id"]]) is None]
-        for q, answer in zip(todo, generate(model_dir, [q["prompt"] for q in todo], max_new_tokens, device)):
-            cache.put({"key": keys[q["id"]], "model": name, "model_dir": model_dir, "id": q["id"], "answer": answer})
+        if todo:  # only then is the model loaded
+            new = generate(model_dir, [q["prompt"] for q in todo], max_new_tokens, device)
+            for q, answer in zip(todo, new, strict=True):  # strict: the generator runs to its end, its progress bar too
+                cache.put({"key": keys[q["id"]], "model": name, "model_dir": model_dir, "id": q["id"], "answer": answer})
         answers[name] = {q["id"]: cache.get(keys[q["id"]])["answer"] for q in questions}
-    rows = []
+    orders = []  # (question, model shown as A, model shown as B): both orders of every question
     for q in questions:
         rng = random.Random(f"{seed}:{q['id']}")
         a_first = first if rng.random() < 0.5 else second  # blind: which model is shown as A first
         b_first = second if a_first == first else first
-        results = [(a, judge(q, answers[a][q["id"]], answers[b][q["id"]])) for a, b in ((a_first, b_first), (b_first, a_first))]
-        rows.append({"id": q["id"], "source": q["source"], "seed": seed, "first_order_A": a_first,
-                     **combine(first, second, [(a, r["judgement"]) for a, r in results]),
-                     "errors": [r["error"] for _, r in results if r["error"]]})
+        orders += [(q, a_first, b_first), (q, b_first, a_first)]
+    results = judge([(q, answers[a][q["id"]], answers[b][q["id"]]) for q, a, b in orders])
+    rows = []
+    for k, q in enumerate(questions):
+        pair = [(orders[i][1], results[i]) for i in (2 * k, 2 * k + 1)]
+        rows.append({"id": q["id"], "source": q["source"], "seed": seed, "first_order_A": pair[0][0],
+                     **combine(first, second, [(a, r["judgement"]) for a, r in pair]),
+                     "errors": [r["error"] for _, r in pair if r["error"]]})
     write_atomic(out.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     summary = summarize(rows, first, second, seed, judge.usage, prices)
     write_report(out, {"models": models, "judge_model": judge.model, "prompt_version": PROMPT_VERSION, "seed": seed,
@@ -292,13 +310,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--retries", type=int, default=3)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--concurrency", type=int, default=8, help="judge requests in flight at once")
     p.add_argument("--price-in", type=float, default=0.0, help="USD per 1M prompt tokens")
     p.add_argument("--price-out", type=float, default=0.0, help="USD per 1M completion tokens")
     p.add_argument("--device")
     p.add_argument("--out", default="results/judge")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # request lines are noise; headers are never logged
+    # this project's progress at INFO, libraries' at WARNING: the HTTP client's one line per request is noise
+    # (and its logger's name changes with the client's version)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("neurocpt").setLevel(logging.INFO)
     models = named_paths(args.model, "model")
     if len(models) != 2:
         raise SystemExit("give exactly two --model name=DIR")
@@ -310,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     questions = sample(load_questions(args.medmcqa, args.pubmedqa, args.medqa), args.n, args.seed)
     judge = Judge(args.judge_model, args.base_url, args.api_key_env, out.with_suffix(".cache.jsonl"), args.retries, args.timeout,
-                  args.chat_template_kwargs)
+                  args.chat_template_kwargs, args.concurrency)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         run(models, questions, judge, args.seed, args.max_new_tokens, device, out, (args.price_in, args.price_out))

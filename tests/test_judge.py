@@ -41,15 +41,36 @@ def _run(setup, server, out, seed=3):
            "--model", f"cpt={setup / 'cpt'}", "--medmcqa", str(setup / "medmcqa.jsonl"), "--pubmedqa",
            str(setup / "pubmedqa.jsonl"), "--medqa", str(setup / "medqa.jsonl"), "--n", "9", "--seed", str(seed),
            "--judge-model", "judge-test", "--base-url", server.url, "--max-new-tokens", "6", "--retries", "2",
-           "--timeout", "1", "--price-in", "2.5", "--price-out", "10", "--device", "cpu", "--out", str(out),
+           "--timeout", "1", "--concurrency", "4", "--price-in", "2.5", "--price-out", "10", "--device", "cpu", "--out", str(out),
            "--chat-template-kwargs", '{"enable_thinking": false}']
     run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": KEY})
     assert run.returncode == 0, run.stderr[-3000:]
     return run
 
 
+class CountingServer(StubServer):
+    """The stub, counting the most requests it was answering at once (SLOW ones aside: the client gives up on
+    them and sends them again while the server still sleeps, which overlaps one request with itself)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.in_flight = self.most_in_flight = 0
+
+    def respond(self, body, first_ever):
+        if "SLOW" in body["messages"][-1]["content"]:
+            return super().respond(body, first_ever)
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return super().respond(body, first_ever)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
 def test_judge_end_to_end(setup, tmp_path):
-    server = StubServer(slow_seconds=3.0, fail_first=True)
+    server = CountingServer(slow_seconds=3.0, fail_first=True, delay=0.2)
     try:
         run = _run(setup, server, tmp_path / "judge")
         calls_first = len(server.requests)
@@ -99,6 +120,11 @@ def test_judge_end_to_end(setup, tmp_path):
         assert KEY not in f.read_text(), f
     assert KEY not in run.stdout + run.stderr + rerun.stdout + rerun.stderr
     assert "| win rate (ties half) |" in (tmp_path / "judge.md").read_text()
+    # the orders were judged concurrently, with progress and throughput logged and no line per HTTP request
+    assert "judged 18/18 orders (0 from the cache)" in run.stderr and "calls/s" in run.stderr
+    assert "judged 18/18 orders (16 from the cache)" in rerun.stderr
+    assert "HTTP Request" not in run.stderr + rerun.stderr
+    assert server.most_in_flight > 1
     assert "| mean score (1-5) [95% CI] | base | cpt | Δ cpt − base |" in (tmp_path / "judge.md").read_text()
 
 
