@@ -146,9 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="results/lm_eval")
     args = p.parse_args(argv)
     models = named_paths(args.model, "model")
-    delta = tuple(args.delta.split("-", 1)) if args.delta else None
-    if delta and not set(delta) <= set(models):
-        raise SystemExit(f"--delta {args.delta}: both names must be among --model {list(models)}")
+    delta = None
+    if args.delta:  # names may hold '-' themselves (base-sft-cpt-sft): the split where both halves are models
+        splits = [(args.delta[:i], args.delta[i + 1:]) for i, c in enumerate(args.delta) if c == "-"]
+        delta = next((d for d in splits if set(d) <= set(models)), None)
+        if delta is None:
+            raise SystemExit(f"--delta {args.delta}: expected NAME_A-NAME_B, both among --model {list(models)}")
     tasks = args.tasks.split(",") if args.tasks else SUITES[args.suite]
     batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
     if len(models) > 1:

@@ -114,3 +114,21 @@ def test_a_failing_model_process_stops_with_its_name(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"model base \(/m/base\) failed"):
         eval_qwen.main(["--model", "base=/m/base", "--model", "cpt=/m/cpt", "--tasks", "pubmedqa", "--data-dir", "/b",
                         "--backend", "vllm", "--out", str(tmp_path / "lm_eval")])
+
+
+def test_delta_between_names_with_hyphens(tmp_path, monkeypatch):
+    from evaluation import eval_qwen
+
+    def child(cmd):
+        name = cmd[cmd.index("--model") + 1].split("=")[0]
+        report = {"results": {"pubmedqa": {name: {"acc": 0.4 if name == "base-sft" else 0.5, "acc_stderr": 0.01}}}}
+        Path(cmd[cmd.index("--out") + 1]).with_suffix(".json").write_text(json.dumps(report))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(eval_qwen.subprocess, "run", child)
+    args = ["--model", "base-sft=/m/a", "--model", "cpt-sft=/m/b", "--tasks", "pubmedqa", "--data-dir", "/b",
+            "--out", str(tmp_path / "lm_eval")]
+    eval_qwen.main(args + ["--delta", "cpt-sft-base-sft"])
+    assert "| pubmedqa | 40.0 ± 1.0 | 50.0 ± 1.0 | +10.0 |" in (tmp_path / "lm_eval.md").read_text()
+    with pytest.raises(SystemExit, match="expected NAME_A-NAME_B"):
+        eval_qwen.main(args + ["--delta", "cpt-sft-base"])
