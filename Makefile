@@ -42,7 +42,7 @@ sft-arms:
 		init_from=$(CPT_CKPT) run_dir=$(ARMS_DIR)/cpt_sft $(SFT_ARGS)
 	for arm in base_sft cpt_sft; do \
 		$(PY) -m tools.convert_to_hf --ckpt $(ARMS_DIR)/$$arm/checkpoints --out $(ARMS_DIR)/$$arm/hf \
-			--hf-template $(HF_TEMPLATE) --stop-tokens '$(STOP_TOKENS)' || exit 1; \
+			--hf-template $(HF_TEMPLATE) --overwrite --stop-tokens '$(STOP_TOKENS)' || exit 1; \
 	done
 	@echo "arms ready: $(ARMS_DIR)/base_sft/hf $(ARMS_DIR)/cpt_sft/hf"
 

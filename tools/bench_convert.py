@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
 
     plain_s = _best(lambda: _copy_shards(hf, work / "copy", durable=False), args.repeat)
     copy_s = _best(lambda: _copy_shards(hf, work / "copy", durable=True), args.repeat)
-    from_hf = _measured(f"convert_from_hf.convert({str(hf)!r}, {str(work / 'ckpt')!r})", args.repeat)
-    to_hf = _measured(f"convert_to_hf.convert({str(work / 'ckpt')!r}, {str(work / 'export')!r}, hf_template={str(hf)!r})",
-                      args.repeat)
+    from_hf = _measured(f"convert_from_hf.convert({str(hf)!r}, {str(work / 'ckpt')!r}, overwrite=True)", args.repeat)
+    to_hf = _measured(f"convert_to_hf.convert({str(work / 'ckpt')!r}, {str(work / 'export')!r}, "
+                      f"hf_template={str(hf)!r}, overwrite=True)", args.repeat)
 
     print(f"\n### Checkpoint conversion vs copy ({date.today()}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads)\n")

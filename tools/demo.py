@@ -95,7 +95,7 @@ def run(out: Path, log: Path | None = None) -> list[tuple[str, str, float]]:
                 f"{len(list(base.glob('*.safetensors')))} shards")
 
     stage("make tiny Qwen3.5 base checkpoint", make_base)
-    stage("convert HF -> megatron", lambda: convert_from_hf.convert(base, ckpt))
+    stage("convert HF -> megatron", lambda: convert_from_hf.convert(base, ckpt, overwrite=True))
     stage("verify HF vs megatron logits",
           lambda: "max rel err {max_rel_err:.1e}, argmax agreement {argmax_agreement:.0%}".format(**compare(base, ckpt, seq_len=128)))
 
@@ -125,7 +125,7 @@ def run(out: Path, log: Path | None = None) -> list[tuple[str, str, float]]:
 
     stage("continued pre-training (megatron-core, CPU)", cpt)
     stage("export trained model -> HF release (template: base)",
-          lambda: convert_to_hf.convert(run_dir / "checkpoints", release, hf_template=base))
+          lambda: convert_to_hf.convert(run_dir / "checkpoints", release, hf_template=base, overwrite=True))
     stage("verify release vs trained checkpoint logits",
           lambda: "max rel err {max_rel_err:.1e}".format(**compare(release, run_dir / "checkpoints", seq_len=128)))
 
