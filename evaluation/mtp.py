@@ -113,7 +113,9 @@ def evaluate(models: dict[str, str], data: dict[str, str], max_length: int = 102
                 ids = tok(text, add_special_tokens=False).input_ids[:max_length]
                 a, b, c = document_hits(model, head, ids, len(tok), device)
                 main, mtp, n = main + a, mtp + b, n + c
-            results[domain][name] = {"mtp_acc": mtp / max(n, 1), "next_token_acc": main / max(n, 1), "positions": n,
+            if not n:
+                raise ValueError(f"{data[domain]}: no document of {domain!r} has three tokens or more, nothing to score")
+            results[domain][name] = {"mtp_acc": mtp / n, "next_token_acc": main / n, "positions": n,
                                      "documents": len(texts)}
         del model, head
     return {"models": models, "data": data, "max_length": max_length, "results": results}

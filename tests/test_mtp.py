@@ -77,3 +77,9 @@ def test_a_checkpoint_without_mtp_head_is_named(tmp_path):
     causal_lm(text_config(), seed=1).save_pretrained(tmp_path / "hf")
     with pytest.raises(ValueError, match="no MTP head"):
         mtp.mtp_state(tmp_path / "hf")
+
+
+def test_a_domain_without_a_scorable_position_is_named(release, tmp_path):
+    (tmp_path / "short.jsonl").write_text('{"text": ""}\n{"text": "a"}\n')  # no token has two before it
+    with pytest.raises(ValueError, match=r"short\.jsonl: no document of 'tiny' has three tokens"):
+        mtp.evaluate({"base": str(release)}, {"tiny": str(tmp_path / "short.jsonl")}, device="cpu")
