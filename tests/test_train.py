@@ -208,11 +208,11 @@ def test_trains_from_a_moved_mix_on_a_node_without_datatrove(setup, tmp_path):
 
 
 def test_progress_keeps_the_compiling_first_step_out_of_average_and_eta(monkeypatch):
-    from megatron_ext import train
+    from megatron_ext import metrics
 
     clock = iter([100.0, 101.0, 104.0])  # wall clock at the end of steps 1, 2, 3
-    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
-    progress = train.Progress(tokens_per_step=1000)
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    progress = metrics.Progress(tokens_per_step=1000)
     assert progress.update(95.0, steps_left=3) == "first step 95s (compiling kernels; not in avg or eta)"
     assert progress.update(1.0, steps_left=2) == "avg 1,000 tok/s | eta 2s"
     assert progress.update(3.0, steps_left=1) == "avg 500 tok/s | eta 2s"  # 2 steps in 4 s of wall clock
