@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 
-from preprocessing.pipeline import add_executor_args, check_recipe, run_stages, write_json_atomic
+from preprocessing.pipeline import add_executor_args, check_recipe, load_recipe, one_line_errors, run_stages, write_json_atomic
 from preprocessing.recipe import MixRecipe
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,9 @@ EPOCH_WARNING = 4.0
 # ------------------------------------------------------------------------------------------- merging
 
 
-def merge_tokens(recipe: MixRecipe) -> dict[str, str]:
-    """One megatron indexed dataset per source from the per-rank ones; returns source -> prefix."""
+def merge_tokens(recipe: MixRecipe, ledger: dict) -> dict[str, str]:
+    """One megatron indexed dataset per source from the per-rank ones, holding the documents and tokens the
+    ledger counted; returns source -> prefix."""
     from preprocessing.steps import merge_indexed
     from preprocessing.tokenizer import load_tokenizer, token_dtype
 
@@ -34,7 +35,7 @@ def merge_tokens(recipe: MixRecipe) -> dict[str, str]:
     for source in recipe.sources:
         parts = sorted((recipe.out / "work" / "tokens" / source.name).glob("*.idx"))
         name = f"{source.name}_text_document"
-        merge_indexed(parts, recipe.out / name, dtype)
+        merge_indexed(parts, recipe.out / name, dtype, ledger[source.name]["chunks"], ledger[source.name]["tokens"])
         prefixes[source.name] = name
     return prefixes
 
@@ -84,7 +85,7 @@ def build(recipe: MixRecipe, workers: int = 1, executor: str = "local", keep_wor
     """Run (or resume) every stage, then merge, mix.json and report; then remove ``work/`` (the per-worker
     copies of every token) unless ``keep_work``. Returns mix.json's content, or None when cluster jobs were
     submitted and are still to finish (rerun the same command then). A source that lost every document
-    stops the build after the report is written, naming the stage and filter that removed the most."""
+    stops the build (:func:`preprocessing.pipeline.check_survivors`)."""
     from preprocessing.report import collect_ledger, write_report
 
     out = recipe.out
@@ -96,28 +97,13 @@ def build(recipe: MixRecipe, workers: int = 1, executor: str = "local", keep_wor
     if not run_stages(recipe, workers, executor, **cluster):
         return None
     ledger = collect_ledger(out / "logs", [s.name for s in recipe.sources])
-    empty = [s.name for s in recipe.sources if not ledger[s.name]["kept"]]
-    if empty:
-        write_report(recipe, ledger, None, out)
-        raise RuntimeError("; ".join(_no_survivors(name, ledger[name]) for name in empty) + f". See {out / 'report.md'}")
-    mix = mix_json(recipe, merge_tokens(recipe), merge_heldout(recipe), ledger)
+    mix = mix_json(recipe, merge_tokens(recipe, ledger), merge_heldout(recipe), ledger)
     write_json_atomic(out / "mix.json", mix)
     write_report(recipe, ledger, mix, out)
     if not keep_work:  # renamed first: a removal killed half-way must not leave a work/ to merge again
         os.replace(out / "work", out / "work.removing")
         shutil.rmtree(out / "work.removing")
     return mix
-
-
-def _no_survivors(source: str, entry: dict) -> str:
-    from preprocessing.report import losses
-
-    found = losses(entry)
-    if not found:
-        return f"source {source}: no documents were read"
-    stage, reason, n = found[0]
-    return (f"source {source}: no documents survived the pipeline; stage '{stage}' removed the most "
-            f"({reason}: {n} of {entry['read']} read)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,11 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from megatron_ext import logs
 
-    recipe = MixRecipe.load(args.config)
+    recipe = load_recipe(MixRecipe.load, args.config)
     if args.clean:
         shutil.rmtree(recipe.out, ignore_errors=True)
-    logs.setup(recipe.out / "build_mix.log", args.verbose)
-    mix = build(recipe, args.workers, args.executor, args.keep_work, partition=args.partition, time=args.time)
+    with one_line_errors(logs.setup(recipe.out / "build_mix.log", args.verbose)):
+        mix = build(recipe, args.workers, args.executor, args.keep_work, partition=args.partition, time=args.time)
     if mix is not None:
         print((recipe.out / "report.md").read_text())
 

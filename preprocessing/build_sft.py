@@ -194,18 +194,16 @@ def chat_template_hash(tokenizer_dir: str) -> str:
     return hashlib.sha256(hf_tokenizer(tokenizer_dir).chat_template.encode()).hexdigest()[:16]
 
 
-def merge(recipe: SFTRecipe, samples: dict[str, int]) -> tuple[dict[str, dict], np.ndarray]:
-    """One tokens and one mask dataset per split from the per-rank ones; checks they line up. A split without
-    samples (``valid_fraction: 0``) gets no files and null prefixes. Returns the splits' summary and the
-    training samples' lengths."""
+def merge(recipe: SFTRecipe, samples: dict[str, int], token_counts: dict[str, int]) -> tuple[dict[str, dict], np.ndarray]:
+    """One tokens and one mask dataset per split from the per-rank ones, holding the ``samples`` and
+    ``token_counts`` the stage counted; checks they line up. A split without samples (``valid_fraction: 0``)
+    gets no files and null prefixes. Returns the splits' summary and the training samples' lengths."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from preprocessing.steps import merge_indexed
     from preprocessing.tokenizer import hf_tokenizer, token_dtype
 
     out, work = recipe.out, recipe.out / "work"
-    if not samples["train"]:
-        raise RuntimeError(f"{out}: no training conversation survived (see {out / 'errors'} and the report)")
     dtype = token_dtype(len(hf_tokenizer(str(recipe.resolve(recipe.tokenizer)))))
     result, lengths = {}, {}
     for split in SPLITS:
@@ -214,7 +212,8 @@ def merge(recipe: SFTRecipe, samples: dict[str, int]) -> tuple[dict[str, dict], 
             lengths[split] = np.zeros(0, dtype=np.int64)
             continue
         for kind, kind_dtype in (("tokens", dtype), ("loss_mask", np.uint8)):
-            merge_indexed(sorted((work / f"{split}_{kind}").glob("*.idx")), out / f"{split}_{kind}", kind_dtype)
+            merge_indexed(sorted((work / f"{split}_{kind}").glob("*.idx")), out / f"{split}_{kind}", kind_dtype,
+                          samples[split], token_counts[split])
         tokens, masks = IndexedDataset(str(out / f"{split}_tokens")), IndexedDataset(str(out / f"{split}_loss_mask"))
         if not np.array_equal(tokens.sequence_lengths, masks.sequence_lengths):
             raise RuntimeError(f"{out}/{split}: token and mask datasets disagree in length; rebuild with --clean")
@@ -259,8 +258,8 @@ def write_report(recipe: SFTRecipe, ledger: dict, sft: dict, train_lengths: np.n
 
 def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     """Run (or resume) the stage, merge, write ``sft.json`` and the report; returns sft.json's content."""
-    from preprocessing.pipeline import check_settings, completed, make_executor, write_json_atomic
-    from preprocessing.report import collect_ledger, stat_totals
+    from preprocessing.pipeline import NoDocuments, check_settings, completed, make_executor, write_json_atomic
+    from preprocessing.report import collect_ledger, no_survivors, stat_totals
     from preprocessing.tokenizer import bundle_tokenizer
 
     out = recipe.out
@@ -280,7 +279,11 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     full = collect_ledger(logs, [NAME])[NAME]
     ledger = {k: full[k] for k in ("read", "quarantined", "kept", "heldout")}
     stats = stat_totals(logs)
-    splits, train_lengths = merge(recipe, {split: int(stats.get(f"samples/{split}", 0)) for split in SPLITS})
+    count = lambda key: {split: int(stats.get(f"{key}/{split}", 0)) for split in SPLITS}  # noqa: E731
+    if not count("samples")["train"]:
+        raise NoDocuments(f"no training conversation survived stage tokenize: {no_survivors(NAME, full)} "
+                          f"(records in {out / 'errors'}); fix the data or the recipe and rerun with --clean")
+    splits, train_lengths = merge(recipe, count("samples"), count("tokens"))
     for split in SPLITS:
         splits[split]["loss_tokens"] = int(stats.get(f"loss_tokens/{split}", 0))
     sft = {"kind": "sft", "seq_length": recipe.seq_length, "tokenizer": bundle_tokenizer(tokenizer, out),  # relative
@@ -301,12 +304,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--verbose", action="store_true", help="every library's log on the console (always in output_dir/build_sft.log)")
     args = p.parse_args(argv)
     from megatron_ext import logs
+    from preprocessing.pipeline import load_recipe, one_line_errors
 
-    recipe = SFTRecipe.load(args.config, **({"output_dir": str(Path(args.output_dir).resolve())} if args.output_dir else {}))
+    recipe = load_recipe(SFTRecipe.load, args.config, **({"output_dir": str(Path(args.output_dir).resolve())} if args.output_dir else {}))
     if args.clean:
         shutil.rmtree(recipe.out, ignore_errors=True)
-    logs.setup(recipe.out / "build_sft.log", args.verbose)
-    build(recipe, args.workers)
+    with one_line_errors(logs.setup(recipe.out / "build_sft.log", args.verbose)):
+        build(recipe, args.workers)
     print((recipe.out / "report.md").read_text())
 
 

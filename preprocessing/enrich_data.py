@@ -35,7 +35,7 @@ import logging
 
 from preprocessing.enrich import USAGE_STATS, VERSIONS
 from preprocessing.llm import LLMError
-from preprocessing.pipeline import add_executor_args, run_stages, write_json_atomic
+from preprocessing.pipeline import BuildError, add_executor_args, load_recipe, run_stages, write_json_atomic
 from preprocessing.recipe import MixRecipe
 
 
@@ -108,13 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for name in ("httpx", "httpx2", "openai"):  # request lines are noise (headers are never logged)
         logging.getLogger(name).setLevel(logging.WARNING)
-    recipe = MixRecipe.load(args.config)
+    recipe = load_recipe(MixRecipe.load, args.config)
     if not recipe.enriched_sources:
         raise SystemExit(f"{args.config}: no source has an enrich: block, nothing to do")
     try:
         done = run_stages(recipe, args.workers, args.executor, until="enrich", partition=args.partition, time=args.time)
     except LLMError as err:
         raise SystemExit(f"enrichment stopped: {err}. Finished documents are cached; rerun the same command to resume.") from None
+    except BuildError as err:
+        raise SystemExit(f"error: {err}") from None
     if done:
         print(write_report(recipe))
 

@@ -12,6 +12,10 @@ killed run restarted with the same command redoes only unfinished work):
 When a source has an ``enrich`` block, stage 8 is split in two: ``enrich`` (MinHash filter, then the LLM
 enrichment of :mod:`preprocessing.enrich`, writing ``output_dir/enriched/``) and ``final`` (held-out
 split and tokenisation of the enriched documents). Intermediate files live under ``output_dir/work/``.
+
+After each stage that can remove every document of a source (``FILTERING``), the build stops if one has none
+left, naming the stage and the reasons, with the report so far: a later stage would only fail to find input.
+On Slurm the stages run as chained jobs, so the stage after each runs the same check first, in its job.
 """
 
 from __future__ import annotations
@@ -20,12 +24,26 @@ import argparse
 import json
 import logging
 import os
+import traceback
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+import yaml
+
+from preprocessing.llm import LLMError
 from preprocessing.recipe import MixRecipe
 
 log = logging.getLogger(__name__)
+FILTERING = ("clean", "enrich", "final")  # the stages after which a source can have no document left
+
+
+class BuildError(Exception):
+    """The user's input or settings stop the build: the command line prints the message, not a traceback."""
+
+
+class NoDocuments(BuildError):
+    """A source has no document left after a stage."""
 
 
 def _text(doc) -> str:
@@ -71,7 +89,7 @@ def stages(recipe: MixRecipe, tasks: int) -> list[tuple[str, list, int]]:
                 ("final", [JsonlReader(str(out / "enriched"), glob_pattern="*/*.jsonl.gz"), *tokens], tasks)]
     else:
         last = [("final", near + tokens, tasks)]
-    return [
+    todo = [
         ("clean", clean, tasks),
         ("exact_signatures", [reader("clean"), ExactDedupSignature(str(work / "exact_sigs"), exact)], tasks),
         ("exact_find", [ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), exact)], 1),
@@ -84,6 +102,10 @@ def stages(recipe: MixRecipe, tasks: int) -> list[tuple[str, list, int]]:
         ("minhash_cluster", [MinhashDedupCluster(str(work / "minhash_buckets"), str(work / "minhash_remove"), config=minhash)], 1),
         *last,
     ]
+    for i in range(1, len(todo)):  # in the job, for Slurm: the driver checks before it submits none
+        if todo[i - 1][0] in FILTERING:
+            todo[i][1].insert(0, steps.CheckSurvivors(recipe, [name for name, _, _ in todo[:i]]))
+    return todo
 
 
 def make_executor(kind: str, pipeline: list, tasks: int, workers: int, logging_dir: Path, depends=None, **cluster):
@@ -134,7 +156,7 @@ def check_settings(path: Path, settings: dict) -> None:
         before = json.loads(path.read_text())
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if changed:
-            raise ValueError(f"{path.parent} was built with other settings ({', '.join(changed)} changed); "
+            raise BuildError(f"{path.parent} was built with other settings ({', '.join(changed)} changed); "
                              "rerun with --clean (or another output_dir)")
     write_json_atomic(path, settings)
 
@@ -151,6 +173,22 @@ def check_recipe(recipe: MixRecipe) -> None:
     if recipe.llm:
         settings["llm"] = {k: v for k, v in settings["llm"].items() if k not in LLM_CONNECTION}
     check_settings(recipe.out / "recipe.resolved.json", settings)
+
+
+def check_survivors(recipe: MixRecipe, done: list[str], report: bool = True) -> None:
+    """Stop when a source has no document left after the stages ``done`` (the last one named), writing the
+    report so far unless not ``report``."""
+    from preprocessing.report import collect_ledger, no_survivors, survivors, write_report
+
+    ledger = collect_ledger(recipe.out / "logs", [s.name for s in recipe.sources], done)
+    empty = [name for name, entry in ledger.items() if not survivors(entry)]
+    if not empty:
+        return
+    if report:
+        write_report(recipe, ledger, None, recipe.out, stopped_after=done[-1])
+    raise NoDocuments(f"no document survived stage {done[-1]}: " + "; ".join(no_survivors(s, ledger[s]) for s in empty)
+                      + f". Counts in {recipe.out / 'report.md'}; relax the recipe and rerun with --clean (a changed "
+                      "recipe does not resume)")
 
 
 def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", until: str | None = None, **cluster) -> bool:
@@ -170,18 +208,21 @@ def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", unt
             name == "enrich" and not completed(out / "logs" / name, n) for name, _, n in todo):
         recipe.llm.api_key()  # no key: stop now, naming the variable, not after hours of dedup
     previous = None
-    for name, pipeline, n in todo:
+    for i, (name, pipeline, n) in enumerate(todo):
         logging_dir = out / "logs" / name
         if completed(logging_dir, n):
             log.info("stage %s: already complete", name)
-            continue
-        log.info("stage %s: %d tasks", name, n)
-        previous = make_executor(executor, pipeline, n, workers, logging_dir, depends=previous, **cluster)
-        if executor != "slurm":  # local and Ray run a stage to the end here; Slurm jobs are chained
-            previous.run()
+        else:
+            log.info("stage %s: %d tasks", name, n)
+            previous = make_executor(executor, pipeline, n, workers, logging_dir, depends=previous, **cluster)
+            if executor == "slurm":  # jobs are chained; the next stage's job checks this one's survivors
+                continue
+            previous.run()  # local and Ray run a stage to the end here
             previous = None
             if not completed(logging_dir, n):
                 raise RuntimeError(f"stage {name} did not complete; see {logging_dir}/logs (rerun to resume)")
+        if name in FILTERING:
+            check_survivors(recipe, [x for x, _, _ in todo[: i + 1]])
     if executor == "slurm" and not all(completed(out / "logs" / n, t) for n, _, t in todo):
         if previous is not None:
             previous.run()  # submits the chain of jobs
@@ -196,3 +237,23 @@ def add_executor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", default="local", choices=["local", "slurm", "ray"])
     p.add_argument("--partition", help="Slurm partition")
     p.add_argument("--time", default="24:00:00", help="Slurm time limit per task")
+
+
+def load_recipe(load, path: str, **overrides):
+    """``load(path)``, a bad or missing recipe ending the command with one line (there is no log file yet)."""
+    try:
+        return load(path, **overrides)
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as err:
+        raise SystemExit(f"{path}: {err}") from None
+
+
+@contextmanager
+def one_line_errors(log_file: Path):
+    """Errors of the user's input (a stopped build, changed settings, a missing file, no API key) end the
+    command with one line; their traceback goes to ``log_file`` only. Any other error keeps its traceback."""
+    try:
+        yield
+    except (BuildError, FileNotFoundError, LLMError) as err:
+        with open(log_file, "a") as f:
+            traceback.print_exc(file=f)
+        raise SystemExit(f"error: {err}") from None

@@ -1,7 +1,7 @@
 """The mix report: documents and tokens in and out of every stage, per source, as markdown + PNG.
 
-Counts come from the datatrove stats each stage saved (``logs/<stage>/stats.json``), keyed
-``<event>/<source>/<reason>`` by the steps in :mod:`preprocessing.steps`.
+Counts come from the datatrove stats each task of each stage saved (``logs/<stage>/stats/<rank>.json``),
+keyed ``<event>/<source>/<reason>`` by the steps in :mod:`preprocessing.steps`.
 """
 
 from __future__ import annotations
@@ -15,21 +15,25 @@ def _stat_total(value) -> float:
     return value["total"] if isinstance(value, dict) else value
 
 
-def stat_totals(logs_dir: Path) -> dict[str, float]:
-    """Every stat key of every stage under ``logs_dir``, summed over the steps and ranks that counted it."""
+def stat_totals(logs_dir: Path, stages: list[str] | None = None) -> dict[str, float]:
+    """Every stat key of every stage under ``logs_dir`` (or of ``stages``), summed over the steps and ranks that
+    counted it. Read per rank: datatrove's merged ``stats.json`` holds only the ranks of the last run of a resumed
+    stage, and on Slurm it is written by a separate job the next stage does not wait for."""
     raw: dict[str, float] = defaultdict(float)
-    for stats in sorted(logs_dir.glob("*/stats.json")):
+    for stats in sorted(logs_dir.glob("*/stats/*.json")):
+        if stages is not None and stats.parent.parent.name not in stages:
+            continue
         for step in json.loads(stats.read_text()):
             for key, value in step.get("stats", {}).items():
                 raw[key] += _stat_total(value)
     return dict(raw)
 
 
-def collect_ledger(logs_dir: Path, sources: list[str]) -> dict[str, dict]:
-    """Per source: ``read``, ``quarantined`` {reason: n}, ``dropped`` {reason: n} (filters, PHI, benchmark
+def collect_ledger(logs_dir: Path, sources: list[str], stages: list[str] | None = None) -> dict[str, dict]:
+    """Per source, from the stats of every stage (or of ``stages``): ``read``, ``quarantined`` {reason: n}, ``dropped`` {reason: n} (filters, PHI, benchmark
     overlap, exact and near duplicates, LLM drops), ``phi`` {type: n}, ``heldout``, ``kept``, ``chunks``, ``tokens``,
     ``synthetic`` (documents the LLM enrichment added) and ``enrich`` {event: n}."""
-    raw = {k: v for k, v in stat_totals(logs_dir).items() if "/" in k}
+    raw = {k: v for k, v in stat_totals(logs_dir, stages).items() if "/" in k}
     ledger = {}
     for s in sources:
         entry = {"read": int(raw.get(f"read/{s}", 0)), "quarantined": {}, "dropped": {}, "phi": {}, "enrich": {}}
@@ -74,18 +78,31 @@ def losses(entry: dict) -> list[tuple[str, str, int]]:
     found = [(stage_of(kind, reason), reason, n) for kind in ("quarantined", "dropped") for reason, n in entry[kind].items()]
     if entry["heldout"]:
         found.append(("held-out split", "heldout", entry["heldout"]))
-    return sorted(found, key=lambda x: -x[2])
+    return sorted(found, key=lambda x: (-x[2], x[0], x[1]))
+
+
+def survivors(entry: dict) -> int:
+    """Documents of a source still in the training split after the stages its ledger counts."""
+    return (entry["read"] + entry["synthetic"] - sum(entry["quarantined"].values()) - sum(entry["dropped"].values())
+            - entry["heldout"])
+
+
+def no_survivors(source: str, entry: dict) -> str:
+    """Why a source has no document left: what was read and every stage and reason that removed some."""
+    found = losses(entry)
+    if not found:
+        return f"source {source}: no documents were read"
+    return f"source {source}: {entry['read']} read, removed by " + ", ".join(f"{stage} ({reason}: {n})" for stage, reason, n in found)
 
 
 def balance(entry: dict) -> int:
     """read + synthetic - (quarantined + dropped + heldout + kept): zero when nothing was lost without a reason."""
-    return (entry["read"] + entry["synthetic"] - sum(entry["quarantined"].values()) - sum(entry["dropped"].values())
-            - entry["heldout"] - entry["kept"])
+    return survivors(entry) - entry["kept"]
 
 
-def write_report(recipe, ledger: dict, mix: dict | None, out: Path) -> None:
-    """``report.md`` and its charts. ``mix`` is None when the build stopped before the merge (a source lost
-    every document): the document counts are then all there is to see, and the report says so."""
+def write_report(recipe, ledger: dict, mix: dict | None, out: Path, stopped_after: str = "final") -> None:
+    """``report.md`` and its charts. ``mix`` is None when the build stopped (a source lost every document in
+    stage ``stopped_after``): the document counts so far are then all there is to see, and the report says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,9 +131,11 @@ def write_report(recipe, ledger: dict, mix: dict | None, out: Path) -> None:
         for kind, n in sorted(ledger[s]["phi"].items()):
             lines.append(f"| {s} | {kind} | {n} |")
     if mix is None:
-        empty = [s for s in sources if not ledger[s]["kept"]]
-        lines += ["", "## Build stopped", "", f"No document of {', '.join(empty)} reached the training split, so no mix "
-                  "was written. The reasons above say which stage removed them; relax that source's filters and rerun with --clean.", "",
+        empty = [s for s in sources if not survivors(ledger[s])]
+        lines += ["", "## Build stopped", "", f"No document of {', '.join(empty)} survived stage {stopped_after}, so no mix "
+                  "was written. The reasons above say which stage removed them; relax that source's filters and rerun with --clean."
+                  + ("" if stopped_after == "final" else " The later stages did not run: documents of other sources still "
+                     "in the pipeline show as unaccounted."), "",
                   "![documents](report_documents.png)", ""]
     else:
         lines += ["", "## Tokens and blend", "", "| source | sequences | tokens | target share | weight | epochs for budget |",

@@ -331,6 +331,25 @@ class CountBySource(PipelineStep):
             yield doc
 
 
+class CheckSurvivors(PipelineStep):
+    """First step of the stage after one that can remove every document of a source: on Slurm the stages run as
+    chained jobs, so this job stops with the build's own message (:func:`preprocessing.pipeline.check_survivors`)
+    instead of datatrove's 'No files found', and the jobs after it never start."""
+
+    name = "🚦 Survivors"
+    type = "📊 - STATS"
+
+    def __init__(self, recipe, done: list[str]):
+        super().__init__()
+        self.recipe, self.done = recipe, done
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        from preprocessing.pipeline import check_survivors
+
+        check_survivors(self.recipe, self.done, report=rank == 0)
+        yield from data or ()
+
+
 # ------------------------------------------------------------------------------ held-out + tokenising
 
 
@@ -430,17 +449,28 @@ class MegatronTokenWriter(PipelineStep):
             builder.finalize(str(Path(self.output_dir) / source / f"{rank:05d}.idx"))
 
 
-def merge_indexed(parts: list[Path], out_prefix: Path, dtype) -> None:
+def merge_indexed(parts: list[Path], out_prefix: Path, dtype, documents: int, tokens: int) -> None:
     """Concatenate per-rank indexed datasets into ``out_prefix.{bin,idx}``, written under temporary
-    names and renamed, so a reader never sees half a dataset."""
+    names and renamed, so a reader never sees half a dataset, nor one whose ``documents`` and ``tokens``
+    differ from what the stages counted (a stale or missing part) under a report that says otherwise."""
     import os
 
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    from preprocessing.pipeline import BuildError
 
     tmp = out_prefix.with_name(f".{out_prefix.name}.tmp")
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
     for part in parts:
         builder.add_index(str(part.with_suffix("")))
     builder.finalize(f"{tmp}.idx")
+    merged = IndexedDataset(str(tmp))  # referenced while its lengths are read: they are in an mmap it closes
+    found = (len(merged.sequence_lengths), int(merged.sequence_lengths.sum()))
+    del merged
+    if found != (documents, tokens):
+        for ext in (".bin", ".idx"):
+            os.remove(f"{tmp}{ext}")
+        raise BuildError(f"{out_prefix}.bin: merging {len(parts)} parts gives {found[0]} documents and {found[1]} tokens, "
+                         f"the stages counted {documents} and {tokens}; rebuild with --clean")
     for ext in (".bin", ".idx"):
         os.replace(f"{tmp}{ext}", f"{out_prefix}{ext}")

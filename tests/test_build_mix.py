@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from preprocessing import build_mix
+from preprocessing.pipeline import BuildError, NoDocuments
 from preprocessing.recipe import MixRecipe
 from preprocessing.report import balance
 from preprocessing.steps import chunk_tokens
@@ -209,28 +210,111 @@ def test_bad_input_is_quarantined_and_counted(tmp_path):
     assert heldout_batches({**mix, "dir": str(tmp_path / "out")}, str(tmp_path / "tok"), 64, 4, 1, eod=0) == {}
 
 
-def test_a_source_losing_every_document_gets_a_report_and_the_filter_named(tmp_path):
-    """Templated clinical notes (a few lines repeated in every note) fall to datatrove's default Gopher
-    repetition thresholds: the build stops, but only after writing the per-stage report, and names the filter."""
-    exam = "Mental status: alert and oriented.\nCranial nerves: intact.\nMotor: strength 5/5 throughout.\n"
-    complaints = ["headache", "dizziness", "numbness", "tremor", "seizure", "neck pain"]
-    notes = [{"id": f"n{i}", "text": f"Patient {i} was seen in clinic for {complaints[i % 6]} lasting {i + 2} days.\n" + exam * 3}
+EXAM = "Mental status: alert and oriented.\nCranial nerves: intact.\nMotor: strength 5/5 throughout.\n"
+COMPLAINTS = ["headache", "dizziness", "numbness", "tremor", "seizure", "neck pain"]
+
+
+def _templated_notes(tmp: Path, sources: list[dict] = (), **overrides) -> dict:
+    """Templated clinical notes (a few lines repeated in every note), which fall to datatrove's default Gopher
+    repetition thresholds, as the first source of a recipe's fields."""
+    notes = [{"id": f"n{i}", "text": f"Patient {i} was seen in clinic for {COMPLAINTS[i % 6]} lasting {i + 2} days.\n" + EXAM * 3}
              for i in range(12)]
-    (tmp_path / "notes.jsonl").write_text("".join(json.dumps(n) + "\n" for n in notes))
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "notes.jsonl").write_text("".join(json.dumps(n) + "\n" for n in notes))
+    notes_source = {"name": "notes", "paths": ["notes.jsonl"], "share": 1 - sum(s["share"] for s in sources),
+                    "filters": {"min_chars": 50, "gopher_quality": None}}
+    return dict(tokenizer=str(DEMO / "tokenizer"), output_dir=str(tmp / "out"), seq_length=128, heldout_fraction=0.0,
+                base_dir=str(tmp), sources=[notes_source, *sources], **overrides)
+
+
+NOTES_GONE = (r"no document survived stage clean: source notes: 12 read, removed by quality filters "
+              r"\(gopher_repetition:dup_line_frac: 12\)\. Counts in .*report\.md; relax the recipe and rerun with --clean")
+
+
+def test_a_source_losing_every_document_gets_a_report_and_the_filter_named(tmp_path):
+    """The build stops after the stage that emptied the source (not hours of dedup later), with the per-stage report."""
     out = tmp_path / "out"
-    recipe = MixRecipe(tokenizer=str(DEMO / "tokenizer"), output_dir=str(out), seq_length=128, heldout_fraction=0.0,
-                       base_dir=str(tmp_path),
-                       sources=[{"name": "notes", "paths": ["notes.jsonl"], "share": 0.5, "filters": {"min_chars": 50, "gopher_quality": None}},
-                                {"name": "english", "paths": [str(DEMO / "en" / "*.jsonl")], "share": 0.5}])
-    with pytest.raises(RuntimeError, match=r"source notes: no documents survived the pipeline; stage 'quality filters' "
-                                           r"removed the most \(gopher_repetition:dup_line_frac: 12 of 12 read\)"):
-        build_mix.build(recipe)
+    raw = _templated_notes(tmp_path, [{"name": "english", "paths": [str(DEMO / "en" / "*.jsonl")], "share": 0.5}])
+    with pytest.raises(NoDocuments, match=NOTES_GONE):
+        build_mix.build(MixRecipe(**raw))
     report = (out / "report.md").read_text()
     assert "| notes | 12 | 0 | 12 | 0 | 0 | 0 | 0.0 | 0 |" in report  # per-stage counts, all accounted for
     assert "| notes | quality filters | dropped | gopher_repetition:dup_line_frac | 12 |" in report
-    assert "No document of notes reached the training split" in report and "| english |" in report
+    assert "No document of notes survived stage clean" in report and "| english |" in report
     assert (out / "report_documents.png").is_file() and not (out / "mix.json").exists()
-    assert (out / "work").is_dir()  # a failed build keeps its work for a rerun with relaxed filters
+    assert not (out / "logs" / "exact_signatures").exists()  # stopped before the next stage
+    assert (out / "work").is_dir()  # a failed build keeps its work
+
+
+def test_every_document_filtered_out_stops_with_the_filter_named_and_a_relaxed_rerun_builds(tmp_path):
+    """One source, all of it filtered in the first stage: no document reaches dedup, which would find no input."""
+    raw = _templated_notes(tmp_path)
+    with pytest.raises(NoDocuments, match=NOTES_GONE):
+        build_mix.build(MixRecipe(**raw))
+    assert "No document of notes survived stage clean" in (tmp_path / "out" / "report.md").read_text()
+    raw["sources"][0]["filters"]["gopher_repetition"] = None  # relaxed, as the error advises
+    with pytest.raises(BuildError, match=r"\(sources changed\); rerun with --clean"):
+        build_mix.build(MixRecipe(**raw))
+    shutil.rmtree(tmp_path / "out")  # --clean
+    assert build_mix.build(MixRecipe(**raw))["sources"]["notes"]["documents"] > 0
+
+
+def _cli(recipe: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "preprocessing.build_mix", "--config", str(recipe), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _one_line_error(run: subprocess.CompletedProcess, log: Path, pattern: str) -> None:
+    """The command failed with one line naming the problem on the console, its traceback only in the log file."""
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert re.search(pattern, run.stderr.strip().splitlines()[-1]), run.stderr[-3000:]
+    assert "Traceback" in log.read_text() and re.search(pattern, log.read_text())
+
+
+def test_slurm_stops_the_job_chain_and_the_rerun_names_the_filter(tmp_path):
+    """On Slurm the stages are chained jobs: the job after the emptying stage stops with the build's message
+    (not datatrove's 'No files found') and the jobs after it never start; the rerun reports and stops."""
+    fake = Path(__file__).parent / "fake_slurm"
+    env = {**os.environ, "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(_templated_notes(tmp_path)))
+    submitted = _cli(recipe, "--executor", "slurm", env=env)
+    assert submitted.returncode == 0 and "cluster jobs submitted" in submitted.stdout, submitted.stderr[-3000:]
+    logs = tmp_path / "out" / "logs"
+    task_log = (logs / "exact_signatures" / "logs" / "task_00000.log").read_text()
+    assert re.search(NOTES_GONE, task_log) and "No files found" not in task_log
+    assert not (logs / "exact_find" / "logs").exists()  # its dependency failed: never ran
+    stopped = _cli(recipe, "--executor", "slurm", env=env)
+    _one_line_error(stopped, tmp_path / "out" / "build_mix.log", "error: " + NOTES_GONE)
+    assert "No document of notes survived stage clean" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_input_errors_end_the_command_with_one_line(tmp_path):
+    raw = _templated_notes(tmp_path)
+    recipe, log = tmp_path / "recipe.yaml", tmp_path / "out" / "build_mix.log"
+    recipe.write_text(yaml.safe_dump({**raw, "sources": [{**raw["sources"][0], "paths": ["missing/*.jsonl"]}]}))
+    _one_line_error(_cli(recipe), log, r"error: source notes: no files match \['missing/\*\.jsonl'\]")
+    recipe.write_text(yaml.safe_dump(raw))
+    _one_line_error(_cli(recipe), log, r"\(sources changed\); rerun with --clean")
+    _one_line_error(_cli(recipe, "--clean"), log, "error: " + NOTES_GONE)
+    recipe.write_text(yaml.safe_dump({**raw, "seq_lenght": 64}))
+    bad = _cli(recipe)
+    assert bad.returncode == 1 and bad.stderr.strip() == f"{recipe}: {recipe}: unknown recipe keys ['seq_lenght']"
+
+
+def test_merged_tokens_that_differ_from_the_counts_stop_the_build(tmp_path):
+    """A stray per-rank part (here a copy of one) would put tokens in the mix that mix.json and the report do not count."""
+    from preprocessing.pipeline import run_stages
+
+    recipe = MixRecipe.load(_recipe(tmp_path, sources=[{"name": "english", "paths": ["en/*.jsonl"], "share": 1.0}]))
+    assert run_stages(recipe)
+    parts = recipe.out / "work" / "tokens" / "english"
+    for ext in ("bin", "idx"):
+        shutil.copy(parts / f"00000.{ext}", parts / f"00001.{ext}")
+    with pytest.raises(BuildError, match=r"english_text_document\.bin: merging 2 parts gives (\d+) documents and (\d+) tokens, "
+                                         r"the stages counted \d+ and \d+; rebuild with --clean"):
+        build_mix.build(recipe)
+    assert not (recipe.out / "mix.json").exists() and not list(recipe.out.glob("*english_text_document*"))
 
 
 def test_resume_after_kill_gives_identical_outputs(tmp_path):
@@ -356,23 +440,16 @@ def test_a_rerun_after_a_kill_while_work_is_removed_keeps_the_mix(tmp_path, monk
 
 def test_a_rerun_with_a_changed_recipe_stops_naming_what_changed(tmp_path):
     """Finished stages are not redone, so relaxing a filter and rerunning would silently change nothing."""
-    exam = "Mental status: alert and oriented.\nCranial nerves: intact.\nMotor: strength 5/5 throughout.\n"
-    notes = [{"id": f"n{i}", "text": f"Patient {i} was seen in clinic for headache lasting {i + 2} days.\n" + exam * 3}
-             for i in range(12)]
-    (tmp_path / "notes.jsonl").write_text("".join(json.dumps(n) + "\n" for n in notes))
-    raw = dict(tokenizer=str(DEMO / "tokenizer"), output_dir=str(tmp_path / "out"), seq_length=128, heldout_fraction=0.0,
-               base_dir=str(tmp_path), sources=[{"name": "notes", "paths": ["notes.jsonl"], "share": 0.5,
-                                                 "filters": {"min_chars": 50, "gopher_quality": None}},
-                                                {"name": "english", "paths": [str(DEMO / "en" / "*.jsonl")], "share": 0.5}])
-    with pytest.raises(RuntimeError, match="gopher_repetition"):
+    raw = _templated_notes(tmp_path, [{"name": "english", "paths": [str(DEMO / "en" / "*.jsonl")], "share": 0.5}])
+    with pytest.raises(NoDocuments, match="gopher_repetition"):
         build_mix.build(MixRecipe(**raw))
     raw["sources"][0]["filters"]["gopher_repetition"] = None  # relaxed, as the error advises
-    with pytest.raises(ValueError, match=r"built with other settings \(sources changed\); rerun with --clean"):
+    with pytest.raises(BuildError, match=r"built with other settings \(sources changed\); rerun with --clean"):
         build_mix.build(MixRecipe(**raw))
     shutil.rmtree(tmp_path / "out")  # --clean
     mix = build_mix.build(MixRecipe(**raw))
     assert mix["sources"]["notes"]["documents"] > 0
-    with pytest.raises(ValueError, match=r"\(seq_length changed\)"):  # a finished build is not returned for another recipe
+    with pytest.raises(BuildError, match=r"\(seq_length changed\)"):  # a finished build is not returned for another recipe
         build_mix.build(MixRecipe(**{**raw, "seq_length": 64}))
     assert build_mix.build(MixRecipe(**raw)) == mix
 

@@ -18,6 +18,7 @@ import yaml
 from conftest import DEMO, megatron_twin, read_metrics, run_trainer, tiny_hf_dir
 
 from megatron_ext.data import PackedSFTDataset, read_data_json
+from preprocessing.pipeline import BuildError
 from preprocessing.chat import check_conversation, render_samples, token_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,8 +136,23 @@ def test_build_quarantines_counts_and_resumes(sft_data):
     assert build(SFTRecipe.load(relative, output_dir=str(sft_data)), workers=2)["train"] == info["train"]
     assert (sft_data / "work" / "train_tokens" / "00000.bin").stat().st_mtime_ns == stamp
     assert {p.name: p.read_bytes() for p in sft_data.glob("*_*.bin")} == before
-    with pytest.raises(ValueError, match="seq_length changed"):  # resuming never mixes outputs of other settings
+    with pytest.raises(BuildError, match="seq_length changed"):  # resuming never mixes outputs of other settings
         build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(sft_data), seq_length=512), workers=2)
+
+
+def test_no_surviving_conversation_ends_the_command_with_one_line(tmp_path):
+    """Every record bad: the command names the reasons in one line, the traceback only in build_sft.log."""
+    (tmp_path / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "hello?"}]}\n{"text": "no chat"}\n')
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(yaml.safe_dump({"tokenizer": str(DEMO / "tokenizer"), "output_dir": "out", "paths": ["chats.jsonl"]}))
+    run = subprocess.run([sys.executable, "-m", "preprocessing.build_sft", "--config", str(recipe)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: no training conversation survived stage tokenize: source sft: 2 read, removed by read "
+        f"(missing_messages: 1), read (no_assistant_turn: 1) (records in {tmp_path / 'out' / 'errors'}); fix the data or "
+        "the recipe and rerun with --clean")
+    assert "Traceback" in (tmp_path / "out" / "build_sft.log").read_text()
 
 
 def _dataset(sft_data, seed=7):
