@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "qwen35_config.json"
 HF_SOURCE_DIR = "hf_source"  # the source HF checkpoint's non-weight files (config, tokenizer, chat template)
+HF_TENSORS_FILE = "neurocpt_hf_tensors.json"  # in hf_source/: the source's language-model tensors, by dtype
 LATEST_FILE = "latest"  # a run directory's pointer to its newest complete checkpoint
 EXTRA_STATE = "_extra_state"  # the state-dict key suffix of torch's Module.get_extra_state
 
@@ -49,6 +50,7 @@ def save_model(
     out_dir: str | Path,
     extra=None,
     hf_files: list[Path] = (),
+    hf_tensors: dict[str, torch.dtype] | None = None,
     rank_state: dict | None = None,
     before_publish=None,
 ) -> Path:
@@ -58,12 +60,15 @@ def save_model(
     ``extra``: further state saved alongside: a dict, or a function of the model's sharded state dict
     returning one (the optimizer's sharded state needs it); ShardedTensors are sharded, other values go
     to the common file. ``rank_state``: per-rank objects (RNG states). ``hf_files`` (tokenizer, configs)
-    are kept under ``hf_source/`` for the export back to HF. ``before_publish`` runs when everything is
+    are kept under ``hf_source/`` for the export back to HF, with ``hf_tensors``: the source's language-model
+    tensors (names relative to its language-model prefix) and their dtypes, which the export restores
+    (a checkpoint saved from one carries its ``hf_files``, this record included). ``before_publish`` runs when everything is
     written but not yet renamed into place (fault injection in tests).
     """
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if is_rank0():
+        recover_replace(out)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
@@ -75,10 +80,13 @@ def save_model(
         torch.save(rank_state, tmp / f"rank_state_{dist.get_rank() if dist.is_initialized() else 0:05d}.pt")
     if is_rank0():
         (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.qwen35_config), indent=1))
-        if hf_files:
+        if hf_files or hf_tensors:
             (tmp / HF_SOURCE_DIR).mkdir()
             for f in hf_files:
                 shutil.copy2(f, tmp / HF_SOURCE_DIR / Path(f).name)
+        if hf_tensors:
+            record = {name: str(dtype).removeprefix("torch.") for name, dtype in hf_tensors.items()}
+            (tmp / HF_SOURCE_DIR / HF_TENSORS_FILE).write_text(json.dumps({"dtypes": record}, indent=1))
     barrier()
     if before_publish is not None:
         before_publish()
@@ -102,13 +110,60 @@ def _results_queue_without_spawn() -> None:
 
 
 def replace_dir(new: Path, out: Path) -> None:
-    """Put the finished directory ``new`` at ``out``; an older ``out`` is removed only afterwards."""
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    """Put the finished directory ``new`` at ``out``: ``new`` is made durable, the older ``out`` moves aside
+    to ``.out.old`` and is removed only once ``new`` is in place. A run killed in between leaves ``.out.old``,
+    which the next writer of ``out`` restores or discards (:func:`recover_replace`) before anything else."""
+    recover_replace(out)
+    fsync_tree(new)
+    old = _aside(out, "old")
     if out.exists():
         os.replace(out, old)
     os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync(out.parent)
+    _discard_old(out)
+
+
+def recover_replace(out: Path) -> None:
+    """Finish what a killed :func:`replace_dir` left: ``.out.old`` without ``out`` is the previous output,
+    moved aside just before the kill, and goes back; beside ``out`` it is a replaced one and goes. A copy
+    being deleted is renamed first (``.out.trash``), so ``.out.old`` is always whole."""
+    old, trash = _aside(out, "old"), _aside(out, "trash")
+    shutil.rmtree(trash, ignore_errors=True)
+    if not old.exists():
+        return
+    if out.exists():
+        _discard_old(out)
+    else:
+        os.replace(old, out)
+        log.warning("restored %s, which an interrupted replace had moved to %s", out, old.name)
+
+
+def _aside(out: Path, what: str) -> Path:
+    return out.with_name(f".{out.name}.{what}")
+
+
+def _discard_old(out: Path) -> None:
+    old, trash = _aside(out, "old"), _aside(out, "trash")
+    if old.exists():
+        os.replace(old, trash)
+        shutil.rmtree(trash)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file under ``directory`` and the directories themselves, so that what a rename publishes
+    is on disk (an index or config still in the page cache at a crash would be an empty file)."""
+    for path in sorted(directory.rglob("*"), reverse=True):
+        if path.is_file() or path.is_dir():
+            fsync(path)
+    fsync(directory)
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def hf_source_files(ckpt_dir: str | Path) -> list[Path]:
@@ -116,8 +171,18 @@ def hf_source_files(ckpt_dir: str | Path) -> list[Path]:
     return sorted(src.iterdir()) if src.is_dir() else []
 
 
+def hf_source_tensors(ckpt_dir: str | Path) -> dict[str, torch.dtype]:
+    """The source's language-model tensors and dtypes as ``save_model(hf_tensors=...)`` recorded them;
+    empty for a checkpoint converted before they were recorded."""
+    path = resolve(ckpt_dir) / HF_SOURCE_DIR / HF_TENSORS_FILE
+    if not path.is_file():
+        return {}
+    return {name: getattr(torch, dtype) for name, dtype in json.loads(path.read_text())["dtypes"].items()}
+
+
 def saved_dtype(ckpt_dir: str | Path) -> torch.dtype:
-    """The dtype the checkpoint's weights were saved in."""
+    """The dtype the checkpoint's weights were saved in: the embedding's (a converted checkpoint may keep a
+    few small tensors wider, as its source stored them)."""
     meta = dist_checkpointing.load_tensors_metadata(str(resolve(ckpt_dir)))
     return meta["embedding.word_embeddings.weight"].dtype
 

@@ -81,8 +81,9 @@ def _qkv_rules(c: Qwen35Config) -> tuple[Callable, Callable]:
     return merge, split
 
 
-def rules(c: Qwen35Config) -> list[Rule]:
-    """All rules for this config, layer by layer, in checkpoint order."""
+def rules(c: Qwen35Config, stored_head: bool = False) -> list[Rule]:
+    """All rules for this config, layer by layer, in checkpoint order. ``stored_head``: the tied checkpoint
+    stores ``lm_head.weight`` anyway (a copy of the embedding), so the export writes it too."""
     key_dim = c.linear_num_key_heads * c.linear_key_head_dim
     value_dim = c.linear_num_value_heads * c.linear_value_head_dim
     in_proj_sizes = [2 * key_dim + value_dim, value_dim, c.linear_num_value_heads, c.linear_num_value_heads]
@@ -132,6 +133,8 @@ def rules(c: Qwen35Config) -> list[Rule]:
     out.append(Rule("decoder.final_layernorm.weight", ("norm.weight",), _same, _unsame))
     if not c.tie_word_embeddings:
         out.append(_vocab_rule("output_layer.weight", LM_HEAD, c))
+    elif stored_head:
+        out.append(_vocab_rule("embedding.word_embeddings.weight", LM_HEAD, c))
     return out
 
 
@@ -157,15 +160,21 @@ def hf_name(rel: str, prefix: str) -> str:
     return rel if rel == LM_HEAD else prefix + rel
 
 
+def relative_name(name: str, prefix: str) -> str:
+    """The inverse of :func:`hf_name`: the same name in either layout (text-only or multimodal)."""
+    return name if name == LM_HEAD else name.removeprefix(prefix)
+
+
 def hf_to_megatron(c: Qwen35Config, get: Callable[[str], Tensor], prefix: str) -> Iterator[tuple[str, Tensor]]:
     """Yield (megatron name, tensor), fetching HF tensors by absolute name through ``get``."""
     for rule in rules(c):
         yield rule.megatron, rule.merge([get(hf_name(k, prefix)) for k in rule.hf])
 
 
-def megatron_to_hf(c: Qwen35Config, get: Callable[[str], Tensor], prefix: str) -> Iterator[tuple[str, Tensor]]:
+def megatron_to_hf(c: Qwen35Config, get: Callable[[str], Tensor], prefix: str,
+                   stored_head: bool = False) -> Iterator[tuple[str, Tensor]]:
     """Yield (absolute HF name, tensor), fetching megatron tensors by name through ``get``."""
-    for rule in rules(c):
+    for rule in rules(c, stored_head):
         for k, t in zip(rule.hf, rule.split(get(rule.megatron)), strict=True):
             yield hf_name(k, prefix), t.contiguous()
 

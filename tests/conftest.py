@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -12,11 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from torch.overrides import TorchFunctionMode
 import yaml
 
 from megatron_ext import parallel
+from tools.float64 import float64  # noqa: F401  (tests import it from here)
 from tools.parity import megatron_twin  # noqa: F401  (tests import it from here)
 
 
@@ -24,30 +22,6 @@ from tools.parity import megatron_twin  # noqa: F401  (tests import it from here
 def megatron_world():
     parallel.initialize(tensor_parallel=1, pipeline_parallel=1, seed=1234)
     yield
-
-
-class _Float32MeansFloat64(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.float:
-            func = torch.Tensor.double
-        args = tuple(torch.float64 if a is torch.float32 else a for a in args)
-        kwargs = {k: torch.float64 if v is torch.float32 else v for k, v in (kwargs or {}).items()}
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def float64():
-    """Everything built or run inside computes in float64. transformers' and megatron's Qwen3.5 code upcast
-    to float32 on purpose (norm statistics, RoPE angles, softmax, the GDN recurrence), which would cap a
-    float64 comparison at float32 rounding; here every float32 request (``.float()``, ``dtype=torch.float32``,
-    the default dtype of new tensors) gets float64 instead."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        with _Float32MeansFloat64():
-            yield
-    finally:
-        torch.set_default_dtype(default)
 
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"

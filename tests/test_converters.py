@@ -123,15 +123,85 @@ def test_export_from_tp2_checkpoint_is_bit_exact(source, request, tmp_path):
     _assert_bit_exact(src, convert_to_hf.convert(tmp_path / "tp2", tmp_path / "export", hf_template=template))
 
 
-def test_mixed_dtypes_round_trip(tmp_path):
-    """bf16 weights with an fp32 A_log (as released checkpoints store it) come back tensor for tensor."""
-    src = tmp_path / "hf"
-    causal_lm(text_config(), seed=7).to(torch.bfloat16).save_pretrained(src)
-    tensors = load_file(str(src / "model.safetensors"))
-    tensors = {k: (v.float() if k.endswith("A_log") else v) for k, v in tensors.items()}
-    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
-    ckpt = convert_from_hf.convert(src, tmp_path / "ckpt")  # auto -> fp32 because dtypes are mixed
+# Qwen3.5 releases are bf16 but store the GDN decay and output norm in fp32 (transformers' Qwen3.5 has no
+# _keep_in_fp32_modules, so from_pretrained in bf16 rounds them; the 0.8B release: 36 fp32 tensors, these
+# two per GDN layer)
+RELEASE_FP32 = ("linear_attn.A_log", "linear_attn.norm.weight")
+
+
+def _release_dtypes(d):
+    """Make a checkpoint's tensors bf16 except :data:`RELEASE_FP32`, as the Qwen3.5 releases store them."""
+    for f in [*d.glob("model-*.safetensors"), *d.glob("model.safetensors")]:
+        tensors = {k: v.float() if k.endswith(RELEASE_FP32) else v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    config = json.loads((d / "config.json").read_text())
+    for part in (config, config.get("text_config", {})):
+        part["dtype"] = "bfloat16"
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+    return d
+
+
+def test_a_bf16_release_with_fp32_gdn_tensors_round_trips_without_a_template(tmp_path):
+    """The model is bf16 (the dtype most parameters have), the fp32 tensors stay fp32 in the checkpoint, and
+    the export without a template writes every tensor in its source dtype and keeps the config as it was."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_ext.checkpoint import saved_dtype
+
+    src = _release_dtypes(_text_layout(tmp_path / "hf", seed=7))
+    fp32 = [k for k in HFCheckpoint(src).keys() if HFCheckpoint(src).dtype_of(k) == torch.float32]
+    assert len(fp32) == 4  # 2 GDN layers x (A_log, norm)
+    ckpt = convert_from_hf.convert(src, tmp_path / "ckpt")
+    assert saved_dtype(ckpt) == torch.bfloat16
+    saved = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    assert saved["decoder.layers.0.self_attention.A_log"].dtype == torch.float32
+    assert saved["decoder.layers.2.self_attention.out_norm.weight"].dtype == torch.float32
+    assert saved["decoder.layers.0.self_attention.dt_bias"].dtype == torch.bfloat16
+    out = convert_to_hf.convert(ckpt, tmp_path / "export")
+    _assert_bit_exact(src, out)
+    _assert_same_files(src, out)  # config.json still says bfloat16, byte for byte
+    assert compare(out, ckpt, seq_len=40)["max_rel_err"] <= 1e-9  # both in float64 from the same weights
+    _assert_bit_exact(src, convert_to_hf.convert(ckpt, tmp_path / "templated", hf_template=src))
+
+
+def test_a_multimodal_release_with_fp32_gdn_tensors_round_trips(tmp_path):
+    src = _release_dtypes(_release_layout(tmp_path / "hf", seed=6, tied=False))
+    ckpt = convert_from_hf.convert(src, tmp_path / "ckpt")
     _assert_bit_exact(src, convert_to_hf.convert(ckpt, tmp_path / "export", hf_template=src))
+    text = HFCheckpoint(convert_to_hf.convert(ckpt, tmp_path / "text"))  # text-only, its tensors' dtypes kept
+    release = HFCheckpoint(src)
+    for name in text.keys():
+        source = name if name == "lm_head.weight" else name.replace("model.", "model.language_model.", 1)
+        assert text.dtype_of(name) == release.dtype_of(source), name
+        assert torch.equal(text.get(name), release.get(source)), name
+
+
+def _add_tensor(d, name, tensor):
+    """Add a tensor to a checkpoint directory, in a shard of its own when it has an index."""
+    index = d / "model.safetensors.index.json"
+    if not index.is_file():
+        save_file({**load_file(str(d / "model.safetensors")), name: tensor}, str(d / "model.safetensors"),
+                  metadata={"format": "pt"})
+        return
+    save_file({name: tensor}, str(d / "model-extra.safetensors"), metadata={"format": "pt"})
+    data = json.loads(index.read_text())
+    data["weight_map"][name] = "model-extra.safetensors"
+    index.write_text(json.dumps(data, indent=2))
+
+
+@pytest.mark.parametrize("layout", ["text", "multimodal"])
+def test_a_tied_source_that_stores_lm_head_gets_it_back(layout, tmp_path):
+    """Some tied checkpoints store lm_head.weight anyway (a copy of the embedding): the export keeps it."""
+    if layout == "text":
+        src = _text_layout(tmp_path / "hf", seed=8, tie_word_embeddings=True)
+    else:
+        src = _release_layout(tmp_path / "hf", seed=9, tied=True)
+    prefix = "model." if layout == "text" else "model.language_model."
+    _add_tensor(src, "lm_head.weight", HFCheckpoint(src).get(prefix + "embed_tokens.weight").clone())
+    ckpt = convert_from_hf.convert(src, tmp_path / "ckpt")
+    out = convert_to_hf.convert(ckpt, tmp_path / "export", hf_template=src if layout == "multimodal" else None)
+    _assert_bit_exact(src, out)
+    assert compare(out, ckpt, seq_len=40)["max_rel_err"] <= 1e-9
 
 
 def test_verify_conversion_cli_prints_errors(text_dir, tmp_path):
@@ -140,6 +210,22 @@ def test_verify_conversion_cli_prints_errors(text_dir, tmp_path):
                           "--ckpt", str(ckpt), "--seq-len", "33"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "max_abs_err" in run.stdout and "max_rel_err" in run.stdout and "OK" in run.stdout
+    assert "| precision | float64 |" in run.stdout and "| 0-2 |" in run.stdout and "| 30-32 |" in run.stdout
+
+
+def test_verify_conversion_compares_in_float64_per_position(text_dir, tmp_path, monkeypatch):
+    """A small model is compared in float64, where the two implementations agree far below float32
+    rounding, so a tolerance of 1e-9 separates a mapping error from noise; larger ones fall back to float32."""
+    from tools import verify_conversion
+
+    ckpt = convert_from_hf.convert(text_dir, tmp_path / "ckpt")
+    exact = compare(text_dir, ckpt, seq_len=70)
+    assert exact["precision"] == "float64" and exact["max_rel_err"] <= 1e-12
+    assert len(exact["max_abs_err_by_position"]) == 70
+    assert max(exact["max_abs_err_by_position"]) == exact["max_abs_err"]
+    monkeypatch.setattr(verify_conversion, "FLOAT64_MAX_PARAMS", 10**3)
+    rounded = compare(text_dir, ckpt, seq_len=70)
+    assert rounded["precision"] == "float32" and 1e-9 < rounded["max_rel_err"] <= 1e-5
 
 
 def _resave_tp2(ckpt, out):
@@ -423,3 +509,73 @@ def test_a_save_starts_no_interpreter_that_imports_the_main_module_again(tmp_pat
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "runs").read_text() == "x"  # the main module ran once
     assert (tmp_path / "ckpt" / "qwen35_config.json").is_file()
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, no handler cleans up."""
+
+
+def _kill_between_renames(monkeypatch, out):
+    """Make the replace of ``out`` die after moving the old output aside, before the new one is in place."""
+    import os
+
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(out):
+            raise _Killed
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("converter", ["from_hf", "to_hf"])
+def test_a_replace_killed_between_its_renames_loses_nothing(converter, text_dir, tmp_path, monkeypatch):
+    """A run killed between replace_dir's two renames leaves the previous output moved aside; the next run
+    restores it first, so a next run that fails keeps it too, and one that succeeds replaces it."""
+    ckpt = convert_from_hf.convert(text_dir, tmp_path / "ckpt")
+    if converter == "from_hf":
+        out, good, bad = ckpt, text_dir, tmp_path / "missing"
+        run = lambda src: convert_from_hf.convert(src, ckpt, overwrite=True)  # noqa: E731
+    else:
+        out = convert_to_hf.convert(ckpt, tmp_path / "export")
+        good, bad = None, tmp_path / "other"
+        causal_lm(text_config(intermediate_size=48), seed=1).save_pretrained(bad)
+        run = lambda template: convert_to_hf.convert(ckpt, out, hf_template=template, overwrite=True)  # noqa: E731
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with monkeypatch.context() as m:
+        _kill_between_renames(m, out)
+        with pytest.raises(_Killed):
+            run(good)
+    assert not out.exists() and (out.parent / f".{out.name}.old").is_dir()  # the kill point
+    with pytest.raises(CheckpointError):
+        run(bad)  # a rerun that fails
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not (out.parent / f".{out.name}.old").exists()
+    (out.parent / f".{out.name}.old").mkdir()  # killed after the replace, before the old copy was removed
+    run(good)
+    assert out.is_dir() and not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_everything_published_is_fsynced_first(text_dir, tmp_path, monkeypatch):
+    """The index, configs and tokenizer files reach the disk before their directory is renamed into place,
+    as the shards do (a crash would otherwise publish empty files)."""
+    import os
+
+    synced, published = set(), {}
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.add(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+
+    def replace(src, dst):
+        published[str(dst)] = {p for p in synced if p.startswith(str(src) + os.sep)}
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    ckpt = convert_from_hf.convert(text_dir, tmp_path / "ckpt")
+    out = convert_to_hf.convert(ckpt, tmp_path / "export")
+    for directory in (ckpt, out):
+        names = {p.rsplit(os.sep, 1)[1] for p in published[str(directory)]}
+        expected = {p.name for p in directory.rglob("*")}
+        assert expected <= names, sorted(expected - names)
+    assert {"model.safetensors.index.json", "config.json", "qwen35_config.json"} <= {
+        p.rsplit(os.sep, 1)[1] for d in published.values() for p in d}

@@ -7,7 +7,11 @@ The dist checkpoint is layout-free (megatron reshards at load), so it loads unde
 ``--pp`` check that the architecture divides for the layout you will train with. As megatron does, the
 embedding (and untied output layer) is padded with zero rows to a multiple of ``--vocab-divisor`` x TP;
 the model never predicts those ids and ``convert_to_hf`` drops them. Tied embeddings (the small releases'
-``tie_word_embeddings: true``) stay tied. Only the language model is converted; vision tower and MTP
+``tie_word_embeddings: true``) stay tied (a tied checkpoint that stores ``lm_head.weight`` anyway gets it back
+at export). ``--dtype auto`` builds the model in the dtype most of the source's parameters have (a bf16
+release: bf16) and keeps the tensors the source stores wider in their own dtype (Qwen3.5 releases store the
+GDN ``A_log`` and ``linear_attn.norm.weight`` in fp32), so the checkpoint holds every tensor exactly; each
+tensor's source dtype is recorded for the export. Only the language model is converted; vision tower and MTP
 weights stay in the HF directory and come back at export (``tools.convert_to_hf --hf-template``).
 Memory: one model copy plus one HF tensor at a time.
 """
@@ -15,7 +19,10 @@ Memory: one model copy plus one HF tensor at a time.
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -23,11 +30,26 @@ import torch
 from tools.hf_checkpoint import DTYPES
 
 
+def dominant_dtype(ckpt, dtypes: dict[str, torch.dtype]) -> torch.dtype:
+    """The dtype that most of the language model's parameters have: the one it trains in."""
+    sizes = collections.Counter()
+    for name, dtype in dtypes.items():
+        sizes[dtype] += math.prod(ckpt.shape_of(name))
+    return sizes.most_common(1)[0][0]
 
-def source_dtype(ckpt, names: list[str]) -> torch.dtype:
-    """The checkpoint's dtype, or fp32 when its tensors mix dtypes (so that every tensor round-trips)."""
-    dtypes = {ckpt.dtype_of(n) for n in names}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+def _keep_wider(model, config, dtypes: dict[str, torch.dtype], prefix: str) -> None:
+    """Widen each parameter whose source tensors are wider than the model's dtype (fp32 ``A_log`` in a bf16
+    release) to their dtype, so the checkpoint holds it exactly instead of rounded."""
+    from megatron_ext import hf_mapping
+
+    params = model.state_dict(keep_vars=True)
+    for rule in hf_mapping.rules(config):
+        param = params[rule.megatron]
+        sources = (dtypes[hf_mapping.hf_name(k, prefix)] for k in rule.hf)
+        wide = functools.reduce(torch.promote_types, sources, param.dtype)
+        if wide != param.dtype:
+            param.data = torch.empty_like(param.data, dtype=wide)
 
 
 def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: str = "auto",
@@ -66,9 +88,12 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype
         raise CheckpointError(f"tensor {missing[0]!r} is missing from {ckpt.dir} (none of {shards} has it; "
                               f"{len(missing)} missing in all)")
 
-    params_dtype = source_dtype(ckpt, sorted(needed)) if dtype == "auto" else DTYPES[dtype]
+    dtypes = {name: ckpt.dtype_of(name) for name in sorted(language_model)}
+    params_dtype = dominant_dtype(ckpt, dtypes) if dtype == "auto" else DTYPES[dtype]
     parallel.initialize()
     model = build_model(config, backend="local", device="cpu", params_dtype=params_dtype, perform_initialization=False)
+    if dtype == "auto":
+        _keep_wider(model, config, dtypes, prefix)
     try:
         hf_mapping.copy_hf_into(
             model, config, ckpt.get, prefix, describe=lambda n: f"{n!r} in {ckpt.file_of(n)}", progress=True
@@ -77,7 +102,8 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype
         raise CheckpointError(str(err)) from err
     weights = _SavedWeights(model)
     del model  # the sharded state dict now holds the only references to the weights
-    return save_model(weights.compacted(), out, hf_files=ckpt.extra_files())
+    recorded = {hf_mapping.relative_name(name, prefix): d for name, d in dtypes.items()}
+    return save_model(weights.compacted(), out, hf_files=ckpt.extra_files(), hf_tensors=recorded)
 
 
 class _SavedWeights:
@@ -114,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="megatron checkpoint directory to write")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size you will train with (checked)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size you will train with (checked)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: the source's dtype, fp32 if mixed")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: the dtype most of the source's parameters have; tensors it stores wider stay wider")
     p.add_argument("--vocab-divisor", type=int, default=128,
                    help="pad the vocabulary to a multiple of this x TP (megatron's make-vocab-size-divisible-by)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never the HF directory)")

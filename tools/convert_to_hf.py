@@ -9,7 +9,9 @@ tower, MTP, ...) and every non-weight file (config, tokenizer, chat template, pr
 the template unchanged. The MTP head is not trained here: the release's README says so (section "MTP head:
 frozen"). Memory: one layer and one output tensor at a time (shards are written in place, not held). Without it: a text-only ``Qwen3_5ForCausalLM`` directory, with the tokenizer
 files the checkpoint kept from its conversion. ``--dtype auto`` writes each tensor in the template's
-dtype (else the checkpoint's). The directory appears only when complete.
+dtype, else in the dtype its source had (recorded at conversion, so a bf16 release's fp32 ``A_log`` comes
+back fp32), else in the checkpoint's; a tied source that stored ``lm_head.weight`` gets it back. The
+directory appears only when complete.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -61,7 +64,7 @@ def _text_only_config(config, dtype: torch.dtype) -> dict:
 def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | None = None, dtype: str = "auto",
             max_shard_size: str = "5GB", stop_tokens: list[str] = (), overwrite: bool = False) -> Path:
     from megatron_ext import build_model, hf_mapping, parallel
-    from megatron_ext.checkpoint import hf_source_files, read_config, resolve, saved_dtype
+    from megatron_ext.checkpoint import HF_TENSORS_FILE, hf_source_files, hf_source_tensors, read_config, resolve, saved_dtype
     from megatron_ext.config import Qwen35Config
     from tools.hf_checkpoint import HFCheckpoint, ShardedWriter, atomic_directory, check_output, parse_size
 
@@ -75,44 +78,48 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
         prefix = "model."
 
     parallel.initialize()
-    stored = saved_dtype(ckpt_dir)
     # the model lends its layout (names, shapes, TP resharding); its own weights are never filled
-    model = build_model(config, backend="local", device="cpu", params_dtype=stored, perform_initialization=False)
-    shapes = {k: v.shape for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    model = build_model(config, backend="local", device="cpu", params_dtype=saved_dtype(ckpt_dir),
+                        perform_initialization=False)
     reader = _LayerReader(model, ckpt_dir)
+    recorded = hf_source_tensors(ckpt_dir)  # the source's tensors and dtypes, when converted from HF here
+    stored_head = config.tie_word_embeddings and hf_mapping.LM_HEAD in (template.files if template else recorded)
 
-    def out_dtype(name: str) -> torch.dtype:
+    def out_dtype(name: str, saved: torch.dtype) -> torch.dtype:
         if dtype != "auto":
             return DTYPES[dtype]
         if template is not None and name in template.files:
             return template.dtype_of(name)
-        return stored
+        return recorded.get(hf_mapping.relative_name(name, prefix), saved)
 
-    meta = hf_mapping.megatron_to_hf(config, lambda n: torch.empty(shapes[n], dtype=stored, device="meta"), prefix)
-    plan = [(name, out_dtype(name), tuple(t.shape)) for name, t in meta]
+    meta = hf_mapping.megatron_to_hf(config, reader.meta, prefix, stored_head)
+    plan = [(name, out_dtype(name, t.dtype), tuple(t.shape)) for name, t in meta]
+    dtypes = {name: d for name, d, _ in plan}
     others = [k for k in template.keys() if not hf_mapping.is_language_model(k, prefix)] if template is not None else []
     plan += [(name, template.dtype_of(name), template.shape_of(name)) for name in others]
 
     with atomic_directory(out) as tmp:
         writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
-        for name, tensor in tqdm(hf_mapping.megatron_to_hf(config, reader.get, prefix), desc="megatron -> HF", unit="tensor"):
-            writer.write(name, tensor.to(out_dtype(name)))
+        for name, tensor in tqdm(hf_mapping.megatron_to_hf(config, reader.get, prefix, stored_head),
+                                 desc="megatron -> HF", unit="tensor"):
+            writer.write(name, tensor.to(dtypes[name]))
         for name in tqdm(others, desc="template tensors", unit="tensor"):
             writer.write(name, template.get(name))
         writer.close()
         if template is not None:
             for f in template.extra_files():
                 shutil.copy2(f, tmp / f.name)
-            _set_dtype(tmp / "config.json", out_dtype(prefix + "embed_tokens.weight"))
+            _set_dtype(tmp / "config.json", dtypes[prefix + "embed_tokens.weight"])
             if any(k.startswith(MTP_PREFIX) for k in others):
                 _declare_frozen_mtp(tmp / "README.md", Path(hf_template))
         else:
             for f in hf_source_files(ckpt_dir):
-                shutil.copy2(f, tmp / f.name)
+                if f.name != HF_TENSORS_FILE:
+                    shutil.copy2(f, tmp / f.name)
             if _is_text_only(tmp / "config.json"):  # the source's own config, every field as it was
-                _set_dtype(tmp / "config.json", out_dtype(prefix + "embed_tokens.weight"))
+                _set_dtype(tmp / "config.json", dtypes[prefix + "embed_tokens.weight"])
             else:
-                text = _text_only_config(config, out_dtype(prefix + "embed_tokens.weight"))
+                text = _text_only_config(config, dtypes[prefix + "embed_tokens.weight"])
                 (tmp / "config.json").write_text(json.dumps(text, indent=2) + "\n")
             if not (tmp / "generation_config.json").exists():
                 gen = {"eos_token_id": config.eos_token_id} if config.eos_token_id is not None else {}
@@ -128,12 +135,26 @@ class _LayerReader:
     one layer, not a model. The model's sharded state dict says what to load and how TP shards merge."""
 
     def __init__(self, model, ckpt_dir: str | Path):
+        from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
         from megatron_ext.checkpoint import resolve
 
         self.dir = str(resolve(ckpt_dir))
         self.state = {k: v for k, v in model.sharded_state_dict().items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+        saved = {k: v.dtype for k, v in dist_checkpointing.load_tensors_metadata(self.dir).items()}
+        self.dtypes = {k: self._saved_dtype(v, saved) for k, v in self.state.items()}
         self.group, self.loaded = None, {}
+
+    @staticmethod
+    def _saved_dtype(sharded, saved: dict[str, torch.dtype]) -> torch.dtype:
+        """The dtype ``sharded`` was saved in (the widest of its parts, for a factory's split tensors): a
+        converted checkpoint keeps a few tensors wider than the model's dtype, and reads them at that width."""
+        parts = [d for k, d in saved.items() if k == sharded.key or k.startswith(sharded.key + ".")]
+        return functools.reduce(torch.promote_types, parts) if parts else sharded.data.dtype
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A data-less stand-in for tensor ``name``: its shape and saved dtype."""
+        return torch.empty(self.state[name].data.shape, dtype=self.dtypes[name], device="meta")
 
     @staticmethod
     def _group(name: str) -> str:
@@ -150,7 +171,8 @@ class _LayerReader:
             for k, v in self.state.items():
                 if self._group(k) == group:
                     request[k] = copy.copy(v)
-                    request[k].data = torch.empty_like(v.data)  # load into fresh memory, not the model's weights
+                    # fresh memory at the saved width, not the model's weights
+                    request[k].data = torch.empty(v.data.shape, dtype=self.dtypes[k])
             self.loaded, self.group = dist_checkpointing.load(request, self.dir), group
         return self.loaded[name]
 
@@ -206,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="HF directory to write")
     p.add_argument("--hf-template", help="HF checkpoint whose other tensors, config and tokenizer to carry over")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto: each tensor in the template's dtype (without a template: the checkpoint's)")
+                   help="auto: each tensor in the template's dtype (without a template: its source's, as recorded "
+                        "at conversion, else the checkpoint's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB")
     p.add_argument("--stop-tokens", default="", help="comma-separated tokens generation also stops at (SFT: '<|im_end|>')")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never CKPT or the template)")

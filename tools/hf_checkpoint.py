@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from megatron_ext.checkpoint import replace_dir
+from megatron_ext.checkpoint import fsync, recover_replace, replace_dir  # noqa: F401  (fsync: tools import it here)
 from safetensors import SafetensorError, safe_open
 
 INDEX = "model.safetensors.index.json"
@@ -136,7 +136,8 @@ def _naming(name: str, file: Path | None):
 
 class ShardedWriter:
     """Writes a planned set of tensors into ``model-XXXXX-of-YYYYY.safetensors`` shards of at most
-    ``max_shard_bytes``, and the index, holding one tensor in memory at a time.
+    ``max_shard_bytes``, and the index, holding one tensor in memory at a time (``replace_dir`` flushes them
+    to disk before publishing the directory).
 
     ``safetensors.save_file`` needs a shard's tensors all at once (a 5 GB shard: 5 GB of memory). The
     plan (names, dtypes, shapes, in order) fixes every shard's header before any data exists, so each
@@ -184,29 +185,21 @@ class ShardedWriter:
     def close(self) -> None:
         if self.pending:
             raise RuntimeError(f"tensors planned but never written: {sorted(self.pending)[:5]}")
-        for path in sorted({p for p, *_ in self.where.values()}):
-            fsync(path)  # durable before the directory is renamed into place
         weight_map = {name: where[0].name for name, where in sorted(self.where.items())}
         index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
         (self.dir / INDEX).write_text(json.dumps(index, indent=2))
 
 
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> None:
     """Refuse an ``out`` that exists (unless ``overwrite``) or that is, or holds, an input: the output
-    replaces the whole directory, so a mistyped ``--out`` (``.``, the HF directory) would lose what is there."""
+    replaces the whole directory, so a mistyped ``--out`` (``.``, the HF directory) would lose what is there.
+    An earlier output that a killed run had moved aside is restored first, so that this run keeps it too."""
     out = Path(out).resolve()
     for source in inputs:
         source = Path(source).resolve()
         if out == source or out in source.parents:
             raise CheckpointError(f"--out {out} would replace the input {source}: choose another directory")
+    recover_replace(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} exists: pass --overwrite to replace it (the whole directory)")
 
