@@ -1,4 +1,5 @@
-"""What the evaluation tools share: loading a HF model directory and ``name=path`` arguments."""
+"""What the evaluation tools share: loading a HF model directory, ``name=path`` arguments, atomic result files and
+the finished (model, domain or task) results that let a rerun resume."""
 
 from __future__ import annotations
 
@@ -32,12 +33,20 @@ def mask_padded_ids(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     return logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab, float("-inf"))
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts where 0 would be a mistake (no documents, no questions)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def models_on_domains_parser(doc: str, model_help: str) -> argparse.ArgumentParser:
     """The command line that the per-domain comparisons (perplexity, MTP accuracy) share."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help=f"name=HF directory ({model_help})")
     p.add_argument("--data", action="append", required=True, help="domain=jsonl file with a 'text' field")
-    p.add_argument("--max-docs", type=int)
+    p.add_argument("--max-docs", type=positive_int, help="read at most this many documents per domain (default: all)")
     p.add_argument("--device")
     return p
 
@@ -61,6 +70,45 @@ def write_report(out: str | Path, report: dict, markdown: str) -> None:
     write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2))
     write_atomic(out.with_suffix(".md"), markdown)
     print(markdown)
+
+
+def fingerprint(path: str | Path) -> list:
+    """What identifies a data file's or checkpoint directory's content, cheaply: its resolved path, and the size and
+    modification time of the file or of every file in the directory. A checkpoint or data file written again under the
+    same path gets a new fingerprint; a path that does not exist (a hub name) is only its name."""
+    p = Path(path).resolve()
+    if not p.exists():
+        return [str(path)]
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    return [str(p)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+class FinishedUnits:
+    """Results of finished units of work (a model on a domain or task) in one JSON file, rewritten atomically as each
+    finishes: a rerun skips them, and a failing model or a killed job loses none. A unit's key is a hash of everything
+    its result depends on (:func:`fingerprint` of checkpoint and data, settings), so a changed one is run again.
+    ``path`` None: kept in memory only."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.entries: dict[str, dict] = {}
+        if self.path and self.path.is_file():
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{self.path}: not a file of finished results ({err}); remove it to start over") from err
+
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, result: dict) -> None:
+        self.entries[key] = result
+        if self.path:
+            write_atomic(self.path, json.dumps(self.entries, indent=1))
+
+
+class ModelFailed(RuntimeError):
+    """One model's evaluation failed (the message names it); the other models' finished results are kept."""
 
 
 def named_paths(items: list[str], what: str) -> dict[str, str]:

@@ -15,19 +15,27 @@ ones the task uses (its test or validation split, and the few-shot split when ``
 Hub access is switched off (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE). Writes ``<out>.json`` and ``<out>.md``.
 With several models, each is evaluated in its own process (this command with one ``--model``) and the
 results are merged: a vLLM engine keeps its GPU memory until its process ends.
+
+Resumable: each (model, task) result is kept in ``--units`` (default ``<out>.units.json``) as it finishes, keyed by
+the checkpoint's and the task's data files' paths, sizes and modification times, the task, ``--num-fewshot``,
+``--limit``, backend, dtype and lm-eval's version. A rerun skips what is finished (a model with nothing left is not
+loaded). A model that fails is named; the other models are still evaluated, and their results are kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
-from evaluation.common import named_paths, write_report
+from evaluation.common import FinishedUnits, ModelFailed, fingerprint, named_paths, positive_int, write_report
+from preprocessing.llm import cache_key
 
 MEDICAL = ["pubmedqa", "mmlu_clinical_knowledge", "mmlu_anatomy", "mmlu_college_medicine", "mmlu_professional_medicine",
            "mmlu_medical_genetics", "mmlu_college_biology", "mmlu_virology", "mmlu_nutrition"]
@@ -36,12 +44,19 @@ SUITES = {"medical": MEDICAL, "general": GENERAL, "all": MEDICAL + GENERAL}
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 
 
+@functools.cache
+def task_index() -> dict:
+    """lm-eval's task index, built once: indexing its thousands of task files takes seconds each time."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager().task_index
+
+
 def local_task_config(task: str, data_dir: Path, num_fewshot: int) -> dict:
     """The task's own lm-eval config with its dataset replaced by ``data_dir/<task>/<split>.jsonl``."""
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = TaskManager().task_index.get(task)
+    entry = task_index().get(task)
     if entry is None or entry.yaml_path is None:
         raise KeyError(f"lm-eval has no task {task!r}")
     cfg = load_yaml(entry.yaml_path, resolve_func=True)
@@ -63,49 +78,75 @@ def local_task_config(task: str, data_dir: Path, num_fewshot: int) -> dict:
     return cfg
 
 
+def task_result(out: dict, task: str) -> dict:
+    """The table's numbers of one task from ``lm_eval.simple_evaluate``'s output."""
+    r = out["results"][task]
+    return {"acc": r["acc,none"], "acc_stderr": r.get("acc_stderr,none"), "acc_norm": r.get("acc_norm,none"),
+            "acc_norm_stderr": r.get("acc_norm_stderr,none"), "samples": out["n-samples"][task]["effective"]}
+
+
 def run(models: dict[str, str], tasks: list[str], data_dir: str | Path, backend: str = "hf", num_fewshot: int = 0,
-        limit: int | None = None, batch_size: int | str = 8, device: str | None = None) -> dict:
+        limit: int | None = None, batch_size: int | str = 8, device: str | None = None,
+        units: FinishedUnits | None = None) -> dict:
+    """The report; each (model, task) result is taken from ``units`` when finished before, else computed (the model
+    loaded once for all its tasks) and put there as it finishes. Raises :class:`ModelFailed` naming the model."""
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     import lm_eval
     import torch
+    from lm_eval.api.registry import get_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    configs = [local_task_config(t, Path(data_dir), num_fewshot) for t in tasks]
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    units = units or FinishedUnits(None)
+    configs = {t: local_task_config(t, Path(data_dir), num_fewshot) for t in tasks}
+    data_ids = {t: [fingerprint(f) for f in c["dataset_kwargs"]["data_files"].values()] for t, c in configs.items()}
     results: dict[str, dict[str, dict]] = {}
     for name, model_dir in models.items():
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        out = lm_eval.simple_evaluate(
-            model=backend, model_args=f"pretrained={model_dir},dtype={dtype}", tasks=[dict(c) for c in configs],
-            num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device if backend == "hf" else None,
-        )
+        model_id = fingerprint(model_dir)
+        keys = {t: cache_key("lm-eval", lm_eval.__version__, t, data_ids[t], model_id, backend, dtype, num_fewshot, limit)
+                for t in tasks}
+        todo = [t for t in tasks if units.get(keys[t]) is None]
+        if len(todo) < len(tasks):
+            print(f"{name}: {len(tasks) - len(todo)} of {len(tasks)} tasks finished before, kept")
+        if todo:
+            try:
+                lm = get_model(backend).create_from_arg_string(
+                    f"pretrained={model_dir},dtype={dtype}",
+                    {"batch_size": batch_size, "max_batch_size": None, "device": device if backend == "hf" else None})
+                for task in todo:
+                    out = lm_eval.simple_evaluate(model=lm, tasks=[dict(configs[task])], num_fewshot=num_fewshot, limit=limit)
+                    units.put(keys[task], task_result(out, task))
+            except Exception as err:
+                raise ModelFailed(f"model {name} ({model_dir}): {type(err).__name__}: {err}") from err
         for task in tasks:
-            r = out["results"][task]
-            results.setdefault(task, {})[name] = {
-                "acc": r["acc,none"], "acc_stderr": r.get("acc_stderr,none"),
-                "acc_norm": r.get("acc_norm,none"), "acc_norm_stderr": r.get("acc_norm_stderr,none"),
-                "samples": out["n-samples"][task]["effective"],
-            }
+            results.setdefault(task, {})[name] = units.get(keys[task])
     return {"models": models, "tasks": tasks, "num_fewshot": num_fewshot, "limit": limit, "results": results}
 
 
 def run_each_in_own_process(models: dict[str, str], tasks: list[str], args: argparse.Namespace) -> dict:
-    """:func:`run` for every model in a child process of this command, the reports merged in model order."""
+    """:func:`run` for every model in a child process of this command, the reports merged in model order. The children
+    share ``args.units``; a failing child is named after the others have run, their results kept there."""
     merged = {"models": models, "tasks": tasks, "num_fewshot": args.num_fewshot, "limit": args.limit, "results": {}}
+    failed = []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(args.out).parent, prefix=".eval_qwen-") as tmp:
         for i, (name, model_dir) in enumerate(models.items()):
             out = Path(tmp) / str(i)
             cmd = [sys.executable, "-m", "evaluation.eval_qwen", "--model", f"{name}={model_dir}", "--tasks", ",".join(tasks),
                    "--data-dir", str(args.data_dir), "--backend", args.backend, "--num-fewshot", str(args.num_fewshot),
-                   "--batch-size", args.batch_size, "--out", str(out)]
+                   "--batch-size", args.batch_size, "--units", str(args.units), "--out", str(out)]
             if args.limit is not None:
                 cmd += ["--limit", str(args.limit)]
             if args.device:
                 cmd += ["--device", args.device]
             if subprocess.run(cmd).returncode:
-                raise SystemExit(f"lm-eval of model {name} ({model_dir}) failed; its output is above")
+                failed.append(f"{name} ({model_dir})")
+                continue
             for task, per_model in json.loads(out.with_suffix(".json").read_text())["results"].items():
                 merged["results"].setdefault(task, {}).update(per_model)
+    if failed:
+        raise SystemExit(f"lm-eval of model {', '.join(failed)} failed (its output is above). The other models' results "
+                         f"are kept in {args.units}; rerun the same command to evaluate only what is left.")
     return merged
 
 
@@ -139,12 +180,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", required=True, help="local benchmark copies: DATA_DIR/<task>/<split>.jsonl")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     p.add_argument("--num-fewshot", type=int, default=0)
-    p.add_argument("--limit", type=int)
+    p.add_argument("--limit", type=positive_int, help="at most this many examples per task (default: all)")
     p.add_argument("--batch-size", default="8")
     p.add_argument("--device")
     p.add_argument("--delta", help="NAME_A-NAME_B: add a column A minus B")
-    p.add_argument("--out", default="results/lm_eval")
+    p.add_argument("--out", default="results/lm_eval", help="writes OUT.json and OUT.md")
+    p.add_argument("--units", help="finished (model, task) results, kept for a rerun to skip (default: OUT.units.json)")
     args = p.parse_args(argv)
+    args.units = args.units or str(Path(args.out).with_suffix(".units.json"))
     models = named_paths(args.model, "model")
     delta = None
     if args.delta:  # names may hold '-' themselves (base-sft-cpt-sft): the split where both halves are models
@@ -157,7 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     if len(models) > 1:
         report = run_each_in_own_process(models, tasks, args)
     else:
-        report = run(models, tasks, args.data_dir, args.backend, args.num_fewshot, args.limit, batch, args.device)
+        try:
+            report = run(models, tasks, args.data_dir, args.backend, args.num_fewshot, args.limit, batch, args.device,
+                         FinishedUnits(args.units))
+        except ModelFailed as err:
+            traceback.print_exc()
+            raise SystemExit(f"lm-eval stopped: {err}\nFinished tasks are kept in {args.units}; rerun to resume.") from None
     report["delta"] = delta
     write_report(args.out, report, to_markdown(report, delta))
 

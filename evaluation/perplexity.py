@@ -10,6 +10,11 @@ sliding window: windows start every ``--stride`` tokens, and each window scores 
 previous one did not, so every token is scored once with at least ``max_length - stride`` tokens of
 context (except at the start). The improvement column is the relative perplexity reduction of each
 model against the first one. Writes ``<out>.json`` and ``<out>.md``.
+
+Resumable: each (model, domain) result is kept in ``<out>.units.json`` as it finishes, keyed by the checkpoint's
+and data file's path, sizes and modification times, ``--max-length``, ``--stride``, ``--max-docs`` and dtype. A
+rerun skips what is finished (a model with nothing left is not even loaded); a model that fails is named, and
+what finished before it is kept.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evaluation.common import device_and_dtype, load_hf_model, mask_padded_ids, models_on_domains_parser, named_paths, write_report
+from evaluation.common import (FinishedUnits, ModelFailed, device_and_dtype, fingerprint, load_hf_model, mask_padded_ids,
+                               models_on_domains_parser, named_paths, positive_int, write_report)
+from preprocessing.llm import cache_key
 
 
 @torch.no_grad()
@@ -51,6 +58,9 @@ def document_nll(model, ids: list[int], max_length: int, stride: int, device: st
 
 
 def read_documents(path: str | Path, max_docs: int | None, text_key: str = "text") -> list[str]:
+    """The ``text_key`` strings of a jsonl file, the first ``max_docs`` of them (None: all)."""
+    if max_docs is not None and max_docs < 1:
+        raise ValueError(f"max_docs must be at least 1 (None reads all), got {max_docs}")
     docs = []
     with open(path) as f:
         for i, line in enumerate(f, start=1):
@@ -63,31 +73,53 @@ def read_documents(path: str | Path, max_docs: int | None, text_key: str = "text
             if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
                 raise ValueError(f"{path}:{i}: not a jsonl record with a {text_key!r} string field")
             docs.append(record[text_key])
-            if max_docs and len(docs) >= max_docs:
+            if len(docs) == max_docs:
                 break
     if not docs:
         raise ValueError(f"{path}: no documents")
     return docs
 
 
+def domain_perplexity(model, tok, texts: list[str], max_length: int, stride: int, device: str, desc: str) -> dict:
+    total, count = 0.0, 0
+    for text in tqdm(texts, desc=desc, unit="doc"):
+        ids = tok(text, add_special_tokens=False).input_ids
+        nll, n = document_nll(model, ids, max_length, stride, device, len(tok))
+        total, count = total + nll, count + n
+    if not count:
+        raise ValueError("no document has two tokens or more, nothing to score")
+    return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "documents": len(texts)}
+
+
 def evaluate(models: dict[str, str], data: dict[str, str], max_length: int = 4096, stride: int = 2048,
-             max_docs: int | None = None, device: str | None = None) -> dict:
+             max_docs: int | None = None, device: str | None = None, units: FinishedUnits | None = None) -> dict:
+    """The report; each (model, domain) result is taken from ``units`` when finished before, else computed and put
+    there. Raises :class:`ModelFailed` naming the model (and the domain's file) when one fails."""
     device, dtype = device_and_dtype(device)
+    units = units or FinishedUnits(None)
     docs = {domain: read_documents(path, max_docs) for domain, path in data.items()}
+    data_ids = {domain: fingerprint(path) for domain, path in data.items()}
     results: dict[str, dict[str, dict]] = {d: {} for d in data}
     for name, model_dir in models.items():
-        model, tok = load_hf_model(model_dir, device, dtype)
-        for domain, texts in docs.items():
-            total, count = 0.0, 0
-            for text in tqdm(texts, desc=f"{name} / {domain}", unit="doc"):
-                ids = tok(text, add_special_tokens=False).input_ids
-                nll, n = document_nll(model, ids, max_length, stride, device, len(tok))
-                total, count = total + nll, count + n
-            if not count:
-                raise ValueError(f"{data[domain]}: no document of {domain!r} has two tokens or more, nothing to score")
-            results[domain][name] = {"ppl": math.exp(total / count), "nll": total / count, "tokens": count,
-                                     "documents": len(texts)}
-        del model
+        model_id = fingerprint(model_dir)
+        keys = {d: cache_key("perplexity", model_id, data_ids[d], max_length, stride, max_docs, str(dtype)) for d in data}
+        todo = [d for d in data if units.get(keys[d]) is None]
+        if len(todo) < len(data):
+            print(f"{name}: {len(data) - len(todo)} of {len(data)} domains finished before, kept")
+        if todo:
+            try:
+                model, tok = load_hf_model(model_dir, device, dtype)
+                for domain in todo:
+                    try:
+                        result = domain_perplexity(model, tok, docs[domain], max_length, stride, device, f"{name} / {domain}")
+                    except ValueError as err:
+                        raise ValueError(f"{data[domain]} (domain {domain!r}): {err}") from err
+                    units.put(keys[domain], result)
+                del model
+            except Exception as err:
+                raise ModelFailed(f"model {name} ({model_dir}): {err}") from err
+        for domain in data:
+            results[domain][name] = dict(units.get(keys[domain]))
     first = next(iter(models))
     for domain in results:
         base = results[domain][first]["ppl"]
@@ -109,12 +141,19 @@ def to_markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = models_on_domains_parser(__doc__, "the first one is the baseline")
-    p.add_argument("--max-length", type=int, default=4096)
-    p.add_argument("--stride", type=int, default=2048)
-    p.add_argument("--out", default="results/perplexity", help="writes OUT.json and OUT.md")
+    p.add_argument("--max-length", type=positive_int, default=4096, help="tokens per window")
+    p.add_argument("--stride", type=int, default=2048, help="tokens between window starts, below --max-length")
+    p.add_argument("--out", default="results/perplexity", help="writes OUT.json and OUT.md (OUT.units.json: finished results)")
     args = p.parse_args(argv)
-    report = evaluate(named_paths(args.model, "model"), named_paths(args.data, "data"), args.max_length, args.stride,
-                      args.max_docs, args.device)
+    if not 0 < args.stride < args.max_length:
+        p.error(f"--stride must be between 1 and --max-length - 1 ({args.max_length - 1}), got {args.stride}")
+    units = Path(args.out).with_suffix(".units.json")
+    try:
+        report = evaluate(named_paths(args.model, "model"), named_paths(args.data, "data"), args.max_length, args.stride,
+                          args.max_docs, args.device, FinishedUnits(units))
+    except ModelFailed as err:
+        raise SystemExit(f"perplexity stopped: {err}\nFinished (model, domain) results are kept in {units}; "
+                         "rerun the same command to resume.") from None
     write_report(args.out, report, to_markdown(report))
 
 

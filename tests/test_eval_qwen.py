@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,12 +43,23 @@ def setup(tmp_path_factory):
 
 
 def test_lm_eval_runs_offline_and_writes_the_card_table(setup, tmp_path):
+    """First run: 'cpt_sft' cannot be loaded; it is named, base_sft is still evaluated and kept. The rerun, with
+    the checkpoint back, evaluates only cpt_sft (base_sft's child loads no model) and writes the table."""
+    broken = tmp_path / "cpt"
+    shutil.copytree(setup / "cpt", broken)
+    (broken / "config.json").rename(broken / "config.json.bak")
     cmd = [sys.executable, "-m", "evaluation.eval_qwen", "--model", f"base_sft={setup / 'base'}",
-           "--model", f"cpt_sft={setup / 'cpt'}", "--tasks", "pubmedqa,mmlu_anatomy", "--num-fewshot", "1",
+           "--model", f"cpt_sft={broken}", "--tasks", "pubmedqa,mmlu_anatomy", "--num-fewshot", "1",
            "--data-dir", str(setup / "bench"), "--delta", "cpt_sft-base_sft", "--device", "cpu",
            "--out", str(tmp_path / "lm_eval")]
     run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 1 and f"lm-eval of model cpt_sft ({broken}) failed" in run.stderr, run.stderr[-3000:]
+    assert "rerun the same command" in run.stderr and not (tmp_path / "lm_eval.json").exists()
+    assert len(json.loads((tmp_path / "lm_eval.units.json").read_text())) == 2  # base_sft on both tasks
+    (broken / "config.json.bak").rename(broken / "config.json")
+    run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("2 of 2 tasks finished before, kept") == 1
     report = json.loads((tmp_path / "lm_eval.json").read_text())
     for task, n in (("pubmedqa", 12), ("mmlu_anatomy", 10)):
         for model in ("base_sft", "cpt_sft"):
@@ -58,6 +70,53 @@ def test_lm_eval_runs_offline_and_writes_the_card_table(setup, tmp_path):
     table = (tmp_path / "lm_eval.md").read_text()
     assert table.splitlines()[0] == "| Benchmark | base_sft | cpt_sft | Δ cpt_sft − base_sft |"
     assert "| **Medical Average** |" in table
+
+
+def test_a_changed_checkpoint_data_file_or_setting_is_evaluated_again(setup, tmp_path, monkeypatch):
+    """Finished (model, task) results are reused only for the same checkpoint, data files and settings."""
+    import lm_eval
+    import lm_eval.api.registry
+
+    from evaluation import eval_qwen
+    from evaluation.common import FinishedUnits
+
+    evaluated, loaded = [], []
+
+    class FakeLM:
+        @classmethod
+        def create_from_arg_string(cls, args, config):
+            loaded.append(args)
+            return cls()
+
+    def simple_evaluate(model, tasks, num_fewshot, limit):
+        evaluated.append(tasks[0]["task"])
+        return {"results": {tasks[0]["task"]: {"acc,none": 0.5}}, "n-samples": {tasks[0]["task"]: {"effective": limit}}}
+
+    monkeypatch.setattr(lm_eval.api.registry, "get_model", lambda backend: FakeLM)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    bench, model = tmp_path / "bench", tmp_path / "model"
+    shutil.copytree(setup / "bench", bench)
+    shutil.copytree(setup / "base", model)
+    units = FinishedUnits(tmp_path / "units.json")
+
+    def run(tasks=("pubmedqa",), limit=3):
+        evaluated.clear(), loaded.clear()
+        return eval_qwen.run({"m": str(model)}, list(tasks), bench, limit=limit, device="cpu", units=units)
+
+    assert run()["results"]["pubmedqa"]["m"]["samples"] == 3 and evaluated == ["pubmedqa"]
+    run()
+    assert evaluated == [] and loaded == []  # nothing left: the model is not even loaded
+    run(tasks=("pubmedqa", "mmlu_anatomy"))
+    assert evaluated == ["mmlu_anatomy"]
+    run(limit=4)
+    assert evaluated == ["pubmedqa"]
+    with open(bench / "pubmedqa" / "test.jsonl", "a") as f:
+        f.write((bench / "pubmedqa" / "test.jsonl").read_text().splitlines()[0] + "\n")
+    run(tasks=("pubmedqa", "mmlu_anatomy"))
+    assert evaluated == ["pubmedqa"]
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes())
+    run(tasks=("pubmedqa", "mmlu_anatomy"))
+    assert evaluated == ["pubmedqa", "mmlu_anatomy"]
 
 
 def test_missing_local_split_is_named(setup):
@@ -107,13 +166,24 @@ def test_several_models_run_one_process_each_and_merge(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm_eval.json", "lm_eval.md"]  # children's files removed
 
 
-def test_a_failing_model_process_stops_with_its_name(tmp_path, monkeypatch):
+def test_a_failing_model_process_is_named_after_the_others_ran(tmp_path, monkeypatch):
     from evaluation import eval_qwen
 
-    monkeypatch.setattr(eval_qwen.subprocess, "run", lambda cmd: subprocess.CompletedProcess(cmd, 1))
-    with pytest.raises(SystemExit, match=r"model base \(/m/base\) failed"):
+    children = []
+
+    def child(cmd):  # the first model's process fails, the second's succeeds
+        children.append(cmd)
+        if len(children) == 1:
+            return subprocess.CompletedProcess(cmd, 1)
+        Path(cmd[cmd.index("--out") + 1]).with_suffix(".json").write_text(json.dumps({"results": {}}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(eval_qwen.subprocess, "run", child)
+    with pytest.raises(SystemExit, match=r"model base \(/m/base\) failed .* kept in .*lm_eval\.units\.json; rerun"):
         eval_qwen.main(["--model", "base=/m/base", "--model", "cpt=/m/cpt", "--tasks", "pubmedqa", "--data-dir", "/b",
                         "--backend", "vllm", "--out", str(tmp_path / "lm_eval")])
+    assert len(children) == 2  # cpt was still evaluated, into the same kept results
+    assert {c[c.index("--units") + 1] for c in children} == {str(tmp_path / "lm_eval.units.json")}
 
 
 def test_delta_between_names_with_hyphens(tmp_path, monkeypatch):

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from evaluation.common import load_hf_model
-from evaluation.perplexity import document_nll, evaluate, read_documents
+from evaluation.common import FinishedUnits, ModelFailed, load_hf_model
+from evaluation.perplexity import document_nll, evaluate, main, read_documents
 from conftest import DEMO, tiny_hf_dir
 
 
@@ -91,8 +92,61 @@ def test_a_bad_record_is_named_by_file_and_line(tmp_path, bad):
 def test_a_domain_without_a_scorable_token_is_named(models, tmp_path):
     root, _ = models
     (tmp_path / "short.jsonl").write_text('{"text": ""}\n{"text": "a"}\n')  # no token has a token before it
-    with pytest.raises(ValueError, match=r"short\.jsonl: no document of 'tiny' has two tokens"):
+    with pytest.raises(ModelFailed, match=r"model base .*short\.jsonl \(domain 'tiny'\): no document has two tokens"):
         evaluate({"base": str(root / "base")}, {"tiny": str(tmp_path / "short.jsonl")}, device="cpu")
+
+
+def test_resumes_per_model_and_domain(models, tmp_path, monkeypatch, capsys):
+    """A failing model stops the run with its name and keeps what finished before it; the rerun computes only what
+    is left, and a changed checkpoint, data file or setting is computed again, not taken for finished."""
+    from evaluation import perplexity
+
+    root, _ = models
+    data = {d: str(tmp_path / f"{d}.jsonl") for d in ("notes", "web")}
+    for d in data:
+        (tmp_path / f"{d}.jsonl").write_text((root / f"{d}.jsonl").read_text())
+    ckpt = tmp_path / "other"
+    tiny_hf_dir(ckpt, 1)
+    argv = ["--model", f"base={root / 'base'}", "--model", f"other={ckpt}", "--data", f"notes={data['notes']}",
+            "--data", f"web={data['web']}", "--max-length", "64", "--stride", "32", "--device", "cpu",
+            "--out", str(tmp_path / "ppl")]
+    (ckpt / "config.json").rename(ckpt / "config.json.bak")  # 'other' cannot be loaded
+    with pytest.raises(SystemExit, match=r"model other \(.*other\)") as stop:
+        main(argv)
+    assert "rerun the same command" in str(stop.value) and not (tmp_path / "ppl.json").exists()
+    assert len(FinishedUnits(tmp_path / "ppl.units.json").entries) == 2  # base on both domains
+    (ckpt / "config.json.bak").rename(ckpt / "config.json")
+    scored = []
+    real = perplexity.domain_perplexity
+    monkeypatch.setattr(perplexity, "domain_perplexity", lambda *a: scored.append(a[-1]) or real(*a))
+
+    def rerun(*extra):
+        scored.clear()
+        main(argv + list(extra))
+        return json.loads((tmp_path / "ppl.json").read_text())["results"]
+
+    first = rerun()
+    assert scored == ["other / notes", "other / web"]  # base was not scored again
+    assert "base: 2 of 2 domains finished before, kept" in capsys.readouterr().out
+    assert rerun() == first and scored == []
+    with open(data["web"], "a") as f:  # the data file changed: its domain is scored again, for every model
+        f.write(json.dumps({"text": "An additional held-out note about a patient."}) + "\n")
+    rerun()
+    assert scored == ["base / web", "other / web"]
+    rerun("--stride", "16")
+    assert len(scored) == 4
+    (ckpt / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())  # the checkpoint written again
+    rerun()
+    assert scored == ["other / notes", "other / web"]
+
+
+@pytest.mark.parametrize("argv, why", [(["--max-docs", "0"], "--max-docs: must be at least 1"),
+                                       (["--stride", "64"], "--stride must be between 1 and --max-length - 1 \\(63\\)"),
+                                       (["--stride", "0"], "--stride must be between")])
+def test_bad_limits_are_refused_at_the_command_line(argv, why, capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", "a=x", "--data", "d=y.jsonl", "--max-length", "64"] + argv)
+    assert re.search(why, capsys.readouterr().err)
 
 
 def test_a_name_given_twice_is_refused():
