@@ -85,7 +85,7 @@ def test_cli_writes_json_and_markdown(models, tmp_path):
 def test_a_bad_record_is_named_by_file_and_line(tmp_path, bad):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "fine"}\n\n' + bad + "\n")
-    with pytest.raises(ValueError, match=rf"d\.jsonl:3: not a jsonl record with a 'text'"):
+    with pytest.raises(ValueError, match=r"d\.jsonl:3: not a jsonl record with a 'text'"):
         read_documents(path, None)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from tools.hf_checkpoint import fsync
+from megatron_ext.checkpoint import fsync
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

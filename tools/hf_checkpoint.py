@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from megatron_ext.checkpoint import fsync, recover_replace, replace_dir  # noqa: F401  (fsync: tools import it here)
+from megatron_ext.checkpoint import recover_replace, replace_dir
 from safetensors import SafetensorError, safe_open
 
 INDEX = "model.safetensors.index.json"
