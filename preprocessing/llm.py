@@ -10,7 +10,11 @@ against a JSON schema comes out.
   later run tries them again.
 * A server that cannot be reached (or refuses the key or the model) stops the batch with
   :class:`LLMUnavailable` once the requests in flight have settled and been cached.
-* Usage: calls, cache hits, malformed answers, failed requests, prompt and completion tokens.
+* Usage: calls, cache hits, malformed answers, failed requests, prompt and completion tokens of this run's calls;
+  each cache entry keeps the calls and tokens it took (every attempt), so the usage also says what the cached
+  answers used cost when they were made (``cached_calls``, ``cached_prompt_tokens``, ``cached_completion_tokens``;
+  entries from before token counts were stored count in ``cached_without_usage``): the total over a killed and
+  resumed run.
 
 Backends: any OpenAI-compatible HTTP server through the ``openai`` client (``vllm serve``, the OpenAI API),
 up to ``concurrency`` requests in flight, transport errors and 5xx retried by the client with exponential
@@ -264,7 +268,14 @@ class StructuredLLM:
     def __init__(self, config: LLMConfig, cache: JsonlCache | None, what: str = "model", backend=None):
         self.config, self.cache, self.what = config, cache, what
         self.backend = backend or make_backend(config)
-        self.usage = {"calls": 0, "cached": 0, "malformed": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self.usage = {"calls": 0, "cached": 0, "malformed": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                      "cached_calls": 0, "cached_prompt_tokens": 0, "cached_completion_tokens": 0, "cached_without_usage": 0}
+
+    def prompt_key(self, prompt: str, schema: dict) -> str:
+        """The cache key of everything sent for ``prompt``: model, sampling settings, chat template arguments, schema
+        and the prompt itself, so that any change to what the model sees asks it again."""
+        c = self.config
+        return cache_key("prompt", c.model, c.temperature, c.max_tokens, c.chat_template_kwargs, schema, prompt)
 
     def call(self, request: Request) -> Result:
         return self.run([request])[0]
@@ -278,8 +289,9 @@ class StructuredLLM:
             if hit is None:
                 pending.append(i)
             else:
-                self.usage["cached"] += 1
+                self._count_cached(hit)
                 results[i] = Result(hit["output"], hit["error"], hit.get("raw"), cached=True)
+        spent = {i: {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0} for i in pending}  # over all attempts
         for attempt in range(1, self.config.retries + 1):
             if not pending:
                 break
@@ -289,7 +301,7 @@ class StructuredLLM:
                 if isinstance(outcome, LLMUnavailable):
                     unavailable = unavailable or outcome
                     continue
-                result = self._settle(requests[i], outcome, attempt)
+                result = self._settle(requests[i], outcome, attempt, spent[i])
                 if result is None:
                     retry.append(i)
                 else:
@@ -299,17 +311,27 @@ class StructuredLLM:
             pending = sorted(retry)
         return results  # type: ignore[return-value]
 
-    def _settle(self, request: Request, outcome: Completion | Exception, attempt: int) -> Result | None:
-        """The result of one attempt, or None to ask again."""
+    def _count_cached(self, hit: dict) -> None:
+        """Usage of a cached answer: what its calls cost when they were made (a resumed run's total includes them)."""
+        self.usage["cached"] += 1
+        if "usage" not in hit:
+            self.usage["cached_without_usage"] += 1
+            return
+        for k, v in hit["usage"].items():
+            self.usage["cached_" + k] += v
+
+    def _settle(self, request: Request, outcome: Completion | Exception, attempt: int, spent: dict) -> Result | None:
+        """The result of one attempt, or None to ask again. ``spent``: the request's calls and tokens so far, this
+        attempt's added, stored with the settled result."""
         import jsonschema
 
         if isinstance(outcome, Exception):
             self.usage["failed"] += 1
             status = getattr(outcome, "status_code", None)
             return Result(None, f"request failed: {type(outcome).__name__}" + (f" (HTTP {status})" if status else ""))
-        self.usage["calls"] += 1
-        self.usage["prompt_tokens"] += outcome.prompt_tokens
-        self.usage["completion_tokens"] += outcome.completion_tokens
+        for k, v in (("calls", 1), ("prompt_tokens", outcome.prompt_tokens), ("completion_tokens", outcome.completion_tokens)):
+            self.usage[k] += v
+            spent[k] += v
         try:
             output = json.loads(outcome.text)
             jsonschema.validate(output, request.schema)
@@ -320,10 +342,11 @@ class StructuredLLM:
                 return None
             reason = err.message if isinstance(err, jsonschema.ValidationError) else str(err)
             error = f"malformed {self.what} output after {attempt} attempt(s): {reason[:120]}; raw: {outcome.text[:300]}"
-            return self._store(request, Result(None, error, outcome.text))  # settled: a rerun asks no more
-        return self._store(request, Result(output))
+            return self._store(request, Result(None, error, outcome.text), spent)  # settled: a rerun asks no more
+        return self._store(request, Result(output), spent)
 
-    def _store(self, request: Request, result: Result) -> Result:
+    def _store(self, request: Request, result: Result, spent: dict) -> Result:
         if self.cache is not None:
-            self.cache.put({"key": request.key, **request.meta, "output": result.output, "error": result.error, "raw": result.raw})
+            self.cache.put({"key": request.key, **request.meta, "output": result.output, "error": result.error,
+                            "raw": result.raw, "usage": spent})
         return result

@@ -77,3 +77,20 @@ def test_vllm_backend_turns_thinking_off_unless_the_recipe_says_otherwise(fake_v
     assert chat["sampling_params"][0].max_tokens == 64
     assert llm.usage["prompt_tokens"] == 6 and llm.usage["completion_tokens"] == 4
     assert isinstance(llm.backend, VLLMBackend)
+
+
+def test_cached_answers_keep_what_they_cost(fake_vllm, tmp_path):
+    """A resumed run reports the tokens of the answers it takes from the cache (as spent when they were made)
+    beside its own calls' tokens."""
+    from preprocessing.llm import JsonlCache
+
+    config = LLMConfig(model="Qwen/Qwen3-32B", backend="vllm", max_tokens=64)
+    StructuredLLM(config, JsonlCache(tmp_path / "c.jsonl")).run([_request(0), _request(1)])
+    with open(tmp_path / "c.jsonl", "a") as f:
+        f.write(json.dumps({"key": "k2", "output": {"decision": "drop"}, "error": None}) + "\n")
+    resumed = StructuredLLM(config, JsonlCache(tmp_path / "c.jsonl"))
+    assert [r.output["decision"] for r in resumed.run([_request(i) for i in range(4)])] == ["keep", "keep", "drop", "keep"]
+    u = resumed.usage
+    assert (u["calls"], u["prompt_tokens"], u["completion_tokens"]) == (1, 3, 2)  # this run: request 3
+    assert (u["cached"], u["cached_calls"], u["cached_prompt_tokens"], u["cached_completion_tokens"]) == (3, 2, 6, 4)
+    assert u["cached_without_usage"] == 1  # k2: written before entries kept their usage
