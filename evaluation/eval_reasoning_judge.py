@@ -8,8 +8,8 @@ The judge is a server: the OpenAI API, or any OpenAI-compatible one given by ``-
 ``vllm serve Qwen/Qwen3-32B --port 8000``, then ``--base-url http://127.0.0.1:8000/v1``). This command does
 not start vLLM itself: the answers are generated here with transformers, the judgements come from the server.
 
-1. Sample ``--n`` questions, seeded and stratified by source, from local MedMCQA (question, opa..opd, cop,
-   exp), PubMedQA (QUESTION, CONTEXTS, LONG_ANSWER, final_decision) and MedQA (question, options,
+1. Sample ``--n`` questions, seeded and stratified by source, from local MedMCQA (question, opa..opd, cop
+   (0-3 or 1-4: see --medmcqa-cop), exp), PubMedQA (QUESTION, CONTEXTS, LONG_ANSWER, final_decision) and MedQA (question, options,
    answer) jsonl files.
 2. Generate each model's full answer (reasoning included) with its tokenizer's chat template.
 3. Judge every question twice through the ``openai`` client, once in each presentation order; which model
@@ -23,14 +23,17 @@ not start vLLM itself: the answers are generated here with transformers, the jud
    differences (over the questions both were scored on), all with bootstrap 95% CIs, judge tokens and cost;
    per-question results in ``<out>.jsonl``.
 
-Judgements are cached by (judge model, prompt version, question, both responses, order) in ``<out>.cache.jsonl``,
+Judgements are cached by everything sent to the judge (the full prompt: question, reference answer, both responses
+in their order; judge model, sampling settings, chat template arguments, schema) in ``<out>.cache.jsonl``,
 answers by (checkpoint directory, ``--max-new-tokens``, prompt) in ``<out>.answers.jsonl``, each as it settles: a
-rerun, or a run killed and started again, costs no new calls or generation for what is done. The API key is read from the environment only and is never written anywhere.
+rerun, or a run killed and started again, costs no new calls or generation for what is done. Each cached judgement
+keeps its calls and tokens, so the reported cost covers every judgement used, from this run or an earlier one. The API key is read from the environment only and is never written anywhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import random
@@ -38,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from evaluation.common import named_paths, write_atomic, write_report
+from evaluation.common import named_paths, positive_int, write_atomic, write_report
 from preprocessing.llm import JsonlCache, LLMConfig, LLMError, Request, StructuredLLM, cache_key
 
 log = logging.getLogger("neurocpt.judge")
@@ -46,6 +49,7 @@ log = logging.getLogger("neurocpt.judge")
 CRITERIA = ["diagnostic_reasoning", "clinical_knowledge", "management_quality", "reasoning_chain", "overall"]
 PROMPT_VERSION = "judge-v1"
 PROMPT_FILE = Path(__file__).with_name("prompts") / f"{PROMPT_VERSION}.txt"
+KEYED_BY = "full prompt"  # marks cache entries keyed by :meth:`StructuredLLM.prompt_key`; older ones left out the reference
 SCORE = {"type": "integer", "minimum": 1, "maximum": 5}
 SCHEMA = {
     "type": "object",
@@ -65,11 +69,36 @@ SCHEMA = {
 # ------------------------------------------------------------------------------------------ questions
 
 
-def _medmcqa(r: dict, i: int) -> dict:
+def medmcqa_cop_base(path: str | Path, given: str = "auto") -> int:
+    """What MedMCQA's answer index ``cop`` counts from in this file: 0 (the hub dataset, 0-3) or 1 (the original
+    release, 1-4). ``auto`` reads it from the file: a 4 and no 0 means 1, a 0 and no 4 means 0; a file with both, or
+    with neither (only 1-3, right in either numbering), is refused unless ``given``."""
+    if given != "auto":
+        return int(given)
+    values = set()
+    with open(path) as f:
+        for line in f:
+            try:
+                values.add(int(json.loads(line)["cop"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a malformed record is named by line when the questions are read
+    if (0 in values) != (4 in values):
+        return 0 if 0 in values else 1
+    if not values:
+        return 0
+    why = "both 0 and 4" if 0 in values else f"only {sorted(values)}, which either numbering allows"
+    raise ValueError(f"{path}: cannot tell whether MedMCQA's 'cop' counts from 0 or 1: it has {why}. Give "
+                     "--medmcqa-cop 0 (0-3, the hub dataset's) or --medmcqa-cop 1 (1-4, the original release's)")
+
+
+def _medmcqa(r: dict, i: int, base: int = 0) -> dict:
+    answer = int(r["cop"]) - base
+    if not 0 <= answer < 4:
+        raise ValueError(f"cop {r['cop']} is no option (the file's numbering is {base}-{base + 3})")
     return {"id": f"medmcqa/{r.get('id', i)}", "source": "medmcqa",
             "prompt": f"{r['question']}\nA. {r['opa']}\nB. {r['opb']}\nC. {r['opc']}\nD. {r['opd']}\n"
                       "Explain your reasoning step by step, then give the answer.",
-            "reference": f"Answer: {'ABCD'[int(r['cop'])]}. {r.get('exp') or ''}".strip()}
+            "reference": f"Answer: {'ABCD'[answer]}. {r.get('exp') or ''}".strip()}
 
 
 def _pubmedqa(r: dict, i: int) -> dict:
@@ -105,24 +134,35 @@ def _read_questions(path: str | Path, source: str, build) -> list[dict]:
     return rows
 
 
-def load_questions(medmcqa=None, pubmedqa=None, medqa=None) -> dict[str, list[dict]]:
+def load_questions(medmcqa=None, pubmedqa=None, medqa=None, medmcqa_cop: str = "auto") -> dict[str, list[dict]]:
     """Normalised {id, source, prompt, reference} per source."""
-    files = {"medmcqa": (medmcqa, _medmcqa), "pubmedqa": (pubmedqa, _pubmedqa), "medqa": (medqa, _medqa)}
+    medmcqa_build = functools.partial(_medmcqa, base=medmcqa_cop_base(medmcqa, medmcqa_cop)) if medmcqa else None
+    files = {"medmcqa": (medmcqa, medmcqa_build), "pubmedqa": (pubmedqa, _pubmedqa), "medqa": (medqa, _medqa)}
     return {source: _read_questions(path, source, build) for source, (path, build) in files.items() if path}
 
 
+def quotas(sizes: dict[str, int], n: int) -> dict[str, int]:
+    """``n`` split as evenly as possible over the sources (the remainder to the first by name); what a source lacks of
+    its share goes to the others, evenly again."""
+    total = sum(sizes.values())
+    if n > total:
+        have = ", ".join(f"{s} {k}" for s, k in sorted(sizes.items()))
+        raise ValueError(f"{n} questions requested, the question files have {total} ({have})")
+    quota, left, open_sources = dict.fromkeys(sizes, 0), n, sorted(sizes)
+    while left:
+        share = {s: left // len(open_sources) + (i < left % len(open_sources)) for i, s in enumerate(open_sources)}
+        for s in open_sources:
+            take = min(share[s], sizes[s] - quota[s])
+            quota[s], left = quota[s] + take, left - take
+        open_sources = [s for s in open_sources if quota[s] < sizes[s]]
+    return quota
+
+
 def sample(questions: dict[str, list[dict]], n: int, seed: int) -> list[dict]:
-    """``n`` questions, as evenly as possible over the sources, drawn with ``seed``."""
+    """``n`` questions, as evenly as possible over the sources (:func:`quotas`), drawn with ``seed``."""
     rng = random.Random(seed)
-    sources = sorted(questions)
-    quota = {s: n // len(sources) + (i < n % len(sources)) for i, s in enumerate(sources)}
-    picked = []
-    for s in sources:
-        pool = questions[s]
-        if quota[s] > len(pool):
-            raise ValueError(f"{s}: {quota[s]} questions requested, file has {len(pool)}")
-        picked += rng.sample(pool, quota[s])
-    return picked
+    quota = quotas({s: len(pool) for s, pool in questions.items()}, n)
+    return [q for s in sorted(questions) for q in rng.sample(questions[s], quota[s])]
 
 
 # ----------------------------------------------------------------------------------------- generation
@@ -157,8 +197,13 @@ class Judge:
                  timeout: float = 60.0, chat_template_kwargs: dict | None = None, concurrency: int = 8):
         config = LLMConfig(model=model, backend="openai", base_url=base_url, api_key_env=api_key_env, retries=retries,
                            timeout=timeout, chat_template_kwargs=chat_template_kwargs, concurrency=concurrency)
+        store = JsonlCache(cache)
+        old = sum(entry.get("keyed_by") != KEYED_BY for entry in store.entries.values())
+        if old:
+            log.warning("%s: %d judgement(s) cached in an older format (keyed without the reference answer) are ignored; "
+                        "those orders are judged again", cache, old)
         try:
-            self.llm = StructuredLLM(config, JsonlCache(cache), what="judge")
+            self.llm = StructuredLLM(config, store, what="judge")
         except LLMError as err:
             raise SystemExit(str(err)) from None
         self.model = model
@@ -175,8 +220,8 @@ class Judge:
         requests = []
         for question, a, b in orders:
             prompt = self.template.format(question=question["prompt"], reference=question["reference"], a=a, b=b)
-            key = cache_key(self.model, PROMPT_VERSION, question["id"], question["prompt"], a, b)
-            requests.append(Request(key, prompt, SCHEMA, "judgement", ref=f"question {question['id']}"))
+            requests.append(Request(self.llm.prompt_key(prompt, SCHEMA), prompt, SCHEMA, "judgement", ref=f"question {question['id']}",
+                                    meta={"id": question["id"], "keyed_by": KEYED_BY}))
         results, start, chunk = [], time.monotonic(), 4 * self.llm.config.concurrency
         for i in range(0, len(requests), chunk):
             results += self.llm.run(requests[i:i + chunk])
@@ -215,6 +260,16 @@ def bootstrap_ci(values: list[float], seed: int, n: int = 2000) -> tuple[float, 
     return float(arr.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def total_usage(usage: dict) -> dict:
+    """Calls and tokens of every judgement used: this run's calls plus what the cached ones cost when made (a
+    judge.json written before the cache kept token counts has only this run's)."""
+    return {k: usage[k] + usage.get("cached_" + k, 0) for k in ("calls", "prompt_tokens", "completion_tokens")}
+
+
+def cost(usage: dict, prices: tuple[float, float]) -> float:
+    return usage["prompt_tokens"] / 1e6 * prices[0] + usage["completion_tokens"] / 1e6 * prices[1]
+
+
 def summarize(rows: list[dict], first: str, second: str, seed: int, usage: dict, prices: tuple[float, float]) -> dict:
     judged = [r for r in rows if r["verdict"] is not None]
     win = [1.0 if r["verdict"] == second else 0.5 if r["verdict"] == "tie" else 0.0 for r in judged]
@@ -225,7 +280,7 @@ def summarize(rows: list[dict], first: str, second: str, seed: int, usage: dict,
         f"{first}_wins": sum(r["verdict"] == first for r in judged), "ties": sum(r["verdict"] == "tie" for r in judged),
         f"{second}_win_rate": bootstrap_ci(win, seed) if win else None,
         "scores": {first: {}, second: {}}, "score_difference": {}, "usage": usage,
-        "cost_usd": usage["prompt_tokens"] / 1e6 * prices[0] + usage["completion_tokens"] / 1e6 * prices[1],
+        "cost_usd": cost(total_usage(usage), prices), "cost_usd_this_run": cost(usage, prices),
     }
     both = [r for r in judged if r["scores"][first] and r["scores"][second]]  # means and differences: same questions
     for c in CRITERIA:
@@ -246,11 +301,13 @@ def to_markdown(summary: dict, first: str, second: str) -> str:
     if rate:
         lines.append(f"| win rate (ties half) | {rate[0]:.3f} | [{rate[1]:.3f}, {rate[2]:.3f}] |")
     lines.append(f"| wins / ties / losses | {summary[f'{second}_wins']} / {summary['ties']} / {summary[f'{first}_wins']} | |")
-    u = summary["usage"]
+    u, total = summary["usage"], total_usage(summary["usage"])
     lines.append(f"| judged / failed / inconsistent orders | {summary['judged']} / {summary['failed']} / "
                  f"{summary['inconsistent_orders']} | |")
-    lines.append(f"| judge calls (cached) / tokens in / out / cost | {u['calls']} ({u['cached']}) / {u['prompt_tokens']} / "
-                 f"{u['completion_tokens']} / ${summary['cost_usd']:.4f} | |")
+    lines.append(f"| judge calls / tokens in / out / cost, all runs | {total['calls']} / {total['prompt_tokens']} / "
+                 f"{total['completion_tokens']} / ${summary['cost_usd']:.4f} | |")
+    lines.append(f"| of which this run (orders from the cache) | {u['calls']} / {u['prompt_tokens']} / {u['completion_tokens']} / "
+                 f"${summary.get('cost_usd_this_run', summary['cost_usd']):.4f} ({u['cached']}) | |")
     lines += ["", f"| mean score (1-5) [95% CI] | {first} | {second} | Δ {second} − {first} |", "|---|---|---|---|"]
     for c, diff in summary["score_difference"].items():
         lines.append(f"| {c.replace('_', ' ')} | {_with_ci(summary['scores'][first][c])} | "
@@ -296,9 +353,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="name=HF directory (exactly two)")
     p.add_argument("--medmcqa")
+    p.add_argument("--medmcqa-cop", choices=["auto", "0", "1"], default="auto",
+                   help="what MedMCQA's answer index 'cop' counts from: 0 (0-3, the hub dataset), 1 (1-4, the original "
+                        "release); auto (default): 1 when the file has a 4 and no 0, 0 when it has a 0 and no 4, else "
+                        "the file is refused and this option is needed")
     p.add_argument("--pubmedqa")
     p.add_argument("--medqa")
-    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--n", type=positive_int, default=200, help="questions to judge, spread evenly over the sources; "
+                   "a source with fewer than its share gives the rest to the others")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--judge-model", default="gpt-4o")
     p.add_argument("--base-url", help="the judge's OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 for "
@@ -329,7 +391,10 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    questions = sample(load_questions(args.medmcqa, args.pubmedqa, args.medqa), args.n, args.seed)
+    try:
+        questions = sample(load_questions(args.medmcqa, args.pubmedqa, args.medqa, args.medmcqa_cop), args.n, args.seed)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     judge = Judge(args.judge_model, args.base_url, args.api_key_env, out.with_suffix(".cache.jsonl"), args.retries, args.timeout,
                   args.chat_template_kwargs, args.concurrency)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

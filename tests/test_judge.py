@@ -103,6 +103,11 @@ def test_judge_end_to_end(setup, tmp_path):
     assert first_summary["usage"]["malformed"] == 2 * 2 + 2  # always: 2 orders x 2 attempts; once: 1 per order
     assert first_summary["cost_usd"] > 0 and first_summary["usage"]["prompt_tokens"] > 0
     assert summary["usage"]["cached"] > 0 and summary["cpt_win_rate"] == first_summary["cpt_win_rate"]
+    # the rerun made no successful call, yet reports what the judgements it used cost: the first run's calls
+    assert summary["usage"]["calls"] == 0 and summary["cost_usd_this_run"] == 0
+    assert summary["cost_usd"] == pytest.approx(first_summary["cost_usd"])
+    assert summary["usage"]["cached_prompt_tokens"] == first_summary["usage"]["prompt_tokens"]
+    assert summary["usage"]["cached_calls"] == first_summary["usage"]["calls"]  # malformed attempts included
     lo_hi = summary["cpt_win_rate"]
     assert lo_hi[1] <= lo_hi[0] <= lo_hi[2]
     for c, diff in summary["score_difference"].items():  # each arm's mean (1-5) over the same questions as the difference
@@ -160,9 +165,49 @@ def test_bad_question_records_are_named_by_file_and_line(tmp_path):
         (tmp_path / "medqa.jsonl").write_text(json.dumps(good) + "\n\n" + bad + "\n")
         with pytest.raises(ValueError, match=rf"medqa\.jsonl:3: .*{why}"):
             load_questions(medqa=tmp_path / "medqa.jsonl")
-    (tmp_path / "medmcqa.jsonl").write_text('{"question": "q", "opa": 1, "opb": 2, "opc": 3, "opd": 4, "cop": 4}\n')
-    with pytest.raises(ValueError, match=r"medmcqa\.jsonl:1: not a medmcqa record \(IndexError"):
-        load_questions(medmcqa=tmp_path / "medmcqa.jsonl")  # cop is 0-3 (the hub dataset's); 4 is no option
+
+
+def _medmcqa_file(path, cops):
+    path.write_text("".join(json.dumps({"id": i, "question": "q", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": c})
+                            + "\n" for i, c in enumerate(cops)))
+    return path
+
+
+def _letters(questions):
+    return "".join(q["reference"][len("Answer: ")] for q in questions["medmcqa"])
+
+
+@pytest.mark.parametrize("cops", [[0, 3, 1], [1, 4, 2]])  # the hub dataset's numbering (0-3), the original release's (1-4)
+def test_medmcqa_answer_numbering_is_read_from_the_file(tmp_path, cops):
+    from evaluation.eval_reasoning_judge import load_questions
+
+    assert _letters(load_questions(medmcqa=_medmcqa_file(tmp_path / "medmcqa.jsonl", cops))) == "ADB"
+
+
+def test_medmcqa_file_of_unclear_numbering_is_refused_unless_given(tmp_path):
+    from evaluation.eval_reasoning_judge import load_questions
+
+    both, unclear = _medmcqa_file(tmp_path / "both.jsonl", [0, 4]), _medmcqa_file(tmp_path / "unclear.jsonl", [1, 2, 3])
+    for path, why in ((both, "both 0 and 4"), (unclear, r"only \[1, 2, 3\], which either numbering allows")):
+        with pytest.raises(ValueError, match=rf"{path.name}: cannot tell whether MedMCQA's 'cop' counts from 0 or 1: "
+                                             rf"it has {why}\. Give --medmcqa-cop 0"):
+            load_questions(medmcqa=path)
+    assert _letters(load_questions(medmcqa=unclear, medmcqa_cop="1")) == "ABC"
+    assert _letters(load_questions(medmcqa=unclear, medmcqa_cop="0")) == "BCD"
+    with pytest.raises(ValueError, match=r"both\.jsonl:1: .*cop 0 is no option \(the file's numbering is 1-4\)"):
+        load_questions(medmcqa=both, medmcqa_cop="1")
+
+
+def test_a_short_source_gives_its_share_to_the_others():
+    from evaluation.eval_reasoning_judge import quotas
+
+    assert quotas({"medqa": 10, "pubmedqa": 20}, 30) == {"medqa": 10, "pubmedqa": 20}
+    assert quotas({"a": 5, "b": 20, "c": 20}, 25) == {"a": 5, "b": 10, "c": 10}
+    assert quotas({"a": 50, "b": 50, "c": 50}, 7) == {"a": 3, "b": 2, "c": 2}  # as before: the remainder to the first
+    qs = {s: [{"id": f"{s}/{i}", "source": s} for i in range(k)] for s, k in (("medqa", 10), ("pubmedqa", 20))}
+    assert len({q["id"] for q in sample(qs, 30, seed=0)}) == 30
+    with pytest.raises(ValueError, match=r"31 questions requested, the question files have 30 \(medqa 10, pubmedqa 20\)"):
+        sample(qs, 31, seed=0)
 
 
 def test_no_question_file_is_refused(capsys):
@@ -197,3 +242,35 @@ def test_answers_belong_to_the_checkpoint_not_the_name(setup, tmp_path, monkeypa
     assert summary["ties"] == 4 and summary["judged"] == 4
     answers = [json.loads(x) for x in (tmp_path / "judge.answers.jsonl").read_text().splitlines()]
     assert len(answers) == 8  # base's answers were reused on the rerun, cpt's kept for its checkpoint
+
+
+def test_judgements_are_keyed_by_the_full_prompt(setup, tmp_path, monkeypatch, caplog):
+    """An edited reference answer is judged again (it is part of the prompt); a cache in the older format, keyed
+    without the reference, is ignored with a warning, not reused and not a crash."""
+    from evaluation.eval_reasoning_judge import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    questions, out = tmp_path / "medqa.jsonl", tmp_path / "judge"
+
+    def write(answer):
+        questions.write_text("".join(json.dumps({"id": f"q{i}", "question": f"First-line drug for absence seizures {i}?",
+                                                 "options": {"A": "Ethosuximide", "B": "Phenytoin"}, "answer": answer})
+                                     + "\n" for i in range(2)))
+
+    old = {"key": "0" * 64, "output": None, "error": "judged before the reference was in the key", "raw": None}
+    out.with_suffix(".cache.jsonl").write_text(json.dumps(old) + "\n")
+    server, sent = StubServer(), []
+    try:
+        for answer in ("Ethosuximide", "Ethosuximide", "Valproate"):
+            write(answer)
+            before = len(server.requests)
+            main(["--model", f"base={setup / 'base'}", "--model", f"cpt={setup / 'cpt'}", "--medqa", str(questions),
+                  "--n", "2", "--judge-model", "judge-test", "--base-url", server.url, "--max-new-tokens", "4",
+                  "--device", "cpu", "--out", str(out)])
+            sent.append(len(server.requests) - before)
+    finally:
+        server.close()
+    assert sent == [4, 0, 4]  # both orders of both questions; nothing on the rerun; all again for the new reference
+    warnings = [r.getMessage() for r in caplog.records if "older format" in r.getMessage()]
+    assert len(warnings) == 3 and "1 judgement(s) cached in an older format (keyed without the reference answer) are " \
+        "ignored" in warnings[0]
