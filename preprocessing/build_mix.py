@@ -85,7 +85,7 @@ def build(recipe: MixRecipe, workers: int = 1, executor: str = "local", keep_wor
     """Run (or resume) every stage, then merge, mix.json and report; then remove ``work/`` (the per-worker
     copies of every token) unless ``keep_work``. Returns mix.json's content, or None when cluster jobs were
     submitted and are still to finish (rerun the same command then). A source that lost every document
-    stops the build (:func:`preprocessing.pipeline.check_survivors`)."""
+    stops the build (:func:`preprocessing.report.check_survivors`)."""
     from preprocessing.report import collect_ledger, write_report
 
     out = recipe.out

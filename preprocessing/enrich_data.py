@@ -34,8 +34,9 @@ import argparse
 import logging
 
 from preprocessing.enrich import USAGE_STATS, VERSIONS
+from preprocessing.errors import BuildError
 from preprocessing.llm import LLMError
-from preprocessing.pipeline import BuildError, add_executor_args, load_recipe, run_stages, write_json_atomic
+from preprocessing.pipeline import add_executor_args, load_recipe, run_stages, write_json_atomic
 from preprocessing.recipe import MixRecipe
 
 

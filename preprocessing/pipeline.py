@@ -31,19 +31,13 @@ from pathlib import Path
 
 import yaml
 
+from preprocessing.errors import BuildError
 from preprocessing.llm import LLMError
 from preprocessing.recipe import MixRecipe
+from preprocessing.report import check_survivors
 
 log = logging.getLogger(__name__)
 FILTERING = ("clean", "enrich", "final")  # the stages after which a source can have no document left
-
-
-class BuildError(Exception):
-    """The user's input or settings stop the build: the command line prints the message, not a traceback."""
-
-
-class NoDocuments(BuildError):
-    """A source has no document left after a stage."""
 
 
 def _text(doc) -> str:
@@ -173,22 +167,6 @@ def check_recipe(recipe: MixRecipe) -> None:
     if recipe.llm:
         settings["llm"] = {k: v for k, v in settings["llm"].items() if k not in LLM_CONNECTION}
     check_settings(recipe.out / "recipe.resolved.json", settings)
-
-
-def check_survivors(recipe: MixRecipe, done: list[str], report: bool = True) -> None:
-    """Stop when a source has no document left after the stages ``done`` (the last one named), writing the
-    report so far unless not ``report``."""
-    from preprocessing.report import collect_ledger, no_survivors, survivors, write_report
-
-    ledger = collect_ledger(recipe.out / "logs", [s.name for s in recipe.sources], done)
-    empty = [name for name, entry in ledger.items() if not survivors(entry)]
-    if not empty:
-        return
-    if report:
-        write_report(recipe, ledger, None, recipe.out, stopped_after=done[-1])
-    raise NoDocuments(f"no document survived stage {done[-1]}: " + "; ".join(no_survivors(s, ledger[s]) for s in empty)
-                      + f". Counts in {recipe.out / 'report.md'}; relax the recipe and rerun with --clean (a changed "
-                      "recipe does not resume)")
 
 
 def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", until: str | None = None, **cluster) -> bool:

@@ -10,6 +10,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from preprocessing.errors import NoDocuments
+
 
 def _stat_total(value) -> float:
     return value["total"] if isinstance(value, dict) else value
@@ -175,3 +177,17 @@ def write_report(recipe, ledger: dict, mix: dict | None, out: Path, stopped_afte
     fig.tight_layout()
     fig.savefig(out / "report_tokens.png", dpi=100)
     plt.close(fig)
+
+
+def check_survivors(recipe, done: list[str], report: bool = True) -> None:
+    """Stop when a source has no document left after the stages ``done`` (the last one named), writing the
+    report so far unless not ``report``."""
+    ledger = collect_ledger(recipe.out / "logs", [s.name for s in recipe.sources], done)
+    empty = [name for name, entry in ledger.items() if not survivors(entry)]
+    if not empty:
+        return
+    if report:
+        write_report(recipe, ledger, None, recipe.out, stopped_after=done[-1])
+    raise NoDocuments(f"no document survived stage {done[-1]}: " + "; ".join(no_survivors(s, ledger[s]) for s in empty)
+                      + f". Counts in {recipe.out / 'report.md'}; relax the recipe and rerun with --clean (a changed "
+                      "recipe does not resume)")

@@ -333,7 +333,7 @@ class CountBySource(PipelineStep):
 
 class CheckSurvivors(PipelineStep):
     """First step of the stage after one that can remove every document of a source: on Slurm the stages run as
-    chained jobs, so this job stops with the build's own message (:func:`preprocessing.pipeline.check_survivors`)
+    chained jobs, so this job stops with the build's own message (:func:`preprocessing.report.check_survivors`)
     instead of datatrove's 'No files found', and the jobs after it never start."""
 
     name = "🚦 Survivors"
@@ -344,7 +344,7 @@ class CheckSurvivors(PipelineStep):
         self.recipe, self.done = recipe, done
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        from preprocessing.pipeline import check_survivors
+        from preprocessing.report import check_survivors
 
         check_survivors(self.recipe, self.done, report=rank == 0)
         yield from data or ()
@@ -457,7 +457,7 @@ def merge_indexed(parts: list[Path], out_prefix: Path, dtype, documents: int, to
 
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-    from preprocessing.pipeline import BuildError
+    from preprocessing.errors import BuildError
 
     tmp = out_prefix.with_name(f".{out_prefix.name}.tmp")
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)

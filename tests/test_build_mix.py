@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from preprocessing import build_mix
-from preprocessing.pipeline import BuildError, NoDocuments
+from preprocessing.errors import BuildError, NoDocuments
 from preprocessing.recipe import MixRecipe
 from preprocessing.report import balance
 from preprocessing.steps import chunk_tokens

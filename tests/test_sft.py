@@ -18,7 +18,7 @@ import yaml
 from conftest import DEMO, megatron_twin, read_metrics, run_trainer, tiny_hf_dir
 
 from megatron_ext.data import PackedSFTDataset, read_data_json
-from preprocessing.pipeline import BuildError
+from preprocessing.errors import BuildError
 from preprocessing.chat import check_conversation, render_samples, token_mask
 
 ROOT = Path(__file__).resolve().parents[1]
