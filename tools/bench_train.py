@@ -209,6 +209,8 @@ def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 
             gc.collect()  # this setup's model and optimizer (also when an OOM left them in a traceback)
             torch.cuda.empty_cache()
             results.append(result)
+            # as soon as it is known: a run stopped at a time limit still reports the rows it finished
+            print(f"# {setup.name} [{setup.memory}] seq {seq}: {' / '.join(cells(result))}", flush=True)
     return results
 
 
