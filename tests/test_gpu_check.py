@@ -75,7 +75,18 @@ def test_kernels_part_on_cpu(capsys):
 
 
 def test_attention_part_on_cpu(capsys):
-    gpu_check.part_attention("cpu")  # FlexAttention eagerly in bf16 against the masked path in fp32, forward only
+    """The CUDA procedure with the masked path in bf16 for the fused kernel: outputs and gradients of two
+    layouts in turn (on the GPU the second layout's gradients once came from tensors the first had made
+    non-leaves: an AttributeError no CPU run had reached)."""
+    gpu_check.part_attention("cpu")
+    rows = _rows(capsys)
+    assert [(r[1].split(", ")[0], r[1].split(": ")[-1], r[4]) for r in rows] == [
+        ("masked bf16 vs masked fp32", name, "pass") for name in ("output", "dq", "dk", "dv")] * 2
+    assert ["one document:" in r[1] for r in rows] == [False] * 4 + [True] * 4
+
+
+def test_flex_part_on_cpu(capsys):
+    gpu_check.part_attention("cpu", kernel="flex")  # FlexAttention eagerly in bf16 vs masked fp32, forward only
     rows = _rows(capsys)
     assert [(r[1].split(", ")[0], r[1].split(": ")[-1], r[4]) for r in rows] == [
         ("flex bf16 vs masked fp32", "output", "pass")] * 2

@@ -248,19 +248,20 @@ def core_attention(kernel: str, heads: int, groups: int, head_dim: int, device: 
 
 def part_attention(device: str, kernel: str = "fused") -> None:
     """A fused attention kernel in bf16 against the masked path in fp32 on a packed row with the 2B's
-    attention geometry: outputs and gradients. On CPU: FlexAttention eagerly, forward only (FlashAttention
-    has no CPU kernel and torch refuses Flex's CPU backward)."""
+    attention geometry: outputs and gradients. On CPU, where FlashAttention has no kernel, the masked path
+    in bf16 takes the fused one's place (the same procedure, gradients included); FlexAttention runs
+    eagerly there, forward only (torch refuses Flex's CPU backward)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference stays fp32
-    if device != "cuda":
-        kernel = "flex"
+    if device != "cuda" and kernel == "fused":
+        kernel = "masked"
     heads, groups, head_dim = REAL_HEADS["num_attention_heads"], REAL_HEADS["num_key_value_heads"], REAL_HEADS["head_dim"]
     t = 4096 if device == "cuda" else 300
     gen = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(t, h, head_dim, generator=gen, device=device) for h in (heads, groups, groups))
     upstream = torch.randn(t, 1, heads * head_dim, generator=gen, device=device)
-    grads = device == "cuda"
+    grads = device == "cuda" or kernel != "flex"
     layouts = {"documents of 1, 1, t/3, t/2 and the rest tokens": [1, 1, t // 3, t // 2, t - 2 - t // 3 - t // 2],
                "one document": [t]}
     for layout, lengths in layouts.items():
@@ -269,7 +270,8 @@ def part_attention(device: str, kernel: str = "fused") -> None:
                                  max_seqlen_kv=max(lengths))
 
         def run(kernel: str, dtype: torch.dtype):
-            leaves = [x.to(dtype).requires_grad_(grads) for x in (q, k, v)]
+            # detached: an fp32 run must not make q, k, v themselves leaves that collect gradients
+            leaves = [x.detach().to(dtype).requires_grad_(grads) for x in (q, k, v)]
             out = core_attention(kernel, heads, groups, head_dim, device, dtype)(*leaves, None, packed_seq_params=params)
             if grads:
                 (out.float() * upstream).sum().backward()
