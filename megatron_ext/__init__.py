@@ -1,9 +1,10 @@
 """Qwen3.5 hybrid (Gated DeltaNet + gated attention) language model on megatron-core."""
 
-from megatron_ext import cpu_patches, logs
+from megatron_ext import cpu_patches, logs, no_apex
 
 logs.hide_harmless_warnings()  # before megatron's modules warn that TE/Apex are absent (logs.setup says it once)
 cpu_patches.apply()  # no-op when CUDA is present
+no_apex.apply()  # no-op where TE or Apex is installed
 
 from megatron_ext.config import Qwen35Config  # noqa: E402
 from megatron_ext.model import Qwen35GPTModel, build_model  # noqa: E402
