@@ -7,6 +7,7 @@ and a missing fla only shows when the first layer runs. One line says what to in
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -71,3 +72,12 @@ def check(gdn_kernel: str = "auto", stack: Stack | None = None) -> None:
     found = problems(stack or installed(), gdn_kernel)
     if found:
         raise SystemExit("GPU stack: " + "; ".join(found))
+
+
+def keep_autotuning() -> None:
+    """Keep Triton's autotuning choices on disk beside its compiled kernels, unless the user set
+    ``TRITON_CACHE_AUTOTUNING`` already. Without it each new process times every candidate configuration
+    of fla's kernels again: a restarted or resumed job, each part of ``tools.gpu_check`` (on a fresh H200
+    the first step of each took minutes). Triton reads the setting when fla's kernels are defined, at
+    fla's import: this runs first, from ``megatron_ext``'s ``__init__``."""
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")

@@ -3,6 +3,10 @@ to install, and it comes before any data or weights are read."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from megatron_ext import gpu_stack
@@ -54,3 +58,13 @@ def test_the_trainer_checks_before_reading_data_or_weights(monkeypatch, tmp_path
                       mix=str(tmp_path / "missing_mix.json"))
     with pytest.raises(SystemExit, match="^GPU stack: triton 3.6.0 computes wrong GDN gradients"):
         train(cfg)
+
+
+@pytest.mark.parametrize("given, kept", [(None, "1"), ("0", "0")])
+def test_triton_autotuning_is_kept_on_disk_unless_the_user_chose(given, kept):
+    """Set by importing megatron_ext, before fla (whose kernels read it when defined) can be imported."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_AUTOTUNING"}
+    env.update({"TRITON_CACHE_AUTOTUNING": given} if given else {})
+    code = "import os, megatron_ext; print(os.environ['TRITON_CACHE_AUTOTUNING'])"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == kept
