@@ -65,7 +65,7 @@ def ours(config, seq: int, micro_batch: int, *, memory: str, backend: str = "loc
 
     from megatron_ext import build_model
     from megatron_ext.packing import Documents
-    from megatron_ext.train import data_parallel
+    from megatron_ext.train import data_parallel, release
 
     model = build_model(config, backend, attention_kernel=attention_kernel, params_dtype=torch.bfloat16,
                         **RECOMPUTE[memory], **overrides)
@@ -85,6 +85,7 @@ def ours(config, seq: int, micro_batch: int, *, memory: str, backend: str = "loc
         ddp.finish_grad_sync()
         opt.step()
 
+    step.release = functools.partial(release, ddp)  # measure() calls it: the next row gets the memory back
     return step
 
 
@@ -190,14 +191,14 @@ def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 
     for seq in seqs:
         tokens = seq * micro_batch
         for setup in setups:
-            result = Result(setup, seq)
+            result, step = Result(setup, seq), None
             if setup.needs_te and not have_transformer_engine():
                 result.failure = "needs TE"
                 results.append(result)
                 continue
             try:
-                seconds, result.peak_gib, result.resident_gib = _time_steps(
-                    setup.build(config, seq, micro_batch), warmup, iters)
+                step = setup.build(config, seq, micro_batch)
+                seconds, result.peak_gib, result.resident_gib = _time_steps(step, warmup, iters)
                 result.seconds, result.tokens_per_s = seconds, tokens / seconds
                 if peak:
                     result.mfu = train_flops_per_token(config, seq) * tokens / seconds / (peak * 1e12)
@@ -206,6 +207,9 @@ def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 
             except Exception as e:  # one broken setup must not cost the others' measurements
                 traceback.print_exc()
                 result.failure = type(e).__name__
+            if hasattr(step, "release"):
+                step.release()
+            step = None
             gc.collect()  # this setup's model and optimizer (also when an OOM left them in a traceback)
             torch.cuda.empty_cache()
             results.append(result)

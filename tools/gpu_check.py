@@ -293,7 +293,7 @@ def part_syncs(device: str) -> None:
 
     from megatron_ext import build_model
     from megatron_ext.data import collate
-    from megatron_ext.train import _reduce_step, data_parallel, forward_step
+    from megatron_ext.train import _reduce_step, data_parallel, forward_step, release
 
     seq = 2048 if device == "cuda" else 128
     gen = torch.Generator().manual_seed(5)
@@ -324,16 +324,17 @@ def part_syncs(device: str) -> None:
         if device != "cuda":
             step()
             row("syncs", f"training step, {depth} layers", "ran; syncs are counted on CUDA only")
-            continue
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            step()
-            torch.cuda.set_sync_debug_mode("default")
-        syncs = [w for w in caught if "synchroniz" in str(w.message)]
-        counts[depth] = len(syncs)
-        sources.update(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+        else:
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                step()
+                torch.cuda.set_sync_debug_mode("default")
+            syncs = [w for w in caught if "synchroniz" in str(w.message)]
+            counts[depth] = len(syncs)
+            sources.update(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+        release(ddp)
     if counts:
         row("syncs", "host syncs per training step, 4 / 8 layers (the same number: none per layer)",
             f"{counts[4]} / {counts[8]}", verdict="pass" if counts[4] == counts[8] else "FAIL")
