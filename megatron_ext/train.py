@@ -162,6 +162,20 @@ def data_parallel(model, distributed_optimizer: bool = True, overlap: bool = Tru
     return DistributedDataParallel(config=model.config, ddp_config=config, module=model)
 
 
+def build_optimizer(ddp, cfg: TrainConfig, dtype: torch.dtype, distributed: bool = True):
+    """megatron's Adam(W) over ``ddp`` as the trainer configures it from ``cfg`` (the benchmarks and the GPU
+    check build theirs here too, so that they time the trainer's optimizer step)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    return get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+                        clip_grad=cfg.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                        use_distributed_optimizer=distributed),
+        [ddp],
+    )
+
+
 def release(ddp) -> None:
     """Let a model wrapped by :func:`data_parallel` be freed while the process goes on (the benchmarks
     build one after another). megatron's DDP hooks every gradient accumulator (autograd nodes it keeps in
@@ -179,7 +193,6 @@ def release(ddp) -> None:
 def train(cfg: TrainConfig) -> TrainState:
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -230,13 +243,7 @@ def train(cfg: TrainConfig) -> TrainState:
         log.info("gradient reduce and parameter gather overlapped with compute, in buckets of %d elements", DDP_BUCKET)
     model.config.finalize_model_grads_func = finalize_grads
     model.config.no_sync_func = ddp.no_sync
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-                        clip_grad=cfg.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
-                        use_distributed_optimizer=dist_opt),
-        [ddp],
-    )
+    optimizer = build_optimizer(ddp, cfg, dtype, dist_opt)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
         lr_warmup_steps=round(cfg.warmup_fraction * iters), lr_decay_steps=iters, lr_decay_style="WSD",

@@ -47,18 +47,17 @@ def test_a_released_data_parallel_model_is_freed():
     import gc
     import weakref
 
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     from megatron_ext import build_model, parallel
     from megatron_ext.packing import Documents
-    from megatron_ext.train import data_parallel, release
+    from megatron_ext.train import build_optimizer, data_parallel, release
+    from megatron_ext.train_config import TrainConfig
     from megatron_ext import Qwen35Config
     from tools.tiny_qwen35 import text_config
 
     parallel.initialize()
     model = build_model(Qwen35Config.from_hf(text_config().to_dict()), "local")
     ddp = data_parallel(model)  # overlapped: forward pre-hooks too
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=True), [ddp])
+    opt = build_optimizer(ddp, TrainConfig(), torch.float32)
     ids = torch.randint(0, model.qwen35_config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(32).expand(1, 32)
     for _ in range(2):  # the second forward runs the parameter-gather hooks

@@ -61,17 +61,15 @@ RECOMPUTE = {
 def ours(config, seq: int, micro_batch: int, *, memory: str, backend: str = "local", attention_kernel: str = "auto",
          **overrides) -> Callable[[], None]:
     """Our model (megatron DDP + distributed optimizer, as the trainer runs it) and its training step."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     from megatron_ext import build_model
     from megatron_ext.packing import Documents
-    from megatron_ext.train import data_parallel, release
+    from megatron_ext.train import build_optimizer, data_parallel, release
+    from megatron_ext.train_config import TrainConfig
 
     model = build_model(config, backend, attention_kernel=attention_kernel, params_dtype=torch.bfloat16,
                         **RECOMPUTE[memory], **overrides)
     ddp = data_parallel(model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=2e-6, bf16=True, params_dtype=torch.bfloat16,
-                                                 use_distributed_optimizer=True, clip_grad=1.0), [ddp])
+    opt = build_optimizer(ddp, TrainConfig(), torch.bfloat16)  # the recipe's AdamW (lr 2e-6, clipping at 1)
     ids = torch.randint(0, config.vocab_size, (micro_batch, seq), device="cuda")
     pos = torch.arange(seq).expand(micro_batch, seq)
     documents = Documents.from_positions(pos).pin_memory()  # on the host, as the trainer's loader finds them

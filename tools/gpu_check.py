@@ -288,12 +288,12 @@ def part_syncs(device: str) -> None:
     import warnings
 
     from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_ext import build_model
     from megatron_ext.data import collate
-    from megatron_ext.train import _reduce_step, data_parallel, forward_step, release
+    from megatron_ext.train import _reduce_step, build_optimizer, data_parallel, forward_step, release
+    from megatron_ext.train_config import TrainConfig
 
     seq = 2048 if device == "cuda" else 128
     gen = torch.Generator().manual_seed(5)
@@ -309,8 +309,7 @@ def part_syncs(device: str) -> None:
         model = build_model(config, "local", params_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         ddp = data_parallel(model)
         model.config.finalize_model_grads_func, model.config.no_sync_func = finalize_model_grads, ddp.no_sync
-        optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, bf16=device == "cuda",
-                                                           use_distributed_optimizer=True, clip_grad=1.0), [ddp])
+        optimizer = build_optimizer(ddp, TrainConfig(), model.config.params_dtype)
 
         def step():
             ddp.zero_grad_buffer()
