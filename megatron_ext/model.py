@@ -9,6 +9,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from megatron_ext import parallel
 from megatron_ext.config import Qwen35Config
@@ -66,6 +67,27 @@ class Qwen35GPTModel(GPTModel):
             out = out[..., : self.qwen35_config.vocab_size] if runtime_gather_output else self._mask_padded_vocab(out)
         return out.reshape(b, s, *out.shape[2:])
 
+    loss_chunk = 0  # tokens per piece of the output layer + loss in training; 0: all at once (build_model sets it)
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        """megatron's output layer and loss, or with ``loss_chunk`` the same in pieces of that many tokens,
+        each piece's logits recomputed in the backward instead of kept: at the 2B's 248k vocabulary the
+        logits of 8192 tokens and the loss's fp32 softmax saved for the backward take about 11 GiB, a
+        piece of 1024 tokens about 1.4 GiB (the price: the output layer's forward once more, about 7% of
+        the 2B's step). Not with MTP or sequence parallelism (a rank holds a slice of the sequence)."""
+        if (labels is None or not self.loss_chunk or not self.post_process or self.mtp_process
+                or self.config.mtp_num_layers or self.output_layer.sequence_parallel
+                or hidden_states.shape[0] <= self.loss_chunk):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        pieces = zip(hidden_states.split(self.loss_chunk, dim=0), labels.split(self.loss_chunk, dim=1))
+        return torch.cat([checkpoint(self._head_loss, h, y, weight, use_reentrant=False)
+                          for h, y in pieces], dim=1)
+
+    def _head_loss(self, hidden_states: Tensor, labels: Tensor, weight: Tensor | None) -> Tensor:
+        logits, _ = self.output_layer(hidden_states, weight=weight, runtime_gather_output=False)
+        return self.compute_language_model_loss(labels, logits)
+
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
         return super().compute_language_model_loss(labels, self._mask_padded_vocab(logits))
 
@@ -104,6 +126,7 @@ def build_model(
     params_dtype: torch.dtype = torch.float32,
     device: str | None = None,
     vp_stage: int | None = None,
+    loss_chunk: int = 0,
     **transformer_overrides,
 ) -> Qwen35GPTModel:
     """The Qwen3.5 model for this rank's TP/PP position (initialises a 1-process world if needed).
@@ -112,8 +135,12 @@ def build_model(
     gdn_kernel: ``auto`` | ``fla`` | ``torch`` (see :mod:`megatron_ext.kernels`);
     attention_kernel: ``auto`` | ``fused`` | ``flex`` | ``masked``, the local backend's core attention (see
     :func:`megatron_ext.layers.resolve_attention_kernel`);
-    device: ``cuda`` (default when available) or ``cpu``.
+    device: ``cuda`` (default when available) or ``cpu``;
+    loss_chunk: tokens per piece of the output layer + loss in training, recomputed in the backward (0: the
+    whole sequence at once; see :meth:`Qwen35GPTModel._postprocess`).
     """
+    if loss_chunk < 0:
+        raise ValueError(f"loss_chunk must be >= 0 (0: no chunks), got {loss_chunk}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not parallel_state.model_parallel_is_initialized():
         parallel.initialize()
@@ -146,6 +173,7 @@ def build_model(
         _mark_tensor_parallel_weights(model)
     model.qwen35_config = config
     model.backend = backend
+    model.loss_chunk = loss_chunk
     if device == "cuda":
         model.cuda(torch.cuda.current_device())
     return model

@@ -231,7 +231,7 @@ def train(cfg: TrainConfig) -> TrainState:
     if cfg.fp8:
         overrides.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
     model = build_model(qcfg, cfg.backend, gdn_kernel=cfg.gdn_kernel, attention_kernel=cfg.attention_kernel,
-                        params_dtype=dtype, perform_initialization=False, **overrides)
+                        params_dtype=dtype, perform_initialization=False, loss_chunk=cfg.loss_chunk, **overrides)
     if resume is None:
         load_weights(model, cfg.init_from)
     ddp = data_parallel(model, dist_opt, cfg.overlap_communication)

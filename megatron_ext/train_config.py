@@ -42,6 +42,7 @@ class TrainConfig:
     fp8: str | None = None  # a TE FP8 format ("hybrid", "e4m3"); needs backend: te and precision: bf16
     fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling) | blockwise | mxfp8 (Blackwell)
     recompute: str | None = None  # None | "selective" | "full"
+    loss_chunk: int = 0  # tokens per piece of the output layer + loss, logits recomputed in the backward (0: off)
     tensor_parallel: int = 1
     distributed_optimizer: bool | None = None  # default: on (a resumed run keeps its checkpoint's choice)
     overlap_communication: bool = True  # gradient reduce / parameter gather overlap compute; sets the
@@ -72,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.recompute not in (None, "selective", "full"):
             raise ValueError(f"recompute must be null, selective or full, got {self.recompute!r}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0 (0: the whole sequence at once), got {self.loss_chunk}")
         check_fp8(self.fp8, self.fp8_recipe, self.backend, bf16=self.precision == "bf16")
         if not 0 <= self.warmup_fraction + self.decay_fraction <= 1:
             raise ValueError("warmup_fraction + decay_fraction must be within [0, 1]")

@@ -6,6 +6,9 @@ to the rounding bound of its longest reduction. Random inputs come from local se
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import pytest
 import torch
 from conftest import float64, megatron_twin
@@ -85,3 +88,40 @@ def test_config_reads_multimodal_and_text_checkpoints():
     assert not a.tie_word_embeddings and b.tie_word_embeddings  # multimodal ties by its top-level flag
     with pytest.raises(ValueError, match="not a Qwen3.5"):
         megatron_ext.Qwen35Config.from_hf({"model_type": "llama"})
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_loss_in_chunks_equals_the_whole_and_keeps_no_logits_for_the_backward(tied, monkeypatch):
+    """``loss_chunk``: the output layer and loss in pieces (here 16 tokens, the last one short), each
+    piece's logits recomputed in the backward. Same per-token loss and gradients in float64; what the
+    autograd graph keeps outside the pieces holds nothing of vocabulary size per token."""
+    from megatron_ext import model as model_module
+
+    # torch's checkpoint recomputes without the caller's function modes: float64 mode for the recompute too
+    monkeypatch.setattr(model_module, "checkpoint", functools.partial(
+        model_module.checkpoint, context_fn=lambda: (contextlib.nullcontext(), float64())))
+    gen = torch.Generator().manual_seed(3)
+    with float64():
+        hf = causal_lm(text_config(tie_word_embeddings=tied, vocab_size=1000), seed=1)  # padded to 1024
+        whole, chunked = megatron_twin(hf), megatron_twin(hf)
+    chunked.loss_chunk = 16
+    vocab, padded = hf.config.vocab_size, whole.qwen35_config.padded_vocab_size
+    ids, labels = (torch.randint(0, vocab, (2, SEQ), generator=gen) for _ in range(2))
+    positions = torch.cat([torch.arange(30), torch.arange(SEQ - 30)]).expand(2, SEQ)  # two documents a row
+    weights = torch.randn(2, SEQ, generator=gen, dtype=torch.float64)
+    results = []
+    for model in (whole, chunked):
+        saved = []
+        with float64():  # the backward too: it recomputes the pieces
+            with torch.autograd.graph.saved_tensors_hooks(  # saved tensors of vocabulary width: logits, softmax
+                    lambda t: saved.append(t.numel() if t.shape[-1:] == (padded,) else 0) or t, lambda t: t):
+                loss = model(ids, positions, labels=labels)
+            (loss * weights).sum().backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, max(saved)))
+    (loss, grads, biggest), (loss_c, grads_c, biggest_c) = results
+    assert loss.dtype == torch.float64 and rel_err(loss_c, loss) <= 1e-12
+    assert grads.keys() == grads_c.keys()
+    for name in grads:
+        assert rel_err(grads_c[name], grads[name]) <= 1e-12, name
+    assert biggest >= 2 * SEQ * padded  # the whole sequence's logits, kept for the backward
+    assert biggest_c == 0  # only inside the pieces, recomputed there

@@ -118,12 +118,14 @@ def one_rank(setup):
     return read_metrics(setup / "dp1")
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2", "recompute_full"])
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "recompute_full", "loss_chunk"])
 def test_layouts_equal_one_rank(one_rank, setup, layout):
-    """DP=2 with half the accumulation, TP=2, and full activation recomputation train like one rank."""
-    extra = {"tp2": {"tensor_parallel": 2}, "recompute_full": {"recompute": "full"}}.get(layout, {})
+    """DP=2 with half the accumulation, TP=2, full activation recomputation, and the loss in pieces of 48
+    tokens (of 128) train like one rank."""
+    extra = {"tp2": {"tensor_parallel": 2}, "recompute_full": {"recompute": "full"},
+             "loss_chunk": {"loss_chunk": 48}}.get(layout, {})
     config = _config(setup, layout, micro_batch_size=1, train_iters=4, eval_interval=0, save_interval=100, **extra)
-    run_trainer(config, nproc=1 if layout == "recompute_full" else 2)
+    run_trainer(config, nproc=2 if layout in ("dp2", "tp2") else 1)
     got = read_metrics(setup / layout)
     assert len(got) == len(one_rank) == 4
     for x, y in zip(one_rank, got):
@@ -263,6 +265,8 @@ def test_overrides_and_bad_config():
         TrainConfig.load(None, ["learning_rate=1"])
     with pytest.raises(ValueError, match="precision"):
         TrainConfig.load(None, ["precision=fp16"])
+    with pytest.raises(ValueError, match="loss_chunk"):
+        TrainConfig.load(None, ["loss_chunk=-1"])
     run = subprocess.run([sys.executable, "-m", "megatron_ext.train", "fp8=hybrid"], capture_output=True, text=True)
     assert run.returncode != 0 and "Traceback" not in run.stderr and "backend: te" in run.stderr.strip().splitlines()[-1]
 

@@ -129,6 +129,7 @@ def _hf(memory: str) -> Setup:
 SETUPS = [
     # the attention kernels, each under the trainer's selective recomputation for it
     _ours("local-fused", "selective-mlp", attention_kernel="fused"),
+    _ours("local-fused, loss in 1024-token pieces", "selective-mlp", attention_kernel="fused", loss_chunk=1024),
     _ours("local-flex", "selective-mlp", attention_kernel="flex"),
     _ours("local-masked", "selective-attn", attention_kernel="masked"),
     # the fused kernel under the other policies: the like-for-like pairs with transformers are none and full
