@@ -96,3 +96,10 @@ def test_te_rows_without_transformer_engine_say_so_and_build_nothing(monkeypatch
     assert [s.name for s in te] == ["te-bf16", "te-fp8-delayed", "te-fp8-tensorwise"]
     results = bench_train.measure(seqs=(4096,), setups=te)  # building one would fail: no CUDA here
     assert [(r.setup.name, r.failure) for r in results] == [(s.name, "needs TE") for s in te]
+
+
+def test_profile_step_writes_where_a_step_spends_its_time(tmp_path):
+    a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    bench_train.profile_step(lambda: (a @ a).relu_(), tmp_path / "rows" / "ours-full-4096.txt")
+    table = (tmp_path / "rows" / "ours-full-4096.txt").read_text()
+    assert "Name" in table and "aten::mm" in table and "aten::relu_" in table

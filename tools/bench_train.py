@@ -32,6 +32,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -173,10 +174,26 @@ def _time_steps(step, warmup: int, iters: int) -> tuple[float, float, float]:
         torch.cuda.memory_allocated() / 2**30
 
 
+def profile_step(step: Callable[[], None], path: Path, rows: int = 30) -> None:
+    """One more step under torch.profiler: the operators and kernels that took the most device time (CPU
+    time without CUDA), as a table in ``path``, to see where a step's time goes."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=rows) + "\n")
+
+
 def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 3, iters: int = 10,
-            setups: list[Setup] = SETUPS) -> list[Result]:
+            setups: list[Setup] = SETUPS, profile_dir: Path | None = None) -> list[Result]:
     """Every setup at every sequence length, one after the other on this GPU (each model is freed before
-    the next is built); a setup that fails gives a Result with ``seconds=None`` and its ``failure``."""
+    the next is built); a setup that fails gives a Result with ``seconds=None`` and its ``failure``. With
+    ``profile_dir``, each setup that ran profiles one more step there (:func:`profile_step`)."""
     if not torch.cuda.is_available():
         raise RuntimeError("tools.bench_train needs a CUDA device")
     from megatron_ext import Qwen35Config, parallel
@@ -201,6 +218,9 @@ def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 
                 result.seconds, result.tokens_per_s = seconds, tokens / seconds
                 if peak:
                     result.mfu = train_flops_per_token(config, seq) * tokens / seconds / (peak * 1e12)
+                if profile_dir is not None:
+                    name = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{setup.name}-{setup.memory}-{seq}")
+                    profile_step(step, Path(profile_dir) / f"{name}.txt")
             except torch.OutOfMemoryError:
                 result.failure = "OOM"
             except Exception as e:  # one broken setup must not cost the others' measurements
@@ -254,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--only", help="run only the setups whose 'name [memory]' matches this regular expression")
+    p.add_argument("--profile", metavar="DIR", help="profile one more step of each row: top kernels, a table per row")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -262,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     setups = [s for s in SETUPS if not args.only or re.search(args.only, f"{s.name} [{s.memory}]")]
     config = Qwen35Config.from_hf(args.hf_config) if args.hf_config else None
     seqs = [int(x) for x in args.seqs.split(",")]
-    results = measure(config, seqs, args.micro_batch, args.warmup, args.iters, setups)
+    results = measure(config, seqs, args.micro_batch, args.warmup, args.iters, setups, args.profile)
     print(f"\n### Training step ({date.today()}, {torch.cuda.get_device_name()}, micro-batch {args.micro_batch}, "
           f"shape {'from ' + args.hf_config if args.hf_config else 'APPROX_2B'})\n")
     print("\n".join(table(results)))
