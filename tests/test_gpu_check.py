@@ -111,3 +111,20 @@ def test_resume_part_on_cpu(capsys, tmp_path, steps):
     rows = _rows(capsys)
     assert [r[4] for r in rows[:3]] == ["pass", "pass", "pass (bit-identical)"]
     assert rows[1][2] == "iter_0000002"
+
+
+def test_parity_compares_model_code_on_transformers_reference_kernels():
+    """The parity part swaps transformers' fla-dispatching GDN kernels for their pure-torch references
+    while it compares, and puts them back."""
+    import inspect
+
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as module
+
+    from tools.parity import HF_KERNELS, reference_kernels
+    from tools.tiny_qwen35 import causal_lm
+
+    before = {name: getattr(module, name) for name in HF_KERNELS}
+    assert all(fn is not inspect.unwrap(fn) for fn in before.values())  # dispatching wrappers
+    with reference_kernels(causal_lm()):
+        assert all(getattr(module, name) is inspect.unwrap(fn) for name, fn in before.items())
+    assert {name: getattr(module, name) for name in HF_KERNELS} == before

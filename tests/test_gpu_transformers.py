@@ -3,7 +3,7 @@
 The CPU install resolves a newer one (5.24), and internals moved in between: ``create_causal_mask``'s cache
 argument was renamed, and 5.17's Qwen3.5 rotary embedding wants position ids on the three mRoPE axes; both
 broke ``evaluation.mtp`` on GPU nodes while every test here passed. Each version is installed into a
-temporary folder (no dependencies) and put in front of the environment's for a pytest run of those modules."""
+temporary folder (no dependencies) and put in front of the environment's for a pytest run of those tests."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ pytestmark = pytest.mark.network
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = {"5.17.0": ["huggingface-hub>=1.5,<2"], "5.20.2": []}  # 5.17 refuses the hub 2.x the CPU install has
-MODULES = ["tests/test_mtp.py", "tests/test_model_parity.py"]  # the MTP head and the reference model's wiring
+TESTS = ["tests/test_mtp.py", "tests/test_model_parity.py",  # the MTP head and the reference model's wiring
+         # the GPU check's parity part: it swaps transformers' kernel functions for their torch references
+         "tests/test_gpu_check.py::test_parity_compares_model_code_on_transformers_reference_kernels",
+         "tests/test_gpu_check.py::test_parity_part_on_cpu"]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -33,6 +36,6 @@ def test_transformers_internals_we_use_hold_on_the_gpu_nodes_versions(version, t
     found = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"], env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert found == version
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", *MODULES],
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", *TESTS],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, f"under transformers {version}:\n{run.stdout[-4000:]}"

@@ -6,7 +6,7 @@ so a part that runs long or crashes is reported and the others still run; each r
     python -m tools.gpu_check [--out gpu_check.md] [--parts kernels,parity,resume,bench] [--box resume=150]
 
 Parts, in the order they run, and their time boxes (seconds):
-  attention  20  the local spec's fused attention (FlashAttention-2 through torch.nn.attention.varlen) in
+  attention  40  the local spec's fused attention (FlashAttention-2 through torch.nn.attention.varlen) in
                 bf16 vs the masked path in fp32 on a packed row of 4096 tokens with the 2B attention geometry
                 (8 query heads on 2 KV heads of 256), 1-token documents and a one-document row: outputs and
                 dq, dk, dv. FlashAttention ships compiled in torch: this part compiles nothing.
@@ -18,9 +18,10 @@ Parts, in the order they run, and their time boxes (seconds):
   bench     30  tools.bench_train on the 2B shape (APPROX_2B, seq 4096), its "quick" rows: ours (auto
                 backend and kernels) vs transformers + fla, both with full recomputation (the same memory
                 policy): tokens/s, MFU, peak memory. A cold kernel cache needs more (--box bench=300).
-  parity    50  transformers vs megatron_ext on CUDA, float32 both sides (TF32 off), a random model with
+  parity    30  transformers vs megatron_ext on CUDA, float32 both sides (TF32 off), a random model with
                 the real head sizes (attention head_dim 256; GDN 16 key and 16 value heads of 128):
-                logits and every parameter's gradient.
+                logits and every parameter's gradient. Both on the pure-torch GDN kernels (fla's are the
+                kernels part's subject; compiling its fp32 ones overran 195 s on a fresh H200).
 Not in the default list (name it in --parts):
   flex     120  the attention checks for FlexAttention (attention_kernel: flex), which torch.compile builds
                 for head_dim 256 first; a comparison for choosing the kernel, not needed for training.
@@ -40,8 +41,9 @@ do not, each reports one SKIPPED row and takes no time:
                 within 3% of BF16's.
   te_ckpt    60  the converted (local-format) checkpoint loads under TE; saved under TE, it loads under
                 the local spec and back under TE: every weight equal, logits bit-identical on reload.
-The kernels part compiles and autotunes fla's bf16 kernels (more than 100 s on a fresh H100); the bf16 parts
-after it reuse them from Triton's on-disk cache, parity compiles fp32 ones. On a fresh node a part can
+The kernels part compiles and autotunes fla's bf16 kernels (more than 100 s on a fresh H100); the parts
+after it reuse them from Triton's on-disk cache (autotuning included: megatron_ext sets
+TRITON_CACHE_AUTOTUNING). On a fresh node a part can
 overrun its box: its row says TIMEOUT; run again (the cache is then warm) or give it more with --box.
 
 ``--device cpu`` runs what can run without CUDA (attention and flex: FlexAttention eagerly, forward only;
@@ -71,10 +73,11 @@ from tools.parity import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 # Seconds, 360 in all, in the order the parts run: the bf16 parts first (they share compiled kernels; the
-# first one compiles), parity last (its fp32 kernels are compiled for it alone). On an H100 with an empty
-# Triton cache, compiling fla's kernels alone took more than 100 s (docs/benchmarks.md).
-# attention compiles nothing and goes first; its 20 s came off bench, whose 50 s a cold node overran anyway.
-BOXES = {"attention": 20, "kernels": 140, "resume": 120, "bench": 30, "parity": 50, "flex": 120, "syncs": 60}
+# first one compiles), parity last (pure-torch kernels in fp32: it compiles nothing). On an H100 with an
+# empty Triton cache, compiling fla's kernels alone took more than 100 s, on an H200 about 190 s
+# (docs/benchmarks.md). attention compiles nothing and goes first: on a fresh H200 it needed more than 20 s
+# (process start, CUDA and megatron import), so it has 40, 20 of them from parity, which no longer compiles.
+BOXES = {"attention": 40, "kernels": 140, "resume": 120, "bench": 30, "parity": 30, "flex": 120, "syncs": 60}
 OPTIONAL = ("flex", "syncs")  # run only when named in --parts (the default run keeps to 360 s)
 # Transformer Engine parts: in the default run where TE imports, on top of the 360 s; SKIPPED rows elsewhere
 TE_BOXES = {"te_parity": 60, "te_packed": 40, "te_fp8": 240, "te_ckpt": 60}
@@ -156,16 +159,17 @@ def part_kernels(device: str) -> None:
 
 
 def part_parity(device: str) -> None:
-    from tools.parity import compare, megatron_twin
+    from tools.parity import compare, megatron_twin, reference_kernels
     from tools.tiny_qwen35 import causal_lm, text_config
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     hf = causal_lm(text_config(**REAL_HEADS), seed=1).to(device)
-    ours = megatron_twin(hf, device=device)
+    ours = megatron_twin(hf, device=device, gdn_kernel="torch")
     gen = torch.Generator(device).manual_seed(2)
     seq = 300 if device == "cuda" else 100  # more than one 64-token GDN chunk, not a multiple of it
     ids = torch.randint(0, hf.config.vocab_size, (2, seq), generator=gen, device=device)
-    errors = compare(hf, ours, ids, gen)
+    with reference_kernels(hf):  # the model code on trial; fla has the kernels part
+        errors = compare(hf, ours, ids, gen)
     row("parity", f"logits, megatron_ext vs transformers, fp32 on {device}", errors.pop("logits"), LIMITS["fp32 logits"])
     worst = max(errors, key=errors.get)
     row("parity", f"gradients of {len(errors)} parameters, worst ({worst})", errors[worst], LIMITS["fp32 grads"])

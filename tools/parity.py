@@ -1,7 +1,11 @@
 """Our megatron-core Qwen3.5 against transformers' reference with the same weights: the comparison behind
-the parity tests (CPU, float64) and the GPU check (CUDA, float32 with fla's kernels on both sides)."""
+the parity tests (CPU, float64) and the GPU check (CUDA, float32, the pure-torch GDN kernels on both sides)."""
 
 from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
 
 import torch
 
@@ -16,6 +20,28 @@ def megatron_twin(hf_model, device: str = "cpu", **build_kwargs):
     state = hf_model.state_dict()
     hf_mapping.copy_hf_into(model, config, state.__getitem__, hf_mapping.lm_prefix(state))
     return model
+
+
+# transformers' Qwen3.5 GDN kernels: module functions that dispatch to fla / causal_conv1d where installed
+HF_KERNELS = ("causal_conv1d_fn", "causal_conv1d_update", "torch_chunk_gated_delta_rule",
+              "torch_recurrent_gated_delta_rule")
+
+
+@contextlib.contextmanager
+def reference_kernels(hf_model):
+    """transformers' model on its pure-torch GDN kernels while inside: its kernel functions are wrapped at
+    import to call fla or causal_conv1d when installed, and unwrapped they are the readable references.
+    For a model-code comparison on CUDA without compiling fla's fp32 kernels (more than 195 s on a fresh
+    H200); fla against the same references is ``tools.gpu_check``'s kernels part."""
+    module = sys.modules[type(hf_model).__module__]
+    dispatching = {name: getattr(module, name) for name in HF_KERNELS if hasattr(module, name)}
+    try:
+        for name, fn in dispatching.items():
+            setattr(module, name, inspect.unwrap(fn))
+        yield
+    finally:
+        for name, fn in dispatching.items():
+            setattr(module, name, fn)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
