@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from preprocessing.atomic import write_atomic, write_json_atomic
 
 
 def device_and_dtype(device: str | None) -> tuple[str, torch.dtype]:
@@ -51,23 +52,10 @@ def models_on_domains_parser(doc: str, model_help: str) -> argparse.ArgumentPars
     return p
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """``path`` holds its old content or all of ``text``, never a part: a job killed (or failing) while writing
-    leaves no cut-off result for the next step to read. The text goes to a file beside it, then replaces it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_report(out: str | Path, report: dict, markdown: str) -> None:
     """``OUT.json`` (the full report) and ``OUT.md`` (its table), each written atomically; the table is printed too."""
     out = Path(out)
-    write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2))
+    write_json_atomic(out.with_suffix(".json"), report)
     write_atomic(out.with_suffix(".md"), markdown)
     print(markdown)
 
@@ -104,7 +92,7 @@ class FinishedUnits:
     def put(self, key: str, result: dict) -> None:
         self.entries[key] = result
         if self.path:
-            write_atomic(self.path, json.dumps(self.entries, indent=1))
+            write_json_atomic(self.path, self.entries, indent=1)
 
 
 class ModelFailed(RuntimeError):

@@ -41,7 +41,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from evaluation.common import named_paths, positive_int, write_atomic, write_report
+from evaluation.common import named_paths, positive_int, write_report
+from preprocessing.atomic import write_atomic
 from preprocessing.llm import JsonlCache, LLMConfig, LLMError, Request, StructuredLLM, cache_key
 
 log = logging.getLogger("neurocpt.judge")

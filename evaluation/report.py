@@ -44,7 +44,7 @@ def bar_chart(groups: list[str], series: dict[str, list[float]], ylabel: str, ti
 
 def build(results: Path, out: Path) -> str:
     from evaluation import eval_qwen, eval_reasoning_judge, mtp, perplexity
-    from evaluation.common import write_atomic
+    from preprocessing.atomic import write_atomic
 
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# Evaluation report", ""]

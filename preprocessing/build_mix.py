@@ -14,7 +14,8 @@ import logging
 import os
 import shutil
 
-from preprocessing.pipeline import add_executor_args, check_recipe, load_recipe, one_line_errors, run_stages, write_json_atomic
+from preprocessing.atomic import write_json_atomic
+from preprocessing.pipeline import add_executor_args, check_recipe, load_recipe, one_line_errors, run_stages
 from preprocessing.recipe import MixRecipe
 
 log = logging.getLogger(__name__)

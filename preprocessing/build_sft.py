@@ -259,7 +259,8 @@ def write_report(recipe: SFTRecipe, ledger: dict, sft: dict, train_lengths: np.n
 def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     """Run (or resume) the stage, merge, write ``sft.json`` and the report; returns sft.json's content."""
     from preprocessing.errors import NoDocuments
-    from preprocessing.pipeline import check_settings, completed, make_executor, write_json_atomic
+    from preprocessing.atomic import write_json_atomic
+    from preprocessing.pipeline import check_settings, completed, make_executor
     from preprocessing.report import collect_ledger, no_survivors, stat_totals
     from preprocessing.tokenizer import bundle_tokenizer
 

@@ -33,10 +33,11 @@ from __future__ import annotations
 import argparse
 import logging
 
+from preprocessing.atomic import write_json_atomic
 from preprocessing.enrich import USAGE_STATS, VERSIONS
 from preprocessing.errors import BuildError
 from preprocessing.llm import LLMError
-from preprocessing.pipeline import add_executor_args, load_recipe, run_stages, write_json_atomic
+from preprocessing.pipeline import add_executor_args, load_recipe, run_stages
 from preprocessing.recipe import MixRecipe
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import traceback
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from preprocessing.atomic import write_json_atomic
 from preprocessing.errors import BuildError
 from preprocessing.llm import LLMError
 from preprocessing.recipe import MixRecipe
@@ -134,12 +134,6 @@ def started_tasks(logging_dir: Path, tasks: int) -> int:
     many tasks run at once)."""
     executor = logging_dir / "executor.json"
     return json.loads(executor.read_text())["world_size"] if executor.is_file() else tasks
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def check_settings(path: Path, settings: dict) -> None:

@@ -56,7 +56,8 @@ def test_missing_results_are_named(tmp_path):
 def test_a_failed_write_keeps_the_old_result_whole(tmp_path):
     """A write that dies halfway (here: text the encoder refuses at its end) leaves the previous result, not a
     truncated file, and no temporary file beside it."""
-    from evaluation.common import write_atomic, write_report
+    from evaluation.common import write_report
+    from preprocessing.atomic import write_atomic
 
     out = tmp_path / "judge"
     write_report(out, {"win_rate": 0.6}, "| table |\n")
