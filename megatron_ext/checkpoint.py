@@ -68,7 +68,6 @@ def save_model(
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if is_rank0():
-        recover_replace(out)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
