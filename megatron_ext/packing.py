@@ -129,8 +129,20 @@ def cu_seqlens_of(params: PackedSeqParams) -> Tensor:
 def token_documents(cu_seqlens: Tensor, total: int) -> Tensor:
     """The document of each of the row's ``total`` tokens (0, 0, 1, 2, 2, ...), on ``cu_seqlens``' device and
     without a host sync (``searchsorted``); tokens past ``cu_seqlens[-1]`` get ``len(cu_seqlens) - 1``."""
+    return _documents_and_tokens(cu_seqlens, total)[0]
+
+
+def token_positions(cu_seqlens: Tensor, total: int) -> Tensor:
+    """The position of each of the row's ``total`` tokens inside its document (0, 1, 0, 0, 1, ...), from the
+    documents :func:`token_documents` finds and the same ``arange``, on the device without a host sync; tokens
+    past ``cu_seqlens[-1]`` count on from it."""
+    doc, tokens = _documents_and_tokens(cu_seqlens, total)
+    return tokens - cu_seqlens[doc]
+
+
+def _documents_and_tokens(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
     tokens = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens, tokens, right=True) - 1
+    return torch.searchsorted(cu_seqlens, tokens, right=True) - 1, tokens
 
 
 def documents_of(params: PackedSeqParams | None) -> Documents | None:

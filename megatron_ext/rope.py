@@ -4,16 +4,15 @@ megatron-core applies RoPE to packed documents in one of two ways: TE's fused th
 ``apply_rope_fusion`` slot, filled when TE is importable), or a loop that reads every document's length to
 the host (``tolist()`` on the device ``cu_seqlens``: two syncs per attention layer) and rotates each
 document separately. Here the position of every token inside its document comes from ``cu_seqlens`` on the
-device (:func:`megatron_ext.packing.token_documents`), so the whole row rotates at once with no sync; it fills the same slot.
+device (:func:`megatron_ext.packing.token_positions`), so the whole row rotates at once with no sync; it fills the same slot.
 """
 
 from __future__ import annotations
 
-import torch
 from megatron.core.models.common.embeddings import rope_utils
 from torch import Tensor
 
-from megatron_ext.packing import token_documents
+from megatron_ext.packing import token_positions
 
 
 def thd_rotary(t: Tensor, cu_seqlens: Tensor, freqs: Tensor, cp_size: int = 1, cp_rank: int = 0) -> Tensor:
@@ -21,8 +20,7 @@ def thd_rotary(t: Tensor, cu_seqlens: Tensor, freqs: Tensor, cp_size: int = 1, c
     its document; dims past ``rot_dim`` pass through (partial RoPE). Not interleaved (Qwen3.5 is not)."""
     if cp_size != 1:
         raise NotImplementedError("context parallelism is not supported")
-    tokens = torch.arange(t.shape[0], device=t.device)
-    positions = tokens - cu_seqlens[token_documents(cu_seqlens, t.shape[0])]
+    positions = token_positions(cu_seqlens, t.shape[0])
     return rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs[positions]).squeeze(1)
 
 

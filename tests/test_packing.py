@@ -80,3 +80,13 @@ def test_documents_are_found_once_per_micro_batch_and_every_layer_gets_the_same_
     assert seen[0].cu_seqlens_q is docs.cu_seqlens and seen[0].max_seqlen_q == 24
     assert len(rotated) == 4 and all(cu is docs.cu_seqlens for cu in rotated)  # q and k of both attention layers
     # fla's varlen arguments (GPU only: fla needs Triton) come from the same object: tools.gpu_check's kernels part
+
+
+def test_token_documents_and_positions_come_from_cu_seqlens():
+    """Each token's document and its position inside it, a 1-token document and tokens past the last boundary
+    (padding) included; the positions are what thd RoPE rotates by."""
+    from megatron_ext.packing import token_documents, token_positions
+
+    cu = torch.tensor([0, 2, 3, 5], dtype=torch.int32)
+    assert token_documents(cu, 7).tolist() == [0, 0, 1, 2, 2, 3, 3]
+    assert token_positions(cu, 7).tolist() == [0, 1, 0, 0, 1, 0, 1]
