@@ -62,8 +62,8 @@ def save_model(
     to the common file. ``rank_state``: per-rank objects (RNG states). ``hf_files`` (tokenizer, configs)
     are kept under ``hf_source/`` for the export back to HF, with ``hf_tensors``: the source's language-model
     tensors (names relative to its language-model prefix) and their dtypes, which the export restores
-    (a checkpoint saved from one carries its ``hf_files``, this record included). ``before_publish`` runs when everything is
-    written but not yet renamed into place (fault injection in tests).
+    (a checkpoint saved from one carries its ``hf_files``, this record included). ``before_publish`` runs when
+    everything is written but not yet renamed into place (fault injection in tests).
     """
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")

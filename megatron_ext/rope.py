@@ -4,7 +4,8 @@ megatron-core applies RoPE to packed documents in one of two ways: TE's fused th
 ``apply_rope_fusion`` slot, filled when TE is importable), or a loop that reads every document's length to
 the host (``tolist()`` on the device ``cu_seqlens``: two syncs per attention layer) and rotates each
 document separately. Here the position of every token inside its document comes from ``cu_seqlens`` on the
-device (:func:`megatron_ext.packing.token_positions`), so the whole row rotates at once with no sync; it fills the same slot.
+device (:func:`megatron_ext.packing.token_positions`), so the whole row rotates at once with no sync; it fills
+the same slot.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The local spec's core attention on packed documents: which kernel runs where, and that each keeps
 documents apart exactly like attention over each document alone (float64, so a leak or a wrong scale
 shows far above rounding). FlashAttention (``fused``) has no CPU kernel: its call is checked here through
-stand-ins with the signatures and documented semantics of ``varlen_attn`` in two torch releases, its numbers by ``tools/gpu_check.py``'s
-attention part on CUDA. FlexAttention runs eagerly on CPU, forward only (torch refuses its CPU backward)."""
+stand-ins with the signatures and documented semantics of ``varlen_attn`` in two torch releases, its numbers
+by ``tools/gpu_check.py``'s attention part on CUDA. FlexAttention runs eagerly on CPU, forward only (torch
+refuses its CPU backward)."""
 
 from __future__ import annotations
 
