@@ -25,8 +25,9 @@ not start vLLM itself: the answers are generated here with transformers, the jud
 
 Judgements are cached by everything sent to the judge (the full prompt: question, reference answer, both responses
 in their order; judge model, sampling settings, chat template arguments, schema) in ``<out>.cache.jsonl``,
-answers by (checkpoint directory, ``--max-new-tokens``, prompt) in ``<out>.answers.jsonl``, each as it settles: a
-rerun, or a run killed and started again, costs no new calls or generation for what is done. Each cached judgement
+answers by (checkpoint: its path and the names, sizes and modification times of its files, so a checkpoint written
+again under the same path is answered again; ``--max-new-tokens``, prompt) in ``<out>.answers.jsonl``, each as it
+settles: a rerun, or a run killed and started again, costs no new calls or generation for what is done. Each cached judgement
 keeps its calls and tokens, so the reported cost covers every judgement used, from this run or an earlier one. The API key is read from the environment only and is never written anywhere.
 """
 
@@ -41,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from evaluation.common import named_paths, positive_int, write_report
+from evaluation.common import fingerprint, named_paths, positive_int, write_report
 from preprocessing.atomic import write_atomic
 from preprocessing.llm import JsonlCache, LLMConfig, LLMError, Request, StructuredLLM, cache_key
 
@@ -51,6 +52,7 @@ CRITERIA = ["diagnostic_reasoning", "clinical_knowledge", "management_quality", 
 PROMPT_VERSION = "judge-v1"
 PROMPT_FILE = Path(__file__).with_name("prompts") / f"{PROMPT_VERSION}.txt"
 KEYED_BY = "full prompt"  # marks cache entries keyed by :meth:`StructuredLLM.prompt_key`; older ones left out the reference
+ANSWERS_KEYED_BY = "checkpoint fingerprint"  # marks answers keyed by :func:`fingerprint`; older ones by the path only
 SCORE = {"type": "integer", "minimum": 1, "maximum": 5}
 SCHEMA = {
     "type": "object",
@@ -320,15 +322,23 @@ def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, 
         out: Path, prices: tuple[float, float] = (0.0, 0.0)) -> dict:
     first, second = list(models)
     cache = JsonlCache(out.with_suffix(".answers.jsonl"))  # answers are cached too, each as it comes: generating is slow
+    old = sum(entry.get("keyed_by") != ANSWERS_KEYED_BY for entry in cache.entries.values())
+    if old:
+        log.warning("%s: %d answer(s) cached in an older format (keyed by the checkpoint's path, not its contents) are "
+                    "ignored; those answers are generated again", cache.path, old)
     answers = {}
     for name, model_dir in models.items():
-        # keyed by checkpoint, not by name: a name reused for another checkpoint must not get the old one's answers
-        keys = {q["id"]: cache_key(str(Path(model_dir).resolve()), max_new_tokens, q["prompt"]) for q in questions}
+        # keyed by checkpoint, not by name: a name reused for another checkpoint must not get the old one's answers;
+        # and by its contents (the fingerprint: path, names, sizes and mtimes of its files), not only its path: a
+        # checkpoint retrained or replaced under the same path must not get the old one's answers either
+        model_id = fingerprint(model_dir)
+        keys = {q["id"]: cache_key(model_id, max_new_tokens, q["prompt"]) for q in questions}
         todo = [q for q in questions if cache.get(keys[q["id"]]) is None]
         if todo:  # only then is the model loaded
             new = generate(model_dir, [q["prompt"] for q in todo], max_new_tokens, device)
             for q, answer in zip(todo, new, strict=True):  # strict: the generator runs to its end, its progress bar too
-                cache.put({"key": keys[q["id"]], "model": name, "model_dir": model_dir, "id": q["id"], "answer": answer})
+                cache.put({"key": keys[q["id"]], "keyed_by": ANSWERS_KEYED_BY, "model": name, "model_dir": model_dir,
+                           "id": q["id"], "answer": answer})
         answers[name] = {q["id"]: cache.get(keys[q["id"]])["answer"] for q in questions}
     orders = []  # (question, model shown as A, model shown as B): both orders of every question
     for q in questions:

@@ -274,3 +274,48 @@ def test_judgements_are_keyed_by_the_full_prompt(setup, tmp_path, monkeypatch, c
     warnings = [r.getMessage() for r in caplog.records if "older format" in r.getMessage()]
     assert len(warnings) == 3 and "1 judgement(s) cached in an older format (keyed without the reference answer) are " \
         "ignored" in warnings[0]
+
+
+def test_answers_are_keyed_by_the_checkpoint_contents_not_only_its_path(setup, tmp_path, monkeypatch, caplog):
+    """A checkpoint retrained under the same path is answered again; an unchanged one is not; answers cached in the
+    older format (keyed by the path only) are ignored with one warning, not reused and not a crash."""
+    from evaluation import eval_reasoning_judge as judge
+    from preprocessing.llm import cache_key
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    questions, out, ckpt = tmp_path / "medqa.jsonl", tmp_path / "judge", tmp_path / "cpt"
+    questions.write_text("".join(json.dumps({"id": f"q{i}", "question": f"First-line drug for absence seizures {i}?",
+                                             "options": {"A": "Ethosuximide", "B": "Phenytoin"}, "answer": "Ethosuximide"})
+                                 + "\n" for i in range(2)))
+    tiny_hf_dir(ckpt, 1, chat_template=CHAT_TEMPLATE)
+    prompts = [q["prompt"] for q in judge.load_questions(medqa=questions)["medqa"]]
+    stale = [{"key": cache_key(str(ckpt.resolve()), 6, p), "model": "cpt", "model_dir": str(ckpt), "id": f"medqa/q{i}",
+              "answer": "STALE ANSWER"} for i, p in enumerate(prompts)]  # what the path-keyed cache held
+    out.with_suffix(".answers.jsonl").write_text("".join(json.dumps(e) + "\n" for e in stale))
+    generated = []
+    real = judge.generate
+    monkeypatch.setattr(judge, "generate", lambda model_dir, prompts, *a: generated.append((model_dir, len(prompts)))
+                        or real(model_dir, prompts, *a))
+    server = StubServer()
+
+    def run():
+        generated.clear()
+        judge.main(["--model", f"base={setup / 'base'}", "--model", f"cpt={ckpt}", "--medqa", str(questions), "--n", "2",
+                    "--judge-model", "judge-test", "--base-url", server.url, "--max-new-tokens", "6", "--device", "cpu",
+                    "--out", str(out)])
+        entries = [json.loads(x) for x in out.with_suffix(".answers.jsonl").read_text().splitlines()]
+        return {e["answer"] for e in entries if e.get("keyed_by") and e["model_dir"] == str(ckpt)}
+
+    try:
+        first = run()
+        assert generated == [(str(setup / "base"), 2), (str(ckpt), 2)]  # the stale answers were not reused
+        assert "STALE ANSWER" not in first
+        warnings = [r.getMessage() for r in caplog.records if "older format" in r.getMessage() and "answer" in r.getMessage()]
+        assert len(warnings) == 1 and "2 answer(s) cached in an older format (keyed by the checkpoint's path" in warnings[0]
+        assert run() == first and generated == []  # unchanged checkpoint: every answer reused
+        tiny_hf_dir(ckpt, 2, chat_template=CHAT_TEMPLATE)  # retrained: other weights under the same path
+        second = run()
+    finally:
+        server.close()
+    assert generated == [(str(ckpt), 2)]  # base is unchanged and reused; the new cpt is answered again
+    assert second != first  # the cache holds the new checkpoint's answers beside the old ones
