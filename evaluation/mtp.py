@@ -16,6 +16,11 @@ embedding of token i+1, and predicts token i+2 through the shared LM head::
 Each document is scored from its start on its first ``--max-length`` tokens (teacher forcing: the true
 token i+1 is fed). The table also gives the main model's next-token accuracy on the same positions'
 text, for scale. Ids past the tokenizer's vocabulary are never predicted. Writes ``<out>.json``/``.md``.
+
+Resumable as :mod:`evaluation.perplexity` is: each (model, domain) result is kept in ``<out>.units.json`` as it
+finishes, keyed by the checkpoint's and data file's path, sizes and modification times, ``--max-length``,
+``--max-docs`` and dtype. A rerun skips what is finished (a model with nothing left is not even loaded); a model that
+fails is named, and what finished before it is kept.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from evaluation.common import device_and_dtype, load_hf_model, mask_padded_ids, models_on_domains_parser, named_paths, write_report
+from evaluation.common import (FinishedUnits, ModelFailed, device_and_dtype, fingerprint, load_hf_model,
+                               mask_padded_ids, models_on_domains_parser, named_paths, write_report)
 from evaluation.perplexity import read_documents
+from preprocessing.llm import cache_key
 
 PREFIX = "mtp."
 
@@ -99,25 +106,49 @@ def document_hits(model, head: MTPHead, ids: list[int], vocab: int, device: str)
     return int((main == targets).sum()), int((mtp == targets).sum()), targets.numel()
 
 
+def domain_accuracy(model, head: MTPHead, tok, texts: list[str], max_length: int, device: str, desc: str) -> dict:
+    """MTP and next-token accuracy over a domain's documents, each on its first ``max_length`` tokens."""
+    main = mtp = n = 0
+    for text in tqdm(texts, desc=desc, unit="doc"):
+        ids = tok(text, add_special_tokens=False).input_ids[:max_length]
+        a, b, c = document_hits(model, head, ids, len(tok), device)
+        main, mtp, n = main + a, mtp + b, n + c
+    if not n:
+        raise ValueError("no document has three tokens or more, nothing to score")
+    return {"mtp_acc": mtp / n, "next_token_acc": main / n, "positions": n, "documents": len(texts)}
+
+
 def evaluate(models: dict[str, str], data: dict[str, str], max_length: int = 1024, max_docs: int | None = None,
-             device: str | None = None) -> dict:
+             device: str | None = None, units: FinishedUnits | None = None) -> dict:
+    """The report; each (model, domain) result is taken from ``units`` when finished before, else computed and put
+    there. Raises :class:`ModelFailed` naming the model (and the domain's file) when one fails."""
     device, dtype = device_and_dtype(device)
+    units = units or FinishedUnits(None)
     docs = {domain: read_documents(path, max_docs) for domain, path in data.items()}
+    data_ids = {domain: fingerprint(path) for domain, path in data.items()}
     results: dict[str, dict[str, dict]] = {d: {} for d in data}
     for name, model_dir in models.items():
-        model, tok = load_hf_model(model_dir, device, dtype)
-        head = load_mtp(model_dir, model.config.get_text_config(), dtype, device)
-        for domain, texts in docs.items():
-            main = mtp = n = 0
-            for text in tqdm(texts, desc=f"{name} / {domain}", unit="doc"):
-                ids = tok(text, add_special_tokens=False).input_ids[:max_length]
-                a, b, c = document_hits(model, head, ids, len(tok), device)
-                main, mtp, n = main + a, mtp + b, n + c
-            if not n:
-                raise ValueError(f"{data[domain]}: no document of {domain!r} has three tokens or more, nothing to score")
-            results[domain][name] = {"mtp_acc": mtp / n, "next_token_acc": main / n, "positions": n,
-                                     "documents": len(texts)}
-        del model, head
+        model_id = fingerprint(model_dir)
+        keys = {d: cache_key("mtp", model_id, data_ids[d], max_length, max_docs, str(dtype)) for d in data}
+        todo = [d for d in data if units.get(keys[d]) is None]
+        if len(todo) < len(data):
+            print(f"{name}: {len(data) - len(todo)} of {len(data)} domains finished before, kept")
+        if todo:
+            try:
+                model, tok = load_hf_model(model_dir, device, dtype)
+                head = load_mtp(model_dir, model.config.get_text_config(), dtype, device)
+                for domain in todo:
+                    try:
+                        result = domain_accuracy(model, head, tok, docs[domain], max_length, device,
+                                                 f"{name} / {domain}")
+                    except ValueError as err:
+                        raise ValueError(f"{data[domain]} (domain {domain!r}): {err}") from err
+                    units.put(keys[domain], result)
+                del model, head
+            except Exception as err:
+                raise ModelFailed(f"model {name} ({model_dir}): {err}") from err
+        for domain in data:
+            results[domain][name] = dict(units.get(keys[domain]))
     return {"models": models, "data": data, "max_length": max_length, "results": results}
 
 
@@ -134,10 +165,15 @@ def to_markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = models_on_domains_parser(__doc__, "with mtp.* tensors")
     p.add_argument("--max-length", type=int, default=1024, help="tokens scored per document, from its start")
-    p.add_argument("--out", default="results/mtp", help="writes OUT.json and OUT.md")
+    p.add_argument("--out", default="results/mtp", help="writes OUT.json and OUT.md (OUT.units.json: finished results)")
     args = p.parse_args(argv)
-    report = evaluate(named_paths(args.model, "model"), named_paths(args.data, "data"), args.max_length,
-                      args.max_docs, args.device)
+    units = Path(args.out).with_suffix(".units.json")
+    try:
+        report = evaluate(named_paths(args.model, "model"), named_paths(args.data, "data"), args.max_length,
+                          args.max_docs, args.device, FinishedUnits(units))
+    except ModelFailed as err:
+        raise SystemExit(f"mtp stopped: {err}\nFinished (model, domain) results are kept in {units}; "
+                         "rerun the same command to resume.") from None
     write_report(args.out, report, to_markdown(report))
 
 

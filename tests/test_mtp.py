@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from evaluation import mtp, report
+from evaluation.common import FinishedUnits, ModelFailed
 from tools.tiny_qwen35 import add_mtp, causal_lm, multimodal, text_config, write_tokenizer
 
 
@@ -81,5 +82,52 @@ def test_a_checkpoint_without_mtp_head_is_named(tmp_path):
 
 def test_a_domain_without_a_scorable_position_is_named(release, tmp_path):
     (tmp_path / "short.jsonl").write_text('{"text": ""}\n{"text": "a"}\n')  # no token has two before it
-    with pytest.raises(ValueError, match=r"short\.jsonl: no document of 'tiny' has three tokens"):
+    with pytest.raises(ModelFailed, match=r"model base .*short\.jsonl \(domain 'tiny'\): no document has three tokens"):
         mtp.evaluate({"base": str(release)}, {"tiny": str(tmp_path / "short.jsonl")}, device="cpu")
+
+
+def test_a_killed_evaluation_resumes_with_only_what_is_left(release, tmp_path, monkeypatch, capsys):
+    """Interrupted in the middle (the third of four (model, domain) units raises), the run keeps the two finished in
+    OUT.units.json and writes no report; the rerun computes only the other two and reports exactly what an
+    uninterrupted run does. A checkpoint written again under the same path is computed again."""
+    import shutil
+
+    cpt = tmp_path / "cpt"
+    shutil.copytree(release, cpt)
+    data = {}
+    for d, texts in (("notes", ["The patient presented with acute ischemic stroke.", "No focal deficit on exam."]),
+                     ("web", ["Neurons in the hippocampus encode place and time.", "Sleep consolidates memory."])):
+        data[d] = tmp_path / f"{d}.jsonl"
+        data[d].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+    def argv(out):
+        return ["--model", f"base={release}", "--model", f"cpt={cpt}", "--data", f"notes={data['notes']}",
+                "--data", f"web={data['web']}", "--max-length", "8", "--device", "cpu", "--out", str(tmp_path / out)]
+
+    mtp.main(argv("whole"))  # uninterrupted
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    scored, real = [], mtp.domain_accuracy
+
+    def interrupted(*a):
+        if len(scored) == 2:
+            raise KeyboardInterrupt("killed")  # not an Exception: as a kill, nothing catches it
+        scored.append(a[-1])
+        return real(*a)
+
+    monkeypatch.setattr(mtp, "domain_accuracy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mtp.main(argv("mtp"))
+    assert scored == ["base / notes", "base / web"] and not (tmp_path / "mtp.json").exists()
+    assert len(FinishedUnits(tmp_path / "mtp.units.json").entries) == 2
+    monkeypatch.setattr(mtp, "domain_accuracy", lambda *a: scored.append(a[-1]) or real(*a))
+    scored.clear()
+    mtp.main(argv("mtp"))
+    assert scored == ["cpt / notes", "cpt / web"]  # base was not scored again
+    assert "base: 2 of 2 domains finished before, kept" in capsys.readouterr().out
+    assert json.loads((tmp_path / "mtp.json").read_text()) == whole
+    scored.clear()
+    mtp.main(argv("mtp"))
+    assert scored == []  # all finished
+    (cpt / "config.json").write_bytes((cpt / "config.json").read_bytes())  # the checkpoint written again
+    mtp.main(argv("mtp"))
+    assert scored == ["cpt / notes", "cpt / web"]
