@@ -108,7 +108,8 @@ class MixRecipe:
     heldout_fraction: float = 0.01
     decontaminate: list[str] = field(default_factory=list)
     decontaminate_ngram: int = 13
-    max_doc_chars: int = 5_000_000  # larger records are quarantined, not read into the pipeline
+    max_doc_chars: int = 5_000_000  # larger records are quarantined, not read into the pipeline (nor a jsonl line of
+    # over 16 bytes a character parsed: steps.line_byte_limit)
     minhash: dict[str, int] = field(default_factory=lambda: {"n_grams": 5, "num_buckets": 14, "hashes_per_bucket": 8})
     seed: int = 1234
     llm: EnrichLLMConfig | None = None  # needed when a source has ``enrich``

@@ -98,16 +98,35 @@ class WhitespaceWordTokenizer(WordTokenizer):
 # -------------------------------------------------------------------------------------------- reading
 
 
-def jsonl_records(path: str) -> Iterator[tuple[int, Any, str | None]]:
+def line_byte_limit(max_doc_chars: int) -> int:
+    """The longest jsonl line a record whose text has ``max_doc_chars`` characters can need: JSON may escape one
+    character as 12 bytes (a code point past the BMP as two ``\\uXXXX``), and 4 bytes a character more are room for
+    the record's other fields. A longer line is too large without being read whole or parsed."""
+    return 16 * max_doc_chars
+
+
+def jsonl_records(path: str, max_line_bytes: int | None = None) -> Iterator[tuple[int, Any, str | None]]:
     """(line, record, problem) for every non-blank line of a jsonl or jsonl.gz file; a line that is not
-    UTF-8 or not JSON comes back with its problem (and an excerpt as the record) instead of stopping."""
+    UTF-8 or not JSON comes back with its problem (and an excerpt as the record) instead of stopping. A line of more
+    than ``max_line_bytes`` comes back as ``too_large`` (with a message as the record) without being read into memory
+    whole or parsed: a multi-GB line costs a pass over its bytes, not their size in memory and a JSON parse."""
     import gzip
 
     import orjson
 
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
-        for i, raw in enumerate(f, start=1):
+        i = 0
+        while raw := (f.readline(max_line_bytes + 1) if max_line_bytes else f.readline()):
+            i += 1
+            if max_line_bytes and len(raw.rstrip(b"\r\n")) > max_line_bytes:
+                head, size = raw[:100].decode("utf-8", "replace"), len(raw)
+                while raw and not raw.endswith(b"\n"):  # the rest of the line, skipped a piece at a time
+                    raw = f.readline(1 << 16)
+                    size += len(raw)
+                yield i, f"line of {size} bytes, over the limit of {max_line_bytes} (16 bytes per max_doc_chars), " \
+                         f"not parsed: {head}", "too_large"
+                continue
             if not raw.strip():
                 continue
             try:
@@ -172,9 +191,8 @@ class MixReader(PipelineStep):
         except Exception as err:  # unreadable file: corrupt gzip, bad parquet, permissions
             bad(None, "unreadable_file", f"{type(err).__name__}: {err}")
 
-    @staticmethod
-    def _jsonl(path: str, source: SourceConfig):
-        return jsonl_records(path)
+    def _jsonl(self, path: str, source: SourceConfig):
+        return jsonl_records(path, line_byte_limit(self.max_doc_chars))
 
     @staticmethod
     def _parquet(path: str, source: SourceConfig):

@@ -210,6 +210,41 @@ def test_bad_input_is_quarantined_and_counted(tmp_path):
     assert heldout_batches({**mix, "dir": str(tmp_path / "out")}, str(tmp_path / "tok"), 64, 4, 1, eod=0) == {}
 
 
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_a_huge_line_is_quarantined_without_being_read_whole_or_parsed(tmp_path, monkeypatch, suffix):
+    """A line longer than 16 bytes per max_doc_chars is too large whatever it holds: it is quarantined with its file,
+    line and size, skipped a piece at a time (never in memory whole) and never given to the JSON parser; the lines
+    around it are read as usual."""
+    import tracemalloc
+
+    import orjson
+
+    from preprocessing.recipe import SourceConfig
+    from preprocessing.steps import MixReader
+
+    huge = b'{"text": "' + b"x" * (20 << 20) + b'"}'  # 20 MiB on one line; the limit below is 16,000 bytes
+    body = b"".join([json.dumps({"text": "A short note about a transient ischemic attack."}).encode() + b"\n", huge + b"\n",
+                     json.dumps({"text": "x" * 999, "id": "n3"}).encode() + b"\n"])  # within the limit: read
+    path = tmp_path / f"notes{suffix}"
+    path.write_bytes(gzip.compress(body) if suffix.endswith(".gz") else body)
+    parsed, real = [], orjson.loads
+    monkeypatch.setattr(orjson, "loads", lambda raw: parsed.append(len(raw)) or real(raw))
+    reader = MixReader([(SourceConfig("notes", [str(path)], 1.0), str(path))], str(tmp_path / "errors"), max_doc_chars=1000)
+    tracemalloc.start()
+    try:
+        docs = list(reader.run())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [d.metadata["line"] for d in docs] == [1, 3] and docs[1].id == "notes/n3"
+    assert len(parsed) == 2 and max(parsed) < 16_000  # the huge line never reached the parser
+    assert peak < 4 << 20  # reading it whole would take its 20 MiB
+    [error] = [json.loads(x) for x in (tmp_path / "errors" / "read_00000.jsonl").read_text().splitlines()]
+    assert (error["file"], error["line"], error["reason"]) == (str(path), 2, "too_large")
+    assert error["excerpt"].startswith(f"line of {len(huge) + 1} bytes, over the limit of 16000 (16 bytes per "
+                                       'max_doc_chars), not parsed: {"text": "xxx')
+
 EXAM = "Mental status: alert and oriented.\nCranial nerves: intact.\nMotor: strength 5/5 throughout.\n"
 COMPLAINTS = ["headache", "dizziness", "numbness", "tremor", "seizure", "neck pain"]
 
