@@ -103,3 +103,13 @@ def test_profile_step_writes_where_a_step_spends_its_time(tmp_path):
     bench_train.profile_step(lambda: (a @ a).relu_(), tmp_path / "rows" / "ours-full-4096.txt")
     table = (tmp_path / "rows" / "ours-full-4096.txt").read_text()
     assert "Name" in table and "aten::mm" in table and "aten::relu_" in table
+
+
+def test_the_baseline_names_its_conv1d_kernel(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "causal_conv1d" else real(name, *a))
+    assert bench_train.baseline_conv1d() == "pure-torch fallback (causal_conv1d not installed)"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "causal_conv1d" else real(name, *a))
+    assert bench_train.baseline_conv1d() == "causal_conv1d package"

@@ -88,6 +88,15 @@ def ours(config, seq: int, micro_batch: int, *, memory: str, backend: str = "loc
     return step
 
 
+def baseline_conv1d() -> str:
+    """Which causal conv1d transformers' Qwen3.5 runs: the ``causal_conv1d`` package where installed, else
+    its pure-torch fallback (slower: a baseline without the package flatters our ratio)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("causal_conv1d") is not None
+    return "causal_conv1d package" if found else "pure-torch fallback (causal_conv1d not installed)"
+
+
 def hf(config, seq: int, micro_batch: int, *, memory: str) -> Callable[[], None]:
     """transformers' Qwen3.5 (fla kernels for GDN, SDPA attention) with fused AdamW; ``memory``: none | full."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
@@ -287,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n### Training step ({date.today()}, {torch.cuda.get_device_name()}, micro-batch {args.micro_batch}, "
           f"shape {'from ' + args.hf_config if args.hf_config else 'APPROX_2B'})\n")
     print("\n".join(table(results)))
+    print(f"\ntransformers' causal conv1d: {baseline_conv1d()}")
 
 
 if __name__ == "__main__":

@@ -461,6 +461,7 @@ def part_bench(device: str) -> None:
     for r in bench_train.measure(seqs=(4096,), micro_batch=1, warmup=2, iters=5, setups=bench_train.QUICK):
         row("bench", f"{r.setup.name} [{r.setup.memory} recomputation]: s/step / tok/s / MFU / peak GiB / resident GiB",
             " / ".join(bench_train.cells(r)))
+    row("bench", "transformers' causal conv1d", bench_train.baseline_conv1d())
 
 
 PARTS = {"attention": part_attention, "kernels": part_kernels, "resume": part_resume, "bench": part_bench,
