@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from preprocessing.atomic import write_atomic, write_json_atomic
+from preprocessing.llm import cache_key
 
 
 def device_and_dtype(device: str | None) -> tuple[str, torch.dtype]:
@@ -97,6 +98,38 @@ class FinishedUnits:
 
 class ModelFailed(RuntimeError):
     """One model's evaluation failed (the message names it); the other models' finished results are kept."""
+
+
+def each_model_on_each_domain(kind: str, models: dict[str, str], data: dict[str, str], settings: tuple,
+                              units: FinishedUnits, load, score) -> dict[str, dict[str, dict]]:
+    """``results[domain][name]`` of every model on every domain, resumably. A (model, domain) result finished before
+    comes from ``units``; the others are ``score(load(model_dir), name, domain)``, a model loaded only when it has
+    domains left, each result put into ``units`` as it finishes. A unit's key: ``kind``, the :func:`fingerprint` of
+    checkpoint and data file, and ``settings``. Raises :class:`ModelFailed` naming the model (and, for a
+    ValueError, the domain's file)."""
+    data_ids = {domain: fingerprint(path) for domain, path in data.items()}
+    results: dict[str, dict[str, dict]] = {d: {} for d in data}
+    for name, model_dir in models.items():
+        model_id = fingerprint(model_dir)
+        keys = {d: cache_key(kind, model_id, data_ids[d], *settings) for d in data}
+        todo = [d for d in data if units.get(keys[d]) is None]
+        if len(todo) < len(data):
+            print(f"{name}: {len(data) - len(todo)} of {len(data)} domains finished before, kept")
+        if todo:
+            try:
+                loaded = load(model_dir)
+                for domain in todo:
+                    try:
+                        result = score(loaded, name, domain)
+                    except ValueError as err:
+                        raise ValueError(f"{data[domain]} (domain {domain!r}): {err}") from err
+                    units.put(keys[domain], result)
+                del loaded
+            except Exception as err:
+                raise ModelFailed(f"model {name} ({model_dir}): {err}") from err
+        for domain in data:
+            results[domain][name] = dict(units.get(keys[domain]))
+    return results
 
 
 def named_paths(items: list[str], what: str) -> dict[str, str]:

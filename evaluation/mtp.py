@@ -33,10 +33,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from evaluation.common import (FinishedUnits, ModelFailed, device_and_dtype, fingerprint, load_hf_model,
+from evaluation.common import (FinishedUnits, ModelFailed, device_and_dtype, each_model_on_each_domain, load_hf_model,
                                mask_padded_ids, models_on_domains_parser, named_paths, write_report)
 from evaluation.perplexity import read_documents
-from preprocessing.llm import cache_key
 
 PREFIX = "mtp."
 
@@ -123,32 +122,16 @@ def evaluate(models: dict[str, str], data: dict[str, str], max_length: int = 102
     """The report; each (model, domain) result is taken from ``units`` when finished before, else computed and put
     there. Raises :class:`ModelFailed` naming the model (and the domain's file) when one fails."""
     device, dtype = device_and_dtype(device)
-    units = units or FinishedUnits(None)
     docs = {domain: read_documents(path, max_docs) for domain, path in data.items()}
-    data_ids = {domain: fingerprint(path) for domain, path in data.items()}
-    results: dict[str, dict[str, dict]] = {d: {} for d in data}
-    for name, model_dir in models.items():
-        model_id = fingerprint(model_dir)
-        keys = {d: cache_key("mtp", model_id, data_ids[d], max_length, max_docs, str(dtype)) for d in data}
-        todo = [d for d in data if units.get(keys[d]) is None]
-        if len(todo) < len(data):
-            print(f"{name}: {len(data) - len(todo)} of {len(data)} domains finished before, kept")
-        if todo:
-            try:
-                model, tok = load_hf_model(model_dir, device, dtype)
-                head = load_mtp(model_dir, model.config.get_text_config(), dtype, device)
-                for domain in todo:
-                    try:
-                        result = domain_accuracy(model, head, tok, docs[domain], max_length, device,
-                                                 f"{name} / {domain}")
-                    except ValueError as err:
-                        raise ValueError(f"{data[domain]} (domain {domain!r}): {err}") from err
-                    units.put(keys[domain], result)
-                del model, head
-            except Exception as err:
-                raise ModelFailed(f"model {name} ({model_dir}): {err}") from err
-        for domain in data:
-            results[domain][name] = dict(units.get(keys[domain]))
+
+    def load(model_dir):
+        model, tok = load_hf_model(model_dir, device, dtype)
+        return model, load_mtp(model_dir, model.config.get_text_config(), dtype, device), tok
+
+    results = each_model_on_each_domain(
+        "mtp", models, data, (max_length, max_docs, str(dtype)), units or FinishedUnits(None), load,
+        score=lambda loaded, name, domain: domain_accuracy(*loaded, docs[domain], max_length, device,
+                                                           f"{name} / {domain}"))
     return {"models": models, "data": data, "max_length": max_length, "results": results}
 
 

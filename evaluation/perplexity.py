@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evaluation.common import (FinishedUnits, ModelFailed, device_and_dtype, fingerprint, load_hf_model, mask_padded_ids,
-                               models_on_domains_parser, named_paths, positive_int, write_report)
-from preprocessing.llm import cache_key
+from evaluation.common import (FinishedUnits, ModelFailed, device_and_dtype, each_model_on_each_domain, load_hf_model,
+                               mask_padded_ids, models_on_domains_parser, named_paths, positive_int, write_report)
 
 
 @torch.no_grad()
@@ -96,30 +95,12 @@ def evaluate(models: dict[str, str], data: dict[str, str], max_length: int = 409
     """The report; each (model, domain) result is taken from ``units`` when finished before, else computed and put
     there. Raises :class:`ModelFailed` naming the model (and the domain's file) when one fails."""
     device, dtype = device_and_dtype(device)
-    units = units or FinishedUnits(None)
     docs = {domain: read_documents(path, max_docs) for domain, path in data.items()}
-    data_ids = {domain: fingerprint(path) for domain, path in data.items()}
-    results: dict[str, dict[str, dict]] = {d: {} for d in data}
-    for name, model_dir in models.items():
-        model_id = fingerprint(model_dir)
-        keys = {d: cache_key("perplexity", model_id, data_ids[d], max_length, stride, max_docs, str(dtype)) for d in data}
-        todo = [d for d in data if units.get(keys[d]) is None]
-        if len(todo) < len(data):
-            print(f"{name}: {len(data) - len(todo)} of {len(data)} domains finished before, kept")
-        if todo:
-            try:
-                model, tok = load_hf_model(model_dir, device, dtype)
-                for domain in todo:
-                    try:
-                        result = domain_perplexity(model, tok, docs[domain], max_length, stride, device, f"{name} / {domain}")
-                    except ValueError as err:
-                        raise ValueError(f"{data[domain]} (domain {domain!r}): {err}") from err
-                    units.put(keys[domain], result)
-                del model
-            except Exception as err:
-                raise ModelFailed(f"model {name} ({model_dir}): {err}") from err
-        for domain in data:
-            results[domain][name] = dict(units.get(keys[domain]))
+    results = each_model_on_each_domain(
+        "perplexity", models, data, (max_length, stride, max_docs, str(dtype)), units or FinishedUnits(None),
+        load=lambda model_dir: load_hf_model(model_dir, device, dtype),
+        score=lambda loaded, name, domain: domain_perplexity(*loaded, docs[domain], max_length, stride, device,
+                                                             f"{name} / {domain}"))
     first = next(iter(models))
     for domain in results:
         base = results[domain][first]["ppl"]
