@@ -186,14 +186,13 @@ def _time_steps(step, warmup: int, iters: int) -> tuple[float, float, float]:
 def profile_step(step: Callable[[], None], path: Path, rows: int = 30) -> None:
     """One more step under torch.profiler: the operators and kernels that took the most device time (CPU
     time without CUDA), as a table in ``path``, to see where a step's time goes."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    cuda = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         step()
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
-    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    key = "cuda_time_total" if cuda else "cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(prof.key_averages().table(sort_by=key, row_limit=rows) + "\n")
 
