@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import faulthandler
 import json
 import logging
 import math
@@ -466,6 +467,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:  # a bad key or value: one line, not a traceback
         raise SystemExit(f"{args.config or 'config'}: {e}") from None
     rank = int(os.environ.get("RANK", 0))
+    # a hung run names where it waits: `kill -USR1 <pid>` prints every thread's stack (a collective one rank
+    # never joined, a writer process, a loader worker: forked helpers inherit the handler)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logs.setup(Path(cfg.run_dir) / ("train.log" if rank == 0 else f"train.rank{rank}.log"), args.verbose, rank=rank)
     train(cfg)
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,13 +43,13 @@ def tiny_hf_dir(path: Path, seed: int, chat_template: str | None = None) -> Path
 
 
 def trainer_command(config: Path, *extra: str, nproc: int = 1) -> list[str]:
-    """The trainer's command line: one process, or torchrun with ``nproc`` ranks (gloo on CPU)."""
-    from megatron_ext.parallel import free_port
+    """The trainer's command line: one process, or torchrun with ``nproc`` ranks (gloo on CPU). ``--standalone``:
+    torchrun binds its own free port (a port picked here and bound later could be taken in between)."""
     from tools import gpu_check
 
     if nproc == 1:
         return gpu_check.trainer_command(config, *extra)
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "megatron_ext.train", "--config", str(config), *extra]
 
 
@@ -59,14 +60,27 @@ def kill_after_first_checkpoint(config: Path, nproc: int = 1) -> None:
     gpu_check.kill_after_first_checkpoint(trainer_command(config, nproc=nproc), run_dir)
 
 
-def run_trainer(config: Path, *extra: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+def run_trainer(config: Path, *extra: str, nproc: int = 1, check: bool = True,
+                timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the trainer as users do; output goes to files, and whatever the run leaves behind (a killed
-    run's checkpoint-writer helpers) is killed with its process group."""
+    run's checkpoint-writer helpers) is killed with its process group. A run still going after ``timeout``
+    fails the test with every process's stacks (the trainer's SIGUSR1 handler) instead of hanging the suite."""
+    from tools.gpu_check import kill_tree, process_tree
+
     cmd = trainer_command(config, *extra, nproc=nproc)
     out, err = config.with_suffix(".out"), config.with_suffix(".err")
     with open(out, "w") as o, open(err, "w") as e:
         proc = subprocess.Popen(cmd, stdout=o, stderr=e, start_new_session=True)
-        code = proc.wait(timeout=600)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tree = process_tree(proc.pid)
+            for p in tree if nproc == 1 else tree[1:]:  # the ranks and their helpers; SIGUSR1 would kill torchrun
+                p.send_signal(signal.SIGUSR1)
+                time.sleep(0.5)  # one at a time: they share the stderr file
+            kill_tree(proc.pid)
+            proc.wait()
+            pytest.fail(f"{' '.join(cmd)} still running after {timeout:.0f} s; its stacks:\n{err.read_text()[-20000:]}")
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

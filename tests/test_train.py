@@ -221,16 +221,20 @@ def test_progress_keeps_the_compiling_first_step_out_of_average_and_eta(monkeypa
 
 
 def test_sigterm_saves_and_exits_then_resumes(reference, setup):
+    """SIGTERM saves and exits; SIGUSR1 before it prints every thread's stack and the run goes on."""
     config = _config(setup, "sigterm")
     with open(config.with_suffix(".err"), "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "megatron_ext.train", "--config", str(config)],
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         metrics = setup / "sigterm" / "metrics.jsonl"
         deadline = time.time() + 300
-        while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)  # what a scheduler sends before preempting the job
+        for steps, sig in ((1, signal.SIGUSR1), (2, signal.SIGTERM)):  # SIGTERM: what a scheduler sends to preempt
+            while (not metrics.exists() or len(metrics.read_text().splitlines()) < steps) and time.time() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(sig)
         assert proc.wait(timeout=300) == 0
+    stacks = config.with_suffix(".err").read_text()
+    assert "most recent call first" in stacks and "megatron_ext/train.py" in stacks, stacks[-2000:]
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

@@ -54,12 +54,12 @@ tiny shape): the test suite uses it to check this script.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -476,6 +476,35 @@ def trainer_command(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "megatron_ext.train", "--config", str(config), *extra]
 
 
+def process_tree(pid: int) -> list:
+    """``pid`` (first) and every process started below it, as psutil processes. A process group is not
+    enough: torchrun starts each rank in a session of its own, and so does the resume part its trainer."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and everything below it, as a node failure would: all of it is stopped first (a
+    stopped process starts no more children), then killed. Killing only a launcher orphans its ranks,
+    which train on (and hold the GPU)."""
+    import psutil
+
+    stopped: dict[int, psutil.Process] = {}
+    while new := [p for p in process_tree(pid) if p.pid not in stopped]:
+        for p in new:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.suspend()
+            stopped[p.pid] = p
+    for p in stopped.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
 def kill_after_first_checkpoint(cmd: list[str], run_dir: Path, timeout: float = 300) -> None:
     """Start a training command and SIGKILL all its processes as soon as its first checkpoint is published."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -483,7 +512,7 @@ def kill_after_first_checkpoint(cmd: list[str], run_dir: Path, timeout: float = 
     deadline = time.time() + timeout
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
 
 
@@ -503,7 +532,7 @@ def run_part(name: str, box: float, args: argparse.Namespace, out) -> None:
             try:
                 line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 proc.wait()
                 emit(out, f"| {name} | time box | stopped after {box:.0f} s | | TIMEOUT |")
                 return
