@@ -3,6 +3,7 @@ ratios to transformers are taken only between rows with the same memory policy."
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tools import bench_train
@@ -110,6 +111,41 @@ def test_the_baseline_names_its_conv1d_kernel(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "causal_conv1d" else real(name, *a))
-    assert bench_train.baseline_conv1d() == "pure-torch fallback (causal_conv1d not installed)"
+    assert bench_train.baseline_conv1d() == "fla's Triton kernel (causal_conv1d not installed)"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "causal_conv1d" else real(name, *a))
     assert bench_train.baseline_conv1d() == "causal_conv1d package"
+
+
+def test_the_conv1d_put_in_transformers_slot_computes_what_transformers_does(monkeypatch):
+    """The baseline's conv adapter, with our torch kernel in place of fla's (fla needs CUDA; the kernels part
+    of tools/gpu_check compares the two): a transformers GatedDeltaNet layer gives the same outputs and
+    gradients through it as through its own conv, in float64."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    from tools.float64 import float64
+    from tools.tiny_qwen35 import text_config
+
+    config = text_config()
+    layer = modeling_qwen3_5.Qwen3_5GatedDeltaNet(config, layer_idx=0).double()
+    gen = torch.Generator().manual_seed(0)
+    for p in layer.parameters():
+        p.data = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.2
+    x = torch.randn(2, 37, config.hidden_size, generator=gen, dtype=torch.float64)
+
+    def run():
+        layer.zero_grad()
+        with float64():  # transformers' GDN upcasts to float32 inside; here that means float64
+            out = layer(x)
+            out.pow(2).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+    want, want_grads = run()
+    ours, calls = bench_train.conv1d_for_transformers("torch"), []
+    monkeypatch.setattr(modeling_qwen3_5, "causal_conv1d_fn", lambda *a, **k: calls.append(1) or ours(*a, **k))
+    got, got_grads = run()
+    assert calls  # the layer went through the adapter
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-12, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="unpacked rows only"):
+        ours(x.transpose(1, 2), layer.conv1d.weight.squeeze(1), None, "silu", seq_idx=torch.zeros(2, 37))

@@ -89,18 +89,39 @@ def ours(config, seq: int, micro_batch: int, *, memory: str, backend: str = "loc
 
 
 def baseline_conv1d() -> str:
-    """Which causal conv1d transformers' Qwen3.5 runs: the ``causal_conv1d`` package where installed, else
-    its pure-torch fallback (slower: a baseline without the package flatters our ratio)."""
+    """Which causal conv1d transformers' Qwen3.5 runs in the baseline: the ``causal_conv1d`` package where
+    installed, else fla's Triton kernel, which :func:`hf` puts in its slot (transformers' own fallback is
+    pure torch: a slower baseline would flatter our ratio; on an H200 it ran that fallback)."""
     import importlib.util
 
     found = importlib.util.find_spec("causal_conv1d") is not None
-    return "causal_conv1d package" if found else "pure-torch fallback (causal_conv1d not installed)"
+    return "causal_conv1d package" if found else "fla's Triton kernel (causal_conv1d not installed)"
+
+
+def conv1d_for_transformers(kernel: str) -> Callable[..., torch.Tensor]:
+    """transformers' ``causal_conv1d_fn`` (x [B, C, T] in and out, SiLU, no bias, unpacked rows) computed by
+    :func:`megatron_ext.kernels.causal_conv1d_silu` with ``kernel`` (fla: its Triton conv)."""
+    from megatron_ext.kernels import causal_conv1d_silu
+
+    def conv(x, weight, bias=None, activation=None, **kwargs):
+        if bias is not None or activation != "silu" or any(v is not None for v in kwargs.values()):
+            raise ValueError(f"conv1d_for_transformers: SiLU without bias on unpacked rows only (bias "
+                             f"{'set' if bias is not None else 'None'}, activation {activation}, {sorted(kwargs)})")
+        return causal_conv1d_silu(x.transpose(1, 2), weight, None, kernel).transpose(1, 2)
+
+    return conv
 
 
 def hf(config, seq: int, micro_batch: int, *, memory: str) -> Callable[[], None]:
-    """transformers' Qwen3.5 (fla kernels for GDN, SDPA attention) with fused AdamW; ``memory``: none | full."""
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    """transformers' Qwen3.5 (fla kernels for GDN and, see :func:`baseline_conv1d`, its conv; SDPA attention)
+    with fused AdamW; ``memory``: none | full."""
+    import importlib.util
 
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    if importlib.util.find_spec("causal_conv1d") is None:  # the module global its forward calls
+        modeling_qwen3_5.causal_conv1d_fn = conv1d_for_transformers("fla")
     hf_config = Qwen3_5TextConfig(**config.to_hf_text_dict())
     with torch.device("cuda"):  # initialise on the GPU: a 2B init on the CPU takes longer than the benchmark
         model = Qwen3_5ForCausalLM._from_config(hf_config, dtype=torch.bfloat16, attn_implementation="sdpa")
