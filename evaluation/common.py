@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from preprocessing.atomic import write_atomic, write_json_atomic
+from preprocessing.atomic import write_all_atomic, write_json_atomic
 from preprocessing.llm import cache_key
 
 
@@ -54,10 +54,10 @@ def models_on_domains_parser(doc: str, model_help: str) -> argparse.ArgumentPars
 
 
 def write_report(out: str | Path, report: dict, markdown: str) -> None:
-    """``OUT.json`` (the full report) and ``OUT.md`` (its table), each written atomically; the table is printed too."""
+    """``OUT.json`` (the full report) and ``OUT.md`` (its table), replaced together atomically; the table is
+    printed too."""
     out = Path(out)
-    write_json_atomic(out.with_suffix(".json"), report)
-    write_atomic(out.with_suffix(".md"), markdown)
+    write_all_atomic({out.with_suffix(".json"): json.dumps(report, indent=2), out.with_suffix(".md"): markdown})
     print(markdown)
 
 

@@ -64,6 +64,7 @@ def test_a_failed_write_keeps_the_old_result_whole(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         write_report(out, {"win_rate": 0.7}, "| new table |\n" + "x" * 100_000 + "\ud800")
     assert (tmp_path / "judge.md").read_text() == "| table |\n"
+    assert json.loads((tmp_path / "judge.json").read_text()) == {"win_rate": 0.6}  # not a new JSON beside the old table
     with pytest.raises(UnicodeEncodeError):
         write_atomic(tmp_path / "judge.jsonl", '{"id": 1}\n' + "\ud800")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["judge.json", "judge.md"]
