@@ -13,6 +13,7 @@ from megatron_ext import cpu_patches
 
 
 def free_port() -> int:
+    """A TCP port free now, for a launcher that must be told one (another process may take it before it binds)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -33,8 +34,8 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         if "RANK" in os.environ:  # torchrun (or a test harness) set up the rendezvous
             dist.init_process_group(backend)
-        else:  # a plain script: a private 1-process world that leaks nothing into the environment
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        else:  # a plain script: a private 1-process world, its store in memory (no port to pick or lose)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
         have = (
             parallel_state.get_tensor_model_parallel_world_size(),
