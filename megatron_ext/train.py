@@ -235,6 +235,9 @@ def train(cfg: TrainConfig) -> TrainState:
                         params_dtype=dtype, perform_initialization=False, loss_chunk=cfg.loss_chunk, **overrides)
     if resume is None:
         load_weights(model, cfg.init_from)
+    log.info("activation memory: %s recomputation; output layer and loss %s",
+             model.config.recompute_granularity or "no",
+             f"in pieces of {model.loss_chunk} tokens" if model.loss_chunk else "at once")
     ddp = data_parallel(model, dist_opt, cfg.overlap_communication)
     def finalize_grads(*args, **kwargs):
         finalize_model_grads(*args, **kwargs)

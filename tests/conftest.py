@@ -54,10 +54,15 @@ def trainer_command(config: Path, *extra: str, nproc: int = 1) -> list[str]:
 
 
 def kill_after_first_checkpoint(config: Path, nproc: int = 1) -> None:
+    """SIGKILL the run right after its first checkpoint, and check that nothing of it goes on: a missed rank
+    would train on into the run directory (it did, when only torchrun's process group was killed)."""
     from tools import gpu_check
 
     run_dir = Path(yaml.safe_load(config.read_text())["run_dir"])
     gpu_check.kill_after_first_checkpoint(trainer_command(config, nproc=nproc), run_dir)
+    written = [(run_dir / f).read_bytes() for f in ("metrics.jsonl", "checkpoints/latest")]
+    time.sleep(3)  # a few steps of these tiny runs
+    assert [(run_dir / f).read_bytes() for f in ("metrics.jsonl", "checkpoints/latest")] == written
 
 
 def run_trainer(config: Path, *extra: str, nproc: int = 1, check: bool = True,

@@ -141,7 +141,7 @@ def _varlen_stand_in(gqa_flag: bool, seen: dict):
     0)``, ``scale``) document by document."""
 
     def attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size):
-        seen.update(cu=(cu_q, cu_k), max=(max_q, max_k))
+        seen.update(cu=(cu_q, cu_k), max=(max_q, max_k), scale=scale)
         bounds = cu_q.tolist()
         outs = [F.scaled_dot_product_attention(*(x[s:e].transpose(0, 1) for x in (q, k, v)), scale=scale,
                                                is_causal=window_size == (-1, 0), enable_gqa=True).transpose(0, 1)
@@ -180,9 +180,11 @@ def test_fused_call_passes_the_packed_documents_causally_with_gqa_and_the_layer_
     monkeypatch.setattr(varlen, "varlen_attn", _varlen_stand_in(release == "torch 2.13", seen))
     monkeypatch.setattr(layers, "resolve_attention_kernel", lambda requested, device, dtype: requested)
     q, k, v = _qkv(sum(lengths), seed=1)
-    fused, masked = (core_attention(kernel, HEADS, GROUPS, HEAD_DIM, dtype=torch.float64) for kernel in ("fused", "masked"))
+    # not 1/sqrt(head_dim), which the kernel would apply by itself when given no scale
+    fused, masked = (core_attention(kernel, HEADS, GROUPS, HEAD_DIM, dtype=torch.float64, softmax_scale=0.3)
+                     for kernel in ("fused", "masked"))
     out, ref = fused(q, k, v, None, packed_seq_params=params), masked(q, k, v, None, packed_seq_params=params)
-    assert all(cu is params.cu_seqlens_q for cu in seen["cu"]) and seen["max"] == (9, 9)
+    assert all(cu is params.cu_seqlens_q for cu in seen["cu"]) and seen["max"] == (9, 9) and seen["scale"] == 0.3
     torch.testing.assert_close(out, ref, **TOL)
     for got, want in zip(_grads(out, [q, k, v]), _grads(ref, [q, k, v])):
         torch.testing.assert_close(got, want, **TOL)

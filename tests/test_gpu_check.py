@@ -3,9 +3,11 @@ other parts still run, rows echoed and written), and the parts that can run on C
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -53,6 +55,33 @@ def test_a_failing_part_and_an_overrunning_part_are_reported_and_the_rest_runs(t
     assert resume == "| resume | time box | stopped after 4 s | | TIMEOUT |"
     assert kernels == "| kernels | time box | stopped after 3 s | | TIMEOUT |"
     assert all(x in written for x in lines)  # --out holds what the terminal showed
+
+
+def test_kill_tree_reaches_processes_in_sessions_of_their_own():
+    """What torchrun does with its ranks (and the resume part with its trainer): a child in a new session,
+    which a signal to the launcher's process group misses."""
+    import psutil
+
+    launcher = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, "
+                                 "'-c', 'import time; time.sleep(120)'], start_new_session=True); time.sleep(120)"],
+                                start_new_session=True)
+    deadline = time.time() + 30
+    while len(tree := gpu_check.process_tree(launcher.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(tree) == 2 and os.getsid(tree[1].pid) != os.getsid(launcher.pid)
+    gpu_check.kill_tree(launcher.pid)
+    launcher.wait(timeout=10)
+
+    def gone(p):
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE  # killed; its new parent has not reaped it yet
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.time() + 10
+    while not all(gone(p) for p in tree) and time.time() < deadline:
+        time.sleep(0.05)
+    assert all(gone(p) for p in tree)
 
 
 def test_unknown_part_is_refused():
@@ -109,8 +138,8 @@ def test_parity_part_on_cpu(capsys):
 def test_resume_part_on_cpu(capsys, tmp_path, steps):
     gpu_check.part_resume("cpu", tmp_path, resume_steps=steps)
     rows = _rows(capsys)
-    assert [r[4] for r in rows[:3]] == ["pass", "pass", "pass (bit-identical)"]
-    assert rows[1][2] == "iter_0000002"
+    assert [r[4] for r in rows[:4]] == ["pass", "pass", "pass", "pass (bit-identical)"]
+    assert rows[1][2] == "iter_0000002" and rows[2][2] == "yes"
 
 
 def test_parity_compares_model_code_on_transformers_reference_kernels():

@@ -35,7 +35,11 @@ def test_copy_head_scores_exactly_the_repeated_tokens():
     main_hits, mtp_hits, n = mtp.document_hits(model, _copy_head(model), ids, vocab=96, device="cpu")
     # position i gets token i+1 and predicts it again; token i+2 equals it for every odd i: 9 of 18
     assert (n, mtp_hits) == (18, 9)
-    assert 0 <= main_hits <= n
+    # the main model on the same positions, from transformers' own forward: the large embeddings dominate
+    # the residual stream, so it too predicts its input token again, right at every other position
+    with torch.no_grad():
+        predicted = model(torch.tensor([ids])).logits[0, :, :96].argmax(-1).tolist()
+    assert main_hits == sum(predicted[j] == ids[j + 1] for j in range(1, len(ids) - 1)) == 9
 
 
 def test_padded_ids_are_never_the_prediction():
@@ -59,6 +63,8 @@ def release(tmp_path_factory):
 
 
 def test_evaluate_counts_every_position_and_the_report_shows_it(release, tmp_path):
+    """The positions and documents each model is scored on (what they score is the copy-head tests' subject:
+    random models score about nothing)."""
     texts = ["The patient presented with acute ischemic stroke.", "Neurons in the hippocampus encode place and time."]
     data = tmp_path / "heldout.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -67,8 +73,8 @@ def test_evaluate_counts_every_position_and_the_report_shows_it(release, tmp_pat
 
     lengths = [min(len(AutoTokenizer.from_pretrained(release)(t).input_ids), 8) for t in texts]
     row = result["results"]["EHR"]
-    assert row["base"]["positions"] == sum(n - 2 for n in lengths)
-    assert row["base"] == row["cpt"] and 0 <= row["base"]["mtp_acc"] <= 1
+    for name in ("base", "cpt"):
+        assert (row[name]["positions"], row[name]["documents"]) == (sum(n - 2 for n in lengths), 2), name
     (tmp_path / "mtp.json").write_text(json.dumps(result))
     text = report.build(tmp_path, tmp_path / "report.md")
     assert "## MTP head: next-next-token accuracy" in text and "| EHR |" in text

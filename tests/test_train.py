@@ -126,6 +126,9 @@ def test_layouts_equal_one_rank(one_rank, setup, layout):
              "loss_chunk": {"loss_chunk": 48}}.get(layout, {})
     config = _config(setup, layout, micro_batch_size=1, train_iters=4, eval_interval=0, save_interval=100, **extra)
     run_trainer(config, nproc=2 if layout in ("dp2", "tp2") else 1)
+    log = (setup / layout / "train.log").read_text()  # what the trainer built, not only what it was asked
+    assert {"dp2": "DP=2 TP=1", "tp2": "DP=1 TP=2", "recompute_full": "activation memory: full recomputation",
+            "loss_chunk": "output layer and loss in pieces of 48 tokens"}[layout] in log
     got = read_metrics(setup / layout)
     assert len(got) == len(one_rank) == 4
     for x, y in zip(one_rank, got):
@@ -254,7 +257,9 @@ def test_nonfinite_steps_are_skipped_counted_and_halt(setup):
     m = read_metrics(setup / "nan")
     assert m[2]["loss"] is None and m[2]["skipped_steps"] == 1 and m[-1]["skipped_steps"] == 1
     assert all(x["loss"] is not None and x["loss"] == x["loss"] for i, x in enumerate(m) if i != 2)
-    assert m[3]["lr"] == m[2]["lr"]  # the schedule does not advance on a skipped step
+    # the schedule does not advance on a skipped step: 6 steps (2 warmup, 2 cosine decay to 1e-4) with step 3
+    # skipped end one schedule step short of min_lr (advancing, the last two would be 5.5e-4, 1e-4)
+    assert [x["lr"] for x in m] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 5.5e-4])
     halted = run_trainer(_config(setup, "nan_halt", train_iters=6, eval_interval=0, save_interval=100,
                             max_nonfinite_in_a_row=2), "debug={nan_at_steps: [2, 3]}", check=False)
     assert halted.returncode != 0 and "halting: 2 non-finite steps in a row at step 3" in halted.stderr
