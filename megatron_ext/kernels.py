@@ -17,6 +17,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from megatron_ext import fla_configs
 from megatron_ext.packing import Documents
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,21 @@ def _fla_varlen(docs: Documents | None) -> dict:
     return {} if docs is None else docs.fla_kwargs()
 
 
+@functools.cache
+def _tuned_configs(device: torch.device) -> None:
+    """Before fla's first kernel on ``device``: its tuned configurations, where they ship (fla_configs)."""
+    import triton
+
+    fla_configs.use_shipped(torch.cuda.get_device_name(device), triton.__version__)
+
+
 def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, docs: Documents | None, kernel: str) -> torch.Tensor:
     """Depthwise causal conv + SiLU over ``x`` [B, T, D] with ``weight`` [D, W]; no state crosses a
     document boundary."""
     if kernel == "fla":
         from fla.modules.causal_conv1d import causal_conv1d
 
+        _tuned_configs(x.device)
         out, _ = causal_conv1d(x, weight=weight, activation="silu", **_fla_varlen(docs))
         return out
     width = weight.shape[-1]
@@ -91,6 +101,7 @@ def gated_delta_rule(
     if kernel == "fla":
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
+        _tuned_configs(q.device)
         out, _ = chunk_gated_delta_rule(
             q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True, **_fla_varlen(docs)
         )

@@ -47,10 +47,13 @@ def test_te_parts_without_transformer_engine_are_one_skipped_row_each(tmp_path, 
 
 
 def test_a_failing_part_and_an_overrunning_part_are_reported_and_the_rest_runs(tmp_path):
-    stdout, written = _check(tmp_path, "--parts", "bench,resume,kernels", "--box", "resume=4", "--box", "kernels=3")
+    stdout, written = _check(tmp_path, "--parts", "bench,resume,kernels,attention", "--box", "resume=4",
+                             "--box", "kernels=3")
     lines = [x for x in stdout.splitlines() if x.startswith("| ")]
     assert lines[0] == ROWS
-    bench, resume, kernels = lines[1:]
+    bench, resume, kernels, *attention = lines[1:]
+    assert attention[:-1] and all(x.startswith("| attention |") and x.endswith("| pass |") for x in attention[:-1])
+    assert re.fullmatch(r"\| attention \| seconds \| \d+ \| <= 40 \| \|", attention[-1])  # a finished part's time
     assert bench.startswith("| bench | exit code 1 |") and "CUDA" in bench and bench.endswith("| FAILED |")
     assert resume == "| resume | time box | stopped after 4 s | | TIMEOUT |"
     assert kernels == "| kernels | time box | stopped after 3 s | | TIMEOUT |"
@@ -94,8 +97,8 @@ def _rows(capsys) -> list[list[str]]:
     return [[c.strip() for c in x.split("|")[1:-1]] for x in capsys.readouterr().out.splitlines() if x.startswith("| ")]
 
 
-def test_kernels_part_on_cpu(capsys):
-    gpu_check.part_kernels("cpu")  # the torch kernels in bf16 against fp32: the same checks fla gets on CUDA
+def test_kernels_part_on_cpu(capsys, tmp_path):
+    gpu_check.part_kernels("cpu", tmp_path)  # the torch kernels in bf16 against fp32: the same checks fla gets on CUDA
     rows = _rows(capsys)
     assert [r[1] for r in rows if r[4] == "pass"] == [
         "gated delta rule output, torch bf16 vs torch fp32", *(f"gated delta rule d{x}" for x in "q k v g beta".split()),

@@ -12,7 +12,9 @@ Parts, in the order they run, and their time boxes (seconds):
                 dq, dk, dv. FlashAttention ships compiled in torch: this part compiles nothing.
   kernels  140  fla vs the pure-torch GDN kernels (gated delta rule, causal conv1d), bf16, packed documents
                 with the 2B GDN geometry (16 key / 16 value heads of 128): outputs and gradients, and
-                whether two identical fla runs give identical bits (determinism).
+                whether two identical fla runs give identical bits (determinism). On CUDA it writes the
+                configurations fla's autotuning chose to --workdir/fla_configs/ (megatron_ext/fla_configs.py:
+                shipped, a fresh node skips the autotuning) and reads them back through fla's lookup.
   resume   120  the trainer in bf16 with the distributed optimizer on the demo mix: 20 steps uninterrupted;
                 20 steps SIGKILLed (every process) right after the step-10 checkpoint, then rerun, which
                 must resume from it; losses bit-identical, or within 1e-4 relative (a lost Adam state moves
@@ -68,6 +70,7 @@ import threading
 import time
 from datetime import date
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -116,7 +119,7 @@ def row(part: str, check: str, value, limit: float | None = None, verdict: str |
 # --------------------------------------------------------------------------------------------- parts
 
 
-def part_kernels(device: str) -> None:
+def part_kernels(device: str, workdir: Path) -> None:
     from megatron_ext.kernels import causal_conv1d_silu, gated_delta_rule
     from megatron_ext.packing import Documents
 
@@ -161,6 +164,28 @@ def part_kernels(device: str) -> None:
     got, want = conv(kernel, torch.bfloat16), conv("torch", torch.float32)
     for name, a, b in zip(("output", "dx", "dweight"), got, want):
         row("kernels", f"causal conv1d {name}, {kernel} bf16 vs torch fp32", rel_err(a, b), LIMITS["bf16"])
+    if device == "cuda":
+        tuned_configs(workdir)
+
+
+def tuned_configs(workdir: Path) -> None:
+    """fla's configuration choices so far (the 2B GDN geometry, forward and backward), written as a
+    directory for ``megatron_ext/fla_configs/`` and read back through fla's own lookup."""
+    import triton
+    from fla.ops.utils import cache
+
+    from megatron_ext import fla_configs
+
+    tuners = fla_configs.fla_autotuners()
+    out = fla_configs.directory(torch.cuda.get_device_name(), triton.__version__, workdir / "fla_configs")
+    written = fla_configs.dump(tuners, out, triton.__version__)
+    keys = [(t.kernel_name, key) for t in tuners for key in t.cache]
+    with mock.patch.dict(os.environ, {"FLA_CONFIG_DIR": str(out)}):
+        found = sum(cache.load_cached_config(name, cache.AutotuneKey(key)) is not None for name, key in keys)
+    row("kernels", f"tuned fla configurations written to {out} (kernels / entries)",
+        f"{len(written)} / {sum(written.values())}")
+    row("kernels", "entries fla's own lookup finds there (FLA_CACHE_MODE must not be disabled)",
+        f"{found} of {len(keys)}", verdict="pass" if keys and found == len(keys) else "FAIL")
 
 
 def part_parity(device: str) -> None:
@@ -553,6 +578,8 @@ def run_part(name: str, box: float, args: argparse.Namespace, out) -> None:
             if line.startswith("| "):
                 emit(out, line.rstrip("\n"))
         code = proc.wait()
+    if not code:
+        emit(out, f"| {name} | seconds | {time.monotonic() - deadline + box:.0f} | <= {box:.0f} | |")
     if code:
         last = [x for x in log.read_text().splitlines() if x.strip()][-1:] or ["(no output)"]
         emit(out, f"| {name} | exit code {code} | {last[0][:200].replace('|', '/')} | see {log} | FAILED |")

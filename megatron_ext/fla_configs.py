@@ -1,0 +1,104 @@
+"""Tuned configurations for fla's Triton kernels, shipped per GPU and Triton version, so that a node with an
+empty kernel cache compiles one configuration per kernel instead of timing every candidate (the first GDN
+step on an empty cache took about 100 s on an H100 and 190 s on an H200).
+
+fla 0.6.0 reads them itself (``fla.ops.utils.cache``): with ``FLA_CACHE_MODE=strict``, a kernel whose
+autotuning key (head counts and sizes, block sizes, flags, dtypes: never the sequence length) has an entry in
+``$FLA_CONFIG_DIR/<kernel>.json`` runs that configuration; any other shape autotunes as before. This module
+sets the mode before fla is imported (:func:`prefer_shipped`, from the package ``__init__``), points
+``FLA_CONFIG_DIR`` at ``megatron_ext/fla_configs/<GPU> triton <version>/`` when the first fla kernel runs
+(:func:`use_shipped`; a user's own ``FLA_CONFIG_DIR`` wins), and writes such a directory from the choices
+autotuning made in a process (:func:`dump`; ``tools.gpu_check``'s kernels part does, on a GPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).with_name("fla_configs")
+
+
+def prefer_shipped() -> None:
+    """fla looks a kernel's configuration up before autotuning it (exact key only), unless the user chose a
+    mode. fla reads the mode once, at its import: this runs first. Without a directory to read nothing changes."""
+    os.environ.setdefault("FLA_CACHE_MODE", "strict")
+
+
+def directory(device_name: str, triton_version: str, root: Path = ROOT) -> Path:
+    """Where the configurations tuned on ``device_name`` with Triton ``triton_version`` live."""
+    return root / re.sub(r"[^0-9A-Za-z.]+", "_", f"{device_name} triton {triton_version}")
+
+
+def use_shipped(device_name: str, triton_version: str, root: Path = ROOT) -> Path | None:
+    """Point fla at the shipped configurations for this GPU and Triton. Returns the directory fla reads (the
+    user's own ``FLA_CONFIG_DIR`` if set), or None where none ships."""
+    if "FLA_CONFIG_DIR" in os.environ:
+        return Path(os.environ["FLA_CONFIG_DIR"])
+    found = directory(device_name, triton_version, root)
+    if not found.is_dir():
+        log.info("no tuned fla configurations for %s with Triton %s: fla autotunes its kernels on first use",
+                 device_name, triton_version)
+        return None
+    os.environ["FLA_CONFIG_DIR"] = str(found)
+    log.info("fla kernels: tuned configurations from %s", found)
+    return found
+
+
+def key_hash(key) -> str:
+    """The entry name fla gives an autotuning key (``AutotuneKey.key_hash`` in fla 0.6.0: md5 of the key as
+    compact JSON with sorted keys); the kernels part of ``tools.gpu_check`` reads every entry back with fla."""
+    return hashlib.md5(json.dumps(_plain(key), separators=(",", ":"), sort_keys=True).encode()).hexdigest()
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def dump(autotuners, out_dir: str | Path, triton_version: str) -> dict[str, int]:
+    """Write the configurations ``autotuners`` chose (each: ``kernel_name`` and ``cache``, autotuning key ->
+    ``triton.Config``, as fla's ``CachedAutotuner`` has them) as fla's ``<kernel>.json`` files in ``out_dir``.
+    Two kernels of one name that chose differently for one key would make the entry ambiguous: it is left out,
+    with a warning. Returns the number of entries written per kernel."""
+    from preprocessing.atomic import write_json_atomic
+
+    entries: dict[str, dict[str, dict]] = {}
+    clashes: set[tuple[str, str]] = set()
+    for tuner in autotuners:
+        for key, config in tuner.cache.items():
+            name, h = tuner.kernel_name, key_hash(key)
+            entry = {"autotune_key": _plain(key), "config": _config(config)}
+            if entries.setdefault(name, {}).setdefault(h, entry) != entry:
+                clashes.add((name, h))
+    for name, h in clashes:
+        log.warning("fla kernel %s: two kernels of that name chose differently for key %s; not written",
+                    name, entries[name].pop(h)["autotune_key"])
+    out = Path(out_dir)
+    for name, tuned in entries.items():
+        if tuned:
+            write_json_atomic(out / f"{name}.json", {"kernel_name": name, "triton_version": triton_version,
+                                                     "autotune_entries": tuned}, indent=1)
+    return {name: len(tuned) for name, tuned in entries.items() if tuned}
+
+
+def _config(config) -> dict:
+    """A ``triton.Config`` as fla's reader takes it (kwargs, warps, stages, CTAs, register cap)."""
+    out = {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages,
+           "num_ctas": config.num_ctas, "maxnreg": config.maxnreg}
+    if getattr(config, "ir_override", None) is not None:  # Triton >= 3.4
+        out["ir_override"] = config.ir_override
+    return out
+
+
+def fla_autotuners() -> list:
+    """fla's kernels that look their configuration up (``CachedAutotuner``), with what they chose so far."""
+    import gc
+
+    from fla.ops.utils.cache import CachedAutotuner
+
+    return [x for x in gc.get_objects() if isinstance(x, CachedAutotuner)]

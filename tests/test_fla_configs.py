@@ -1,0 +1,93 @@
+"""Shipped fla kernel configurations (megatron_ext/fla_configs.py): the directory chosen per GPU and Triton
+version, the user's own choice kept, and what :func:`dump` writes read back by fla 0.6.0's own lookup code
+(``fla/ops/utils/cache.py`` as installed; Triton, which has no CPU build here, replaced by the two names that
+module imports). On a GPU, ``tools.gpu_check``'s kernels part reads them back with the real Triton."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from megatron_ext import fla_configs
+
+
+def test_the_mode_is_set_unless_the_user_chose_one(monkeypatch):
+    monkeypatch.delenv("FLA_CACHE_MODE", raising=False)
+    fla_configs.prefer_shipped()
+    assert fla_configs.os.environ["FLA_CACHE_MODE"] == "strict"
+    monkeypatch.setenv("FLA_CACHE_MODE", "disabled")
+    fla_configs.prefer_shipped()
+    assert fla_configs.os.environ["FLA_CACHE_MODE"] == "disabled"
+
+
+def test_the_directory_for_this_gpu_and_triton_is_used_and_a_users_own_wins(monkeypatch, tmp_path):
+    monkeypatch.delenv("FLA_CONFIG_DIR", raising=False)
+    h100 = fla_configs.directory("NVIDIA H100 80GB HBM3", "3.7.1", tmp_path)
+    assert h100.name == "NVIDIA_H100_80GB_HBM3_triton_3.7.1"
+    h100.mkdir()
+    assert fla_configs.use_shipped("NVIDIA H200", "3.7.1", tmp_path) is None  # none ships for it
+    assert "FLA_CONFIG_DIR" not in fla_configs.os.environ
+    assert fla_configs.use_shipped("NVIDIA H100 80GB HBM3", "3.8.0", tmp_path) is None  # another Triton
+    assert fla_configs.use_shipped("NVIDIA H100 80GB HBM3", "3.7.1", tmp_path) == h100
+    assert fla_configs.os.environ["FLA_CONFIG_DIR"] == str(h100)
+    monkeypatch.setenv("FLA_CONFIG_DIR", str(tmp_path / "mine"))
+    assert fla_configs.use_shipped("NVIDIA H100 80GB HBM3", "3.7.1", tmp_path) == tmp_path / "mine"
+
+
+@pytest.fixture
+def fla_lookup(monkeypatch):
+    """fla's config lookup module, loaded from the installed fla-core in strict mode."""
+    triton = types.ModuleType("triton")
+    triton.__version__ = "3.7.1"
+    runtime, autotuner = types.ModuleType("triton.runtime"), types.ModuleType("triton.runtime.autotuner")
+    autotuner.Autotuner = type("Autotuner", (), {})
+    for name, module in (("triton", triton), ("triton.runtime", runtime), ("triton.runtime.autotuner", autotuner)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setenv("FLA_CACHE_MODE", "strict")
+    path = Path(importlib.util.find_spec("fla").submodule_search_locations[0]) / "ops" / "utils" / "cache.py"
+    spec = importlib.util.spec_from_file_location("fla_cache_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _config(**kwargs):
+    """What ``triton.Config`` holds."""
+    return SimpleNamespace(kwargs=kwargs, num_warps=kwargs.pop("warps"), num_stages=kwargs.pop("stages"),
+                           num_ctas=1, maxnreg=None, ir_override=None)
+
+
+def test_what_dump_writes_fla_finds_by_key(fla_lookup, monkeypatch, tmp_path, caplog):
+    bf16, fp32 = "torch.bfloat16", "torch.float32"
+    h_key = (16, 16, 128, 128, 64, False, True, bf16, bf16, bf16, fp32)  # H, HV, K, V, BT, flags, dtypes
+    tuners = [
+        SimpleNamespace(kernel_name="chunk_gated_delta_rule_fwd_kernel_h", cache={
+            h_key: _config(BV=32, warps=4, stages=2),
+            (16, 16, 128, 128, 64, False, False, bf16, bf16, bf16): _config(BV=64, warps=8, stages=3)}),
+        SimpleNamespace(kernel_name="causal_conv1d_fwd_kernel", cache={(6144, 4, bf16, bf16): _config(BD=128, warps=4, stages=1)}),
+        # two kernels of one name that chose differently for one key: ambiguous, left out
+        SimpleNamespace(kernel_name="chunk_local_cumsum_scalar_kernel", cache={(1, 16, 64, True, False, fp32): _config(warps=2, stages=1)}),
+        SimpleNamespace(kernel_name="chunk_local_cumsum_scalar_kernel", cache={(1, 16, 64, True, False, fp32): _config(warps=4, stages=1)}),
+    ]
+    with caplog.at_level(logging.WARNING):
+        written = fla_configs.dump(tuners, tmp_path / "tuned", "3.7.1")
+    assert written == {"chunk_gated_delta_rule_fwd_kernel_h": 2, "causal_conv1d_fwd_kernel": 1}
+    assert "chunk_local_cumsum_scalar_kernel: two kernels of that name chose differently" in caplog.text
+    assert not (tmp_path / "tuned" / "chunk_local_cumsum_scalar_kernel.json").exists()
+
+    monkeypatch.setenv("FLA_CONFIG_DIR", str(tmp_path / "tuned"))
+    found = fla_lookup.load_cached_config("chunk_gated_delta_rule_fwd_kernel_h", fla_lookup.AutotuneKey(h_key))
+    assert found == {"kwargs": {"BV": 32}, "num_warps": 4, "num_stages": 2, "num_ctas": 1, "maxnreg": None}
+    conv = fla_lookup.load_cached_config("causal_conv1d_fwd_kernel", fla_lookup.AutotuneKey((6144, 4, bf16, bf16)))
+    assert conv["kwargs"] == {"BD": 128} and conv["num_stages"] == 1
+    # strict: another shape (8 heads) or dtype finds nothing and autotunes
+    assert fla_lookup.load_cached_config("chunk_gated_delta_rule_fwd_kernel_h",
+                                         fla_lookup.AutotuneKey((8,) + h_key[1:])) is None
+    assert fla_lookup.load_cached_config("causal_conv1d_fwd_kernel",
+                                         fla_lookup.AutotuneKey((6144, 4, fp32, fp32))) is None
