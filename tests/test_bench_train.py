@@ -118,34 +118,33 @@ def test_the_baseline_names_its_conv1d_kernel(monkeypatch):
 
 def test_the_conv1d_put_in_transformers_slot_computes_what_transformers_does(monkeypatch):
     """The baseline's conv adapter, with our torch kernel in place of fla's (fla needs CUDA; the kernels part
-    of tools/gpu_check compares the two): a transformers GatedDeltaNet layer gives the same outputs and
-    gradients through it as through its own conv, in float64."""
+    of tools/gpu_check compares the two): transformers' Qwen3.5 gives the same logits and gradients through it
+    as through its own conv, in float64 (the whole model: its layers pass more keyword arguments to the slot,
+    use_cache among them, than the conv's own)."""
     from transformers.models.qwen3_5 import modeling_qwen3_5
 
     from tools.float64 import float64
-    from tools.tiny_qwen35 import text_config
+    from tools.tiny_qwen35 import causal_lm, text_config
 
-    config = text_config()
-    layer = modeling_qwen3_5.Qwen3_5GatedDeltaNet(config, layer_idx=0).double()
-    gen = torch.Generator().manual_seed(0)
-    for p in layer.parameters():
-        p.data = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.2
-    x = torch.randn(2, 37, config.hidden_size, generator=gen, dtype=torch.float64)
+    model = causal_lm(text_config(), seed=4).double().train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(0))
 
     def run():
-        layer.zero_grad()
+        model.zero_grad()
         with float64():  # transformers' GDN upcasts to float32 inside; here that means float64
-            out = layer(x)
-            out.pow(2).sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     want, want_grads = run()
     ours, calls = bench_train.conv1d_for_transformers("torch"), []
-    monkeypatch.setattr(modeling_qwen3_5, "causal_conv1d_fn", lambda *a, **k: calls.append(1) or ours(*a, **k))
+    monkeypatch.setattr(modeling_qwen3_5, "causal_conv1d_fn", lambda *a, **k: calls.append(sorted(k)) or ours(*a, **k))
     got, got_grads = run()
-    assert calls  # the layer went through the adapter
+    assert calls and "activation" in calls[0]  # the model went through the adapter, keyword arguments and all
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert got_grads.keys() == want_grads.keys() and any("conv1d" in n for n in got_grads)
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-12, atol=1e-12, msg=name)
+    x, weight = torch.randn(1, 8, 5, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="unpacked rows only"):
-        ours(x.transpose(1, 2), layer.conv1d.weight.squeeze(1), None, "silu", seq_idx=torch.zeros(2, 37))
+        ours(x, weight, None, "silu", seq_idx=torch.zeros(1, 5, dtype=torch.int32))

@@ -103,10 +103,13 @@ def conv1d_for_transformers(kernel: str) -> Callable[..., torch.Tensor]:
     :func:`megatron_ext.kernels.causal_conv1d_silu` with ``kernel`` (fla: its Triton conv)."""
     from megatron_ext.kernels import causal_conv1d_silu
 
-    def conv(x, weight, bias=None, activation=None, **kwargs):
-        if bias is not None or activation != "silu" or any(v is not None for v in kwargs.values()):
+    def conv(x, weight, bias=None, activation=None, seq_idx=None, cu_seqlens=None, **_):
+        # the rest of the layer's keyword arguments (use_cache, ...) reach the slot too: transformers' own
+        # wrapper drops what a kernel does not take, and so does this
+        packed = seq_idx is not None or cu_seqlens is not None
+        if bias is not None or activation != "silu" or packed:
             raise ValueError(f"conv1d_for_transformers: SiLU without bias on unpacked rows only (bias "
-                             f"{'set' if bias is not None else 'None'}, activation {activation}, {sorted(kwargs)})")
+                             f"{'set' if bias is not None else 'None'}, activation {activation}, packed {packed})")
         return causal_conv1d_silu(x.transpose(1, 2), weight, None, kernel).transpose(1, 2)
 
     return conv
