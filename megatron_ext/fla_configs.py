@@ -62,9 +62,10 @@ def _plain(value):
 
 def dump(autotuners, out_dir: str | Path, triton_version: str) -> dict[str, int]:
     """Write the configurations ``autotuners`` chose (each: ``kernel_name`` and ``cache``, autotuning key ->
-    ``triton.Config``, as fla's ``CachedAutotuner`` has them) as fla's ``<kernel>.json`` files in ``out_dir``.
-    Two kernels of one name that chose differently for one key would make the entry ambiguous: it is left out,
-    with a warning. Returns the number of entries written per kernel."""
+    ``triton.Config``, as fla's ``CachedAutotuner`` has them) as fla's ``<kernel>.json`` files in ``out_dir``,
+    added to the entries already there (processes that ran other shapes: our packed rows, transformers' batches);
+    an entry for the same key is replaced. Two kernels of one name that chose differently for one key would make
+    the entry ambiguous: it is left out, with a warning. Returns the number of entries written per kernel."""
     from preprocessing.atomic import write_json_atomic
 
     entries: dict[str, dict[str, dict]] = {}
@@ -81,8 +82,10 @@ def dump(autotuners, out_dir: str | Path, triton_version: str) -> dict[str, int]
     out = Path(out_dir)
     for name, tuned in entries.items():
         if tuned:
-            write_json_atomic(out / f"{name}.json", {"kernel_name": name, "triton_version": triton_version,
-                                                     "autotune_entries": tuned}, indent=1)
+            path = out / f"{name}.json"
+            before = json.loads(path.read_text())["autotune_entries"] if path.is_file() else {}
+            write_json_atomic(path, {"kernel_name": name, "triton_version": triton_version,
+                                     "autotune_entries": {**before, **tuned}}, indent=1)
     return {name: len(tuned) for name, tuned in entries.items() if tuned}
 
 

@@ -91,3 +91,11 @@ def test_what_dump_writes_fla_finds_by_key(fla_lookup, monkeypatch, tmp_path, ca
                                          fla_lookup.AutotuneKey((8,) + h_key[1:])) is None
     assert fla_lookup.load_cached_config("causal_conv1d_fwd_kernel",
                                          fla_lookup.AutotuneKey((6144, 4, fp32, fp32))) is None
+
+    # another process (transformers' batches) adds its shapes; the entries already there stay
+    batch_key = (6144, 4, fp32, fp32)
+    assert fla_configs.dump([SimpleNamespace(kernel_name="causal_conv1d_fwd_kernel", cache={
+        batch_key: _config(BD=64, warps=8, stages=2)})], tmp_path / "tuned", "3.7.1") == {"causal_conv1d_fwd_kernel": 1}
+    fla_lookup.load_config_file.cache_clear()  # fla reads each file once per process
+    for key, block in (((6144, 4, bf16, bf16), 128), (batch_key, 64)):
+        assert fla_lookup.load_cached_config("causal_conv1d_fwd_kernel", fla_lookup.AutotuneKey(key))["kwargs"] == {"BD": block}

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -138,8 +139,9 @@ def test_parity_part_on_cpu(capsys):
 
 
 @pytest.mark.parametrize("steps", [4])
-def test_resume_part_on_cpu(capsys, tmp_path, steps):
-    gpu_check.part_resume("cpu", tmp_path, resume_steps=steps)
+def test_resume_part_on_cpu(capsys, tmp_path, monkeypatch, steps):
+    monkeypatch.chdir(tmp_path)  # the default --workdir is relative (a relative mix path once went beside the recipe)
+    gpu_check.part_resume("cpu", Path("out/gpu_check"), resume_steps=steps)
     rows = _rows(capsys)
     assert [r[4] for r in rows[:4]] == ["pass", "pass", "pass", "pass (bit-identical)"]
     assert rows[1][2] == "iter_0000002" and rows[2][2] == "yes"

@@ -12,9 +12,10 @@ Parts, in the order they run, and their time boxes (seconds):
                 dq, dk, dv. FlashAttention ships compiled in torch: this part compiles nothing.
   kernels  140  fla vs the pure-torch GDN kernels (gated delta rule, causal conv1d), bf16, packed documents
                 with the 2B GDN geometry (16 key / 16 value heads of 128): outputs and gradients, and
-                whether two identical fla runs give identical bits (determinism). On CUDA it writes the
+                whether two identical fla runs give identical bits (determinism). On CUDA it adds the
                 configurations fla's autotuning chose to --workdir/fla_configs/ (megatron_ext/fla_configs.py:
-                shipped, a fresh node skips the autotuning) and reads them back through fla's lookup.
+                shipped, a fresh node skips the autotuning) and reads them back through fla's lookup; so
+                does bench, for transformers' shapes.
   resume   120  the trainer in bf16 with the distributed optimizer on the demo mix: 20 steps uninterrupted;
                 20 steps SIGKILLed (every process) right after the step-10 checkpoint, then rerun, which
                 must resume from it; losses bit-identical, or within 1e-4 relative (a lost Adam state moves
@@ -165,12 +166,12 @@ def part_kernels(device: str, workdir: Path) -> None:
     for name, a, b in zip(("output", "dx", "dweight"), got, want):
         row("kernels", f"causal conv1d {name}, {kernel} bf16 vs torch fp32", rel_err(a, b), LIMITS["bf16"])
     if device == "cuda":
-        tuned_configs(workdir)
+        tuned_configs(workdir, "kernels")
 
 
-def tuned_configs(workdir: Path) -> None:
-    """fla's configuration choices so far (the 2B GDN geometry, forward and backward), written as a
-    directory for ``megatron_ext/fla_configs/`` and read back through fla's own lookup."""
+def tuned_configs(workdir: Path, part: str) -> None:
+    """fla's configuration choices in this part's process (the 2B GDN geometry, forward and backward), added
+    to a directory for ``megatron_ext/fla_configs/`` and read back through fla's own lookup."""
     import triton
     from fla.ops.utils import cache
 
@@ -182,9 +183,9 @@ def tuned_configs(workdir: Path) -> None:
     keys = [(t.kernel_name, key) for t in tuners for key in t.cache]
     with mock.patch.dict(os.environ, {"FLA_CONFIG_DIR": str(out)}):
         found = sum(cache.load_cached_config(name, cache.AutotuneKey(key)) is not None for name, key in keys)
-    row("kernels", f"tuned fla configurations written to {out} (kernels / entries)",
+    row(part, f"tuned fla configurations written to {out} (kernels / entries)",
         f"{len(written)} / {sum(written.values())}")
-    row("kernels", "entries fla's own lookup finds there (FLA_CACHE_MODE must not be disabled)",
+    row(part, "entries fla's own lookup finds there (FLA_CACHE_MODE must not be disabled)",
         f"{found} of {len(keys)}", verdict="pass" if keys and found == len(keys) else "FAIL")
 
 
@@ -213,7 +214,8 @@ def demo_base(device: str, workdir: Path) -> tuple[Path, Path]:
 
     mix = workdir / "mix" / "mix.json"
     if not mix.is_file():
-        build(MixRecipe.load(ROOT / "data" / "demo" / "recipe.yaml", output_dir=str(mix.parent)))
+        # absolute: a relative output_dir is the recipe file's (data/demo/), not the working directory's
+        build(MixRecipe.load(ROOT / "data" / "demo" / "recipe.yaml", output_dir=str(mix.parent.resolve())))
     base = workdir / "base"
     if not base.is_dir():  # on CPU a tiny shape: there the part checks the procedure, not the kernels
         shape = REAL_HEADS if device == "cuda" else dict(vocab_size=REAL_HEADS["vocab_size"])
@@ -492,13 +494,15 @@ def part_te_ckpt(device: str, workdir: Path) -> None:
         verdict="pass" if same_weights(te, again) == "pass" and torch.equal(te_logits, again_logits) else "FAIL")
 
 
-def part_bench(device: str) -> None:
+def part_bench(device: str, workdir: Path) -> None:
     from tools import bench_train
 
     for r in bench_train.measure(seqs=(4096,), micro_batch=1, warmup=2, iters=5, setups=bench_train.QUICK):
         row("bench", f"{r.setup.name} [{r.setup.memory} recomputation]: s/step / tok/s / MFU / peak GiB / resident GiB",
             " / ".join(bench_train.cells(r)))
     row("bench", "transformers' causal conv1d", bench_train.baseline_conv1d())
+    if device == "cuda":
+        tuned_configs(workdir, "bench")  # transformers' fla calls: batches, not packed rows, so other keys
 
 
 PARTS = {"attention": part_attention, "kernels": part_kernels, "resume": part_resume, "bench": part_bench,
