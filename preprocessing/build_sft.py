@@ -112,8 +112,8 @@ class ChatReader(PipelineStep):
                             continue
                         doc_id = str(record.get("id") or f"{Path(path).name}:{line}")
                         yield Document(text="", id=doc_id, metadata={"messages": messages, "file": path, "line": line})
-                except OSError as err:  # unreadable or corrupt file: counted, the others go on
-                    self.stat_update(f"quarantined/{NAME}/unreadable_file")
+                except Exception as err:  # unreadable or corrupt (a cut gzip: EOFError); the others go on
+                    self.stat_update(f"read/{NAME}", f"quarantined/{NAME}/unreadable_file")
                     quarantine.write(path, None, "unreadable_file", f"{type(err).__name__}: {err}")
         finally:
             quarantine.close()
@@ -189,9 +189,14 @@ class ChatTokenWriter(PipelineStep):
 
 
 def chat_template_hash(tokenizer_dir: str) -> str:
+    from preprocessing.errors import BuildError
     from preprocessing.tokenizer import hf_tokenizer
 
-    return hashlib.sha256(hf_tokenizer(tokenizer_dir).chat_template.encode()).hexdigest()[:16]
+    template = hf_tokenizer(tokenizer_dir).chat_template
+    if not template:
+        raise BuildError(f"{tokenizer_dir}: the tokenizer has no chat template (a base model's tokenizer?); SFT "
+                         "renders conversations with it: use the instruct tokenizer or add chat_template")
+    return hashlib.sha256(template.encode()).hexdigest()[:16]
 
 
 def merge(recipe: SFTRecipe, samples: dict[str, int], token_counts: dict[str, int]) -> tuple[dict[str, dict], np.ndarray]:
@@ -226,6 +231,8 @@ def merge(recipe: SFTRecipe, samples: dict[str, int], token_counts: dict[str, in
 def write_report(recipe: SFTRecipe, ledger: dict, sft: dict, train_lengths: np.ndarray) -> None:
     import matplotlib
 
+    from preprocessing.atomic import write_atomic
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -253,25 +260,25 @@ def write_report(recipe: SFTRecipe, ledger: dict, sft: dict, train_lengths: np.n
     fig.savefig(out / "lengths.png", dpi=100)
     plt.close(fig)
     lines += ["", "![sample lengths](lengths.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    write_atomic(out / "report.md", "\n".join(lines))
 
 
 def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     """Run (or resume) the stage, merge, write ``sft.json`` and the report; returns sft.json's content."""
     from preprocessing.errors import NoDocuments
     from preprocessing.atomic import write_json_atomic
-    from preprocessing.pipeline import check_settings, completed, make_executor
+    from preprocessing.pipeline import check_settings, completed, make_executor, started_tasks
     from preprocessing.report import collect_ledger, no_survivors, stat_totals
     from preprocessing.tokenizer import bundle_tokenizer
 
     out = recipe.out
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = str(recipe.resolve(recipe.tokenizer))
-    tasks = max(1, workers)
     logs = out / "logs"
+    tasks = started_tasks(logs / "tokenize", max(1, workers))  # a resumed build keeps its task count
     template_sha = chat_template_hash(tokenizer)
     check_settings(out / "settings.json", {**dataclasses.asdict(recipe), "base_dir": str(Path(recipe.base_dir).resolve()),
-                                           "tasks": tasks, "chat_template_sha256": template_sha})
+                                           "chat_template_sha256": template_sha})
     if not completed(logs / "tokenize", tasks):
         pipeline = [ChatReader(recipe.files(), str(out / "errors"), recipe.roles),
                     ChatTokenWriter(str(out / "work"), str(out / "errors"), tokenizer, recipe)]

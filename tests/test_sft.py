@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,9 @@ def test_build_quarantines_counts_and_resumes(sft_data):
     assert build(SFTRecipe.load(relative, output_dir=str(sft_data)), workers=2)["train"] == info["train"]
     assert (sft_data / "work" / "train_tokens" / "00000.bin").stat().st_mtime_ns == stamp
     assert {p.name: p.read_bytes() for p in sft_data.glob("*_*.bin")} == before
+    # --workers sets how many tasks run at once, not the build's task count: resuming with fewer works too
+    assert build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(sft_data)), workers=1)["train"] == info["train"]
+    assert (sft_data / "work" / "train_tokens" / "00000.bin").stat().st_mtime_ns == stamp
     with pytest.raises(BuildError, match="seq_length changed"):  # resuming never mixes outputs of other settings
         build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(sft_data), seq_length=512), workers=2)
 
@@ -153,6 +157,32 @@ def test_no_surviving_conversation_ends_the_command_with_one_line(tmp_path):
         f"(missing_messages: 1), read (no_assistant_turn: 1) (records in {tmp_path / 'out' / 'errors'}); fix the data or "
         "the recipe and rerun with --clean")
     assert "Traceback" in (tmp_path / "out" / "build_sft.log").read_text()
+
+
+def test_a_cut_gzip_is_quarantined_and_a_tokenizer_without_chat_template_is_named(tmp_path):
+    """A .jsonl.gz cut short by an interrupted copy is one quarantined file (the others build); a base model's
+    tokenizer, which has no chat template, stops the build before any work, naming the directory."""
+    import gzip
+
+    from preprocessing.build_sft import SFTRecipe, build
+
+    (tmp_path / "good.jsonl").write_text((DEMO / "sft" / "conversations.jsonl").read_text())
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"messages": []}\n' * 200)[:60])
+    recipe = {"tokenizer": str(DEMO / "tokenizer"), "output_dir": "out", "paths": ["*.jsonl*"], "seq_length": 256}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(recipe))
+    info = build(SFTRecipe.load(tmp_path / "sft.yaml"), workers=1)
+    assert info["conversations"]["quarantined"]["unreadable_file"] == 1
+    assert "| unaccounted | 0 |" in (tmp_path / "out" / "report.md").read_text()
+    errors = [json.loads(x) for f in (tmp_path / "out" / "errors").glob("*.jsonl") for x in f.read_text().splitlines()]
+    assert any(e["reason"] == "unreadable_file" and e["file"].endswith("cut.jsonl.gz") and "EOFError" in e["excerpt"]
+               for e in errors), errors
+
+    base_tok = shutil.copytree(DEMO / "tokenizer", tmp_path / "base_tokenizer")
+    (base_tok / "chat_template.jinja").unlink()
+    recipe.update(tokenizer=str(base_tok), output_dir="out_base")
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(BuildError, match=f"{base_tok}: the tokenizer has no chat template"):
+        build(SFTRecipe.load(tmp_path / "sft.yaml"), workers=1)
 
 
 def _dataset(sft_data, seed=7):
