@@ -126,6 +126,10 @@ class MixRecipe:
         total = sum(s.share for s in self.sources)
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"source shares sum to {total}, not 1")
+        for s in self.sources:  # checked here, not after hours of dedup when the last stage chunks a long document
+            if not 0 <= s.chunk_overlap < self.seq_length - 1:
+                raise ValueError(f"source {s.name}: chunk_overlap {s.chunk_overlap} must be in [0, {self.seq_length - 1}) "
+                                 f"(a chunk holds seq_length {self.seq_length} - 1 tokens and EOS)")
 
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> "MixRecipe":

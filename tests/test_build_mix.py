@@ -337,6 +337,22 @@ def test_input_errors_end_the_command_with_one_line(tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip() == f"{recipe}: {recipe}: unknown recipe keys ['seq_lenght']"
 
 
+def test_a_chunk_overlap_as_long_as_a_chunk_stops_before_any_stage(tmp_path):
+    """Only the last stage chunks: a recipe it cannot follow must stop when loaded, not after the dedup."""
+    raw = yaml.safe_load(_recipe(tmp_path).read_text())
+    ehr = raw["sources"][0]
+    for overlap in (511, -1):
+        raw["sources"][0] = {**ehr, "chunk_overlap": overlap}
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump(raw))
+        run = _cli(recipe)
+        assert run.returncode == 1 and run.stderr.strip() == (
+            f"{recipe}: source ehr: chunk_overlap {overlap} must be in [0, 511) (a chunk holds seq_length 512 - 1 tokens and EOS)")
+        assert not (tmp_path / "mix").exists()
+    raw["sources"][0] = {**ehr, "chunk_overlap": 510}  # the largest that leaves a chunk one new token
+    assert MixRecipe(**raw).sources[0].chunk_overlap == 510
+
+
 def test_merged_tokens_that_differ_from_the_counts_stop_the_build(tmp_path):
     """A stray per-rank part (here a copy of one) would put tokens in the mix that mix.json and the report do not count."""
     from preprocessing.pipeline import run_stages
