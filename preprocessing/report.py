@@ -10,6 +10,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from preprocessing.atomic import write_atomic
 from preprocessing.errors import NoDocuments
 
 
@@ -145,7 +146,7 @@ def write_report(recipe, ledger: dict, mix: dict | None, out: Path, stopped_afte
         for s, m in mix["sources"].items():
             lines.append(f"| {s} | {m['documents']} | {m['tokens']:,} | {m['share']:.3f} | {m['weight']:.3f} | {m['epochs']:.2f} |")
         lines += ["", "![documents](report_documents.png)", "", "![tokens](report_tokens.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    write_atomic(out / "report.md", "\n".join(lines))  # a failed rewrite keeps the last whole report
 
     fig, ax = plt.subplots(figsize=(8, 4))
     stages = ["read", "after quarantine", "after filters/dedup", "kept (train)"]

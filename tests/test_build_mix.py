@@ -353,6 +353,26 @@ def test_a_chunk_overlap_as_long_as_a_chunk_stops_before_any_stage(tmp_path):
     assert MixRecipe(**raw).sources[0].chunk_overlap == 510
 
 
+def test_a_report_rewrite_that_fails_keeps_the_last_whole_report(tmp_path, monkeypatch):
+    """A disk that fills while report.md is rewritten must not leave half a report for the user to trust."""
+    from preprocessing.report import collect_ledger, write_report
+
+    recipe = MixRecipe.load(_recipe(tmp_path))
+    (recipe.out / "logs").mkdir(parents=True)
+    (recipe.out / "report.md").write_text("# Mix report of the last run\n")
+    write_text = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(recipe, collect_ledger(recipe.out / "logs", [s.name for s in recipe.sources]), None, recipe.out)
+    assert sorted(p.name for p in recipe.out.iterdir()) == ["logs", "report.md"]
+    assert (recipe.out / "report.md").read_text() == "# Mix report of the last run\n"
+
+
 def test_merged_tokens_that_differ_from_the_counts_stop_the_build(tmp_path):
     """A stray per-rank part (here a copy of one) would put tokens in the mix that mix.json and the report do not count."""
     from preprocessing.pipeline import run_stages
