@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -51,6 +52,19 @@ def models_on_domains_parser(doc: str, model_help: str) -> argparse.ArgumentPars
     p.add_argument("--max-docs", type=positive_int, help="read at most this many documents per domain (default: all)")
     p.add_argument("--device")
     return p
+
+
+def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line of a jsonl file, decoded line by line: reading it as text would
+    raise a UnicodeDecodeError at a bad byte that names neither the file nor the line."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{i}: not UTF-8 text ({err})") from err
+            if line.strip():
+                yield i, line
 
 
 def write_report(out: str | Path, report: dict, markdown: str) -> None:

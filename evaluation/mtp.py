@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     except ModelFailed as err:
         raise SystemExit(f"mtp stopped: {err}\nFinished (model, domain) results are kept in {units}; "
                          "rerun the same command to resume.") from None
+    except (ValueError, OSError) as err:  # a data file that is missing or malformed (named, with the line)
+        raise SystemExit(f"mtp: {err}") from None
     write_report(args.out, report, to_markdown(report))
 
 

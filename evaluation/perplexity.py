@@ -27,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from evaluation.common import (FinishedUnits, ModelFailed, device_and_dtype, each_model_on_each_domain, load_hf_model,
-                               mask_padded_ids, models_on_domains_parser, named_paths, positive_int, write_report)
+                               mask_padded_ids, models_on_domains_parser, named_paths, positive_int, text_lines,
+                               write_report)
 
 
 @torch.no_grad()
@@ -61,19 +62,16 @@ def read_documents(path: str | Path, max_docs: int | None, text_key: str = "text
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"max_docs must be at least 1 (None reads all), got {max_docs}")
     docs = []
-    with open(path) as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{i}: not a jsonl record with a {text_key!r} field ({err})") from err
-            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                raise ValueError(f"{path}:{i}: not a jsonl record with a {text_key!r} string field")
-            docs.append(record[text_key])
-            if len(docs) == max_docs:
-                break
+    for i, line in text_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{i}: not a jsonl record with a {text_key!r} field ({err})") from err
+        if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+            raise ValueError(f"{path}:{i}: not a jsonl record with a {text_key!r} string field")
+        docs.append(record[text_key])
+        if len(docs) == max_docs:
+            break
     if not docs:
         raise ValueError(f"{path}: no documents")
     return docs
@@ -135,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     except ModelFailed as err:
         raise SystemExit(f"perplexity stopped: {err}\nFinished (model, domain) results are kept in {units}; "
                          "rerun the same command to resume.") from None
+    except (ValueError, OSError) as err:  # a data file that is missing or malformed (named, with the line)
+        raise SystemExit(f"perplexity: {err}") from None
     write_report(args.out, report, to_markdown(report))
 
 

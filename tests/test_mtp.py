@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -90,6 +91,20 @@ def test_a_domain_without_a_scorable_position_is_named(release, tmp_path):
     (tmp_path / "short.jsonl").write_text('{"text": ""}\n{"text": "a"}\n')  # no token has two before it
     with pytest.raises(ModelFailed, match=r"model base .*short\.jsonl \(domain 'tiny'\): no document has three tokens"):
         mtp.evaluate({"base": str(release)}, {"tiny": str(tmp_path / "short.jsonl")}, device="cpu")
+
+
+@pytest.mark.parametrize("data, needle", [(b'{"text": 3}\n', r"d\.jsonl:1: not a jsonl record with a 'text'"),
+                                          (b'{"text": "caf\xe9"}\n', r"d\.jsonl:1: not UTF-8 text"),
+                                          (None, r"No such file or directory: '.*d\.jsonl'")],
+                         ids=["wrong type", "Latin-1 byte", "no file"])
+def test_the_command_names_a_bad_data_file_in_one_line(data, needle, tmp_path):
+    """A bad or missing data file stops the command with one line naming it (and the line), not a traceback."""
+    if data is not None:
+        (tmp_path / "d.jsonl").write_bytes(data)
+    with pytest.raises(SystemExit) as err:
+        mtp.main(["--model", f"base={tmp_path / 'no-model'}", "--data", f"d={tmp_path / 'd.jsonl'}",
+                  "--out", str(tmp_path / "mtp"), "--device", "cpu"])
+    assert re.fullmatch("mtp: .*" + needle + ".*", str(err.value))
 
 
 def test_a_killed_evaluation_resumes_with_only_what_is_left(release, tmp_path, monkeypatch, capsys):

@@ -89,6 +89,25 @@ def test_a_bad_record_is_named_by_file_and_line(tmp_path, bad):
         read_documents(path, None)
 
 
+BAD_FILES = {"a wrong field type": (b'{"text": "fine"}\n{"text": 3}\n', r"d\.jsonl:2: not a jsonl record with a 'text'"),
+             "a Latin-1 byte": (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', r"d\.jsonl:2: not UTF-8 text"),
+             "no file": (None, r"No such file or directory: '.*d\.jsonl'")}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_the_command_names_a_bad_data_file_in_one_line(case, tmp_path):
+    """A bad data file stops the command before any model loads, with one line naming the file (and line), not a
+    traceback; nothing is written."""
+    data, needle = BAD_FILES[case]
+    if data is not None:
+        (tmp_path / "d.jsonl").write_bytes(data)
+    with pytest.raises(SystemExit) as err:
+        main(["--model", f"base={tmp_path / 'no-model'}", "--data", f"d={tmp_path / 'd.jsonl'}",
+              "--out", str(tmp_path / "ppl"), "--device", "cpu"])
+    assert re.fullmatch("perplexity: .*" + needle + ".*", str(err.value))
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["d.jsonl"] if data else [])
+
+
 def test_a_domain_without_a_scorable_token_is_named(models, tmp_path):
     root, _ = models
     (tmp_path / "short.jsonl").write_text('{"text": ""}\n{"text": "a"}\n')  # no token has a token before it
