@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from evaluation.common import fingerprint, named_paths, positive_int, write_report
+from evaluation.common import fingerprint, named_paths, positive_int, text_lines, write_report
 from preprocessing.atomic import write_atomic
 from preprocessing.llm import JsonlCache, LLMConfig, LLMError, Request, StructuredLLM, cache_key
 
@@ -79,12 +79,11 @@ def medmcqa_cop_base(path: str | Path, given: str = "auto") -> int:
     if given != "auto":
         return int(given)
     values = set()
-    with open(path) as f:
-        for line in f:
-            try:
-                values.add(int(json.loads(line)["cop"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # a malformed record is named by line when the questions are read
+    for _, line in text_lines(path):
+        try:
+            values.add(int(json.loads(line)["cop"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a malformed record is named by line when the questions are read
     if (0 in values) != (4 in values):
         return 0 if 0 in values else 1
     if not values:
@@ -122,18 +121,15 @@ def _read_questions(path: str | Path, source: str, build) -> list[dict]:
     """``build(record, index)`` for every record of a jsonl file; a malformed line, a record without the
     source's fields or an id seen before is named by file and line."""
     rows, seen = [], set()
-    with open(path) as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                q = build(json.loads(line), len(rows))
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-                raise ValueError(f"{path}:{i}: not a {source} record ({type(err).__name__}: {err})") from err
-            if q["id"] in seen:
-                raise ValueError(f"{path}:{i}: question id {q['id']!r} again (ids key the answers and judgements)")
-            seen.add(q["id"])
-            rows.append(q)
+    for i, line in text_lines(path):
+        try:
+            q = build(json.loads(line), len(rows))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise ValueError(f"{path}:{i}: not a {source} record ({type(err).__name__}: {err})") from err
+        if q["id"] in seen:
+            raise ValueError(f"{path}:{i}: question id {q['id']!r} again (ids key the answers and judgements)")
+        seen.add(q["id"])
+        rows.append(q)
     return rows
 
 
@@ -404,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         questions = sample(load_questions(args.medmcqa, args.pubmedqa, args.medqa, args.medmcqa_cop), args.n, args.seed)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: a question file that is missing or unreadable (named)
         raise SystemExit(str(err)) from None
     judge = Judge(args.judge_model, args.base_url, args.api_key_env, out.with_suffix(".cache.jsonl"), args.retries, args.timeout,
                   args.chat_template_kwargs, args.concurrency)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -165,6 +166,22 @@ def test_bad_question_records_are_named_by_file_and_line(tmp_path):
         (tmp_path / "medqa.jsonl").write_text(json.dumps(good) + "\n\n" + bad + "\n")
         with pytest.raises(ValueError, match=rf"medqa\.jsonl:3: .*{why}"):
             load_questions(medqa=tmp_path / "medqa.jsonl")
+
+
+@pytest.mark.parametrize("source", ["medqa", "medmcqa", "pubmedqa"])
+@pytest.mark.parametrize("case", ["Latin-1 byte", "no file"])
+def test_the_command_names_an_unreadable_question_file_in_one_line(source, case, tmp_path):
+    """A question file with a non-UTF-8 byte, or none at the path, stops the command with one line naming the file
+    (and the line), not a traceback or a bare codec error."""
+    from evaluation.eval_reasoning_judge import main
+
+    path = tmp_path / f"{source}.jsonl"
+    if case == "Latin-1 byte":
+        path.write_bytes(b'\n{"id": "q2", "question": "caf\xe9"}\n')  # line 2, after a blank one
+    with pytest.raises(SystemExit) as err:
+        main(["--model", "a=x", "--model", "b=y", f"--{source}", str(path), "--n", "1", "--out", str(tmp_path / "j")])
+    needle = rf"{path}:2: not UTF-8 text \(.*\)" if case == "Latin-1 byte" else rf".*No such file or directory: '{path}'"
+    assert re.fullmatch(needle, str(err.value))
 
 
 def _medmcqa_file(path, cops):
