@@ -6,6 +6,7 @@ verify_conversion, and bad input that never leaves a partial output."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -414,6 +415,32 @@ def test_bad_input_names_the_problem_and_keeps_the_old_output(case, text_dir, tm
     assert sorted(p.name for p in out.iterdir()) == before
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
     assert compare(text_dir, out, seq_len=8)["max_rel_err"] <= 1e-5  # still the good checkpoint
+
+
+def test_a_truncated_megatron_shard_is_named_in_one_line_and_the_old_export_kept(text_dir, tmp_path):
+    """torch reports a truncated .distcp shard as a bare EOFError inside a CheckpointException (a BaseException);
+    the export names the checkpoint and the layer it could not read, in one line, and replaces nothing."""
+    import shutil
+
+    ckpt = convert_from_hf.convert(text_dir, tmp_path / "ckpt")
+    export = convert_to_hf.convert(ckpt, tmp_path / "export")
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    bad = shutil.copytree(ckpt, tmp_path / "bad")
+    for shard in bad.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(SystemExit) as err:
+        convert_to_hf.main(["--ckpt", str(bad), "--out", str(export), "--overwrite"])
+    assert re.fullmatch(rf"convert_to_hf: {bad}: cannot read \S+: a shard is truncated or missing \(.*\)", str(err.value))
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_the_converters_name_a_missing_input_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=rf"^convert_from_hf: {tmp_path / 'none'}: no such checkpoint directory$"):
+        convert_from_hf.main(["--hf-dir", str(tmp_path / "none"), "--out", str(tmp_path / "ckpt")])
+    with pytest.raises(SystemExit, match=rf"^convert_to_hf: {tmp_path / 'none'} is not a neurocpt model checkpoint"):
+        convert_to_hf.main(["--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "export")])
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_shard_of_another_checkpoint_is_refused(multimodal_dir, tmp_path):

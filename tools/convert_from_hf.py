@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from tools.hf_checkpoint import DTYPES
+from tools.hf_checkpoint import DTYPES, CheckpointError
 
 
 def dominant_dtype(ckpt, dtypes: dict[str, torch.dtype]) -> torch.dtype:
@@ -57,7 +57,7 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype
     from megatron_ext import build_model, hf_mapping, parallel
     from megatron_ext.checkpoint import save_model
     from megatron_ext.config import Qwen35Config
-    from tools.hf_checkpoint import CheckpointError, HFCheckpoint, check_output
+    from tools.hf_checkpoint import HFCheckpoint, check_output
 
     check_output(out, [hf_dir], overwrite)
     ckpt = HFCheckpoint(hf_dir)
@@ -146,7 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never the HF directory)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    out = convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.vocab_divisor, args.overwrite)
+    try:
+        out = convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.vocab_divisor, args.overwrite)
+    except (CheckpointError, OSError) as err:  # bad input, named; no output was written
+        raise SystemExit(f"convert_from_hf: {err}") from None
     print(f"wrote {out}")
 
 

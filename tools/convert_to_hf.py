@@ -24,12 +24,13 @@ import json
 import logging
 import re
 import shutil
+import traceback
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from tools.hf_checkpoint import DTYPES
+from tools.hf_checkpoint import DTYPES, CheckpointError
 
 MTP_PREFIX = "mtp."
 DTYPE_NAMES = {v: k for k, v in {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}.items()}
@@ -38,8 +39,6 @@ _IGNORED_FIELDS = {"eos_token_id", "max_position_embeddings", "padded_vocab_size
 
 
 def _check_same_architecture(ours, template_config, where: Path) -> None:
-    from tools.hf_checkpoint import CheckpointError
-
     a, b = dataclasses.asdict(ours), dataclasses.asdict(template_config)
     diff = {k: (a[k], b[k]) for k in a if k not in _IGNORED_FIELDS and a[k] != b[k]}
     if diff:
@@ -162,7 +161,10 @@ class _LayerReader:
         return m.group(0) if m else name
 
     def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name``; a shard that cannot be read raises :class:`CheckpointError` naming the checkpoint and
+        the layer (torch's own error names neither, and is a BaseException that no ``except Exception`` sees)."""
         from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint import CheckpointException
 
         group = self._group(name)
         if group != self.group:
@@ -173,7 +175,12 @@ class _LayerReader:
                     request[k] = copy.copy(v)
                     # fresh memory at the saved width, not the model's weights
                     request[k].data = torch.empty(v.data.shape, dtype=self.dtypes[k])
-            self.loaded, self.group = dist_checkpointing.load(request, self.dir), group
+            try:
+                self.loaded, self.group = dist_checkpointing.load(request, self.dir), group
+            except CheckpointException as err:
+                causes = "; ".join(traceback.format_exception_only(e)[-1].strip() for e, _ in err.failures.values())
+                raise CheckpointError(f"{self.dir}: cannot read {group.rstrip('.')}: a shard is truncated or missing "
+                                      f"({causes})") from err
         return self.loaded[name]
 
 
@@ -236,7 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     stops = [t for t in args.stop_tokens.split(",") if t]
-    print(f"wrote {convert(args.ckpt, args.out, args.hf_template, args.dtype, args.max_shard_size, stops, args.overwrite)}")
+    try:
+        out = convert(args.ckpt, args.out, args.hf_template, args.dtype, args.max_shard_size, stops, args.overwrite)
+    except (CheckpointError, OSError, ValueError) as err:  # bad input, named; no output was written
+        raise SystemExit(f"convert_to_hf: {err}") from None
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
