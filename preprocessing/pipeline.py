@@ -60,6 +60,8 @@ def stages(recipe: MixRecipe, tasks: int) -> list[tuple[str, list, int]]:
     decont = [str(p) for pattern in recipe.decontaminate for p in recipe.expand(pattern)]
     if recipe.decontaminate and not decont:
         raise FileNotFoundError(f"decontaminate: no benchmark files match {recipe.decontaminate}")
+    for _ in steps.benchmark_texts(decont):  # read once here: a bad file stops the build before any worker starts
+        pass
     clean = [
         steps.MixReader(recipe.source_files(), str(out / "errors"), recipe.max_doc_chars),
         steps.PHIGuard(recipe.sources),

@@ -252,7 +252,10 @@ def word_ngrams(text: str, n: int) -> set[int]:
 
 
 def benchmark_texts(paths: list[str]) -> Iterator[str]:
-    """Every string field of every record in the benchmark jsonl files (questions, options, answers)."""
+    """Every string field of every record in the benchmark jsonl files (questions, options, answers). A line
+    that is not a JSON record stops the build, named: skipping it would let that question's text through."""
+    from preprocessing.errors import BuildError
+
     def strings(x):
         if isinstance(x, str):
             yield x
@@ -264,10 +267,15 @@ def benchmark_texts(paths: list[str]) -> Iterator[str]:
                 yield from strings(v)
 
     for path in paths:
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    yield from strings(json.loads(line))
+        with open(path, "rb") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as err:  # not UTF-8, not JSON
+                    raise BuildError(f"decontaminate: {path}:{i}: not a JSON record ({err})") from None
+                yield from strings(record)
 
 
 class Decontaminate(PipelineStep):

@@ -534,3 +534,18 @@ def test_a_build_killed_mid_stage_resumes_with_fewer_workers(tmp_path):
         (recipe.out / done).unlink()  # rank 0 of the last stage was killed before it finished
     assert build_mix.build(recipe, workers=1) == mix
     assert (recipe.out / "english_text_document.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("bad_line", [b'{"question": "unterminated', b'{"question": "caf\xe9"}'])
+def test_a_bad_benchmark_file_stops_the_build_before_any_work_naming_the_line(tmp_path, bad_line):
+    """Decontamination needs every benchmark record: a line that is not JSON (or not UTF-8) would let that
+    question's text through, so the build stops, in the driver, naming file and line."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "notes.jsonl").write_text(json.dumps({"text": "A patient note. " * 20}) + "\n")
+    (tmp_path / "bench.jsonl").write_bytes(json.dumps({"question": "Which artery?"}).encode() + b"\n" + bad_line + b"\n")
+    recipe = MixRecipe(tokenizer=str(DEMO / "tokenizer"), output_dir=str(tmp_path / "out"), seq_length=64,
+                       base_dir=str(tmp_path), decontaminate=["bench.jsonl"],
+                       sources=[{"name": "notes", "paths": ["raw/*.jsonl"], "share": 1.0}])
+    with pytest.raises(BuildError, match=rf"decontaminate: {tmp_path / 'bench.jsonl'}:2: not a JSON record"):
+        build_mix.build(recipe)
+    assert not (tmp_path / "out" / "logs").exists()  # no stage started
