@@ -1,7 +1,7 @@
 """LLM enrichment of the mix's sources, switched on per source by an ``enrich:`` block in the recipe, with the
 model in an ``llm:`` block (``data/demo/recipe_enrich.yaml`` is a complete example):
 
-    python -m preprocessing.enrich_data --config recipe.yaml [--workers N] [--executor local|slurm|ray]
+    python -m preprocessing.enrich_data --config recipe.yaml [--workers N] [--executor local|slurm|ray] [--verbose]
 
 This runs the mix build's stages up to and including ``enrich`` (``build_mix`` runs the same stage between
 near-dedup and tokenisation, and continues from here), so the model only sees text that passed the PHI guard,
@@ -24,20 +24,21 @@ model and document hash).
 
 Outputs in ``output_dir``: ``enriched/<source>/*.jsonl.gz`` (every source, enriched or passed through: what
 ``build_mix`` tokenises), ``enrich_dropped/<source>/`` (dropped documents with their reason) and
-``enrich_report.{md,json}``. Every enriched document records its provenance in ``metadata.enrich``: model,
+``enrich_report.{md,json}``; the full log in ``enrich_data.log`` (a bad input ends the command with one line, its
+traceback there). Every enriched document records its provenance in ``metadata.enrich``: model,
 and per task the prompt version and the answer.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
-from preprocessing.atomic import write_json_atomic
+from preprocessing.atomic import write_all_atomic
 from preprocessing.enrich import USAGE_STATS, VERSIONS
-from preprocessing.errors import BuildError
 from preprocessing.llm import LLMError
-from preprocessing.pipeline import add_executor_args, load_recipe, run_stages
+from preprocessing.pipeline import add_executor_args, load_recipe, one_line_errors, run_stages
 from preprocessing.recipe import MixRecipe
 
 
@@ -95,10 +96,11 @@ def to_markdown(s: dict) -> str:
 
 
 def write_report(recipe: MixRecipe) -> str:
+    """``enrich_report.{json,md}``, replaced together: a failure leaves the old pair, never a table beside
+    another run's JSON."""
     s = summary(recipe)
-    write_json_atomic(recipe.out / "enrich_report.json", s)
     text = to_markdown(s)
-    (recipe.out / "enrich_report.md").write_text(text)
+    write_all_atomic({recipe.out / "enrich_report.json": json.dumps(s, indent=2), recipe.out / "enrich_report.md": text})
     return text
 
 
@@ -106,19 +108,20 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="recipe YAML with an llm: block and enrich: blocks")
     add_executor_args(p)
+    p.add_argument("--verbose", action="store_true", help="every library's log on the console (always in output_dir/enrich_data.log)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from megatron_ext import logs
+
     for name in ("httpx", "httpx2", "openai"):  # request lines are noise (headers are never logged)
         logging.getLogger(name).setLevel(logging.WARNING)
     recipe = load_recipe(MixRecipe.load, args.config)
     if not recipe.enriched_sources:
         raise SystemExit(f"{args.config}: no source has an enrich: block, nothing to do")
-    try:
-        done = run_stages(recipe, args.workers, args.executor, until="enrich", partition=args.partition, time=args.time)
-    except LLMError as err:
-        raise SystemExit(f"enrichment stopped: {err}. Finished documents are cached; rerun the same command to resume.") from None
-    except BuildError as err:
-        raise SystemExit(f"error: {err}") from None
+    with one_line_errors(logs.setup(recipe.out / "enrich_data.log", args.verbose)):
+        try:
+            done = run_stages(recipe, args.workers, args.executor, until="enrich", partition=args.partition, time=args.time)
+        except LLMError as err:
+            raise LLMError(f"enrichment stopped: {err}. Finished documents are cached; rerun the same command to resume.") from err
     if done:
         print(write_report(recipe))
 

@@ -185,7 +185,8 @@ def test_classification_provenance_and_report(enriched):
     assert "| pubmed | classify, expand |" in report and "| web | passed through |" in report
     first = enriched["summary_first"]["usage"]
     assert first["llm_calls"] > 0 and first["llm_tokens_in"] > 0 and first["llm_tokens_out"] > 0
-    assert "docs/s" in enriched["runs"][0].stderr and "tokens in" in enriched["runs"][0].stderr
+    log = (enriched["out"] / "enrich_data.log").read_text()  # a task's throughput line is datatrove INFO: log file only
+    assert "docs/s" in log and "tokens in" in log and "docs/s per task" in enriched["runs"][0].stdout
 
 
 def test_failures_recorded_with_raw_text_and_counted_per_policy(enriched):
@@ -391,6 +392,46 @@ def test_bad_recipes_and_setup_give_clear_errors(tmp_path, monkeypatch):
     if importlib.util.find_spec("vllm") is None:  # this machine: no GPU, no vLLM
         with pytest.raises(LLMError, match=r"pip install -e '\.\[gpu\]'"):
             VLLMBackend(LLMConfig(model="m", backend="vllm"))
+
+
+def test_input_errors_end_the_command_with_one_line_and_a_log_file(tmp_path):
+    """As build_mix: a source glob matching nothing is one line on the console, its traceback in enrich_data.log."""
+    _corpus(tmp_path / "corpus")
+    path = _recipe(tmp_path, tmp_path / "corpus", "http://127.0.0.1:9/v1")
+    raw = yaml.safe_load(path.read_text())
+    raw["sources"][0]["paths"] = ["missing/*.jsonl"]
+    path.write_text(yaml.safe_dump(raw))
+    run = _cli(path, check=False)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1] == f"error: source pubmed: no files match ['missing/*.jsonl'] (relative to {tmp_path})"
+    log = (tmp_path / "out" / "enrich_data.log").read_text()
+    assert "Traceback" in log and "FileNotFoundError: source pubmed: no files match" in log
+
+
+def test_a_report_rewrite_that_fails_keeps_the_last_json_and_table(tmp_path, monkeypatch):
+    """enrich_report.json and .md are one report: a failure writing the table must not leave a new JSON beside
+    the last run's table, nor half a table."""
+    _corpus(tmp_path / "corpus")
+    recipe = MixRecipe.load(_recipe(tmp_path, tmp_path / "corpus", "http://127.0.0.1:9/v1"))
+    recipe.out.mkdir()
+    old = {"enrich_report.json": '{"run": "last"}', "enrich_report.md": "# Enrichment report of the last run\n"}
+    for name, text in old.items():
+        (recipe.out / name).write_text(text)
+    write_text = Path.write_text
+
+    def disk_full_on_the_table(self, text, *args, **kwargs):
+        if "enrich_report.md" not in self.name:
+            return write_text(self, text, *args, **kwargs)
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full_on_the_table)
+    with pytest.raises(OSError, match="No space left"):
+        enrich_data.write_report(recipe)
+    assert {p.name: p.read_text() for p in recipe.out.iterdir()} == old
+    monkeypatch.undo()
+    assert enrich_data.write_report(recipe).startswith("# Enrichment report")
+    assert json.loads((recipe.out / "enrich_report.json").read_text())["model"] == "stub-model"
 
 
 def test_demo_recipe_enriches_end_to_end_as_the_readme_runs_it(tmp_path):
