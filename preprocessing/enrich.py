@@ -147,6 +147,9 @@ class LLMEnrich(PipelineStep):
         asked += [("arxiv", d) for d in kept if self.sources[d.metadata["source"]].arxiv]
         for (task, d), result in zip(asked, self._ask(llm, asked)):
             source = d.metadata["source"]
+            if task == "expand" and result.output is not None and not any(p.strip() for p in result.output["paragraphs"]):
+                # as an empty document it would be skipped by the next stage's reader with only a warning
+                result = Result(None, "blank expansion: every paragraph is empty", json.dumps(result.output))
             if not self._record(d, task, result, failures):
                 if task == "arxiv" and self.sources[source].on_failure == "drop":
                     removed[id(d)] = "llm_failed:arxiv"

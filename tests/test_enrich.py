@@ -394,6 +394,39 @@ def test_bad_recipes_and_setup_give_clear_errors(tmp_path, monkeypatch):
             VLLMBackend(LLMConfig(model="m", backend="vllm"))
 
 
+def test_an_expansion_of_blank_paragraphs_is_a_recorded_failure(tmp_path, monkeypatch):
+    """An empty expansion would be written as an empty document, which the next stage's reader skips with only a
+    warning: it must be an expand failure, listed and counted like the others, and no document at all."""
+    import tools.openai_stub_server as stub
+
+    expand = stub.ANSWERS["expand"]
+    monkeypatch.setitem(stub.ANSWERS, "expand", lambda prompt: {"paragraphs": [" ", "", "\n\t"]} if "BLANK" in prompt else expand(prompt))
+    rows = _abstracts(4, seed=5)
+    rows[0]["text"] = "BLANK. " + rows[0]["text"]
+    (tmp_path / "corpus" / "pubmed").mkdir(parents=True)
+    (tmp_path / "corpus" / "pubmed" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    server = StubServer()
+    try:
+        recipe = _recipe(tmp_path, tmp_path / "corpus", server.url)
+        raw = yaml.safe_load(recipe.read_text())
+        raw["sources"] = [{**raw["sources"][0], "share": 1.0, "enrich": {"expand": True, "expand_below_words": 1000}}]
+        recipe.write_text(yaml.safe_dump(raw))
+        _cli(recipe)
+    finally:
+        server.close()
+    docs = _by_id(_jsonl_gz(tmp_path / "out" / "enriched"))
+    blank = f"pubmed/{rows[0]['pmid']}"
+    assert f"{blank}#expand" not in docs and all(d["text"] for d in docs.values())
+    assert docs[blank]["metadata"]["enrich"]["expand"]["error"] == "blank expansion: every paragraph is empty"
+    assert json.loads(docs[blank]["metadata"]["enrich"]["expand"]["raw"]) == {"paragraphs": [" ", "", "\n\t"]}
+    assert all(f"{d['id']}#expand" in docs for d in docs.values() if d["id"] != blank and not d["metadata"].get("synthetic"))
+    errors = [json.loads(x) for f in (tmp_path / "out" / "errors").glob("enrich_*.jsonl") for x in f.read_text().splitlines()]
+    assert [(e["reason"], e["excerpt"].split(":")[0]) for e in errors] == [("llm_failed:expand", blank)]
+    pubmed = json.loads((tmp_path / "out" / "enrich_report.json").read_text())["sources"]["pubmed"]
+    assert pubmed["failures"] == {"expand": 1} and pubmed["synthetic"] == pubmed["in"] - 1 == 3
+    assert pubmed["unaccounted"] == 0 and pubmed["out"] == 7
+
+
 def test_input_errors_end_the_command_with_one_line_and_a_log_file(tmp_path):
     """As build_mix: a source glob matching nothing is one line on the console, its traceback in enrich_data.log."""
     _corpus(tmp_path / "corpus")
