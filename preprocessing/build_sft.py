@@ -265,7 +265,7 @@ def write_report(recipe: SFTRecipe, ledger: dict, sft: dict, train_lengths: np.n
 
 def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     """Run (or resume) the stage, merge, write ``sft.json`` and the report; returns sft.json's content."""
-    from preprocessing.errors import NoDocuments
+    from preprocessing.errors import BuildError, NoDocuments
     from preprocessing.atomic import write_json_atomic
     from preprocessing.pipeline import check_settings, completed, make_executor, started_tasks
     from preprocessing.report import collect_ledger, no_survivors, stat_totals
@@ -284,7 +284,7 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
                     ChatTokenWriter(str(out / "work"), str(out / "errors"), tokenizer, recipe)]
         make_executor("local", pipeline, tasks, workers, logs / "tokenize").run()
         if not completed(logs / "tokenize", tasks):
-            raise RuntimeError(f"SFT tokenisation did not complete; see {logs / 'tokenize'} (rerun to resume)")
+            raise BuildError(f"SFT tokenisation did not complete; see {logs / 'tokenize'} (rerun to resume)")
     full = collect_ledger(logs, [NAME])[NAME]
     ledger = {k: full[k] for k in ("read", "quarantined", "kept", "heldout")}
     stats = stat_totals(logs)

@@ -194,7 +194,7 @@ def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", unt
             previous.run()  # local and Ray run a stage to the end here
             previous = None
             if not completed(logging_dir, n):
-                raise RuntimeError(f"stage {name} did not complete; see {logging_dir}/logs (rerun to resume)")
+                raise BuildError(f"stage {name} did not complete; see {logging_dir}/logs (rerun to resume)")
         if name in FILTERING:
             check_survivors(recipe, [x for x, _, _ in todo[: i + 1]])
     if executor == "slurm" and not all(completed(out / "logs" / n, t) for n, _, t in todo):
