@@ -267,15 +267,10 @@ def benchmark_texts(paths: list[str]) -> Iterator[str]:
                 yield from strings(v)
 
     for path in paths:
-        with open(path, "rb") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as err:  # not UTF-8, not JSON
-                    raise BuildError(f"decontaminate: {path}:{i}: not a JSON record ({err})") from None
-                yield from strings(record)
+        for line, record, problem in jsonl_records(path):
+            if problem:
+                raise BuildError(f"decontaminate: {path}:{line}: not a JSON record ({problem})")
+            yield from strings(record)
 
 
 class Decontaminate(PipelineStep):
