@@ -99,3 +99,32 @@ def test_what_dump_writes_fla_finds_by_key(fla_lookup, monkeypatch, tmp_path, ca
     fla_lookup.load_config_file.cache_clear()  # fla reads each file once per process
     for key, block in (((6144, 4, bf16, bf16), 128), (batch_key, 64)):
         assert fla_lookup.load_cached_config("causal_conv1d_fwd_kernel", fla_lookup.AutotuneKey(key))["kwargs"] == {"BD": block}
+
+
+SHIPPED = sorted(p for p in fla_configs.ROOT.iterdir() if p.is_dir())
+
+
+def test_configurations_ship_for_the_h100_with_triton_3_7_1(monkeypatch):
+    """Tuned by tools.gpu_check's kernels part on an H100 (2026-11-27, docs/benchmarks.md): the 2B's GDN geometry."""
+    monkeypatch.delenv("FLA_CONFIG_DIR", raising=False)
+    found = fla_configs.use_shipped("NVIDIA H100 80GB HBM3", "3.7.1")
+    assert found in SHIPPED and len(list(found.glob("*.json"))) >= 10
+
+
+@pytest.mark.parametrize("shipped", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_entry_is_found_by_fla_under_its_own_key(shipped, fla_lookup, monkeypatch):
+    """A hand-edited or truncated file, or a key hashed another way, would make fla autotune after all (or read
+    a configuration meant for another shape): each entry must be the one fla's lookup returns for its key."""
+    import json
+
+    triton_version = shipped.name.rpartition("_triton_")[2]
+    monkeypatch.setenv("FLA_CONFIG_DIR", str(shipped))
+    fla_lookup.load_config_file.cache_clear()
+    for path in sorted(shipped.glob("*.json")):
+        data = json.loads(path.read_text())
+        assert data["kernel_name"] == path.stem and data["triton_version"] == triton_version, path
+        assert data["autotune_entries"], path
+        for h, entry in data["autotune_entries"].items():
+            assert h == fla_configs.key_hash(entry["autotune_key"]), path
+            key = fla_lookup.AutotuneKey(tuple(entry["autotune_key"]))
+            assert fla_lookup.load_cached_config(path.stem, key) == entry["config"], path
