@@ -131,6 +131,17 @@ def test_syncs_part_on_cpu(capsys):
     assert [r[1] for r in _rows(capsys)] == ["training step, 4 layers", "training step, 8 layers"]
 
 
+@pytest.mark.parametrize("counts, verdict", [
+    ({4: 3, 8: 2}, "pass"),  # H100, 2026-11-27: a one-time sync in the first counted step of the process
+    ({4: 2, 8: 2}, "pass"),
+    ({4: 45, 8: 82}, "FAIL"),  # H200, 2026-11-26: megatron's grad-norm fallback synced once per parameter
+    ({4: 2, 8: 3}, "FAIL"),  # one more with depth: a sync per layer somewhere
+    ({4: 9, 8: 9}, "FAIL"),  # not growing, but not the small constant either
+])
+def test_syncs_verdict(counts, verdict):
+    assert gpu_check.syncs_verdict(counts) == verdict
+
+
 def test_parity_part_on_cpu(capsys):
     gpu_check.part_parity("cpu")
     logits, grads = _rows(capsys)

@@ -32,8 +32,8 @@ Not in the default list (name it in --parts):
                 for head_dim 256 first; a comparison for choosing the kernel, not needed for training.
   syncs     60  host syncs in one training step (the trainer's forward_step, schedule, step reduction and
                 optimizer step) under torch.cuda.set_sync_debug_mode("warn"), at 4 and at 8 layers with the
-                2B head geometry: the count must not grow with depth; where each sync comes from goes to
-                the part's log.
+                2B head geometry: the count must not grow with depth and stays at most MAX_SYNCS; where
+                each sync comes from goes to the part's log.
 Transformer Engine parts, in the default run after the others where TE's torch modules import; where they
 do not, each reports one SKIPPED row and takes no time:
   te_parity  60  the TE spec vs the local spec with the same weights in bf16, both against the local spec
@@ -378,9 +378,23 @@ def part_syncs(device: str) -> None:
             sources.update(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
         release(ddp)
     if counts:
-        row("syncs", "host syncs per training step, 4 / 8 layers (the same number: none per layer)",
-            f"{counts[4]} / {counts[8]}", verdict="pass" if counts[4] == counts[8] else "FAIL")
+        row("syncs", f"host syncs per training step, 4 / 8 layers (none per layer; at most {MAX_SYNCS})",
+            f"{counts[4]} / {counts[8]}", verdict=syncs_verdict(counts))
         print("sync sources (file:line count, both depths):", dict(sources.most_common()), file=sys.stderr)
+
+
+# Host syncs a training step may keep: the trainer's one reduction of loss, finiteness and stop flag
+# (train._reduce_step) and megatron's ``total_norm.item()`` for clipping, plus one-time lazy set-up in a
+# process's first counted step. On an H100 (2026-11-27): 3 at 4 layers (one of them once per process,
+# __init__.py:1270) and 2 at 8; before no_apex's device-side grad norm it was 45 / 82.
+MAX_SYNCS = 4
+
+
+def syncs_verdict(counts: dict[int, int]) -> str:
+    """pass when the syncs per step do not grow with the layer count (none per layer) and stay a small constant."""
+    depths = sorted(counts)
+    growing = any(counts[b] > counts[a] for a, b in zip(depths, depths[1:]))
+    return "FAIL" if growing or max(counts.values()) > MAX_SYNCS else "pass"
 
 
 def _real_heads_config(**overrides):
