@@ -53,7 +53,8 @@ def test_a_failing_part_and_an_overrunning_part_are_reported_and_the_rest_runs(t
     lines = [x for x in stdout.splitlines() if x.startswith("| ")]
     assert lines[0] == ROWS
     bench, resume, kernels, *attention = lines[1:]
-    assert attention[:-1] and all(x.startswith("| attention |") and x.endswith("| pass |") for x in attention[:-1])
+    checks = [x for x in attention[:-1] if " deterministic (" not in x]
+    assert len(checks) == 8 and all(x.startswith("| attention |") and x.endswith("| pass |") for x in checks)
     assert re.fullmatch(r"\| attention \| seconds \| \d+ \| <= 40 \| \|", attention[-1])  # a finished part's time
     assert bench.startswith("| bench | exit code 1 |") and "CUDA" in bench and bench.endswith("| FAILED |")
     assert resume == "| resume | time box | stopped after 4 s | | TIMEOUT |"
@@ -113,14 +114,17 @@ def test_attention_part_on_cpu(capsys):
     non-leaves: an AttributeError no CPU run had reached)."""
     gpu_check.part_attention("cpu")
     rows = _rows(capsys)
+    determinism = rows.pop(4)
     assert [(r[1].split(", ")[0], r[1].split(": ")[-1], r[4]) for r in rows] == [
         ("masked bf16 vs masked fp32", name, "pass") for name in ("output", "dq", "dk", "dv")] * 2
     assert ["one document:" in r[1] for r in rows] == [False] * 4 + [True] * 4
+    assert determinism[1:3] == ["masked bf16 deterministic (two runs, same bits: output, gradients)", "yes"]
 
 
 def test_flex_part_on_cpu(capsys):
     gpu_check.part_attention("cpu", kernel="flex")  # FlexAttention eagerly in bf16 vs masked fp32, forward only
     rows = _rows(capsys)
+    assert rows.pop(1)[1:3] == ["flex bf16 deterministic (two runs, same bits: output)", "yes"]
     assert [(r[1].split(", ")[0], r[1].split(": ")[-1], r[4]) for r in rows] == [
         ("flex bf16 vs masked fp32", "output", "pass")] * 2
 
@@ -154,8 +158,12 @@ def test_resume_part_on_cpu(capsys, tmp_path, monkeypatch, steps):
     monkeypatch.chdir(tmp_path)  # the default --workdir is relative (a relative mix path once went beside the recipe)
     gpu_check.part_resume("cpu", Path("out/gpu_check"), resume_steps=steps)
     rows = _rows(capsys)
-    assert [r[4] for r in rows[:4]] == ["pass", "pass", "pass", "pass (bit-identical)"]
+    assert [r[4] for r in rows[:5]] == ["pass", "pass", "pass", "", "pass (bit-identical)"]
     assert rows[1][2] == "iter_0000002" and rows[2][2] == "yes"
+    assert rows[3][1] == f"the same first {steps // 2} steps in two processes: bit-identical (deterministic)"
+    assert rows[3][2] == "yes"
+    # the deterministic attention (FlashAttention's backward is not), so that anything but the same bits fails
+    assert "attention kernel: masked (requested masked" in (tmp_path / "out/gpu_check/uninterrupted.log").read_text()
 
 
 def test_parity_compares_model_code_on_transformers_reference_kernels():
