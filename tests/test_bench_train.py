@@ -148,3 +148,31 @@ def test_the_conv1d_put_in_transformers_slot_computes_what_transformers_does(mon
     x, weight = torch.randn(1, 8, 5, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="unpacked rows only"):
         ours(x, weight, None, "silu", seq_idx=torch.zeros(1, 5, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("memory", ["none", "full"])
+def test_the_baseline_trains_fp32_master_weights_under_bf16_autocast(monkeypatch, memory):
+    """Like ours: bf16 matmuls, fp32 weights that an update of the recipe's lr 2e-6 actually moves (in bf16 it
+    would round away). On CPU with the torch conv in fla's place."""
+    from megatron_ext import Qwen35Config
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    from tools.tiny_qwen35 import text_config
+
+    monkeypatch.setattr(modeling_qwen3_5, "causal_conv1d_fn", None)  # hf() fills the slot; put back afterwards
+    torch.manual_seed(0)
+    step = bench_train.hf(Qwen35Config.from_hf(text_config().to_dict()), 16, 2, memory=memory, device="cpu")
+    model = step.model
+    matmul_dtypes = set()
+    model.lm_head.register_forward_hook(lambda m, args, out: matmul_dtypes.add(out.dtype))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step()
+    assert matmul_dtypes == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) == len(before)
+    assert model.is_gradient_checkpointing == (memory == "full")
+    # the same AdamW update applied to bf16 weights leaves most of them where they were
+    w = before["model.embed_tokens.weight"]
+    stuck = (w.bfloat16() + (model.model.embed_tokens.weight.detach() - w).bfloat16()) == w.bfloat16()
+    assert stuck.float().mean() > 0.9

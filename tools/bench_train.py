@@ -115,29 +115,38 @@ def conv1d_for_transformers(kernel: str) -> Callable[..., torch.Tensor]:
     return conv
 
 
-def hf(config, seq: int, micro_batch: int, *, memory: str) -> Callable[[], None]:
+def hf(config, seq: int, micro_batch: int, *, memory: str, device: str = "cuda") -> Callable[[], None]:
     """transformers' Qwen3.5 (fla kernels for GDN and, see :func:`baseline_conv1d`, its conv; SDPA attention)
-    with fused AdamW; ``memory``: none | full."""
+    with fused AdamW; ``memory``: none | full.
+
+    Mixed precision as transformers' Trainer runs it with ``bf16=True`` (fp32 weights, gradients and Adam
+    state; bf16 autocast): the numerics ours has (bf16 compute, fp32 master weights). Weights kept in bf16
+    would be cheaper but do not train at the recipe's lr 2e-6: an update of about lr is far below half a
+    bf16 ulp of a weight (2^-9 relative), so AdamW's step rounds back to the same weight. On an H100
+    (2026-11-27) that pure-bf16 variant took 0.251 s per 4096-token step against ours' 0.297."""
     import importlib.util
 
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
     from transformers.models.qwen3_5 import modeling_qwen3_5
 
     if importlib.util.find_spec("causal_conv1d") is None:  # the module global its forward calls
-        modeling_qwen3_5.causal_conv1d_fn = conv1d_for_transformers("fla")
+        modeling_qwen3_5.causal_conv1d_fn = conv1d_for_transformers("fla" if device == "cuda" else "torch")
     hf_config = Qwen3_5TextConfig(**config.to_hf_text_dict())
-    with torch.device("cuda"):  # initialise on the GPU: a 2B init on the CPU takes longer than the benchmark
-        model = Qwen3_5ForCausalLM._from_config(hf_config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    with torch.device(device):  # initialise on the GPU: a 2B init on the CPU takes longer than the benchmark
+        model = Qwen3_5ForCausalLM._from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa")
     if {"full": True, "none": False}[memory]:
         model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-6, fused=True)
-    ids = torch.randint(0, config.vocab_size, (micro_batch, seq), device="cuda")
+    ids = torch.randint(0, config.vocab_size, (micro_batch, seq), device=device)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         opt.step()
 
+    step.model = model  # for the test: what the baseline trains
     return step
 
 
