@@ -13,11 +13,13 @@ autotuning made in a process (:func:`dump`; ``tools.gpu_check``'s kernels part d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,34 @@ def _config(config) -> dict:
     if getattr(config, "ir_override", None) is not None:  # Triton >= 3.4
         out["ir_override"] = config.ir_override
     return out
+
+
+@contextlib.contextmanager
+def saving(out_dir: str | Path, triton_version: str, every: float = 10.0):
+    """While the body runs, :func:`dump` what fla has chosen so far every ``every`` seconds, and once more at
+    its end: a process stopped from outside (a time box, a lease running out) keeps the kernels it finished
+    tuning. fla tunes kernel by kernel as each first runs; a cold H100 was stopped after 140 s with
+    transformers' shapes part-way and kept none of them."""
+    stop = threading.Event()
+
+    def save():
+        try:
+            dump(fla_autotuners(), out_dir, triton_version)
+        except RuntimeError as e:  # an autotuner's cache grew while it was read: the next round gets it
+            log.debug("fla configurations not saved this round: %s", e)
+
+    def rounds():
+        while not stop.wait(every):
+            save()
+
+    thread = threading.Thread(target=rounds, name="fla-configs", daemon=True)
+    thread.start()
+    try:
+        yield Path(out_dir)
+    finally:
+        stop.set()
+        thread.join()
+        save()
 
 
 def fla_autotuners() -> list:

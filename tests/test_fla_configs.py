@@ -128,3 +128,31 @@ def test_every_shipped_entry_is_found_by_fla_under_its_own_key(shipped, fla_look
             assert h == fla_configs.key_hash(entry["autotune_key"]), path
             key = fla_lookup.AutotuneKey(tuple(entry["autotune_key"]))
             assert fla_lookup.load_cached_config(path.stem, key) == entry["config"], path
+
+
+def test_choices_are_saved_while_tuning_goes_on_and_at_the_end(monkeypatch, tmp_path):
+    """A part stopped by its time box keeps what was tuned before: the saver writes as choices come."""
+    import json
+    import time
+
+    bf16 = "torch.bfloat16"
+    tuner = SimpleNamespace(kernel_name="causal_conv1d_fwd_kernel", cache={})
+    monkeypatch.setattr(fla_configs, "fla_autotuners", lambda: [tuner])
+    path = tmp_path / "tuned" / "causal_conv1d_fwd_kernel.json"
+
+    def entries():
+        return json.loads(path.read_text())["autotune_entries"] if path.is_file() else {}
+
+    with fla_configs.saving(tmp_path / "tuned", "3.7.1", every=0.05) as out:
+        assert out == tmp_path / "tuned"
+        tuner.cache[(6144, 4, bf16, bf16)] = _config(BD=128, warps=4, stages=1)  # the first kernel is tuned
+        deadline = time.monotonic() + 10
+        while not entries() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(entries()) == 1  # on disk while the body still runs
+
+    with fla_configs.saving(tmp_path / "tuned", "3.7.1", every=3600):  # no round in time: the end saves
+        tuner.cache[(2048, 4, bf16, bf16)] = _config(BD=64, warps=4, stages=1)
+        time.sleep(0.1)
+        assert len(entries()) == 1
+    assert len(entries()) == 2

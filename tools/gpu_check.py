@@ -14,8 +14,9 @@ Parts, in the order they run, and their time boxes (seconds):
                 with the 2B GDN geometry (16 key / 16 value heads of 128): outputs and gradients, and
                 whether two identical fla runs give identical bits (determinism). On CUDA it adds the
                 configurations fla's autotuning chose to --workdir/fla_configs/ (megatron_ext/fla_configs.py:
-                shipped, a fresh node skips the autotuning) and reads them back through fla's lookup; so
-                does bench, for transformers' shapes.
+                shipped, a fresh node skips the autotuning), every 10 s and at the end (a part stopped by
+                its box keeps them), and reads them back through fla's lookup; so does bench, for
+                transformers' shapes.
   resume   120  the trainer in bf16 with the distributed optimizer on the demo mix: 20 steps uninterrupted;
                 20 steps SIGKILLed (every process) right after the step-10 checkpoint, then rerun, which
                 must resume from it; losses bit-identical, or within 1e-4 relative (a lost Adam state moves
@@ -122,6 +123,13 @@ def row(part: str, check: str, value, limit: float | None = None, verdict: str |
 
 
 def part_kernels(device: str, workdir: Path) -> None:
+    with saving_tuned(workdir, device):
+        kernel_checks(device)
+    if device == "cuda":
+        tuned_configs(workdir, "kernels")
+
+
+def kernel_checks(device: str) -> None:
     from megatron_ext.kernels import causal_conv1d_silu, gated_delta_rule
     from megatron_ext.packing import Documents
 
@@ -166,21 +174,36 @@ def part_kernels(device: str, workdir: Path) -> None:
     got, want = conv(kernel, torch.bfloat16), conv("torch", torch.float32)
     for name, a, b in zip(("output", "dx", "dweight"), got, want):
         row("kernels", f"causal conv1d {name}, {kernel} bf16 vs torch fp32", rel_err(a, b), LIMITS["bf16"])
-    if device == "cuda":
-        tuned_configs(workdir, "kernels")
+
+
+def tuned_dir(workdir: Path) -> tuple[Path, str]:
+    """Where this GPU's tuned fla configurations go under ``workdir``, and the Triton version they are for."""
+    import triton
+
+    from megatron_ext import fla_configs
+
+    return fla_configs.directory(torch.cuda.get_device_name(), triton.__version__, workdir / "fla_configs"), \
+        triton.__version__
+
+
+def saving_tuned(workdir: Path, device: str):
+    """On CUDA, fla's choices saved under ``workdir`` as they are made (:func:`megatron_ext.fla_configs.saving`),
+    so that a part stopped by its time box keeps them."""
+    from megatron_ext import fla_configs
+
+    return fla_configs.saving(*tuned_dir(workdir)) if device == "cuda" else contextlib.nullcontext()
 
 
 def tuned_configs(workdir: Path, part: str) -> None:
     """fla's configuration choices in this part's process (the 2B GDN geometry, forward and backward), added
     to a directory for ``megatron_ext/fla_configs/`` and read back through fla's own lookup."""
-    import triton
     from fla.ops.utils import cache
 
     from megatron_ext import fla_configs
 
     tuners = fla_configs.fla_autotuners()
-    out = fla_configs.directory(torch.cuda.get_device_name(), triton.__version__, workdir / "fla_configs")
-    written = fla_configs.dump(tuners, out, triton.__version__)
+    out, triton_version = tuned_dir(workdir)
+    written = fla_configs.dump(tuners, out, triton_version)
     keys = [(t.kernel_name, key) for t in tuners for key in t.cache]
     with mock.patch.dict(os.environ, {"FLA_CONFIG_DIR": str(out)}):
         found = sum(cache.load_cached_config(name, cache.AutotuneKey(key)) is not None for name, key in keys)
@@ -525,7 +548,9 @@ def part_te_ckpt(device: str, workdir: Path) -> None:
 def part_bench(device: str, workdir: Path) -> None:
     from tools import bench_train
 
-    for r in bench_train.measure(seqs=(4096,), micro_batch=1, warmup=2, iters=5, setups=bench_train.QUICK):
+    with saving_tuned(workdir, device):
+        results = bench_train.measure(seqs=(4096,), micro_batch=1, warmup=2, iters=5, setups=bench_train.QUICK)
+    for r in results:
         row("bench", f"{r.setup.name} [{r.setup.memory} recomputation]: s/step / tok/s / MFU / peak GiB / resident GiB",
             " / ".join(bench_train.cells(r)))
     row("bench", "transformers' causal conv1d", bench_train.baseline_conv1d())
