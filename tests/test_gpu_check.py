@@ -36,14 +36,24 @@ def test_help_documents_every_part_and_its_time_box():
     assert "--box PART=SECONDS" in text
 
 
+def test_a_budget_cuts_the_boxes_and_skips_what_it_cannot_cover(tmp_path):
+    stdout, _ = _check(tmp_path, "--parts", "attention,kernels", "--budget", "1")
+    assert [x for x in stdout.splitlines() if x.startswith("| ")][1:3] == [
+        f"| {name} | not run: 0 s of --budget 1 left | | | SKIPPED |" for name in ("attention", "kernels")]
+    assert not (tmp_path / "work" / "attention.log").exists()
+    stdout, _ = _check(tmp_path, "--parts", "attention", "--budget", "30")  # attention's box is 40
+    box = re.search(r"\| attention \| (?:seconds \| \d+ \| <= |time box \| stopped after )(\d+) s?", stdout)
+    assert box and int(box.group(1)) < 30, stdout
+
+
 def test_te_parts_without_transformer_engine_are_one_skipped_row_each(tmp_path, monkeypatch, capsys):
     from megatron_ext import spec
 
     monkeypatch.setattr(spec, "transformer_engine_error", lambda: "ImportError: No module named 'transformer_engine'")
     gpu_check.main(["--device", "cpu", "--parts", ",".join(gpu_check.TE_BOXES), "--out", str(tmp_path / "check.md"),
                     "--workdir", str(tmp_path / "work")])
-    assert _rows(capsys)[1:] == [[name, "needs Transformer Engine", "ImportError: No module named 'transformer_engine'",
-                                  "", "SKIPPED"] for name in gpu_check.TE_BOXES]
+    assert _rows(capsys)[1:-1] == [[name, "needs Transformer Engine", "ImportError: No module named 'transformer_engine'",
+                                    "", "SKIPPED"] for name in gpu_check.TE_BOXES]
     assert not any((tmp_path / "work").iterdir())  # no part process ran
 
 
@@ -52,7 +62,8 @@ def test_a_failing_part_and_an_overrunning_part_are_reported_and_the_rest_runs(t
                              "--box", "kernels=3")
     lines = [x for x in stdout.splitlines() if x.startswith("| ")]
     assert lines[0] == ROWS
-    bench, resume, kernels, *attention = lines[1:]
+    bench, resume, kernels, *attention, total = lines[1:]
+    assert re.fullmatch(r"\| all \| seconds since the command started \| \d+ \| \| \|", total)
     checks = [x for x in attention[:-1] if " deterministic (" not in x]
     assert len(checks) == 8 and all(x.startswith("| attention |") and x.endswith("| pass |") for x in checks)
     assert re.fullmatch(r"\| attention \| seconds \| \d+ \| <= 40 \| \|", attention[-1])  # a finished part's time

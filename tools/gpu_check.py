@@ -4,6 +4,7 @@ so a part that runs long or crashes is reported and the others still run; each r
 (markdown) as soon as it is known and appended to ``--out``.
 
     python -m tools.gpu_check [--out gpu_check.md] [--parts kernels,parity,resume,bench] [--box resume=150]
+                              [--budget 570]
 
 Parts, in the order they run, and their time boxes (seconds):
   attention  40  the local spec's fused attention (FlashAttention-2 through torch.nn.attention.varlen) in
@@ -654,6 +655,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parts", default=",".join(x for x in PARTS if x not in OPTIONAL),
                    help=f"comma-separated, from {', '.join(PARTS)}")
     p.add_argument("--box", action="append", default=[], metavar="PART=SECONDS", help="change a part's time box")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="seconds for the whole run (a lease's time left): each part's box is cut to what is left "
+                        "of it, and a part that would get less than 10 s is SKIPPED")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--resume-steps", type=int, default=20, help="steps of the resume part (checkpoint at half)")
     p.add_argument("--workdir", default="out/gpu_check", help="data, checkpoints and per-part logs")
@@ -691,10 +695,21 @@ def main(argv: list[str] | None = None) -> None:
         emit(out, f"\n### GPU check, {date.today()}, {stack.device} ({versions})\n")
         emit(out, "| part | check | value | limit | verdict |\n|---|---|---|---|---|")
         for name in parts:
+            left = float("inf") if args.budget is None else args.budget - since_start()
             if name in TE_BOXES and te_missing:
                 emit(out, f"| {name} | needs Transformer Engine | {te_missing[:150].replace('|', '/')} | | SKIPPED |")
+            elif left < 10:
+                emit(out, f"| {name} | not run: {max(left, 0):.0f} s of --budget {args.budget:.0f} left | | | SKIPPED |")
             else:
-                run_part(name, boxes[name], args, out)
+                run_part(name, min(boxes[name], left), args, out)
+        emit(out, f"| all | seconds since the command started | {since_start():.0f} | | |")
+
+
+def since_start() -> float:
+    """Seconds since this process started: its imports included, as a user waits for them."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 if __name__ == "__main__":
