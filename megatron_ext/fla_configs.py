@@ -102,17 +102,23 @@ def _config(config) -> dict:
 
 @contextlib.contextmanager
 def saving(out_dir: str | Path, triton_version: str, every: float = 10.0):
-    """While the body runs, :func:`dump` what fla has chosen so far every ``every`` seconds, and once more at
-    its end: a process stopped from outside (a time box, a lease running out) keeps the kernels it finished
-    tuning. fla tunes kernel by kernel as each first runs; a cold H100 was stopped after 140 s with
-    transformers' shapes part-way and kept none of them."""
+    """While the body runs, :func:`dump` what fla has chosen so far whenever it chose more (looked at every
+    ``every`` seconds), and once more at its end: a process stopped from outside (a time box, a lease running
+    out) keeps the kernels it finished tuning. fla tunes kernel by kernel as each first runs; a cold H100 was
+    stopped after 140 s with transformers' shapes part-way and kept none of them. Saving never raises: what
+    it could not write is logged, and the body's own exception stays the one that propagates."""
     stop = threading.Event()
+    saved: list[int] = []  # entries at the last save
 
     def save():
         try:
-            dump(fla_autotuners(), out_dir, triton_version)
-        except RuntimeError as e:  # an autotuner's cache grew while it was read: the next round gets it
-            log.debug("fla configurations not saved this round: %s", e)
+            tuners = fla_autotuners()
+            entries = sum(len(t.cache) for t in tuners)
+            if saved[-1:] != [entries]:
+                dump(tuners, out_dir, triton_version)
+                saved.append(entries)
+        except Exception as e:  # e.g. a cache that grew while it was read: the next round gets it
+            log.warning("fla configurations not saved to %s this time: %s: %s", out_dir, type(e).__name__, e)
 
     def rounds():
         while not stop.wait(every):
@@ -129,9 +135,20 @@ def saving(out_dir: str | Path, triton_version: str, every: float = 10.0):
 
 
 def fla_autotuners() -> list:
-    """fla's kernels that look their configuration up (``CachedAutotuner``), with what they chose so far."""
-    import gc
+    """fla's kernels that look their configuration up (``CachedAutotuner``), with what they chose so far:
+    found from the module globals of fla's imported modules (its kernels are decorated module-level
+    functions; ``triton.heuristics`` often wraps the autotuner, reached through ``.fn``). Cheap enough to run
+    beside a timed step, unlike a walk over every object the garbage collector tracks."""
+    import sys
 
     from fla.ops.utils.cache import CachedAutotuner
 
-    return [x for x in gc.get_objects() if isinstance(x, CachedAutotuner)]
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if (name == "fla" or name.startswith("fla.")) and module is not None:
+            for value in list(vars(module).values()):
+                for _ in range(4):  # heuristics -> autotuner -> jit function -> python function
+                    if isinstance(value, CachedAutotuner):
+                        found[id(value)] = value
+                    value = getattr(value, "fn", None)
+    return list(found.values())

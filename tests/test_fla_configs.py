@@ -27,7 +27,8 @@ def test_the_mode_is_set_unless_the_user_chose_one(monkeypatch):
 
 
 def test_the_directory_for_this_gpu_and_triton_is_used_and_a_users_own_wins(monkeypatch, tmp_path):
-    monkeypatch.delenv("FLA_CONFIG_DIR", raising=False)
+    monkeypatch.setenv("FLA_CONFIG_DIR", "")  # recorded, so that what use_shipped sets is undone afterwards
+    monkeypatch.delenv("FLA_CONFIG_DIR")
     h100 = fla_configs.directory("NVIDIA H100 80GB HBM3", "3.7.1", tmp_path)
     assert h100.name == "NVIDIA_H100_80GB_HBM3_triton_3.7.1"
     h100.mkdir()
@@ -106,7 +107,8 @@ SHIPPED = sorted(p for p in fla_configs.ROOT.iterdir() if p.is_dir())
 
 def test_configurations_ship_for_the_h100_with_triton_3_7_1(monkeypatch):
     """Tuned by tools.gpu_check's kernels part on an H100 (2026-11-27, docs/benchmarks.md): the 2B's GDN geometry."""
-    monkeypatch.delenv("FLA_CONFIG_DIR", raising=False)
+    monkeypatch.setenv("FLA_CONFIG_DIR", "")  # recorded, so that what use_shipped sets is undone afterwards
+    monkeypatch.delenv("FLA_CONFIG_DIR")
     found = fla_configs.use_shipped("NVIDIA H100 80GB HBM3", "3.7.1")
     assert found in SHIPPED and len(list(found.glob("*.json"))) >= 10
 
@@ -156,3 +158,27 @@ def test_choices_are_saved_while_tuning_goes_on_and_at_the_end(monkeypatch, tmp_
         time.sleep(0.1)
         assert len(entries()) == 1
     assert len(entries()) == 2
+
+
+def test_fla_autotuners_are_found_in_flas_modules_also_under_heuristics(monkeypatch):
+    """Found through fla's module globals, also when ``triton.heuristics`` wraps the autotuner (fla's usual
+    decorator stack), once each, and nothing outside fla."""
+    class CachedAutotuner:  # stands in for fla's (its module imports triton, which has no CPU build here)
+        def __init__(self, fn=None):
+            self.fn, self.cache = fn, {}
+
+    class Heuristics:
+        def __init__(self, fn):
+            self.fn = fn
+
+    cache = types.ModuleType("fla.ops.utils.cache")
+    cache.CachedAutotuner = CachedAutotuner
+    plain, wrapped, elsewhere = CachedAutotuner(), CachedAutotuner(fn=lambda: None), CachedAutotuner()
+    ops = types.ModuleType("fla.ops.fake")
+    ops.kernel, ops.alias, ops.kernel_h, ops.other = plain, plain, Heuristics(wrapped), 3
+    outside = types.ModuleType("not_fla")
+    outside.kernel = elsewhere
+    for module in (cache, ops, outside):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    found = fla_configs.fla_autotuners()
+    assert sorted(map(id, found)) == sorted(map(id, [plain, wrapped]))
