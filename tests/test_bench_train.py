@@ -157,6 +157,7 @@ def test_the_baseline_trains_fp32_master_weights_under_bf16_autocast(monkeypatch
     from megatron_ext import Qwen35Config
     from transformers.models.qwen3_5 import modeling_qwen3_5
 
+    from tools.parity import reference_kernels
     from tools.tiny_qwen35 import text_config
 
     monkeypatch.setattr(modeling_qwen3_5, "causal_conv1d_fn", None)  # hf() fills the slot; put back afterwards
@@ -166,7 +167,8 @@ def test_the_baseline_trains_fp32_master_weights_under_bf16_autocast(monkeypatch
     matmul_dtypes = set()
     model.lm_head.register_forward_hook(lambda m, args, out: matmul_dtypes.add(out.dtype))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    step()
+    with reference_kernels(model):  # transformers' own torch GDN kernels (fla, where installed, needs CUDA)
+        step()
     assert matmul_dtypes == {torch.bfloat16}
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
