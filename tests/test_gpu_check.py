@@ -71,6 +71,8 @@ def test_a_failing_part_and_an_overrunning_part_are_reported_and_the_rest_runs(t
     assert resume == "| resume | time box | stopped after 4 s | | TIMEOUT |"
     assert kernels == "| kernels | time box | stopped after 3 s | | TIMEOUT |"
     assert all(x in written for x in lines)  # --out holds what the terminal showed
+    assert re.search(r"^start-up: [\d.]+ s to start Python .*; [\d.]+ s more for CUDA",
+                     (tmp_path / "work" / "attention.log").read_text(), re.MULTILINE)  # where a box goes first
 
 
 def test_kill_tree_reaches_processes_in_sessions_of_their_own():

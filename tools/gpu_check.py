@@ -673,7 +673,12 @@ def main(argv: list[str] | None = None) -> None:
 
         if args.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("needs a CUDA device (--device cpu runs the parts that do not)")
+        started = since_start()
         parallel.initialize()
+        # to the part's log: how much of a part's box its process spends before it checks anything (on an
+        # H100 each part seemed to spend ~20 s so, a third of the 6-minute budget over the default parts)
+        print(f"start-up: {started:.1f} s to start Python and import torch, megatron_ext, fla and transformers; "
+              f"{since_start() - started:.1f} s more for CUDA and the process group", file=sys.stderr, flush=True)
         fn = PARTS[args.run_part]
         given = {"device": args.device, "workdir": Path(args.workdir), "resume_steps": args.resume_steps}
         fn(**{name: given[name] for name in inspect.signature(fn).parameters if name in given})
