@@ -134,6 +134,7 @@ def hf(config, seq: int, micro_batch: int, *, memory: str, device: str = "cuda")
     hf_config = Qwen3_5TextConfig(**config.to_hf_text_dict())
     with torch.device(device):  # initialise on the GPU: a 2B init on the CPU takes longer than the benchmark
         model = Qwen3_5ForCausalLM._from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False  # training: no generation cache to build (and no final GDN states to keep)
     if {"full": True, "none": False}[memory]:
         model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-6, fused=True)
