@@ -108,15 +108,16 @@ def saving(out_dir: str | Path, triton_version: str, every: float = 10.0):
     stopped after 140 s with transformers' shapes part-way and kept none of them. Saving never raises: what
     it could not write is logged, and the body's own exception stays the one that propagates."""
     stop = threading.Event()
-    saved: list[int] = []  # entries at the last save
+    saved_entries = None  # how many entries the last save wrote
 
     def save():
+        nonlocal saved_entries
         try:
             tuners = fla_autotuners()
             entries = sum(len(t.cache) for t in tuners)
-            if saved[-1:] != [entries]:
+            if entries != saved_entries:
                 dump(tuners, out_dir, triton_version)
-                saved.append(entries)
+                saved_entries = entries
         except Exception as e:  # e.g. a cache that grew while it was read: the next round gets it
             log.warning("fla configurations not saved to %s this time: %s: %s", out_dir, type(e).__name__, e)
 

@@ -281,8 +281,8 @@ def part_resume(device: str, workdir: Path, resume_steps: int) -> None:
     # masked attention: FlashAttention's backward accumulates dq with atomics, so the same steps in two
     # processes differ in the last bits (on an H100, 2026-11-27, losses after resume moved by 3e-4 with it),
     # which would hide a subtly wrong restored state; the other kernels (fla's, cuBLAS) are deterministic
-    fields = dict(precision="bf16" if device == "cuda" else "fp32", attention_kernel="masked")  # bf16 crawls on CPU
-    precision = fields["precision"]
+    precision = "bf16" if device == "cuda" else "fp32"  # bf16 matmuls crawl on CPU
+    fields = dict(precision=precision, attention_kernel="masked")
     started = time.perf_counter()
     reference = train_losses(demo_run(workdir, "uninterrupted", resume_steps, **fields))
     row("resume", f"{resume_steps} steps, {precision}, distributed optimizer: first / last loss",
