@@ -168,13 +168,45 @@ def build_optimizer(ddp, cfg: TrainConfig, dtype: torch.dtype, distributed: bool
     check build theirs here too, so that they time the trainer's optimizer step)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    return get_megatron_optimizer(
+    optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
                         clip_grad=cfg.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
                         use_distributed_optimizer=distributed),
         [ddp],
     )
+    set_adam_kernel(optimizer, cfg.fused_adam)
+    return optimizer
+
+
+def torch_adams(optimizer) -> list[torch.optim.Adam]:
+    """The torch Adam(W) instances inside megatron's optimizer: megatron falls back to torch's AdamW where
+    neither Transformer Engine nor Apex is installed (with them it runs their FusedAdam: none here)."""
+    inner = (opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
+    return [opt for opt in inner if isinstance(opt, torch.optim.Adam)]
+
+
+def adam_kernel(optimizer) -> str:
+    """What runs the Adam update, for the log."""
+    kinds = {"torch AdamW, fused kernel" if group["fused"] else "torch AdamW, multi-tensor"
+             for adam in torch_adams(optimizer) for group in adam.param_groups}
+    return ", ".join(sorted(kinds)) or "FusedAdam of Transformer Engine or Apex"
+
+
+def set_adam_kernel(optimizer, fused: bool) -> None:
+    """Run torch's AdamW as one fused kernel per device and dtype (``fused``), or torch's default (multi-tensor
+    foreach: about ten passes over the fp32 master weights and moments, each a full read and write, against
+    the fused kernel's one; megatron builds torch's AdamW with the defaults). The flags live in the param
+    groups, which a checkpoint's load replaces with the ones it was saved with: apply after every load too.
+    Each parameter's ``step`` goes where that kernel reads it (torch's own placement rule: on the
+    parameter's device for the fused kernel, on the host otherwise)."""
+    for adam in torch_adams(optimizer):
+        for group in adam.param_groups:
+            group.update(fused=fused, foreach=None)  # None: torch picks foreach where it is not fused
+            for param in group["params"]:
+                state = adam.state.get(param)
+                if state and "step" in state:
+                    state["step"] = state["step"].to(device=param.device if fused else "cpu", dtype=torch.float32)
 
 
 def release(ddp) -> None:
@@ -256,8 +288,9 @@ def train(cfg: TrainConfig) -> TrainState:
     )
     state = TrainState()
     if resume is not None:
-        state = _load_checkpoint(resume, common, model, optimizer, scheduler, dist_opt)
+        state = _load_checkpoint(resume, common, model, optimizer, scheduler, dist_opt, cfg.fused_adam)
         log.info("resumed from %s at step %d", resume, state.step)
+    log.info("Adam update: %s", adam_kernel(optimizer))
     hf_files = hf_source_files(source)
 
     data = micro_batches(data_info.train, state.consumed_samples, cfg.micro_batch_size, dp_rank, dp, cfg.data_workers)
@@ -426,7 +459,8 @@ def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, schedule
 
 
 @torch.no_grad()  # the fp32 distributed optimizer's main parameters are views of the model's: copy in place
-def _load_checkpoint(path: Path, common: dict, model, optimizer, scheduler, dist_opt: bool) -> TrainState:
+def _load_checkpoint(path: Path, common: dict, model, optimizer, scheduler, dist_opt: bool,
+                     fused_adam: bool) -> TrainState:
     from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 
     from megatron_ext.checkpoint import load_state
@@ -449,6 +483,7 @@ def _load_checkpoint(path: Path, common: dict, model, optimizer, scheduler, dist
         for group in opt.optimizer.param_groups:
             for param in group["params"]:
                 opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
+    set_adam_kernel(optimizer, fused_adam)  # the loaded param groups carry the saving run's kernel flags
     scheduler.load_state_dict(common["scheduler"])
     rank_state = path / f"rank_state_{dist.get_rank():05d}.pt"
     if rank_state.is_file():

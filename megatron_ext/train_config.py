@@ -34,6 +34,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.1
     clip_grad: float = 1.0
+    fused_adam: bool = True  # torch's fused AdamW kernel (megatron uses torch's AdamW without TE/Apex); false: foreach
     warmup_fraction: float = 0.01
     decay_fraction: float = 0.14  # the last 14% decay (after 1% warmup and 85% stable)
     decay_style: str = "cosine"

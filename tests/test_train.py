@@ -97,6 +97,62 @@ def test_sigkill_after_a_checkpoint_resumes_bit_exact(reference, setup):
     assert [m["lr"] for m in got] == [m["lr"] for m in reference]
 
 
+def test_adam_runs_torchs_fused_kernel_and_keeps_it_across_a_load(monkeypatch):
+    """Without TE or Apex megatron builds torch's AdamW with its multi-tensor default; the trainer runs the
+    fused kernel, also after a load that brings back another run's param-group flags."""
+    from megatron_ext import Qwen35Config, build_model, parallel
+    from megatron_ext.packing import Documents
+    from megatron_ext.train import adam_kernel, build_optimizer, data_parallel, release, set_adam_kernel, torch_adams
+    from megatron_ext.train_config import TrainConfig
+    from tools.tiny_qwen35 import text_config
+
+    calls, fused_adamw = [], torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(len(a[0])) or fused_adamw(*a, **k))
+    parallel.initialize()
+    ids = torch.randint(0, 2048, (1, 32), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(32).expand(1, 32)
+
+    def trained(fused: bool):
+        ddp = data_parallel(build_model(Qwen35Config.from_hf(text_config(vocab_size=2048).to_dict()), "local"))
+        opt = build_optimizer(ddp, TrainConfig(fused_adam=fused), torch.float32)
+        ddp.zero_grad_buffer()
+        ddp(ids, pos, labels=ids, packed_seq_params=Documents.from_positions(pos).packed_seq_params()).mean().backward()
+        ddp.finish_grad_sync()
+        opt.step()
+        return ddp, opt
+
+    fused, fused_opt = trained(True)
+    per_step = len(calls)  # a call per param group (with and without weight decay)
+    assert adam_kernel(fused_opt) == "torch AdamW, fused kernel" and per_step and sum(calls) > 30
+    assert {str(s["step"].dtype) for a in torch_adams(fused_opt) for s in a.state.values()} == {"torch.float32"}
+    other, foreach_opt = trained(False)
+    assert adam_kernel(foreach_opt) == "torch AdamW, multi-tensor" and len(calls) == per_step  # foreach ran
+
+    (adam,), (saved,) = torch_adams(fused_opt), torch_adams(foreach_opt)
+    adam.load_state_dict(saved.state_dict())  # what a checkpoint's load does to the flags
+    assert adam_kernel(fused_opt) == "torch AdamW, multi-tensor"
+    set_adam_kernel(fused_opt, True)
+    assert adam_kernel(fused_opt) == "torch AdamW, fused kernel"
+    fused_opt.step()
+    assert len(calls) == 2 * per_step
+    for ddp in (fused, other):
+        release(ddp)
+
+
+def test_a_checkpoint_of_the_multi_tensor_adam_resumes_on_the_fused_kernel(reference, setup):
+    """The trainer re-applies its Adam kernel after loading, and the Adam state carries over between the two
+    kernels (a lost step count or moments would move the losses by ~1e-3)."""
+    config = _config(setup, "foreach_then_fused", fused_adam=False)
+    kill_after_first_checkpoint(config)
+    assert "Adam update: torch AdamW, multi-tensor" in (setup / "foreach_then_fused" / "train.log").read_text()
+    resumed = run_trainer(config, "fused_adam=true")
+    assert "Adam update: torch AdamW, fused kernel" in resumed.stderr
+    got = read_metrics(setup / "foreach_then_fused")
+    assert [m["step"] for m in got] == list(range(1, 9))
+    for x, y in zip(reference, got):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=0)
+
+
 def test_kill_during_a_save_keeps_the_previous_checkpoint(reference, setup):
     config = _config(setup, "crash_in_save")
     crashed = run_trainer(config, "debug={kill_in_save_at_step: 8}", check=False)
