@@ -5,7 +5,13 @@
 set -euo pipefail
 CONFIG=${1:-launch/configs/neuro_cpt_2b.yaml}
 shift || true
-exec "${PYTHON:-python3}" -m torch.distributed.run \
-  --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "${GPUS_PER_NODE:-8}" \
-  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
+if [[ "${NNODES:-1}" == 1 && -z "${MASTER_ADDR:-}${MASTER_PORT:-}" ]]; then
+  # one node: torchrun's standalone rendezvous binds a free port itself (a fixed 29500 fails the second job
+  # on a node, and a port picked beforehand can be taken before torchrun binds it)
+  RENDEZVOUS=(--standalone)
+else
+  RENDEZVOUS=(--nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}"
+              --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
+fi
+exec "${PYTHON:-python3}" -m torch.distributed.run "${RENDEZVOUS[@]}" --nproc_per_node "${GPUS_PER_NODE:-8}" \
   -m megatron_ext.train --config "$CONFIG" "$@"

@@ -4,19 +4,11 @@ when the script was not started by torchrun."""
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 
 from megatron_ext import cpu_patches
-
-
-def free_port() -> int:
-    """A TCP port free now, for a launcher that must be told one (another process may take it before it binds)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234) -> None:

@@ -12,9 +12,8 @@ import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+import tp_worker
 
-from megatron_ext.parallel import free_port
 from safetensors.torch import load_file, save_file
 
 from tools.tiny_qwen35 import add_mtp, causal_lm, multimodal, text_config, write_tokenizer
@@ -118,8 +117,7 @@ def test_export_from_tp2_checkpoint_is_bit_exact(source, request, tmp_path):
     """The trainer saves from TP=2; the export reads that layout back exactly."""
     src = request.getfixturevalue(source)
     ckpt = convert_from_hf.convert(src, tmp_path / "ckpt")
-    mp.start_processes(__import__("tp_worker").resave, args=(2, free_port(), str(ckpt), str(tmp_path / "tp2")),
-                       nprocs=2, start_method="spawn", join=True)
+    tp_worker.spawn(tp_worker.resave, str(ckpt), str(tmp_path / "tp2"))
     template = src if source == "multimodal_dir" else None
     _assert_bit_exact(src, convert_to_hf.convert(tmp_path / "tp2", tmp_path / "export", hf_template=template))
 
@@ -231,8 +229,7 @@ def test_verify_conversion_compares_in_float64_per_position(text_dir, tmp_path, 
 
 def _resave_tp2(ckpt, out):
     """Load a checkpoint with TP=2 and save it from that layout, as the trainer does."""
-    mp.start_processes(__import__("tp_worker").resave, args=(2, free_port(), str(ckpt), str(out)),
-                       nprocs=2, start_method="spawn", join=True)
+    tp_worker.spawn(tp_worker.resave, str(ckpt), str(out))
     return out
 
 
@@ -289,8 +286,7 @@ def test_odd_vocabulary_is_padded_for_tp2_and_round_trips(odd_vocab_dir, tmp_pat
         save_model(_padded_twin(hf, 128 * 2), tmp_path / "fp64")
         with torch.no_grad():
             ref = hf(input_ids=ids).logits
-    mp.start_processes(__import__("tp_worker").run, args=(2, free_port(), str(tmp_path / "fp64"), str(tmp_path / "inputs.pt"),
-                                                          str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    tp_worker.spawn(tp_worker.run, str(tmp_path / "fp64"), str(tmp_path / "inputs.pt"), str(tmp_path))
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt")["logits"], ref, atol=1e-10, rtol=1e-10)
     from megatron_ext import Qwen35Config

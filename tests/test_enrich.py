@@ -16,16 +16,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-from megatron_ext.parallel import free_port
 from preprocessing import build_mix, enrich_data, pipeline
 from preprocessing.llm import LLMConfig, LLMError, VLLMBackend
 from preprocessing.recipe import MixRecipe
 from preprocessing.report import balance, collect_ledger
-from tools.openai_stub_server import StubServer
+from tools.openai_stub_server import StubServer, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
@@ -303,11 +303,8 @@ def test_api_key_is_sent_and_written_nowhere(enriched):
 # --------------------------------------------------------------------------------- kill -9 and resume
 
 
-def _serve(port: int, log: Path) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, "-m", "tools.openai_stub_server", "--port", str(port), "--delay", "0.1",
-                               "--request-log", str(log)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert "stub OpenAI" in server.stdout.readline()  # printed once it listens
-    return server
+def _serve(log: Path, port: int = 0) -> tuple[subprocess.Popen, str]:
+    return spawn("--delay", "0.1", "--request-log", str(log), port=port, stderr=subprocess.STDOUT)
 
 
 def _log(path: Path) -> list[dict]:
@@ -318,13 +315,12 @@ def test_server_killed_mid_run_then_restarted_resumes_without_redoing_cached_wor
     corpus = tmp_path / "corpus"
     (corpus / "pubmed").mkdir(parents=True)
     (corpus / "pubmed" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _abstracts(16, seed=3)))
-    port = free_port()
-    recipe = _recipe(tmp_path, corpus, f"http://127.0.0.1:{port}/v1", concurrency=2, batch_size=4, timeout=10)
+    server, url = _serve(tmp_path / "requests1.jsonl")
+    recipe = _recipe(tmp_path, corpus, url, concurrency=2, batch_size=4, timeout=10)
     raw = yaml.safe_load(recipe.read_text())
     raw["sources"] = [{**raw["sources"][0], "share": 1.0, "enrich": {"classify": True, "expand": True, "expand_below_words": 1000}}]
     recipe.write_text(yaml.safe_dump(raw))
 
-    server = _serve(port, tmp_path / "requests1.jsonl")
     run = _cli(recipe, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
@@ -343,7 +339,7 @@ def test_server_killed_mid_run_then_restarted_resumes_without_redoing_cached_wor
     cached = {(e["task"], e["doc_sha256"]) for e in cache if e["output"] is not None}
     assert 0 < len(cached) < 32 and len(cache) == len(cached)
 
-    server = _serve(port, tmp_path / "requests2.jsonl")
+    server, _ = _serve(tmp_path / "requests2.jsonl", port=urlsplit(url).port)  # the recipe's URL
     try:
         _cli(recipe)
     finally:

@@ -4,10 +4,9 @@ Both sides run in float64 (``conftest.float64``), so the split reductions agree 
 from __future__ import annotations
 
 import torch
-import torch.multiprocessing as mp
+import tp_worker
 from conftest import float64, megatron_twin
 
-from megatron_ext.parallel import free_port
 
 from tools.tiny_qwen35 import causal_lm, text_config
 
@@ -33,11 +32,7 @@ def test_tp2_equals_tp1(tmp_path):
         torch.testing.assert_close(reloaded(ids, positions), logits.detach(), atol=0, rtol=0)
     assert logits.dtype == torch.float64
 
-    mp.start_processes(
-        __import__("tp_worker").run,
-        args=(2, free_port(), str(tmp_path / "ckpt"), str(tmp_path / "inputs.pt"), str(tmp_path)),
-        nprocs=2, start_method="spawn", join=True,
-    )
+    tp_worker.spawn(tp_worker.run, str(tmp_path / "ckpt"), str(tmp_path / "inputs.pt"), str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for r in ranks:
         torch.testing.assert_close(r["logits"], logits.detach(), atol=1e-10, rtol=1e-10)

@@ -321,6 +321,30 @@ def test_nonfinite_steps_are_skipped_counted_and_halt(setup):
     assert halted.returncode != 0 and "halting: 2 non-finite steps in a row at step 3" in halted.stderr
 
 
+def test_launcher_uses_a_standalone_rendezvous_on_one_node_and_the_given_master_on_several(tmp_path):
+    """One node needs no port from anyone (torchrun binds a free one: two jobs on a node do not collide);
+    several nodes meet at MASTER_ADDR:MASTER_PORT."""
+    fake = tmp_path / "python"  # PYTHON: prints the torchrun command line instead of running it
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    launcher = Path(__file__).resolve().parents[1] / "launch" / "cpt_8gpu.sh"
+    env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+    def command(**more: str) -> list[str]:
+        run = subprocess.run([str(launcher), "c.yaml", "lr=1e-5"], env={**env, "PYTHON": str(fake), **more},
+                             capture_output=True, text=True, check=True)
+        return run.stdout.split()
+
+    one = command(GPUS_PER_NODE="2")
+    assert one[:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert one[5:] == ["-m", "megatron_ext.train", "--config", "c.yaml", "lr=1e-5"]
+    several = command(NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1")
+    assert "--standalone" not in several
+    assert " ".join(several).startswith("-m torch.distributed.run --nnodes 2 --node_rank 1 --master_addr 10.0.0.1 "
+                                        "--master_port 29500 --nproc_per_node 8 -m megatron_ext.train")
+    assert "--master_port 29611" in " ".join(command(MASTER_PORT="29611"))  # a port given on one node is used
+
+
 def test_overrides_and_bad_config():
     from megatron_ext.train_config import TrainConfig
 

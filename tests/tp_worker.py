@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
-def run(rank: int, world: int, port: int, ckpt: str, inputs: str, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def spawn(fn, *args, world: int = 2) -> None:
+    """Run ``fn(rank, world, store, *args)`` on ``world`` gloo ranks. They meet through a file store: no TCP
+    port to pick (one picked beforehand can be taken by another process before rank 0 binds it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(fn, args=(world, f"file://{tmp}/store", *args), nprocs=world, start_method="spawn", join=True)
+
+
+def _join(rank: int, world: int, store: str) -> None:
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
+
+
+def run(rank: int, world: int, store: str, ckpt: str, inputs: str, out_dir: str) -> None:
+    _join(rank, world, store)
     from conftest import float64
 
     from megatron_ext import parallel
@@ -32,10 +45,9 @@ def run(rank: int, world: int, port: int, ckpt: str, inputs: str, out_dir: str) 
     parallel.destroy()
 
 
-def resave(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
+def resave(rank: int, world: int, store: str, ckpt: str, out: str) -> None:
     """Load a checkpoint with TP=world and save it again from that layout (as the trainer would)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _join(rank, world, store)
     from megatron_ext import parallel
     from megatron_ext.checkpoint import hf_source_files, load_model, save_model
 

@@ -153,12 +153,10 @@ def run(out: Path, log: Path | None = None) -> list[tuple[str, str, float]]:
     arms = out / "sft"
 
     def sft_arms():
-        from megatron_ext.parallel import free_port
-
         variables = {"PY": sys.executable, "SFT_DATA_RECIPE": DEMO / "sft_recipe.yaml", "SFT_DATA_DIR": out / "sft_data",
                      "SFT_CONFIG": SFT_CONFIG, "BASE_CKPT": ckpt, "CPT_CKPT": run_dir / "checkpoints",
                      "HF_TEMPLATE": base, "ARMS_DIR": arms}
-        env = {**os.environ, "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port())}
+        env = {**os.environ, "GPUS_PER_NODE": "1"}
         sh(["make", "--no-print-directory", "-C", str(ROOT), "sft-arms",
             *(f"{k}={Path(v).resolve() if k != 'PY' else v}" for k, v in variables.items())], log, env=env)
         data = json.loads((out / "sft_data" / "sft.json").read_text())
@@ -178,19 +176,16 @@ def run(out: Path, log: Path | None = None) -> list[tuple[str, str, float]]:
         """lm-eval on a local PubMedQA copy, and the judge against the stub server (a stand-in for a real judge
         model: it prefers the longer answer), as a user runs them on the two arms; then the report."""
         from evaluation import report
-        from megatron_ext.parallel import free_port
+        from tools import openai_stub_server
 
         models = ["--model", f"base_sft={arms / 'base_sft' / 'hf'}", "--model", f"cpt_sft={arms / 'cpt_sft' / 'hf'}"]
         results = out / "results"
         sh([sys.executable, "-m", "evaluation.eval_qwen", *models, "--tasks", "pubmedqa", "--data-dir",
             str(DEMO / "eval"), "--delta", "cpt_sft-base_sft", "--device", "cpu", "--out", str(results / "lm_eval")], log)
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "tools.openai_stub_server", "--port", str(port)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        server, url = openai_stub_server.spawn(stderr=subprocess.DEVNULL)
         try:
-            server.stdout.readline()  # printed once it listens
             sh([sys.executable, "-m", "evaluation.eval_reasoning_judge", *models, "--medqa", str(DEMO / "eval" / "medqa.jsonl"),
-                "--n", "6", "--judge-model", "stub", "--base-url", f"http://127.0.0.1:{port}/v1",
+                "--n", "6", "--judge-model", "stub", "--base-url", url,
                 "--max-new-tokens", "48", "--device", "cpu", "--out", str(results / "judge")],
                log, env={**os.environ, "OPENAI_API_KEY": "EMPTY"})
         finally:

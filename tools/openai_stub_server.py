@@ -26,6 +26,8 @@ import argparse
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -180,9 +182,21 @@ def _task(body: dict) -> str | None:
     return (body.get("response_format") or {}).get("json_schema", {}).get("name")
 
 
+def spawn(*args: str, port: int = 0, **popen) -> tuple[subprocess.Popen, str]:
+    """Start the server in a process of its own and return it once it listens, with its URL. ``port=0``: the
+    OS picks a free one as the server binds it (a port picked beforehand can be taken in between)."""
+    proc = subprocess.Popen([sys.executable, "-m", "tools.openai_stub_server", "--port", str(port), *args],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True, **popen)
+    line = proc.stdout.readline()  # printed once it listens
+    if " on http" not in line:
+        proc.kill()
+        raise RuntimeError(f"the stub server did not start: {line.strip() or proc.wait()}")
+    return proc, line.rsplit(" on ", 1)[1].strip()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--port", type=int, default=8011)
+    p.add_argument("--port", type=int, default=8011, help="0: a free port (the printed URL names it)")
     p.add_argument("--delay", type=float, default=0.0, help="seconds to wait before every answer")
     p.add_argument("--slow-seconds", type=float, default=3.0, help="extra wait for prompts containing SLOW")
     p.add_argument("--fail-first", action="store_true", help="answer the first request with HTTP 500")
