@@ -177,8 +177,8 @@ SETUPS = [
     _ours("local-fused, loss in 1024-token pieces", "selective-mlp", attention_kernel="fused", loss_chunk=1024),
     # megatron's torch AdamW as megatron builds it (multi-tensor) rather than the trainer's fused kernel
     _ours("local-fused, multi-tensor AdamW", "selective-mlp", attention_kernel="fused", fused_adam=False),
-    _ours("local-flex", "selective-mlp", attention_kernel="flex"),
     _ours("local-masked", "selective-attn", attention_kernel="masked"),
+    _ours("local-flex", "selective-mlp", attention_kernel="flex"),  # after masked: torch.compile builds it first
     # the fused kernel under the other policies: the like-for-like pairs with transformers are none and full
     _ours("local-fused", "none", attention_kernel="fused"),
     _ours("local-fused", "selective-attn", attention_kernel="fused"),
