@@ -7,8 +7,9 @@ CONFIG=${1:-launch/configs/neuro_cpt_2b.yaml}
 shift || true
 if [[ "${NNODES:-1}" == 1 && -z "${MASTER_ADDR:-}${MASTER_PORT:-}" ]]; then
   # one node: torchrun's standalone rendezvous binds a free port itself (a fixed 29500 fails the second job
-  # on a node, and a port picked beforehand can be taken before torchrun binds it)
-  RENDEZVOUS=(--standalone)
+  # on a node, and a port picked beforehand can be taken before torchrun binds it); the ranks reach it on the
+  # loopback address, not at the host's name (which need not resolve to this node)
+  RENDEZVOUS=(--standalone --local-addr 127.0.0.1)
 else
   RENDEZVOUS=(--nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}"
               --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")

@@ -179,16 +179,17 @@ def build_optimizer(ddp, cfg: TrainConfig, dtype: torch.dtype, distributed: bool
     return optimizer
 
 
-def torch_adams(optimizer) -> list[torch.optim.Adam]:
+def torch_adams(optimizer) -> list[torch.optim.Optimizer]:
     """The torch Adam(W) instances inside megatron's optimizer: megatron falls back to torch's AdamW where
-    neither Transformer Engine nor Apex is installed (with them it runs their FusedAdam: none here)."""
+    neither Transformer Engine nor Apex is installed (with them it runs their FusedAdam: none here). AdamW
+    subclasses Adam only from torch 2.7 on: both named."""
     inner = (opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
-    return [opt for opt in inner if isinstance(opt, torch.optim.Adam)]
+    return [opt for opt in inner if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))]
 
 
 def adam_kernel(optimizer) -> str:
-    """What runs the Adam update, for the log."""
-    kinds = {"torch AdamW, fused kernel" if group["fused"] else "torch AdamW, multi-tensor"
+    """What runs the Adam update, for the log ("unfused": torch's default, multi-tensor on GPUs)."""
+    kinds = {"torch AdamW, fused kernel" if group["fused"] else "torch AdamW, unfused"
              for adam in torch_adams(optimizer) for group in adam.param_groups}
     return ", ".join(sorted(kinds)) or "FusedAdam of Transformer Engine or Apex"
 
@@ -427,6 +428,18 @@ def _use_distributed_optimizer(cfg: TrainConfig, resume: Path | None, common: di
     return cfg.distributed_optimizer
 
 
+def _steps_on_host(state: dict) -> dict:
+    """The plain optimizer's checkpoint keeps Adam's step count as a tensor in its common part, which megatron's
+    save sends from rank 0 to every rank by pickling: a step on the GPU (the fused kernel keeps it there)
+    arrives on cuda:0 of every rank, each opening a context on GPU 0. Saved from the host instead."""
+    for key, value in state.items():
+        if key == "common_step" and isinstance(value, torch.Tensor):
+            state[key] = value.cpu()
+        elif isinstance(value, dict):
+            _steps_on_host(value)
+    return state
+
+
 def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, hf_files,
                      dist_opt: bool) -> None:
     from megatron_ext.checkpoint import save_model
@@ -442,7 +455,7 @@ def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, schedule
     save_model(
         model, checkpoints / name,
         extra=lambda model_state: {
-            "optimizer": optimizer.sharded_state_dict(model_state, metadata=_optimizer_metadata(dist_opt)),
+            "optimizer": _steps_on_host(optimizer.sharded_state_dict(model_state, metadata=_optimizer_metadata(dist_opt))),
             "optimizer_format": {"distributed": dist_opt, **(_optimizer_metadata(dist_opt) or {})},
             "scheduler": scheduler.state_dict(), "train_state": dataclasses.asdict(state)},
         hf_files=hf_files, rank_state=_rng_state(), before_publish=crash,

@@ -325,6 +325,7 @@ def test_make_sft_arms_exports_both_arms_that_chat(sft_data, base, tmp_path):
     """`make sft-arms` as a user runs it: SFT data, Base+SFT and CPT+SFT with one config (the "CPT" checkpoint is
     a trained run's checkpoints/ directory), both exported with <|im_end|> as a stop token, both generating
     through the chat template with transformers, with the logits of the trained checkpoints."""
+    from tools.demo import one_node_env
     from tools.verify_conversion import compare
 
     cpt = tmp_path / "cpt"
@@ -335,7 +336,7 @@ def test_make_sft_arms_exports_both_arms_that_chat(sft_data, base, tmp_path):
                  "CPT_CKPT": cpt / "checkpoints", "HF_TEMPLATE": base / "hf", "ARMS_DIR": arms,
                  "SFT_ARGS": "train_iters=3 eval_interval=3 global_batch_size=4"}
     run = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "sft-arms", *(f"{k}={v}" for k, v in variables.items())],
-                         capture_output=True, text=True, env={**os.environ, "GPUS_PER_NODE": "1"})
+                         capture_output=True, text=True, env=one_node_env(GPUS_PER_NODE="1"))
     assert run.returncode == 0, run.stderr[-3000:]
     configs = {arm: json.loads((arms / arm / "config.json").read_text()) for arm in ("base_sft", "cpt_sft")}
     differing = {k for k in configs["base_sft"] if configs["base_sft"][k] != configs["cpt_sft"][k]}

@@ -126,11 +126,11 @@ def test_adam_runs_torchs_fused_kernel_and_keeps_it_across_a_load(monkeypatch):
     assert adam_kernel(fused_opt) == "torch AdamW, fused kernel" and per_step and sum(calls) > 30
     assert {str(s["step"].dtype) for a in torch_adams(fused_opt) for s in a.state.values()} == {"torch.float32"}
     other, foreach_opt = trained(False)
-    assert adam_kernel(foreach_opt) == "torch AdamW, multi-tensor" and len(calls) == per_step  # foreach ran
+    assert adam_kernel(foreach_opt) == "torch AdamW, unfused" and len(calls) == per_step
 
     (adam,), (saved,) = torch_adams(fused_opt), torch_adams(foreach_opt)
     adam.load_state_dict(saved.state_dict())  # what a checkpoint's load does to the flags
-    assert adam_kernel(fused_opt) == "torch AdamW, multi-tensor"
+    assert adam_kernel(fused_opt) == "torch AdamW, unfused"
     set_adam_kernel(fused_opt, True)
     assert adam_kernel(fused_opt) == "torch AdamW, fused kernel"
     fused_opt.step()
@@ -139,12 +139,12 @@ def test_adam_runs_torchs_fused_kernel_and_keeps_it_across_a_load(monkeypatch):
         release(ddp)
 
 
-def test_a_checkpoint_of_the_multi_tensor_adam_resumes_on_the_fused_kernel(reference, setup):
+def test_a_checkpoint_of_the_unfused_adam_resumes_on_the_fused_kernel(reference, setup):
     """The trainer re-applies its Adam kernel after loading, and the Adam state carries over between the two
     kernels (a lost step count or moments would move the losses by ~1e-3)."""
     config = _config(setup, "foreach_then_fused", fused_adam=False)
     kill_after_first_checkpoint(config)
-    assert "Adam update: torch AdamW, multi-tensor" in (setup / "foreach_then_fused" / "train.log").read_text()
+    assert "Adam update: torch AdamW, unfused" in (setup / "foreach_then_fused" / "train.log").read_text()
     resumed = run_trainer(config, "fused_adam=true")
     assert "Adam update: torch AdamW, fused kernel" in resumed.stderr
     got = read_metrics(setup / "foreach_then_fused")
@@ -249,6 +249,23 @@ def test_distributed_optimizer_resumes_bit_exact_and_reshards_to_one_and_four_ra
     assert "holds the distributed optimizer's state; resume with distributed_optimizer=true" in refused.stderr
 
 
+def test_plain_optimizer_resumes_bit_exact_on_two_ranks(setup):
+    """distributed_optimizer: false: the moments and fp32 master weights as sharded tensors, Adam's step count
+    in the checkpoint's common part (a host tensor, see train._steps_on_host), every rank holding all of it."""
+    from megatron.core import dist_checkpointing
+
+    fields = dict(micro_batch_size=1, eval_interval=0, distributed_optimizer=False)
+    run_trainer(_config(setup, "plain_reference", **fields), nproc=2)
+    config = _config(setup, "plain_killed", **fields)
+    kill_after_first_checkpoint(config, nproc=2)
+    common = dist_checkpointing.load_common_state_dict(str(setup / "plain_killed" / "checkpoints" / "iter_0000004"))
+    assert common["optimizer_format"] == {"distributed": False}
+    assert common["optimizer"]["state"]["common_step"].item() == 4
+    run_trainer(config, nproc=2)
+    assert [m["loss"] for m in read_metrics(setup / "plain_killed")] == \
+        [m["loss"] for m in read_metrics(setup / "plain_reference")]
+
+
 def test_trains_from_a_moved_mix_on_a_node_without_datatrove(setup, tmp_path):
     """A training node: datatrove cannot be imported, and the mix was built elsewhere and moved here."""
     moved = tmp_path / "elsewhere" / "mix"
@@ -336,8 +353,8 @@ def test_launcher_uses_a_standalone_rendezvous_on_one_node_and_the_given_master_
         return run.stdout.split()
 
     one = command(GPUS_PER_NODE="2")
-    assert one[:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    assert one[5:] == ["-m", "megatron_ext.train", "--config", "c.yaml", "lr=1e-5"]
+    assert one[:7] == ["-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1", "--nproc_per_node", "2"]
+    assert one[7:] == ["-m", "megatron_ext.train", "--config", "c.yaml", "lr=1e-5"]
     several = command(NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1")
     assert "--standalone" not in several
     assert " ".join(several).startswith("-m torch.distributed.run --nnodes 2 --node_rank 1 --master_addr 10.0.0.1 "

@@ -3,19 +3,20 @@ against transformers' Qwen3.5 with flash-linear-attention kernels, same shape, s
 
     python -m tools.bench_train [--hf-config Qwen3.5-2B-Base/config.json] [--seqs 4096,8192] [--only REGEX]
 
-Random init, BF16 with fp32 master weights, AdamW step included (torch's fused kernel on both sides; one row
-runs the multi-tensor AdamW megatron builds by default). Every row names its memory policy, and the "vs HF"
-column compares rows with the same policy only (transformers' gradient checkpointing is megatron's full
-recomputation, one layer at a time; megatron's selective recomputation has no transformers counterpart). After
-the table, each side's fastest row that fits, labelled. A row that runs out of memory is reported as OOM, one
-that fails otherwise (e.g. a kernel that does not compile) by its error's type with the traceback on stderr,
-and the run goes on. MFU counts model FLOPs (megatron_ext/flops.py), not recomputed ones. "resident GiB" is
-what stays allocated between steps (weights, gradients, optimizer state); peak minus resident is the step's
-activations and temporaries. On one GPU the distributed optimizer shards nothing, so resident is about 18
-bytes per parameter (bf16 weights, fp32 gradients, fp32 master weights, two Adam moments), about 34 GiB for
-the 2B; over DP ranks it falls towards 6 + 12/DP bytes while the activations stay: peak minus resident at seq
-8192 is the figure for issue 12's "2B at seq 8192 in 40 GB". Goals (issue 12): >= 1.5x the transformers + fla
-step and >= 40% MFU without Transformer Engine on an H100.
+Random init, BF16 with fp32 master weights, AdamW step included (torch's fused kernel on both sides, or TE's
+FusedAdam on ours where TE is installed; one row runs the multi-tensor AdamW megatron builds without TE).
+Every row names its memory policy, and the "vs HF" column compares rows with the same policy only
+(transformers' gradient checkpointing is megatron's full recomputation, one layer at a time; megatron's
+selective recomputation has no transformers counterpart). After the table, each side's fastest row that fits,
+labelled. A row that runs out of memory is reported as OOM, one that fails otherwise (e.g. a kernel that does
+not compile) by its error's type with the traceback on stderr, and the run goes on. MFU counts model FLOPs
+(megatron_ext/flops.py), not recomputed ones. "resident GiB" is what stays allocated between steps (weights,
+gradients, optimizer state); peak minus resident is the step's activations and temporaries. On one GPU the
+distributed optimizer shards nothing, so resident is about 18 bytes per parameter (bf16 weights, fp32
+gradients, fp32 master weights, two Adam moments), about 34 GiB for the 2B; over DP ranks it falls towards 6 +
+12/DP bytes while the activations stay: peak minus resident at seq 8192 is the figure for issue 12's "2B at
+seq 8192 in 40 GB". Goals (issue 12): >= 1.5x the transformers + fla step and >= 40% MFU without Transformer
+Engine on an H100.
 
 The rows are :data:`SETUPS`, a list of named configurations, Transformer Engine's among them (BF16, and FP8
 hybrid with delayed and with current (tensorwise) scaling, under the trainer's policy for a fused attention):
@@ -65,13 +66,16 @@ def ours(config, seq: int, micro_batch: int, *, memory: str, backend: str = "loc
     """Our model (megatron DDP + distributed optimizer, as the trainer runs it) and its training step."""
     from megatron_ext import build_model
     from megatron_ext.packing import Documents
-    from megatron_ext.train import build_optimizer, data_parallel, release
+    from megatron_ext.train import build_optimizer, data_parallel, release, torch_adams
     from megatron_ext.train_config import TrainConfig
 
     model = build_model(config, backend, attention_kernel=attention_kernel, params_dtype=torch.bfloat16,
                         **RECOMPUTE[memory], **overrides)
     ddp = data_parallel(model)
     opt = build_optimizer(ddp, TrainConfig(fused_adam=fused_adam), torch.bfloat16)  # the recipe's AdamW
+    if not fused_adam and not torch_adams(opt):
+        raise RuntimeError("no torch AdamW to run unfused: with Transformer Engine or Apex installed megatron runs "
+                           "their FusedAdam")
     ids = torch.randint(0, config.vocab_size, (micro_batch, seq), device="cuda")
     pos = torch.arange(seq).expand(micro_batch, seq)
     documents = Documents.from_positions(pos).pin_memory()  # on the host, as the trainer's loader finds them

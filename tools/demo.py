@@ -54,6 +54,13 @@ def sh(cmd: list, log: Path | None, **kwargs) -> None:
         raise SystemExit(f"[demo] failed (exit {code}): {' '.join(map(str, cmd))}\nits output is at the end of {log}")
 
 
+def one_node_env(**more: str) -> dict[str, str]:
+    """This environment for launch/*.sh on this machine alone: a MASTER_ADDR, MASTER_PORT or NNODES inherited
+    from a scheduler's job would make the launcher meet at a fixed port instead of binding a free one."""
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK")}
+    return {**inherited, **more}
+
+
 def run(out: Path, log: Path | None = None) -> list[tuple[str, str, float]]:
     """The chain; subprocesses' output goes to ``log`` (None: to the terminal)."""
     from megatron_ext.checkpoint import load_model
@@ -156,7 +163,7 @@ def run(out: Path, log: Path | None = None) -> list[tuple[str, str, float]]:
         variables = {"PY": sys.executable, "SFT_DATA_RECIPE": DEMO / "sft_recipe.yaml", "SFT_DATA_DIR": out / "sft_data",
                      "SFT_CONFIG": SFT_CONFIG, "BASE_CKPT": ckpt, "CPT_CKPT": run_dir / "checkpoints",
                      "HF_TEMPLATE": base, "ARMS_DIR": arms}
-        env = {**os.environ, "GPUS_PER_NODE": "1"}
+        env = one_node_env(GPUS_PER_NODE="1")
         sh(["make", "--no-print-directory", "-C", str(ROOT), "sft-arms",
             *(f"{k}={Path(v).resolve() if k != 'PY' else v}" for k, v in variables.items())], log, env=env)
         data = json.loads((out / "sft_data" / "sft.json").read_text())
