@@ -3,11 +3,13 @@ ratios to transformers are taken only between rows with the same memory policy."
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from tools import bench_train
-from tools.bench_train import Result, Setup
+from tools.bench_train import Result, Setup, TrainStep
 
 
 RELEASED = []
@@ -15,13 +17,12 @@ RELEASED = []
 
 def _setup(name: str, memory: str, seconds: float | Exception, baseline: bool = False) -> Setup:
     def build(config, seq, micro_batch):
-        def step():
+        def forward_backward():
             if isinstance(seconds, Exception):
                 raise seconds
             return seconds
 
-        step.release = lambda: RELEASED.append(name)
-        return step
+        return TrainStep(forward_backward, lambda: None, lambda: RELEASED.append(name))
 
     return Setup(name, memory, build, baseline)
 
@@ -30,7 +31,7 @@ def test_failing_rows_are_reported_and_the_others_still_run(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(bench_train, "_time_steps", lambda step, warmup, iters: (step(), 40.0, 30.0))
+    monkeypatch.setattr(bench_train, "_time_steps", lambda step, warmup, iters: (step.forward_backward(), 0.5, 40.0, 30.0))
     setups = [_setup("a", "none", 2.0), _setup("b", "none", torch.OutOfMemoryError("CUDA out of memory")),
               _setup("c", "full", 4.0), _setup("d", "full", NotImplementedError("no kernel for head_dim 256"))]
     results = bench_train.measure(seqs=(64, 128), setups=setups)  # the 2B shape's FLOPs, H100 peak
@@ -38,7 +39,9 @@ def test_failing_rows_are_reported_and_the_others_still_run(monkeypatch):
         (name, seq, seconds, failure) for seq in (64, 128)
         for name, seconds, failure in [("a", 2.0, ""), ("b", None, "OOM"), ("c", 4.0, ""), ("d", None, "NotImplementedError")]]
     assert results[0].tokens_per_s == 32 and 0 < results[0].mfu < results[4].mfu  # twice the tokens in the same time
-    assert bench_train.cells(results[1]) == ["OOM"] * 5 and bench_train.cells(results[3])[0] == "NotImplementedError"
+    # 32 micro-batches of 1.5 s each and one update of 0.5 s: 48.5 s for 32 times the tokens of a 2 s step
+    assert results[0].mfu_accumulated == pytest.approx(results[0].mfu * 32 * 2.0 / 48.5, rel=1e-12)
+    assert bench_train.cells(results[1]) == ["OOM"] * 7 and bench_train.cells(results[3])[0] == "NotImplementedError"
     assert RELEASED == ["a", "b", "c", "d"] * 2  # every row's model released, a failed one's too
 
 
@@ -78,13 +81,30 @@ def test_a_released_data_parallel_model_is_freed():
 def test_ratios_compare_the_same_memory_policy_and_each_sides_best_that_fits_is_labelled():
     ours_full, ours_none, hf_full, hf_none = (_setup("ours", "full", 0), _setup("ours", "none", 0),
                                               _setup("hf", "full", 0, True), _setup("hf", "none", 0, True))
-    rows = [Result(ours_full, 64, 2.0, 30.0, 20.0, 32.0), Result(ours_none, 64, 1.0, 50.0, 20.0, 64.0),
-            Result(hf_full, 64, 3.0, 35.0, 20.0, 64 / 3), Result(hf_none, 64, failure="OOM")]
-    lines = bench_train.table(rows)
-    assert lines[2].startswith("| ours | full | 64 | 2.000 |") and lines[2].endswith("| 1.50x |")
+    def ran(setup, seconds, peak, tokens_per_s):
+        return Result(setup, 64, seconds, update_seconds=0.25, peak_gib=peak, resident_gib=20.0, tokens_per_s=tokens_per_s)
+
+    rows = [ran(ours_full, 2.0, 30.0, 32.0), ran(ours_none, 1.0, 50.0, 64.0), ran(hf_full, 3.0, 35.0, 64 / 3),
+            Result(hf_none, 64, failure="OOM")]
+    lines = bench_train.table(rows, accumulate=8)
+    assert "| MFU at 8 micro-batches per update |" in lines[0]
+    assert lines[2].startswith("| ours | full | 64 | 2.000 | 0.250 | 32 | n/a | n/a |") and lines[2].endswith("| 1.50x |")
     assert lines[3].endswith("| 50.0 | 20.0 |  |")  # no transformers row with this policy fits: no ratio
-    assert lines[5] == "| hf | none | 64 | OOM | OOM | OOM | OOM | OOM |  |"
+    assert lines[5] == "| hf | none | 64 | " + "OOM | " * 7 + " |"
     assert lines[-1] == "| 64 | ours [none]: 64 tok/s, 50.0 GiB | hf [full]: 21 tok/s, 35.0 GiB | 3.00x |"
+
+
+def test_a_step_is_timed_in_its_two_phases(monkeypatch):
+    """The update's time apart from the step's (sleeps stand in for the phases: lower bounds only)."""
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 2**30)
+    phases = []
+    step = TrainStep(lambda: phases.append("fb") or time.sleep(0.01), lambda: phases.append("up") or time.sleep(0.05))
+    seconds, update, peak, resident = bench_train._time_steps(step, warmup=1, iters=2)
+    assert phases == ["fb", "up"] * 3
+    assert update >= 0.05 and seconds - update >= 0.01 and (peak, resident) == (3.0, 1.0)
 
 
 def test_te_rows_without_transformer_engine_say_so_and_build_nothing(monkeypatch):

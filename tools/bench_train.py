@@ -10,13 +10,15 @@ Every row names its memory policy, and the "vs HF" column compares rows with the
 selective recomputation has no transformers counterpart). After the table, each side's fastest row that fits,
 labelled. A row that runs out of memory is reported as OOM, one that fails otherwise (e.g. a kernel that does
 not compile) by its error's type with the traceback on stderr, and the run goes on. MFU counts model FLOPs
-(megatron_ext/flops.py), not recomputed ones. "resident GiB" is what stays allocated between steps (weights,
-gradients, optimizer state); peak minus resident is the step's activations and temporaries. On one GPU the
-distributed optimizer shards nothing, so resident is about 18 bytes per parameter (bf16 weights, fp32
-gradients, fp32 master weights, two Adam moments), about 34 GiB for the 2B; over DP ranks it falls towards 6 +
-12/DP bytes while the activations stay: peak minus resident at seq 8192 is the figure for issue 12's "2B at
-seq 8192 in 40 GB". Goals (issue 12): >= 1.5x the transformers + fla step and >= 40% MFU without Transformer
-Engine on an H100.
+(megatron_ext/flops.py), not recomputed ones. A step is one micro-batch's forward and backward, then the
+update (gradient sync, clipping, the optimizer step), timed apart: "update s", and the MFU of the recipe's
+step, which accumulates 32 micro-batches per update (256 sequences over 8 GPUs; --accumulate), from the two.
+"resident GiB" is what stays allocated between steps (weights, gradients, optimizer state); peak minus
+resident is the step's activations and temporaries. On one GPU the distributed optimizer shards nothing, so
+resident is about 18 bytes per parameter (bf16 weights, fp32 gradients, fp32 master weights, two Adam
+moments), about 34 GiB for the 2B; over DP ranks it falls towards 6 + 12/DP bytes while the activations stay:
+peak minus resident at seq 8192 is the figure for issue 12's "2B at seq 8192 in 40 GB". Goals (issue 12): >=
+1.5x the transformers + fla step and >= 40% MFU without Transformer Engine on an H100.
 
 The rows are :data:`SETUPS`, a list of named configurations, Transformer Engine's among them (BF16, and FP8
 hybrid with delayed and with current (tensorwise) scaling, under the trainer's policy for a fused attention):
@@ -61,8 +63,25 @@ RECOMPUTE = {
 }
 
 
+@dataclass
+class TrainStep:
+    """A training step in its two phases, timed apart: forward and backward of one micro-batch, then the update
+    (gradient sync, clipping, the optimizer step, zeroing the gradients). A step of the recipe accumulates 32
+    micro-batches per GPU (256 sequences over 8 GPUs) before one update: the update's share of its time is
+    far smaller than in a one-micro-batch step."""
+
+    forward_backward: Callable[[], None]
+    update: Callable[[], None]
+    release: Callable[[], None] = lambda: None  # measure() calls it: the next row gets the memory back
+    model: object = None  # what the step trains (for the tests)
+
+    def __call__(self) -> None:
+        self.forward_backward()
+        self.update()
+
+
 def ours(config, seq: int, micro_batch: int, *, memory: str, backend: str = "local", attention_kernel: str = "auto",
-         fused_adam: bool = True, **overrides) -> Callable[[], None]:
+         fused_adam: bool = True, **overrides) -> TrainStep:
     """Our model (megatron DDP + distributed optimizer, as the trainer runs it) and its training step."""
     from megatron_ext import build_model
     from megatron_ext.packing import Documents
@@ -81,16 +100,17 @@ def ours(config, seq: int, micro_batch: int, *, memory: str, backend: str = "loc
     documents = Documents.from_positions(pos).pin_memory()  # on the host, as the trainer's loader finds them
     pos = pos.cuda()
 
-    def step():
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
+    def forward_backward():
         packed = documents.to("cuda").packed_seq_params()  # per micro-batch, as the trainer's forward_step
         ddp(ids, pos, labels=torch.roll(ids, -1, 1), packed_seq_params=packed).mean().backward()
+
+    def update():
         ddp.finish_grad_sync()
         opt.step()
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
 
-    step.release = functools.partial(release, ddp)  # measure() calls it: the next row gets the memory back
-    return step
+    return TrainStep(forward_backward, update, functools.partial(release, ddp), model)
 
 
 def baseline_conv1d() -> str:
@@ -120,7 +140,7 @@ def conv1d_for_transformers(kernel: str) -> Callable[..., torch.Tensor]:
     return conv
 
 
-def hf(config, seq: int, micro_batch: int, *, memory: str, device: str = "cuda") -> Callable[[], None]:
+def hf(config, seq: int, micro_batch: int, *, memory: str, device: str = "cuda") -> TrainStep:
     """transformers' Qwen3.5 (fla kernels for GDN and, see :func:`baseline_conv1d`, its conv; SDPA attention)
     with fused AdamW; ``memory``: none | full.
 
@@ -145,15 +165,16 @@ def hf(config, seq: int, micro_batch: int, *, memory: str, device: str = "cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=2e-6, fused=True)
     ids = torch.randint(0, config.vocab_size, (micro_batch, seq), device=device)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def forward_backward():
         with torch.autocast(device, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        opt.step()
 
-    step.model = model  # for the test: what the baseline trains
-    return step
+    def update():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return TrainStep(forward_backward, update, model=model)
 
 
 @dataclass(frozen=True)
@@ -162,7 +183,7 @@ class Setup:
 
     name: str
     memory: str
-    build: Callable[..., Callable[[], None]]  # (config, seq, micro_batch) -> step
+    build: Callable[..., TrainStep]  # (config, seq, micro_batch) -> step
     baseline: bool = False  # transformers + fla: the rows the ratios are taken against
     needs_te: bool = False  # a Transformer Engine row: reported, not run, where TE does not import
 
@@ -203,24 +224,31 @@ class Result:
     setup: Setup
     seq: int
     seconds: float | None = None  # None: did not run, see ``failure``
+    update_seconds: float | None = None  # the update's part of ``seconds``
     peak_gib: float | None = None
     resident_gib: float | None = None
     tokens_per_s: float | None = None
     mfu: float | None = None
+    mfu_accumulated: float | None = None  # at ``accumulate`` micro-batches per update (see measure)
     failure: str = ""  # "OOM", or the type of the error it raised
 
 
-def _time_steps(step, warmup: int, iters: int) -> tuple[float, float, float]:
-    """Seconds per step, peak GiB over the timed steps, GiB still allocated after them."""
+def _time_steps(step: TrainStep, warmup: int, iters: int) -> tuple[float, float, float, float]:
+    """Seconds per step and of its update, peak GiB over the timed steps, GiB still allocated after them.
+    A synchronisation between the phases (to time them apart) costs the step next to nothing."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start, update = time.perf_counter(), 0.0
     for _ in range(iters):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters, torch.cuda.max_memory_allocated() / 2**30, \
+        step.forward_backward()
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        step.update()
+        torch.cuda.synchronize()
+        update += time.perf_counter() - begin
+    return (time.perf_counter() - start) / iters, update / iters, torch.cuda.max_memory_allocated() / 2**30, \
         torch.cuda.memory_allocated() / 2**30
 
 
@@ -239,10 +267,12 @@ def profile_step(step: Callable[[], None], path: Path, rows: int = 30) -> None:
 
 
 def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 3, iters: int = 10,
-            setups: list[Setup] = SETUPS, profile_dir: Path | None = None) -> list[Result]:
+            setups: list[Setup] = SETUPS, profile_dir: Path | None = None, accumulate: int = 32) -> list[Result]:
     """Every setup at every sequence length, one after the other on this GPU (each model is freed before
     the next is built); a setup that fails gives a Result with ``seconds=None`` and its ``failure``. With
-    ``profile_dir``, each setup that ran profiles one more step there (:func:`profile_step`)."""
+    ``profile_dir``, each setup that ran profiles one more step there (:func:`profile_step`). Besides the
+    measured one-micro-batch step, ``mfu_accumulated`` is the MFU of a step of ``accumulate`` micro-batches
+    and one update, from the two phases' times (the recipe's step: 32 at 8 GPUs)."""
     if not torch.cuda.is_available():
         raise RuntimeError("tools.bench_train needs a CUDA device")
     from megatron_ext import Qwen35Config, parallel
@@ -263,10 +293,12 @@ def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 
                 continue
             try:
                 step = setup.build(config, seq, micro_batch)
-                seconds, result.peak_gib, result.resident_gib = _time_steps(step, warmup, iters)
-                result.seconds, result.tokens_per_s = seconds, tokens / seconds
+                seconds, update, result.peak_gib, result.resident_gib = _time_steps(step, warmup, iters)
+                result.seconds, result.update_seconds, result.tokens_per_s = seconds, update, tokens / seconds
                 if peak:
-                    result.mfu = train_flops_per_token(config, seq) * tokens / seconds / (peak * 1e12)
+                    flops = train_flops_per_token(config, seq) * tokens
+                    result.mfu = flops / seconds / (peak * 1e12)
+                    result.mfu_accumulated = flops * accumulate / ((seconds - update) * accumulate + update) / (peak * 1e12)
                 if profile_dir is not None:
                     name = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{setup.name}-{setup.memory}-{seq}")
                     profile_step(step, Path(profile_dir) / f"{name}.txt")
@@ -275,7 +307,7 @@ def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 
             except Exception as e:  # one broken setup must not cost the others' measurements
                 traceback.print_exc()
                 result.failure = type(e).__name__
-            if hasattr(step, "release"):
+            if step is not None:
                 step.release()
             step = None
             gc.collect()  # this setup's model and optimizer (also when an OOM left them in a traceback)
@@ -286,20 +318,25 @@ def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 
     return results
 
 
+CELLS = "s/step / update s / tokens/s / MFU / MFU accumulated / peak GiB / resident GiB"
+
+
 def cells(r: Result) -> list[str]:
-    """s/step, tokens/s, MFU, peak GiB, resident GiB as table cells (the failure when it did not run)."""
+    """:data:`CELLS` as table cells (the failure when it did not run)."""
     if r.seconds is None:
-        return [r.failure] * 5
-    return [f"{r.seconds:.3f}", f"{r.tokens_per_s:,.0f}", f"{r.mfu:.1%}" if r.mfu is not None else "n/a",
+        return [r.failure] * 7
+    percent = [f"{m:.1%}" if m is not None else "n/a" for m in (r.mfu, r.mfu_accumulated)]
+    return [f"{r.seconds:.3f}", f"{r.update_seconds:.3f}", f"{r.tokens_per_s:,.0f}", *percent,
             f"{r.peak_gib:.1f}", f"{r.resident_gib:.1f}"]
 
 
-def table(results: list[Result]) -> list[str]:
+def table(results: list[Result], accumulate: int = 32) -> list[str]:
     """Markdown: every row with its ratio to transformers under the same memory policy, then each side's
     fastest row that fits at each sequence length."""
     hf_time = {(r.seq, r.setup.memory): r.seconds for r in results if r.setup.baseline and r.seconds}
-    lines = ["| implementation | memory policy | seq | s/step | tokens/s | MFU | peak GiB | resident GiB | vs HF, same policy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| implementation | memory policy | seq | s/step | update s | tokens/s | MFU | MFU at "
+             f"{accumulate} micro-batches per update | peak GiB | resident GiB | vs HF, same policy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         base = hf_time.get((r.seq, r.setup.memory))
         ratio = f"{base / r.seconds:.2f}x" if base and r.seconds and not r.setup.baseline else ""
@@ -324,6 +361,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--only", help="run only the setups whose 'name [memory]' matches this regular expression")
     p.add_argument("--profile", metavar="DIR", help="profile one more step of each row: top kernels, a table per row")
+    p.add_argument("--accumulate", type=int, default=32,
+                   help="micro-batches per update for the 'MFU accumulated' column (the recipe: 256 sequences over "
+                        "8 GPUs at micro-batch 1 = 32)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -332,10 +372,10 @@ def main(argv: list[str] | None = None) -> None:
     setups = [s for s in SETUPS if not args.only or re.search(args.only, f"{s.name} [{s.memory}]")]
     config = Qwen35Config.from_hf(args.hf_config) if args.hf_config else None
     seqs = [int(x) for x in args.seqs.split(",")]
-    results = measure(config, seqs, args.micro_batch, args.warmup, args.iters, setups, args.profile)
+    results = measure(config, seqs, args.micro_batch, args.warmup, args.iters, setups, args.profile, args.accumulate)
     print(f"\n### Training step ({date.today()}, {torch.cuda.get_device_name()}, micro-batch {args.micro_batch}, "
           f"shape {'from ' + args.hf_config if args.hf_config else 'APPROX_2B'})\n")
-    print("\n".join(table(results)))
+    print("\n".join(table(results, args.accumulate)))
     print(f"\ntransformers' causal conv1d: {baseline_conv1d()}")
 
 

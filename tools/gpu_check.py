@@ -556,8 +556,7 @@ def part_bench(device: str, workdir: Path) -> None:
     with saving_tuned(workdir, device):
         results = bench_train.measure(seqs=(4096,), micro_batch=1, warmup=2, iters=5, setups=bench_train.QUICK)
     for r in results:
-        row("bench", f"{r.setup.name} [{r.setup.memory} recomputation]: s/step / tok/s / MFU / peak GiB / resident GiB",
-            " / ".join(bench_train.cells(r)))
+        row("bench", f"{r.setup.name} [{r.setup.memory} recomputation]: {bench_train.CELLS}", " / ".join(bench_train.cells(r)))
     row("bench", "transformers' causal conv1d", bench_train.baseline_conv1d())
     if device == "cuda":
         tuned_configs(workdir, "bench")  # transformers' fla calls: batches, not packed rows, so other keys
