@@ -361,9 +361,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--only", help="run only the setups whose 'name [memory]' matches this regular expression")
     p.add_argument("--profile", metavar="DIR", help="profile one more step of each row: top kernels, a table per row")
-    p.add_argument("--accumulate", type=int, default=32,
-                   help="micro-batches per update for the 'MFU accumulated' column (the recipe: 256 sequences over "
-                        "8 GPUs at micro-batch 1 = 32)")
+    p.add_argument("--accumulate", type=int,
+                   help="micro-batches per update for the 'MFU accumulated' column (default: the recipe's 256 "
+                        "sequences per update over 8 GPUs, 32 / micro-batch)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -372,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     setups = [s for s in SETUPS if not args.only or re.search(args.only, f"{s.name} [{s.memory}]")]
     config = Qwen35Config.from_hf(args.hf_config) if args.hf_config else None
     seqs = [int(x) for x in args.seqs.split(",")]
+    args.accumulate = args.accumulate or max(1, 256 // (8 * args.micro_batch))
     results = measure(config, seqs, args.micro_batch, args.warmup, args.iters, setups, args.profile, args.accumulate)
     print(f"\n### Training step ({date.today()}, {torch.cuda.get_device_name()}, micro-batch {args.micro_batch}, "
           f"shape {'from ' + args.hf_config if args.hf_config else 'APPROX_2B'})\n")
