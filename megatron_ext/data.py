@@ -17,6 +17,8 @@ import bisect
 import json
 import logging
 import math
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -111,14 +113,47 @@ class MicroBatchOrder(torch.utils.data.Sampler):
 
 
 def micro_batches(dataset, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                  workers: int = 2) -> Iterator[dict]:
-    """This rank's micro-batches in :class:`MicroBatchOrder`, read ahead by ``workers`` processes and, with
-    CUDA, in pinned memory, so the copy to the GPU is asynchronous and reading overlaps the step."""
+                  ahead: int = 2) -> Iterator[dict]:
+    """This rank's micro-batches in :class:`MicroBatchOrder`, with CUDA in pinned memory (the copy to the GPU
+    is then asynchronous), read up to ``ahead`` micro-batches in advance by a thread (:func:`read_ahead`), so
+    reading overlaps the step.
+
+    A thread, not DataLoader worker processes: a rank forks them after its process group's threads are
+    running, and on CI one forked worker hung at start (the whole 2-rank run with it). Reading a micro-batch
+    is a few slices of memory-mapped tokens and a collate: no work for another process."""
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=MicroBatchOrder(consumed, micro_batch_size, dp_rank, dp_size), collate_fn=collate,
-        num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
     )
-    return iter(loader)
+    return read_ahead(iter(loader), ahead) if ahead else iter(loader)
+
+
+def read_ahead(items: Iterator, depth: int) -> Iterator:
+    """``items`` as a background thread produces them, at most ``depth`` ahead of the consumer; an error raised
+    there is raised here. The thread works on this thread's CUDA device (pinning memory in a new thread would
+    otherwise open a context on GPU 0)."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    end = object()
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+
+    def produce():
+        if device is not None:
+            torch.cuda.set_device(device)
+        try:
+            for item in items:
+                buffer.put((item, None))
+            buffer.put((end, None))
+        except BaseException as error:  # handed to the consumer, which raises it where the data is wanted
+            buffer.put((end, error))
+
+    threading.Thread(target=produce, name="read-ahead", daemon=True).start()
+    while True:
+        item, error = buffer.get()
+        if error is not None:
+            raise error
+        if item is end:
+            return
+        yield item
 
 
 def heldout_batches(mix: dict, tokenizer_dir: str, seq_length: int, max_docs: int, micro_batch_size: int,

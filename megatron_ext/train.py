@@ -294,7 +294,7 @@ def train(cfg: TrainConfig) -> TrainState:
     log.info("Adam update: %s", adam_kernel(optimizer))
     hf_files = hf_source_files(source)
 
-    data = micro_batches(data_info.train, state.consumed_samples, cfg.micro_batch_size, dp_rank, dp, cfg.data_workers)
+    data = micro_batches(data_info.train, state.consumed_samples, cfg.micro_batch_size, dp_rank, dp, cfg.read_ahead)
     eval_sets = data_info.eval_sets
     if is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ class TrainConfig:
     distributed_optimizer: bool | None = None  # default: on (a resumed run keeps its checkpoint's choice)
     overlap_communication: bool = True  # gradient reduce / parameter gather overlap compute; sets the
     # distributed optimizer checkpoint's buckets: keep it the same within a run
-    data_workers: int = 2  # processes reading micro-batches ahead (0: in the training process)
+    read_ahead: int = 2  # micro-batches a background thread reads in advance (0: read in the step)
     backend: str = "auto"  # te | local | auto
     gdn_kernel: str = "auto"
     attention_kernel: str = "auto"  # auto | fused | flex | masked: the local backend's core attention

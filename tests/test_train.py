@@ -139,20 +139,6 @@ def test_adam_runs_torchs_fused_kernel_and_keeps_it_across_a_load(monkeypatch):
         release(ddp)
 
 
-def test_a_checkpoint_of_the_unfused_adam_resumes_on_the_fused_kernel(reference, setup):
-    """The trainer re-applies its Adam kernel after loading, and the Adam state carries over between the two
-    kernels (a lost step count or moments would move the losses by ~1e-3)."""
-    config = _config(setup, "foreach_then_fused", fused_adam=False)
-    kill_after_first_checkpoint(config)
-    assert "Adam update: torch AdamW, unfused" in (setup / "foreach_then_fused" / "train.log").read_text()
-    resumed = run_trainer(config, "fused_adam=true")
-    assert "Adam update: torch AdamW, fused kernel" in resumed.stderr
-    got = read_metrics(setup / "foreach_then_fused")
-    assert [m["step"] for m in got] == list(range(1, 9))
-    for x, y in zip(reference, got):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=0)
-
-
 def test_kill_during_a_save_keeps_the_previous_checkpoint(reference, setup):
     config = _config(setup, "crash_in_save")
     crashed = run_trainer(config, "debug={kill_in_save_at_step: 8}", check=False)
@@ -249,21 +235,28 @@ def test_distributed_optimizer_resumes_bit_exact_and_reshards_to_one_and_four_ra
     assert "holds the distributed optimizer's state; resume with distributed_optimizer=true" in refused.stderr
 
 
-def test_plain_optimizer_resumes_bit_exact_on_two_ranks(setup):
-    """distributed_optimizer: false: the moments and fp32 master weights as sharded tensors, Adam's step count
-    in the checkpoint's common part (a host tensor, see train._steps_on_host), every rank holding all of it."""
+def test_plain_optimizer_resumes_on_two_ranks_and_on_the_other_adam_kernel(setup):
+    """distributed_optimizer: false (moments and fp32 master weights as sharded tensors, Adam's step count in
+    the checkpoint's common part, saved from the host: train._steps_on_host), saved by a run on torch's unfused
+    AdamW and resumed on the fused kernel: the trainer re-applies its kernel after loading (a checkpoint's
+    param groups carry the saving run's), and the Adam state carries over (a lost step count or moments would
+    move the losses by ~1e-3; the two kernels round differently, by far less)."""
     from megatron.core import dist_checkpointing
 
     fields = dict(micro_batch_size=1, eval_interval=0, distributed_optimizer=False)
     run_trainer(_config(setup, "plain_reference", **fields), nproc=2)
-    config = _config(setup, "plain_killed", **fields)
+    config = _config(setup, "plain_killed", fused_adam=False, **fields)
     kill_after_first_checkpoint(config, nproc=2)
+    assert "Adam update: torch AdamW, unfused" in (setup / "plain_killed" / "train.log").read_text()
     common = dist_checkpointing.load_common_state_dict(str(setup / "plain_killed" / "checkpoints" / "iter_0000004"))
     assert common["optimizer_format"] == {"distributed": False}
     assert common["optimizer"]["state"]["common_step"].item() == 4
-    run_trainer(config, nproc=2)
-    assert [m["loss"] for m in read_metrics(setup / "plain_killed")] == \
-        [m["loss"] for m in read_metrics(setup / "plain_reference")]
+    resumed = run_trainer(config, "fused_adam=true", nproc=2)
+    assert "Adam update: torch AdamW, fused kernel" in resumed.stderr
+    got = read_metrics(setup / "plain_killed")
+    assert [m["step"] for m in got] == list(range(1, 9))
+    for x, y in zip(read_metrics(setup / "plain_reference"), got):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=0)
 
 
 def test_trains_from_a_moved_mix_on_a_node_without_datatrove(setup, tmp_path):
@@ -283,6 +276,34 @@ def test_trains_from_a_moved_mix_on_a_node_without_datatrove(setup, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     got = read_metrics(setup / "no_datatrove")
     assert [m["step"] for m in got] == [1, 2] and "val/ehr" in got[1]
+
+
+def test_micro_batches_are_read_ahead_in_order_by_a_bounded_thread_that_hands_on_its_errors():
+    import threading
+
+    from megatron_ext.data import read_ahead
+
+    produced, threads = [], set()
+
+    def rows(n: int, error: Exception | None = None):
+        for i in range(n):
+            threads.add(threading.current_thread().name)
+            produced.append(i)
+            yield i
+        if error:
+            raise error
+
+    batches = read_ahead(rows(10, ValueError("shard 3: record 17 is not JSON")), depth=2)
+    assert next(batches) == 0
+    deadline = time.time() + 30
+    while len(produced) < 4 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert produced == [0, 1, 2, 3]  # one taken, two waiting, one being handed over: then the reader waits
+    assert [next(batches) for _ in range(9)] == list(range(1, 10)) and threads == {"read-ahead"}
+    with pytest.raises(ValueError, match="record 17"):
+        next(batches)
+    assert list(read_ahead(rows(3), depth=1)) == [0, 1, 2]
 
 
 def test_progress_keeps_the_compiling_first_step_out_of_average_and_eta(monkeypatch):
