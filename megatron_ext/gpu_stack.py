@@ -7,6 +7,7 @@ and a missing fla only shows when the first layer runs. One line says what to in
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -26,6 +27,16 @@ class Stack:
     capability: tuple[int, int] | None
     device: str = ""
     versions: dict[str, str | None] = field(default_factory=dict)
+
+
+@functools.cache
+def transformer_engine_error() -> str | None:
+    """Why Transformer Engine's PyTorch modules do not import here, or None when they do."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401  (availability probe)
+    except Exception as e:  # not installed (ImportError), or a binding built for another torch/CUDA (OSError, ...)
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def installed() -> Stack:

@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron_ext import cpu_patches
+from megatron_ext import cpu_patches, no_apex
 
 
 def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234) -> None:
@@ -20,6 +20,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int =
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     cpu_patches.apply()
+    no_apex.apply()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():

@@ -6,7 +6,6 @@ TE attention, BF16/FP8) when TE and CUDA are present, megatron's local modules o
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -26,21 +25,12 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_ext.config import LINEAR, Qwen35Config
+from megatron_ext.gpu_stack import transformer_engine_error
 from megatron_ext.layers import NormColumnParallelLinear, PackedDotProductAttention, Qwen35GatedDeltaNet, RMSNorm
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "te", "local")
-
-
-@functools.cache
-def transformer_engine_error() -> str | None:
-    """Why Transformer Engine's PyTorch modules do not import here, or None when they do."""
-    try:
-        import transformer_engine.pytorch  # noqa: F401  (availability probe)
-    except Exception as e:  # not installed (ImportError), or a binding built for another torch/CUDA (OSError, ...)
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 def have_transformer_engine() -> bool:

@@ -47,9 +47,9 @@ def test_a_budget_cuts_the_boxes_and_skips_what_it_cannot_cover(tmp_path):
 
 
 def test_te_parts_without_transformer_engine_are_one_skipped_row_each(tmp_path, monkeypatch, capsys):
-    from megatron_ext import spec
+    from megatron_ext import gpu_stack
 
-    monkeypatch.setattr(spec, "transformer_engine_error", lambda: "ImportError: No module named 'transformer_engine'")
+    monkeypatch.setattr(gpu_stack, "transformer_engine_error", lambda: "ImportError: No module named 'transformer_engine'")
     gpu_check.main(["--device", "cpu", "--parts", ",".join(gpu_check.TE_BOXES), "--out", str(tmp_path / "check.md"),
                     "--workdir", str(tmp_path / "work")])
     assert _rows(capsys)[1:-1] == [[name, "needs Transformer Engine", "ImportError: No module named 'transformer_engine'",
@@ -206,3 +206,13 @@ def test_parity_compares_model_code_on_transformers_reference_kernels():
     with reference_kernels(causal_lm()):
         assert all(getattr(module, name) is inspect.unwrap(fn) for name, fn in before.items())
     assert {name: getattr(module, name) for name in HF_KERNELS} == before
+
+
+def test_the_parent_process_loads_no_model_stack_where_cuda_is_present():
+    """On a GPU node the check's parent only reads versions and runs parts: importing it (and megatron_ext)
+    loads neither megatron-core nor fla nor transformers, which took it about 20 s on an H100 before each
+    command's first part. (CUDA is faked present: on CPU megatron_ext applies megatron's CPU patches.)"""
+    code = ("import sys, torch; torch.cuda.is_available = lambda: True; import tools.gpu_check; "
+            "print(sorted(m for m in ('megatron', 'fla', 'transformers', 'triton') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=gpu_check.ROOT, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]", run.stdout

@@ -11,8 +11,8 @@ def test_gradient_clipping_norm_uses_the_device_side_stand_in_and_is_exact():
     from megatron.core.optimizer import clip_grads
     from megatron.core.utils import local_multi_tensor_l2_norm
 
+    parallel.initialize()  # applies the stand-in, before any optimizer exists
     assert clip_grads.l2_norm_impl is not local_multi_tensor_l2_norm  # TE's or Apex's kernel, else ours
-    parallel.initialize()
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(*shape, generator=gen) for shape in [(3,), (17, 5), (1,), (64, 64)]]
     want = sum(g.double().square().sum() for g in grads).sqrt().item()

@@ -698,8 +698,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise SystemExit(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
-    from megatron_ext.gpu_stack import installed
-    from megatron_ext.spec import transformer_engine_error
+    from megatron_ext.gpu_stack import installed, transformer_engine_error
 
     te_missing = transformer_engine_error() if set(parts) & set(TE_BOXES) else None
 
