@@ -137,9 +137,9 @@ def read_ahead(items: Iterator, depth: int) -> Iterator:
     device = torch.cuda.current_device() if torch.cuda.is_available() else None
 
     def produce():
-        if device is not None:
-            torch.cuda.set_device(device)
         try:
+            if device is not None:
+                torch.cuda.set_device(device)
             for item in items:
                 buffer.put((item, None))
             buffer.put((end, None))
