@@ -49,6 +49,10 @@ APPROX_2B = dict(
     linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=16, tie_word_embeddings=True,
 )
 
+# Sequences per update and GPU in the recipe (launch/configs/neuro_cpt_2b.yaml: 256 per update over 8 GPUs):
+# the micro-batches of one sequence a recipe step accumulates before its update.
+RECIPE_SEQUENCES_PER_GPU = 256 // 8
+
 # megatron's recomputation settings by policy name. "selective-attn" recomputes core attention, which the
 # masked path needs (its [T, T] scores are its largest activation) and which saves next to nothing with a
 # fused kernel (it keeps no scores); "selective-mlp" recomputes the MLPs, the largest activations once
@@ -267,7 +271,8 @@ def profile_step(step: Callable[[], None], path: Path, rows: int = 30) -> None:
 
 
 def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 3, iters: int = 10,
-            setups: list[Setup] = SETUPS, profile_dir: Path | None = None, accumulate: int = 32) -> list[Result]:
+            setups: list[Setup] = SETUPS, profile_dir: Path | None = None,
+            accumulate: int = RECIPE_SEQUENCES_PER_GPU) -> list[Result]:
     """Every setup at every sequence length, one after the other on this GPU (each model is freed before
     the next is built); a setup that fails gives a Result with ``seconds=None`` and its ``failure``. With
     ``profile_dir``, each setup that ran profiles one more step there (:func:`profile_step`). Besides the
@@ -330,7 +335,7 @@ def cells(r: Result) -> list[str]:
             f"{r.peak_gib:.1f}", f"{r.resident_gib:.1f}"]
 
 
-def table(results: list[Result], accumulate: int = 32) -> list[str]:
+def table(results: list[Result], accumulate: int = RECIPE_SEQUENCES_PER_GPU) -> list[str]:
     """Markdown: every row with its ratio to transformers under the same memory policy, then each side's
     fastest row that fits at each sequence length."""
     hf_time = {(r.seq, r.setup.memory): r.seconds for r in results if r.setup.baseline and r.seconds}
@@ -372,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     setups = [s for s in SETUPS if not args.only or re.search(args.only, f"{s.name} [{s.memory}]")]
     config = Qwen35Config.from_hf(args.hf_config) if args.hf_config else None
     seqs = [int(x) for x in args.seqs.split(",")]
-    args.accumulate = args.accumulate or max(1, 256 // (8 * args.micro_batch))
+    args.accumulate = args.accumulate or max(1, RECIPE_SEQUENCES_PER_GPU // args.micro_batch)
     results = measure(config, seqs, args.micro_batch, args.warmup, args.iters, setups, args.profile, args.accumulate)
     print(f"\n### Training step ({date.today()}, {torch.cuda.get_device_name()}, micro-batch {args.micro_batch}, "
           f"shape {'from ' + args.hf_config if args.hf_config else 'APPROX_2B'})\n")
