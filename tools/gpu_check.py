@@ -7,27 +7,27 @@ so a part that runs long or crashes is reported and the others still run; each r
                               [--budget 570]
 
 Parts, in the order they run, and their time boxes (seconds):
-  attention  40  the local spec's fused attention (FlashAttention-2 through torch.nn.attention.varlen) in
+  attention  32  the local spec's fused attention (FlashAttention-2 through torch.nn.attention.varlen) in
                 bf16 vs the masked path in fp32 on a packed row of 4096 tokens with the 2B attention geometry
                 (8 query heads on 2 KV heads of 256), 1-token documents and a one-document row: outputs and
                 dq, dk, dv. FlashAttention ships compiled in torch: this part compiles nothing.
-  kernels  140  fla vs the pure-torch GDN kernels (gated delta rule, causal conv1d), bf16, packed documents
+  kernels   40  fla vs the pure-torch GDN kernels (gated delta rule, causal conv1d), bf16, packed documents
                 with the 2B GDN geometry (16 key / 16 value heads of 128): outputs and gradients, and
                 whether two identical fla runs give identical bits (determinism). On CUDA it adds the
                 configurations fla's autotuning chose to --workdir/fla_configs/ (megatron_ext/fla_configs.py:
                 shipped, a fresh node skips the autotuning), every 10 s and at the end (a part stopped by
                 its box keeps them), and reads them back through fla's lookup; so does bench, for
                 transformers' shapes.
-  resume   120  the trainer in bf16 with the distributed optimizer on the demo mix: 20 steps SIGKILLed
+  resume   116  the trainer in bf16 with the distributed optimizer on the demo mix: 20 steps SIGKILLed
                 (every process) right after the step-10 checkpoint, then rerun, which must resume from it,
                 side by side with 20 steps uninterrupted; losses bit-identical, or within 1e-4
                 relative (a lost Adam state moves them by ~1e-3). It says whether the same steps in two
                 processes gave the same bits, and runs the masked attention: FlashAttention's backward is
                 not deterministic.
-  bench     30  tools.bench_train on the 2B shape (APPROX_2B, seq 4096), its "quick" rows: ours (auto
+  bench    123  tools.bench_train on the 2B shape (APPROX_2B, seq 4096), its "quick" rows: ours (auto
                 backend and kernels) vs transformers + fla, both with full recomputation (the same memory
-                policy): tokens/s, MFU, peak memory. A cold kernel cache needs more (--box bench=300).
-  parity    30  transformers vs megatron_ext on CUDA, float32 both sides (TF32 off), a random model with
+                policy): tokens/s, MFU, peak memory. It builds two 2B models and compiles transformers' fla calls.
+  parity    44  transformers vs megatron_ext on CUDA, float32 both sides (TF32 off), a random model with
                 the real head sizes (attention head_dim 256; GDN 16 key and 16 value heads of 128):
                 logits and every parameter's gradient. Both on the pure-torch GDN kernels (fla's are the
                 kernels part's subject; compiling its fp32 ones overran 195 s on a fresh H200).
@@ -50,10 +50,14 @@ do not, each reports one SKIPPED row and takes no time:
                 within 3% of BF16's.
   te_ckpt    60  the converted (local-format) checkpoint loads under TE; saved under TE, it loads under
                 the local spec and back under TE: every weight equal, logits bit-identical on reload.
-The kernels part compiles and autotunes fla's bf16 kernels (more than 100 s on a fresh H100); the parts
-after it reuse them from Triton's on-disk cache (autotuning included: megatron_ext sets
-TRITON_CACHE_AUTOTUNING). On a fresh node a part can
-overrun its box: its row says TIMEOUT; run again (the cache is then warm) or give it more with --box.
+The boxes are the seconds each part took on a cold H100 (empty Triton cache, 2026-11-27, docs/benchmarks.md)
+plus 3 to 6 s (resume: 8 s more, to build the demo mix, which that node had prebuilt), 355 in all, and about
+5 s for this process: that run took 327 s. They hold where fla's kernel configurations ship for the GPU and
+Triton version (megatron_ext/fla_configs/): fla then compiles one configuration per kernel. Elsewhere fla
+autotunes first (kernels: about 200 s on an H100 before they shipped, bench: more than 170 s) and parts
+overrun their boxes: a row says TIMEOUT; run again (Triton keeps the compiled and tuned kernels: megatron_ext
+sets TRITON_CACHE_AUTOTUNING) or give more with --box (--box kernels=250 --box bench=300), and commit what
+the kernels and bench parts write under --workdir/fla_configs/.
 
 ``--device cpu`` runs what can run without CUDA (attention and flex: FlexAttention eagerly, forward only;
 kernels: the torch kernels in bf16 against fp32; parity with the pure-torch kernels; resume in fp32 on a
@@ -67,6 +71,7 @@ import collections
 import concurrent.futures
 import contextlib
 import functools
+import importlib
 import inspect
 import json
 import os
@@ -85,12 +90,12 @@ import torch
 from tools.parity import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
-# Seconds, 360 in all, in the order the parts run: the bf16 parts first (they share compiled kernels; the
-# first one compiles), parity last (pure-torch kernels in fp32: it compiles nothing). On an H100 with an
-# empty Triton cache, compiling fla's kernels alone took more than 100 s, on an H200 about 190 s
-# (docs/benchmarks.md). attention compiles nothing and goes first: on a fresh H200 it needed more than 20 s
-# (process start, CUDA and megatron import), so it has 40, 20 of them from parity, which no longer compiles.
-BOXES = {"attention": 40, "kernels": 140, "resume": 120, "bench": 30, "parity": 30, "flex": 120, "syncs": 60}
+# Seconds, in the order the parts run: the bf16 parts first (they share compiled kernels; kernels compiles
+# them), parity last (pure-torch kernels in fp32: it compiles nothing). Each is what the part took on a cold
+# H100 with the shipped fla configurations (attention 29, kernels 36, resume 98, bench 117, parity 41) plus
+# 3 to 6 s, and resume 8 s more to build the demo mix (about that on the CPU machine; the GPU node had it
+# prebuilt: no datatrove there): 355 in all, so that with this process's ~5 s the default run ends within 360.
+BOXES = {"attention": 32, "kernels": 40, "resume": 116, "bench": 123, "parity": 44, "flex": 120, "syncs": 60}
 MIN_BOX = 30  # --budget: a part gets at least this or does not start (a part's process imports for ~20 s)
 OPTIONAL = ("flex", "syncs")  # run only when named in --parts (the default run keeps to 360 s)
 # Transformer Engine parts: in the default run where TE imports, on top of the 360 s; SKIPPED rows elsewhere
@@ -681,11 +686,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("needs a CUDA device (--device cpu runs the parts that do not)")
         started = since_start()
+        importlib.import_module("megatron.core.parallel_state")  # timed apart; fla comes with megatron's GDN
+
+        imported = since_start()
         parallel.initialize()
-        # to the part's log: how much of a part's box its process spends before it checks anything (on an
-        # H100 each part seemed to spend ~20 s so, a third of the 6-minute budget over the default parts)
-        print(f"start-up: {started:.1f} s to start Python and import torch, megatron_ext, fla and transformers; "
-              f"{since_start() - started:.1f} s more for CUDA and the process group", file=sys.stderr, flush=True)
+        # to the part's log: how much of a part's box its process spends before it checks anything (on a cold
+        # H100, 13 to 19 s a part: 77 s of the default run's 327)
+        print(f"start-up: {started:.1f} s to start Python and import torch; {imported - started:.1f} s to import "
+              f"megatron-core and fla; {since_start() - imported:.1f} s more for CUDA and the process group",
+              file=sys.stderr, flush=True)
         fn = PARTS[args.run_part]
         given = {"device": args.device, "workdir": Path(args.workdir), "resume_steps": args.resume_steps}
         fn(**{name: given[name] for name in inspect.signature(fn).parameters if name in given})
