@@ -7,7 +7,6 @@ import torch
 import tp_worker
 from conftest import float64, megatron_twin
 
-
 from tools.tiny_qwen35 import causal_lm, text_config
 
 from megatron_ext.checkpoint import load_model, save_model

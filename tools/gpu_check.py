@@ -687,7 +687,6 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("needs a CUDA device (--device cpu runs the parts that do not)")
         started = since_start()
         importlib.import_module("megatron.core.parallel_state")  # timed apart; fla comes with megatron's GDN
-
         imported = since_start()
         parallel.initialize()
         # to the part's log: how much of a part's box its process spends before it checks anything (on a cold
