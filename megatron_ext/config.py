@@ -160,7 +160,8 @@ class Qwen35Config:
         use_cpu_initialization: bool | None = None,
         **overrides: Any,
     ):
-        """megatron-core ``TransformerConfig`` for this architecture (overrides go straight through).
+        """megatron-core ``TransformerConfig`` for this architecture (overrides go straight through), with our
+        ``compile_elementwise`` switch (:mod:`megatron_ext.fusions`).
 
         ``backend="te"`` (resolved, see :func:`megatron_ext.spec.resolve_backend`): Transformer Engine's
         modules with its fused kernels on: RoPE (TE's fused kernel takes packed THD rows and partial
@@ -169,9 +170,8 @@ class Qwen35Config:
         warns about it; recomputing costs a second attention forward). ``local``: plain torch modules, and
         the same fused-RoPE slot filled by :mod:`megatron_ext.rope` when TE is absent.
         """
-        from megatron.core.transformer.transformer_config import TransformerConfig
-
         from megatron_ext import rope
+        from megatron_ext.fusions import Qwen35TransformerConfig
 
         rope.install()  # before the config validates apply_rope_fusion
 
@@ -213,7 +213,8 @@ class Qwen35Config:
             hidden_dropout=0.0,
             attention_dropout=0.0,
             transformer_impl="transformer_engine" if te else "local",
-            bias_activation_fusion=te,  # megatron's fused SwiGLU (bias-free here)
+            # megatron's SwiGLU as one compiled kernel each way (bias-free here), with TE or compile_elementwise
+            bias_activation_fusion=te or overrides.get("compile_elementwise", False),
             masked_softmax_fusion=False,
             apply_rope_fusion=True,  # TE's fused thd kernel, else megatron_ext.rope's: neither syncs per layer
             persist_layer_norm=False,
@@ -235,4 +236,4 @@ class Qwen35Config:
         if fp8:
             kwargs.update(fp8=fp8, fp8_recipe=fp8_recipe)
         kwargs.update(overrides)
-        return TransformerConfig(**kwargs)
+        return Qwen35TransformerConfig(**kwargs)

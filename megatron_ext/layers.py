@@ -15,19 +15,38 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
+from megatron_ext.fusions import compute_dtype, elementwise
 from megatron_ext.kernels import causal_conv1d_silu, gated_delta_rule, resolve_kernel
 from megatron_ext.packing import cu_seqlens_of, documents_of, token_documents
 
 log = logging.getLogger(__name__)
 
 
+@elementwise
 def rms_norm(x: Tensor, weight: Tensor, eps: float, zero_centered: bool) -> Tensor:
     """RMSNorm as transformers' Qwen3.5 computes it: statistics in fp32; zero-centred gamma scales by
     ``1 + w`` before the cast back, a plain gamma (the GDN output norm) after it."""
-    x_hat = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    wide = x.to(compute_dtype(x))
+    x_hat = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
     if zero_centered:
-        return (x_hat * (1.0 + weight.float())).type_as(x)
+        return (x_hat * (1.0 + weight.to(x_hat.dtype))).type_as(x)
     return weight * x_hat.type_as(x)
+
+
+@elementwise
+def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float, act_fn) -> Tensor:
+    """The GDN output: ``norm(x) * act_fn(gate)`` per value head (plain gamma), the product in fp32 and cast
+    back, as transformers' gated norm computes it."""
+    y = rms_norm(x, weight, eps, zero_centered=False)
+    return (y * act_fn(gate.to(compute_dtype(gate)))).to(x.dtype)
+
+
+@elementwise
+def gdn_gates(a: Tensor, b: Tensor, a_log: Tensor, dt_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """The GDN's per-head log decay ``g = -exp(A_log) * softplus(a + dt_bias)`` (fp32) and write
+    strength ``beta = sigmoid(b)``."""
+    g = -a_log.to(compute_dtype(a_log)).exp() * torch.nn.functional.softplus(a.to(compute_dtype(a)) + dt_bias)
+    return g, b.sigmoid()
 
 
 def _norm_weight(config, size: int, zero_centered: bool) -> torch.nn.Parameter:
@@ -49,12 +68,13 @@ class RMSNorm(torch.nn.Module):
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, zero_centered_gamma: bool | None = None):
         super().__init__()
+        self.config = config
         self.zero_centered = config.layernorm_zero_centered_gamma if zero_centered_gamma is None else zero_centered_gamma
         self.eps = eps
         self.weight = _norm_weight(config, hidden_size, self.zero_centered)
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps, self.zero_centered)
+        return rms_norm.on(self.config)(x, self.weight, self.eps, self.zero_centered)
 
 
 class NormColumnParallelLinear(ColumnParallelLinear):
@@ -73,7 +93,8 @@ class NormColumnParallelLinear(ColumnParallelLinear):
         self._parameters = {"layer_norm_weight": self._parameters.pop("layer_norm_weight"), **self._parameters}
 
     def forward(self, x: Tensor, *args, **kwargs):
-        return super().forward(rms_norm(x, self.layer_norm_weight, self.eps, self.zero_centered), *args, **kwargs)
+        normed = rms_norm.on(self.config)(x, self.layer_norm_weight, self.eps, self.zero_centered)
+        return super().forward(normed, *args, **kwargs)
 
 
 class Qwen35GatedDeltaNet(GatedDeltaNet):
@@ -115,8 +136,7 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
         q = q.reshape(batch, seq_len, -1, self.key_head_dim)
         k = k.reshape(batch, seq_len, -1, self.key_head_dim)
         v = v.reshape(batch, seq_len, -1, self.value_head_dim)
-        g = -self.A_log.float().exp() * torch.nn.functional.softplus(a.float() + self.dt_bias)
-        beta = b.sigmoid()
+        g, beta = gdn_gates.on(self.config)(a, b, self.A_log, self.dt_bias)
 
         core = gated_delta_rule(q, k, v, g, beta, docs, kernel)
         out = self._gated_norm(core, z)
@@ -124,10 +144,10 @@ class Qwen35GatedDeltaNet(GatedDeltaNet):
         return self.out_proj(out)
 
     def _gated_norm(self, x: Tensor, gate: Tensor) -> Tensor:
-        """norm(x) * silu(z) per value head; megatron's ``_apply_gated_norm`` without its torch.compile."""
-        y = self.out_norm(x.reshape(-1, x.shape[-1]))
-        y = y * self.act_fn(gate.reshape(-1, x.shape[-1]).float())
-        return y.to(x.dtype)
+        """norm(x) * silu(z) per value head; megatron's ``_apply_gated_norm``, compiled where the config asks."""
+        dim = x.shape[-1]
+        return gated_rms_norm.on(self.config)(x.reshape(-1, dim), gate.reshape(-1, dim), self.out_norm.weight,
+                                              self.out_norm.eps, self.act_fn)
 
 
 def allreduce_gdn_out_norm_grads(model: torch.nn.Module) -> None:

@@ -257,7 +257,7 @@ def train(cfg: TrainConfig) -> TrainState:
     dist_opt = _use_distributed_optimizer(cfg, resume, common)
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    overrides = {"calculate_per_token_loss": cfg.per_token_loss}
+    overrides = {"calculate_per_token_loss": cfg.per_token_loss, "compile_elementwise": cfg.compile_elementwise}
     if cfg.recompute:
         overrides.update(recompute_granularity=cfg.recompute)
         if cfg.recompute == "full":

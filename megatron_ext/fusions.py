@@ -1,0 +1,56 @@
+"""A layer's elementwise chains, compiled into a few kernels by ``torch.compile`` when the model's config asks
+(``compile_elementwise``; the trainer's key of the same name).
+
+Why: on an H100 the local spec's step is host-bound (docs/benchmarks.md, the fourth GPU session): the GPU
+idles for about 40% of it while Python launches thousands of small kernels. Run eagerly, an RMSNorm is about
+ten of them forward and more backward, and a model has four to five norms per layer; compiled, it is one or
+two each way. With the flag on, the MLP also runs megatron-core's compiled SwiGLU (``bias_activation_fusion``).
+
+Off by default until a GPU run measures it (``tools/bench_train.py``'s "compiled elementwise" row): compiling
+costs a fresh process time that the GPU check's boxes do not include. Where dynamo is off (on CPU
+:mod:`megatron_ext.cpu_patches` turns it off, or ``TORCHDYNAMO_DISABLE=1``) the chains run eagerly either way.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+@dataclass
+class Qwen35TransformerConfig(TransformerConfig):
+    """megatron-core's TransformerConfig with the one switch of ours that the layers read from it."""
+
+    compile_elementwise: bool = False
+
+
+class Elementwise:
+    """An elementwise function with a compiled twin (made lazily: nothing compiles until it is called).
+    ``fn(...)`` runs it eagerly; ``fn.on(config)(...)`` picks by ``config.compile_elementwise``."""
+
+    def __init__(self, fn: Callable):
+        functools.update_wrapper(self, fn)
+        self.eager = fn
+        # not fullgraph: where dynamo is off that raises instead of running eagerly, and a graph break in some
+        # torch version should cost speed, not the run (tests/test_fusions.py checks that there is none).
+        # Dynamic shapes are left to torch (static first, dynamic after a recompile).
+        self.compiled = torch.compile(fn)
+
+    def __call__(self, *args, **kwargs):
+        return self.eager(*args, **kwargs)
+
+    def on(self, config: TransformerConfig) -> Callable:
+        return self.compiled if getattr(config, "compile_elementwise", False) else self.eager  # a plain megatron config lacks it
+
+
+def elementwise(fn: Callable) -> Elementwise:
+    return Elementwise(fn)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """At least float32, as transformers' Qwen3.5 computes norms and gates; float64 stays float64 (tests)."""
+    return torch.promote_types(t.dtype, torch.float32)

@@ -1,0 +1,77 @@
+"""``compile_elementwise``: the layers' elementwise chains compiled by torch.compile (inductor's C++ backend on
+CPU, Triton on GPU) compute what transformers' reference computes, in float64, with no graph break."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from conftest import float64, megatron_twin
+
+from tools.parity import gradient_pairs, rel_err
+from tools.tiny_qwen35 import causal_lm, text_config
+
+from megatron_ext import layers
+
+L, F = "linear_attention", "full_attention"
+
+
+@contextlib.contextmanager
+def dynamo_on():
+    """torch.compile active (megatron_ext.cpu_patches turns it off on CPU), with empty caches either side so
+    that what compiles here is counted here and nothing compiled here outlives the test."""
+    with dynamo.config.patch(disable=False):
+        dynamo.reset()
+        dynamo.utils.counters.clear()
+        try:
+            yield dynamo.utils.counters
+        finally:
+            dynamo.reset()
+
+
+@pytest.mark.parametrize("recompute", [{}, dict(recompute_granularity="selective", recompute_modules=["mlp"])],
+                         ids=["no-recompute", "selective-mlp"])
+def test_compiled_elementwise_model_matches_transformers_in_float64(recompute):
+    gen = torch.Generator().manual_seed(0)
+    with float64():
+        hf = causal_lm(text_config(layer_types=[L, F, L]), seed=3)
+        ids = torch.randint(0, hf.config.vocab_size, (2, 70), generator=gen)
+        ref = hf(ids).logits
+        weights = torch.randn(ref.shape, generator=gen)
+        (ref * weights).sum().backward()
+        ours = megatron_twin(hf, compile_elementwise=True, **recompute)
+        assert ours.config.compile_elementwise and ours.config.bias_activation_fusion  # megatron's SwiGLU too
+        with dynamo_on() as counters:
+            out = ours(ids)
+            (out * weights).sum().backward()
+    assert dict(counters["graph_break"]) == {}, "a graph break splits a chain back into eager kernels"
+    assert counters["stats"]["unique_graphs"] >= 4  # rms_norm, gdn_gates, gated_rms_norm, SwiGLU (at least)
+    assert out.dtype == torch.float64 and rel_err(out, ref.detach()) <= 1e-10
+    for name, grad, hf_grad in gradient_pairs(ours, hf):
+        assert rel_err(grad, hf_grad) <= 1e-10, name
+
+
+def test_the_switch_defaults_off_and_picks_the_compiled_twin():
+    from megatron_ext import Qwen35Config
+
+    config = Qwen35Config.from_hf(text_config().to_dict())
+    assert not config.to_transformer_config().compile_elementwise
+    assert not config.to_transformer_config().bias_activation_fusion
+    on = config.to_transformer_config(compile_elementwise=True)
+    assert layers.rms_norm.on(on) is layers.rms_norm.compiled
+    assert layers.rms_norm.on(config.to_transformer_config()) is layers.rms_norm.eager
+    assert layers.gdn_gates.on(object()) is layers.gdn_gates.eager  # a config without the switch: eager
+
+
+def test_eager_chains_keep_bf16_where_transformers_does():
+    """dtypes of the chains in bf16: the norms return the input's dtype, the GDN decay stays fp32 and beta
+    bf16 (fla takes g in fp32), as transformers' Qwen3.5 computes them."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, generator=gen).bfloat16()
+    w = torch.randn(8, generator=gen).bfloat16()
+    assert layers.rms_norm(x, w, 1e-6, True).dtype == torch.bfloat16
+    assert layers.gated_rms_norm(x, x, w, 1e-6, torch.nn.functional.silu).dtype == torch.bfloat16
+    g, beta = layers.gdn_gates(x[:, :4], x[:, 4:], w[:4], w[4:])
+    assert g.dtype == torch.float32 and beta.dtype == torch.bfloat16
