@@ -121,9 +121,11 @@ def test_te_rows_without_transformer_engine_say_so_and_build_nothing(monkeypatch
 
 def test_profile_step_writes_where_a_step_spends_its_time(tmp_path):
     a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
-    bench_train.profile_step(lambda: (a @ a).relu_(), tmp_path / "rows" / "ours-full-4096.txt")
+    counts = bench_train.profile_step(lambda: (a @ a).relu_().sum(), tmp_path / "rows" / "ours-full-4096.txt")
     table = (tmp_path / "rows" / "ours-full-4096.txt").read_text()
     assert "Name" in table and "aten::mm" in table and "aten::relu_" in table
+    # matmul, relu_, sum: what they call inside ATen (mm, clamp_min_, fill_, ...) is not counted again
+    assert counts == "operator calls: 3" and table.startswith(counts)
 
 
 def test_the_baseline_names_its_conv1d_kernel(monkeypatch):

@@ -203,6 +203,8 @@ def _hf(memory: str) -> Setup:
 SETUPS = [
     # the attention kernels, each under the trainer's selective recomputation for it
     _ours("local-fused", "selective-mlp", attention_kernel="fused"),
+    # each layer's elementwise chains compiled (megatron_ext/fusions.py), for the host-bound step
+    _ours("local-fused, compiled elementwise", "selective-mlp", attention_kernel="fused", compile_elementwise=True),
     _ours("local-fused, loss in 1024-token pieces", "selective-mlp", attention_kernel="fused", loss_chunk=1024),
     # megatron's torch AdamW as megatron builds it (multi-tensor) rather than the trainer's fused kernel
     _ours("local-fused, multi-tensor AdamW", "selective-mlp", attention_kernel="fused", fused_adam=False),
@@ -256,9 +258,10 @@ def _time_steps(step: TrainStep, warmup: int, iters: int) -> tuple[float, float,
         torch.cuda.memory_allocated() / 2**30
 
 
-def profile_step(step: Callable[[], None], path: Path, rows: int = 30) -> None:
+def profile_step(step: Callable[[], None], path: Path, rows: int = 30) -> str:
     """One more step under torch.profiler: the operators and kernels that took the most device time (CPU
-    time without CUDA), as a table in ``path``, to see where a step's time goes."""
+    time without CUDA), as a table in ``path``, to see where a step's time goes, after a line of counts
+    (:func:`launch_counts`), which it returns."""
     cuda = torch.cuda.is_available()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
@@ -266,8 +269,21 @@ def profile_step(step: Callable[[], None], path: Path, rows: int = 30) -> None:
         if cuda:
             torch.cuda.synchronize()
     key = "cuda_time_total" if cuda else "cpu_time_total"
+    counts = launch_counts(prof.events())
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by=key, row_limit=rows) + "\n")
+    path.write_text(counts + "\n\n" + prof.key_averages().table(sort_by=key, row_limit=rows) + "\n")
+    return counts
+
+
+def launch_counts(events) -> str:
+    """What a host-bound step pays for, counted: operator calls (aten operators not called by another one:
+    what Python and autograd ask ATen for; a compiled chain counts only its extern calls such as matmuls) and,
+    on CUDA, kernel launches (the runtime's and the driver's launch calls: ATen's kernels, and Triton's,
+    i.e. fla's and inductor's)."""
+    calls = sum(e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+                for e in events)
+    launches = sum(e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel")) for e in events)
+    return f"operator calls: {calls}" + (f"; kernel launches: {launches}" if torch.cuda.is_available() else "")
 
 
 def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 3, iters: int = 10,
@@ -306,7 +322,8 @@ def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 
                     result.mfu_accumulated = flops * accumulate / ((seconds - update) * accumulate + update) / (peak * 1e12)
                 if profile_dir is not None:
                     name = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{setup.name}-{setup.memory}-{seq}")
-                    profile_step(step, Path(profile_dir) / f"{name}.txt")
+                    print(f"# {setup.name} [{setup.memory}] seq {seq} profiled: "
+                          f"{profile_step(step, Path(profile_dir) / f'{name}.txt')}", flush=True)
             except torch.OutOfMemoryError:
                 result.failure = "OOM"
             except Exception as e:  # one broken setup must not cost the others' measurements
