@@ -44,7 +44,8 @@ class Elementwise:
         return self.eager(*args, **kwargs)
 
     def on(self, config: TransformerConfig) -> Callable:
-        return self.compiled if getattr(config, "compile_elementwise", False) else self.eager  # a plain megatron config lacks it
+        """The twin ``config`` asks for (eager where it lacks the switch: a plain megatron config)."""
+        return self.compiled if getattr(config, "compile_elementwise", False) else self.eager
 
 
 def elementwise(fn: Callable) -> Elementwise:

@@ -31,7 +31,7 @@ def test_failing_rows_are_reported_and_the_others_still_run(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(bench_train, "_time_steps", lambda step, warmup, iters: (step.forward_backward(), 0.5, 40.0, 30.0))
+    monkeypatch.setattr(bench_train, "_time_steps", lambda step, warmup, iters: (step.forward_backward(), 0.5, 40.0, 30.0, 9.0))
     setups = [_setup("a", "none", 2.0), _setup("b", "none", torch.OutOfMemoryError("CUDA out of memory")),
               _setup("c", "full", 4.0), _setup("d", "full", NotImplementedError("no kernel for head_dim 256"))]
     results = bench_train.measure(seqs=(64, 128), setups=setups)  # the 2B shape's FLOPs, H100 peak
@@ -102,9 +102,11 @@ def test_a_step_is_timed_in_its_two_phases(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 2**30)
     phases = []
     step = TrainStep(lambda: phases.append("fb") or time.sleep(0.01), lambda: phases.append("up") or time.sleep(0.05))
-    seconds, update, peak, resident = bench_train._time_steps(step, warmup=1, iters=2)
+    seconds, update, peak, resident, first = bench_train._time_steps(step, warmup=1, iters=2)
     assert phases == ["fb", "up"] * 3
     assert update >= 0.05 and seconds - update >= 0.01 and (peak, resident) == (3.0, 1.0)
+    assert first >= 0.06  # the warm-up step: both phases
+    assert bench_train._time_steps(step, warmup=0, iters=1)[4] is None
 
 
 def test_te_rows_without_transformer_engine_say_so_and_build_nothing(monkeypatch):

@@ -8,9 +8,11 @@ FusedAdam on ours where TE is installed; one row runs the multi-tensor AdamW meg
 Every row names its memory policy, and the "vs HF" column compares rows with the same policy only
 (transformers' gradient checkpointing is megatron's full recomputation, one layer at a time; megatron's
 selective recomputation has no transformers counterpart). After the table, each side's fastest row that fits,
-labelled. A row that runs out of memory is reported as OOM, one that fails otherwise (e.g. a kernel that does
-not compile) by its error's type with the traceback on stderr, and the run goes on. MFU counts model FLOPs
-(megatron_ext/flops.py), not recomputed ones. A step is one micro-batch's forward and backward, then the
+labelled. Each row also prints its first warm-up step's seconds, what a fresh process pays once (fla's
+autotuning, torch.compile), and with --profile its operator calls and kernel launches per step (a host-bound
+step pays for each). A row that runs out of memory is reported as OOM, one that fails otherwise (e.g. a
+kernel that does not compile) by its error's type with the traceback on stderr, and the run goes on. MFU counts
+model FLOPs (megatron_ext/flops.py), not recomputed ones. A step is one micro-batch's forward and backward, then the
 update (gradient sync, clipping, the optimizer step), timed apart: "update s", and the MFU of the recipe's
 step, which accumulates 32 micro-batches per update (256 sequences over 8 GPUs; --accumulate), from the two.
 "resident GiB" is what stays allocated between steps (weights, gradients, optimizer state); peak minus
@@ -239,12 +241,17 @@ class Result:
     failure: str = ""  # "OOM", or the type of the error it raised
 
 
-def _time_steps(step: TrainStep, warmup: int, iters: int) -> tuple[float, float, float, float]:
-    """Seconds per step and of its update, peak GiB over the timed steps, GiB still allocated after them.
-    A synchronisation between the phases (to time them apart) costs the step next to nothing."""
-    for _ in range(warmup):
+def _time_steps(step: TrainStep, warmup: int, iters: int) -> tuple[float, float, float, float, float | None]:
+    """Seconds per step and of its update, peak GiB over the timed steps, GiB still allocated after them, and
+    the first warm-up step's seconds (what a fresh process pays once: fla's autotuning where no configurations
+    ship, torch.compile's compiling). A synchronisation between the phases (to time them apart) costs the
+    step next to nothing."""
+    first = None
+    for i in range(warmup):
+        begin = time.perf_counter()
         step()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - begin if i == 0 else first
     torch.cuda.reset_peak_memory_stats()
     start, update = time.perf_counter(), 0.0
     for _ in range(iters):
@@ -255,7 +262,7 @@ def _time_steps(step: TrainStep, warmup: int, iters: int) -> tuple[float, float,
         torch.cuda.synchronize()
         update += time.perf_counter() - begin
     return (time.perf_counter() - start) / iters, update / iters, torch.cuda.max_memory_allocated() / 2**30, \
-        torch.cuda.memory_allocated() / 2**30
+        torch.cuda.memory_allocated() / 2**30, first
 
 
 def profile_step(step: Callable[[], None], path: Path, rows: int = 30) -> str:
@@ -314,7 +321,10 @@ def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 
                 continue
             try:
                 step = setup.build(config, seq, micro_batch)
-                seconds, update, result.peak_gib, result.resident_gib = _time_steps(step, warmup, iters)
+                seconds, update, result.peak_gib, result.resident_gib, first = _time_steps(step, warmup, iters)
+                if first is not None:
+                    print(f"# {setup.name} [{setup.memory}] seq {seq}: first step {first:.1f} s (compiling and "
+                          "autotuning included)", flush=True)
                 result.seconds, result.update_seconds, result.tokens_per_s = seconds, update, tokens / seconds
                 if peak:
                     flops = train_flops_per_token(config, seq) * tokens
