@@ -174,6 +174,23 @@ def test_parity_part_on_cpu(capsys):
     assert grads[1].startswith("gradients of 56 parameters") and grads[4] == "pass"
 
 
+def test_compiled_part_on_cpu(capsys):
+    """Inductor's C++ kernels on CPU: the part turns dynamo on, which megatron_ext.cpu_patches turns off."""
+    import torch
+
+    from megatron_ext import layers
+
+    layers.rms_norm.compiled(torch.ones(2, 4), torch.ones(4), 1e-6, True)  # run while dynamo is off: skipped after
+    gpu_check.part_compiled("cpu")
+    for chain in (layers.rms_norm, layers.gdn_gates, layers.gated_rms_norm):  # compiled, not eager twice
+        assert torch._dynamo.eval_frame._debug_get_cache_entry_list(chain.eager.__code__), chain.__name__
+    assert torch._dynamo.config.disable  # turned back off
+    logits, grads, seconds = _rows(capsys)
+    assert logits[1].startswith("logits, compiled elementwise bf16") and logits[4] == "pass"
+    assert grads[1].startswith("gradients, compiled elementwise bf16") and grads[4] == "pass"
+    assert seconds[1].startswith("first forward and backward, s: compiled") and float(seconds[2]) > 0
+
+
 @pytest.mark.parametrize("steps", [4])
 def test_resume_part_on_cpu(capsys, tmp_path, monkeypatch, steps):
     monkeypatch.chdir(tmp_path)  # the default --workdir is relative (a relative mix path once went beside the recipe)

@@ -38,6 +38,10 @@ Not in the default list (name it in --parts):
                 optimizer step) under torch.cuda.set_sync_debug_mode("warn"), at 4 and at 8 layers with the
                 2B head geometry: no source line may sync more often in the deeper model, and the total
                 stays at most MAX_SYNCS; where each sync comes from goes to the part's log.
+  compiled 120  compile_elementwise (megatron_ext/fusions.py: norms, GDN gates, SwiGLU compiled by torch.compile)
+                in bf16 vs the local spec in fp32, a random model with the 2B's head geometry, held to twice
+                eager bf16's error like te_parity; a row gives both models' first forward and backward
+                (the compiled one's includes compiling). Not in the default run until it is timed on a GPU.
 Transformer Engine parts, in the default run after the others where TE's torch modules import; where they
 do not, each reports one SKIPPED row and takes no time:
   te_parity  60  the TE spec vs the local spec with the same weights in bf16, both against the local spec
@@ -95,9 +99,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # H100 with the shipped fla configurations (attention 29, kernels 36, resume 98, bench 117, parity 41) plus
 # 3 to 6 s, and resume 8 s more to build the demo mix (about that on the CPU machine; the GPU node had it
 # prebuilt: no datatrove there): 355 in all, so that with this process's ~5 s the default run ends within 360.
-BOXES = {"attention": 32, "kernels": 40, "resume": 116, "bench": 123, "parity": 44, "flex": 120, "syncs": 60}
+BOXES = {"attention": 32, "kernels": 40, "resume": 116, "bench": 123, "parity": 44, "flex": 120, "syncs": 60,
+         "compiled": 120}
 MIN_BOX = 30  # --budget: a part gets at least this or does not start (a part's process imports for ~20 s)
-OPTIONAL = ("flex", "syncs")  # run only when named in --parts (the default run keeps to 360 s)
+OPTIONAL = ("flex", "syncs", "compiled")  # run only when named in --parts (the default run keeps to 360 s)
 # Transformer Engine parts: in the default run where TE imports, on top of the 360 s; SKIPPED rows elsewhere
 TE_BOXES = {"te_parity": 60, "te_packed": 40, "te_fp8": 240, "te_ckpt": 60}
 BOXES.update(TE_BOXES)
@@ -469,33 +474,63 @@ def _copy_weights(src: torch.nn.Module, *dst: torch.nn.Module) -> None:
                 p.copy_(params[name])
 
 
-def part_te_parity(device: str) -> None:
+def bf16_against_fp32(device: str, seq: int, **candidates: dict) -> dict[str, tuple[float, float, str, float]]:
+    """Each candidate (``build_model`` keywords) in bf16 against the local spec in fp32 (TF32 off), all with
+    the same weights and a random model of the 2B's head geometry: relative errors of the logits and of the
+    worst parameter's gradient, that parameter's name, and the seconds of the candidate's first forward and
+    backward (what compiling costs where a candidate compiles)."""
     from megatron_ext import build_model
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     config = _real_heads_config()
-    ref = build_model(config, "local", params_dtype=torch.float32)
-    local, te = build_model(config, "local", params_dtype=torch.bfloat16), build_model(config, "te", params_dtype=torch.bfloat16)
-    _copy_weights(ref, local, te)
+    ref = build_model(config, "local", device=device, params_dtype=torch.float32)
+    models = {name: build_model(config, device=device, params_dtype=torch.bfloat16, **kw) for name, kw in candidates.items()}
+    _copy_weights(ref, *models.values())
     gen = torch.Generator(device).manual_seed(4)
-    ids = torch.randint(0, config.vocab_size, (2, 512), generator=gen, device=device)
-    upstream = torch.randn(2, 512, config.vocab_size, generator=gen, device=device)
-    outputs = {}
-    for name, model in (("ref", ref), ("local", local), ("te", te)):
+    ids = torch.randint(0, config.vocab_size, (2, seq), generator=gen, device=device)
+    upstream = torch.randn(2, seq, config.vocab_size, generator=gen, device=device)
+
+    def run(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(ids).float()
         (logits * upstream).sum().backward()
-        outputs[name] = logits, {n: p.grad.float() for n, p in model.named_parameters()}
+        return logits, {n: p.grad.float() for n, p in model.named_parameters()}
 
-    def errors(name: str) -> tuple[float, float, str]:
-        (logits, grads), (ref_logits, ref_grads) = outputs[name], outputs["ref"]
+    ref_logits, ref_grads = run(ref)
+    errors = {}
+    for name, model in models.items():
+        start = time.perf_counter()
+        logits, grads = run(model)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
         worst = max(grads, key=lambda n: rel_err(grads[n], ref_grads[n]))
-        return rel_err(logits, ref_logits), rel_err(grads[worst], ref_grads[worst]), worst
+        errors[name] = rel_err(logits, ref_logits), rel_err(grads[worst], ref_grads[worst]), worst, seconds
+    return errors
 
-    te_logits, te_grads, worst = errors("te")
-    local_logits, local_grads, _ = errors("local")
+
+def part_te_parity(device: str) -> None:
+    errors = bf16_against_fp32(device, 512, local=dict(backend="local"), te=dict(backend="te"))
+    (te_logits, te_grads, worst, _), (local_logits, local_grads, _, _) = errors["te"], errors["local"]
     row("te_parity", "logits, TE bf16 vs local fp32 (limit: 2x local bf16's error)", te_logits,
         max(2 * local_logits, 2.0**-8))
     row("te_parity", f"gradients, TE bf16 vs local fp32, worst ({worst})", te_grads, max(2 * local_grads, 2.0**-8))
+
+
+def part_compiled(device: str) -> None:
+    """``compile_elementwise`` in bf16 (Triton kernels from inductor on CUDA; its C++ ones on CPU, where
+    dynamo is turned on for this part) against the local spec in fp32, held to what eager bf16 errs by; and
+    what its first step costs."""
+    with torch._dynamo.config.patch(disable=False):
+        torch._dynamo.reset()  # code first run while dynamo was off is marked to skip until a reset
+        errors = bf16_against_fp32(device, 512 if device == "cuda" else 128, eager=dict(backend="local"),
+                                   compiled=dict(backend="local", compile_elementwise=True))
+    (logits, grads, worst, seconds), (eager_logits, eager_grads, _, eager_seconds) = errors["compiled"], errors["eager"]
+    row("compiled", "logits, compiled elementwise bf16 vs local fp32 (limit: 2x eager bf16's error)", logits,
+        max(2 * eager_logits, 2.0**-8))
+    row("compiled", f"gradients, compiled elementwise bf16 vs local fp32, worst ({worst})", grads,
+        max(2 * eager_grads, 2.0**-8))
+    row("compiled", f"first forward and backward, s: compiled (compiling included) / eager {eager_seconds:.1f}",
+        round(seconds, 1))
 
 
 def part_te_packed(device: str) -> None:
@@ -577,6 +612,7 @@ def part_bench(device: str, workdir: Path) -> None:
 
 PARTS = {"attention": part_attention, "kernels": part_kernels, "resume": part_resume, "bench": part_bench,
          "parity": part_parity, "flex": functools.partial(part_attention, kernel="flex"), "syncs": part_syncs,
+         "compiled": part_compiled,
          "te_parity": part_te_parity, "te_packed": part_te_packed, "te_fp8": part_te_fp8, "te_ckpt": part_te_ckpt}
 
 
