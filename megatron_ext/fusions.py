@@ -29,8 +29,8 @@ class Qwen35TransformerConfig(TransformerConfig):
 
 
 class Elementwise:
-    """An elementwise function with a compiled twin (made lazily: nothing compiles until it is called).
-    ``fn(...)`` runs it eagerly; ``fn.on(config)(...)`` picks by ``config.compile_elementwise``."""
+    """A decorator: an elementwise function with a compiled twin (made lazily: nothing compiles until it is
+    called). ``fn(...)`` runs it eagerly; ``fn.on(config)(...)`` picks by ``config.compile_elementwise``."""
 
     def __init__(self, fn: Callable):
         functools.update_wrapper(self, fn)
@@ -46,10 +46,6 @@ class Elementwise:
     def on(self, config: TransformerConfig) -> Callable:
         """The twin ``config`` asks for (eager where it lacks the switch: a plain megatron config)."""
         return self.compiled if getattr(config, "compile_elementwise", False) else self.eager
-
-
-def elementwise(fn: Callable) -> Elementwise:
-    return Elementwise(fn)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

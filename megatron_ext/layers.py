@@ -15,14 +15,14 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
-from megatron_ext.fusions import compute_dtype, elementwise
+from megatron_ext.fusions import Elementwise, compute_dtype
 from megatron_ext.kernels import causal_conv1d_silu, gated_delta_rule, resolve_kernel
 from megatron_ext.packing import cu_seqlens_of, documents_of, token_documents
 
 log = logging.getLogger(__name__)
 
 
-@elementwise
+@Elementwise
 def rms_norm(x: Tensor, weight: Tensor, eps: float, zero_centered: bool) -> Tensor:
     """RMSNorm as transformers' Qwen3.5 computes it: statistics in fp32; zero-centred gamma scales by
     ``1 + w`` before the cast back, a plain gamma (the GDN output norm) after it."""
@@ -33,7 +33,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, zero_centered: bool) -> Tens
     return weight * x_hat.type_as(x)
 
 
-@elementwise
+@Elementwise
 def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float, act_fn) -> Tensor:
     """The GDN output: ``norm(x) * act_fn(gate)`` per value head (plain gamma), the product in fp32 and cast
     back, as transformers' gated norm computes it."""
@@ -41,7 +41,7 @@ def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float, act_fn) 
     return (y * act_fn(gate.to(compute_dtype(gate)))).to(x.dtype)
 
 
-@elementwise
+@Elementwise
 def gdn_gates(a: Tensor, b: Tensor, a_log: Tensor, dt_bias: Tensor) -> tuple[Tensor, Tensor]:
     """The GDN's per-head log decay ``g = -exp(A_log) * softplus(a + dt_bias)`` (fp32) and write
     strength ``beta = sigmoid(b)``."""

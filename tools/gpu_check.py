@@ -38,15 +38,17 @@ Not in the default list (name it in --parts):
                 optimizer step) under torch.cuda.set_sync_debug_mode("warn"), at 4 and at 8 layers with the
                 2B head geometry: no source line may sync more often in the deeper model, and the total
                 stays at most MAX_SYNCS; where each sync comes from goes to the part's log.
-  compiled 120  compile_elementwise (megatron_ext/fusions.py: norms, GDN gates, SwiGLU compiled by torch.compile)
+  compiled 150  compile_elementwise (megatron_ext/fusions.py: norms, GDN gates, SwiGLU compiled by torch.compile)
                 in bf16 vs the local spec in fp32, a random model with the 2B's head geometry, held to twice
                 eager bf16's error like te_parity; a row gives both models' first forward and backward
-                (the compiled one's includes compiling). Not in the default run until it is timed on a GPU.
+                (the eager one's includes fla's compiling, the compiled one's its own). Its box is a guess:
+                not in the default run until it is timed on a GPU.
 Transformer Engine parts, in the default run after the others where TE's torch modules import; where they
 do not, each reports one SKIPPED row and takes no time:
   te_parity  60  the TE spec vs the local spec with the same weights in bf16, both against the local spec
-                in fp32 (TF32 off): logits and every parameter's gradient; TE passes when its error is at
-                most twice the local spec's bf16 error (and never needs to beat one bf16 ulp, 2^-8).
+                in fp32 (TF32 off): logits and all gradients (norm-wise; the worst parameter is shown, not
+                judged: see bf16_against_fp32); TE passes when its error is at most twice the local spec's
+                bf16 error (and never needs to beat one bf16 ulp, 2^-8).
   te_packed  40  documents packed in one row under TE's THD attention (a 1-token document among them)
                 vs each document run alone: logits, within the bf16 limit (GEMM shapes differ).
   te_fp8    240  the trainer on the demo mix, 50 steps each: TE BF16, then fp8 hybrid with delayed and
@@ -87,6 +89,7 @@ import threading
 import time
 from datetime import date
 from pathlib import Path
+from typing import NamedTuple
 from unittest import mock
 
 import torch
@@ -100,7 +103,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # 3 to 6 s, and resume 8 s more to build the demo mix (about that on the CPU machine; the GPU node had it
 # prebuilt: no datatrove there): 355 in all, so that with this process's ~5 s the default run ends within 360.
 BOXES = {"attention": 32, "kernels": 40, "resume": 116, "bench": 123, "parity": 44, "flex": 120, "syncs": 60,
-         "compiled": 120}
+         "compiled": 150}
 MIN_BOX = 30  # --budget: a part gets at least this or does not start (a part's process imports for ~20 s)
 OPTIONAL = ("flex", "syncs", "compiled")  # run only when named in --parts (the default run keeps to 360 s)
 # Transformer Engine parts: in the default run where TE imports, on top of the 360 s; SKIPPED rows elsewhere
@@ -474,16 +477,29 @@ def _copy_weights(src: torch.nn.Module, *dst: torch.nn.Module) -> None:
                 p.copy_(params[name])
 
 
-def bf16_against_fp32(device: str, seq: int, **candidates: dict) -> dict[str, tuple[float, float, str, float]]:
-    """Each candidate (``build_model`` keywords) in bf16 against the local spec in fp32 (TF32 off), all with
-    the same weights and a random model of the 2B's head geometry: relative errors of the logits and of the
-    worst parameter's gradient, that parameter's name, and the seconds of the candidate's first forward and
-    backward (what compiling costs where a candidate compiles)."""
+class Bf16Errors(NamedTuple):
+    logits: float  # relative error (max |ours - ref| / max |ref|)
+    grads: float  # all parameters' gradients as one vector: |ours - ref| / |ref| (2-norms)
+    worst: str  # the parameter whose gradient errs most by max-relative error, and that error
+    worst_error: float
+    seconds: float  # the first forward and backward
+
+
+def bf16_against_fp32(device: str, seq: int, **candidates: dict) -> dict[str, Bf16Errors]:
+    """Each candidate (``build_model`` keywords) in bf16 against the local spec in fp32 (TF32 off) on the
+    pure-torch GDN kernels (compiling fla's fp32 ones overran 195 s on a fresh H200), all with the same weights
+    and a random model of the 2B's head geometry; candidates run in the order given, so the first one's first
+    step also pays for compiling fla.
+
+    Gradients are held to their norm-wise error over all parameters: per parameter, small ones summed over
+    every token with heavy cancellation (A_log, dt_bias: 16 values a layer) err by 4% to 50% in bf16 from one
+    random model to the next (measured on CPU), which made "twice eager's worst" a coin toss; the norm-wise
+    error varied by 3% (0.027 to 0.028)."""
     from megatron_ext import build_model
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     config = _real_heads_config()
-    ref = build_model(config, "local", device=device, params_dtype=torch.float32)
+    ref = build_model(config, "local", device=device, params_dtype=torch.float32, gdn_kernel="torch")
     models = {name: build_model(config, device=device, params_dtype=torch.bfloat16, **kw) for name, kw in candidates.items()}
     _copy_weights(ref, *models.values())
     gen = torch.Generator(device).manual_seed(4)
@@ -496,6 +512,7 @@ def bf16_against_fp32(device: str, seq: int, **candidates: dict) -> dict[str, tu
         return logits, {n: p.grad.float() for n, p in model.named_parameters()}
 
     ref_logits, ref_grads = run(ref)
+    ref_flat = torch.cat([ref_grads[n].flatten() for n in sorted(ref_grads)])
     errors = {}
     for name, model in models.items():
         start = time.perf_counter()
@@ -503,17 +520,26 @@ def bf16_against_fp32(device: str, seq: int, **candidates: dict) -> dict[str, tu
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
+        flat = torch.cat([grads[n].flatten() for n in sorted(grads)])
         worst = max(grads, key=lambda n: rel_err(grads[n], ref_grads[n]))
-        errors[name] = rel_err(logits, ref_logits), rel_err(grads[worst], ref_grads[worst]), worst, seconds
+        errors[name] = Bf16Errors(rel_err(logits, ref_logits), ((flat - ref_flat).norm() / ref_flat.norm()).item(),
+                                  worst, rel_err(grads[worst], ref_grads[worst]), seconds)
     return errors
+
+
+def bf16_rows(part: str, what: str, errors: Bf16Errors, eager: Bf16Errors) -> None:
+    """``what``'s rows against the local spec's eager bf16 errors: each at most twice those (and never held to
+    beat one bf16 ulp, 2^-8); the worst parameter is shown, not judged."""
+    row(part, f"logits, {what} bf16 vs local fp32 (limit: 2x local eager bf16's error)", errors.logits,
+        max(2 * eager.logits, 2.0**-8))
+    row(part, f"gradients (all, norm-wise), {what} bf16 vs local fp32", errors.grads, max(2 * eager.grads, 2.0**-8))
+    row(part, f"gradient of the worst parameter ({errors.worst}; local eager bf16's worst: {eager.worst_error:.3g})",
+        errors.worst_error)
 
 
 def part_te_parity(device: str) -> None:
     errors = bf16_against_fp32(device, 512, local=dict(backend="local"), te=dict(backend="te"))
-    (te_logits, te_grads, worst, _), (local_logits, local_grads, _, _) = errors["te"], errors["local"]
-    row("te_parity", "logits, TE bf16 vs local fp32 (limit: 2x local bf16's error)", te_logits,
-        max(2 * local_logits, 2.0**-8))
-    row("te_parity", f"gradients, TE bf16 vs local fp32, worst ({worst})", te_grads, max(2 * local_grads, 2.0**-8))
+    bf16_rows("te_parity", "TE", errors["te"], errors["local"])
 
 
 def part_compiled(device: str) -> None:
@@ -524,13 +550,9 @@ def part_compiled(device: str) -> None:
         torch._dynamo.reset()  # code first run while dynamo was off is marked to skip until a reset
         errors = bf16_against_fp32(device, 512 if device == "cuda" else 128, eager=dict(backend="local"),
                                    compiled=dict(backend="local", compile_elementwise=True))
-    (logits, grads, worst, seconds), (eager_logits, eager_grads, _, eager_seconds) = errors["compiled"], errors["eager"]
-    row("compiled", "logits, compiled elementwise bf16 vs local fp32 (limit: 2x eager bf16's error)", logits,
-        max(2 * eager_logits, 2.0**-8))
-    row("compiled", f"gradients, compiled elementwise bf16 vs local fp32, worst ({worst})", grads,
-        max(2 * eager_grads, 2.0**-8))
-    row("compiled", f"first forward and backward, s: compiled (compiling included) / eager {eager_seconds:.1f}",
-        round(seconds, 1))
+    bf16_rows("compiled", "compiled elementwise", errors["compiled"], errors["eager"])
+    row("compiled", f"first forward and backward, s: compiled (compiling included) / eager {errors['eager'].seconds:.1f}",
+        round(errors["compiled"].seconds, 1))
 
 
 def part_te_packed(device: str) -> None:
