@@ -31,6 +31,7 @@ H100, FP8 >= 1.4x TE BF16's tokens/s.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import gc
 import re
@@ -282,15 +283,21 @@ def profile_step(step: Callable[[], None], path: Path, rows: int = 30) -> str:
     return counts
 
 
+def operator_calls(events) -> collections.Counter:
+    """Calls per aten operator (``aten::`` dropped) among profiler ``events``: those not called by another aten
+    operator, i.e. what Python and autograd ask ATen for; a compiled chain counts only its extern calls (such
+    as matmuls)."""
+    return collections.Counter(e.name.removeprefix("aten::") for e in events if e.name.startswith("aten::")
+                               and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")))
+
+
 def launch_counts(events) -> str:
-    """What a host-bound step pays for, counted: operator calls (aten operators not called by another one:
-    what Python and autograd ask ATen for; a compiled chain counts only its extern calls such as matmuls) and,
-    on CUDA, kernel launches (the runtime's and the driver's launch calls: ATen's kernels, and Triton's,
-    i.e. fla's and inductor's)."""
-    calls = sum(e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
-                for e in events)
+    """What a host-bound step pays for, counted: operator calls (:func:`operator_calls`) and, on CUDA, kernel
+    launches (the runtime's and the driver's launch calls: ATen's kernels, and Triton's, i.e. fla's and
+    inductor's)."""
     launches = sum(e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel")) for e in events)
-    return f"operator calls: {calls}" + (f"; kernel launches: {launches}" if torch.cuda.is_available() else "")
+    calls = f"operator calls: {operator_calls(events).total()}"
+    return calls + (f"; kernel launches: {launches}" if torch.cuda.is_available() else "")
 
 
 def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 3, iters: int = 10,
