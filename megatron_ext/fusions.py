@@ -28,6 +28,12 @@ class Qwen35TransformerConfig(TransformerConfig):
     compile_elementwise: bool = False
 
 
+# Compiled variants each chain may keep (dynamo's default: 8, then it runs the chain eagerly with a warning). An
+# RMSNorm alone meets hidden states and attention heads (q and k: other strides), with and without grad
+# (training, recomputation, evaluation): 8 on the tiny model after two training steps and one evaluation.
+RECOMPILE_LIMIT = 32
+
+
 class Elementwise:
     """A decorator: an elementwise function with a compiled twin (made lazily: nothing compiles until it is
     called). ``fn(...)`` runs it eagerly; ``fn.on(config)(...)`` picks by ``config.compile_elementwise``."""
@@ -45,7 +51,11 @@ class Elementwise:
 
     def on(self, config: TransformerConfig) -> Callable:
         """The twin ``config`` asks for (eager where it lacks the switch: a plain megatron config)."""
-        return self.compiled if getattr(config, "compile_elementwise", False) else self.eager
+        if not getattr(config, "compile_elementwise", False):
+            return self.eager
+        if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+        return self.compiled
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
