@@ -1,5 +1,6 @@
 """``compile_elementwise``: the layers' elementwise chains compiled by torch.compile (inductor's C++ backend on
-CPU, Triton on GPU) compute what transformers' reference computes, in float64, with no graph break."""
+CPU, Triton on GPU) compute what the eager model and transformers' reference compute, in float64, with no
+graph break."""
 
 from __future__ import annotations
 
