@@ -30,7 +30,8 @@ class Qwen35TransformerConfig(TransformerConfig):
 
 # Compiled variants each chain may keep (dynamo's default: 8, then it runs the chain eagerly with a warning). An
 # RMSNorm alone meets hidden states and attention heads (q and k: other strides), with and without grad
-# (training, recomputation, evaluation): 8 on the tiny model after two training steps and one evaluation.
+# (training, recomputation, evaluation): 8, the default, after two training steps of the tiny model and
+# evaluation forwards at three lengths; 12 with two more training steps, one at a new length.
 RECOMPILE_LIMIT = 32
 
 
