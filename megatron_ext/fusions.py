@@ -21,18 +21,24 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
+# Compiled variants each chain may keep (dynamo's default: 8, then it runs the chain eagerly with a warning). An
+# RMSNorm alone meets hidden states and attention heads (q and k: other strides), with and without grad
+# (training, recomputation, evaluation): 8, the default, after two training steps of the tiny model and
+# evaluation forwards at three lengths; 12 with two more training steps, one at a new length.
+RECOMPILE_LIMIT = 32
+
+
 @dataclass
 class Qwen35TransformerConfig(TransformerConfig):
     """megatron-core's TransformerConfig with the one switch of ours that the layers read from it."""
 
     compile_elementwise: bool = False
 
-
-# Compiled variants each chain may keep (dynamo's default: 8, then it runs the chain eagerly with a warning). An
-# RMSNorm alone meets hidden states and attention heads (q and k: other strides), with and without grad
-# (training, recomputation, evaluation): 8, the default, after two training steps of the tiny model and
-# evaluation forwards at three lengths; 12 with two more training steps, one at a new length.
-RECOMPILE_LIMIT = 32
+    def __post_init__(self):
+        super().__post_init__()
+        # here, once per model, not in Elementwise.on: reading dynamo's config costs ~10 us a call, per norm
+        if self.compile_elementwise and torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
 
 
 class Elementwise:
@@ -52,11 +58,7 @@ class Elementwise:
 
     def on(self, config: TransformerConfig) -> Callable:
         """The twin ``config`` asks for (eager where it lacks the switch: a plain megatron config)."""
-        if not getattr(config, "compile_elementwise", False):
-            return self.eager
-        if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
-            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-        return self.compiled
+        return self.compiled if getattr(config, "compile_elementwise", False) else self.eager
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

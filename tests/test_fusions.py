@@ -74,8 +74,8 @@ def test_the_switch_defaults_off_and_picks_the_compiled_twin():
     config = Qwen35Config.from_hf(text_config().to_dict())
     assert not config.to_transformer_config().compile_elementwise
     assert not config.to_transformer_config().bias_activation_fusion
-    on = config.to_transformer_config(compile_elementwise=True)
     with dynamo.config.patch(recompile_limit=8):  # dynamo's default: an RMSNorm alone needed more (fusions.py)
+        on = config.to_transformer_config(compile_elementwise=True)
         assert layers.rms_norm.on(on) is layers.rms_norm.compiled
         assert dynamo.config.recompile_limit == fusions.RECOMPILE_LIMIT
     assert layers.rms_norm.on(config.to_transformer_config()) is layers.rms_norm.eager
