@@ -59,8 +59,3 @@ class Elementwise:
     def on(self, config: TransformerConfig) -> Callable:
         """The twin ``config`` asks for (eager where it lacks the switch: a plain megatron config)."""
         return self.compiled if getattr(config, "compile_elementwise", False) else self.eager
-
-
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """At least float32, as transformers' Qwen3.5 computes norms and gates; float64 stays float64 (tests)."""
-    return torch.promote_types(t.dtype, torch.float32)

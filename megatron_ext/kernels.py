@@ -41,6 +41,12 @@ def _log_choice(requested: str, chosen: str, device: str) -> None:
     log.info("GatedDeltaNet kernels: %s (requested %s, device %s)", chosen, requested, device)
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """At least float32, as transformers' Qwen3.5 computes the recurrence, norms and gates; float64 stays
+    float64 (the parity tests)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _segments(total: int, docs: Documents | None) -> list[tuple[int, int]]:
     if docs is None:
         return [(0, total)]
@@ -106,7 +112,7 @@ def gated_delta_rule(
             q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True, **_fla_varlen(docs)
         )
         return out
-    compute = torch.promote_types(v.dtype, torch.float32)
+    compute = compute_dtype(v)
     q, k = l2norm(q.to(compute)), l2norm(k.to(compute))
     groups = v.shape[2] // q.shape[2]
     if groups > 1:
@@ -128,7 +134,7 @@ def torch_chunk_gated_delta_rule(
     Recurrence it equals: S_t = a_t S_{t-1} + beta_t k_t (v_t - a_t S_{t-1}^T k_t)^T, o_t = S_t^T q_t / sqrt(K),
     with a_t = exp(g_t).
     """
-    dtype = torch.promote_types(v.dtype, torch.float32)
+    dtype = compute_dtype(v)
     q, k, v, g, beta = (x.transpose(1, 2).to(dtype) for x in (q, k, v, g, beta))  # [B, H, T, ...]
     batch, heads, length, k_dim = k.shape
     q = q * k_dim**-0.5

@@ -15,8 +15,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
-from megatron_ext.fusions import Elementwise, compute_dtype
-from megatron_ext.kernels import causal_conv1d_silu, gated_delta_rule, resolve_kernel
+from megatron_ext.fusions import Elementwise
+from megatron_ext.kernels import causal_conv1d_silu, compute_dtype, gated_delta_rule, resolve_kernel
 from megatron_ext.packing import cu_seqlens_of, documents_of, token_documents
 
 log = logging.getLogger(__name__)
