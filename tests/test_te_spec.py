@@ -1,6 +1,7 @@
 """The Transformer Engine path without TE: backend selection and its errors, FP8 settings checked at config load,
-the transformer config built for TE, TE's parameter and checkpoint names (recorded from its source in
-te_spec_names.txt) against the local spec's, and checkpoints crossing between the two."""
+the transformer config built for TE, TE's parameter and checkpoint names (recorded in te_spec_names.txt, checked
+against TE's modules by test_te_modules.py where TE imports) against the local spec's, and checkpoints crossing
+between the two."""
 
 from __future__ import annotations
 
@@ -29,13 +30,21 @@ TINY = Qwen35Config(  # the model te_spec_names.txt describes
 NO_TE = "ImportError: No module named 'transformer_engine'"
 
 
+def _te_entries() -> list[tuple[str, str]]:
+    """(kind, name) of each te_spec_names.txt line, in the file's order."""
+    lines = (Path(__file__).parent / "te_spec_names.txt").read_text().splitlines()
+    return [tuple(line.split()[:2]) for line in lines if line.strip() and not line.startswith("#")]
+
+
 def _te_names() -> dict[str, set[str]]:
     names: dict[str, set[str]] = {"param": set(), "object": set(), "state": set()}
-    for line in (Path(__file__).parent / "te_spec_names.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            kind, name, _source = line.split()
-            names[kind].add(name)
+    for kind, name in _te_entries():
+        names[kind].add(name)
     return names
+
+
+def te_parameter_order() -> list[str]:
+    return [name for kind, name in _te_entries() if kind == "param"]
 
 
 # ------------------------------------------------------------------------------------- backend choice
@@ -166,7 +175,7 @@ def _checkpoint_entries(model) -> tuple[set[str], set[str]]:
 def test_local_spec_has_te_parameter_names(monkeypatch):
     te = _te_names()
     model = _build(monkeypatch)
-    assert {n for n, _ in model.named_parameters()} == te["param"]
+    assert [n for n, _ in model.named_parameters()] == te_parameter_order()  # the optimizer's buffer order too
     tensors, objects = _checkpoint_entries(model)
     assert tensors == te["param"]
     # what a checkpoint saved under the local spec lacks under TE: the extra state of TE's norms, nothing else

@@ -1,0 +1,57 @@
+"""The TE spec with Transformer Engine's real modules, where TE imports: a GPU node, or a CPU machine with the
+binding built by tools/build_te_binding.sh (TE's modules build and checkpoint on the CPU; only their kernels
+need CUDA). Their parameter and checkpoint names, in order, are te_spec_names.txt's, which the local spec is held
+to on every machine (tests/test_te_spec.py), and checkpoints cross between the two specs. CI has no TE: skipped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed")
+
+from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
+
+from megatron_ext import build_model, model as model_module, spec  # noqa: E402
+from megatron_ext.checkpoint import load_weights, save_model  # noqa: E402
+from test_te_spec import TINY, _te_names, te_parameter_order  # noqa: E402
+
+
+@pytest.fixture
+def te_model(monkeypatch):
+    """Builds TINY under the TE spec on the CPU. TE's modules assert that CUDA is available when they are made,
+    and the backend choice refuses TE without it (their kernels need it): both are told yes, for building."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model_module, "resolve_backend", lambda requested: "te")
+    return lambda: build_model(TINY, "te", device="cpu")
+
+
+def _same_weights(a, b) -> bool:
+    b_params = dict(b.named_parameters())
+    return all(torch.equal(p, b_params[n]) for n, p in a.named_parameters())
+
+
+def test_te_names_in_order_are_the_recorded_ones(te_model):
+    model = te_model()
+    te = _te_names()
+    assert [n for n, _ in model.named_parameters()] == te_parameter_order()
+    sharded = model.sharded_state_dict()
+    assert {k for k, v in sharded.items() if not isinstance(v, ShardedObject)} == te["param"]
+    assert {k for k, v in sharded.items() if isinstance(v, ShardedObject)} == te["object"]
+    assert set(model.state_dict()) - te["param"] - te["object"] == te["state"]
+
+
+def test_checkpoints_cross_between_the_local_spec_and_te(te_model, tmp_path):
+    local = build_model(TINY, "local", device="cpu")
+    save_model(local, tmp_path / "local")  # as convert_from_hf writes on a CPU node: no TE extra state
+    te = te_model()
+    assert not _same_weights(local, te)  # a different random init, so the load has work to do
+    load_weights(te, tmp_path / "local")
+    assert _same_weights(local, te)
+    save_model(te, tmp_path / "te")
+    back = build_model(TINY, "local", device="cpu")
+    load_weights(back, tmp_path / "te")  # TE's extra state stays in the checkpoint
+    assert _same_weights(local, back)
+    again = te_model()
+    load_weights(again, tmp_path / "te")
+    assert _same_weights(local, again)
