@@ -5,6 +5,8 @@ to on every machine (tests/test_te_spec.py), and checkpoints cross between the t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is 
 
 from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
 
-from megatron_ext import build_model, model as model_module, spec  # noqa: E402
+from megatron_ext import build_model, model as model_module  # noqa: E402
 from megatron_ext.checkpoint import load_weights, save_model  # noqa: E402
 from test_te_spec import TINY, _te_names, te_parameter_order  # noqa: E402
 
@@ -55,3 +57,13 @@ def test_checkpoints_cross_between_the_local_spec_and_te(te_model, tmp_path):
     again = te_model()
     load_weights(again, tmp_path / "te")
     assert _same_weights(local, again)
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise", "mxfp8"])
+def test_fp8_recipes_build_te_modules(te_model, recipe):  # te_model: its patches, to build on the CPU
+    """Each ``fp8_recipe`` the config accepts builds under TE. The GDN's input projection is 2 x 64 + 2 x 256 +
+    2 x 16 = 672 wide here: megatron asserts FP8 GEMM alignment (16; 32 for mxfp8), which TINY's 200 misses
+    and Qwen3.5-2B's 8,224 meets."""
+    config = dataclasses.replace(TINY, linear_num_key_heads=4, linear_num_value_heads=16)
+    model = build_model(config, "te", device="cpu", params_dtype=torch.bfloat16, fp8="hybrid", fp8_recipe=recipe)
+    assert (model.config.fp8, model.config.fp8_recipe) == ("hybrid", recipe)
