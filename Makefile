@@ -17,8 +17,14 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m tools.demo --out out/demo
 
+# Two pytest workers, a test file each at a time (module fixtures, such as the trainer's mix, are built once):
+# one pytest process keeps about one of CI's 2 cores busy (much of the suite waits on trainer processes, servers
+# and files), so two take about 15 minutes where one took about 25. TEST_WORKERS=0: one process. No -q: the
+# header names the random order's seed (--randomly-seed=N repeats it).
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest  # no -q: the header names the random order's seed (--randomly-seed=N repeats it)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The SFT comparison: Base+SFT and CPT+SFT from one SFT dataset with one SFT config (only init_from and
 # run_dir differ), each exported to HF for evaluation.eval_qwen and evaluation.eval_reasoning_judge.
