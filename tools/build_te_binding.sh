@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build Transformer Engine's PyTorch binding (transformer_engine_torch) into a wheel, on any x86-64 Linux machine:
-# no GPU and no CUDA compiler needed. The binding is a C++ extension against torch's and CUDA's headers (TE's CUDA
-# kernels ship compiled in the core wheel, transformer_engine_cu13); TE's setup runs nvcc only to read the CUDA
-# version. So an air-gapped cluster's wheel can be built on a CPU node with its Python and torch:
+# no GPU needed, and nothing compiles for one. The binding is a C++ extension against torch's and CUDA's headers
+# (TE's CUDA kernels ship compiled in the core wheel, transformer_engine_cu13); TE's setup runs nvcc only to read
+# the CUDA version. So an air-gapped cluster's wheel can be built on a CPU node with its Python and torch:
 #
 #   PYTHON=/path/to/venv/bin/python tools/build_te_binding.sh [WHEEL_DIR]     # default WHEEL_DIR: te-wheels
 #
