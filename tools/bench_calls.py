@@ -3,8 +3,8 @@ step pays for (docs/benchmarks.md), counted where no GPU is needed.
 
     python -m tools.bench_calls [--layers 4] [--tokens 64]
 
-A tiny random bf16 model (3 GDN layers to 1 attention layer, selective-mlp recomputation), one micro-batch's
-forward and backward after two warm-up ones (the compiled model compiles with inductor's C++ backend there),
+A tiny random bf16 model (3 GDN layers to 1 attention layer, selective-mlp recomputation) in megatron's DDP as
+the trainer wraps it, one micro-batch's forward and backward after two warm-up ones (the compiled model compiles with inductor's C++ backend there),
 counted as ``tools/bench_train.py --profile`` counts them (:func:`tools.bench_train.operator_calls`). The GDN
 kernels are stood in by an identity, since on a GPU they are fla's Triton kernels, not the pure-torch ones the
 CPU runs; ``--with-gdn-kernels`` counts those too.
@@ -37,6 +37,7 @@ class _Identity(torch.autograd.Function):
 def count(compile_elementwise: bool, layers: int = 4, tokens: int = 64, gdn_kernels: bool = False) -> collections.Counter:
     """Calls per aten operator (``aten::`` dropped) of one micro-batch, forward and backward."""
     from megatron_ext import Qwen35Config, build_model, layers as model_layers
+    from megatron_ext.train import data_parallel, release
     from tools.bench_train import operator_calls
     from tools.tiny_qwen35 import text_config
 
@@ -44,6 +45,9 @@ def count(compile_elementwise: bool, layers: int = 4, tokens: int = 64, gdn_kern
         layer_types=["linear_attention"] * (layers - 1) + ["full_attention"]).to_dict())
     model = build_model(config, "local", params_dtype=torch.bfloat16, compile_elementwise=compile_elementwise,
                         recompute_granularity="selective", recompute_modules=["mlp"])
+    # as the trainer wraps it (its hooks add each gradient to the fp32 main_grad), but not overlapped: that waits
+    # for every parameter's gradient, and the stand-in GDN kernel below gives q, k and the gates none
+    ddp = data_parallel(model, overlap=False)
     ids = torch.randint(0, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(tokens)[None]
     stand_ins = contextlib.ExitStack()
@@ -52,13 +56,18 @@ def count(compile_elementwise: bool, layers: int = 4, tokens: int = 64, gdn_kern
         stand_ins.enter_context(mock.patch.object(model_layers, "causal_conv1d_silu", lambda x, *_: _Identity.apply(x)))
 
     def step():
-        model(ids, positions, labels=torch.roll(ids, -1, 1)).float().mean().backward()
+        ddp(ids, positions, labels=torch.roll(ids, -1, 1)).float().mean().backward()
+
+    def update():  # what the trainer does between micro-batches' updates, minus the optimizer: not counted
+        ddp.finish_grad_sync()
+        ddp.zero_grad_buffer()
 
     with stand_ins, torch._dynamo.config.patch(disable=False):
         torch._dynamo.reset()  # code first run while dynamo was off stays uncompiled otherwise
-        step(), step()
+        step(), update(), step(), update()
         with torch.profiler.profile() as prof:
             step()
+    release(ddp)
     return operator_calls(prof.events())
 
 
