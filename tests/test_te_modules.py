@@ -12,11 +12,9 @@ import torch
 
 pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed")
 
-from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
-
 from megatron_ext import build_model, model as model_module  # noqa: E402
 from megatron_ext.checkpoint import load_weights, save_model  # noqa: E402
-from test_te_spec import TINY, _te_names, te_parameter_order  # noqa: E402
+from test_te_spec import TINY, _checkpoint_entries, _same_weights, _te_names, te_parameter_order  # noqa: E402
 
 
 @pytest.fixture
@@ -28,18 +26,11 @@ def te_model(monkeypatch):
     return lambda: build_model(TINY, "te", device="cpu")
 
 
-def _same_weights(a, b) -> bool:
-    b_params = dict(b.named_parameters())
-    return all(torch.equal(p, b_params[n]) for n, p in a.named_parameters())
-
-
 def test_te_names_in_order_are_the_recorded_ones(te_model):
     model = te_model()
     te = _te_names()
     assert [n for n, _ in model.named_parameters()] == te_parameter_order()
-    sharded = model.sharded_state_dict()
-    assert {k for k, v in sharded.items() if not isinstance(v, ShardedObject)} == te["param"]
-    assert {k for k, v in sharded.items() if isinstance(v, ShardedObject)} == te["object"]
+    assert _checkpoint_entries(model) == (te["param"], te["object"])
     assert set(model.state_dict()) - te["param"] - te["object"] == te["state"]
 
 
