@@ -20,7 +20,7 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron_ext import parallel
 from megatron_ext.parallel import barrier, is_rank0
 from megatron_ext.config import Qwen35Config
-from megatron_ext.model import Qwen35GPTModel, build_model
+from megatron_ext.model import Qwen35GPTModel, build_model, widen_parameters
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ HF_SOURCE_DIR = "hf_source"  # the source HF checkpoint's non-weight files (conf
 HF_TENSORS_FILE = "neurocpt_hf_tensors.json"  # in hf_source/: the source's language-model tensors, by dtype
 LATEST_FILE = "latest"  # a run directory's pointer to its newest complete checkpoint
 EXTRA_STATE = "_extra_state"  # the state-dict key suffix of torch's Module.get_extra_state
+EMBEDDING = "embedding.word_embeddings.weight"
 
 
 def resolve(ckpt_dir: str | Path) -> Path:
@@ -181,9 +182,20 @@ def hf_source_tensors(ckpt_dir: str | Path) -> dict[str, torch.dtype]:
 
 def saved_dtype(ckpt_dir: str | Path) -> torch.dtype:
     """The dtype the checkpoint's weights were saved in: the embedding's (a converted checkpoint may keep a
-    few small tensors wider, as its source stored them)."""
+    few small tensors wider, as its source stored them: :func:`stored_wider`)."""
+    return dist_checkpointing.load_tensors_metadata(str(resolve(ckpt_dir)))[EMBEDDING].dtype
+
+
+def stored_wider(model: Qwen35GPTModel, ckpt_dir: str | Path) -> dict[str, torch.dtype]:
+    """The model's parameters that the checkpoint stores wider than its weights, with the stored dtype: a
+    converted bf16 release's fp32 GDN ``A_log`` and output norm. Widened before a load
+    (:func:`~megatron_ext.model.widen_parameters`), they are not rounded; in a bf16 run they then train in fp32
+    and are saved and exported unrounded (a CPT's update to them is smaller than one bf16 step)."""
     meta = dist_checkpointing.load_tensors_metadata(str(resolve(ckpt_dir)))
-    return meta["embedding.word_embeddings.weight"].dtype
+    weights = meta[EMBEDDING].dtype
+    stored = {name: meta[sh.key].dtype for name, sh in model.sharded_state_dict().items()
+              if getattr(sh, "key", None) in meta}
+    return {name: dtype for name, dtype in stored.items() if torch.promote_types(dtype, weights) != weights}
 
 
 def load_state(model: Qwen35GPTModel, request: dict, ckpt_dir: str | Path) -> dict:
@@ -221,7 +233,8 @@ def load_model(
     tensor_parallel: int = 1,
 ) -> Qwen35GPTModel:
     """A ready, eval-mode model from a checkpoint; sets up parallel state (1 process) if needed.
-    ``params_dtype`` defaults to the dtype the checkpoint was saved in.
+    ``params_dtype`` defaults to the dtype the checkpoint was saved in, with the tensors it keeps wider
+    kept so (:func:`stored_wider`): the model as saved.
 
     ``model(input_ids, position_ids)`` returns logits [batch, seq, vocab].
     """
@@ -234,6 +247,8 @@ def load_model(
     model = build_model(
         config, backend, gdn_kernel=gdn_kernel, params_dtype=dtype, device=device, perform_initialization=False
     )  # every weight comes from the checkpoint
+    if params_dtype is None:
+        widen_parameters(model, stored_wider(model, ckpt_dir))
     load_weights(model, ckpt_dir)
     log.info("loaded %s (%s backend) from %s", type(model).__name__, model.backend, resolve(ckpt_dir))
     return model.eval()

@@ -163,10 +163,11 @@ def apply() -> None:
     # 6. Gradient clipping asserts that grads are torch.cuda.FloatTensor; same clipping, CPU tensors.
     clip_grads.clip_grad_by_total_norm_fp32 = optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
 
-    # 7. The distributed optimizer sorts parameters into fp32/fp16/bf16 groups by comparing param.type()
-    #    with CUDA type names and refuses anything else; same grouping for CPU parameters.
+    # 7. Both mixed-precision optimizers (distributed and plain) sort parameters into fp32/fp16/bf16 groups by
+    #    comparing param.type() with CUDA type names and refuse anything else; same grouping for CPU parameters.
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    DistributedOptimizer.__init__ = _reporting_cuda_type_names(DistributedOptimizer.__init__)
+    for mixed in (DistributedOptimizer, optimizer.Float16OptimizerWithFloat16Params):
+        mixed.__init__ = _reporting_cuda_type_names(mixed.__init__)
 
     log.info("CUDA not available: applied megatron-core CPU patches")

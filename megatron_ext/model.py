@@ -117,6 +117,16 @@ def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
             set_tensor_model_parallel_attributes(module.weight, is_parallel=True, dim=dim, stride=1)
 
 
+def widen_parameters(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Give each parameter named in ``dtypes`` that dtype where it is wider than the parameter's own (the
+    values are left to a load). A Qwen3.5 release is bf16 but stores the GDN ``A_log`` and output norm in
+    fp32: widened, they are loaded, trained and saved unrounded."""
+    for name, param in model.named_parameters():
+        wide = torch.promote_types(param.dtype, dtypes.get(name, param.dtype))
+        if wide != param.dtype:
+            param.data = torch.empty_like(param.data, dtype=wide)
+
+
 def build_model(
     config: Qwen35Config,
     backend: str = "auto",

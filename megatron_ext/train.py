@@ -19,11 +19,13 @@ import argparse
 import contextlib
 import dataclasses
 import faulthandler
+import itertools
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -176,7 +178,21 @@ def build_optimizer(ddp, cfg: TrainConfig, dtype: torch.dtype, distributed: bool
         [ddp],
     )
     set_adam_kernel(optimizer, cfg.fused_adam)
+    _main_params_in_megatrons_order(optimizer)
     return optimizer
+
+
+def _main_params_in_megatrons_order(optimizer) -> None:
+    """megatron-core 0.16.1's distributed optimizer finds a parameter's main copy and Adam state (for its
+    checkpoints) at the parameter's place in the gradient buffers, but puts each group's fp32 parameters
+    before its bf16 ones: in a group that has both (the no-weight-decay group of a bf16 model that keeps a
+    release's fp32 tensors, :func:`megatron_ext.checkpoint.stored_wider`) it saved another parameter's state
+    (the first save stopped on a size mismatch). Index them in the order megatron made them."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "model_param_group_index_map"):
+            for group, params in enumerate(zip(opt.model_fp32_groups, opt.model_float16_groups)):
+                for order, param in enumerate(itertools.chain(*params)):
+                    opt.model_param_group_index_map[param] = (group, order)
 
 
 def torch_adams(optimizer) -> list[torch.optim.Optimizer]:
@@ -231,7 +247,7 @@ def train(cfg: TrainConfig) -> TrainState:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_ext import build_model, gpu_stack, parallel
-    from megatron_ext.checkpoint import hf_source_files, load_weights, read_config
+    from megatron_ext.checkpoint import hf_source_files, load_weights, read_config, stored_wider
     from megatron_ext.data import load_training_data, micro_batches
     from megatron_ext.flops import peak_tflops, train_flops_per_token
     from megatron_ext.layers import allreduce_gdn_out_norm_grads
@@ -266,6 +282,7 @@ def train(cfg: TrainConfig) -> TrainState:
         overrides.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
     model = build_model(qcfg, cfg.backend, gdn_kernel=cfg.gdn_kernel, attention_kernel=cfg.attention_kernel,
                         params_dtype=dtype, perform_initialization=False, loss_chunk=cfg.loss_chunk, **overrides)
+    _keep_wider(model, stored_wider(model, source), dtype, dist_opt)
     if resume is None:
         load_weights(model, cfg.init_from)
     log.info("activation memory: %s recomputation; output layer and loss %s",
@@ -410,6 +427,26 @@ def _evaluate(ddp, eval_sets: dict, forward_backward, cfg: TrainConfig, dp_rank:
 # jobs of one run. A new tensor-parallel size starts from the weights (init_from) instead. megatron-core
 # 0.16.1's default, fully_sharded_model_space, cannot be saved at all (ShardedTensor.flattened_range).
 DISTRIBUTED_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _keep_wider(model, wider: dict[str, torch.dtype], dtype: torch.dtype, distributed_optimizer: bool) -> None:
+    """Train the parameters that the checkpoint stores wider than ``dtype`` (a release's fp32 GDN tensors in a
+    bf16 run; resumed, as saved) in their own dtype, where the optimizer can checkpoint them: megatron-core's
+    plain mixed-precision optimizer pairs its fp32 copies with the optimizer state of bf16 parameters only."""
+    from megatron_ext.model import widen_parameters
+
+    if not wider:
+        return
+    names = ", ".join(sorted({re.sub(r".*layers[.][0-9]+[.]", "", n) for n in wider}))
+    wide = "/".join(sorted({str(d).removeprefix("torch.") for d in wider.values()}))
+    if not distributed_optimizer:
+        log.warning("distributed_optimizer: false: %d parameters that the checkpoint stores in %s train in %s, "
+                    "rounded at load (megatron's plain optimizer cannot checkpoint them wider): %s",
+                    len(wider), wide, str(dtype).removeprefix("torch."), names)
+        return
+    widen_parameters(model, wider)
+    log.info("%d parameters stay %s as the checkpoint stores them, the rest is %s: %s", len(wider), wide,
+             str(dtype).removeprefix("torch."), names)
 
 
 def _optimizer_metadata(distributed: bool) -> dict | None:

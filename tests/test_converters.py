@@ -16,7 +16,7 @@ import tp_worker
 
 from safetensors.torch import load_file, save_file
 
-from tools.tiny_qwen35 import add_mtp, causal_lm, multimodal, text_config, write_tokenizer
+from tools.tiny_qwen35 import add_mtp, causal_lm, multimodal, release_dtypes, text_config, write_tokenizer
 from tools import convert_from_hf, convert_to_hf
 from tools.hf_checkpoint import CheckpointError, HFCheckpoint
 from tools.verify_conversion import compare
@@ -122,24 +122,6 @@ def test_export_from_tp2_checkpoint_is_bit_exact(source, request, tmp_path):
     _assert_bit_exact(src, convert_to_hf.convert(tmp_path / "tp2", tmp_path / "export", hf_template=template))
 
 
-# Qwen3.5 releases are bf16 but store the GDN decay and output norm in fp32 (transformers' Qwen3.5 has no
-# _keep_in_fp32_modules, so from_pretrained in bf16 rounds them; the 0.8B release: 36 fp32 tensors, these
-# two per GDN layer)
-RELEASE_FP32 = ("linear_attn.A_log", "linear_attn.norm.weight")
-
-
-def _release_dtypes(d):
-    """Make a checkpoint's tensors bf16 except :data:`RELEASE_FP32`, as the Qwen3.5 releases store them."""
-    for f in [*d.glob("model-*.safetensors"), *d.glob("model.safetensors")]:
-        tensors = {k: v.float() if k.endswith(RELEASE_FP32) else v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}
-        save_file(tensors, str(f), metadata={"format": "pt"})
-    config = json.loads((d / "config.json").read_text())
-    for part in (config, config.get("text_config", {})):
-        part["dtype"] = "bfloat16"
-    (d / "config.json").write_text(json.dumps(config, indent=2))
-    return d
-
-
 def test_a_bf16_release_with_fp32_gdn_tensors_round_trips_without_a_template(tmp_path):
     """The model is bf16 (the dtype most parameters have), the fp32 tensors stay fp32 in the checkpoint, and
     the export without a template writes every tensor in its source dtype and keeps the config as it was."""
@@ -147,7 +129,7 @@ def test_a_bf16_release_with_fp32_gdn_tensors_round_trips_without_a_template(tmp
 
     from megatron_ext.checkpoint import saved_dtype
 
-    src = _release_dtypes(_text_layout(tmp_path / "hf", seed=7))
+    src = release_dtypes(_text_layout(tmp_path / "hf", seed=7))
     fp32 = [k for k in HFCheckpoint(src).keys() if HFCheckpoint(src).dtype_of(k) == torch.float32]
     assert len(fp32) == 4  # 2 GDN layers x (A_log, norm)
     ckpt = convert_from_hf.convert(src, tmp_path / "ckpt")
@@ -164,7 +146,7 @@ def test_a_bf16_release_with_fp32_gdn_tensors_round_trips_without_a_template(tmp
 
 
 def test_a_multimodal_release_with_fp32_gdn_tensors_round_trips(tmp_path):
-    src = _release_dtypes(_release_layout(tmp_path / "hf", seed=6, tied=False))
+    src = release_dtypes(_release_layout(tmp_path / "hf", seed=6, tied=False))
     ckpt = convert_from_hf.convert(src, tmp_path / "ckpt")
     _assert_bit_exact(src, convert_to_hf.convert(ckpt, tmp_path / "export", hf_template=src))
     text = HFCheckpoint(convert_to_hf.convert(ckpt, tmp_path / "text"))  # text-only, its tensors' dtypes kept

@@ -259,6 +259,68 @@ def test_plain_optimizer_resumes_on_two_ranks_and_on_the_other_adam_kernel(setup
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=0)
 
 
+@pytest.fixture(scope="module")
+def release_base(setup):
+    """The base converted from a checkpoint stored as the Qwen3.5 releases are: bf16, the GDN's A_log and
+    output norm fp32."""
+    from tools import convert_from_hf, tiny_qwen35
+
+    hf = setup / "release_hf"
+    tiny_qwen35.causal_lm(tiny_qwen35.text_config(vocab_size=2048, layer_types=[L, F, L, F]), seed=3).save_pretrained(hf)
+    return convert_from_hf.convert(tiny_qwen35.release_dtypes(hf), setup / "release_base")
+
+
+def test_a_bf16_run_keeps_a_releases_fp32_tensors_in_fp32_resumes_and_exports_them_unrounded(setup, release_base):
+    """A bf16 run from a release trains the tensors it stores in fp32 (the GDN's A_log and output norm) in fp32:
+    in bf16 the load would round the release's values, and a CPT's update to them is below one bf16 step. They
+    are saved, resumed and exported unrounded. megatron's distributed optimizer then has bf16 and fp32
+    parameters in one group and, sharded over 2 ranks, resumes bit-exactly (megatron 0.16.1 alone saved another
+    parameter's state there: train._main_params_in_megatrons_order)."""
+    from megatron_ext.checkpoint import load_model
+    from tools import convert_to_hf
+    from tools.hf_checkpoint import HFCheckpoint
+
+    fields = dict(init_from=str(release_base), precision="bf16", micro_batch_size=1, eval_interval=0, lr=1e-4,
+                  min_lr=1e-5)
+    run_trainer(_config(setup, "release_reference", **fields), nproc=2)
+    config = _config(setup, "release_killed", **fields)
+    kill_after_first_checkpoint(config, nproc=2)
+    run_trainer(config, nproc=2)
+    run = setup / "release_killed"
+    assert [m["loss"] for m in read_metrics(run)] == [m["loss"] for m in read_metrics(setup / "release_reference")]
+    assert ("4 parameters stay float32 as the checkpoint stores them, the rest is bfloat16: self_attention.A_log, "
+            "self_attention.out_norm.weight") in (run / "train.log").read_text()
+
+    base, trained = (dict(load_model(d).named_parameters()) for d in (release_base, run / "checkpoints"))
+    release = HFCheckpoint(convert_to_hf.convert(run / "checkpoints", setup / "release_export"))
+    for layer in (0, 2):
+        for ours, theirs in (("A_log", "A_log"), ("out_norm.weight", "norm.weight")):
+            param = trained[f"decoder.layers.{layer}.self_attention.{ours}"]
+            exported = release.get(f"model.layers.{layer}.linear_attn.{theirs}")
+            assert param.dtype == exported.dtype == torch.float32 and torch.equal(exported, param.detach()), ours
+            moved = (param - base[f"decoder.layers.{layer}.self_attention.{ours}"]).abs().max()
+            assert 0 < moved < 1e-2, ours  # trained, by less than a bf16 step of these values
+            assert not torch.equal(param, param.bfloat16().float()), ours  # never rounded to bf16
+    assert trained["embedding.word_embeddings.weight"].dtype == torch.bfloat16
+
+
+def test_a_bf16_run_on_the_plain_optimizer_rounds_a_releases_fp32_tensors_and_says_so(setup, release_base):
+    """megatron's plain mixed-precision optimizer cannot checkpoint fp32 parameters in a bf16 model (it pairs its
+    fp32 copies with the state of bf16 parameters only: the first save failed on a shape mismatch), so there
+    they train in bf16, as the trainer warns; the run saves and resumes."""
+    from megatron.core import dist_checkpointing
+
+    config = _config(setup, "release_plain", init_from=str(release_base), precision="bf16", micro_batch_size=1,
+                     eval_interval=0, train_iters=4, save_interval=2, distributed_optimizer=False)
+    kill_after_first_checkpoint(config)
+    resumed = run_trainer(config)
+    assert "resumed from" in resumed.stderr and len(read_metrics(setup / "release_plain")) == 4
+    assert ("distributed_optimizer: false: 4 parameters that the checkpoint stores in float32 train in bfloat16, "
+            "rounded at load") in (setup / "release_plain" / "train.log").read_text()  # the first run's
+    saved = dist_checkpointing.load_tensors_metadata(str(setup / "release_plain" / "checkpoints" / "iter_0000004"))
+    assert saved["decoder.layers.0.self_attention.A_log"].dtype == torch.bfloat16
+
+
 def test_trains_from_a_moved_mix_on_a_node_without_datatrove(setup, tmp_path):
     """A training node: datatrove cannot be imported, and the mix was built elsewhere and moved here."""
     moved = tmp_path / "elsewhere" / "mix"

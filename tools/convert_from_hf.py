@@ -42,14 +42,10 @@ def _keep_wider(model, config, dtypes: dict[str, torch.dtype], prefix: str) -> N
     """Widen each parameter whose source tensors are wider than the model's dtype (fp32 ``A_log`` in a bf16
     release) to their dtype, so the checkpoint holds it exactly instead of rounded."""
     from megatron_ext import hf_mapping
+    from megatron_ext.model import widen_parameters
 
-    params = model.state_dict(keep_vars=True)
-    for rule in hf_mapping.rules(config):
-        param = params[rule.megatron]
-        sources = (dtypes[hf_mapping.hf_name(k, prefix)] for k in rule.hf)
-        wide = functools.reduce(torch.promote_types, sources, param.dtype)
-        if wide != param.dtype:
-            param.data = torch.empty_like(param.data, dtype=wide)
+    widen_parameters(model, {rule.megatron: functools.reduce(
+        torch.promote_types, (dtypes[hf_mapping.hf_name(k, prefix)] for k in rule.hf)) for rule in hf_mapping.rules(config)})
 
 
 def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: str = "auto",

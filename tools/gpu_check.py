@@ -18,7 +18,8 @@ Parts, in the order they run, and their time boxes (seconds):
                 shipped, a fresh node skips the autotuning), every 10 s and at the end (a part stopped by
                 its box keeps them), and reads them back through fla's lookup; so does bench, for
                 transformers' shapes.
-  resume   116  the trainer in bf16 with the distributed optimizer on the demo mix: 20 steps SIGKILLed
+  resume   116  the trainer in bf16 with the distributed optimizer on the demo mix, from a base stored as the
+                releases are (bf16, fp32 GDN A_log and output norm, which train in fp32): 20 steps SIGKILLed
                 (every process) right after the step-10 checkpoint, then rerun, which must resume from it,
                 side by side with 20 steps uninterrupted; losses bit-identical, or within 1e-4
                 relative (a lost Adam state moves them by ~1e-3). It says whether the same steps in two
@@ -250,7 +251,9 @@ def part_parity(device: str) -> None:
 
 
 def demo_base(device: str, workdir: Path) -> tuple[Path, Path]:
-    """The demo mix and a converted random base checkpoint (built once per workdir): the trainer's inputs."""
+    """The demo mix and a converted random base checkpoint (built once per workdir), stored as the Qwen3.5
+    releases are (bf16, the GDN's A_log and output norm fp32: a bf16 run trains those in fp32): the trainer's
+    inputs."""
     from preprocessing.build_mix import build
     from preprocessing.recipe import MixRecipe
     from tools import convert_from_hf, tiny_qwen35
@@ -263,7 +266,7 @@ def demo_base(device: str, workdir: Path) -> tuple[Path, Path]:
     if not base.is_dir():  # on CPU a tiny shape: there the part checks the procedure, not the kernels
         shape = REAL_HEADS if device == "cuda" else dict(vocab_size=REAL_HEADS["vocab_size"])
         tiny_qwen35.causal_lm(tiny_qwen35.text_config(**shape), seed=3).save_pretrained(workdir / "base_hf")
-        convert_from_hf.convert(workdir / "base_hf", base)
+        convert_from_hf.convert(tiny_qwen35.release_dtypes(workdir / "base_hf"), base)
     return mix, base
 
 

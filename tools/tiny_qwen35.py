@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -99,8 +100,6 @@ def multimodal(seed: int = 0, tie_word_embeddings: bool = False, **text_override
 def add_mtp(directory: str | Path, seed: int = 0) -> None:
     """Add a random MTP head in the release layout (``mtp.*`` tensors in their own shard, listed in the
     index) to a saved checkpoint, as Qwen3.5 releases carry one for speculative decoding."""
-    import json
-
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
@@ -124,12 +123,31 @@ def add_mtp(directory: str | Path, seed: int = 0) -> None:
     (directory / INDEX).write_text(json.dumps(index, indent=2))
 
 
+# Qwen3.5 releases are bf16 but store the GDN decay and output norm in fp32 (transformers' Qwen3.5 has no
+# _keep_in_fp32_modules, so from_pretrained in bf16 rounds them; the 0.8B release: 36 fp32 tensors, these
+# two per GDN layer)
+RELEASE_FP32 = ("linear_attn.A_log", "linear_attn.norm.weight")
+
+
+def release_dtypes(directory: str | Path) -> Path:
+    """Store a saved checkpoint's tensors in bf16 except :data:`RELEASE_FP32`, as the Qwen3.5 releases do."""
+    from safetensors.torch import load_file, save_file
+
+    d = Path(directory)
+    for f in [*d.glob("model-*.safetensors"), *d.glob("model.safetensors")]:
+        tensors = {k: v.float() if k.endswith(RELEASE_FP32) else v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    config = json.loads((d / "config.json").read_text())
+    for part in (config, config.get("text_config", {})):
+        part["dtype"] = "bfloat16"
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+    return d
+
+
 def write_tokenizer(directory: str | Path, vocab_size: int = 512, texts: list[str] | None = None) -> None:
     """A real Qwen3.5 tokenizer (``Qwen3_5Tokenizer``: Qwen's split regex, NFC, byte-level BPE, no unknown
     tokens) whose merges are trained locally on ``texts``, saved the HF way. Byte-level BPE starts from 256
     byte tokens, so ``vocab_size`` counts those."""
-    import json
-
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen3_5Tokenizer
     from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX
