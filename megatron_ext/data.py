@@ -14,6 +14,7 @@ their per-token loss masks; validation on the held-out conversations.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 import math
@@ -115,7 +116,7 @@ class MicroBatchOrder(torch.utils.data.Sampler):
 def micro_batches(dataset, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                   ahead: int = 2) -> Iterator[dict]:
     """This rank's micro-batches in :class:`MicroBatchOrder`, with CUDA in pinned memory (the copy to the GPU
-    is then asynchronous), read up to ``ahead`` micro-batches in advance by a thread (:func:`read_ahead`), so
+    is then asynchronous), read up to ``ahead`` micro-batches in advance by a thread (:class:`ReadAhead`), so
     reading overlaps the step.
 
     A thread, not DataLoader worker processes: a rank forks them after its process group's threads are
@@ -125,35 +126,63 @@ def micro_batches(dataset, consumed: int, micro_batch_size: int, dp_rank: int, d
         dataset, batch_sampler=MicroBatchOrder(consumed, micro_batch_size, dp_rank, dp_size), collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
     )
-    return read_ahead(iter(loader), ahead) if ahead else iter(loader)
+    return ReadAhead(loader, ahead) if ahead else iter(loader)
 
 
-def read_ahead(items: Iterator, depth: int) -> Iterator:
+class ReadAhead:
     """``items`` as a background thread produces them, at most ``depth`` ahead of the consumer; an error raised
     there is raised here. The thread works on this thread's CUDA device (pinning memory in a new thread would
-    otherwise open a context on GPU 0)."""
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    end = object()
-    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    otherwise open a context on GPU 0).
 
-    def produce():
+    :meth:`paused` keeps the thread from reading, for a checkpoint save: megatron's writer forks processes, and
+    a fork copies every lock as it is at that moment; one the thread held while reading (torch's pinned-memory
+    allocator's, malloc's) stays held forever in the child."""
+
+    def __init__(self, items: Iterator, depth: int):
+        self._buffer: queue.Queue = queue.Queue(maxsize=depth)
+        self._reading = threading.Lock()  # held by the thread while it reads an item
+        self._end = object()
+        self._done = False
+        device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        threading.Thread(target=self._produce, args=(iter(items), device), name="read-ahead", daemon=True).start()
+
+    def _produce(self, items: Iterator, device) -> None:
         try:
             if device is not None:
                 torch.cuda.set_device(device)
-            for item in items:
-                buffer.put((item, None))
-            buffer.put((end, None))
+            while True:
+                with self._reading:
+                    item = next(items, self._end)
+                self._buffer.put((item, None))
+                if item is self._end:
+                    return
         except BaseException as error:  # handed to the consumer, which raises it where the data is wanted
-            buffer.put((end, error))
+            self._buffer.put((self._end, error))
 
-    threading.Thread(target=produce, name="read-ahead", daemon=True).start()
-    while True:
-        item, error = buffer.get()
-        if error is not None:
-            raise error
-        if item is end:
-            return
-        yield item
+    def __iter__(self) -> "ReadAhead":
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        item, error = self._buffer.get()
+        if error is not None or item is self._end:
+            self._done = True
+            if error is not None:
+                raise error
+            raise StopIteration
+        return item
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No read in progress or started for the duration (the one in progress, if any, finishes first)."""
+        with self._reading:
+            yield
+
+
+def reading_paused(data: Iterator):
+    """:meth:`ReadAhead.paused` for ``data`` read ahead, else nothing to pause."""
+    return data.paused() if isinstance(data, ReadAhead) else contextlib.nullcontext()
 
 
 def heldout_batches(mix: dict, tokenizer_dir: str, seq_length: int, max_docs: int, micro_batch_size: int,

@@ -248,7 +248,7 @@ def train(cfg: TrainConfig) -> TrainState:
 
     from megatron_ext import build_model, gpu_stack, parallel
     from megatron_ext.checkpoint import hf_source_files, load_weights, read_config, stored_wider
-    from megatron_ext.data import load_training_data, micro_batches
+    from megatron_ext.data import load_training_data, micro_batches, reading_paused
     from megatron_ext.flops import peak_tflops, train_flops_per_token
     from megatron_ext.layers import allreduce_gdn_out_norm_grads
 
@@ -378,7 +378,7 @@ def train(cfg: TrainConfig) -> TrainState:
                   f" | lr {record['lr']:.2e} | {tps:,.0f} tok/s | mfu {record['mfu'] or 0:.1%} | "
                   f"mem {record['mem_gb']:.1f} GB | {timing}", flush=True)
         if state.step % cfg.save_interval == 0 or state.step == iters or stopping:
-            with _synced_parameters(ddp):
+            with _synced_parameters(ddp), reading_paused(data):  # the save forks its writers
                 _save_checkpoint(run_dir, cfg, model, optimizer, scheduler, state, hf_files, dist_opt)
         if stopping:
             log.warning("SIGTERM: saved step %d, exiting", state.step)

@@ -343,7 +343,7 @@ def test_trains_from_a_moved_mix_on_a_node_without_datatrove(setup, tmp_path):
 def test_micro_batches_are_read_ahead_in_order_by_a_bounded_thread_that_hands_on_its_errors():
     import threading
 
-    from megatron_ext.data import read_ahead
+    from megatron_ext.data import ReadAhead
 
     produced, threads = [], set()
 
@@ -355,7 +355,7 @@ def test_micro_batches_are_read_ahead_in_order_by_a_bounded_thread_that_hands_on
         if error:
             raise error
 
-    batches = read_ahead(rows(10, ValueError("shard 3: record 17 is not JSON")), depth=2)
+    batches = ReadAhead(rows(10, ValueError("shard 3: record 17 is not JSON")), depth=2)
     assert next(batches) == 0
     deadline = time.time() + 30
     while len(produced) < 4 and time.time() < deadline:
@@ -365,7 +365,36 @@ def test_micro_batches_are_read_ahead_in_order_by_a_bounded_thread_that_hands_on
     assert [next(batches) for _ in range(9)] == list(range(1, 10)) and threads == {"read-ahead"}
     with pytest.raises(ValueError, match="record 17"):
         next(batches)
-    assert list(read_ahead(rows(3), depth=1)) == [0, 1, 2]
+    assert list(batches) == []  # and then it has ended
+    assert list(ReadAhead(rows(3), depth=1)) == [0, 1, 2]
+
+
+def test_read_ahead_pauses_for_a_checkpoint_save():
+    """While paused (a save forks its writers) the thread neither reads nor starts a read: the read in progress
+    finishes first, and what was read before still comes out."""
+    from megatron_ext.data import ReadAhead, reading_paused
+
+    reads, inside = [], []
+
+    def rows():
+        for i in range(50):
+            reads.append(i)
+            inside.append(i)
+            time.sleep(0.05)  # a read takes a while: the pause comes during one
+            inside.pop()
+            yield i
+
+    batches = ReadAhead(rows(), depth=2)
+    assert next(batches) == 0  # the buffer has room: the thread is reading on
+    with reading_paused(batches):
+        assert not inside
+        started = len(reads)
+        assert [next(batches) for _ in range(started - 1)] == list(range(1, started))
+        time.sleep(0.3)  # the buffer has room again, but no read starts
+        assert len(reads) == started and not inside
+    assert next(batches) == started
+    with reading_paused(iter([0])):  # read in the step (read_ahead: 0): nothing to pause
+        pass
 
 
 def test_progress_keeps_the_compiling_first_step_out_of_average_and_eta(monkeypatch):
