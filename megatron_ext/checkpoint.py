@@ -187,15 +187,18 @@ def saved_dtype(ckpt_dir: str | Path) -> torch.dtype:
 
 
 def stored_wider(model: Qwen35GPTModel, ckpt_dir: str | Path) -> dict[str, torch.dtype]:
-    """The model's parameters that the checkpoint stores wider than its weights, with the stored dtype: a
-    converted bf16 release's fp32 GDN ``A_log`` and output norm. Widened before a load
-    (:func:`~megatron_ext.model.widen_parameters`), they are not rounded; in a bf16 run they then train in fp32
-    and are saved and exported unrounded (a CPT's update to them is smaller than one bf16 step)."""
+    """The model's parameters that the checkpoint stores wider than its weights and than the model holds them,
+    with the stored dtype: a converted bf16 release's fp32 GDN ``A_log`` and output norm, in a bf16 model (none
+    in an fp32 one). Widened before a load (:func:`~megatron_ext.model.widen_parameters`), they are not rounded;
+    in a bf16 run they then train in fp32 and are saved and exported unrounded (a CPT's update to them is
+    smaller than one bf16 step)."""
     meta = dist_checkpointing.load_tensors_metadata(str(resolve(ckpt_dir)))
     weights = meta[EMBEDDING].dtype
+    params = dict(model.named_parameters())
     stored = {name: meta[sh.key].dtype for name, sh in model.sharded_state_dict().items()
-              if getattr(sh, "key", None) in meta}
-    return {name: dtype for name, dtype in stored.items() if torch.promote_types(dtype, weights) != weights}
+              if name in params and getattr(sh, "key", None) in meta}
+    return {name: dtype for name, dtype in stored.items()
+            if torch.promote_types(dtype, weights) != weights and torch.promote_types(dtype, params[name].dtype) != params[name].dtype}
 
 
 def load_state(model: Qwen35GPTModel, request: dict, ckpt_dir: str | Path) -> dict:

@@ -430,9 +430,10 @@ DISTRIBUTED_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _keep_wider(model, wider: dict[str, torch.dtype], dtype: torch.dtype, distributed_optimizer: bool) -> None:
-    """Train the parameters that the checkpoint stores wider than ``dtype`` (a release's fp32 GDN tensors in a
-    bf16 run; resumed, as saved) in their own dtype, where the optimizer can checkpoint them: megatron-core's
-    plain mixed-precision optimizer pairs its fp32 copies with the optimizer state of bf16 parameters only."""
+    """Train the parameters that the checkpoint stores wider than the model holds them (``wider``: a release's fp32
+    GDN tensors in a bf16 run; resumed, as saved) in their own dtype, where the optimizer can checkpoint them:
+    megatron-core's plain mixed-precision optimizer pairs its fp32 copies with the optimizer state of bf16
+    parameters only."""
     from megatron_ext.model import widen_parameters
 
     if not wider:

@@ -265,9 +265,21 @@ def release_base(setup):
     output norm fp32."""
     from tools import convert_from_hf, tiny_qwen35
 
-    hf = setup / "release_hf"
-    tiny_qwen35.causal_lm(tiny_qwen35.text_config(vocab_size=2048, layer_types=[L, F, L, F]), seed=3).save_pretrained(hf)
+    hf = shutil.copytree(setup / "base_hf", setup / "release_hf")
     return convert_from_hf.convert(tiny_qwen35.release_dtypes(hf), setup / "release_base")
+
+
+def test_only_what_the_model_holds_narrower_than_the_checkpoint_is_kept_wider(release_base):
+    """In a bf16 model the release's fp32 tensors are kept fp32; in an fp32 model there is nothing to keep (and
+    nothing for the trainer to report or warn about)."""
+    from megatron_ext import build_model
+    from megatron_ext.checkpoint import read_config, stored_wider
+
+    config = read_config(release_base)
+    bf16 = stored_wider(build_model(config, "local", params_dtype=torch.bfloat16, device="cpu"), release_base)
+    assert sorted(bf16) == [f"decoder.layers.{i}.self_attention.{n}" for i in (0, 2) for n in ("A_log", "out_norm.weight")]
+    assert set(bf16.values()) == {torch.float32}
+    assert stored_wider(build_model(config, "local", params_dtype=torch.float32, device="cpu"), release_base) == {}
 
 
 def test_a_bf16_run_keeps_a_releases_fp32_tensors_in_fp32_resumes_and_exports_them_unrounded(setup, release_base):
