@@ -17,7 +17,7 @@ from preprocessing.llm import cache_key
 def device_and_dtype(device: str | None) -> tuple[str, torch.dtype]:
     """The device to evaluate on (CUDA when present) and its dtype: bf16 on GPU, fp32 on CPU."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return device, torch.bfloat16 if device == "cuda" else torch.float32
+    return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 def load_hf_model(model_dir: str | Path, device: str, dtype: torch.dtype = torch.float32):

@@ -34,7 +34,8 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from evaluation.common import FinishedUnits, ModelFailed, fingerprint, named_paths, positive_int, write_report
+from evaluation.common import (FinishedUnits, ModelFailed, device_and_dtype, fingerprint, load_hf_model, named_paths,
+                               positive_int, write_report)
 from preprocessing.llm import cache_key
 
 MEDICAL = ["pubmedqa", "mmlu_clinical_knowledge", "mmlu_anatomy", "mmlu_college_medicine", "mmlu_professional_medicine",
@@ -85,6 +86,17 @@ def task_result(out: dict, task: str) -> dict:
             "acc_norm_stderr": r.get("acc_norm_stderr,none"), "samples": out["n-samples"][task]["effective"]}
 
 
+def hf_lm(model_dir: str | Path, device: str, dtype, batch_size: int | str):
+    """lm-eval's HF model around the checkpoint loaded as its config names it (:func:`load_hf_model`). lm-eval's own
+    loading takes ``AutoModelForCausalLM``, which builds a Qwen3.5 release (a multimodal config, tied by its
+    top-level flag) as ``Qwen3_5ForCausalLM`` with ``text_config``'s untied default: its ``lm_head`` is missing from
+    the checkpoint and initialised at random, so every score is noise that changes from run to run."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = load_hf_model(model_dir, device, dtype)
+    return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
+
+
 def run(models: dict[str, str], tasks: list[str], data_dir: str | Path, backend: str = "hf", num_fewshot: int = 0,
         limit: int | None = None, batch_size: int | str = 8, device: str | None = None,
         units: FinishedUnits | None = None) -> dict:
@@ -92,27 +104,28 @@ def run(models: dict[str, str], tasks: list[str], data_dir: str | Path, backend:
     loaded once for all its tasks) and put there as it finishes. Raises :class:`ModelFailed` naming the model."""
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     import lm_eval
-    import torch
     from lm_eval.api.registry import get_model
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    device, dtype = device_and_dtype(device)
     units = units or FinishedUnits(None)
     configs = {t: local_task_config(t, Path(data_dir), num_fewshot) for t in tasks}
     data_ids = {t: [fingerprint(f) for f in c["dataset_kwargs"]["data_files"].values()] for t, c in configs.items()}
     results: dict[str, dict[str, dict]] = {}
     for name, model_dir in models.items():
         model_id = fingerprint(model_dir)
-        keys = {t: cache_key("lm-eval", lm_eval.__version__, t, data_ids[t], model_id, backend, dtype, num_fewshot, limit)
-                for t in tasks}
+        # "own class": results of lm-eval's own loading (random head for a tied release, see hf_lm) are not reused
+        keys = {t: cache_key("lm-eval", "own class", lm_eval.__version__, t, data_ids[t], model_id, backend, str(dtype),
+                             num_fewshot, limit) for t in tasks}
         todo = [t for t in tasks if units.get(keys[t]) is None]
         if len(todo) < len(tasks):
             print(f"{name}: {len(tasks) - len(todo)} of {len(tasks)} tasks finished before, kept")
         if todo:
             try:
-                lm = get_model(backend).create_from_arg_string(
-                    f"pretrained={model_dir},dtype={dtype}",
-                    {"batch_size": batch_size, "max_batch_size": None, "device": device if backend == "hf" else None})
+                if backend == "hf":
+                    lm = hf_lm(model_dir, device, dtype, batch_size)
+                else:  # vLLM builds the model its config's architectures name
+                    lm = get_model(backend).create_from_arg_string(
+                        f"pretrained={model_dir},dtype={str(dtype).removeprefix('torch.')}", {"batch_size": batch_size})
                 for task in todo:
                     out = lm_eval.simple_evaluate(model=lm, tasks=[dict(configs[task])], num_fewshot=num_fewshot, limit=limit)
                     units.put(keys[task], task_result(out, task))

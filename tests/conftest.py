@@ -28,11 +28,15 @@ def megatron_world():
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
-def tiny_hf_dir(path: Path, seed: int, chat_template: str | None = None) -> Path:
-    """A tiny random Qwen3_5ForCausalLM directory with the demo tokenizer (vocabulary padded to 2048)."""
-    from tools.tiny_qwen35 import causal_lm, text_config
+def tiny_hf_dir(path: Path, seed: int, chat_template: str | None = None, release: bool = False) -> Path:
+    """A tiny random Qwen3_5ForCausalLM directory with the demo tokenizer (vocabulary padded to 2048); ``release``:
+    in the small releases' layout instead (Qwen3_5ForConditionalGeneration, tied by the top-level flag only)."""
+    from tools.tiny_qwen35 import causal_lm, multimodal, text_config
 
-    causal_lm(text_config(vocab_size=2048), seed=seed).save_pretrained(path)
+    if release:
+        multimodal(seed, tie_word_embeddings=True, vocab_size=2048).save_pretrained(path)
+    else:
+        causal_lm(text_config(vocab_size=2048), seed=seed).save_pretrained(path)
     for f in (DEMO / "tokenizer").iterdir():
         shutil.copy2(f, path / f.name)
     if chat_template:

@@ -19,8 +19,8 @@ from conftest import tiny_hf_dir
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmeval")
-    for name, seed in (("base", 0), ("cpt", 1)):
-        tiny_hf_dir(root / name, seed)
+    for name, seed in (("base", 0), ("cpt", 1)):  # cpt in the small releases' layout: tied, multimodal config
+        tiny_hf_dir(root / name, seed, release=name == "cpt")
     rng = random.Random(0)
     (root / "bench" / "pubmedqa").mkdir(parents=True)
     (root / "bench" / "mmlu_anatomy").mkdir(parents=True)
@@ -75,24 +75,17 @@ def test_lm_eval_runs_offline_and_writes_the_card_table(setup, tmp_path):
 def test_a_changed_checkpoint_data_file_or_setting_is_evaluated_again(setup, tmp_path, monkeypatch):
     """Finished (model, task) results are reused only for the same checkpoint, data files and settings."""
     import lm_eval
-    import lm_eval.api.registry
 
     from evaluation import eval_qwen
     from evaluation.common import FinishedUnits
 
     evaluated, loaded = [], []
 
-    class FakeLM:
-        @classmethod
-        def create_from_arg_string(cls, args, config):
-            loaded.append(args)
-            return cls()
-
     def simple_evaluate(model, tasks, num_fewshot, limit):
         evaluated.append(tasks[0]["task"])
         return {"results": {tasks[0]["task"]: {"acc,none": 0.5}}, "n-samples": {tasks[0]["task"]: {"effective": limit}}}
 
-    monkeypatch.setattr(lm_eval.api.registry, "get_model", lambda backend: FakeLM)
+    monkeypatch.setattr(eval_qwen, "hf_lm", lambda model_dir, *args: loaded.append(model_dir))
     monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
     bench, model = tmp_path / "bench", tmp_path / "model"
     shutil.copytree(setup / "bench", bench)
@@ -117,6 +110,30 @@ def test_a_changed_checkpoint_data_file_or_setting_is_evaluated_again(setup, tmp
     (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes())
     run(tasks=("pubmedqa", "mmlu_anatomy"))
     assert evaluated == ["pubmedqa", "mmlu_anatomy"]
+
+
+def test_a_tied_release_is_scored_with_its_own_head(setup):
+    """lm-eval's log-likelihoods of a release in the small Qwen3.5 releases' layout (tied by the config's top-level
+    flag) equal its own model's, in float64. lm-eval's own loading (AutoModelForCausalLM) reads text_config's untied
+    default and draws lm_head at random: its scores are noise, and change from run to run."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from transformers import AutoTokenizer, Qwen3_5ForConditionalGeneration
+
+    from evaluation.eval_qwen import hf_lm
+
+    release = setup / "cpt"
+    pairs = [("Does treatment 3 reduce stroke recurrence? Answer:", " yes"), ("The patient presented with", " sudden focal weakness"),
+             ("Outcomes were recorded at", " 90 days.")]
+    lm = hf_lm(release, "cpu", torch.float64, 2)
+    got = [ll for ll, _ in lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])]
+    model = Qwen3_5ForConditionalGeneration.from_pretrained(release, dtype=torch.float64)
+    tok = AutoTokenizer.from_pretrained(release)
+    for (context, continuation), ll in zip(pairs, got):
+        n, ids = len(tok(context).input_ids), tok(context + continuation).input_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, n - 1:-1], dim=-1)
+        assert ll == pytest.approx(logp.gather(1, torch.tensor(ids[n:])[:, None]).sum().item(), abs=1e-9)
 
 
 def test_missing_local_split_is_named(setup):
