@@ -21,13 +21,23 @@ def device_and_dtype(device: str | None) -> tuple[str, torch.dtype]:
 
 
 def load_hf_model(model_dir: str | Path, device: str, dtype: torch.dtype = torch.float32):
-    """transformers model and tokenizer of a HF directory (the multimodal class for a multimodal one)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3_5ForConditionalGeneration
+    """transformers model and tokenizer of a HF directory, the model of the class its config's ``architectures``
+    names: another class can take the checkpoint's tensors in part (a Qwen3.5-MoE release as the dense model,
+    a tied release as ``Qwen3_5ForCausalLM``). A tensor the class needs that the checkpoint lacks is an error:
+    transformers would draw it at random and print a table that no one reads, and every score would be off."""
+    import transformers
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    cls = Qwen3_5ForConditionalGeneration if "text_config" in config else AutoModelForCausalLM
-    model = cls.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
+    arch = (config.get("architectures") or ["AutoModelForCausalLM"])[0]
+    cls = getattr(transformers, arch, None)
+    if cls is None:
+        raise ValueError(f"{model_dir}/config.json: architecture {arch!r} is not in transformers {transformers.__version__}")
+    model, info = cls.from_pretrained(model_dir, dtype=dtype, output_loading_info=True)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{model_dir}: {arch} needs {len(missing)} tensors the checkpoint lacks, e.g. "
+                         f"{', '.join(missing[:3])}; they would be random")
+    return model.to(device).eval(), transformers.AutoTokenizer.from_pretrained(model_dir)
 
 
 def mask_padded_ids(logits: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from evaluation.common import fingerprint, named_paths, positive_int, text_lines, write_report
+from evaluation.common import device_and_dtype, fingerprint, named_paths, positive_int, text_lines, write_report
 from preprocessing.atomic import write_atomic
 from preprocessing.llm import JsonlCache, LLMConfig, LLMError, Request, StructuredLLM, cache_key
 
@@ -52,7 +52,8 @@ CRITERIA = ["diagnostic_reasoning", "clinical_knowledge", "management_quality", 
 PROMPT_VERSION = "judge-v1"
 PROMPT_FILE = Path(__file__).with_name("prompts") / f"{PROMPT_VERSION}.txt"
 KEYED_BY = "full prompt"  # marks cache entries keyed by :meth:`StructuredLLM.prompt_key`; older ones left out the reference
-ANSWERS_KEYED_BY = "checkpoint fingerprint"  # marks answers keyed by :func:`fingerprint`; older ones by the path only
+# marks answers keyed by the checkpoint's :func:`fingerprint` and the dtype; older ones by the path, then without the dtype
+ANSWERS_KEYED_BY = "checkpoint fingerprint, dtype"
 SCORE = {"type": "integer", "minimum": 1, "maximum": 5}
 SCHEMA = {
     "type": "object",
@@ -167,14 +168,14 @@ def sample(questions: dict[str, list[dict]], n: int, seed: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------- generation
 
 
-def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: str) -> Iterator[str]:
+def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: str, dtype) -> Iterator[str]:
     """Greedy answers with the model's own chat template, one at a time (the caller keeps each as it comes)."""
     import torch
     from tqdm import tqdm
 
     from evaluation.common import load_hf_model
 
-    model, tok = load_hf_model(model_dir, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    model, tok = load_hf_model(model_dir, device, dtype)
     if not tok.chat_template:
         raise ValueError(f"{model_dir}: the tokenizer has no chat template (needed for the judged answers)")
     for prompt in tqdm(prompts, desc=f"answers of {model_dir}", unit="question"):
@@ -314,24 +315,25 @@ def to_markdown(summary: dict, first: str, second: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, max_new_tokens: int, device: str,
+def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, max_new_tokens: int, device: str | None,
         out: Path, prices: tuple[float, float] = (0.0, 0.0)) -> dict:
     first, second = list(models)
+    device, dtype = device_and_dtype(device)
     cache = JsonlCache(out.with_suffix(".answers.jsonl"))  # answers are cached too, each as it comes: generating is slow
     old = sum(entry.get("keyed_by") != ANSWERS_KEYED_BY for entry in cache.entries.values())
     if old:
-        log.warning("%s: %d answer(s) cached in an older format (keyed by the checkpoint's path, not its contents) are "
-                    "ignored; those answers are generated again", cache.path, old)
+        log.warning("%s: %d answer(s) cached in an older format (keyed by the checkpoint's path, or without the dtype) "
+                    "are ignored; those answers are generated again", cache.path, old)
     answers = {}
     for name, model_dir in models.items():
         # keyed by checkpoint, not by name: a name reused for another checkpoint must not get the old one's answers;
         # and by its contents (the fingerprint: path, names, sizes and mtimes of its files), not only its path: a
         # checkpoint retrained or replaced under the same path must not get the old one's answers either
         model_id = fingerprint(model_dir)
-        keys = {q["id"]: cache_key(model_id, max_new_tokens, q["prompt"]) for q in questions}
+        keys = {q["id"]: cache_key(model_id, max_new_tokens, q["prompt"], str(dtype)) for q in questions}
         todo = [q for q in questions if cache.get(keys[q["id"]]) is None]
         if todo:  # only then is the model loaded
-            new = generate(model_dir, [q["prompt"] for q in todo], max_new_tokens, device)
+            new = generate(model_dir, [q["prompt"] for q in todo], max_new_tokens, device, dtype)
             for q, answer in zip(todo, new, strict=True):  # strict: the generator runs to its end, its progress bar too
                 cache.put({"key": keys[q["id"]], "keyed_by": ANSWERS_KEYED_BY, "model": name, "model_dir": model_dir,
                            "id": q["id"], "answer": answer})
@@ -394,8 +396,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("give exactly two --model name=DIR")
     if not (args.medmcqa or args.pubmedqa or args.medqa):
         p.error("give at least one question file: --medmcqa, --pubmedqa or --medqa")
-    import torch
-
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -404,9 +404,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(str(err)) from None
     judge = Judge(args.judge_model, args.base_url, args.api_key_env, out.with_suffix(".cache.jsonl"), args.retries, args.timeout,
                   args.chat_template_kwargs, args.concurrency)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        run(models, questions, judge, args.seed, args.max_new_tokens, device, out, (args.price_in, args.price_out))
+        run(models, questions, judge, args.seed, args.max_new_tokens, args.device, out, (args.price_in, args.price_out))
     except LLMError as err:
         raise SystemExit(f"judge stopped: {err}. Judgements so far are cached; rerun the same command to resume.") from None
 

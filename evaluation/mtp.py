@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from evaluation.common import (FinishedUnits, ModelFailed, device_and_dtype, each_model_on_each_domain, load_hf_model,
-                               mask_padded_ids, models_on_domains_parser, named_paths, write_report)
+                               mask_padded_ids, models_on_domains_parser, named_paths, positive_int, write_report)
 from evaluation.perplexity import read_documents
 
 PREFIX = "mtp."
@@ -147,7 +147,7 @@ def to_markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = models_on_domains_parser(__doc__, "with mtp.* tensors")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens scored per document, from its start")
+    p.add_argument("--max-length", type=positive_int, default=1024, help="tokens scored per document, from its start")
     p.add_argument("--out", default="results/mtp", help="writes OUT.json and OUT.md (OUT.units.json: finished results)")
     args = p.parse_args(argv)
     units = Path(args.out).with_suffix(".units.json")

@@ -295,8 +295,10 @@ def test_judgements_are_keyed_by_the_full_prompt(setup, tmp_path, monkeypatch, c
 
 def test_answers_are_keyed_by_the_checkpoint_contents_not_only_its_path(setup, tmp_path, monkeypatch, caplog):
     """A checkpoint retrained under the same path is answered again; an unchanged one is not; answers cached in the
-    older format (keyed by the path only) are ignored with one warning, not reused and not a crash."""
+    older formats (keyed by the path only; by the checkpoint's contents without the dtype) are ignored with one
+    warning, not reused and not a crash."""
     from evaluation import eval_reasoning_judge as judge
+    from evaluation.common import fingerprint
     from preprocessing.llm import cache_key
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
@@ -308,6 +310,9 @@ def test_answers_are_keyed_by_the_checkpoint_contents_not_only_its_path(setup, t
     prompts = [q["prompt"] for q in judge.load_questions(medqa=questions)["medqa"]]
     stale = [{"key": cache_key(str(ckpt.resolve()), 6, p), "model": "cpt", "model_dir": str(ckpt), "id": f"medqa/q{i}",
               "answer": "STALE ANSWER"} for i, p in enumerate(prompts)]  # what the path-keyed cache held
+    stale += [{"key": cache_key(fingerprint(ckpt), 6, p), "keyed_by": "checkpoint fingerprint", "model": "cpt",
+               "model_dir": str(ckpt), "id": f"medqa/q{i}", "answer": "STALE ANSWER"}  # and the one without the dtype
+              for i, p in enumerate(prompts)]
     out.with_suffix(".answers.jsonl").write_text("".join(json.dumps(e) + "\n" for e in stale))
     generated = []
     real = judge.generate
@@ -321,14 +326,15 @@ def test_answers_are_keyed_by_the_checkpoint_contents_not_only_its_path(setup, t
                     "--judge-model", "judge-test", "--base-url", server.url, "--max-new-tokens", "6", "--device", "cpu",
                     "--out", str(out)])
         entries = [json.loads(x) for x in out.with_suffix(".answers.jsonl").read_text().splitlines()]
-        return {e["answer"] for e in entries if e.get("keyed_by") and e["model_dir"] == str(ckpt)}
+        return {e["answer"] for e in entries if e.get("keyed_by") == judge.ANSWERS_KEYED_BY and e["model_dir"] == str(ckpt)}
 
     try:
         first = run()
         assert generated == [(str(setup / "base"), 2), (str(ckpt), 2)]  # the stale answers were not reused
         assert "STALE ANSWER" not in first
         warnings = [r.getMessage() for r in caplog.records if "older format" in r.getMessage() and "answer" in r.getMessage()]
-        assert len(warnings) == 1 and "2 answer(s) cached in an older format (keyed by the checkpoint's path" in warnings[0]
+        assert len(warnings) == 1 and "4 answer(s) cached in an older format (keyed by the checkpoint's path, or without " \
+            "the dtype) are ignored" in warnings[0]
         assert run() == first and generated == []  # unchanged checkpoint: every answer reused
         tiny_hf_dir(ckpt, 2, chat_template=CHAT_TEMPLATE)  # retrained: other weights under the same path
         second = run()

@@ -174,3 +174,49 @@ def test_a_name_given_twice_is_refused():
     assert named_paths(["a=x", "b=y=z"], "model") == {"a": "x", "b": "y=z"}
     with pytest.raises(SystemExit, match="'cpt' is given twice"):
         named_paths(["cpt=ckpt/iter_1000", "cpt=ckpt/iter_2000"], "model")
+
+
+def test_a_checkpoint_is_loaded_as_its_config_names_it(tmp_path):
+    """The evaluation tools build the class of the config's ``architectures``: a Qwen3.5-MoE release (multimodal
+    layout like the dense ones) was built as the dense Qwen3_5ForConditionalGeneration, its experts drawn at random."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    from tools.tiny_qwen35 import text_config
+
+    dense = text_config(vocab_size=2048).to_dict()
+    text = {k: dense[k] for k in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                                  "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                                  "linear_num_key_heads", "linear_num_value_heads", "layer_types", "num_hidden_layers",
+                                  "rope_parameters")}
+    config = Qwen3_5MoeConfig(tie_word_embeddings=True, vision_config=dict(depth=1, hidden_size=32, intermediate_size=64,
+                              num_heads=2, out_hidden_size=64, patch_size=4, num_position_embeddings=16),
+                              text_config=dict(text, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                               num_experts=4, num_experts_per_tok=2))
+    torch.manual_seed(0)
+    Qwen3_5MoeForConditionalGeneration(config).save_pretrained(tmp_path / "moe")
+    for f in (DEMO / "tokenizer").iterdir():
+        (tmp_path / "moe" / f.name).write_bytes(f.read_bytes())
+    tiny_hf_dir(tmp_path / "release", 0, release=True)
+    model, _ = load_hf_model(tmp_path / "moe", "cpu")
+    assert type(model) is Qwen3_5MoeForConditionalGeneration
+    model, _ = load_hf_model(tmp_path / "release", "cpu")  # tied by the top-level flag: no lm_head.weight stored
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_a_tensor_missing_from_the_checkpoint_is_named_not_drawn(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_hf_dir(tmp_path / "ckpt", 0, release=True)
+    path = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(path)
+    name = next(k for k in tensors if k.endswith("layers.0.mlp.up_proj.weight"))
+    save_file({k: v for k, v in tensors.items() if k != name}, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"Qwen3_5ForConditionalGeneration needs 1 tensors the checkpoint lacks, e\.g\. "
+                                         r"model\.language_model\.layers\.0\.mlp\.up_proj\.weight; they would be random"):
+        load_hf_model(tmp_path / "ckpt", "cpu")
+
+
+def test_evaluation_dtype_is_bf16_on_any_cuda_device():
+    from evaluation.common import device_and_dtype
+
+    assert [device_and_dtype(d)[1] for d in ("cuda", "cuda:1", "cpu")] == [torch.bfloat16, torch.bfloat16, torch.float32]
