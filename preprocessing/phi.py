@@ -56,6 +56,7 @@ glasgow
 
 SCORE_THRESHOLD = 0.4  # Presidio's floor for a weak pattern raised by a context word
 PIECE_CHARS = 4_000  # analysed at once: Presidio's context scoring is quadratic in a text's length
+PIECE_OVERLAP = 400  # characters a piece repeats of the one before: a label there ("MRN:") still raises what follows
 
 _PLACEHOLDER = regex.compile(r"\[\*\*.*?\*\*\]")  # MIMIC-style upstream de-identification
 
@@ -378,14 +379,20 @@ def analyzer():
 # ------------------------------------------------------------------------------------------- API
 
 
-def _pieces(text: str, size: int = PIECE_CHARS):
-    """(offset, piece) of ``text`` in pieces of at most ``size`` characters, cut after a line (else a word)."""
+def _pieces(text: str, size: int = PIECE_CHARS, overlap: int = PIECE_OVERLAP):
+    """(offset, piece) of ``text`` in pieces of at most ``size`` characters, each cut after a line in its second half
+    (else after a word) and each after the first beginning at a word up to ``overlap`` characters before the one
+    before it ended: an identifier's label and its value are in one piece wherever the cut falls (apart, the value
+    of a weak pattern such as an account number scored too low to be redacted)."""
     start = 0
     while len(text) - start > size:
         stop = start + size
-        cut = next((c for c in (text.rfind("\n", start, stop), text.rfind(" ", start, stop)) if c > start), stop - 1)
+        cut = next((c for c in (text.rfind("\n", start + size // 2, stop), text.rfind(" ", start, stop)) if c > start),
+                   stop - 1)
         yield start, text[start:cut + 1]
-        start = cut + 1
+        back = max(start + 1, cut + 1 - overlap)
+        space = regex.search(r"\s", text[back:cut + 1])
+        start = back + space.end() if space else back
     yield start, text[start:]
 
 

@@ -137,7 +137,7 @@ def jsonl_records(path: str, max_line_bytes: int | None = None) -> Iterator[tupl
             try:
                 yield i, orjson.loads(raw), None
             except orjson.JSONDecodeError:
-                yield i, raw[:200].decode("utf-8", "replace"), "malformed_json"
+                yield i, raw[:1000].decode("utf-8", "replace"), "malformed_json"
 
 
 class MixReader(PipelineStep):
@@ -165,6 +165,9 @@ class MixReader(PipelineStep):
     def _read_file(self, source: SourceConfig, path: str, quarantine: Quarantine) -> Iterator[Document]:
         def bad(line, reason, excerpt=""):
             self.stat_update(f"read/{source.name}", f"quarantined/{source.name}/{reason}")
+            if source.phi_guard and excerpt:  # the errors folder travels with the mix: redacted as the documents are
+                # (a long window: a name cut in two at its end could not move into the 200 characters kept)
+                excerpt = redact_phi(excerpt[:1000])
             quarantine.write(path, line, reason, excerpt)
 
         try:
@@ -175,10 +178,10 @@ class MixReader(PipelineStep):
                     continue
                 text = record.get(source.text_key) if isinstance(record, dict) else None
                 if not isinstance(text, str):
-                    bad(line, "missing_text_key", json.dumps(record)[:200] if isinstance(record, dict) else "")
+                    bad(line, "missing_text_key", json.dumps(record)[:1000] if isinstance(record, dict) else "")
                     continue
                 if len(text) > self.max_doc_chars:
-                    bad(line, "too_large", text[:200])
+                    bad(line, "too_large", text[:1000])
                     continue
                 text = normalize_text(text)
                 if not text:
