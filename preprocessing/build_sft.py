@@ -267,7 +267,7 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     """Run (or resume) the stage, merge, write ``sft.json`` and the report; returns sft.json's content."""
     from preprocessing.errors import BuildError, NoDocuments
     from preprocessing.atomic import write_json_atomic
-    from preprocessing.pipeline import check_settings, completed, make_executor, started_tasks
+    from preprocessing.pipeline import check_settings, completed, input_files, make_executor, started_tasks
     from preprocessing.report import collect_ledger, no_survivors, stat_totals
     from preprocessing.tokenizer import bundle_tokenizer
 
@@ -278,7 +278,7 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     tasks = started_tasks(logs / "tokenize", max(1, workers))  # a resumed build keeps its task count
     template_sha = chat_template_hash(tokenizer)
     check_settings(out / "settings.json", {**dataclasses.asdict(recipe), "base_dir": str(Path(recipe.base_dir).resolve()),
-                                           "chat_template_sha256": template_sha})
+                                           "chat_template_sha256": template_sha, "input_files": input_files(recipe.files())})
     if not completed(logs / "tokenize", tasks):
         pipeline = [ChatReader(recipe.files(), str(out / "errors"), recipe.roles),
                     ChatTokenWriter(str(out / "work"), str(out / "errors"), tokenizer, recipe)]

@@ -138,15 +138,34 @@ def started_tasks(logging_dir: Path, tasks: int) -> int:
     return json.loads(executor.read_text())["world_size"] if executor.is_file() else tasks
 
 
+def input_files(paths: list[str]) -> dict[str, list[int]]:
+    """Each input file's size and modification time, for :func:`check_settings`: files are split over the tasks by
+    their place in the list, so a file added, removed or rewritten between a killed run and its resumption would
+    leave some unread and others read twice."""
+    return {str(Path(p).resolve()): [st.st_size, st.st_mtime_ns] for p in paths for st in (Path(p).stat(),)}
+
+
+def _changed(key: str, before, now) -> str:
+    """``key``, and for a mapping (such as the input files) its first entries added, removed or changed."""
+    if not (isinstance(before, dict) and isinstance(now, dict)):
+        return key
+    diff = {"added": now.keys() - before.keys(), "removed": before.keys() - now.keys(),
+            "changed": {k for k in now.keys() & before.keys() if now[k] != before[k]}}
+    parts = [f"{what} {', '.join(sorted(names)[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+             for what, names in diff.items() if names]
+    return f"{key} ({'; '.join(parts)})"
+
+
 def check_settings(path: Path, settings: dict) -> None:
-    """Resuming reuses finished work, so it must be the same work: refuse outputs made with other settings,
-    then record these in ``path``."""
+    """Resuming reuses finished work, so it must be the same work: refuse outputs made with other settings or
+    input files, then record these in ``path``."""
     settings = json.loads(json.dumps(settings))  # as the file holds them (lists, not tuples)
     if path.is_file():
         before = json.loads(path.read_text())
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        changed = [_changed(k, before.get(k), settings.get(k))
+                   for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
         if changed:
-            raise BuildError(f"{path.parent} was built with other settings ({', '.join(changed)} changed); "
+            raise BuildError(f"{path.parent} was built with other settings or inputs ({', '.join(changed)} changed); "
                              "rerun with --clean (or another output_dir)")
     write_json_atomic(path, settings)
 
@@ -157,9 +176,10 @@ LLM_CONNECTION = ("base_url", "api_key_env", "concurrency", "timeout", "retries"
 
 
 def check_recipe(recipe: MixRecipe) -> None:
-    """A rerun resumes (or returns) the build its output_dir holds: a changed source, filter or split would
-    apply to none or part of the data, so it stops instead. Recorded in ``recipe.resolved.json``."""
-    settings = {**asdict(recipe), "base_dir": str(Path(recipe.base_dir).resolve())}  # the config by any path
+    """A rerun resumes (or returns) the build its output_dir holds: a changed source, filter, split or input file
+    would apply to none or part of the data, so it stops instead. Recorded in ``recipe.resolved.json``."""
+    settings = {**asdict(recipe), "base_dir": str(Path(recipe.base_dir).resolve()),  # the config by any path
+                "input_files": input_files([path for _, path in recipe.source_files()])}
     if recipe.llm:
         settings["llm"] = {k: v for k, v in settings["llm"].items() if k not in LLM_CONNECTION}
     check_settings(recipe.out / "recipe.resolved.json", settings)

@@ -515,7 +515,7 @@ def test_a_rerun_with_a_changed_recipe_stops_naming_what_changed(tmp_path):
     with pytest.raises(NoDocuments, match="gopher_repetition"):
         build_mix.build(MixRecipe(**raw))
     raw["sources"][0]["filters"]["gopher_repetition"] = None  # relaxed, as the error advises
-    with pytest.raises(BuildError, match=r"built with other settings \(sources changed\); rerun with --clean"):
+    with pytest.raises(BuildError, match=r"built with other settings or inputs \(sources changed\); rerun with --clean"):
         build_mix.build(MixRecipe(**raw))
     shutil.rmtree(tmp_path / "out")  # --clean
     mix = build_mix.build(MixRecipe(**raw))
@@ -523,6 +523,28 @@ def test_a_rerun_with_a_changed_recipe_stops_naming_what_changed(tmp_path):
     with pytest.raises(BuildError, match=r"\(seq_length changed\)"):  # a finished build is not returned for another recipe
         build_mix.build(MixRecipe(**{**raw, "seq_length": 64}))
     assert build_mix.build(MixRecipe(**raw)) == mix
+
+
+def test_a_rerun_after_its_input_files_changed_stops_naming_them(tmp_path):
+    """Files are split over the tasks by their place in the list: one added, removed or rewritten between a killed
+    run and its resumption left some files unread and others read twice (and the report said nothing was missing)."""
+    from preprocessing.pipeline import check_recipe
+
+    data = tmp_path / "data"
+    shutil.copytree(DEMO / "en", data / "en")
+    recipe = MixRecipe.load(_recipe(tmp_path, sources=[{"name": "english", "paths": [str(data / "en" / "*.jsonl")],
+                                                        "share": 1.0}]))
+    check_recipe(recipe)
+    check_recipe(recipe)  # the same files: resumes
+    (data / "en" / "more.jsonl").write_text('{"text": "Another page."}\n')
+    with pytest.raises(BuildError, match=r"\(input_files \(added \S+/en/more\.jsonl\) changed\); rerun with --clean"):
+        check_recipe(recipe)
+    (data / "en" / "more.jsonl").unlink()
+    first = sorted((data / "en").glob("*.jsonl"))[0]
+    with open(first, "a") as f:
+        f.write('{"text": "Appended."}\n')
+    with pytest.raises(BuildError, match=rf"\(input_files \(changed \S+/{first.name}\) changed\)"):
+        check_recipe(recipe)
 
 
 def test_a_build_killed_mid_stage_resumes_with_fewer_workers(tmp_path):

@@ -159,6 +159,20 @@ def test_no_surviving_conversation_ends_the_command_with_one_line(tmp_path):
     assert "Traceback" in (tmp_path / "out" / "build_sft.log").read_text()
 
 
+def test_a_rerun_with_another_input_file_stops_naming_it(tmp_path):
+    """Files are split over the tasks by their place in the list: a resumed build must read the same files."""
+    from preprocessing.build_sft import SFTRecipe, build
+    from preprocessing.errors import NoDocuments
+
+    (tmp_path / "a.jsonl").write_text('{"text": "no chat"}\n')
+    recipe = SFTRecipe(tokenizer=str(DEMO / "tokenizer"), output_dir="out", paths=["*.jsonl"], base_dir=str(tmp_path))
+    with pytest.raises(NoDocuments):
+        build(recipe)
+    (tmp_path / "b.jsonl").write_text('{"text": "no chat either"}\n')
+    with pytest.raises(BuildError, match=r"\(input_files \(added \S+/b\.jsonl\) changed\)"):
+        build(recipe)
+
+
 def test_a_cut_gzip_is_quarantined_and_a_tokenizer_without_chat_template_is_named(tmp_path):
     """A .jsonl.gz cut short by an interrupted copy is one quarantined file (the others build); a base model's
     tokenizer, which has no chat template, stops the build before any work, naming the directory."""
