@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import unicodedata
 from collections import Counter
@@ -153,6 +154,12 @@ class MixReader(PipelineStep):
         self.files = files
         self.errors_dir = errors_dir
         self.max_doc_chars = max_doc_chars
+        folders: dict[str, list[str]] = {}
+        for source, path in files:
+            folders.setdefault(source.name, []).append(os.path.dirname(path))
+        # a record without an id is named by its file's path below the folder that holds all of its source's files:
+        # its name alone collides (one folder per arXiv paper, each a main.tex), and the folder's place is the user's
+        self.roots = {name: os.path.commonpath(dirs) for name, dirs in folders.items()}
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         quarantine = Quarantine(self.errors_dir, "read", rank)
@@ -188,7 +195,9 @@ class MixReader(PipelineStep):
                     bad(line, "empty")
                     continue
                 self.stat_update(f"read/{source.name}")
-                doc_id = str(record.get(source.id_key) or f"{Path(path).name}:{line}")
+                name = os.path.relpath(path, self.roots[source.name])
+                doc_id = str(record.get(source.id_key) or (os.path.splitext(name)[0] if source.format == "latex"
+                                                           else f"{name}:{line}"))
                 yield Document(text=text, id=f"{source.name}/{doc_id}",
                                metadata={"source": source.name, "file": path, "line": line})
         except Exception as err:  # unreadable file: corrupt gzip, bad parquet, permissions
@@ -214,7 +223,7 @@ class MixReader(PipelineStep):
             tex = raw.decode("utf-8")
         except UnicodeDecodeError:
             tex = raw.decode("latin-1")  # old arXiv sources; LaTeX itself is ASCII
-        yield 1, {source.text_key: latex_to_text(tex), source.id_key: Path(path).stem}, None
+        yield 1, {source.text_key: latex_to_text(tex)}, None  # one document, named by its path (see __init__)
 
 
 # ------------------------------------------------------------------------------------------ PHI guard

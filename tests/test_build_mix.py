@@ -460,6 +460,30 @@ def test_latex_becomes_prose():
         assert leftover not in text, leftover
 
 
+def test_records_without_an_id_are_named_by_their_path_below_the_source_folder(tmp_path):
+    """A document without an id is named by its file (and line): by the file's name alone, every paper of the usual
+    one-folder-per-paper arXiv layout was 'main', so the held-out split took all of them or none."""
+    from preprocessing.recipe import SourceConfig
+    from preprocessing.steps import MixReader
+
+    for paper in ("2101.00001", "2101.00002"):
+        (tmp_path / "arxiv" / paper).mkdir(parents=True)
+        (tmp_path / "arxiv" / paper / "main.tex").write_text(r"\begin{document}A study of " + paper + r"\end{document}")
+    for year in ("2019", "2020"):
+        (tmp_path / "ehr" / year).mkdir(parents=True)
+        (tmp_path / "ehr" / year / "notes.jsonl").write_text('{"text": "Seen today."}\n{"text": "Seen again."}\n')
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "web.jsonl").write_text('{"text": "A page."}\n')
+    sources = [SourceConfig(name="arxiv", paths=[], share=0.4, format="latex"),
+               SourceConfig(name="ehr", paths=[], share=0.4), SourceConfig(name="web", paths=[], share=0.2)]
+    files = [(sources[0], str(p)) for p in sorted((tmp_path / "arxiv").glob("*/main.tex"))]
+    files += [(sources[1], str(p)) for p in sorted((tmp_path / "ehr").glob("*/notes.jsonl"))]
+    files += [(sources[2], str(tmp_path / "flat" / "web.jsonl"))]
+    ids = [doc.id for doc in MixReader(files, str(tmp_path / "errors"), 10_000).run()]
+    assert ids == ["arxiv/2101.00001/main", "arxiv/2101.00002/main", "ehr/2019/notes.jsonl:1", "ehr/2019/notes.jsonl:2",
+                   "ehr/2020/notes.jsonl:1", "ehr/2020/notes.jsonl:2", "web/web.jsonl:1"]  # flat: as before
+
+
 def test_mix_warns_when_a_source_needs_many_epochs(caplog, tmp_path):
     recipe = MixRecipe(tokenizer=str(DEMO / "tokenizer"), output_dir=str(tmp_path), token_budget=1000,
                        sources=[{"name": "a", "paths": [], "share": 0.5}, {"name": "b", "paths": [], "share": 0.5}])
