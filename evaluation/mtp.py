@@ -109,7 +109,7 @@ def domain_accuracy(model, head: MTPHead, tok, texts: list[str], max_length: int
     """MTP and next-token accuracy over a domain's documents, each on its first ``max_length`` tokens."""
     main = mtp = n = 0
     for text in tqdm(texts, desc=desc, unit="doc"):
-        ids = tok(text, add_special_tokens=False).input_ids[:max_length]
+        ids = tok(text, add_special_tokens=False, split_special_tokens=True).input_ids[:max_length]
         a, b, c = document_hits(model, head, ids, len(tok), device)
         main, mtp, n = main + a, mtp + b, n + c
     if not n:

@@ -80,7 +80,7 @@ def read_documents(path: str | Path, max_docs: int | None, text_key: str = "text
 def domain_perplexity(model, tok, texts: list[str], max_length: int, stride: int, device: str, desc: str) -> dict:
     total, count = 0.0, 0
     for text in tqdm(texts, desc=desc, unit="doc"):
-        ids = tok(text, add_special_tokens=False).input_ids
+        ids = tok(text, add_special_tokens=False, split_special_tokens=True).input_ids  # as trained on
         nll, n = document_nll(model, ids, max_length, stride, device, len(tok))
         total, count = total + nll, count + n
     if not count:

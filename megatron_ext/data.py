@@ -189,9 +189,9 @@ def heldout_batches(mix: dict, tokenizer_dir: str, seq_length: int, max_docs: in
                     eod: int) -> dict[str, list[dict]]:
     """Per domain: the first ``max_docs`` held-out documents, tokenised, EOS-separated and packed into
     ``seq_length`` rows (the last row padded with masked EOS), in micro-batches."""
-    from preprocessing.tokenizer import load_tokenizer
+    from preprocessing.tokenizer import text_tokenizer
 
-    tok = load_tokenizer(tokenizer_dir)
+    tok = text_tokenizer(tokenizer_dir)  # as the mix's documents were tokenised
     out = {}
     for name, source in mix["sources"].items():
         path = Path(mix["dir"]) / source["heldout"]

@@ -23,7 +23,7 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 
 from preprocessing.phi import phi_spans, redact_phi
 from preprocessing.recipe import SourceConfig
-from preprocessing.tokenizer import eos_id, load_tokenizer, token_dtype
+from preprocessing.tokenizer import as_text, eos_id, text_tokenizer, token_dtype
 
 # --------------------------------------------------------------------------------------------- errors
 
@@ -453,14 +453,14 @@ class MegatronTokenWriter(PipelineStep):
     def __init__(self, output_dir: str, tokenizer_dir: str, seq_length: int, overlaps: dict[str, int], batch_size: int = 512):
         super().__init__()
         self.output_dir = output_dir
-        self.tokenizer, self.eos = load_tokenizer(tokenizer_dir), eos_id(tokenizer_dir)  # once, shipped to workers
+        self.tokenizer, self.eos = text_tokenizer(tokenizer_dir), eos_id(tokenizer_dir)  # once, shipped to workers
         self.seq_length, self.overlaps, self.batch_size = seq_length, overlaps, batch_size
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         from datatrove.utils.batching import batched
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-        tok, eos = self.tokenizer, self.eos
+        tok, eos = as_text(self.tokenizer), self.eos
         dtype = token_dtype(tok.get_vocab_size())
         builders: dict[str, IndexedDatasetBuilder] = {}
         for batch in batched(data, self.batch_size):

@@ -26,6 +26,23 @@ def load_tokenizer(tokenizer_dir: str):
     return hf_tokenizer(str(tokenizer_dir)).backend_tokenizer
 
 
+def text_tokenizer(tokenizer_dir: str):
+    """A copy of :func:`load_tokenizer`'s that encodes document text as text: a special token's string in it (a
+    literal ``<|endoftext|>`` or ``<|im_start|>`` in a scraped page or a paper about LLMs) becomes the characters it
+    is, not the control token, which would end the document mid-text or teach chat markup out of place. A copy:
+    chat rendering (SFT) must still read those strings as the tokens. Pickling drops the setting: a worker that
+    receives the tokenizer sets ``encode_special_tokens`` again (:func:`as_text`)."""
+    from tokenizers import Tokenizer
+
+    return as_text(Tokenizer.from_str(load_tokenizer(tokenizer_dir).to_str()))
+
+
+def as_text(tokenizer):
+    """``tokenizer`` (a :func:`text_tokenizer`) set to encode special tokens' strings as text; returned."""
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
 def eos_id(tokenizer_dir: str) -> int:
     eos = hf_tokenizer(str(tokenizer_dir)).eos_token_id
     if eos is None:

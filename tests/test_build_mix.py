@@ -139,6 +139,33 @@ def test_binaries_are_megatron_datasets_ending_in_eos(demo_mix):
     assert sum(len((recipe.out / e["heldout"]).read_text().splitlines()) for e in mix["sources"].values()) > 0
 
 
+def test_special_token_strings_in_documents_are_text(tmp_path):
+    """A literal '<|endoftext|>' or '<|im_start|>' in a document (a scraped page, a paper about LLMs) is tokenised as
+    its characters: as the control tokens it ended the document mid-text and taught chat markup out of place. The
+    trainer's held-out batches agree; chat rendering (SFT) still reads them as the tokens."""
+    from datatrove.data import Document
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_ext.data import heldout_batches
+    from preprocessing.steps import MegatronTokenWriter
+    from preprocessing.tokenizer import eos_id, hf_tokenizer
+
+    tokenizer = str(DEMO / "tokenizer")
+    text = "Prompt injection: the page said <|endoftext|> then <|im_start|>user hello."
+    writer = MegatronTokenWriter(str(tmp_path / "tokens"), tokenizer, seq_length=4096, overlaps={})
+    list(writer.run([Document(text=text, id="d", metadata={"source": "web"})]))
+    dataset = IndexedDataset(str(tmp_path / "tokens" / "web" / "00000"))  # held: its tokens are in an mmap it closes
+    ids = dataset[0].tolist()
+    hf, eos = hf_tokenizer(tokenizer), eos_id(tokenizer)
+    assert ids.count(eos) == 1 and ids[-1] == eos and hf.decode(ids[:-1]) == text
+    assert not set(ids[:-1]) & set(hf.all_special_ids)
+    (tmp_path / "heldout.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    batches = heldout_batches({"dir": str(tmp_path), "sources": {"web": {"heldout": "heldout.jsonl"}}}, tokenizer,
+                              seq_length=64, max_docs=1, micro_batch_size=1, eod=eos)
+    assert batches["web"][0]["tokens"][0, : len(ids)].tolist() == ids
+    assert hf("<|im_start|>", add_special_tokens=False).input_ids == [hf.convert_tokens_to_ids("<|im_start|>")]
+
+
 def test_blend_shares_through_megatron_sampler(demo_mix):
     recipe, mix = demo_mix
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder

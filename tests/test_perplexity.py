@@ -220,3 +220,17 @@ def test_evaluation_dtype_is_bf16_on_any_cuda_device():
     from evaluation.common import device_and_dtype
 
     assert [device_and_dtype(d)[1] for d in ("cuda", "cuda:1", "cpu")] == [torch.bfloat16, torch.bfloat16, torch.float32]
+
+
+def test_special_token_strings_in_a_document_are_scored_as_text(models):
+    """As the mix tokenises documents: a literal '<|endoftext|>' is its characters, not the end-of-text token."""
+    from evaluation.perplexity import domain_perplexity
+    from preprocessing.tokenizer import text_tokenizer
+
+    root, _ = models
+    model, tok = load_hf_model(root / "base", "cpu")
+    text = "The page said <|endoftext|> and went on."
+    trained = text_tokenizer(str(root / "base")).encode(text, add_special_tokens=False).ids
+    assert tok.eos_token_id not in trained
+    got = domain_perplexity(model, tok, [text], max_length=64, stride=32, device="cpu", desc="doc")
+    assert got["tokens"] == len(trained) - 1
