@@ -53,7 +53,8 @@ def baseline(corpus: Path, tokenizer_dir: str, out_prefix: Path) -> int:
     for path in sorted(corpus.iterdir()):
         with open(path) as f:
             for line in f:
-                ids = tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                text = json.loads(line)["text"]
+                ids = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tok.eos_token_id]
                 builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
                 n += len(ids)
     builder.finalize(f"{out_prefix}.idx")
