@@ -26,6 +26,7 @@ drug names (philter-lite's common-word list has them), and upstream de-identific
 
 from __future__ import annotations
 
+import datetime
 import functools
 import unicodedata
 from collections import Counter
@@ -260,6 +261,20 @@ def _philter_recognizers(recognizer):
             recognizer("other_id", (regex_db["contact"]["pager"], 0.1), context=PAGER_CONTEXT, name="pager")]
 
 
+def _compact_date_pattern() -> str:
+    """A YYYYMMDD date after a date's cue ("Date of service: 20210304"): without one, eight digits are as often an id
+    (caught as one where labelled)."""
+    cue = r"(?i:date|dob|dos|born|birth|service|admit(?:ted)?|discharge(?:d)?|visit|seen|on)"
+    return rf"\b{cue}\b[^\n\d]{{0,24}}?\K(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\b"
+
+
+def _old_birth_year_pattern() -> str:
+    """A birth year that shows an age over 89 (Safe Harbor removes the year then too: "Born 1931", "YOB: 1920"), by
+    this year: a note is never newer than its build, so an older note's age is over-, never under-estimated."""
+    years = "|".join(map(str, range(datetime.date.today().year - 90, 1849, -1)))
+    return rf"\b(?i:born|b\.|birth\s+year|year\s+of\s+birth|yob)\s*(?i:in\s+)?:?\s*\K(?:{years})\b"
+
+
 def _our_recognizers():
     """Presidio pattern recognizers for what Presidio lacks, one per kind; case-sensitive unless a part says (?i)."""
     from presidio_analyzer import Pattern, PatternRecognizer
@@ -273,6 +288,7 @@ def _our_recognizers():
 
     age = r"(?:9\d|1[01]\d)"
     return [
+        recognizer("date", (_compact_date_pattern(), 0.6), (_old_birth_year_pattern(), 0.7), name="date_more"),
         *_philter_recognizers(recognizer),
         *(recognizer(kind, (rf"(?<![\p{{L}}\d])(?i:(?:{labels}){_LABEL_END})\K{_ID}", 0.85)) for kind, labels in LABELS.items()),
         # dictation footers: author's initials, then the typists' user names ("XGT:holmes", "GPP/church/olinger")

@@ -55,6 +55,18 @@ def test_the_issues_examples_are_caught():
     assert clean.startswith("Patient [NAME] was seen by Dr. [NAME]. Ms. [NAME], 45F. MRN#: [MRN]. Acct no. [ACCOUNT]. SSN [SSN].")
 
 
+def test_compact_dates_and_birth_years_over_89_are_dates():
+    """Safe Harbor removes a year that shows an age over 89, and a date written YYYYMMDD after a date's cue; a recent
+    birth year, and eight digits without a cue, stay."""
+    import datetime
+
+    old, recent = datetime.date.today().year - 91, datetime.date.today().year - 60
+    for text, kept in ((f"Born {old} in Ohio.", "Born [DATE] in Ohio."), (f"YOB: {old}", "YOB: [DATE]"),
+                       (f"b. {old}, widowed", "b. [DATE], widowed"), (f"Born {recent}; retired.", f"Born {recent}; retired."),
+                       ("Date of service: 20210304.", "Date of service: [DATE]."), ("Lot 19991231 used.", "Lot 19991231 used.")):
+        assert redact_phi(text) == kept
+
+
 def _squash(text: str) -> str:
     return "".join(text.split())
 
