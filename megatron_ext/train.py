@@ -270,6 +270,9 @@ def train(cfg: TrainConfig) -> TrainState:
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)
     # the checkpoint's common state (scheduler, data position, optimizer kind): read once, a few KB
     common = dist_checkpointing.load_common_state_dict(str(resume)) if resume is not None else None
+    plan = _plan(cfg, iters)
+    if common is not None:
+        _check_same_plan(resume, common.get("plan"), plan)
     dist_opt = _use_distributed_optimizer(cfg, resume, common)
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -343,7 +346,7 @@ def train(cfg: TrainConfig) -> TrainState:
         loss, grads_finite, stopping = _reduce_step(out, ddp, stop["requested"])
         state.step += 1
         state.consumed_samples += cfg.global_batch_size
-        record = {"step": state.step}
+        record = {"step": state.step, "lr": optimizer.param_groups[0]["lr"]}  # this step's, before the scheduler moves it
         if math.isfinite(loss) and grads_finite:
             _, grad_norm, _ = optimizer.step()
             scheduler.step(increment=1)
@@ -365,7 +368,7 @@ def train(cfg: TrainConfig) -> TrainState:
                                  f"resume from the last checkpoint with a lower lr or check the data")
         elapsed = time.perf_counter() - t0
         tps = tokens_per_step / elapsed
-        record.update(lr=scheduler.get_lr(optimizer.param_groups[0]), tokens_per_s=tps,
+        record.update(tokens_per_s=tps,
                       mfu=flops_per_token * tps / (peak * 1e12 * dist.get_world_size()) if peak else None,
                       mem_gb=memory_gb(), skipped_steps=state.skipped_steps, consumed_samples=state.consumed_samples)
         if cfg.eval_interval and (state.step % cfg.eval_interval == 0 or state.step == iters):
@@ -379,7 +382,7 @@ def train(cfg: TrainConfig) -> TrainState:
                   f"mem {record['mem_gb']:.1f} GB | {timing}", flush=True)
         if state.step % cfg.save_interval == 0 or state.step == iters or stopping:
             with _synced_parameters(ddp), reading_paused(data):  # the save forks its writers
-                _save_checkpoint(run_dir, cfg, model, optimizer, scheduler, state, hf_files, dist_opt)
+                _save_checkpoint(run_dir, cfg, model, optimizer, scheduler, state, plan, hf_files, dist_opt)
         if stopping:
             log.warning("SIGTERM: saved step %d, exiting", state.step)
             break
@@ -478,8 +481,31 @@ def _steps_on_host(state: dict) -> dict:
     return state
 
 
-def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, hf_files,
-                     dist_opt: bool) -> None:
+# What a resumed run keeps from its checkpoint whatever its config says: megatron restores the learning-rate schedule
+# from the checkpoint (peak, floor, warmup and decay lengths), and the data order is a shuffle of iters x
+# global_batch_size samples whose position the checkpoint holds.
+PLAN = ("global_batch_size", "seq_length", "seed", "lr", "min_lr", "weight_decay", "warmup_fraction", "decay_fraction",
+        "decay_style")
+
+
+def _plan(cfg: TrainConfig, iters: int) -> dict:
+    return {"iters": iters, **{key: getattr(cfg, key) for key in PLAN}}
+
+
+def _check_same_plan(resume: Path, saved: dict | None, plan: dict) -> None:
+    """A resume with another schedule or batch geometry would mix the saved schedule with the new one (a longer run
+    at the floor lr for its added steps) and read another shuffle from the saved position (some samples twice,
+    others never): refuse it, naming the values. Checkpoints saved before plans were recorded resume unchecked."""
+    changed = {k: (saved[k], v) for k, v in plan.items() if saved is not None and k in saved and saved[k] != v}
+    if changed:
+        raise SystemExit(f"{resume} was trained with " + ", ".join(f"{k}={a}" for k, (a, _) in changed.items())
+                         + "; this run's config gives " + ", ".join(f"{k}={b}" for k, (_, b) in changed.items())
+                         + ". A resumed run keeps its schedule and data order: set them back, or change them in a new "
+                         "run (another run_dir, init_from this run's checkpoints)")
+
+
+def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, plan: dict,
+                     hf_files, dist_opt: bool) -> None:
     from megatron_ext.checkpoint import save_model
 
     checkpoints = run_dir / CHECKPOINTS
@@ -495,7 +521,7 @@ def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, schedule
         extra=lambda model_state: {
             "optimizer": _steps_on_host(optimizer.sharded_state_dict(model_state, metadata=_optimizer_metadata(dist_opt))),
             "optimizer_format": {"distributed": dist_opt, **(_optimizer_metadata(dist_opt) or {})},
-            "scheduler": scheduler.state_dict(), "train_state": dataclasses.asdict(state)},
+            "scheduler": scheduler.state_dict(), "train_state": dataclasses.asdict(state), "plan": plan},
         hf_files=hf_files, rank_state=_rng_state(), before_publish=crash,
     )
     if is_rank0():

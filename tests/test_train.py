@@ -60,9 +60,9 @@ def test_reference_run_logs_learns_and_follows_wsd(reference, setup):
     losses = [m["loss"] for m in reference]
     assert losses[-1] < losses[0] - 0.25  # a random model starts learning the demo text
     lrs = [m["lr"] for m in reference]
-    # 8 steps: warmup 2 (0.25), stable, cosine decay over the last 2 (0.25) to min_lr
-    assert lrs[0] < lrs[1] == pytest.approx(1e-3) and lrs[1:6] == [pytest.approx(1e-3)] * 5
-    assert lrs[6] < 1e-3 and lrs[7] == pytest.approx(1e-4)
+    # each step's update's lr; 8 steps: warmup 2 (0.25: the first update at 0, as megatron's and transformers'
+    # schedules start), stable, cosine decay over the last 2 (0.25) toward min_lr 1e-4
+    assert lrs == pytest.approx([0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 5.5e-4])
     for key in ("grad_norm", "tokens_per_s", "mem_gb", "consumed_samples"):
         assert all(m[key] is not None for m in reference), key
     assert {"val/ehr", "val/pubmed_neuro", "val/english"} <= set(reference[3])  # per-domain validation
@@ -95,6 +95,18 @@ def test_sigkill_after_a_checkpoint_resumes_bit_exact(reference, setup):
     assert [m["step"] for m in got] == list(range(1, 9))
     assert [m["loss"] for m in got] == [m["loss"] for m in reference]  # bit-exact on CPU
     assert [m["lr"] for m in got] == [m["lr"] for m in reference]
+
+
+def test_a_resume_with_another_schedule_or_batch_is_refused(reference, setup):
+    """megatron restores the schedule from the checkpoint, and the data order is a shuffle of iters x batch samples:
+    a longer run (or another lr) resumed from it mixed the two schedules (its added steps at the floor lr) and read
+    another shuffle from the saved position. The run stops before it builds anything, naming the values."""
+    config = _config(setup, "replan", run_dir=str(setup / "reference"), train_iters=12, lr=2e-3)
+    run = run_trainer(config, check=False)
+    assert run.returncode == 1 and (
+        f"{setup / 'reference' / 'checkpoints' / 'iter_0000008'} was trained with iters=8, lr=0.001; this run's config "
+        "gives iters=12, lr=0.002. A resumed run keeps its schedule and data order") in run.stderr, run.stderr[-2000:]
+    assert (setup / "reference" / "checkpoints" / "latest").read_text() == "iter_0000008"
 
 
 def test_adam_runs_torchs_fused_kernel_and_keeps_it_across_a_load(monkeypatch):
@@ -454,9 +466,9 @@ def test_nonfinite_steps_are_skipped_counted_and_halt(setup):
     m = read_metrics(setup / "nan")
     assert m[2]["loss"] is None and m[2]["skipped_steps"] == 1 and m[-1]["skipped_steps"] == 1
     assert all(x["loss"] is not None and x["loss"] == x["loss"] for i, x in enumerate(m) if i != 2)
-    # the schedule does not advance on a skipped step: 6 steps (2 warmup, 2 cosine decay to 1e-4) with step 3
-    # skipped end one schedule step short of min_lr (advancing, the last two would be 5.5e-4, 1e-4)
-    assert [x["lr"] for x in m] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 5.5e-4])
+    # the schedule does not advance on a skipped step: 6 steps (2 warmup, 2 cosine decay toward 1e-4) with step 3
+    # skipped end one schedule step short (advancing, the last would be 5.5e-4)
+    assert [x["lr"] for x in m] == pytest.approx([0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3])
     halted = run_trainer(_config(setup, "nan_halt", train_iters=6, eval_interval=0, save_interval=100,
                             max_nonfinite_in_a_row=2), "debug={nan_at_steps: [2, 3]}", check=False)
     assert halted.returncode != 0 and "halting: 2 non-finite steps in a row at step 3" in halted.stderr
