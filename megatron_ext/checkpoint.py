@@ -4,6 +4,7 @@ architecture as ``qwen35_config.json``, written to a temporary directory and ren
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ def save_model(
     extra=None,
     hf_files: list[Path] = (),
     hf_tensors: dict[str, torch.dtype] | None = None,
+    hf_left_out: list[str] = (),
     rank_state: dict | None = None,
     before_publish=None,
 ) -> Path:
@@ -63,7 +65,8 @@ def save_model(
     to the common file. ``rank_state``: per-rank objects (RNG states). ``hf_files`` (tokenizer, configs)
     are kept under ``hf_source/`` for the export back to HF, with ``hf_tensors``: the source's language-model
     tensors (names relative to its language-model prefix) and their dtypes, which the export restores
-    (a checkpoint saved from one carries its ``hf_files``, this record included). ``before_publish`` runs when
+    (a checkpoint saved from one carries its ``hf_files``, this record included), and ``hf_left_out``: the names of
+    its other tensors (vision tower, MTP head), which an export without a template lacks. ``before_publish`` runs when
     everything is written but not yet renamed into place (fault injection in tests).
     """
     out = Path(out_dir)
@@ -86,7 +89,8 @@ def save_model(
                 shutil.copy2(f, tmp / HF_SOURCE_DIR / Path(f).name)
         if hf_tensors:
             record = {name: str(dtype).removeprefix("torch.") for name, dtype in hf_tensors.items()}
-            (tmp / HF_SOURCE_DIR / HF_TENSORS_FILE).write_text(json.dumps({"dtypes": record}, indent=1))
+            (tmp / HF_SOURCE_DIR / HF_TENSORS_FILE).write_text(
+                json.dumps({"dtypes": record, "left_out": sorted(hf_left_out)}, indent=1))
     barrier()
     if before_publish is not None:
         before_publish()
@@ -171,13 +175,14 @@ def hf_source_files(ckpt_dir: str | Path) -> list[Path]:
     return sorted(src.iterdir()) if src.is_dir() else []
 
 
-def hf_source_tensors(ckpt_dir: str | Path) -> dict[str, torch.dtype]:
-    """The source's language-model tensors and dtypes as ``save_model(hf_tensors=...)`` recorded them;
-    empty for a checkpoint converted before they were recorded."""
+def hf_source_tensors(ckpt_dir: str | Path) -> tuple[dict[str, torch.dtype], list[str]]:
+    """The source's language-model tensors and dtypes, and the names of its other tensors, as ``save_model``
+    recorded them; empty for a checkpoint converted before they were recorded."""
     path = resolve(ckpt_dir) / HF_SOURCE_DIR / HF_TENSORS_FILE
     if not path.is_file():
-        return {}
-    return {name: getattr(torch, dtype) for name, dtype in json.loads(path.read_text())["dtypes"].items()}
+        return {}, []
+    record = json.loads(path.read_text())
+    return {name: getattr(torch, dtype) for name, dtype in record["dtypes"].items()}, record.get("left_out", [])
 
 
 def saved_dtype(ckpt_dir: str | Path) -> torch.dtype:
@@ -186,17 +191,24 @@ def saved_dtype(ckpt_dir: str | Path) -> torch.dtype:
     return dist_checkpointing.load_tensors_metadata(str(resolve(ckpt_dir)))[EMBEDDING].dtype
 
 
+def saved_dtype_of(sharded, saved: dict[str, torch.dtype]) -> torch.dtype | None:
+    """The dtype a model tensor (a ShardedTensor, or a factory that saves a fused weight in parts: GDN ``in_proj``,
+    ``conv1d``, GLU ``linear_fc1``) was saved in, the widest of its parts; None if the checkpoint lacks it."""
+    parts = [d for k, d in saved.items() if k == sharded.key or k.startswith(sharded.key + ".")]
+    return functools.reduce(torch.promote_types, parts) if parts else None
+
+
 def stored_wider(model: Qwen35GPTModel, ckpt_dir: str | Path) -> dict[str, torch.dtype]:
     """The model's parameters that the checkpoint stores wider than its weights and than the model holds them,
     with the stored dtype: a converted bf16 release's fp32 GDN ``A_log`` and output norm, in a bf16 model (none
     in an fp32 one). Widened before a load (:func:`~megatron_ext.model.widen_parameters`), they are not rounded;
     in a bf16 run they then train in fp32 and are saved and exported unrounded (a CPT's update to them is
     smaller than one bf16 step)."""
-    meta = dist_checkpointing.load_tensors_metadata(str(resolve(ckpt_dir)))
-    weights = meta[EMBEDDING].dtype
+    saved = {key: t.dtype for key, t in dist_checkpointing.load_tensors_metadata(str(resolve(ckpt_dir))).items()}
+    weights = saved[EMBEDDING]
     params = dict(model.named_parameters())
-    stored = {name: meta[sh.key].dtype for name, sh in model.sharded_state_dict().items()
-              if name in params and getattr(sh, "key", None) in meta}
+    stored = {name: dtype for name, sh in model.sharded_state_dict().items()
+              if name in params and hasattr(sh, "key") and (dtype := saved_dtype_of(sh, saved)) is not None}
     return {name: dtype for name, dtype in stored.items()
             if torch.promote_types(dtype, weights) != weights and torch.promote_types(dtype, params[name].dtype) != params[name].dtype}
 

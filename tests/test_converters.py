@@ -6,6 +6,7 @@ verify_conversion, and bad input that never leaves a partial output."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -112,6 +113,22 @@ def test_multimodal_round_trip_keeps_vision_and_mtp(multimodal_dir, tmp_path):
     assert compare(out, ckpt, seq_len=40)["max_rel_err"] <= 1e-5
 
 
+def test_an_export_without_template_names_the_source_tensors_it_lacks(tmp_path, caplog):
+    """A text-only checkpoint with an MTP head: the conversion records the head's tensors (it does not train them);
+    an export without --hf-template lacks them and says so, naming the flag; with the source as template it has them."""
+    source = _text_layout(tmp_path / "hf", seed=12)
+    add_mtp(source, seed=12)
+    mtp = {k for k in _all_tensors(source) if k.startswith("mtp.")}
+    with caplog.at_level(logging.INFO):
+        ckpt = convert_from_hf.convert(source, tmp_path / "ckpt")
+        bare = convert_to_hf.convert(ckpt, tmp_path / "bare")
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{len(mtp)} tensors outside the language model are not trained (mtp.*: {len(mtp)})" in messages
+    assert f"has {len(mtp)} tensors outside the language model (mtp.*: {len(mtp)}) that this export" in messages
+    assert "pass --hf-template" in messages and not mtp & set(_all_tensors(bare))
+    _assert_bit_exact(source, convert_to_hf.convert(ckpt, tmp_path / "full", hf_template=source))
+
+
 @pytest.mark.parametrize("source", ["text_dir", "multimodal_dir"])
 def test_export_from_tp2_checkpoint_is_bit_exact(source, request, tmp_path):
     """The trainer saves from TP=2; the export reads that layout back exactly."""
@@ -143,6 +160,23 @@ def test_a_bf16_release_with_fp32_gdn_tensors_round_trips_without_a_template(tmp
     _assert_same_files(src, out)  # config.json still says bfloat16, byte for byte
     assert compare(out, ckpt, seq_len=40)["max_rel_err"] <= 1e-9  # both in float64 from the same weights
     _assert_bit_exact(src, convert_to_hf.convert(ckpt, tmp_path / "templated", hf_template=src))
+
+
+def test_a_fused_weight_stored_wider_loads_unrounded(tmp_path):
+    """A source that stores a weight megatron saves in parts (GDN conv1d: query, key, value) wider than the rest is
+    loaded at that width too: the check compared the whole weight's key, which a split weight's parts do not have,
+    so load_model (and the trainer) rounded it to bf16 and the export wrote the rounded values back as fp32."""
+    from megatron_ext.checkpoint import load_model
+
+    src = release_dtypes(_text_layout(tmp_path / "hf", seed=13))
+    tensors = load_file(src / "model.safetensors")
+    conv = "model.layers.0.linear_attn.conv1d.weight"
+    tensors[conv] = torch.randn(tensors[conv].shape, generator=torch.Generator().manual_seed(0)) * 0.3  # fp32
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    model = load_model(convert_from_hf.convert(src, tmp_path / "ckpt"))
+    weight = model.decoder.layers[0].self_attention.conv1d.weight
+    assert weight.dtype == torch.float32 and torch.equal(weight.reshape(-1), tensors[conv].reshape(-1))
+    assert model.decoder.layers[0].self_attention.in_proj.weight.dtype == torch.bfloat16
 
 
 def test_a_multimodal_release_with_fp32_gdn_tensors_round_trips(tmp_path):

@@ -29,6 +29,8 @@ import torch
 
 from tools.hf_checkpoint import DTYPES, CheckpointError
 
+log = logging.getLogger(__name__)
+
 
 def dominant_dtype(ckpt, dtypes: dict[str, torch.dtype]) -> torch.dtype:
     """The dtype that most of the language model's parameters have: the one it trains in."""
@@ -99,7 +101,17 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype
     weights = _SavedWeights(model)
     del model  # the sharded state dict now holds the only references to the weights
     recorded = {hf_mapping.relative_name(name, prefix): d for name, d in dtypes.items()}
-    return save_model(weights.compacted(), out, hf_files=ckpt.extra_files(), hf_tensors=recorded)
+    left_out = sorted(set(ckpt.keys()) - language_model)
+    if left_out:
+        log.info("%d tensors outside the language model are not trained (%s); convert_to_hf carries them into a release "
+                 "from --hf-template", len(left_out), _by_part(left_out))
+    return save_model(weights.compacted(), out, hf_files=ckpt.extra_files(), hf_tensors=recorded, hf_left_out=left_out)
+
+
+def _by_part(names: list[str]) -> str:
+    """'model.visual.*: 40, mtp.*: 15': tensor names counted by their first two parts."""
+    parts = collections.Counter(".".join(n.split(".")[:2 if n.startswith("model.") else 1]) + ".*" for n in names)
+    return ", ".join(f"{part}: {n}" for part, n in sorted(parts.items()))
 
 
 class _SavedWeights:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import functools
 import json
 import logging
 import re
@@ -31,6 +30,8 @@ import torch
 from tqdm import tqdm
 
 from tools.hf_checkpoint import DTYPES, CheckpointError
+
+log = logging.getLogger(__name__)
 
 MTP_PREFIX = "mtp."
 DTYPE_NAMES = {v: k for k, v in {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}.items()}
@@ -81,7 +82,13 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
     model = build_model(config, backend="local", device="cpu", params_dtype=saved_dtype(ckpt_dir),
                         perform_initialization=False)
     reader = _LayerReader(model, ckpt_dir)
-    recorded = hf_source_tensors(ckpt_dir)  # the source's tensors and dtypes, when converted from HF here
+    recorded, left_out = hf_source_tensors(ckpt_dir)  # the source's tensors and dtypes, when converted from HF here
+    if template is None and left_out:
+        from tools.convert_from_hf import _by_part
+
+        log.warning("the checkpoint's source has %d tensors outside the language model (%s) that this export, with no "
+                    "--hf-template, does not hold (an MTP head its config may still declare); pass --hf-template <the "
+                    "source's HF directory> to carry them", len(left_out), _by_part(left_out))
     stored_head = config.tie_word_embeddings and hf_mapping.LM_HEAD in (template.files if template else recorded)
 
     def out_dtype(name: str, saved: torch.dtype) -> torch.dtype:
@@ -136,20 +143,14 @@ class _LayerReader:
     def __init__(self, model, ckpt_dir: str | Path):
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-        from megatron_ext.checkpoint import resolve
+        from megatron_ext.checkpoint import resolve, saved_dtype_of
 
         self.dir = str(resolve(ckpt_dir))
         self.state = {k: v for k, v in model.sharded_state_dict().items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
         saved = {k: v.dtype for k, v in dist_checkpointing.load_tensors_metadata(self.dir).items()}
-        self.dtypes = {k: self._saved_dtype(v, saved) for k, v in self.state.items()}
+        # a converted checkpoint keeps a few tensors wider than the model's dtype: read at that width
+        self.dtypes = {k: saved_dtype_of(v, saved) or v.data.dtype for k, v in self.state.items()}
         self.group, self.loaded = None, {}
-
-    @staticmethod
-    def _saved_dtype(sharded, saved: dict[str, torch.dtype]) -> torch.dtype:
-        """The dtype ``sharded`` was saved in (the widest of its parts, for a factory's split tensors): a
-        converted checkpoint keeps a few tensors wider than the model's dtype, and reads them at that width."""
-        parts = [d for k, d in saved.items() if k == sharded.key or k.startswith(sharded.key + ".")]
-        return functools.reduce(torch.promote_types, parts) if parts else sharded.data.dtype
 
     def meta(self, name: str) -> torch.Tensor:
         """A data-less stand-in for tensor ``name``: its shape and saved dtype."""
