@@ -356,8 +356,10 @@ def test_input_errors_end_the_command_with_one_line(tmp_path):
     recipe, log = tmp_path / "recipe.yaml", tmp_path / "out" / "build_mix.log"
     recipe.write_text(yaml.safe_dump({**raw, "sources": [{**raw["sources"][0], "paths": ["missing/*.jsonl"]}]}))
     _one_line_error(_cli(recipe), log, r"error: source notes: no files match \['missing/\*\.jsonl'\]")
-    recipe.write_text(yaml.safe_dump(raw))
-    _one_line_error(_cli(recipe), log, r"\(sources changed\); rerun with --clean")
+    recipe.write_text(yaml.safe_dump(raw))  # fixed: a build that stopped before it started recorded no recipe
+    _one_line_error(_cli(recipe), log, "error: " + NOTES_GONE)
+    recipe.write_text(yaml.safe_dump({**raw, "seed": raw.get("seed", 0) + 1}))
+    _one_line_error(_cli(recipe), log, r"\(seed changed\); rerun with --clean")
     _one_line_error(_cli(recipe, "--clean"), log, "error: " + NOTES_GONE)
     recipe.write_text(yaml.safe_dump({**raw, "seq_lenght": 64}))
     bad = _cli(recipe)

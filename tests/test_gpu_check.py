@@ -84,8 +84,9 @@ def test_kill_tree_reaches_processes_in_sessions_of_their_own():
     launcher = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, "
                                  "'-c', 'import time; time.sleep(120)'], start_new_session=True); time.sleep(120)"],
                                 start_new_session=True)
-    deadline = time.time() + 30
-    while len(tree := gpu_check.process_tree(launcher.pid)) < 2 and time.time() < deadline:
+    deadline = time.time() + 30  # until the child is in its own session (it is in the tree before its setsid)
+    while (len(tree := gpu_check.process_tree(launcher.pid)) < 2 or os.getsid(tree[1].pid) == os.getsid(launcher.pid)) \
+            and time.time() < deadline:
         time.sleep(0.05)
     assert len(tree) == 2 and os.getsid(tree[1].pid) != os.getsid(launcher.pid)
     gpu_check.kill_tree(launcher.pid)
