@@ -270,15 +270,17 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         self.seq_length, self.pad_id = seq_length, pad_id
         self.seed, self.shuffle, self.pairs = seed, shuffle, pairs
         self.rows = self._epoch(0)
-        self.rows_per_epoch = len(self.rows)
+        self.rows_per_epoch = len(self.rows)  # of the first; each epoch packs into a few more or fewer
+        self.epochs = 1
 
     def _epoch(self, epoch: int) -> list[list[int]]:
         return pack(self.pairs, self.seq_length, np.random.default_rng([self.seed, epoch]) if self.shuffle else None)
 
     def resize(self, num_rows: int) -> "PackedSFTDataset":
         """Exactly ``num_rows`` rows: more epochs, each shuffled and packed anew, or the first rows."""
-        while len(self.rows) < num_rows:
-            self.rows += self._epoch(len(self.rows) // self.rows_per_epoch)
+        while len(self.rows) < num_rows:  # counted, not rows // rows_per_epoch: that repeated an epoch's shuffle
+            self.rows += self._epoch(self.epochs)
+            self.epochs += 1
         self.rows = self.rows[:num_rows]
         return self
 

@@ -33,7 +33,7 @@ import yaml
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
-from preprocessing.chat import LOSS_ON, ROLES, check_conversation, render_samples, token_mask
+from preprocessing.chat import LOSS_ON, ROLES, check_conversation, encode_sample, render_samples
 
 log = logging.getLogger(__name__)
 NAME = "sft"  # the ledger's one "source"
@@ -154,7 +154,8 @@ class ChatTokenWriter(PipelineStep):
                 samples = self._encode(backend, hf, doc, quarantine)
                 if samples is None:
                     continue
-                split = "valid" if is_heldout(doc.id, self.valid_fraction, self.seed) else "train"
+                split = "valid" if is_heldout(_opening(doc.metadata["messages"]), self.valid_fraction, self.seed) \
+                    else "train"
                 self.stat_update(f"{'heldout' if split == 'valid' else 'kept'}/{NAME}")
                 for ids, mask in samples:
                     builders[split, "tokens"].add_document(np.asarray(ids, dtype=dtype), [len(ids)])
@@ -175,17 +176,28 @@ class ChatTokenWriter(PipelineStep):
 
         try:
             rendered, split_turns = render_samples(hf, doc.metadata["messages"], self.loss_on, self.template_kwargs)
+            samples = [encode_sample(backend, text, spans) for text, spans in rendered]
+            if None in samples:  # an earlier turn's context encodes otherwise within the whole: a sample per turn
+                rendered, split_turns = render_samples(hf, doc.metadata["messages"], self.loss_on, self.template_kwargs,
+                                                       per_turn=True)
+                samples = [encode_sample(backend, text, spans) for text, spans in rendered]
         except Exception as err:  # jinja errors (the template's raise_exception) and prefix violations
             return bad("template_error", f"{type(err).__name__}: {err}")
-        samples = []
-        for text, spans in rendered:
-            enc = backend.encode(text, add_special_tokens=False)
-            if len(enc.ids) > self.seq_length + 1:
-                return bad("too_long", f"{len(enc.ids)} tokens > seq_length + 1 = {self.seq_length + 1}")
-            samples.append((enc.ids, token_mask(enc.offsets, spans)))
+        for ids, _ in samples:
+            if len(ids) > self.seq_length + 1:
+                return bad("too_long", f"{len(ids)} tokens > seq_length + 1 = {self.seq_length + 1}")
         if split_turns:
             self.stat_update("split_into_turns")
         return samples
+
+
+def _opening(messages: list[dict]) -> str:
+    """What the held-out split draws by: the messages up to the first user turn, not the record's id. Every sample of
+    a conversation shows them, so copies of a conversation (SFT sets repeat them) and conversations that share an
+    opening (a one-turn one and the first turn of a longer one render the same sample) land on one side, and
+    val/sft never scores a sample that is trained on."""
+    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    return json.dumps(messages[: first_user + 1], sort_keys=True, ensure_ascii=False)
 
 
 def chat_template_hash(tokenizer_dir: str) -> str:

@@ -35,14 +35,15 @@ def check_conversation(record: Any, roles: tuple[str, ...] | list[str] = ROLES) 
     first_assistant = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if not any(m["role"] == "user" for m in messages[:first_assistant]):
         return None, "assistant_before_user"
-    return [{"role": m["role"], "content": m["content"]} for m in messages], None
+    return messages, None  # every field as given: the template renders tool_calls, reasoning_content, names
 
 
 def render_samples(tokenizer, messages: list[dict], loss_on: str = "assistant",
-                   template_kwargs: dict | None = None) -> tuple[list[tuple[str, Spans]], bool]:
+                   template_kwargs: dict | None = None, per_turn: bool = False) -> tuple[list[tuple[str, Spans]], bool]:
     """([(text, loss spans)], split_into_turns). ``template_kwargs`` go to the template (e.g. Qwen's
-    ``enable_thinking``). Raises ValueError when the template renders a turn in a way no prefix rule can
-    follow (the record is quarantined with that message)."""
+    ``enable_thinking``); ``per_turn``: one sample per assistant turn even where one would hold them all. Raises
+    ValueError when the template renders a turn in a way no prefix rule can follow (the record is quarantined
+    with that message)."""
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
 
@@ -61,9 +62,30 @@ def render_samples(tokenizer, messages: list[dict], loss_on: str = "assistant",
         if not alone.startswith(prompt):
             raise ValueError(f"turn {i}: the template's rendering of the turn does not start with its generation prompt")
         turns.append((prompt, alone[len(prompt):]))
-    if all(full.startswith(p) and full.startswith(c, len(p)) for p, c in turns):
+    if not per_turn and all(full.startswith(p) and full.startswith(c, len(p)) for p, c in turns):
         return [(full, [(len(p), len(p) + len(c)) for p, c in turns])], False
     return [(p + c, [(len(p), len(p) + len(c))]) for p, c in turns], True
+
+
+def encode_sample(backend, text: str, spans: Spans) -> tuple[list[int], list[int]] | None:
+    """(token ids, loss mask) of a rendered sample, as serving sees it: the text before each completion is encoded
+    on its own (a server encodes the prompt alone and the model generates the completion after it), so no token
+    spans the boundary (Qwen's vocabulary has '\n\n': the generation prompt's '<think>\n' and a completion's
+    '\n</think>' would share one, and the completion's first newline would be context). None when a later turn's
+    context, encoded whole as serving encodes it, differs from the sample's tokens before that turn: such a
+    conversation must be split into one sample per turn. ``backend``: a Rust ``tokenizers.Tokenizer``."""
+    starts = sorted(start for start, _ in spans)
+    cuts = sorted({0, *starts, len(text)})
+    ids, offsets = [], []
+    for a, b in zip(cuts, cuts[1:]):
+        enc = backend.encode(text[a:b], add_special_tokens=False)
+        ids += enc.ids
+        offsets += [(a + s, a + e) for s, e in enc.offsets]
+    for start in starts[1:]:
+        before = sum(1 for s, _ in offsets if s < start)
+        if backend.encode(text[:start], add_special_tokens=False).ids != ids[:before]:
+            return None
+    return ids, token_mask(offsets, spans)
 
 
 def token_mask(offsets: list[tuple[int, int]], spans: Spans) -> list[int]:

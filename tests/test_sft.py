@@ -20,7 +20,7 @@ from conftest import DEMO, megatron_twin, read_metrics, run_trainer, tiny_hf_dir
 
 from megatron_ext.data import PackedSFTDataset, read_data_json
 from preprocessing.errors import BuildError
-from preprocessing.chat import check_conversation, render_samples, token_mask
+from preprocessing.chat import check_conversation, encode_sample, render_samples, token_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
@@ -60,6 +60,26 @@ def test_qwen_style_template_splits_turns_and_masks_exactly_the_answers(tok):
     mask = token_mask(enc.offsets, second[1])
     assert tok.decode([i for i, m in zip(enc.ids, mask) if not m]) == tok.apply_chat_template(
         TWO_TURNS[:4], tokenize=False, add_generation_prompt=True)
+
+
+def test_tool_calls_and_reasoning_reach_the_template(tok):
+    """An assistant turn that calls a tool has empty content and its call in tool_calls (the OpenAI and HF format);
+    the messages kept only role and content, so it was trained as an empty answer."""
+    plain = type(tok).from_pretrained(str(DEMO / "tokenizer"))
+    plain.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{% if m.reasoning_content %}"
+                           "{{ '<think>' + m.reasoning_content + '</think>' }}{% endif %}{{ m.content }}"
+                           "{% for c in m.tool_calls or [] %}{{ '<tool_call>' + c.function.name + '</tool_call>' }}"
+                           "{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}"
+                           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    call = {"role": "assistant", "content": "", "reasoning_content": "Need the sodium.",
+            "tool_calls": [{"type": "function", "function": {"name": "lab_lookup", "arguments": "{}"}}]}
+    record = {"messages": [{"role": "user", "content": "Sodium?"}, call,
+                           {"role": "tool", "content": "128 mmol/L", "tool_call_id": "1"},
+                           {"role": "assistant", "content": "Hyponatraemia."}]}
+    messages, reason = check_conversation(record)
+    assert reason is None and messages[1] == call
+    (text, spans), = render_samples(plain, messages)[0]
+    assert [text[a:b] for a, b in spans][0] == "<think>Need the sodium.</think><tool_call>lab_lookup</tool_call><|im_end|>\n"
 
 
 def test_prefix_stable_template_is_one_sample_with_every_answer(tok):
@@ -173,6 +193,50 @@ def test_a_rerun_with_another_input_file_stops_naming_it(tmp_path):
         build(recipe)
 
 
+def _double_newline_tokenizer(directory: Path, chat_template: str | None = None) -> Path:
+    """A tokenizer like the demo's, trained on paragraphs, so that it has one token for '\n\n' ('ĊĊ', as Qwen's
+    vocabularies have); another chat template if given."""
+    from tools.tiny_qwen35 import DEMO_TEXT, write_tokenizer
+
+    write_tokenizer(directory, texts=["\n\n".join(text.rstrip(".") for text in DEMO_TEXT)] * 20)
+    assert "ĊĊ" in json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"]
+    if chat_template:
+        (directory / "chat_template.jinja").write_text(chat_template)
+    return directory
+
+
+def test_a_completion_is_encoded_apart_from_its_prompt_as_serving_sees_it(tmp_path):
+    """An answer without reasoning renders '<think>\n' (the generation prompt) then '\n</think>': encoded as one
+    text, a '\n\n' token spanned the two, so the training context never matched the prompt a server encodes
+    and the completion's first newline got no loss."""
+    from preprocessing.tokenizer import hf_tokenizer
+
+    tok = hf_tokenizer(str(_double_newline_tokenizer(tmp_path / "tok")))
+    messages = [{"role": "user", "content": "Fever and neck stiffness?"}, {"role": "assistant", "content": "Meningitis."}]
+    (text, spans), = render_samples(tok, messages)[0]
+    assert tok.convert_tokens_to_ids("ĊĊ") in tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    ids, mask = encode_sample(tok.backend_tokenizer, text, spans)
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    served = tok.backend_tokenizer.encode(prompt, add_special_tokens=False).ids
+    assert ids[:len(served)] == served and not any(mask[:len(served)]) and all(mask[len(served):])
+    assert tok.decode(ids[len(served):]) == text[spans[0][0]:] == "\n</think>\n\nMeningitis.<|im_end|>\n"
+
+
+def test_a_conversation_whose_later_context_encodes_otherwise_is_one_sample_per_turn(tmp_path):
+    """A prefix-stable template makes one sample of a conversation, but where a completion starts with a newline
+    after the prompt's, the second turn's context encoded whole (as served) differs from the sample's tokens:
+    the build makes a sample per turn instead, each starting with its served prompt."""
+    from preprocessing.build_sft import SFTRecipe, build
+
+    tokenizer = _double_newline_tokenizer(tmp_path / "tok", CHATML)
+    chat = [{"role": "user", "content": "Fever?"}, {"role": "assistant", "content": "\nCheck the neck."},
+            {"role": "user", "content": "Stiff?"}, {"role": "assistant", "content": "\nLumbar puncture."}]
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"id": "c1", "messages": chat}) + "\n")
+    info = build(SFTRecipe(tokenizer=str(tokenizer), output_dir="out", paths=["chats.jsonl"], base_dir=str(tmp_path),
+                           valid_fraction=0.0))
+    assert info["split_into_turns"] == 1 and info["train"]["samples"] == 2
+
+
 def test_a_cut_gzip_is_quarantined_and_a_tokenizer_without_chat_template_is_named(tmp_path):
     """A .jsonl.gz cut short by an interrupted copy is one quarantined file (the others build); a base model's
     tokenizer, which has no chat template, stops the build before any work, naming the directory."""
@@ -201,6 +265,31 @@ def test_a_cut_gzip_is_quarantined_and_a_tokenizer_without_chat_template_is_name
 
 def _dataset(sft_data, seed=7):
     return PackedSFTDataset(str(sft_data / "train_tokens"), str(sft_data / "train_loss_mask"), 256, pad_id=0, seed=seed)
+
+
+def test_no_held_out_conversation_is_also_trained_on(sft_data):
+    """The demo's conversations repeat (63 distinct in 244 lines), as SFT sets do, and a one-turn conversation renders
+    the same sample as the first turn of a longer one; drawn by id, 16 of 17 held-out samples were training samples.
+    Drawn by the opening (the messages up to the first user turn), they land on one side."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    train, valid = (IndexedDataset(str(sft_data / f"{split}_tokens")) for split in ("train", "valid"))
+    trained = {tuple(train[i].tolist()) for i in range(len(train))}
+    assert len(valid) > 0 and not [i for i in range(len(valid)) if tuple(valid[i].tolist()) in trained]
+
+
+def test_every_epoch_gets_its_own_shuffle_whatever_its_row_count(sft_data):
+    """Epochs pack into slightly different row counts; the epoch's seed came from rows // rows_per_epoch, so an
+    epoch with fewer rows than the first was followed by the same shuffle again (seen at 20,000 samples)."""
+    class Recorded(PackedSFTDataset):
+        def _epoch(self, epoch):
+            self.seeds = [*getattr(self, "seeds", []), epoch]
+            rows = super()._epoch(epoch)
+            return rows if epoch == 0 else rows[:-1]  # a later epoch that packs into one row fewer
+
+    ds = Recorded(str(sft_data / "train_tokens"), str(sft_data / "train_loss_mask"), 256, pad_id=0, seed=7)
+    ds.resize(4 * ds.rows_per_epoch)
+    assert ds.seeds == [0, 1, 2, 3, 4]
 
 
 def test_packing_keeps_conversations_whole_and_apart(sft_data):
