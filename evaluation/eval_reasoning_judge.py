@@ -276,6 +276,7 @@ def summarize(rows: list[dict], first: str, second: str, seed: int, usage: dict,
     summary = {
         "questions": len(rows), "judged": len(judged), "failed": len(rows) - len(judged),
         "inconsistent_orders": sum(not r["consistent"] for r in judged),
+        "one_order": sum(r["orders_valid"] == 1 for r in judged),  # the other failed: position bias not cancelled
         f"{second}_wins": sum(r["verdict"] == second for r in judged),
         f"{first}_wins": sum(r["verdict"] == first for r in judged), "ties": sum(r["verdict"] == "tie" for r in judged),
         f"{second}_win_rate": bootstrap_ci(win, seed) if win else None,
@@ -302,8 +303,8 @@ def to_markdown(summary: dict, first: str, second: str) -> str:
         lines.append(f"| win rate (ties half) | {rate[0]:.3f} | [{rate[1]:.3f}, {rate[2]:.3f}] |")
     lines.append(f"| wins / ties / losses | {summary[f'{second}_wins']} / {summary['ties']} / {summary[f'{first}_wins']} | |")
     u, total = summary["usage"], total_usage(summary["usage"])
-    lines.append(f"| judged / failed / inconsistent orders | {summary['judged']} / {summary['failed']} / "
-                 f"{summary['inconsistent_orders']} | |")
+    lines.append(f"| judged (of them on one order only) / failed / inconsistent orders | {summary['judged']} "
+                 f"({summary.get('one_order', 0)}) / {summary['failed']} / {summary['inconsistent_orders']} | |")
     lines.append(f"| judge calls / tokens in / out / cost, all runs | {total['calls']} / {total['prompt_tokens']} / "
                  f"{total['completion_tokens']} / ${summary['cost_usd']:.4f} | |")
     lines.append(f"| of which this run (orders from the cache) | {u['calls']} / {u['prompt_tokens']} / {u['completion_tokens']} / "

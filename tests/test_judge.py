@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import tiny_hf_dir
 
-from evaluation.eval_reasoning_judge import combine, sample
+from evaluation.eval_reasoning_judge import combine, sample, summarize, to_markdown
 from tools.openai_stub_server import StubServer
 KEY = "sk-test-SECRET-9f8e7d"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
@@ -141,6 +141,12 @@ def test_verdict_rule_and_stratified_sampling():
     assert combine("x", "y", [("x", j("A")), ("y", j("A"))])["verdict"] == "tie"  # position bias -> tie
     assert combine("x", "y", [("x", j("B")), ("y", None)])["verdict"] == "y"  # one valid order counts
     assert combine("x", "y", [("x", None), ("y", None)])["verdict"] is None
+    rows = [combine("x", "y", orders) for orders in ([("x", j("A")), ("y", j("B"))], [("x", j("B")), ("y", None)])]
+    summary = summarize(rows, "x", "y", seed=0, usage={"calls": 3, "prompt_tokens": 0, "completion_tokens": 0,
+                                                         "cached": 0}, prices=(0.0, 0.0))
+    assert summary["one_order"] == 1  # judged on one order: its position bias is not cancelled, and the table says so
+    assert "| judged (of them on one order only) / failed / inconsistent orders | 2 (1) / 0 / 0 | |" in \
+        to_markdown(summary, "x", "y")
     qs = {s: [{"id": f"{s}/{i}", "source": s} for i in range(10)] for s in ("a", "b", "c")}
     picked = sample(qs, 7, seed=1)
     assert [q["source"] for q in picked].count("a") == 3 and len(picked) == 7
