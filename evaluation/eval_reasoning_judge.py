@@ -303,8 +303,9 @@ def to_markdown(summary: dict, first: str, second: str) -> str:
         lines.append(f"| win rate (ties half) | {rate[0]:.3f} | [{rate[1]:.3f}, {rate[2]:.3f}] |")
     lines.append(f"| wins / ties / losses | {summary[f'{second}_wins']} / {summary['ties']} / {summary[f'{first}_wins']} | |")
     u, total = summary["usage"], total_usage(summary["usage"])
+    # ? where the summary predates the one-order count (the report renders judge.json files of earlier runs)
     lines.append(f"| judged (of them on one order only) / failed / inconsistent orders | {summary['judged']} "
-                 f"({summary.get('one_order', 0)}) / {summary['failed']} / {summary['inconsistent_orders']} | |")
+                 f"({summary.get('one_order', '?')}) / {summary['failed']} / {summary['inconsistent_orders']} | |")
     lines.append(f"| judge calls / tokens in / out / cost, all runs | {total['calls']} / {total['prompt_tokens']} / "
                  f"{total['completion_tokens']} / ${summary['cost_usd']:.4f} | |")
     lines.append(f"| of which this run (orders from the cache) | {u['calls']} / {u['prompt_tokens']} / {u['completion_tokens']} / "

@@ -496,7 +496,9 @@ def _check_same_plan(resume: Path, saved: dict | None, plan: dict) -> None:
     """A resume with another schedule or batch geometry would mix the saved schedule with the new one (a longer run
     at the floor lr for its added steps) and read another shuffle from the saved position (some samples twice,
     others never): refuse it, naming the values. Checkpoints saved before plans were recorded resume unchecked."""
-    changed = {k: (saved[k], v) for k, v in plan.items() if saved is not None and k in saved and saved[k] != v}
+    if saved is None:
+        return
+    changed = {k: (saved[k], v) for k, v in plan.items() if k in saved and saved[k] != v}
     if changed:
         raise SystemExit(f"{resume} was trained with " + ", ".join(f"{k}={a}" for k, (a, _) in changed.items())
                          + "; this run's config gives " + ", ".join(f"{k}={b}" for k, (_, b) in changed.items())

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from tools.hf_checkpoint import DTYPES, CheckpointError
+from tools.hf_checkpoint import DTYPES, CheckpointError, count_by_part
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +104,8 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype
     left_out = sorted(set(ckpt.keys()) - language_model)
     if left_out:
         log.info("%d tensors outside the language model are not trained (%s); convert_to_hf carries them into a release "
-                 "from --hf-template", len(left_out), _by_part(left_out))
+                 "from --hf-template", len(left_out), count_by_part(left_out))
     return save_model(weights.compacted(), out, hf_files=ckpt.extra_files(), hf_tensors=recorded, hf_left_out=left_out)
-
-
-def _by_part(names: list[str]) -> str:
-    """'model.visual.*: 40, mtp.*: 15': tensor names counted by their first two parts."""
-    parts = collections.Counter(".".join(n.split(".")[:2 if n.startswith("model.") else 1]) + ".*" for n in names)
-    return ", ".join(f"{part}: {n}" for part, n in sorted(parts.items()))
 
 
 class _SavedWeights:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tools.hf_checkpoint import DTYPES, CheckpointError
+from tools.hf_checkpoint import DTYPES, CheckpointError, count_by_part
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,9 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
     reader = _LayerReader(model, ckpt_dir)
     recorded, left_out = hf_source_tensors(ckpt_dir)  # the source's tensors and dtypes, when converted from HF here
     if template is None and left_out:
-        from tools.convert_from_hf import _by_part
-
         log.warning("the checkpoint's source has %d tensors outside the language model (%s) that this export, with no "
                     "--hf-template, does not hold (an MTP head its config may still declare); pass --hf-template <the "
-                    "source's HF directory> to carry them", len(left_out), _by_part(left_out))
+                    "source's HF directory> to carry them", len(left_out), count_by_part(left_out))
     stored_head = config.tie_word_embeddings and hf_mapping.LM_HEAD in (template.files if template else recorded)
 
     def out_dtype(name: str, saved: torch.dtype) -> torch.dtype:

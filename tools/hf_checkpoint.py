@@ -3,6 +3,7 @@ and the file, and output directories that appear only when complete."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -188,6 +189,12 @@ class ShardedWriter:
         weight_map = {name: where[0].name for name, where in sorted(self.where.items())}
         index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
         (self.dir / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def count_by_part(names: list[str]) -> str:
+    """'model.visual.*: 40, mtp.*: 15': tensor names counted by their first part (two under ``model.``)."""
+    parts = collections.Counter(".".join(n.split(".")[:2 if n.startswith("model.") else 1]) + ".*" for n in names)
+    return ", ".join(f"{part}: {n}" for part, n in sorted(parts.items()))
 
 
 def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> None:
