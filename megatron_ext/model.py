@@ -143,8 +143,9 @@ def build_model(
 
     backend: ``auto`` | ``te`` | ``local`` (see :func:`megatron_ext.spec.resolve_backend`);
     gdn_kernel: ``auto`` | ``fla`` | ``torch`` (see :mod:`megatron_ext.kernels`);
-    attention_kernel: ``auto`` | ``fused`` | ``flex`` | ``masked``, the local backend's core attention (see
-    :func:`megatron_ext.layers.resolve_attention_kernel`);
+    attention_kernel: ``auto`` | ``fused`` | ``flex`` | ``masked``, the packed core attention under either backend
+    (see :func:`megatron_ext.layers.resolve_attention_kernel`), or ``te``: Transformer Engine's (backend te; see
+    :func:`megatron_ext.spec.core_attention`);
     device: ``cuda`` (default when available) or ``cpu``;
     loss_chunk: tokens per piece of the output layer + loss in training, recomputed in the backward (0: the
     whole sequence at once; see :meth:`Qwen35GPTModel._postprocess`).

@@ -84,7 +84,27 @@ class LocalQwen35SpecProvider(LocalSpecProvider):
         return RMSNorm
 
     def core_attention(self) -> ModuleSpec:
-        return ModuleSpec(module=PackedDotProductAttention, params={"kernel": self.attention_kernel})
+        return packed_attention(self.attention_kernel)
+
+
+def packed_attention(attention_kernel: str) -> ModuleSpec:
+    return ModuleSpec(module=PackedDotProductAttention, params={"kernel": attention_kernel})
+
+
+def core_attention(p: BackendSpecProvider, backend: str, attention_kernel: str) -> ModuleSpec:
+    """The local spec's packed attention (:func:`megatron_ext.layers.resolve_attention_kernel`) under either
+    backend, unless ``attention_kernel`` is ``te``: Transformer Engine's DotProductAttention (cuDNN's fused
+    attention on packed THD rows), by request only. On an H100 (2026-11-28: TE 2.11, the cuDNN of torch
+    2.11+cu130's wheels) its THD backward read memory it had not written: with the allocator's free blocks
+    filled with NaN every packed row, one document too, gave NaN gradients, and a TE training run stopped at
+    step 1 on non-finite gradients (docs/benchmarks.md). FlashAttention-2 through torch (``fused``) passes the
+    same check there."""
+    if attention_kernel != "te":
+        return packed_attention(attention_kernel)
+    if backend != "te":
+        raise ValueError("attention_kernel 'te' is Transformer Engine's attention: it needs backend 'te'; "
+                         "the local backend's kernels are auto, fused, flex and masked")
+    return p.core_attention()
 
 
 def spec_provider(backend: str, attention_kernel: str = "auto") -> BackendSpecProvider:
@@ -98,8 +118,7 @@ def spec_provider(backend: str, attention_kernel: str = "auto") -> BackendSpecPr
 def layer_specs(config: Qwen35Config, backend: str, gdn_kernel: str = "auto",
                 attention_kernel: str = "auto") -> list[ModuleSpec]:
     """One TransformerLayer spec per HF layer: Gated DeltaNet or gated full attention, then SwiGLU.
-    ``attention_kernel`` (see :func:`megatron_ext.layers.resolve_attention_kernel`) is the local
-    backend's; TE's attention picks its own fused kernels."""
+    ``attention_kernel``: see :func:`core_attention`."""
     p = spec_provider(backend, attention_kernel)
     norm_linear = p.column_parallel_layer_norm_linear()  # pre-norms live inside the following linear
 
@@ -118,7 +137,7 @@ def layer_specs(config: Qwen35Config, backend: str, gdn_kernel: str = "auto",
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
             linear_qkv=norm_linear,
-            core_attention=p.core_attention(),
+            core_attention=core_attention(p, backend, attention_kernel),
             linear_proj=p.row_parallel_linear(),
             q_layernorm=p.layer_norm(rms_norm=True, for_qk=True),
             k_layernorm=p.layer_norm(rms_norm=True, for_qk=True),

@@ -52,7 +52,7 @@ class TrainConfig:
     read_ahead: int = 2  # micro-batches a background thread reads in advance (0: read in the step)
     backend: str = "auto"  # te | local | auto
     gdn_kernel: str = "auto"
-    attention_kernel: str = "auto"  # auto | fused | flex | masked: the local backend's core attention
+    attention_kernel: str = "auto"  # auto | fused | flex | masked: core attention, either backend; te: TE's (backend te)
     # cadence
     log_interval: int = 1
     eval_interval: int = 50

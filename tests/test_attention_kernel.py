@@ -66,6 +66,29 @@ def test_fused_is_refused_on_cpu_and_unknown_kernels_are_refused():
         resolve_attention_kernel("flash", torch.device("cpu"), torch.float32)
 
 
+def test_te_attention_is_transformer_engines_and_only_under_backend_te():
+    """Under either backend the core attention is the packed one unless 'te' asks for TE's (whose THD backward
+    gave NaN gradients on an H100, megatron_ext.spec.core_attention), and 'te' is refused where it cannot be."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron_ext import Qwen35Config, spec
+    from tools.tiny_qwen35 import text_config
+
+    class TEProvider:  # stands in for megatron's TESpecProvider, which needs TE to import
+        def core_attention(self):
+            return ModuleSpec(module=torch.nn.Identity)
+
+    for backend in ("te", "local"):
+        for kernel in ("auto", "fused", "masked"):
+            chosen = spec.core_attention(TEProvider(), backend, kernel)
+            assert (chosen.module, chosen.params) == (layers.PackedDotProductAttention, {"kernel": kernel})
+    assert spec.core_attention(TEProvider(), "te", "te").module is torch.nn.Identity
+    with pytest.raises(ValueError, match="attention_kernel 'te' is Transformer Engine's attention: it needs backend 'te'"):
+        spec.layer_specs(Qwen35Config.from_hf(text_config().to_dict()), "local", attention_kernel="te")
+    with pytest.raises(ValueError, match=r"unknown attention kernel 'te' for the packed attention.*with backend 'te'"):
+        resolve_attention_kernel("te", torch.device("cuda"), torch.bfloat16)
+
+
 def test_the_setting_reaches_every_attention_layer_and_fused_stops_a_cpu_forward():
     from tools.parity import megatron_twin
     from tools.tiny_qwen35 import causal_lm, text_config

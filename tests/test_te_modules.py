@@ -34,6 +34,18 @@ def test_te_names_in_order_are_the_recorded_ones(te_model):
     assert set(model.state_dict()) - te["param"] - te["object"] == te["state"]
 
 
+def test_attention_kernel_te_is_te_attention_with_its_state(te_model):  # te_model: its patches, to build on the CPU
+    """By request only, the core attention is TE's (spec.core_attention): one state entry more, nothing else."""
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    model = build_model(TINY, "te", device="cpu", attention_kernel="te")
+    assert isinstance(model.decoder.layers[1].self_attention.core_attention, TEDotProductAttention)
+    te = _te_names()
+    assert [n for n, _ in model.named_parameters()] == te_parameter_order()
+    assert set(model.state_dict()) - te["param"] - te["object"] == te["state"] | {
+        "decoder.layers.1.self_attention.core_attention._extra_state"}
+
+
 def test_checkpoints_cross_between_the_local_spec_and_te(te_model, tmp_path):
     local = build_model(TINY, "local", device="cpu")
     save_model(local, tmp_path / "local")  # as convert_from_hf writes on a CPU node: no TE extra state

@@ -10,7 +10,8 @@ Parts, in the order they run, and their time boxes (seconds):
   attention  32  the local spec's fused attention (FlashAttention-2 through torch.nn.attention.varlen) in
                 bf16 vs the masked path in fp32 on a packed row of 4096 tokens with the 2B attention geometry
                 (8 query heads on 2 KV heads of 256), 1-token documents and a one-document row: outputs and
-                dq, dk, dv. FlashAttention ships compiled in torch: this part compiles nothing.
+                dq, dk, dv, on memory filled with NaN first (a kernel reading what it did not write fails).
+                FlashAttention ships compiled in torch: this part compiles nothing.
   kernels   40  fla vs the pure-torch GDN kernels (gated delta rule, causal conv1d), bf16, packed documents
                 with the 2B GDN geometry (16 key / 16 value heads of 128): outputs and gradients, and
                 whether two identical fla runs give identical bits (determinism). On CUDA it adds the
@@ -46,6 +47,8 @@ Not in the default list (name it in --parts):
                 not in the default run until it is timed on a GPU.
 Transformer Engine parts, in the default run after the others where TE's torch modules import; where they
 do not, each reports one SKIPPED row and takes no time:
+  te_attention 40  the attention part for Transformer Engine's DotProductAttention (cuDNN, THD), which the
+                TE spec uses only with attention_kernel te: its backward gave NaN on an H100 (2026-11-28).
   te_parity  60  the TE spec vs the local spec with the same weights in bf16, both against the local spec
                 in fp32 (TF32 off): logits and all gradients (norm-wise; the worst parameter is shown, not
                 judged: see bf16_against_fp32); TE passes when its error is at most twice the local spec's
@@ -108,7 +111,7 @@ BOXES = {"attention": 32, "kernels": 40, "resume": 116, "bench": 123, "parity": 
 MIN_BOX = 30  # --budget: a part gets at least this or does not start (a part's process imports for ~20 s)
 OPTIONAL = ("flex", "syncs", "compiled")  # run only when named in --parts (the default run keeps to 360 s)
 # Transformer Engine parts: in the default run where TE imports, on top of the 360 s; SKIPPED rows elsewhere
-TE_BOXES = {"te_parity": 60, "te_packed": 40, "te_fp8": 240, "te_ckpt": 60}
+TE_BOXES = {"te_attention": 40, "te_parity": 60, "te_packed": 40, "te_fp8": 240, "te_ckpt": 60}
 BOXES.update(TE_BOXES)
 L, F = "linear_attention", "full_attention"
 # A small model with the 2B release's head geometry, so that the fla kernels compiled for it serve the
@@ -335,8 +338,9 @@ def part_resume(device: str, workdir: Path, resume_steps: int) -> None:
 
 def core_attention(kernel: str, heads: int, groups: int, head_dim: int, device: str = "cpu",
                    dtype: torch.dtype = torch.float32, softmax_scale: float | None = None):
-    """The local spec's core attention alone (it has no weights), for packed [t, heads, dim] inputs;
-    ``softmax_scale`` None: megatron's 1/sqrt(head_dim)."""
+    """A core attention alone (it has no weights), for packed [t, heads, dim] inputs: the local spec's with
+    ``kernel``, or Transformer Engine's DotProductAttention for ``te``; ``softmax_scale`` None: megatron's
+    1/sqrt(head_dim)."""
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -345,16 +349,29 @@ def core_attention(kernel: str, heads: int, groups: int, head_dim: int, device: 
     config = TransformerConfig(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads,
                                num_query_groups=groups, kv_channels=head_dim, attention_dropout=0.0,
                                params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=True)
-    module = PackedDotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
-                                       attention_type="self", softmax_scale=softmax_scale, kernel=kernel)
-    return module.to(device)
+    common = dict(layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self", softmax_scale=softmax_scale)
+    if kernel == "te":
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        return TEDotProductAttention(config, **common).to(device)
+    return PackedDotProductAttention(config, kernel=kernel, **common).to(device)
 
 
-def part_attention(device: str, kernel: str = "fused") -> None:
+def poison_free_memory(device: str) -> None:
+    """Fill the CUDA caching allocator's free blocks with NaN, so that a kernel reading memory it never wrote
+    shows NaN instead of passing on whatever a fresh process's memory held: Transformer Engine's THD attention
+    backward did (H100, 2026-11-28), which runs with clean memory missed. About 3 GiB; nothing on CPU."""
+    if device == "cuda":
+        # made and dropped at once: the blocks go back to the allocator's cache, NaN-filled
+        [torch.full((1 << k,), float("nan"), device=device) for k in range(10, 28) for _ in range(3)]
+
+
+def part_attention(device: str, kernel: str = "fused", part: str = "attention") -> None:
     """A fused attention kernel in bf16 against the masked path in fp32 on a packed row with the 2B's
-    attention geometry: outputs and gradients. On CPU, where FlashAttention has no kernel, the masked path
-    in bf16 takes the fused one's place (the same procedure, gradients included); FlexAttention runs
-    eagerly there, forward only (torch refuses Flex's CPU backward)."""
+    attention geometry: outputs and gradients, run on memory :func:`poison_free_memory` filled with NaN. On
+    CPU, where FlashAttention has no kernel, the masked path in bf16 takes the fused one's place (the same
+    procedure, gradients included); FlexAttention runs eagerly there, forward only (torch refuses Flex's CPU
+    backward)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference stays fp32
@@ -376,19 +393,22 @@ def part_attention(device: str, kernel: str = "fused") -> None:
         def run(kernel: str, dtype: torch.dtype):
             # detached: an fp32 run must not make q, k, v themselves leaves that collect gradients
             leaves = [x.detach().to(dtype).requires_grad_(grads) for x in (q, k, v)]
-            out = core_attention(kernel, heads, groups, head_dim, device, dtype)(*leaves, None, packed_seq_params=params)
+            module = core_attention(kernel, heads, groups, head_dim, device, dtype)
+            poison_free_memory(device)
+            out = module(*leaves, None, packed_seq_params=params).reshape(t, 1, -1)  # TE's thd output: [t, h * d]
             if grads:
+                poison_free_memory(device)
                 (out.float() * upstream).sum().backward()
             return out.float(), [x.grad.float() for x in leaves] if grads else []
 
         (out, got), (ref, want) = run(kernel, torch.bfloat16), run("masked", torch.float32)
-        row("attention", f"{kernel} bf16 vs masked fp32, {layout}: output", rel_err(out, ref), LIMITS["bf16"])
+        row(part, f"{kernel} bf16 vs masked fp32, {layout}: output", rel_err(out, ref), LIMITS["bf16"])
         for name, a, b in zip(("dq", "dk", "dv"), got, want):
-            row("attention", f"{kernel} bf16 vs masked fp32, {layout}: {name}", rel_err(a, b), LIMITS["bf16"])
+            row(part, f"{kernel} bf16 vs masked fp32, {layout}: {name}", rel_err(a, b), LIMITS["bf16"])
         if len(lengths) > 1:  # whether training with it can be bit-reproducible (the resume part needs that)
             out2, got2 = run(kernel, torch.bfloat16)
             same = all(map(torch.equal, [out, *got], [out2, *got2]))
-            row("attention", f"{kernel} bf16 deterministic (two runs, same bits: output{', gradients' * grads})",
+            row(part, f"{kernel} bf16 deterministic (two runs, same bits: output{', gradients' * grads})",
                 "yes" if same else "no")
 
 
@@ -510,7 +530,9 @@ def bf16_against_fp32(device: str, seq: int, **candidates: dict) -> dict[str, Bf
     upstream = torch.randn(2, seq, config.vocab_size, generator=gen, device=device)
 
     def run(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        poison_free_memory(device)
         logits = model(ids).float()
+        poison_free_memory(device)
         (logits * upstream).sum().backward()
         return logits, {n: p.grad.float() for n, p in model.named_parameters()}
 
@@ -638,6 +660,7 @@ def part_bench(device: str, workdir: Path) -> None:
 PARTS = {"attention": part_attention, "kernels": part_kernels, "resume": part_resume, "bench": part_bench,
          "parity": part_parity, "flex": functools.partial(part_attention, kernel="flex"), "syncs": part_syncs,
          "compiled": part_compiled,
+         "te_attention": functools.partial(part_attention, kernel="te", part="te_attention"),
          "te_parity": part_te_parity, "te_packed": part_te_packed, "te_fp8": part_te_fp8, "te_ckpt": part_te_ckpt}
 
 
