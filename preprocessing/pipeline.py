@@ -44,8 +44,9 @@ def _text(doc) -> str:
     return doc.text
 
 
-def stages(recipe: MixRecipe, tasks: int) -> list[tuple[str, list, int]]:
-    """(name, datatrove pipeline, tasks) for every stage, in order."""
+def stages(recipe: MixRecipe, tasks: int, files: list) -> list[tuple[str, list, int]]:
+    """(name, datatrove pipeline, tasks) for every stage, in order; ``files``: the sources' files
+    (:func:`check_recipe`'s)."""
     from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups
     from datatrove.pipeline.dedup.minhash import MinhashConfig
@@ -63,7 +64,7 @@ def stages(recipe: MixRecipe, tasks: int) -> list[tuple[str, list, int]]:
     for _ in steps.benchmark_texts(decont):  # read once here: a bad file stops the build before any worker starts
         pass
     clean = [
-        steps.MixReader(recipe.source_files(), str(out / "errors"), recipe.max_doc_chars),
+        steps.MixReader(files, str(out / "errors"), recipe.max_doc_chars),
         steps.PHIGuard(recipe.sources),
         *([steps.Decontaminate(decont, recipe.decontaminate_ngram)] if decont else []),
         steps.SourceFilters(recipe.sources),
@@ -175,14 +176,18 @@ LLM_CONNECTION = ("base_url", "api_key_env", "concurrency", "timeout", "retries"
                   "tensor_parallel", "gpu_memory_utilization")
 
 
-def check_recipe(recipe: MixRecipe) -> None:
+def check_recipe(recipe: MixRecipe) -> list:
     """A rerun resumes (or returns) the build its output_dir holds: a changed source, filter, split or input file
-    would apply to none or part of the data, so it stops instead. Recorded in ``recipe.resolved.json``."""
+    would apply to none or part of the data, so it stops instead. Recorded in ``recipe.resolved.json``.
+    Returns the sources' files it recorded, (source, path) pairs: the build reads these, not the folders again
+    (a file created in between would be read but not recorded)."""
+    files = recipe.source_files()
     settings = {**asdict(recipe), "base_dir": str(Path(recipe.base_dir).resolve()),  # the config by any path
-                "input_files": input_files([path for _, path in recipe.source_files()])}
+                "input_files": input_files([path for _, path in files])}
     if recipe.llm:
         settings["llm"] = {k: v for k, v in settings["llm"].items() if k not in LLM_CONNECTION}
     check_settings(recipe.out / "recipe.resolved.json", settings)
+    return files
 
 
 def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", until: str | None = None, **cluster) -> bool:
@@ -190,9 +195,9 @@ def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", unt
     False when Slurm jobs were submitted and are still to finish (rerun the same command then)."""
     out = recipe.out
     out.mkdir(parents=True, exist_ok=True)
-    check_recipe(recipe)
+    files = check_recipe(recipe)
     tasks = started_tasks(out / "logs" / "clean", max(1, workers))
-    todo = stages(recipe, tasks)
+    todo = stages(recipe, tasks, files)
     if until is not None:
         names = [name for name, _, _ in todo]
         if until not in names:

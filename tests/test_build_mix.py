@@ -600,6 +600,19 @@ def test_a_rerun_after_its_input_files_changed_stops_naming_them(tmp_path):
         check_recipe(recipe)
 
 
+def test_the_build_reads_the_files_it_recorded(tmp_path, monkeypatch):
+    """The sources' folders are walked once: the files recorded in recipe.resolved.json are the files read (a second
+    walk for the reader would read a file created in between without recording it)."""
+    from preprocessing import pipeline
+
+    recipe = MixRecipe.load(_recipe(tmp_path, sources=[{"name": "english", "paths": ["en/*.jsonl"], "share": 1.0}]))
+    walks = []
+    walk = MixRecipe.source_files
+    monkeypatch.setattr(MixRecipe, "source_files", lambda self: walks.append(1) or walk(self))
+    assert pipeline.run_stages(recipe, until="clean")
+    assert len(walks) == 1
+
+
 def test_a_build_killed_mid_stage_resumes_with_fewer_workers(tmp_path):
     """A job killed on a 2-worker node and rerun on a 1-worker one: the unfinished rank runs, none is skipped."""
     recipe = MixRecipe.load(_recipe(tmp_path, sources=[{"name": "english", "paths": ["en/*.jsonl"], "share": 1.0}]))
