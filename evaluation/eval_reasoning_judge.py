@@ -168,8 +168,16 @@ def sample(questions: dict[str, list[dict]], n: int, seed: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------- generation
 
 
-def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: str, dtype) -> Iterator[str]:
-    """Greedy answers with the model's own chat template, one at a time (the caller keeps each as it comes)."""
+def was_cut(new_tokens: list[int], max_new_tokens: int, eos: int | list[int] | None) -> bool:
+    """Whether generation stopped at ``max_new_tokens`` rather than at an end-of-sequence token: such an answer
+    may end before its conclusion (a template that opens a think block spends the budget there)."""
+    eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+    return len(new_tokens) >= max_new_tokens and (not new_tokens or new_tokens[-1] not in eos_ids)
+
+
+def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: str, dtype) -> Iterator[tuple[str, bool]]:
+    """Greedy answers with the model's own chat template, one at a time (the caller keeps each as it comes), each
+    with whether it was cut at ``max_new_tokens`` (:func:`was_cut`)."""
     import torch
     from tqdm import tqdm
 
@@ -183,7 +191,9 @@ def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: st
                                       return_tensors="pt", return_dict=True)["input_ids"].to(device)
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-        yield tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        new = out[0, ids.shape[1]:]
+        yield (tok.decode(new, skip_special_tokens=True).strip(),
+               was_cut(new.tolist(), max_new_tokens, model.generation_config.eos_token_id))
 
 
 # ------------------------------------------------------------------------------------------ judging
@@ -277,6 +287,7 @@ def summarize(rows: list[dict], first: str, second: str, seed: int, usage: dict,
         "questions": len(rows), "judged": len(judged), "failed": len(rows) - len(judged),
         "inconsistent_orders": sum(not r["consistent"] for r in judged),
         "one_order": sum(r["orders_valid"] == 1 for r in judged),  # the other failed: position bias not cancelled
+        "cut_answers": {m: sum(m in r.get("cut_at_max_new_tokens", ()) for r in rows) for m in (first, second)},
         f"{second}_wins": sum(r["verdict"] == second for r in judged),
         f"{first}_wins": sum(r["verdict"] == first for r in judged), "ties": sum(r["verdict"] == "tie" for r in judged),
         f"{second}_win_rate": bootstrap_ci(win, seed) if win else None,
@@ -306,6 +317,8 @@ def to_markdown(summary: dict, first: str, second: str) -> str:
     # ? where the summary predates the one-order count (the report renders judge.json files of earlier runs)
     lines.append(f"| judged (of them on one order only) / failed / inconsistent orders | {summary['judged']} "
                  f"({summary.get('one_order', '?')}) / {summary['failed']} / {summary['inconsistent_orders']} | |")
+    cut = summary.get("cut_answers", {})  # ? where the summary predates the count
+    lines.append(f"| answers cut at --max-new-tokens, {first} / {second} | {cut.get(first, '?')} / {cut.get(second, '?')} | |")
     lines.append(f"| judge calls / tokens in / out / cost, all runs | {total['calls']} / {total['prompt_tokens']} / "
                  f"{total['completion_tokens']} / ${summary['cost_usd']:.4f} | |")
     lines.append(f"| of which this run (orders from the cache) | {u['calls']} / {u['prompt_tokens']} / {u['completion_tokens']} / "
@@ -326,7 +339,7 @@ def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, 
     if old:
         log.warning("%s: %d answer(s) cached in an older format (keyed by the checkpoint's path, or without the dtype) "
                     "are ignored; those answers are generated again", cache.path, old)
-    answers = {}
+    answers, cut_at = {}, {}
     for name, model_dir in models.items():
         # keyed by checkpoint, not by name: a name reused for another checkpoint must not get the old one's answers;
         # and by its contents (the fingerprint: path, names, sizes and mtimes of its files), not only its path: a
@@ -336,10 +349,16 @@ def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, 
         todo = [q for q in questions if cache.get(keys[q["id"]]) is None]
         if todo:  # only then is the model loaded
             new = generate(model_dir, [q["prompt"] for q in todo], max_new_tokens, device, dtype)
-            for q, answer in zip(todo, new, strict=True):  # strict: the generator runs to its end, its progress bar too
+            for q, (answer, cut) in zip(todo, new, strict=True):  # strict: the generator runs to its end, its progress bar too
                 cache.put({"key": keys[q["id"]], "keyed_by": ANSWERS_KEYED_BY, "model": name, "model_dir": model_dir,
-                           "id": q["id"], "answer": answer})
-        answers[name] = {q["id"]: cache.get(keys[q["id"]])["answer"] for q in questions}
+                           "id": q["id"], "answer": answer, "cut": cut})
+        entries = {q["id"]: cache.get(keys[q["id"]]) for q in questions}
+        answers[name] = {qid: e["answer"] for qid, e in entries.items()}
+        cut_at[name] = {qid: e.get("cut") for qid, e in entries.items()}  # None: cached before it was recorded
+        if any(cut_at[name].values()):
+            log.warning("%s: %d of %d answers stopped at --max-new-tokens %d, maybe before their conclusion: the judge "
+                        "sees them cut (give more tokens to judge whole answers)", name,
+                        sum(map(bool, cut_at[name].values())), len(questions), max_new_tokens)
     orders = []  # (question, model shown as A, model shown as B): both orders of every question
     for q in questions:
         rng = random.Random(f"{seed}:{q['id']}")
@@ -352,7 +371,8 @@ def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, 
         pair = [(orders[i][1], results[i]) for i in (2 * k, 2 * k + 1)]
         rows.append({"id": q["id"], "source": q["source"], "seed": seed, "first_order_A": pair[0][0],
                      **combine(first, second, [(a, r["judgement"]) for a, r in pair]),
-                     "errors": [r["error"] for _, r in pair if r["error"]]})
+                     "errors": [r["error"] for _, r in pair if r["error"]],
+                     "cut_at_max_new_tokens": [m for m in models if cut_at[m][q["id"]]]})
     write_atomic(out.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     summary = summarize(rows, first, second, seed, judge.usage, prices)
     write_report(out, {"models": models, "judge_model": judge.model, "prompt_version": PROMPT_VERSION, "seed": seed,

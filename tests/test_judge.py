@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import tiny_hf_dir
 
-from evaluation.eval_reasoning_judge import combine, sample, summarize, to_markdown
+from evaluation.eval_reasoning_judge import combine, sample, summarize, to_markdown, was_cut
 from tools.openai_stub_server import StubServer
 KEY = "sk-test-SECRET-9f8e7d"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
@@ -132,6 +132,16 @@ def test_judge_end_to_end(setup, tmp_path):
     assert "HTTP Request" not in run.stderr + rerun.stderr
     assert server.most_in_flight > 1
     assert "| mean score (1-5) [95% CI] | base | cpt | Δ cpt − base |" in (tmp_path / "judge.md").read_text()
+    # answers stopped at --max-new-tokens (6 tokens of a random model: most of them) are flagged per question,
+    # counted in the summary and the table, and warned about
+    answers = [json.loads(x) for x in (tmp_path / "judge.answers.jsonl").read_text().splitlines()]
+    for model in ("base", "cpt"):
+        cut = {a["id"] for a in answers if a["model"] == model and a["cut"]}
+        assert cut and cut == {r["id"] for r in rows if model in r["cut_at_max_new_tokens"]}
+        assert summary["cut_answers"][model] == len(cut)
+        assert f"base: {summary['cut_answers']['base']} of 9 answers stopped at --max-new-tokens 6" in run.stderr
+    assert (f"| answers cut at --max-new-tokens, base / cpt | {summary['cut_answers']['base']} / "
+            f"{summary['cut_answers']['cpt']} | |") in (tmp_path / "judge.md").read_text()
 
 
 def test_verdict_rule_and_stratified_sampling():
@@ -147,10 +157,19 @@ def test_verdict_rule_and_stratified_sampling():
     assert summary["one_order"] == 1  # judged on one order: its position bias is not cancelled, and the table says so
     assert "| judged (of them on one order only) / failed / inconsistent orders | 2 (1) / 0 / 0 | |" in \
         to_markdown(summary, "x", "y")
+    assert "| answers cut at --max-new-tokens, x / y | 0 / 0 | |" in to_markdown(summary, "x", "y")
+    del summary["cut_answers"]  # a judge.json from before the count: unknown, not 0
+    assert "| answers cut at --max-new-tokens, x / y | ? / ? | |" in to_markdown(summary, "x", "y")
     qs = {s: [{"id": f"{s}/{i}", "source": s} for i in range(10)] for s in ("a", "b", "c")}
     picked = sample(qs, 7, seed=1)
     assert [q["source"] for q in picked].count("a") == 3 and len(picked) == 7
     assert picked == sample(qs, 7, seed=1) and picked != sample(qs, 7, seed=2)
+
+
+def test_an_answer_is_cut_when_it_reached_max_new_tokens_without_an_end_token():
+    assert was_cut([5, 6, 7], 3, eos=2) and was_cut([5, 6, 7], 3, eos=None)
+    assert not was_cut([5, 6, 2], 3, eos=2) and not was_cut([5, 6, 9], 3, eos=[2, 9])  # ended by an end token
+    assert not was_cut([5, 2], 3, eos=2)  # stopped early
 
 
 def test_help_says_the_judge_is_a_server(capsys):
