@@ -116,7 +116,7 @@ def test_te_rows_without_transformer_engine_say_so_and_build_nothing(monkeypatch
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(spec, "transformer_engine_error", lambda: "ImportError: No module named 'transformer_engine'")
     te = [s for s in bench_train.SETUPS if s.needs_te]
-    assert [s.name for s in te] == ["te-bf16", "te-fp8-delayed", "te-fp8-tensorwise"]
+    assert [s.name for s in te] == ["te-bf16", "te-bf16, compiled elementwise", "te-fp8-delayed", "te-fp8-tensorwise"]
     results = bench_train.measure(seqs=(4096,), setups=te)  # building one would fail: no CUDA here
     assert [(r.setup.name, r.failure) for r in results] == [(s.name, "needs TE") for s in te]
 

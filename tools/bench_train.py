@@ -219,6 +219,7 @@ SETUPS = [
     _ours("local-fused", "full", attention_kernel="fused"),
     # Transformer Engine: BF16, FP8 hybrid with delayed and with current (tensorwise) scaling
     _ours("te-bf16", "selective-mlp", backend="te"),
+    _ours("te-bf16, compiled elementwise", "selective-mlp", backend="te", compile_elementwise=True),
     _ours("te-fp8-delayed", "selective-mlp", backend="te", fp8="hybrid", fp8_recipe="delayed"),
     _ours("te-fp8-tensorwise", "selective-mlp", backend="te", fp8="hybrid", fp8_recipe="tensorwise"),
     _hf("none"),

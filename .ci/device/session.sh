@@ -15,7 +15,7 @@ mkdir -p out/gc2 && cp -r out/gpu_check/mix out/gc2/
 box=$(( $(left) - 230 ))  # the bench after them needs about 230 s
 timeout "$box" python -m tools.gpu_check --parts te_fp8,te_packed --workdir out/gpu_check --budget "$box" \
   --out "$OUT/check_a.md" > "$OUT/check_a.log" 2>&1 &
-timeout "$box" python -m tools.gpu_check --parts te_parity,te_ckpt,compiled --workdir out/gc2 --budget "$box" \
+timeout "$box" python -m tools.gpu_check --parts attention,te_attention,te_parity,te_ckpt --workdir out/gc2 --budget "$box" \
   --out "$OUT/check_b.md" 2>&1 | tee "$OUT/check_b.log"
 wait
 cat "$OUT/check_a.md"
@@ -24,7 +24,8 @@ timeout $(( $(left) - 15 )) python -m tools.bench_train --seqs 4096 --warmup 1 -
   --profile /tmp/profile 2>&1 | tee "$OUT/bench_4096.log"
 if [ "$(left)" -gt 75 ]; then
   timeout $(( $(left) - 10 )) python -m tools.bench_train --seqs 8192 --warmup 1 --iters 3 \
-    --only '^(local-fused(, compiled elementwise)? \[selective-mlp\]|te-bf16.*)$' 2>&1 | tee "$OUT/bench_8192.log"
+    --only '^(local-fused, compiled elementwise \[selective-mlp\]|te-bf16.*|transformers \+ fla \[full\])$' 2>&1 |
+    tee "$OUT/bench_8192.log"
 fi
 tar czf "$OUT/logs.tgz" out/gpu_check/*.log out/gc2/*.log /tmp/profile 2>/dev/null
 echo "session.sh: $SECONDS s"
