@@ -22,6 +22,9 @@ cat "$OUT/check_a.md"
 rows='^(local-fused(, compiled elementwise)? \[selective-mlp\]|te-.*|transformers \+ fla \[full\])$'
 timeout $(( $(left) - 15 )) python -m tools.bench_train --seqs 4096 --warmup 1 --iters 3 --only "$rows" \
   --profile /tmp/profile 2>&1 | tee "$OUT/bench_4096.log"
+# the flagship recipe's own micro-batch: 4 rows of 4096 tokens (about 74 GiB on one GPU, where nothing is sharded)
+timeout $(( $(left) - 15 )) python -m tools.bench_train --seqs 4096 --micro-batch 4 --accumulate 8 --warmup 1 --iters 3 \
+  --only '^local-fused, compiled elementwise \[selective-mlp\]$' 2>&1 | tee "$OUT/bench_4096x4.log"
 if [ "$(left)" -gt 75 ]; then
   timeout $(( $(left) - 10 )) python -m tools.bench_train --seqs 8192 --warmup 1 --iters 3 \
     --only '^(local-fused, compiled elementwise \[selective-mlp\]|te-bf16.*|transformers \+ fla \[full\])$' 2>&1 |
