@@ -44,6 +44,8 @@ from megatron_ext.parallel import is_rank0
 from megatron_ext.train_config import TrainConfig
 
 log = logging.getLogger("neurocpt.train")
+progress_log = logging.getLogger("neurocpt.progress")  # the step lines: console and train.log
+CPU_WARN_PARAMS = 100_000_000  # a model this big on a CPU is a GPU recipe launched by mistake, not a demo
 CHECKPOINTS = "checkpoints"
 DDP_BUCKET = 40_000_000  # megatron's default gradient-bucket size (elements) up to DP 40
 
@@ -291,6 +293,8 @@ def train(cfg: TrainConfig) -> TrainState:
     log.info("activation memory: %s recomputation; output layer and loss %s",
              model.config.recompute_granularity or "no",
              f"in pieces of {model.loss_chunk} tokens" if model.loss_chunk else "at once")
+    if warning := cpu_warning(sum(p.numel() for p in model.parameters()), torch.cuda.is_available()):
+        log.warning(warning)
     ddp = data_parallel(model, dist_opt, cfg.overlap_communication)
     def finalize_grads(*args, **kwargs):
         finalize_model_grads(*args, **kwargs)
@@ -377,9 +381,9 @@ def train(cfg: TrainConfig) -> TrainState:
         metrics.log(record)
         timing = progress.update(elapsed, iters - state.step)
         if is_rank0() and (state.step % cfg.log_interval == 0 or state.step == iters):
-            print(f"step {state.step}/{iters} | loss {record['loss'] if record['loss'] is None else round(record['loss'], 4)}"
-                  f" | lr {record['lr']:.2e} | {tps:,.0f} tok/s | mfu {record['mfu'] or 0:.1%} | "
-                  f"mem {record['mem_gb']:.1f} GB | {timing}", flush=True)
+            progress_log.info(f"step {state.step}/{iters} | loss {record['loss'] if record['loss'] is None else round(record['loss'], 4)}"
+                              f" | lr {record['lr']:.2e} | {tps:,.0f} tok/s | mfu {record['mfu'] or 0:.1%} | "
+                              f"mem {record['mem_gb']:.1f} GB | {timing}")
         if state.step % cfg.save_interval == 0 or state.step == iters or stopping:
             with _synced_parameters(ddp), reading_paused(data):  # the save forks its writers
                 _save_checkpoint(run_dir, cfg, model, optimizer, scheduler, state, plan, hf_files, dist_opt)
@@ -488,8 +492,20 @@ PLAN = ("global_batch_size", "seq_length", "seed", "lr", "min_lr", "weight_decay
         "decay_style")
 
 
+def cpu_warning(params: int, cuda: bool) -> str | None:
+    """A GPU recipe launched where torch sees no CUDA (a CPU build of torch, the wrong PYTHON) trains on gloo,
+    with nothing else to say so: said when the model is too big for a CPU to be the plan."""
+    if cuda or params <= CPU_WARN_PARAMS:
+        return None
+    return (f"no CUDA device: training {params / 1e9:.2f}B parameters on the CPU (gloo), hours a step; on a GPU node "
+            "check that PYTHON is the environment with a CUDA build of torch")
+
+
 def _plan(cfg: TrainConfig, iters: int) -> dict:
-    return {"iters": iters, **{key: getattr(cfg, key) for key in PLAN}}
+    """What a resume must not change: the schedule, the batch geometry and data order, and the weights the run
+    started from (a resume loads the checkpoint, never init_from: a new init_from would be ignored)."""
+    init_from = str(Path(cfg.init_from).resolve()) if cfg.init_from else None
+    return {"iters": iters, "init_from": init_from, **{key: getattr(cfg, key) for key in PLAN}}
 
 
 def _check_same_plan(resume: Path, saved: dict | None, plan: dict) -> None:
@@ -502,8 +518,8 @@ def _check_same_plan(resume: Path, saved: dict | None, plan: dict) -> None:
     if changed:
         raise SystemExit(f"{resume} was trained with " + ", ".join(f"{k}={a}" for k, (a, _) in changed.items())
                          + "; this run's config gives " + ", ".join(f"{k}={b}" for k, (_, b) in changed.items())
-                         + ". A resumed run keeps its schedule and data order: set them back, or change them in a new "
-                         "run (another run_dir, init_from this run's checkpoints)")
+                         + ". A resumed run keeps its starting weights, schedule and data order: set them back, or "
+                         "change them in a new run (another run_dir, init_from this run's checkpoints)")
 
 
 def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, plan: dict,

@@ -12,6 +12,27 @@ import yaml
 from megatron_ext.config import check_fp8
 
 
+def _typed(key: str, value: Any, kind: str) -> Any:
+    """``value`` as field ``key`` of type ``kind`` takes it: YAML reads 3e-5 and 1e3 (no dot) as strings; any other
+    mismatch is refused, naming the key."""
+    if value is None and kind.endswith("| None"):
+        return None
+    base = kind.split(" |")[0]
+    if base in ("int", "float") and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{key}: expected a number, got {value!r}") from None
+    if base == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if base == "float" and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    expected = {"int": int, "float": float, "bool": bool, "str": str}.get(base)
+    if expected and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+        raise ValueError(f"{key}: expected {kind}, got {value!r}")
+    return value
+
+
 @dataclass
 class TrainConfig:
     # where things are
@@ -83,8 +104,17 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] = ()) -> "TrainConfig":
-        raw = yaml.safe_load(Path(path).read_text()) if path else {}
+        """The YAML at ``path`` with ``key=value`` overrides; a missing or malformed file, an unknown key or a value
+        of the wrong type is a ValueError naming it (the trainer prints it as one line)."""
+        if path and "=" in str(path) and not Path(path).exists():
+            raise ValueError(f"{path!r} is not a config file: give the config first, then key=value overrides")
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) if path else {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read the config: {e}") from None
         raw = raw or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
         types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
         names = set(types)
         unknown = set(raw) - names
@@ -94,8 +124,10 @@ class TrainConfig:
             key, sep, value = item.partition("=")
             if not sep or key not in names:
                 raise ValueError(f"override {item!r}: expected key=value with key one of the config fields")
-            raw[key] = yaml.safe_load(value)
-        for key, value in raw.items():  # YAML reads 3e-5 (no dot) as a string
-            if isinstance(value, str) and types[key].startswith("float"):
-                raw[key] = float(value)
+            # a path or name stays the text given (YAML would read run_dir=2026-01-15 as a date, init_from=off
+            # as False); null / ~ / an empty value still clear an optional one
+            text = types[key] in ("str", "str | None") and not (types[key] == "str | None" and value in ("", "null", "~"))
+            raw[key] = value if text else yaml.safe_load(value)
+        for key, value in raw.items():
+            raw[key] = _typed(key, value, types[key])
         return cls(**raw)

@@ -82,6 +82,7 @@ def test_console_is_quiet_and_the_log_file_has_everything(reference, setup):
         assert noise in log and noise not in console, noise
     assert console.count("not installed") == 1 and "Transformer Engine and Apex not installed" in console
     assert "step 8/8" in console and "saved " in console and "saved " in log
+    assert "step 8/8 | loss" in log  # the progress lines too: train.log is the run's whole record
     assert len(console.splitlines()) <= 25, console
 
 
@@ -105,7 +106,15 @@ def test_a_resume_with_another_schedule_or_batch_is_refused(reference, setup):
     run = run_trainer(config, check=False)
     assert run.returncode == 1 and (
         f"{setup / 'reference' / 'checkpoints' / 'iter_0000008'} was trained with iters=8, lr=0.001; this run's config "
-        "gives iters=12, lr=0.002. A resumed run keeps its schedule and data order") in run.stderr, run.stderr[-2000:]
+        "gives iters=12, lr=0.002. A resumed run keeps its starting weights, schedule and data order") in run.stderr, \
+        run.stderr[-2000:]
+    # a resume loads the checkpoint, never init_from: another init_from (make sft-arms rerun with another CPT_CKPT
+    # into the same ARMS_DIR) was ignored, and config.json recorded it as if it had been loaded
+    other = _config(setup, "reinit", run_dir=str(setup / "reference"), init_from=str(setup / "base_hf"))
+    run = run_trainer(other, check=False)
+    assert run.returncode == 1 and (f"was trained with init_from={setup / 'base'}; this run's config gives "
+                                    f"init_from={setup / 'base_hf'}.") in run.stderr, run.stderr[-2000:]
+    assert json.loads((setup / "reference" / "config.json").read_text())["init_from"] == str(setup / "base")
     assert (setup / "reference" / "checkpoints" / "latest").read_text() == "iter_0000008"
 
 
@@ -496,9 +505,21 @@ def test_launcher_uses_a_standalone_rendezvous_on_one_node_and_the_given_master_
     assert " ".join(several).startswith("-m torch.distributed.run --nnodes 2 --node_rank 1 --master_addr 10.0.0.1 "
                                         "--master_port 29500 --nproc_per_node 8 -m megatron_ext.train")
     assert "--master_port 29611" in " ".join(command(MASTER_PORT="29611"))  # a port given on one node is used
+    # a MASTER_ADDR a scheduler exports on one node: still standalone (a fixed port 29500 failed a second job)
+    assert command(MASTER_ADDR="10.0.0.1")[2] == "--standalone"
+    # several nodes without the first node's address each waited on their own loopback, silently
+    for missing in ({"NODE_RANK": "1"}, {"MASTER_ADDR": "10.0.0.1"}):
+        run = subprocess.run([str(launcher), "c.yaml"], env={**env, "PYTHON": str(fake), "NNODES": "2", **missing},
+                             capture_output=True, text=True)
+        assert run.returncode == 2 and "NNODES=2: set MASTER_ADDR" in run.stderr and not run.stdout
+    # overrides without a config: the recipe's config, from any working directory
+    run = subprocess.run([str(launcher), "run_dir=/x"], env={**env, "PYTHON": str(fake)}, capture_output=True,
+                         text=True, check=True, cwd=tmp_path)
+    assert run.stdout.split()[-3:] == ["--config", f"{launcher.parent}/configs/neuro_cpt_2b.yaml", "run_dir=/x"]
+    assert Path(run.stdout.split()[-2]).is_file()
 
 
-def test_overrides_and_bad_config():
+def test_overrides_and_bad_config(tmp_path):
     from megatron_ext.train_config import TrainConfig
 
     cfg = TrainConfig.load(None, ["lr=3e-5", "recompute=selective", "debug={nan_at_steps: [1]}"])
@@ -511,6 +532,27 @@ def test_overrides_and_bad_config():
         TrainConfig.load(None, ["loss_chunk=-1"])
     run = subprocess.run([sys.executable, "-m", "megatron_ext.train", "fp8=hybrid"], capture_output=True, text=True)
     assert run.returncode != 0 and "Traceback" not in run.stderr and "backend: te" in run.stderr.strip().splitlines()[-1]
+    # paths and names stay the text given; numbers as YAML misreads them are read as numbers; a wrong type is named
+    cfg = TrainConfig.load(None, ["run_dir=2026-01-15", "init_from=off", "train_iters=1e3", "fp8=null", "mix=1"])
+    assert (cfg.run_dir, cfg.init_from, cfg.train_iters, cfg.fp8, cfg.mix) == ("2026-01-15", "off", 1000, None, "1")
+    for bad, named in (("train_iters=many", "train_iters: expected a number"), ("eval_interval=true", "eval_interval"),
+                       ("tensorboard=3", "tensorboard: expected bool"), ("lr=[1]", "lr: expected")):
+        with pytest.raises(ValueError, match=named):
+            TrainConfig.load(None, [bad])
+    # a missing or malformed file, or an override where the config belongs: one line naming it, from every command
+    (tmp_path / "bad.yaml").write_text("lr: [1\n")
+    for args, says in ((["--config", str(tmp_path / "none.yaml")], "cannot read the config"),
+                       (["--config", str(tmp_path / "bad.yaml")], "cannot read the config"),
+                       (["--config", "run_dir=/x"], "is not a config file: give the config first")):
+        run = subprocess.run([sys.executable, "-m", "megatron_ext.train", *args], capture_output=True, text=True)
+        assert run.returncode != 0 and "Traceback" not in run.stderr and says in run.stderr, run.stderr[-1500:]
+
+
+def test_a_big_model_on_a_machine_without_cuda_is_warned_about():
+    from megatron_ext.train import cpu_warning
+
+    assert "no CUDA device: training 2.00B parameters on the CPU" in cpu_warning(2_000_000_000, cuda=False)
+    assert cpu_warning(2_000_000_000, cuda=True) is None and cpu_warning(1_300_000, cuda=False) is None  # the demo
 
 
 def test_flops_count_every_matmul_weight():
