@@ -41,14 +41,14 @@ STOP_TOKENS ?= <|im_end|>
 SFT_ARGS ?=
 
 sft-arms:
-	$(PY) -m preprocessing.build_sft --config $(SFT_DATA_RECIPE) --output-dir $(SFT_DATA_DIR)
-	PYTHON=$(PY) launch/sft_8gpu.sh $(SFT_CONFIG) sft_data=$(SFT_DATA_DIR)/sft.json \
-		init_from=$(BASE_CKPT) run_dir=$(ARMS_DIR)/base_sft $(SFT_ARGS)
-	PYTHON=$(PY) launch/sft_8gpu.sh $(SFT_CONFIG) sft_data=$(SFT_DATA_DIR)/sft.json \
-		init_from=$(CPT_CKPT) run_dir=$(ARMS_DIR)/cpt_sft $(SFT_ARGS)
+	"$(PY)" -m preprocessing.build_sft --config "$(SFT_DATA_RECIPE)" --output-dir "$(SFT_DATA_DIR)"
+	PYTHON="$(PY)" launch/sft_8gpu.sh "$(SFT_CONFIG)" "sft_data=$(SFT_DATA_DIR)/sft.json" \
+		"init_from=$(BASE_CKPT)" "run_dir=$(ARMS_DIR)/base_sft" $(SFT_ARGS)
+	PYTHON="$(PY)" launch/sft_8gpu.sh "$(SFT_CONFIG)" "sft_data=$(SFT_DATA_DIR)/sft.json" \
+		"init_from=$(CPT_CKPT)" "run_dir=$(ARMS_DIR)/cpt_sft" $(SFT_ARGS)
 	for arm in base_sft cpt_sft; do \
-		$(PY) -m tools.convert_to_hf --ckpt $(ARMS_DIR)/$$arm/checkpoints --out $(ARMS_DIR)/$$arm/hf \
-			--hf-template $(HF_TEMPLATE) --overwrite --stop-tokens '$(STOP_TOKENS)' || exit 1; \
+		"$(PY)" -m tools.convert_to_hf --ckpt "$(ARMS_DIR)/$$arm/checkpoints" --out "$(ARMS_DIR)/$$arm/hf" \
+			--hf-template "$(HF_TEMPLATE)" --overwrite --stop-tokens '$(STOP_TOKENS)' || exit 1; \
 	done
 	@echo "arms ready: $(ARMS_DIR)/base_sft/hf $(ARMS_DIR)/cpt_sft/hf"
 

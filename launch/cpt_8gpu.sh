@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
-# Continued pre-training on 8 GPUs of one node (more nodes: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT;
-# another GPU count: GPUS_PER_NODE; the Python of your environment: PYTHON, default python3).
-#   launch/cpt_8gpu.sh [config.yaml] [key=value ...]
+# Continued pre-training on 8 GPUs of one node (more nodes: set NNODES, and on every node NODE_RANK and
+# MASTER_ADDR, the first node's address, and MASTER_PORT if not 29500; another GPU count: GPUS_PER_NODE; the
+# Python of your environment: PYTHON, default python3).
+#   launch/cpt_8gpu.sh [config.yaml] [key=value ...]     (no config: launch/configs/neuro_cpt_2b.yaml)
 set -euo pipefail
-CONFIG=${1:-launch/configs/neuro_cpt_2b.yaml}
-shift || true
-if [[ "${NNODES:-1}" == 1 && -z "${MASTER_ADDR:-}${MASTER_PORT:-}" ]]; then
+CONFIG=$(dirname "$0")/configs/neuro_cpt_2b.yaml
+if [[ $# -gt 0 && ( "$1" != *=* || -f "$1" ) ]]; then CONFIG=$1; shift; fi
+NNODES=${NNODES:-1}
+if [[ "$NNODES" == 1 && -z "${MASTER_PORT:-}" ]]; then
   # one node: torchrun's standalone rendezvous binds a free port itself (a fixed 29500 fails the second job
   # on a node, and a port picked beforehand can be taken before torchrun binds it); the ranks reach it on the
-  # loopback address, not at the host's name (which need not resolve to this node)
+  # loopback address, not at the host's name (which need not resolve to this node). A MASTER_ADDR that a
+  # scheduler exports is not needed for it.
   RENDEZVOUS=(--standalone --local-addr 127.0.0.1)
+elif [[ "$NNODES" == 1 ]]; then
+  RENDEZVOUS=(--nnodes 1 --node_rank 0 --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT")
 else
-  RENDEZVOUS=(--nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}"
-              --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
+  # several nodes meet at the first node's address: without it each would wait for the others on its own
+  # loopback, silently, until killed
+  if [[ -z "${MASTER_ADDR:-}" || -z "${NODE_RANK:-}" ]]; then
+    echo "NNODES=$NNODES: set MASTER_ADDR (the address of the node with NODE_RANK=0) and NODE_RANK (0 to" \
+         "$((NNODES - 1)), one per node) on every node" >&2
+    exit 2
+  fi
+  RENDEZVOUS=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR"
+              --master_port "${MASTER_PORT:-29500}")
 fi
 exec "${PYTHON:-python3}" -m torch.distributed.run "${RENDEZVOUS[@]}" --nproc_per_node "${GPUS_PER_NODE:-8}" \
   -m megatron_ext.train --config "$CONFIG" "$@"
