@@ -26,5 +26,8 @@ else
   RENDEZVOUS=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR"
               --master_port "${MASTER_PORT:-29500}")
 fi
+# a SIGTERM (preemption, Ctrl-C) reaches every rank, which saves a checkpoint and exits: torchrun kills them 30 s
+# later by default, before a 2B model's save can end (the run then falls back to the previous checkpoint)
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 exec "${PYTHON:-python3}" -m torch.distributed.run "${RENDEZVOUS[@]}" --nproc_per_node "${GPUS_PER_NODE:-8}" \
   -m megatron_ext.train --config "$CONFIG" "$@"

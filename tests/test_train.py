@@ -517,6 +517,9 @@ def test_launcher_uses_a_standalone_rendezvous_on_one_node_and_the_given_master_
                          text=True, check=True, cwd=tmp_path)
     assert run.stdout.split()[-3:] == ["--config", f"{launcher.parent}/configs/neuro_cpt_2b.yaml", "run_dir=/x"]
     assert Path(run.stdout.split()[-2]).is_file()
+    # time for the ranks' save after a SIGTERM before torchrun kills them (its default: 30 s)
+    fake.write_text('#!/bin/sh\necho "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"\n')
+    assert command() == ["300"] and command(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="900") == ["900"]
 
 
 def test_overrides_and_bad_config(tmp_path):
