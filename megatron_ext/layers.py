@@ -168,7 +168,7 @@ def allreduce_gdn_out_norm_grads(model: torch.nn.Module) -> None:
             g.copy_(synced)
 
 
-ATTENTION_KERNELS = ("auto", "fused", "flex", "masked", "te")  # te: backend te only (spec.core_attention)
+ATTENTION_KERNELS = ("auto", "fused", "flex", "masked")  # the packed attention's; "te" is TE's (spec.core_attention)
 
 
 @functools.cache
@@ -210,9 +210,9 @@ def resolve_attention_kernel(requested: str, device: torch.device, dtype: torch.
     back to 32x64 tiles at head_dim 256 (torch/_inductor/template_heuristics); ``tools/bench_train.py``
     measures both (rows local-fused and local-flex) so a measurement can overturn this.
     """
-    if requested not in ATTENTION_KERNELS or requested == "te":
+    if requested not in ATTENTION_KERNELS:
         raise ValueError(f"unknown attention kernel {requested!r} for the packed attention; choose one of "
-                         f"{ATTENTION_KERNELS[:-1]} ('te' is Transformer Engine's, with backend 'te')")
+                         f"{ATTENTION_KERNELS} ('te' is Transformer Engine's, with backend 'te')")
     device = torch.device(device)
     fused_runs = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _varlen_attn() is not None
     chosen = ("fused" if fused_runs else "masked") if requested == "auto" else requested

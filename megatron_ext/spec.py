@@ -26,7 +26,13 @@ from megatron.core.transformer.transformer_layer import (
 
 from megatron_ext.config import LINEAR, Qwen35Config
 from megatron_ext.gpu_stack import transformer_engine_error
-from megatron_ext.layers import NormColumnParallelLinear, PackedDotProductAttention, Qwen35GatedDeltaNet, RMSNorm
+from megatron_ext.layers import (
+    ATTENTION_KERNELS,
+    NormColumnParallelLinear,
+    PackedDotProductAttention,
+    Qwen35GatedDeltaNet,
+    RMSNorm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +109,7 @@ def core_attention(p: BackendSpecProvider, backend: str, attention_kernel: str) 
         return packed_attention(attention_kernel)
     if backend != "te":
         raise ValueError("attention_kernel 'te' is Transformer Engine's attention: it needs backend 'te'; "
-                         "the local backend's kernels are auto, fused, flex and masked")
+                         f"the local backend's kernels are {', '.join(ATTENTION_KERNELS)}")
     return p.core_attention()
 
 
