@@ -65,7 +65,7 @@ class TrainConfig:
     fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling) | blockwise | mxfp8 (Blackwell)
     recompute: str | None = None  # None | "selective" | "full"
     loss_chunk: int = 0  # tokens per piece of the output layer + loss, logits recomputed in the backward (0: off)
-    compile_elementwise: bool = False  # norms, GDN gates, SwiGLU compiled into few kernels (megatron_ext/fusions.py)
+    compile_elementwise: bool = False  # norms, GDN gates, SwiGLU, bf16 loss: few compiled kernels (megatron_ext/fusions.py)
     tensor_parallel: int = 1
     distributed_optimizer: bool | None = None  # default: on (a resumed run keeps its checkpoint's choice)
     overlap_communication: bool = True  # gradient reduce / parameter gather overlap compute; sets the

@@ -92,3 +92,37 @@ def test_eager_chains_keep_bf16_where_transformers_does():
     assert layers.gated_rms_norm(x, x, w, 1e-6, torch.nn.functional.silu).dtype == torch.bfloat16
     g, beta = layers.gdn_gates(x[:, :4], x[:, 4:], w[:4], w[4:])
     assert g.dtype == torch.float32 and beta.dtype == torch.bfloat16
+
+
+def test_compiled_elementwise_in_bf16_runs_megatrons_fused_cross_entropy():
+    """In bf16 the switch also turns on megatron's fused cross entropy (compiled chains over the fp32 logits,
+    megatron_ext/config.py): the same loss and gradients as the unfused one, bit for bit where dynamo is off.
+    In fp32 and fp64 it stays off, as its backward returns bf16 gradients."""
+    from unittest import mock
+
+    from megatron.core.models.common.language_module import language_module
+
+    gen = torch.Generator().manual_seed(0)
+    hf = causal_lm(text_config(layer_types=[L, F]), seed=3)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 33), generator=gen)
+
+    def loss_and_grads(**kwargs):
+        model = megatron_twin(hf, params_dtype=torch.bfloat16, compile_elementwise=True, **kwargs)
+        loss = model(ids, labels=ids)
+        loss.float().mean().backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    fused_ce = mock.Mock(wraps=language_module.fused_vocab_parallel_cross_entropy)
+    with mock.patch.object(language_module, "fused_vocab_parallel_cross_entropy", fused_ce):
+        fused_loss, fused_grads = loss_and_grads()
+        assert fused_ce.call_count == 1
+        loss, grads = loss_and_grads(cross_entropy_loss_fusion=False)
+        assert fused_ce.call_count == 1
+    assert fused_loss.dtype == torch.float32 and torch.equal(fused_loss, loss)
+    for name, grad in fused_grads.items():
+        assert torch.equal(grad, grads[name]), name
+    from megatron_ext import Qwen35Config
+
+    config = Qwen35Config.from_hf(text_config().to_dict())
+    assert not config.to_transformer_config(compile_elementwise=True).cross_entropy_loss_fusion  # fp32
+    assert not config.to_transformer_config(params_dtype=torch.bfloat16).cross_entropy_loss_fusion

@@ -208,6 +208,11 @@ SETUPS = [
     _ours("local-fused", "selective-mlp", attention_kernel="fused"),
     # each layer's elementwise chains compiled (megatron_ext/fusions.py), for the host-bound step
     _ours("local-fused, compiled elementwise", "selective-mlp", attention_kernel="fused", compile_elementwise=True),
+    # what the compiled row's fused cross entropy (megatron_ext/config.py) gains, and what recomputing the MLPs costs
+    # the host (its recomputed forward and megatron's checkpoint function are host time in a host-bound step)
+    _ours("local-fused, compiled elementwise, unfused loss", "selective-mlp", attention_kernel="fused",
+          compile_elementwise=True, cross_entropy_loss_fusion=False),
+    _ours("local-fused, compiled elementwise", "none", attention_kernel="fused", compile_elementwise=True),
     _ours("local-fused, loss in 1024-token pieces", "selective-mlp", attention_kernel="fused", loss_chunk=1024),
     # megatron's torch AdamW as megatron builds it (multi-tensor) rather than the trainer's fused kernel
     _ours("local-fused, multi-tensor AdamW", "selective-mlp", attention_kernel="fused", fused_adam=False),

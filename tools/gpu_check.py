@@ -40,9 +40,10 @@ Not in the default list (name it in --parts):
                 optimizer step) under torch.cuda.set_sync_debug_mode("warn"), at 4 and at 8 layers with the
                 2B head geometry: no source line may sync more often in the deeper model, and the total
                 stays at most MAX_SYNCS; where each sync comes from goes to the part's log.
-  compiled 150  compile_elementwise (megatron_ext/fusions.py: norms, GDN gates, SwiGLU compiled by torch.compile)
-                in bf16 vs the local spec in fp32, a random model with the 2B's head geometry, held to twice
-                eager bf16's error like te_parity; a row gives both models' first forward and backward
+  compiled 150  compile_elementwise (megatron_ext/fusions.py: norms, GDN gates, SwiGLU, and megatron's fused cross
+                entropy, compiled by torch.compile) in bf16 vs the local spec in fp32, a random model with the
+                2B's head geometry: logits, per-token losses and gradients, held to twice eager bf16's error
+                like te_parity; a row gives both models' first forward and backward
                 (the eager one's includes fla's compiling, the compiled one's its own). Its box is a guess:
                 not in the default run until it is timed on a GPU.
 Transformer Engine parts, in the default run after the others where TE's torch modules import; where they
@@ -50,9 +51,9 @@ do not, each reports one SKIPPED row and takes no time:
   te_attention 40  the attention part for Transformer Engine's DotProductAttention (cuDNN, THD), which the
                 TE spec uses only with attention_kernel te: its backward gave NaN on an H100 (2026-11-28).
   te_parity  60  the TE spec vs the local spec with the same weights in bf16, both against the local spec
-                in fp32 (TF32 off): logits and all gradients (norm-wise; the worst parameter is shown, not
-                judged: see bf16_against_fp32); TE passes when its error is at most twice the local spec's
-                bf16 error (and never needs to beat one bf16 ulp, 2^-8).
+                in fp32 (TF32 off): logits, per-token losses and all gradients (norm-wise; the worst parameter
+                is shown, not judged: see bf16_against_fp32); TE passes when its error is at most twice the
+                local spec's bf16 error (and never needs to beat one bf16 ulp, 2^-8).
   te_packed  40  documents packed in one row under TE's THD attention (a 1-token document among them)
                 vs each document run alone: logits, within the bf16 limit (GEMM shapes differ).
   te_fp8    240  the trainer on the demo mix, 50 steps each: TE BF16, then fp8 hybrid with delayed and
@@ -502,10 +503,11 @@ def _copy_weights(src: torch.nn.Module, *dst: torch.nn.Module) -> None:
 
 class Bf16Errors(NamedTuple):
     logits: float  # relative error (max |ours - ref| / max |ref|)
+    loss: float  # the same of the per-token losses (the trainer's: compile_elementwise's are megatron's fused ones)
     grads: float  # all parameters' gradients as one vector: |ours - ref| / |ref| (2-norms)
     worst: str  # the parameter whose gradient errs most by max-relative error, and that error
     worst_error: float
-    seconds: float  # the first forward and backward
+    seconds: float  # the first forward and backward, and the loss's forward
 
 
 def bf16_against_fp32(device: str, seq: int, **candidates: dict) -> dict[str, Bf16Errors]:
@@ -529,25 +531,28 @@ def bf16_against_fp32(device: str, seq: int, **candidates: dict) -> dict[str, Bf
     ids = torch.randint(0, config.vocab_size, (2, seq), generator=gen, device=device)
     upstream = torch.randn(2, seq, config.vocab_size, generator=gen, device=device)
 
-    def run(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def run(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         poison_free_memory(device)
         logits = model(ids).float()
         poison_free_memory(device)
         (logits * upstream).sum().backward()
-        return logits, {n: p.grad.float() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            loss = model(ids, labels=torch.roll(ids, -1, 1)).float()
+        return logits, loss, {n: p.grad.float() for n, p in model.named_parameters()}
 
-    ref_logits, ref_grads = run(ref)
+    ref_logits, ref_loss, ref_grads = run(ref)
     ref_flat = torch.cat([ref_grads[n].flatten() for n in sorted(ref_grads)])
     errors = {}
     for name, model in models.items():
         start = time.perf_counter()
-        logits, grads = run(model)
+        logits, loss, grads = run(model)
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         flat = torch.cat([grads[n].flatten() for n in sorted(grads)])
         worst = max(grads, key=lambda n: rel_err(grads[n], ref_grads[n]))
-        errors[name] = Bf16Errors(rel_err(logits, ref_logits), ((flat - ref_flat).norm() / ref_flat.norm()).item(),
+        errors[name] = Bf16Errors(rel_err(logits, ref_logits), rel_err(loss, ref_loss),
+                                  ((flat - ref_flat).norm() / ref_flat.norm()).item(),
                                   worst, rel_err(grads[worst], ref_grads[worst]), seconds)
     return errors
 
@@ -557,6 +562,7 @@ def bf16_rows(part: str, what: str, errors: Bf16Errors, eager: Bf16Errors) -> No
     beat one bf16 ulp, 2^-8); the worst parameter is shown, not judged."""
     row(part, f"logits, {what} bf16 vs local fp32 (limit: 2x local eager bf16's error)", errors.logits,
         max(2 * eager.logits, 2.0**-8))
+    row(part, f"per-token losses, {what} bf16 vs local fp32", errors.loss, max(2 * eager.loss, 2.0**-8))
     row(part, f"gradients (all, norm-wise), {what} bf16 vs local fp32", errors.grads, max(2 * eager.grads, 2.0**-8))
     row(part, f"gradient of the worst parameter ({errors.worst}; local eager bf16's worst: {eager.worst_error:.3g})",
         errors.worst_error)

@@ -19,7 +19,7 @@ timeout "$box" python -m tools.gpu_check --parts attention,te_attention,te_parit
   --out "$OUT/check_b.md" 2>&1 | tee "$OUT/check_b.log"
 wait
 cat "$OUT/check_a.md"
-rows='^(local-fused(, compiled elementwise)? \[selective-mlp\]|te-.*|transformers \+ fla \[full\])$'
+rows='^(local-fused(, compiled elementwise(, unfused loss)?)? \[selective-mlp\]|local-fused, compiled elementwise \[none\]|te-.*|transformers \+ fla \[full\])$'
 timeout $(( $(left) - 15 )) python -m tools.bench_train --seqs 4096 --warmup 1 --iters 3 --only "$rows" \
   --profile /tmp/profile 2>&1 | tee "$OUT/bench_4096.log"
 # the flagship recipe's own micro-batch: 4 rows of 4096 tokens (about 74 GiB on one GPU, where nothing is sharded)
