@@ -114,19 +114,21 @@ class Qwen35Config:
                 raise FileNotFoundError(f"no HF config at {path}")
             raw = json.loads(path.read_text())
         text = raw.get("text_config", raw)
-        model_type = text.get("model_type", "")
-        if model_type and not model_type.startswith("qwen3_5"):
+        model_type = text.get("model_type") or "qwen3_5_text"
+        if not model_type.startswith("qwen3_5"):
             raise ValueError(f"not a Qwen3.5 config: model_type={model_type!r}")
-        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        from transformers import CONFIG_MAPPING
+
+        # transformers' own config fills in what the file leaves out as the reference model reads it (layer_types
+        # from full_attention_interval, rope_theta's default, ...): defaults of ours would build another model
+        hf = CONFIG_MAPPING[model_type.removesuffix("_text") + "_text"](**{k: v for k, v in text.items() if k != "model_type"})
+        rope = hf.rope_parameters or {}
         if rope.get("rope_type", "default") not in ("default", "mrope"):
             raise ValueError(f"unsupported rope_type {rope.get('rope_type')!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in text.items() if k in names}
-        kwargs["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", cls.rope_theta))
-        kwargs["partial_rotary_factor"] = rope.get(
-            "partial_rotary_factor", text.get("partial_rotary_factor", cls.partial_rotary_factor)
-        )
-        kwargs["mrope_section"] = rope.get("mrope_section")
+        names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "partial_rotary_factor", "mrope_section"}
+        kwargs = {k: getattr(hf, k) for k in names if hasattr(hf, k)}
+        kwargs.update(rope_theta=rope["rope_theta"], partial_rotary_factor=rope.get("partial_rotary_factor", 1.0),
+                      mrope_section=rope.get("mrope_section"))
         # Qwen3_5ForConditionalGeneration ties (or not) by its top-level flag, not text_config's
         kwargs["tie_word_embeddings"] = bool((raw if text is not raw else text).get("tie_word_embeddings", False))
         eos = text.get("eos_token_id", raw.get("eos_token_id"))

@@ -90,6 +90,24 @@ def test_config_reads_multimodal_and_text_checkpoints():
         megatron_ext.Qwen35Config.from_hf({"model_type": "llama"})
 
 
+def test_config_keys_a_file_leaves_out_are_read_as_transformers_reads_them():
+    """A hand-written or third-party config.json need not list every key: what it leaves out is transformers'
+    default, as the reference model builds it (the layers from full_attention_interval, not every 4th; RoPE's
+    theta of 10000, not the release's 1e7)."""
+    from transformers import Qwen3_5TextConfig
+
+    for raw in ({"num_hidden_layers": 8, "full_attention_interval": 2},
+                {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+                {"model_type": "qwen3_5_text", "rope_theta": 5e5, "num_hidden_layers": 4}):
+        ours, hf = megatron_ext.Qwen35Config.from_hf(dict(raw)), Qwen3_5TextConfig(**raw)
+        assert ours.layer_types == hf.layer_types, raw
+        assert (ours.rope_theta, ours.partial_rotary_factor) == (hf.rope_parameters["rope_theta"],
+                                                                 hf.rope_parameters["partial_rotary_factor"]), raw
+        assert (ours.hidden_size, ours.max_position_embeddings) == (hf.hidden_size, hf.max_position_embeddings), raw
+    assert megatron_ext.Qwen35Config.from_hf({"num_hidden_layers": 8, "full_attention_interval": 2}).layer_types[:2] == [
+        "linear_attention", "full_attention"]
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_loss_in_chunks_equals_the_whole_and_keeps_no_logits_for_the_backward(tied, monkeypatch):
     """``loss_chunk``: the output layer and loss in pieces (here 16 tokens, the last one short), each
