@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -69,8 +70,28 @@ def read_data_json(path: str | Path, builder: str) -> dict:
     return info
 
 
-def build_train_dataset(mix: dict, seq_length: int, num_samples: int, eod: int, vocab_size: int, seed: int):
-    """The blended training dataset: sources sampled by their blend weights, ``num_samples`` rows."""
+def fingerprint(prefixes: dict[str, str], weights: dict[str, float] | None = None) -> dict[str, str]:
+    """What identifies each named indexed dataset (``prefix.bin`` / ``.idx``): its weight in the blend, the size of
+    its tokens and a hash of its index (every document's length, in order). Where the files lie and when they were
+    written are left out, so a mix copied elsewhere (a node's local disk) is the same data. A resumed run checks it
+    (the data order is a shuffle over these files), and it keys the blend's index cache."""
+    out = {}
+    for name, prefix in prefixes.items():
+        index, tokens = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+        for f in (index, tokens):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: not found (the data of {name!r})")
+        digest = hashlib.sha1(index.read_bytes()).hexdigest()[:16]
+        weight = "" if weights is None else f"weight {weights[name]}, "
+        out[name] = f"{weight}{tokens.stat().st_size} token bytes, index {digest}"
+    return out
+
+
+def build_train_dataset(mix: dict, seq_length: int, num_samples: int, eod: int, vocab_size: int, seed: int,
+                        files: dict[str, str]):
+    """The blended training dataset: sources sampled by their blend weights, ``num_samples`` rows. ``files``: the
+    sources' :func:`fingerprint`, which names megatron's index cache: its own key (paths, sample count, sequence
+    length, seed) would reuse the indices of files rebuilt in place (an IndexError, or other rows read silently)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -78,10 +99,11 @@ def build_train_dataset(mix: dict, seq_length: int, num_samples: int, eod: int, 
         log.warning("training seq_length %d exceeds the mix's chunking length %d", seq_length, mix["seq_length"])
     prefixes = [str(Path(mix["dir"]) / s["prefix"]) for s in mix["sources"].values()]
     weights = [s["weight"] for s in mix["sources"].values()]
+    cache = Path(mix["dir"]) / "cache" / hashlib.sha1(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split="100,0,0",
         tokenizer=EodTokenizer(eod, vocab_size), reset_position_ids=True, reset_attention_mask=False,
-        eod_mask_loss=True, create_attention_mask=False, path_to_cache=str(Path(mix["dir"]) / "cache"),
+        eod_mask_loss=True, create_attention_mask=False, path_to_cache=str(cache),
         mid_level_dataset_surplus=0.005,
     )
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
@@ -309,6 +331,7 @@ class TrainingData:
     train: Any  # rows indexed by sample number: what micro_batches reads
     eval_sets: dict[str, list[dict]]  # name -> micro-batches
     iters: int
+    files: dict[str, str]  # the training files' fingerprint: part of a run's plan
 
 
 def load_training_data(cfg, model_vocab: int) -> TrainingData:
@@ -327,6 +350,7 @@ def load_training_data(cfg, model_vocab: int) -> TrainingData:
             log.warning("training seq_length %d differs from the SFT data's %d", cfg.seq_length, info["seq_length"])
         split = {s: (str(Path(info["dir"]) / info[s]["tokens_prefix"]), str(Path(info["dir"]) / info[s]["loss_mask_prefix"]))
                  for s in ("train", "valid") if info[s]["samples"]}  # an empty split has no files
+        files = fingerprint(dict(zip(("tokens", "loss mask"), split["train"])))
         train = PackedSFTDataset(*split["train"], cfg.seq_length, eod, cfg.seed)
         iters = cfg.train_iters or max(1, math.ceil(cfg.epochs * train.rows_per_epoch / cfg.global_batch_size))
         train.resize(iters * cfg.global_batch_size)
@@ -336,8 +360,11 @@ def load_training_data(cfg, model_vocab: int) -> TrainingData:
             eval_sets["sft"] = stack_micro_batches([valid[i] for i in range(len(valid))], cfg.micro_batch_size)
         log.info("SFT data: %d conversation rows per epoch, %d steps = %.2f epochs", train.rows_per_epoch, iters,
                  iters * cfg.global_batch_size / train.rows_per_epoch)
-        return TrainingData(train, eval_sets, iters)
+        return TrainingData(train, eval_sets, iters, files)
     iters = cfg.train_iters or max(1, info["token_budget"] // (cfg.global_batch_size * cfg.seq_length))
-    train = build_train_dataset(info, cfg.seq_length, iters * cfg.global_batch_size, eod, model_vocab, cfg.seed)
+    sources = info["sources"]
+    files = fingerprint({name: str(Path(info["dir"]) / s["prefix"]) for name, s in sources.items()},
+                        {name: s["weight"] for name, s in sources.items()})
+    train = build_train_dataset(info, cfg.seq_length, iters * cfg.global_batch_size, eod, model_vocab, cfg.seed, files)
     eval_sets = heldout_batches(info, tokenizer_dir, cfg.seq_length, cfg.eval_docs, cfg.micro_batch_size, eod)
-    return TrainingData(train, eval_sets, iters)
+    return TrainingData(train, eval_sets, iters, files)

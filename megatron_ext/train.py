@@ -272,7 +272,7 @@ def train(cfg: TrainConfig) -> TrainState:
     num_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)
     # the checkpoint's common state (scheduler, data position, optimizer kind): read once, a few KB
     common = dist_checkpointing.load_common_state_dict(str(resume)) if resume is not None else None
-    plan = _plan(cfg, iters)
+    plan = _plan(cfg, iters, data_info.files)
     if common is not None:
         _check_same_plan(resume, common.get("plan"), plan)
     dist_opt = _use_distributed_optimizer(cfg, resume, common)
@@ -375,16 +375,17 @@ def train(cfg: TrainConfig) -> TrainState:
         record.update(tokens_per_s=tps,
                       mfu=flops_per_token * tps / (peak * 1e12 * dist.get_world_size()) if peak else None,
                       mem_gb=memory_gb(), skipped_steps=state.skipped_steps, consumed_samples=state.consumed_samples)
-        if cfg.eval_interval and (state.step % cfg.eval_interval == 0 or state.step == iters):
+        last = state.step == iters
+        if cfg.eval_interval and (_due(state.step, cfg.eval_interval) or last):  # 0: no validation
             with _synced_parameters(ddp):
                 record.update(_evaluate(ddp, eval_sets, forward_backward, cfg, dp_rank, dp))
         metrics.log(record)
         timing = progress.update(elapsed, iters - state.step)
-        if is_rank0() and (state.step % cfg.log_interval == 0 or state.step == iters):
+        if is_rank0() and (_due(state.step, cfg.log_interval) or last):
             progress_log.info(f"step {state.step}/{iters} | loss {record['loss'] if record['loss'] is None else round(record['loss'], 4)}"
                               f" | lr {record['lr']:.2e} | {tps:,.0f} tok/s | mfu {record['mfu'] or 0:.1%} | "
                               f"mem {record['mem_gb']:.1f} GB | {timing}")
-        if state.step % cfg.save_interval == 0 or state.step == iters or stopping:
+        if _due(state.step, cfg.save_interval) or last or stopping:
             with _synced_parameters(ddp), reading_paused(data):  # the save forks its writers
                 _save_checkpoint(run_dir, cfg, model, optimizer, scheduler, state, plan, hf_files, dist_opt)
         if stopping:
@@ -486,10 +487,16 @@ def _steps_on_host(state: dict) -> dict:
 
 
 # What a resumed run keeps from its checkpoint whatever its config says: megatron restores the learning-rate schedule
-# from the checkpoint (peak, floor, warmup and decay lengths), and the data order is a shuffle of iters x
-# global_batch_size samples whose position the checkpoint holds.
+# from the checkpoint (peak, floor, warmup and decay lengths) and Adam's hyperparameters with its state, the data
+# order is a shuffle of iters x global_batch_size samples whose position the checkpoint holds, and the distributed
+# optimizer's checkpoint is laid out in the gradient buckets that overlap_communication sets.
 PLAN = ("global_batch_size", "seq_length", "seed", "lr", "min_lr", "weight_decay", "warmup_fraction", "decay_fraction",
-        "decay_style")
+        "decay_style", "adam_beta1", "adam_beta2", "adam_eps", "overlap_communication")
+
+
+def _due(step: int, interval: int) -> bool:
+    """Whether an every-``interval``-steps action falls on ``step`` (0: never; the last step is the caller's)."""
+    return interval > 0 and step % interval == 0
 
 
 def cpu_warning(params: int, cuda: bool) -> str | None:
@@ -501,11 +508,12 @@ def cpu_warning(params: int, cuda: bool) -> str | None:
             "check that PYTHON is the environment with a CUDA build of torch")
 
 
-def _plan(cfg: TrainConfig, iters: int) -> dict:
-    """What a resume must not change: the schedule, the batch geometry and data order, and the weights the run
-    started from (a resume loads the checkpoint, never init_from: a new init_from would be ignored)."""
+def _plan(cfg: TrainConfig, iters: int, files: dict[str, str]) -> dict:
+    """What a resume must not change: the schedule, the batch geometry, the data and its order (``files``: the
+    training files' :func:`~megatron_ext.data.fingerprint`, weights included), and the weights the run started
+    from (a resume loads the checkpoint, never init_from: a new init_from would be ignored)."""
     init_from = str(Path(cfg.init_from).resolve()) if cfg.init_from else None
-    return {"iters": iters, "init_from": init_from, **{key: getattr(cfg, key) for key in PLAN}}
+    return {"iters": iters, "init_from": init_from, "data": files, **{key: getattr(cfg, key) for key in PLAN}}
 
 
 def _check_same_plan(resume: Path, saved: dict | None, plan: dict) -> None:
@@ -515,6 +523,11 @@ def _check_same_plan(resume: Path, saved: dict | None, plan: dict) -> None:
     if saved is None:
         return
     changed = {k: (saved[k], v) for k, v in plan.items() if k in saved and saved[k] != v}
+    if "data" in changed:  # name the sources that differ, not all of them
+        was, now = changed.pop("data")
+        for name in sorted(set(was) | set(now), key=lambda n: (n not in was, n)):
+            if was.get(name) != now.get(name):
+                changed[f"data {name!r}"] = (was.get(name, "absent"), now.get(name, "absent"))
     if changed:
         raise SystemExit(f"{resume} was trained with " + ", ".join(f"{k}={a}" for k, (a, _) in changed.items())
                          + "; this run's config gives " + ", ".join(f"{k}={b}" for k, (_, b) in changed.items())
@@ -524,7 +537,7 @@ def _check_same_plan(resume: Path, saved: dict | None, plan: dict) -> None:
 
 def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, plan: dict,
                      hf_files, dist_opt: bool) -> None:
-    from megatron_ext.checkpoint import save_model
+    from megatron_ext.checkpoint import fsync, save_model
 
     checkpoints = run_dir / CHECKPOINTS
     name = f"iter_{state.step:07d}"
@@ -545,12 +558,24 @@ def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, schedule
     if is_rank0():
         tmp = checkpoints / "latest.tmp"
         tmp.write_text(name)
+        fsync(tmp)
         os.replace(tmp, checkpoints / "latest")  # only now does a restart use the new checkpoint
-        for old in sorted(checkpoints.glob("iter_*"))[: -cfg.keep_last]:
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
+        fsync(checkpoints)
+        _rotate(checkpoints, name, cfg.keep_last)
         log.info("saved %s", checkpoints / name)
     dist.barrier()
+
+
+def _rotate(checkpoints: Path, saved: str, keep_last: int) -> None:
+    """Remove the complete checkpoints before the last ``keep_last`` (0: keep all), never ``saved``, and the
+    ``iter_*.tmp`` a killed save left (incomplete, never resumed from: one must not count as a kept checkpoint)."""
+    for stale in checkpoints.glob("iter_*.tmp"):
+        log.info("removing %s: an unfinished save", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    complete = sorted(p for p in checkpoints.glob("iter_*") if re.fullmatch(r"iter_\d+", p.name))
+    for old in complete[:-keep_last] if keep_last else []:
+        if old.name != saved:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @torch.no_grad()  # the fp32 distributed optimizer's main parameters are views of the model's: copy in place

@@ -75,11 +75,12 @@ class TrainConfig:
     gdn_kernel: str = "auto"
     attention_kernel: str = "auto"  # auto | fused | flex | masked: core attention, either backend; te: TE's (backend te)
     # cadence
+    # every N steps; 0: never (the last step still logs and saves, and is validated unless eval_interval is 0)
     log_interval: int = 1
     eval_interval: int = 50
     eval_docs: int = 64  # CPT: held-out documents per domain (SFT: all held-out conversations; 0 = no validation)
-    save_interval: int = 200
-    keep_last: int = 3
+    save_interval: int = 200  # also on SIGTERM
+    keep_last: int = 3  # complete checkpoints kept (0: all)
     seed: int = 1234
     # guards
     max_nonfinite_in_a_row: int = 5
@@ -101,6 +102,9 @@ class TrainConfig:
         check_fp8(self.fp8, self.fp8_recipe, self.backend, bf16=self.precision == "bf16")
         if not 0 <= self.warmup_fraction + self.decay_fraction <= 1:
             raise ValueError("warmup_fraction + decay_fraction must be within [0, 1]")
+        for key in ("log_interval", "eval_interval", "save_interval", "keep_last"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0 (0: never, or for keep_last: all), got {getattr(self, key)}")
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] = ()) -> "TrainConfig":

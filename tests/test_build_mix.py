@@ -192,6 +192,41 @@ def test_blend_shares_through_megatron_sampler(demo_mix):
         assert abs(counts[k] / n - entry["share"]) < 0.01, source
 
 
+def test_the_trainers_index_cache_follows_the_files_not_their_paths(demo_mix, tmp_path):
+    """megatron keys its blend's index cache by paths, sample count, length and seed: a source rebuilt in place (a new
+    mix synced over the old one) had its old indices reused, an IndexError with fewer documents and other rows read
+    silently with more. The trainer names its cache by the files' fingerprint: the rows are a fresh build's."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    from megatron_ext.data import build_train_dataset, fingerprint, read_data_json
+
+    recipe, _ = demo_mix
+    out = tmp_path / "mix"
+    shutil.copytree(recipe.out, out, ignore=shutil.ignore_patterns("cache"))
+
+    def rows() -> list[list[int]]:
+        info = read_data_json(out / "mix.json", "build_mix")
+        sources = info["sources"]
+        files = fingerprint({n: str(out / s["prefix"]) for n, s in sources.items()}, {n: s["weight"] for n, s in sources.items()})
+        dataset = build_train_dataset(info, 64, 300, 0, 2048, 1, files)
+        return [dataset[i]["tokens"].tolist() for i in range(len(dataset))]
+
+    before = rows()
+    prefix = str(out / read_data_json(out / "mix.json", "build_mix")["sources"]["english"]["prefix"])
+    old = IndexedDataset(prefix)
+    fewer = IndexedDatasetBuilder(f"{prefix}.new.bin", dtype=old.index.dtype)
+    for i in range(10):
+        fewer.add_document(old[i][:20], [20])
+    fewer.finalize(f"{prefix}.new.idx")
+    del old
+    for ext in ("bin", "idx"):
+        os.replace(f"{prefix}.new.{ext}", f"{prefix}.{ext}")
+    after = rows()  # the old cache would give indices past the 10 documents: IndexError
+    assert after != before
+    shutil.rmtree(out / "cache")
+    assert rows() == after
+
+
 def test_chunking_overlaps_and_ends_with_eos():
     ids = list(range(100, 130))
     chunks = list(chunk_tokens(ids, eos=0, seq_length=11, overlap=3))
