@@ -81,7 +81,8 @@ def fingerprint(prefixes: dict[str, str], weights: dict[str, float] | None = Non
         for f in (index, tokens):
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: not found (the data of {name!r})")
-        digest = hashlib.sha1(index.read_bytes()).hexdigest()[:16]
+        with index.open("rb") as f:  # streamed: the index of a large corpus can be gigabytes
+            digest = hashlib.file_digest(f, "sha1").hexdigest()[:16]
         weight = "" if weights is None else f"weight {weights[name]}, "
         out[name] = f"{weight}{tokens.stat().st_size} token bytes, index {digest}"
     return out
