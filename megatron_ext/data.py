@@ -75,12 +75,21 @@ def fingerprint(prefixes: dict[str, str], weights: dict[str, float] | None = Non
     its tokens and a hash of its index (every document's length, in order). Where the files lie and when they were
     written are left out, so a mix copied elsewhere (a node's local disk) is the same data. A resumed run checks it
     (the data order is a shuffle over these files), and it keys the blend's index cache."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     out = {}
     for name, prefix in prefixes.items():
         index, tokens = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
         for f in (index, tokens):
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: not found (the data of {name!r})")
+        # a .bin shorter or longer than its index says (an interrupted copy, files of two builds) is found here,
+        # not when a step first reads past its end, hours in, with an error that names no file
+        ix = IndexedDataset(prefix).index  # megatron's reader: the documents' lengths and byte offsets
+        expected = int(ix.sequence_pointers[-1]) + int(ix.sequence_lengths[-1]) * ix.dtype_size if len(ix) else 0
+        if tokens.stat().st_size != expected:
+            raise ValueError(f"{tokens}: {tokens.stat().st_size} bytes where its index ({index.name}) needs {expected}: "
+                             f"truncated or from another build of the mix; copy it again or rebuild the mix")
         with index.open("rb") as f:  # streamed: the index of a large corpus can be gigabytes
             digest = hashlib.file_digest(f, "sha1").hexdigest()[:16]
         weight = "" if weights is None else f"weight {weights[name]}, "

@@ -225,6 +225,11 @@ def test_the_trainers_index_cache_follows_the_files_not_their_paths(demo_mix, tm
     assert after != before
     shutil.rmtree(out / "cache")
     assert rows() == after
+    # a .bin cut short (an interrupted copy) is named before training, not read past its end hours in
+    with open(f"{prefix}.bin", "r+b") as f:
+        f.truncate(os.path.getsize(f"{prefix}.bin") - 2)
+    with pytest.raises(ValueError, match=re.escape(f"{prefix}.bin: ") + r"\d+ bytes where its index .* needs \d+: truncated"):
+        rows()
 
 
 def test_chunking_overlaps_and_ends_with_eos():
