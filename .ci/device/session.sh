@@ -15,7 +15,7 @@ mkdir -p out/gc2 && cp -r out/gpu_check/mix out/gc2/
 box=$(( $(left) - 230 ))  # the bench after them needs about 230 s
 timeout "$box" python -m tools.gpu_check --parts te_fp8,te_packed --workdir out/gpu_check --budget "$box" \
   --out "$OUT/check_a.md" > "$OUT/check_a.log" 2>&1 &
-timeout "$box" python -m tools.gpu_check --parts attention,te_attention,te_parity,te_ckpt --workdir out/gc2 --budget "$box" \
+timeout "$box" python -m tools.gpu_check --parts attention,compiled,te_attention,te_parity,te_ckpt --workdir out/gc2 --budget "$box" \
   --out "$OUT/check_b.md" 2>&1 | tee "$OUT/check_b.log"
 wait
 cat "$OUT/check_a.md"
