@@ -213,3 +213,9 @@ def test_compiled_chains_take_the_norms_elementwise_calls_off_the_host():
     assert eager["pow"] > 0 and eager["rsqrt"] > 0 and compiled["pow"] == compiled["rsqrt"] == 0
     assert compiled.total() < 0.7 * eager.total()
     assert compiled["matmul"] == eager["matmul"]  # the GEMMs stay extern calls
+    # bf16 compiled runs megatron's fused cross entropy: the unfused loss's calls come back without it; without
+    # recomputation the MLPs' recomputed forward (and megatron's checkpoint function) is gone
+    unfused_loss = bench_calls.count(True, layers=2, tokens=16, cross_entropy_loss_fusion=False)
+    no_recompute = bench_calls.count(True, layers=2, tokens=16, memory="none")
+    assert unfused_loss.total() > compiled.total() > no_recompute.total()
+    assert no_recompute["matmul"] < compiled["matmul"] == unfused_loss["matmul"]

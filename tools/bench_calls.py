@@ -3,8 +3,8 @@ step pays for (docs/benchmarks.md), counted where no GPU is needed.
 
     python -m tools.bench_calls [--layers 4] [--tokens 64]
 
-A tiny random bf16 model (3 GDN layers to 1 attention layer, selective-mlp recomputation) in megatron's DDP as
-the trainer wraps it, one micro-batch's forward and backward after two warm-up ones (the compiled model compiles
+A tiny random bf16 model (3 GDN layers to 1 attention layer, selective-mlp recomputation unless a row says
+otherwise: :data:`ROWS`) in megatron's DDP as the trainer wraps it, one micro-batch's forward and backward after two warm-up ones (the compiled model compiles
 with inductor's C++ backend there), counted as ``tools/bench_train.py --profile`` counts them
 (:func:`tools.bench_train.operator_calls`). The GDN kernels are stood in by an identity, since on a GPU they are
 fla's Triton kernels, not the pure-torch ones the CPU runs; ``--with-gdn-kernels`` counts those too.
@@ -20,6 +20,13 @@ from unittest import mock
 import torch
 
 SHOWN = ("mul", "add", "to", "pow", "rsqrt")  # the elementwise operators the compiled chains absorb
+# (row, compile_elementwise, count()'s keywords): selective-mlp recomputation unless a row says otherwise
+ROWS = [
+    ("eager (default)", False, {}),
+    ("`compile_elementwise: true`", True, {}),
+    ("`compile_elementwise: true`, unfused loss", True, dict(cross_entropy_loss_fusion=False)),
+    ("`compile_elementwise: true`, no recomputation", True, dict(memory="none")),
+]
 
 
 class _Identity(torch.autograd.Function):
@@ -34,17 +41,19 @@ class _Identity(torch.autograd.Function):
         return grad
 
 
-def count(compile_elementwise: bool, layers: int = 4, tokens: int = 64, gdn_kernels: bool = False) -> collections.Counter:
-    """Calls per aten operator (``aten::`` dropped) of one micro-batch, forward and backward."""
+def count(compile_elementwise: bool, layers: int = 4, tokens: int = 64, gdn_kernels: bool = False,
+          memory: str = "selective-mlp", **overrides) -> collections.Counter:
+    """Calls per aten operator (``aten::`` dropped) of one micro-batch, forward and backward, under ``memory`` (a
+    :data:`tools.bench_train.RECOMPUTE` policy); ``overrides``: megatron config values."""
     from megatron_ext import Qwen35Config, build_model, layers as model_layers
     from megatron_ext.train import data_parallel, release
-    from tools.bench_train import operator_calls
+    from tools.bench_train import RECOMPUTE, operator_calls
     from tools.tiny_qwen35 import text_config
 
     config = Qwen35Config.from_hf(text_config(
         layer_types=["linear_attention"] * (layers - 1) + ["full_attention"]).to_dict())
     model = build_model(config, "local", params_dtype=torch.bfloat16, compile_elementwise=compile_elementwise,
-                        recompute_granularity="selective", recompute_modules=["mlp"])
+                        **RECOMPUTE[memory], **overrides)
     # as the trainer wraps it (its hooks add each gradient to the fp32 main_grad), but not overlapped: that waits
     # for every parameter's gradient, and the stand-in GDN kernel below gives q, k and the gates none
     ddp = data_parallel(model, overlap=False)
@@ -80,9 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| {args.layers} layers, {args.tokens} tokens, bf16 | operator calls | "
           + " | ".join(f"`{op}`" for op in SHOWN) + " |")
     print("|---" * (2 + len(SHOWN)) + "|")
-    for compiled in (False, True):
-        calls = count(compiled, args.layers, args.tokens, args.with_gdn_kernels)
-        name = "`compile_elementwise: true`" if compiled else "eager (default)"
+    for name, compiled, kwargs in ROWS:
+        calls = count(compiled, args.layers, args.tokens, args.with_gdn_kernels, **kwargs)
         print(f"| {name} | {calls.total():,} | " + " | ".join(str(calls[op]) for op in SHOWN) + " |", flush=True)
 
 
