@@ -48,11 +48,15 @@ def train_flops_per_token(c: Qwen35Config, seq_length: int) -> float:
     return 3 * (parts["matmul_params"] + parts["attention_scores"] + parts["gdn_core"])
 
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per GPU
+# dense, per GPU; the first name found in the device's name wins, so variants come before their family (an H100
+# PCIe is 756, an H100 or H200 NVL 835, the SXM parts, "NVIDIA H100 80GB HBM3" and "NVIDIA H200", 989)
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+                    "A100": 312.0, "L40S": 362.0}
 
 
 def peak_tflops(device_name: str | None, override: float | None = None) -> float | None:
-    """Peak dense BF16 TFLOP/s of a GPU by name (None on CPU or an unknown device)."""
+    """Peak dense BF16 TFLOP/s of a GPU by name (None on CPU or an unknown device); MFU of FP8 runs is taken
+    against it too (the FP8 peak is twice that)."""
     if override:
         return override
     if not device_name:

@@ -609,3 +609,14 @@ def test_flops_count_every_matmul_weight():
     model = build_model(config, "local", device="cpu")
     weights = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "word_embeddings" not in n)
     assert forward_flops_per_token(config, 4096)["matmul_params"] == 2 * weights
+
+
+def test_peak_flops_by_gpu_name_tell_the_variants_apart():
+    """MFU's denominator: an H100 PCIe (756 dense BF16 TFLOP/s) or an NVL card (835) read as an SXM one (989) would
+    understate their MFU by 24% and 16%."""
+    from megatron_ext.flops import peak_tflops
+
+    names = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H200": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H100 NVL": 835,
+             "NVIDIA H200 NVL": 835, "NVIDIA A100-SXM4-80GB": 312, "NVIDIA L40S": 362, "NVIDIA T4": None}
+    assert {name: peak_tflops(name) for name in names} == names
+    assert peak_tflops("NVIDIA H100 PCIe", override=700) == 700 and peak_tflops(None) is None

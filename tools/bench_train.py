@@ -13,12 +13,13 @@ autotuning, torch.compile), and with --profile its operator calls and kernel lau
 step pays for each). A row that runs out of memory is reported as OOM, one that fails otherwise (e.g. a
 kernel that does not compile) by its error's type with the traceback on stderr, and the run goes on. MFU counts
 model FLOPs (megatron_ext/flops.py), not recomputed ones. A step is one micro-batch's forward and backward, then the
-update (gradient sync, clipping, the optimizer step), timed apart: "update s", and the MFU of the recipe's
-step, which accumulates 32 micro-batches per update (256 sequences over 8 GPUs; --accumulate), from the two.
+update (gradient sync, clipping, the optimizer step), timed apart: "update s", and from the two the MFU of a step
+that updates once per 32 sequences on a GPU, the recipe's 256 over 8 GPUs (32 micro-batches of one sequence, or
+32 / --micro-batch; --accumulate). MFU is against the GPU's dense BF16 peak, for the FP8 rows too.
 "resident GiB" is what stays allocated between steps (weights, gradients, optimizer state); peak minus
 resident is the step's activations and temporaries. On one GPU the distributed optimizer shards nothing, so
 resident is about 18 bytes per parameter (bf16 weights, fp32 gradients, fp32 master weights, two Adam
-moments), about 34 GiB for the 2B; over DP ranks it falls towards 6 + 12/DP bytes while the activations stay:
+moments), about 31.5 GiB for the 2B; over DP ranks it falls towards 6 + 12/DP bytes while the activations stay:
 peak minus resident at seq 8192 is the figure for issue 12's "2B at seq 8192 in 40 GB". Goals (issue 12): >=
 1.5x the transformers + fla step and >= 40% MFU without Transformer Engine on an H100.
 
