@@ -85,7 +85,8 @@ def fingerprint(prefixes: dict[str, str], weights: dict[str, float] | None = Non
                 raise FileNotFoundError(f"{f}: not found (the data of {name!r})")
         # a .bin shorter or longer than its index says (an interrupted copy, files of two builds) is found here,
         # not when a step first reads past its end, hours in, with an error that names no file
-        ix = IndexedDataset(prefix).index  # megatron's reader: the documents' lengths and byte offsets
+        # megatron's reader of the documents' lengths and byte offsets; without mmap, as an empty .bin cannot be
+        ix = IndexedDataset(prefix, mmap=False).index
         expected = int(ix.sequence_pointers[-1]) + int(ix.sequence_lengths[-1]) * ix.dtype_size if len(ix) else 0
         if tokens.stat().st_size != expected:
             raise ValueError(f"{tokens}: {tokens.stat().st_size} bytes where its index ({index.name}) needs {expected}: "
@@ -109,7 +110,8 @@ def build_train_dataset(mix: dict, seq_length: int, num_samples: int, eod: int, 
         log.warning("training seq_length %d exceeds the mix's chunking length %d", seq_length, mix["seq_length"])
     prefixes = [str(Path(mix["dir"]) / s["prefix"]) for s in mix["sources"].values()]
     weights = [s["weight"] for s in mix["sources"].values()]
-    cache = Path(mix["dir"]) / "cache" / hashlib.sha1(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    # in blend order: megatron builds the blend in list order, so another order is other rows
+    cache = Path(mix["dir"]) / "cache" / hashlib.sha1(json.dumps(list(files.items())).encode()).hexdigest()[:16]
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split="100,0,0",
         tokenizer=EodTokenizer(eod, vocab_size), reset_position_ids=True, reset_attention_mask=False,

@@ -513,7 +513,8 @@ def _plan(cfg: TrainConfig, iters: int, files: dict[str, str]) -> dict:
     training files' :func:`~megatron_ext.data.fingerprint`, weights included), and the weights the run started
     from (a resume loads the checkpoint, never init_from: a new init_from would be ignored)."""
     init_from = str(Path(cfg.init_from).resolve()) if cfg.init_from else None
-    return {"iters": iters, "init_from": init_from, "data": files, **{key: getattr(cfg, key) for key in PLAN}}
+    # the sources as a list: their order is the blend's (dicts compare equal in any order)
+    return {"iters": iters, "init_from": init_from, "data": list(files.items()), **{key: getattr(cfg, key) for key in PLAN}}
 
 
 def _check_same_plan(resume: Path, saved: dict | None, plan: dict) -> None:
@@ -524,7 +525,9 @@ def _check_same_plan(resume: Path, saved: dict | None, plan: dict) -> None:
         return
     changed = {k: (saved[k], v) for k, v in plan.items() if k in saved and saved[k] != v}
     if "data" in changed:  # name the sources that differ, not all of them
-        was, now = changed.pop("data")
+        was, now = (dict(sources) for sources in changed.pop("data"))
+        if was == now:
+            changed["the sources' order"] = (", ".join(was), ", ".join(now))
         for name in sorted(set(was) | set(now), key=lambda n: (n not in was, n)):
             if was.get(name) != now.get(name):
                 changed[f"data {name!r}"] = (was.get(name, "absent"), now.get(name, "absent"))

@@ -230,6 +230,9 @@ def test_the_trainers_index_cache_follows_the_files_not_their_paths(demo_mix, tm
         f.truncate(os.path.getsize(f"{prefix}.bin") - 2)
     with pytest.raises(ValueError, match=re.escape(f"{prefix}.bin: ") + r"\d+ bytes where its index .* needs \d+: truncated"):
         rows()
+    open(f"{prefix}.bin", "w").close()  # cut to nothing: megatron's mmap refused it naming no file
+    with pytest.raises(ValueError, match=re.escape(f"{prefix}.bin: 0 bytes where its index")):
+        rows()
 
 
 def test_chunking_overlaps_and_ends_with_eos():

@@ -181,8 +181,15 @@ def test_compiled_part_on_cpu(capsys):
 
     from megatron_ext import layers
 
+    from unittest import mock
+
+    from megatron.core.fusions import fused_cross_entropy
+
     layers.rms_norm.compiled(torch.ones(2, 4), torch.ones(4), 1e-6, True)  # run while dynamo is off: skipped after
-    gpu_check.part_compiled("cpu")
+    fused = fused_cross_entropy._VocabParallelCrossEntropy
+    with mock.patch.object(fused, "backward", mock.Mock(wraps=fused.backward)) as backward:
+        gpu_check.part_compiled("cpu")
+    assert backward.call_count == 1  # the compared gradients take the fused loss's backward too
     for chain in (layers.rms_norm, layers.gdn_gates, layers.gated_rms_norm):  # compiled, not eager twice
         assert torch._dynamo.eval_frame._debug_get_cache_entry_list(chain.eager.__code__), chain.__name__
     assert torch._dynamo.config.disable  # turned back off

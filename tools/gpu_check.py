@@ -534,11 +534,11 @@ def bf16_against_fp32(device: str, seq: int, **candidates: dict) -> dict[str, Bf
     def run(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         poison_free_memory(device)
         logits = model(ids).float()
+        loss = model(ids, labels=torch.roll(ids, -1, 1)).float()
         poison_free_memory(device)
-        (logits * upstream).sum().backward()
-        with torch.no_grad():
-            loss = model(ids, labels=torch.roll(ids, -1, 1)).float()
-        return logits, loss, {n: p.grad.float() for n, p in model.named_parameters()}
+        # the gradients take the loss's backward too (megatron's fused one under compile_elementwise)
+        ((logits * upstream).sum() + loss.sum()).backward()
+        return logits.detach(), loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()}
 
     ref_logits, ref_loss, ref_grads = run(ref)
     ref_flat = torch.cat([ref_grads[n].flatten() for n in sorted(ref_grads)])
