@@ -84,17 +84,18 @@ def fingerprint(prefixes: dict[str, str], weights: dict[str, float] | None = Non
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: not found (the data of {name!r})")
         # a .bin shorter or longer than its index says (an interrupted copy, files of two builds) is found here,
-        # not when a step first reads past its end, hours in, with an error that names no file
-        # megatron's reader of the documents' lengths and byte offsets; without mmap, as an empty .bin cannot be
+        # not when a step first reads past its end, hours in, with an error that names no file. megatron's reader
+        # of the documents' lengths and offsets, without mmap: an empty .bin cannot be mapped.
         ix = IndexedDataset(prefix, mmap=False).index
         expected = int(ix.sequence_pointers[-1]) + int(ix.sequence_lengths[-1]) * ix.dtype_size if len(ix) else 0
-        if tokens.stat().st_size != expected:
-            raise ValueError(f"{tokens}: {tokens.stat().st_size} bytes where its index ({index.name}) needs {expected}: "
+        size = tokens.stat().st_size
+        if size != expected:
+            raise ValueError(f"{tokens}: {size} bytes where its index ({index.name}) needs {expected}: "
                              f"truncated or from another build of the mix; copy it again or rebuild the mix")
         with index.open("rb") as f:  # streamed: the index of a large corpus can be gigabytes
             digest = hashlib.file_digest(f, "sha1").hexdigest()[:16]
         weight = "" if weights is None else f"weight {weights[name]}, "
-        out[name] = f"{weight}{tokens.stat().st_size} token bytes, index {digest}"
+        out[name] = f"{weight}{size} token bytes, index {digest}"
     return out
 
 
