@@ -4,10 +4,11 @@ step pays for (docs/benchmarks.md), counted where no GPU is needed.
     python -m tools.bench_calls [--layers 4] [--tokens 64]
 
 A tiny random bf16 model (3 GDN layers to 1 attention layer, selective-mlp recomputation unless a row says
-otherwise: :data:`ROWS`) in megatron's DDP as the trainer wraps it, one micro-batch's forward and backward after two warm-up ones (the compiled model compiles
-with inductor's C++ backend there), counted as ``tools/bench_train.py --profile`` counts them
-(:func:`tools.bench_train.operator_calls`). The GDN kernels are stood in by an identity, since on a GPU they are
-fla's Triton kernels, not the pure-torch ones the CPU runs; ``--with-gdn-kernels`` counts those too.
+otherwise: :data:`ROWS`) in megatron's DDP as the trainer wraps it, one micro-batch's forward and backward after
+two warm-up ones (the compiled model compiles with inductor's C++ backend there), counted as
+``tools/bench_train.py --profile`` counts them (:func:`tools.bench_train.operator_calls`). The GDN kernels are
+stood in by an identity, since on a GPU they are fla's Triton kernels, not the pure-torch ones the CPU runs;
+``--with-gdn-kernels`` counts those too.
 """
 
 from __future__ import annotations
