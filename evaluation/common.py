@@ -64,6 +64,21 @@ def models_on_domains_parser(doc: str, model_help: str) -> argparse.ArgumentPars
     return p
 
 
+def run_models_on_domains(tool: str, args: argparse.Namespace, evaluate, to_markdown) -> None:
+    """The per-domain comparisons' run: ``evaluate(models, data, units)`` resumably from ``OUT.units.json``, then
+    ``OUT.json`` and ``OUT.md``. A failed model or a missing or malformed file stops it with one line; the
+    finished results stay for a rerun."""
+    units = Path(args.out).with_suffix(".units.json")
+    try:
+        report = evaluate(named_paths(args.model, "model"), named_paths(args.data, "data"), FinishedUnits(units))
+    except ModelFailed as err:
+        raise SystemExit(f"{tool} stopped: {err}\nFinished (model, domain) results are kept in {units}; "
+                         "rerun the same command to resume.") from None
+    except (ValueError, OSError) as err:  # a data file that is missing or malformed (named, with the line)
+        raise SystemExit(f"{tool}: {err}") from None
+    write_report(args.out, report, to_markdown(report))
+
+
 def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of each non-blank line of a jsonl file, decoded line by line: reading it as text would
     raise a UnicodeDecodeError at a bad byte that names neither the file nor the line."""

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from evaluation.common import (FinishedUnits, ModelFailed, device_and_dtype, each_model_on_each_domain, load_hf_model,
-                               mask_padded_ids, models_on_domains_parser, named_paths, positive_int, write_report)
+from evaluation.common import (FinishedUnits, device_and_dtype, each_model_on_each_domain, load_hf_model, mask_padded_ids,
+                               models_on_domains_parser, positive_int, run_models_on_domains)
 from evaluation.perplexity import read_documents
 
 PREFIX = "mtp."
@@ -150,16 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-length", type=positive_int, default=1024, help="tokens scored per document, from its start")
     p.add_argument("--out", default="results/mtp", help="writes OUT.json and OUT.md (OUT.units.json: finished results)")
     args = p.parse_args(argv)
-    units = Path(args.out).with_suffix(".units.json")
-    try:
-        report = evaluate(named_paths(args.model, "model"), named_paths(args.data, "data"), args.max_length,
-                          args.max_docs, args.device, FinishedUnits(units))
-    except ModelFailed as err:
-        raise SystemExit(f"mtp stopped: {err}\nFinished (model, domain) results are kept in {units}; "
-                         "rerun the same command to resume.") from None
-    except (ValueError, OSError) as err:  # a data file that is missing or malformed (named, with the line)
-        raise SystemExit(f"mtp: {err}") from None
-    write_report(args.out, report, to_markdown(report))
+    run_models_on_domains("mtp", args, lambda models, data, units: evaluate(
+        models, data, args.max_length, args.max_docs, args.device, units), to_markdown)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evaluation.common import (FinishedUnits, ModelFailed, device_and_dtype, each_model_on_each_domain, load_hf_model,
-                               mask_padded_ids, models_on_domains_parser, named_paths, positive_int, text_lines,
-                               write_report)
+from evaluation.common import (FinishedUnits, device_and_dtype, each_model_on_each_domain, load_hf_model, mask_padded_ids,
+                               models_on_domains_parser, positive_int, run_models_on_domains, text_lines)
 
 
 @torch.no_grad()
@@ -126,16 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not 0 < args.stride < args.max_length:
         p.error(f"--stride must be between 1 and --max-length - 1 ({args.max_length - 1}), got {args.stride}")
-    units = Path(args.out).with_suffix(".units.json")
-    try:
-        report = evaluate(named_paths(args.model, "model"), named_paths(args.data, "data"), args.max_length, args.stride,
-                          args.max_docs, args.device, FinishedUnits(units))
-    except ModelFailed as err:
-        raise SystemExit(f"perplexity stopped: {err}\nFinished (model, domain) results are kept in {units}; "
-                         "rerun the same command to resume.") from None
-    except (ValueError, OSError) as err:  # a data file that is missing or malformed (named, with the line)
-        raise SystemExit(f"perplexity: {err}") from None
-    write_report(args.out, report, to_markdown(report))
+    run_models_on_domains("perplexity", args, lambda models, data, units: evaluate(
+        models, data, args.max_length, args.stride, args.max_docs, args.device, units), to_markdown)
 
 
 if __name__ == "__main__":
