@@ -3,9 +3,11 @@ ratios to transformers are taken only between rows with the same memory policy."
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
+
 import torch
 
 from tools import bench_train
@@ -124,10 +126,16 @@ def test_te_rows_without_transformer_engine_say_so_and_build_nothing(monkeypatch
 def test_profile_step_writes_where_a_step_spends_its_time(tmp_path):
     a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
     counts = bench_train.profile_step(lambda: (a @ a).relu_().sum(), tmp_path / "rows" / "ours-full-4096.txt")
-    table = (tmp_path / "rows" / "ours-full-4096.txt").read_text()
-    assert "Name" in table and "aten::mm" in table and "aten::relu_" in table
+    text = (tmp_path / "rows" / "ours-full-4096.txt").read_text()
+    device, by_operator, by_own, by_cumulative = re.split(r"\nHost time, by [^\n]*\n", text)
+    for table in device, by_operator:
+        assert "Name" in table and "aten::mm" in table and "aten::relu_" in table
+    assert "Self CPU" in by_operator.splitlines()[2]
+    assert "Ordered by: internal time" in by_own and "Ordered by: cumulative time" in by_cumulative
+    for functions in by_own, by_cumulative:  # the Python calls of the step itself
+        assert "relu_" in functions and "<lambda>" in functions
     # matmul, relu_, sum: what they call inside ATen (mm, clamp_min_, fill_, ...) is not counted again
-    assert counts == "operator calls: 3" and table.startswith(counts)
+    assert counts == "operator calls: 3" and text.startswith(counts)
 
 
 def test_the_baseline_names_its_conv1d_kernel(monkeypatch):

@@ -33,8 +33,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
 import functools
 import gc
+import io
+import pstats
 import re
 import time
 import traceback
@@ -274,19 +277,34 @@ def _time_steps(step: TrainStep, warmup: int, iters: int) -> tuple[float, float,
 
 
 def profile_step(step: Callable[[], None], path: Path, rows: int = 30) -> str:
-    """One more step under torch.profiler: the operators and kernels that took the most device time (CPU
-    time without CUDA), as a table in ``path``, to see where a step's time goes, after a line of counts
-    (:func:`launch_counts`), which it returns."""
+    """Two more steps, profiled, written to ``path`` after a line of counts (:func:`launch_counts`, returned).
+    Under torch.profiler: the operators and kernels that took the most device time (CPU time without CUDA), then
+    the operators by their own host time. Under cProfile: the Python functions by their own time and with what
+    they call, for a host-bound step the answer to where the host's time goes (fla's wrappers and Triton's launcher are Python,
+    which torch.profiler counts in the enclosing operator's own time); cProfile slows Python calls, so read it
+    for shares, not seconds."""
     cuda = torch.cuda.is_available()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         step()
         if cuda:
             torch.cuda.synchronize()
+    python = cProfile.Profile()
+    python.runcall(step)
+    if cuda:
+        torch.cuda.synchronize()
+    by_own, by_cumulative = io.StringIO(), io.StringIO()
+    pstats.Stats(python, stream=by_own).sort_stats("tottime").print_stats(rows)
+    pstats.Stats(python, stream=by_cumulative).sort_stats("cumulative").print_stats(rows)
     key = "cuda_time_total" if cuda else "cpu_time_total"
     counts = launch_counts(prof.events())
+    sections = [counts, "Device time:", prof.key_averages().table(sort_by=key, row_limit=rows),
+                "Host time, by operator (its own, without the operators it calls):",
+                prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows),
+                "Host time, by Python function, its own (cProfile, one more step):", by_own.getvalue().strip(),
+                "Host time, by Python function, with what it calls (the same step):", by_cumulative.getvalue().strip()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(counts + "\n\n" + prof.key_averages().table(sort_by=key, row_limit=rows) + "\n")
+    path.write_text("\n\n".join(sections) + "\n")
     return counts
 
 
@@ -345,7 +363,8 @@ def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 
                     result.mfu = flops / seconds / (peak * 1e12)
                     result.mfu_accumulated = flops * accumulate / ((seconds - update) * accumulate + update) / (peak * 1e12)
                 if profile_dir is not None:
-                    name = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{setup.name}-{setup.memory}-{seq}")
+                    rows = f"x{micro_batch}" if micro_batch > 1 else ""  # another micro-batch, another file
+                    name = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{setup.name}-{setup.memory}-{seq}{rows}")
                     print(f"# {setup.name} [{setup.memory}] seq {seq} profiled: "
                           f"{profile_step(step, Path(profile_dir) / f'{name}.txt')}", flush=True)
             except torch.OutOfMemoryError:
