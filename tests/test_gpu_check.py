@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from megatron.core.transformer.enums import AttnMaskType
+
+from megatron_ext import layers
 from tools import gpu_check
 
 ROWS = "| part | check | value | limit | verdict |"
@@ -134,6 +137,34 @@ def test_attention_part_on_cpu(capsys):
         ("masked bf16 vs masked fp32", name, "pass") for name in ("output", "dq", "dk", "dv")] * 2
     assert ["one document:" in r[1] for r in rows] == [False] * 4 + [True] * 4
     assert determinism[1:3] == ["masked bf16 deterministic (two runs, same bits: output, gradients)", "yes"]
+
+
+class TESignatureAttention(layers.PackedDotProductAttention):
+    """The masked path behind the forward signature of megatron-core's TEDotProductAttention (tests/test_te_modules.py
+    holds the two equal where TE imports): ``attn_mask_type`` is required, and TE reads ``attn_mask_type.name``."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type, attention_bias=None, packed_seq_params=None,
+                num_splits=None):
+        return super().forward(query, key, value, attention_mask, AttnMaskType[attn_mask_type.name], attention_bias,
+                               packed_seq_params)
+
+
+def test_te_attention_part_calls_the_module_as_te_must_be_called(capsys, monkeypatch):
+    """The te_attention procedure on CPU, TE's attention stood in for by the masked path with TE's signature: the
+    part once called it without ``attn_mask_type``, a TypeError that only a GPU session would have met."""
+    real = gpu_check.core_attention
+
+    def core_attention(kernel, *args, **kwargs):
+        module = real("masked" if kernel == "te" else kernel, *args, **kwargs)
+        if kernel == "te":
+            module.__class__ = TESignatureAttention
+        return module
+
+    monkeypatch.setattr(gpu_check, "core_attention", core_attention)
+    gpu_check.part_attention("cpu", kernel="te", part="te_attention")
+    rows = _rows(capsys)
+    assert [(r[0], r[1].split(", ")[0], r[1].split(": ")[-1], r[4]) for r in rows if "deterministic" not in r[1]] == [
+        ("te_attention", "te bf16 vs masked fp32", name, "pass") for name in ("output", "dq", "dk", "dv")] * 2
 
 
 def test_flex_part_on_cpu(capsys):

@@ -70,3 +70,17 @@ def test_fp8_recipes_build_te_modules(te_model, recipe):  # te_model: its patche
     config = dataclasses.replace(TINY, linear_num_key_heads=4, linear_num_value_heads=16)
     model = build_model(config, "te", device="cpu", params_dtype=torch.bfloat16, fp8="hybrid", fp8_recipe=recipe)
     assert (model.config.fp8, model.config.fp8_recipe) == ("hybrid", recipe)
+
+
+def test_te_attention_part_stand_in_has_te_signature():
+    """tests/test_gpu_check.py runs the te_attention part on CPU through a stand-in with TE's forward signature:
+    held to the real one here."""
+    import inspect
+
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+    from test_gpu_check import TESignatureAttention
+
+    def shape(fn):
+        return [(p.name, p.default is inspect.Parameter.empty) for p in inspect.signature(fn).parameters.values()]
+
+    assert shape(TESignatureAttention.forward) == shape(TEDotProductAttention.forward)

@@ -374,6 +374,7 @@ def part_attention(device: str, kernel: str = "fused", part: str = "attention") 
     procedure, gradients included); FlexAttention runs eagerly there, forward only (torch refuses Flex's CPU
     backward)."""
     from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference stays fp32
     if device != "cuda" and kernel == "fused":
@@ -396,7 +397,9 @@ def part_attention(device: str, kernel: str = "fused", part: str = "attention") 
             leaves = [x.detach().to(dtype).requires_grad_(grads) for x in (q, k, v)]
             module = core_attention(kernel, heads, groups, head_dim, device, dtype)
             poison_free_memory(device)
-            out = module(*leaves, None, packed_seq_params=params).reshape(t, 1, -1)  # TE's thd output: [t, h * d]
+            # attn_mask_type as megatron's attention passes it: TE's forward requires it (the local one ignores it)
+            out = module(*leaves, None, attn_mask_type=AttnMaskType.causal, packed_seq_params=params)
+            out = out.reshape(t, 1, -1)  # TE's thd output: [t, h * d]
             if grads:
                 poison_free_memory(device)
                 (out.float() * upstream).sum().backward()
