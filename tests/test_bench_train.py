@@ -227,3 +227,18 @@ def test_compiled_chains_take_the_norms_elementwise_calls_off_the_host():
     no_recompute = bench_calls.count(True, layers=2, tokens=16, memory="none")
     assert unfused_loss.total() > compiled.total() > no_recompute.total()
     assert no_recompute["matmul"] < compiled["matmul"] == unfused_loss["matmul"]
+
+
+def test_the_gpu_session_commands_select_rows_and_their_baseline():
+    """.ci/device/session.sh picks bench rows by regular expression: a pattern that matches nothing costs a GPU
+    session its measurement silently, and a command without the transformers row has no ratio to report."""
+    from pathlib import Path
+
+    script = (Path(__file__).parents[1] / ".ci/device/session.sh").read_text()
+    patterns = re.findall(r"--only '([^']+)'", script)
+    labels = [f"{s.name} [{s.memory}]" for s in bench_train.SETUPS]
+    assert len(patterns) == script.count("--only ") >= 4
+    for pattern in patterns:
+        chosen = [label for label in labels if re.search(pattern, label)]
+        assert "transformers + fla [full]" in chosen and len(chosen) >= 2, (pattern, chosen)
+        assert any(label.startswith("local-fused, compiled elementwise [") for label in chosen), (pattern, chosen)

@@ -3,6 +3,7 @@ other parts still run, rows echoed and written), and the parts that can run on C
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -105,6 +106,32 @@ def test_kill_tree_reaches_processes_in_sessions_of_their_own():
     while not all(gone(p) for p in tree) and time.time() < deadline:
         time.sleep(0.05)
     assert all(gone(p) for p in tree)
+
+
+def test_a_terminated_check_stops_its_running_part(tmp_path):
+    """``timeout`` signals the check, not the part (in a session of its own, like torchrun's ranks): the part once
+    trained on beside the benchmark that followed it. Now the check stops the part, says so, and exits."""
+    import signal
+
+    import psutil
+
+    out = tmp_path / "gpu_check.md"
+    check = subprocess.Popen([sys.executable, "-m", "tools.gpu_check", "--device", "cpu", "--workdir",
+                              str(tmp_path / "work"), "--out", str(out), "--parts", "resume,kernels"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(tree := gpu_check.process_tree(check.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(tree) >= 2, "the part's process never started"
+    check.send_signal(signal.SIGTERM)
+    assert check.wait(timeout=60) == 128 + signal.SIGTERM, check.stderr.read()[-2000:]
+    part, stopped = [x for x in out.read_text().splitlines() if x.startswith("| ")][1:]
+    assert re.fullmatch(r"\| resume \| terminated \| after \d+ s, by a signal to the check \| \| STOPPED \|", part)
+    assert re.fullmatch(r"\| all \| terminated after \d+ s, at part resume; the parts after it did not run \| \| \| "
+                        r"STOPPED \|", stopped)
+    for p in tree[1:]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            assert p.wait(timeout=10) is not None or not p.is_running()
 
 
 def test_unknown_part_is_refused():

@@ -88,6 +88,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -732,24 +733,39 @@ def run_part(name: str, box: float, args: argparse.Namespace, out) -> None:
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
         deadline = time.monotonic() + box
-        while True:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                kill_tree(proc.pid)
-                proc.wait()
-                emit(out, f"| {name} | time box | stopped after {box:.0f} s | | TIMEOUT |")
-                return
-            if line is None:
-                break
-            if line.startswith("| "):
-                emit(out, line.rstrip("\n"))
+        try:
+            while True:
+                try:
+                    line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    kill_tree(proc.pid)
+                    proc.wait()
+                    emit(out, f"| {name} | time box | stopped after {box:.0f} s | | TIMEOUT |")
+                    return
+                if line is None:
+                    break
+                if line.startswith("| "):
+                    emit(out, line.rstrip("\n"))
+        except Terminated:  # the part is in a session of its own, where a signal to this one does not reach
+            kill_tree(proc.pid)
+            proc.wait()
+            emit(out, f"| {name} | terminated | after {time.monotonic() - deadline + box:.0f} s, by a signal to "
+                      "the check | | STOPPED |")
+            raise
         code = proc.wait()
     if not code:
         emit(out, f"| {name} | seconds | {time.monotonic() - deadline + box:.0f} | <= {box:.0f} | |")
     if code:
         last = [x for x in log.read_text().splitlines() if x.strip()][-1:] or ["(no output)"]
         emit(out, f"| {name} | exit code {code} | {last[0][:200].replace('|', '/')} | see {log} | FAILED |")
+
+
+class Terminated(Exception):
+    """SIGTERM to the check (e.g. from ``timeout``): the running part is stopped with it, not orphaned."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def emit(out, line: str) -> None:
@@ -807,17 +823,23 @@ def main(argv: list[str] | None = None) -> None:
 
     stack = installed()
     versions = ", ".join(f"{k} {v}" for k, v in stack.versions.items() if v)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     with open(args.out, "a") as out:
         emit(out, f"\n### GPU check, {date.today()}, {stack.device} ({versions})\n")
         emit(out, "| part | check | value | limit | verdict |\n|---|---|---|---|---|")
-        for name in parts:
-            left = float("inf") if args.budget is None else args.budget - since_start()
-            if name in TE_BOXES and te_missing:
-                emit(out, f"| {name} | needs Transformer Engine | {te_missing[:150].replace('|', '/')} | | SKIPPED |")
-            elif left < MIN_BOX:
-                emit(out, f"| {name} | not run: {max(left, 0):.0f} s of --budget {args.budget:.0f} left | | | SKIPPED |")
-            else:
-                run_part(name, min(boxes[name], left), args, out)
+        try:
+            for name in parts:
+                left = float("inf") if args.budget is None else args.budget - since_start()
+                if name in TE_BOXES and te_missing:
+                    emit(out, f"| {name} | needs Transformer Engine | {te_missing[:150].replace('|', '/')} | | SKIPPED |")
+                elif left < MIN_BOX:
+                    emit(out, f"| {name} | not run: {max(left, 0):.0f} s of --budget {args.budget:.0f} left | | | SKIPPED |")
+                else:
+                    run_part(name, min(boxes[name], left), args, out)
+        except Terminated:
+            emit(out, f"| all | terminated after {since_start():.0f} s, at part {name}; the parts after it did not run "
+                      "| | | STOPPED |")
+            raise SystemExit(128 + signal.SIGTERM) from None
         emit(out, f"| all | seconds since the command started | {since_start():.0f} | | |")
 
 

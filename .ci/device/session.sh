@@ -1,34 +1,62 @@
 #!/usr/bin/env bash
-# One lent GPU session's checks in one command, after .ci/device/stage.sh has installed the stack:
-#   bash .ci/device/stage.sh run bash .ci/device/session.sh [DEADLINE_SECONDS]
-# The correctness parts run in two gpu_check processes at once (their timings are not the point, and the
-# GPU has room for both), then bench_train runs alone, its rows timed: seq 4096 first (every row issues 12
-# and 16 compare), then seq 8192 for what is left. Each step is cut to what is left of DEADLINE (default 530 s,
-# for a call of 560). Rows print as they come; logs, per-part logs and profiles come back under $OUT.
+# One lent GPU session's checks and benchmarks, after .ci/device/stage.sh has installed the stack:
+#   bash .ci/device/stage.sh run bash .ci/device/session.sh [DEADLINE_SECONDS] [PHASES]
+# PHASES (default check,bench), each cut to what is left of DEADLINE (default 530 s, for a call of 560; the
+# install before this script, about 25 s on a fresh machine, comes out of the call's margin):
+#   check  the correctness parts, in two gpu_check processes at once (their timings are not the point, and the GPU
+#          has room for both), leaving BENCH_SECONDS (default 230) of DEADLINE to the bench when both phases run
+#   bench  bench_train alone, its rows timed, most wanted first: seq 4096 at micro-batch 2 (half the host's launches
+#          per token of the host-bound one-sequence step; every row issues 12 and 16 compare), then micro-batch 1
+#          (what each lever gains), the recipe's micro-batch 4, and seq 8192 with what is left
+# With a tight lease run the phases as two calls back to back: `... session.sh 330 check`, `... session.sh 420
+# bench`. Name kind nvidia-h100-x1 on the device calls: fla's tuned configurations ship for the H100, and on
+# another GPU its first steps autotune for minutes. Rows print as they come; the logs and profiles are written
+# under $OUT as each command ends.
 set -u
 deadline=${1:-530}
+phases=${2:-check,bench}
 left() { echo $((deadline - SECONDS)); }
+# `timeout` with what is left less a margin, or a line saying why not: timeout 0 would mean no limit at all
+boxed() {
+  local margin=$1 need=$2 what=$3; shift 3
+  local t=$(( $(left) - margin ))
+  if [ "$t" -lt "$need" ]; then echo "session.sh: $what not run: $(left) s left"; return 0; fi
+  timeout "$t" "$@"
+}
+export TRITON_CACHE_AUTOTUNING=1  # what Triton's autotuning chose, kept on disk: paid once a session, not a process
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python -c "import transformer_engine.pytorch as te; print('transformer_engine.pytorch imports:', te.__version__)" \
-  2>&1 | tail -4
-mkdir -p out/gc2 && cp -r out/gpu_check/mix out/gc2/
-box=$(( $(left) - 230 ))  # the bench after them needs about 230 s
-timeout "$box" python -m tools.gpu_check --parts te_fp8,te_packed --workdir out/gpu_check --budget "$box" \
-  --out "$OUT/check_a.md" > "$OUT/check_a.log" 2>&1 &
-timeout "$box" python -m tools.gpu_check --parts attention,compiled,te_attention,te_parity,te_ckpt --workdir out/gc2 --budget "$box" \
-  --out "$OUT/check_b.md" 2>&1 | tee "$OUT/check_b.log"
-wait
-cat "$OUT/check_a.md"
-rows='^(local-fused(, compiled elementwise(, unfused loss)?)? \[selective-mlp\]|local-fused, compiled elementwise \[none\]|te-.*|transformers \+ fla \[full\])$'
-timeout $(( $(left) - 15 )) python -m tools.bench_train --seqs 4096 --warmup 1 --iters 3 --only "$rows" \
-  --profile /tmp/profile 2>&1 | tee "$OUT/bench_4096.log"
-# the flagship recipe's own micro-batch: 4 rows of 4096 tokens (about 74 GiB on one GPU, where nothing is sharded)
-timeout $(( $(left) - 15 )) python -m tools.bench_train --seqs 4096 --micro-batch 4 --accumulate 8 --warmup 1 --iters 3 \
-  --only '^local-fused, compiled elementwise \[selective-mlp\]$' 2>&1 | tee "$OUT/bench_4096x4.log"
-if [ "$(left)" -gt 75 ]; then
-  timeout $(( $(left) - 10 )) python -m tools.bench_train --seqs 8192 --warmup 1 --iters 3 \
-    --only '^(local-fused, compiled elementwise \[selective-mlp\]|te-bf16.*|transformers \+ fla \[full\])$' 2>&1 |
-    tee "$OUT/bench_8192.log"
+python -c "import transformer_engine as te, transformer_engine.pytorch; print('transformer_engine.pytorch imports:',
+te.__version__)" 2>&1 | tail -4
+
+if [[ $phases == *check* ]]; then
+  mkdir -p out/gc2 && cp -r out/gpu_check/mix out/gc2/
+  reserve=0; [[ $phases == *bench* ]] && reserve=${BENCH_SECONDS:-230}
+  box=$(( $(left) - reserve - 10 ))
+  budget=$(( box - 20 ))  # the check's own budget ends first: it stops its last part and writes its rows
+  boxed $(( reserve + 10 )) 60 "gpu_check te_fp8,te_packed" python -m tools.gpu_check --parts te_fp8,te_packed \
+    --workdir out/gpu_check --budget "$budget" --out "$OUT/check_a.md" > "$OUT/check_a.log" 2>&1 &
+  boxed $(( reserve + 10 )) 60 "gpu_check attention,..." python -m tools.gpu_check \
+    --parts attention,te_attention,te_parity,compiled,te_ckpt --workdir out/gc2 --budget "$budget" \
+    --out "$OUT/check_b.md" 2>&1 | tee "$OUT/check_b.log"
+  wait
+  cat "$OUT/check_a.md" 2>/dev/null
+  mkdir -p "$OUT/check_logs" && cp out/gpu_check/*.log out/gc2/*.log "$OUT/check_logs/" 2>/dev/null
 fi
-tar czf "$OUT/logs.tgz" out/gpu_check/*.log out/gc2/*.log /tmp/profile 2>/dev/null
+
+if [[ $phases == *bench* ]]; then
+  bench() {  # NAME MARGIN ARGS...: one bench_train command, its log under $OUT
+    local name=$1 margin=$2; shift 2
+    boxed "$margin" 45 "bench $name" python -m tools.bench_train --warmup 1 --iters 3 "$@" 2>&1 | tee "$OUT/bench_$name.log"
+  }
+  # about 53-58 GiB a row on one GPU (resident 31.6 plus twice the one-sequence activations); the allocator's
+  # expandable segments keep fragmentation from failing a row that fits
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 4096x2 15 --seqs 4096 --micro-batch 2 --profile "$OUT/profile" \
+    --only '^(local-fused, compiled elementwise \[(selective-mlp|none)\]|(te-bf16|te-fp8-delayed|te-fp8-tensorwise) \[selective-mlp\]|transformers \+ fla \[full\])$'
+  bench 4096 15 --seqs 4096 --profile "$OUT/profile" \
+    --only '^(local-fused, compiled elementwise(, unfused loss)? \[selective-mlp\]|local-fused, compiled elementwise \[none\]|transformers \+ fla \[full\])$'
+  # the flagship recipe's own micro-batch: 4 rows of 4096 tokens (about 74 GiB on one GPU, where nothing is sharded)
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 4096x4 15 --seqs 4096 --micro-batch 4 --accumulate 8 \
+    --only '^(local-fused, compiled elementwise \[selective-mlp\]|transformers \+ fla \[full\])$'
+  bench 8192 10 --seqs 8192 --only '^((local-fused, compiled elementwise|te-bf16) \[selective-mlp\]|transformers \+ fla \[full\])$'
+fi
 echo "session.sh: $SECONDS s"
