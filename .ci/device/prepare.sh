@@ -67,3 +67,5 @@ for i in "${!calls[@]}"; do
     echo "  carry [${calls[$i]}] + the tree: bash .ci/device/stage.sh keep ${calls[$i]} && bash .ci/device/stage.sh run CMD..."
   fi
 done
+echo "CMD: bash .ci/device/session.sh 530 (one call of 560 s), or two calls: session.sh 330 check, then session.sh 420"
+echo "bench (the second carries nothing); name kind nvidia-h100-x1 (fla's tuned configurations ship for the H100)"
