@@ -41,6 +41,7 @@ from megatron_ext import logs
 from megatron_ext.data import FIELDS
 from megatron_ext.metrics import Metrics, Progress, memory_gb, plot_losses
 from megatron_ext.parallel import is_rank0
+from megatron_ext.signals import on_sigterm
 from megatron_ext.train_config import TrainConfig
 
 log = logging.getLogger("neurocpt.train")
@@ -243,6 +244,14 @@ def release(ddp) -> None:
 
 
 def train(cfg: TrainConfig) -> TrainState:
+    """Train as ``cfg`` says, resuming from ``run_dir``'s latest checkpoint. SIGTERM (a scheduler preempting the
+    job) asks the loop to save after the step it is in and stop; for this call only (megatron_ext.signals)."""
+    stop = {"requested": False}
+    with on_sigterm(lambda *_: stop.update(requested=True)):
+        return _train(cfg, stop)
+
+
+def _train(cfg: TrainConfig, stop: dict) -> TrainState:
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -327,8 +336,6 @@ def train(cfg: TrainConfig) -> TrainState:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     flops_per_token = train_flops_per_token(qcfg, cfg.seq_length)
     peak = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None, cfg.peak_tflops)
-    stop = {"requested": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     forward_backward = get_forward_backward_func()
     nan_steps = set(cfg.debug.get("nan_at_steps", []))
     tokens_per_step = cfg.global_batch_size * cfg.seq_length

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -54,8 +55,12 @@ def test_te_parts_without_transformer_engine_are_one_skipped_row_each(tmp_path, 
     from megatron_ext import gpu_stack
 
     monkeypatch.setattr(gpu_stack, "transformer_engine_error", lambda: "ImportError: No module named 'transformer_engine'")
+    before = signal.getsignal(signal.SIGTERM)
     gpu_check.main(["--device", "cpu", "--parts", ",".join(gpu_check.TE_BOXES), "--out", str(tmp_path / "check.md"),
                     "--workdir", str(tmp_path / "work")])
+    # its SIGTERM handler was for the run only: left behind in this process, it broke a datatrove worker pool's
+    # shutdown in a later test (the pool's idle workers, forked from here, raised it instead of ending)
+    assert signal.getsignal(signal.SIGTERM) is before
     assert _rows(capsys)[1:-1] == [[name, "needs Transformer Engine", "ImportError: No module named 'transformer_engine'",
                                     "", "SKIPPED"] for name in gpu_check.TE_BOXES]
     assert not any((tmp_path / "work").iterdir())  # no part process ran
@@ -111,8 +116,6 @@ def test_kill_tree_reaches_processes_in_sessions_of_their_own():
 def test_a_terminated_check_stops_its_running_part(tmp_path):
     """``timeout`` signals the check, not the part (in a session of its own, like torchrun's ranks): the part once
     trained on beside the benchmark that followed it. Now the check stops the part, says so, and exits."""
-    import signal
-
     import psutil
 
     out = tmp_path / "gpu_check.md"

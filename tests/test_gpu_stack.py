@@ -4,6 +4,7 @@ to install, and it comes before any data or weights are read."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -56,8 +57,10 @@ def test_the_trainer_checks_before_reading_data_or_weights(monkeypatch, tmp_path
     monkeypatch.setattr(gpu_stack, "installed", lambda: node(triton="3.6.0"))
     cfg = TrainConfig(run_dir=str(tmp_path / "run"), init_from=str(tmp_path / "missing_ckpt"),
                       mix=str(tmp_path / "missing_mix.json"))
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit, match="^GPU stack: triton 3.6.0 computes wrong GDN gradients"):
         train(cfg)
+    assert signal.getsignal(signal.SIGTERM) is before  # its SIGTERM handler is for the call only (megatron_ext.signals)
 
 
 @pytest.mark.parametrize("given, kept", [(None, "1"), ("0", "0")])

@@ -818,13 +818,13 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
     from megatron_ext.gpu_stack import installed, transformer_engine_error
+    from megatron_ext.signals import on_sigterm
 
     te_missing = transformer_engine_error() if set(parts) & set(TE_BOXES) else None
 
     stack = installed()
     versions = ", ".join(f"{k} {v}" for k, v in stack.versions.items() if v)
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    with open(args.out, "a") as out:
+    with on_sigterm(_raise_terminated), open(args.out, "a") as out:
         emit(out, f"\n### GPU check, {date.today()}, {stack.device} ({versions})\n")
         emit(out, "| part | check | value | limit | verdict |\n|---|---|---|---|---|")
         try:

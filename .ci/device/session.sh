@@ -23,7 +23,6 @@ boxed() {
   if [ "$t" -lt "$need" ]; then echo "session.sh: $what not run: $(left) s left"; return 0; fi
   timeout "$t" "$@"
 }
-export TRITON_CACHE_AUTOTUNING=1  # what Triton's autotuning chose, kept on disk: paid once a session, not a process
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import transformer_engine as te, transformer_engine.pytorch; print('transformer_engine.pytorch imports:',
 te.__version__)" 2>&1 | tail -4
