@@ -309,8 +309,9 @@ def _train(cfg: TrainConfig, stop: dict) -> TrainState:
         finalize_model_grads(*args, **kwargs)
         allreduce_gdn_out_norm_grads(ddp)
 
-    if cfg.overlap_communication:
-        log.info("gradient reduce and parameter gather overlapped with compute, in buckets of %d elements", DDP_BUCKET)
+    if ddp.ddp_config.overlap_grad_reduce:  # what was built, not what was asked for (the log line is tested)
+        log.info("gradient reduce%s overlapped with compute, in buckets of %d elements",
+                 " and parameter gather" * ddp.ddp_config.overlap_param_gather, ddp.ddp_config.bucket_size)
     model.config.finalize_model_grads_func = finalize_grads
     model.config.no_sync_func = ddp.no_sync
     optimizer = build_optimizer(ddp, cfg, dtype, dist_opt)

@@ -127,12 +127,16 @@ def test_masked_equals_each_document_alone_forward_and_gradients(lengths):
 
 
 @pytest.mark.parametrize("lengths", LAYOUTS.values(), ids=LAYOUTS.keys())
-def test_flex_equals_masked_forward(lengths):
+def test_flex_equals_masked_forward(lengths, monkeypatch):
     q, k, v = _qkv(sum(lengths), requires_grad=False)
     params = _packed(lengths)
     flex, masked = (core_attention(kernel, HEADS, GROUPS, HEAD_DIM, dtype=torch.float64) for kernel in ("flex", "masked"))
-    torch.testing.assert_close(flex(q, k, v, None, packed_seq_params=params),
-                               masked(q, k, v, None, packed_seq_params=params), **TOL)
+    want = masked(q, k, v, None, packed_seq_params=params)
+    ran = []  # FlexAttention itself, not a fallback to the masked path (which would equal the reference trivially)
+    monkeypatch.setattr(layers, "_flex_attention", lambda *a, real=layers._flex_attention, **kw: ran.append(1) or real(*a, **kw))
+    monkeypatch.setattr(layers.PackedDotProductAttention, "_masked", lambda *a, **kw: pytest.fail("flex ran the masked path"))
+    torch.testing.assert_close(flex(q, k, v, None, packed_seq_params=params), want, **TOL)
+    assert ran == [1]
 
 
 @pytest.mark.parametrize("block", [1, 4, 5])

@@ -507,10 +507,15 @@ def test_phi_drop_policy_and_token_dtype():
 
 def test_two_workers_give_the_same_mix_as_one(demo_mix, tmp_path):
     recipe, mix = demo_mix
-    two = build_mix.build(MixRecipe.load(_recipe(tmp_path)), workers=2)
+    recipe_two = MixRecipe.load(_recipe(tmp_path))
+    two = build_mix.build(recipe_two, workers=2)
     for source, entry in mix["sources"].items():
         assert two["sources"][source]["tokens"] == entry["tokens"], source
         assert two["sources"][source]["documents"] == entry["documents"], source
+        # the held-out documents too (each worker writes its own part, merged after): the same ones, in any order
+        held_one, held_two = (sorted((r.out / m["sources"][source]["heldout"]).read_text().splitlines())
+                              for r, m in ((recipe, mix), (recipe_two, two)))
+        assert held_one and held_two == held_one, source
 
 
 def test_ray_executor_gives_the_same_mix(demo_mix, tmp_path):

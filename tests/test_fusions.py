@@ -42,7 +42,7 @@ def _logits_and_grads(model, ids, upstream):
     {}, dict(recompute_granularity="selective", recompute_modules=["mlp"]),
     dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
 ], ids=["no-recompute", "selective-mlp", "full"])
-def test_compiled_elementwise_model_matches_eager_and_transformers_in_float64(recompute):
+def test_compiled_elementwise_model_matches_eager_and_transformers_in_float64(recompute, monkeypatch):
     """Logits against transformers; gradients against the eager model under the same recomputation. The
     float64 harness cannot reach a recomputation that runs inside the backward (autograd runs no torch
     function modes there): megatron's own fp32 upcasts (attention softmax, RoPE) then stay fp32 on both
@@ -57,9 +57,14 @@ def test_compiled_elementwise_model_matches_eager_and_transformers_in_float64(re
         eager_logits, eager_grads = _logits_and_grads(megatron_twin(hf, **recompute), ids, upstream)
         compiled = megatron_twin(hf, compile_elementwise=True, **recompute)
         assert compiled.config.compile_elementwise and compiled.config.bias_activation_fusion  # megatron's SwiGLU too
+        ran = []  # each chain's compiled twin itself: one left eager would match the eager model trivially
+        for chain in (layers.rms_norm, layers.gated_rms_norm, layers.gdn_gates):
+            monkeypatch.setattr(chain, "compiled", lambda *a, name=chain.__name__, twin=chain.compiled, **kw:
+                                ran.append(name) or twin(*a, **kw))
         with dynamo_on() as counters:
             logits, grads = _logits_and_grads(compiled, ids, upstream)
     assert dict(counters["graph_break"]) == {}, "a graph break splits a chain back into eager kernels"
+    assert set(ran) == {"rms_norm", "gated_rms_norm", "gdn_gates"}
     assert counters["stats"]["unique_graphs"] >= 4  # rms_norm, gdn_gates, gated_rms_norm, SwiGLU (at least)
     assert logits.dtype == torch.float64 and rel_err(logits, reference) <= 1e-10
     assert rel_err(logits, eager_logits) <= 1e-12
