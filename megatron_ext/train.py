@@ -245,9 +245,16 @@ def release(ddp) -> None:
 
 def train(cfg: TrainConfig) -> TrainState:
     """Train as ``cfg`` says, resuming from ``run_dir``'s latest checkpoint. SIGTERM (a scheduler preempting the
-    job) asks the loop to save after the step it is in and stop; for this call only (megatron_ext.signals)."""
-    stop = {"requested": False}
-    with on_sigterm(lambda *_: stop.update(requested=True)):
+    job) asks the loop to save after the step it is in and stop, and before the loop ends the run at once (there
+    is nothing to save yet); for this call only (megatron_ext.signals)."""
+    stop = {"requested": False, "training": False}
+
+    def on_term(signum, frame):
+        if not stop["training"]:
+            raise SystemExit(128 + signum)
+        stop["requested"] = True
+
+    with on_sigterm(on_term):
         return _train(cfg, stop)
 
 
@@ -346,6 +353,7 @@ def _train(cfg: TrainConfig, stop: dict) -> TrainState:
 
     ddp.train()
     progress = Progress(tokens_per_step)
+    stop["training"] = True  # from here a SIGTERM saves first
     while state.step < iters:
         t0 = time.perf_counter()
         ddp.zero_grad_buffer()

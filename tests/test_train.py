@@ -634,3 +634,20 @@ def test_peak_flops_by_gpu_name_tell_the_variants_apart():
              "NVIDIA H200 NVL": 835, "NVIDIA A100-SXM4-80GB": 312, "NVIDIA L40S": 362, "NVIDIA T4": None}
     assert {name: peak_tflops(name) for name in names} == names
     assert peak_tflops("NVIDIA H100 PCIe", override=700) == 700 and peak_tflops(None) is None
+
+
+def test_sigterm_before_the_first_step_ends_the_run_at_once(monkeypatch, tmp_path):
+    """Before the loop there is nothing to save: a SIGTERM then ends the run as the default action would (the
+    loop's handler would run a step first), and train() leaves the process's SIGTERM handler as it found it."""
+    import signal
+
+    from megatron_ext import gpu_stack
+    from megatron_ext.train import train
+    from megatron_ext.train_config import TrainConfig
+
+    monkeypatch.setattr(gpu_stack, "check", lambda kernel: os.kill(os.getpid(), signal.SIGTERM))  # during start-up
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        train(TrainConfig(run_dir=str(tmp_path / "run"), init_from=str(tmp_path / "missing")))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
