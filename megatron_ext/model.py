@@ -19,10 +19,23 @@ from megatron_ext.spec import block_spec, resolve_backend, selective_recompute_m
 log = logging.getLogger(__name__)
 
 
+def _batch_positions(position_ids: Tensor, b: int, s: int) -> Tensor:
+    """``position_ids`` as [b, s]: one row ([s] or [1, s]) serves the whole batch, as in transformers."""
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    if position_ids.dim() == 2 and position_ids.shape[0] == 1 and position_ids.shape[1] == s:
+        return position_ids.expand(b, s)
+    if tuple(position_ids.shape) != (b, s):
+        raise ValueError(f"position_ids of shape {list(position_ids.shape)} do not fit input_ids of shape [{b}, {s}]: "
+                         f"pass [{b}, {s}], [1, {s}] or [{s}]")
+    return position_ids
+
+
 class Qwen35GPTModel(GPTModel):
     """megatron-core GPTModel for Qwen3.5 that always runs packed (thd), so documents never see each other.
 
-    ``forward(input_ids, position_ids, attention_mask=None)`` takes a [b, s] batch; without explicit
+    ``forward(input_ids, position_ids, attention_mask=None)`` takes a [b, s] batch (``position_ids``
+    [b, s], or one row of them, [s] or [1, s], for every row, as transformers takes them); without explicit
     ``packed_seq_params`` the document boundaries come from ``position_ids`` resets and the optional
     [b, s] padding ``attention_mask``, read on the host (the trainer passes the params it built before
     copying the batch: :class:`~megatron_ext.packing.Documents`). Returns logits [b, s, vocab] (gathered
@@ -44,6 +57,8 @@ class Qwen35GPTModel(GPTModel):
         **kwargs,
     ) -> Tensor:
         b, s = input_ids.shape
+        if position_ids is not None:
+            position_ids = _batch_positions(position_ids, b, s)
         if packed_seq_params is None:
             if attention_mask is not None and attention_mask.dim() != 2:
                 raise ValueError("attention_mask must be a [batch, seq] padding mask; pass packed_seq_params for documents")

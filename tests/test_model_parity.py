@@ -143,3 +143,21 @@ def test_loss_in_chunks_equals_the_whole_and_keeps_no_logits_for_the_backward(ti
         assert rel_err(grads_c[name], grads[name]) <= 1e-12, name
     assert biggest >= 2 * SEQ * padded  # the whole sequence's logits, kept for the backward
     assert biggest_c == 0  # only inside the pieces, recomputed there
+
+
+def test_one_row_of_positions_serves_the_whole_batch_and_a_wrong_shape_is_named():
+    """transformers takes ``position_ids`` of [s] or [1, s] for a [b, s] batch; so does ours, with the
+    logits of the same positions given per row. Any other shape is refused with both shapes named."""
+    gen = torch.Generator().manual_seed(5)
+    with float64():
+        hf = causal_lm(text_config(), seed=1)
+        ours = megatron_twin(hf)
+        ids = torch.randint(0, hf.config.vocab_size, (3, SEQ), generator=gen)
+        row = torch.cat([torch.arange(40), torch.arange(SEQ - 40)])  # two documents
+        with torch.no_grad():
+            per_row = ours(ids, row.expand(3, SEQ))
+            assert rel_err(per_row[:, :40], ours(ids[:, :40])) <= 1e-12  # the second document is not seen
+            for one_row in (row, row[None]):
+                assert torch.equal(ours(ids, one_row), per_row)
+            with pytest.raises(ValueError, match=r"position_ids of shape \[2, 77\] do not fit input_ids of shape \[3, 77\]"):
+                ours(ids, row.expand(2, SEQ))
