@@ -505,29 +505,38 @@ def test_phi_drop_policy_and_token_dtype():
     assert token_dtype(248320) == np.int32 and token_dtype(2048) == np.uint16
 
 
-def test_two_workers_give_the_same_mix_as_one(demo_mix, tmp_path):
-    recipe, mix = demo_mix
-    recipe_two = MixRecipe.load(_recipe(tmp_path))
-    two = build_mix.build(recipe_two, workers=2)
+def _assert_same_mix(built: tuple[MixRecipe, dict], other: tuple[MixRecipe, dict]) -> None:
+    """The same mix, however the work was split: per source the same counts, the same training documents and
+    the same held-out documents (each worker writes its own part, merged after), in any order."""
+    (recipe, mix), (recipe_b, mix_b) = built, other
+    assert mix_b["sources"].keys() == mix["sources"].keys()
     for source, entry in mix["sources"].items():
-        assert two["sources"][source]["tokens"] == entry["tokens"], source
-        assert two["sources"][source]["documents"] == entry["documents"], source
-        # the held-out documents too (each worker writes its own part, merged after): the same ones, in any order
-        held_one, held_two = (sorted((r.out / m["sources"][source]["heldout"]).read_text().splitlines())
-                              for r, m in ((recipe, mix), (recipe_two, two)))
-        assert held_one and held_two == held_one, source
+        entry_b = mix_b["sources"][source]
+        assert (entry_b["tokens"], entry_b["documents"]) == (entry["tokens"], entry["documents"]), source
+        assert sorted(_decoded(recipe_b, source)) == sorted(_decoded(recipe, source)), source
+        held, held_b = (sorted((r.out / e["heldout"]).read_text().splitlines())
+                        for r, e in ((recipe, entry), (recipe_b, entry_b)))
+        assert held and held_b == held, source
+
+
+def _built(recipe_path: Path) -> tuple[MixRecipe, dict]:
+    recipe = MixRecipe.load(recipe_path)
+    return recipe, json.loads((recipe.out / "mix.json").read_text())
+
+
+def test_two_workers_give_the_same_mix_as_one(demo_mix, tmp_path):
+    recipe_two = MixRecipe.load(_recipe(tmp_path))
+    _assert_same_mix(demo_mix, (recipe_two, build_mix.build(recipe_two, workers=2)))
 
 
 def test_ray_executor_gives_the_same_mix(demo_mix, tmp_path):
     """datatrove's Ray executor on a local Ray cluster (the Slurm one needs a Slurm controller)."""
-    recipe, mix = demo_mix
     # in a process of its own, as a user runs it: Ray left its SIGTERM handling in the test process, and twice a
     # datatrove worker pool forked later in that process (test_sft's build) outlived the SIGTERM of its shutdown
     ray_recipe = _recipe(tmp_path)
     run = _cli(ray_recipe, "--executor", "ray", "--workers", "2")
     assert run.returncode == 0, run.stderr[-3000:]
-    ray_mix = json.loads((MixRecipe.load(ray_recipe).out / "mix.json").read_text())
-    assert {s: e["tokens"] for s, e in ray_mix["sources"].items()} == {s: e["tokens"] for s, e in mix["sources"].items()}
+    _assert_same_mix(demo_mix, _built(ray_recipe))
 
 
 def test_latex_becomes_prose():
@@ -579,7 +588,6 @@ def test_mix_warns_when_a_source_needs_many_epochs(caplog, tmp_path):
 def test_slurm_executor_wiring(demo_mix, tmp_path):
     """The Slurm path (stage job arrays chained by dependencies; rerun to merge and report) with stand-ins
     for sbatch/srun that run each array task on this machine, since no Slurm controller is available."""
-    recipe, mix = demo_mix
     fake = Path(__file__).parent / "fake_slurm"
     env = {**os.environ, "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cmd = [sys.executable, "-m", "preprocessing.build_mix", "--config", str(_recipe(tmp_path)),
@@ -589,8 +597,7 @@ def test_slurm_executor_wiring(demo_mix, tmp_path):
     assert "cluster jobs submitted" in submitted.stdout and not (tmp_path / "mix" / "mix.json").exists()
     finished = subprocess.run(cmd, env=env, capture_output=True, text=True)  # after the jobs: merge + report
     assert finished.returncode == 0, finished.stderr[-3000:]
-    slurm_mix = json.loads((tmp_path / "mix" / "mix.json").read_text())
-    assert {s: e["tokens"] for s, e in slurm_mix["sources"].items()} == {s: e["tokens"] for s, e in mix["sources"].items()}
+    _assert_same_mix(demo_mix, _built(tmp_path / "recipe.yaml"))
 
 
 def test_a_rerun_after_a_kill_while_work_is_removed_keeps_the_mix(tmp_path, monkeypatch):
