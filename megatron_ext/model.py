@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from megatron_ext import parallel
 from megatron_ext.config import Qwen35Config
@@ -94,12 +93,14 @@ class Qwen35GPTModel(GPTModel):
                 or self.config.mtp_num_layers or self.output_layer.sequence_parallel
                 or hidden_states.shape[0] <= self.loss_chunk):
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         pieces = zip(hidden_states.split(self.loss_chunk, dim=0), labels.split(self.loss_chunk, dim=1))
-        return torch.cat([checkpoint(self._head_loss, h, y, weight, use_reentrant=False)
-                          for h, y in pieces], dim=1)
+        # megatron's checkpoint, as for its own recomputation: it recomputes with the parameters themselves, where
+        # torch's non-reentrant one hands the recomputed layer detached copies, without the attributes
+        # gradient_accumulation_fusion reads and sets on a weight (main_grad, grad_added_to_main_grad)
+        return torch.cat([tensor_parallel.checkpoint(self._head_loss, False, h, y) for h, y in pieces], dim=1)
 
-    def _head_loss(self, hidden_states: Tensor, labels: Tensor, weight: Tensor | None) -> Tensor:
+    def _head_loss(self, hidden_states: Tensor, labels: Tensor) -> Tensor:
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden_states, weight=weight, runtime_gather_output=False)
         return self.compute_language_model_loss(labels, logits)
 

@@ -6,8 +6,6 @@ to the rounding bound of its longest reduction. Random inputs come from local se
 
 from __future__ import annotations
 
-import contextlib
-import functools
 
 import pytest
 import torch
@@ -109,20 +107,22 @@ def test_config_keys_a_file_leaves_out_are_read_as_transformers_reads_them():
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_loss_in_chunks_equals_the_whole_and_keeps_no_logits_for_the_backward(tied, monkeypatch):
+def test_loss_in_chunks_equals_the_whole_and_keeps_no_logits_for_the_backward(tied):
     """``loss_chunk``: the output layer and loss in pieces (here 16 tokens, the last one short), each
     piece's logits recomputed in the backward. Same per-token loss and gradients in float64; what the
     autograd graph keeps outside the pieces holds nothing of vocabulary size per token."""
-    from megatron_ext import model as model_module
-
-    # torch's checkpoint recomputes without the caller's function modes: float64 mode for the recompute too
-    monkeypatch.setattr(model_module, "checkpoint", functools.partial(
-        model_module.checkpoint, context_fn=lambda: (contextlib.nullcontext(), float64())))
     gen = torch.Generator().manual_seed(3)
     with float64():
         hf = causal_lm(text_config(tie_word_embeddings=tied, vocab_size=1000), seed=1)  # padded to 1024
         whole, chunked = megatron_twin(hf), megatron_twin(hf)
     chunked.loss_chunk = 16
+    head = chunked._head_loss
+
+    def head_in_float64(*args):  # recomputed in the backward, where autograd runs without the caller's function modes
+        with float64():
+            return head(*args)
+
+    chunked._head_loss = head_in_float64
     vocab, padded = hf.config.vocab_size, whole.qwen35_config.padded_vocab_size
     ids, labels = (torch.randint(0, vocab, (2, SEQ), generator=gen) for _ in range(2))
     positions = torch.cat([torch.arange(30), torch.arange(SEQ - 30)]).expand(2, SEQ)  # two documents a row
