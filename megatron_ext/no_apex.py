@@ -1,16 +1,29 @@
-"""megatron-core without Transformer Engine or Apex: a sync-free stand-in for the one fallback that stalls.
+"""megatron-core without Apex: torch stand-ins for the two Apex kernels whose absence costs a training step.
 
-Without TE and Apex, megatron-core's gradient clipping takes the total gradient norm from
-``megatron.core.utils.local_multi_tensor_l2_norm``, which turns every parameter's norm into a Python
-float: one host synchronisation per parameter tensor, each training step (measured on an H200 with
-``python -m tools.gpu_check --parts syncs``: 45 syncs per step at 4 layers, 82 at 8). Its replacement
-keeps the norms on the device (torch's foreach norm, as ``torch.nn.utils.clip_grad_norm_`` computes
-them). Where TE or Apex is installed, megatron uses their fused kernel and :func:`apply` changes nothing.
+* The gradient norm. Without TE and Apex, megatron-core's gradient clipping takes the total gradient norm from
+  ``megatron.core.utils.local_multi_tensor_l2_norm``, which turns every parameter's norm into a Python
+  float: one host synchronisation per parameter tensor, each training step (measured on an H200 with
+  ``python -m tools.gpu_check --parts syncs``: 45 syncs per step at 4 layers, 82 at 8). Its replacement
+  keeps the norms on the device (torch's foreach norm, as ``torch.nn.utils.clip_grad_norm_`` computes them).
+* The weight gradient accumulated inside its GEMM (megatron's ``gradient_accumulation_fusion``, which needs
+  Apex's ``fused_weight_gradient_mlp_cuda`` for megatron's own linear layers: the local spec's, and the output
+  layer under TE too). Unfused, every linear layer's backward writes a bf16 weight gradient and megatron's DDP
+  hook adds it into the fp32 gradient buffer: one more kernel per weight and a bf16 rounding of each product
+  (about 315 ``add_`` kernels and 10 ms of a 175 ms 2B step at seq 4096 on an H100). Fused, the GEMM adds
+  into the buffer itself (cuBLAS's beta = 1), at fp32 for bf16 operands.
+
+Where TE or Apex provides a kernel, megatron uses theirs and :func:`apply` leaves it.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import types
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -21,10 +34,53 @@ def multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args)
     return torch.nn.utils.get_total_norm(tensor_lists[0], norm_type=2.0).float().view(1), None
 
 
+def wgrad_gemm_accum(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """``main_grad += grad_output^T @ total_input`` in one GEMM: Apex's ``wgrad_gemm_accum_fp32`` / ``_fp16``
+    contract as megatron calls them (2-D ``[tokens, in]`` and ``[tokens, out]``, ``main_grad`` ``[out, in]``)."""
+    a, b = grad_output.t(), total_input
+    if a.dtype == main_grad.dtype:
+        main_grad.addmm_(a, b)
+    elif main_grad.dtype == torch.float32 and _gemm_into_fp32(main_grad.device):
+        torch.addmm(main_grad, a, b, out_dtype=torch.float32, out=main_grad)  # bf16/fp16 operands, fp32 sums
+    else:  # where torch has no such GEMM: the unfused arithmetic (a half-precision product, then the add)
+        main_grad.add_(a @ b)
+
+
+@functools.cache
+def _gemm_into_fp32(device: torch.device) -> bool:
+    """Whether torch adds a bf16 GEMM into an fp32 tensor on ``device``: CUDA with ``out_dtype`` (torch >= 2.8),
+    compute capability 8.0 or later (cuBLAS has no such GEMM before Ampere). Tried once on a small product, so
+    that a torch or GPU without it trains on (as unfused), with a warning, rather than stopping at the backward."""
+    if device.type != "cuda":
+        return False  # torch has no CPU kernel for it
+    ones = torch.ones(8, 8, device=device, dtype=torch.bfloat16)
+    acc = torch.ones(8, 8, device=device)
+    try:
+        torch.addmm(acc, ones, ones, out_dtype=torch.float32, out=acc)
+        works = bool((acc == 9).all())
+    except (RuntimeError, TypeError) as e:
+        works, why = False, f"{type(e).__name__}: {e}"
+    else:
+        why = "a wrong sum"
+    if not works:
+        log.warning("no bf16 GEMM into fp32 on %s (%s): each weight gradient is a bf16 GEMM, then an fp32 add, as "
+                    "unfused", device, why.splitlines()[0])
+    return works
+
+
+# what megatron.core.tensor_parallel.layers imports Apex's extension as
+FUSED_WGRAD = types.SimpleNamespace(wgrad_gemm_accum_fp32=wgrad_gemm_accum, wgrad_gemm_accum_fp16=wgrad_gemm_accum)
+
+
 def apply() -> None:
-    """Use :func:`multi_tensor_l2_norm` where megatron fell back to its host-syncing local version."""
+    """Use :func:`multi_tensor_l2_norm` where megatron fell back to its host-syncing local version, and
+    :func:`wgrad_gemm_accum` where Apex's weight-gradient extension did not import."""
     import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.tensor_parallel.layers as layers
     from megatron.core.utils import local_multi_tensor_l2_norm
 
     if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:
         clip_grads.l2_norm_impl = multi_tensor_l2_norm
+    if not layers._grad_accum_fusion_available:
+        layers.fused_weight_gradient_mlp_cuda = FUSED_WGRAD
+        layers._grad_accum_fusion_available = True

@@ -294,7 +294,8 @@ def _train(cfg: TrainConfig, stop: dict) -> TrainState:
     dist_opt = _use_distributed_optimizer(cfg, resume, common)
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    overrides = {"calculate_per_token_loss": cfg.per_token_loss, "compile_elementwise": cfg.compile_elementwise}
+    overrides = {"calculate_per_token_loss": cfg.per_token_loss, "compile_elementwise": cfg.compile_elementwise,
+                 "gradient_accumulation_fusion": cfg.gradient_accumulation_fusion}
     if cfg.recompute:
         overrides.update(recompute_granularity=cfg.recompute)
         if cfg.recompute == "full":
@@ -309,6 +310,8 @@ def _train(cfg: TrainConfig, stop: dict) -> TrainState:
     log.info("activation memory: %s recomputation; output layer and loss %s",
              model.config.recompute_granularity or "no",
              f"in pieces of {model.loss_chunk} tokens" if model.loss_chunk else "at once")
+    log.info("weight gradients %s the fp32 gradient buffers", "added by their GEMMs into"
+             if model.config.gradient_accumulation_fusion else "written apart, then added into")
     if warning := cpu_warning(sum(p.numel() for p in model.parameters()), torch.cuda.is_available()):
         log.warning(warning)
     ddp = data_parallel(model, dist_opt, cfg.overlap_communication)

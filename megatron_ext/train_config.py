@@ -66,6 +66,9 @@ class TrainConfig:
     recompute: str | None = None  # None | "selective" | "full"
     loss_chunk: int = 0  # tokens per piece of the output layer + loss, logits recomputed in the backward (0: off)
     compile_elementwise: bool = False  # norms, GDN gates, SwiGLU, bf16 loss: few compiled kernels (megatron_ext/fusions.py)
+    # weight gradients added into the fp32 gradient buffer by their GEMM, not written and added apart (megatron's
+    # gradient_accumulation_fusion: TE's kernels, Apex's, else megatron_ext/no_apex.py's torch stand-in)
+    gradient_accumulation_fusion: bool = True
     tensor_parallel: int = 1
     distributed_optimizer: bool | None = None  # default: on (a resumed run keeps its checkpoint's choice)
     overlap_communication: bool = True  # gradient reduce / parameter gather overlap compute; sets the

@@ -152,7 +152,8 @@ def test_kernels_part_on_cpu(capsys, tmp_path):
     rows = _rows(capsys)
     assert [r[1] for r in rows if r[4] == "pass"] == [
         "gated delta rule output, torch bf16 vs torch fp32", *(f"gated delta rule d{x}" for x in "q k v g beta".split()),
-        *(f"causal conv1d {x}, torch bf16 vs torch fp32" for x in ("output", "dx", "dweight"))]
+        *(f"causal conv1d {x}, torch bf16 vs torch fp32" for x in ("output", "dx", "dweight")),
+        "weight gradient added in its GEMM, bf16 into fp32, vs float64 (limit: the unfused path's error)"]
     assert ["kernels", "torch gated delta rule deterministic (two runs, same bits)", "yes", "", ""] in rows
 
 

@@ -234,17 +234,20 @@ def one_rank(setup):
     return read_metrics(setup / "dp1")
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2", "recompute_full", "loss_chunk"])
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "recompute_full", "loss_chunk", "unfused_wgrad"])
 def test_layouts_equal_one_rank(one_rank, setup, layout):
-    """DP=2 with half the accumulation, TP=2, full activation recomputation, and the loss in pieces of 48
-    tokens (of 128) train like one rank."""
+    """DP=2 with half the accumulation, TP=2, full activation recomputation, the loss in pieces of 48
+    tokens (of 128), and weight gradients added apart from their GEMMs train like one rank."""
     extra = {"tp2": {"tensor_parallel": 2}, "recompute_full": {"recompute": "full"},
-             "loss_chunk": {"loss_chunk": 48}}.get(layout, {})
+             "loss_chunk": {"loss_chunk": 48}, "unfused_wgrad": {"gradient_accumulation_fusion": False}}.get(layout, {})
     config = _config(setup, layout, micro_batch_size=1, train_iters=4, eval_interval=0, save_interval=100, **extra)
     run_trainer(config, nproc=2 if layout in ("dp2", "tp2") else 1)
     log = (setup / layout / "train.log").read_text()  # what the trainer built, not only what it was asked
     assert {"dp2": "DP=2 TP=1", "tp2": "DP=1 TP=2", "recompute_full": "activation memory: full recomputation",
-            "loss_chunk": "output layer and loss in pieces of 48 tokens"}[layout] in log
+            "loss_chunk": "output layer and loss in pieces of 48 tokens",
+            "unfused_wgrad": "weight gradients written apart, then added"}[layout] in log
+    if layout != "unfused_wgrad":
+        assert "weight gradients added by their GEMMs into the fp32 gradient buffers" in log
     got = read_metrics(setup / layout)
     assert len(got) == len(one_rank) == 4
     for x, y in zip(one_rank, got):

@@ -99,6 +99,7 @@ def ours(config, seq: int, micro_batch: int, *, memory: str, backend: str = "loc
     from megatron_ext.train import build_optimizer, data_parallel, release, torch_adams
     from megatron_ext.train_config import TrainConfig
 
+    overrides = {"gradient_accumulation_fusion": TrainConfig.gradient_accumulation_fusion, **overrides}  # the trainer's
     model = build_model(config, backend, attention_kernel=attention_kernel, params_dtype=torch.bfloat16,
                         **RECOMPUTE[memory], **overrides)
     ddp = data_parallel(model)
@@ -219,6 +220,9 @@ SETUPS = [
     # the host (its recomputed forward and megatron's checkpoint function are host time in a host-bound step)
     _ours("local-fused, compiled elementwise, unfused loss", "selective-mlp", attention_kernel="fused",
           compile_elementwise=True, cross_entropy_loss_fusion=False),
+    # ... and what adding each weight gradient into the fp32 buffer inside its GEMM (the trainer's default) gains
+    _ours("local-fused, compiled elementwise, unfused weight gradients", "selective-mlp", attention_kernel="fused",
+          compile_elementwise=True, gradient_accumulation_fusion=False),
     _ours("local-fused, compiled elementwise", "none", attention_kernel="fused", compile_elementwise=True),
     _ours("local-fused, loss in 1024-token pieces", "selective-mlp", attention_kernel="fused", loss_chunk=1024),
     # megatron's torch AdamW as megatron builds it (multi-tensor) rather than the trainer's fused kernel

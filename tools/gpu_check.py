@@ -95,7 +95,7 @@ import threading
 import time
 from datetime import date
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 from unittest import mock
 
 import torch
@@ -199,6 +199,22 @@ def kernel_checks(device: str) -> None:
     got, want = conv(kernel, torch.bfloat16), conv("torch", torch.float32)
     for name, a, b in zip(("output", "dx", "dweight"), got, want):
         row("kernels", f"causal conv1d {name}, {kernel} bf16 vs torch fp32", rel_err(a, b), LIMITS["bf16"])
+    wgrad_check(device, rand)
+
+
+def wgrad_check(device: str, rand: Callable[..., torch.Tensor]) -> None:
+    """A linear layer's weight gradient added into its fp32 buffer by the GEMM (the trainer's
+    ``gradient_accumulation_fusion``; without Apex, megatron_ext/no_apex.py's ``torch.addmm(..., out_dtype=fp32)``
+    on CUDA) against float64: no further from it than the unfused path, a bf16 GEMM then an fp32 add."""
+    from megatron_ext.no_apex import wgrad_gemm_accum
+
+    x, g, start = rand(4096, 512), rand(4096, 256), rand(256, 512, dtype=torch.float32)
+    ref = start.double() + g.double().t() @ x.double()
+    fused = start.clone()
+    wgrad_gemm_accum(x, g, fused)
+    unfused = start + g.t() @ x
+    row("kernels", "weight gradient added in its GEMM, bf16 into fp32, vs float64 (limit: the unfused path's error)",
+        rel_err(fused.double(), ref), rel_err(unfused.double(), ref))
 
 
 def tuned_dir(workdir: Path) -> tuple[Path, str]:

@@ -52,7 +52,7 @@ if [[ $phases == *bench* ]]; then
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 4096x2 15 --seqs 4096 --micro-batch 2 --profile "$OUT/profile" \
     --only '^(local-fused, compiled elementwise \[(selective-mlp|none)\]|(te-bf16|te-fp8-delayed|te-fp8-tensorwise) \[selective-mlp\]|transformers \+ fla \[full\])$'
   bench 4096 15 --seqs 4096 --profile "$OUT/profile" \
-    --only '^(local-fused, compiled elementwise(, unfused loss)? \[selective-mlp\]|local-fused, compiled elementwise \[none\]|transformers \+ fla \[full\])$'
+    --only '^(local-fused, compiled elementwise(, unfused loss|, unfused weight gradients)? \[selective-mlp\]|local-fused, compiled elementwise \[none\]|transformers \+ fla \[full\])$'
   # the flagship recipe's own micro-batch: 4 rows of 4096 tokens (about 74 GiB on one GPU, where nothing is sharded)
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 4096x4 15 --seqs 4096 --micro-batch 4 --accumulate 8 \
     --only '^(local-fused, compiled elementwise \[selective-mlp\]|transformers \+ fla \[full\])$'
