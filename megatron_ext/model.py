@@ -20,12 +20,11 @@ log = logging.getLogger(__name__)
 
 def _batch_positions(position_ids: Tensor, b: int, s: int) -> Tensor:
     """``position_ids`` as [b, s]: one row ([s] or [1, s]) serves the whole batch, as in transformers."""
-    if position_ids.dim() == 1:
-        position_ids = position_ids.unsqueeze(0)
-    if position_ids.dim() == 2 and position_ids.shape[0] == 1 and position_ids.shape[1] == s:
-        return position_ids.expand(b, s)
-    if tuple(position_ids.shape) != (b, s):
-        raise ValueError(f"position_ids of shape {list(position_ids.shape)} do not fit input_ids of shape [{b}, {s}]: "
+    shape = list(position_ids.shape)
+    if shape in ([s], [1, s]):
+        return position_ids.reshape(1, s).expand(b, s)
+    if shape != [b, s]:
+        raise ValueError(f"position_ids of shape {shape} do not fit input_ids of shape [{b}, {s}]: "
                          f"pass [{b}, {s}], [1, {s}] or [{s}]")
     return position_ids
 
@@ -56,6 +55,11 @@ class Qwen35GPTModel(GPTModel):
         **kwargs,
     ) -> Tensor:
         b, s = input_ids.shape
+        if self.config.gradient_accumulation_fusion and torch.is_grad_enabled():
+            weight = next((p for p in self.parameters() if p.requires_grad), None)
+            if weight is not None and not hasattr(weight, "main_grad"):
+                raise RuntimeError("gradient_accumulation_fusion adds weight gradients into megatron DDP's buffers: wrap "
+                                   "the model first (megatron_ext.train.data_parallel), or build it without the flag")
         if position_ids is not None:
             position_ids = _batch_positions(position_ids, b, s)
         if packed_seq_params is None:

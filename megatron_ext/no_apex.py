@@ -48,24 +48,40 @@ def wgrad_gemm_accum(total_input: torch.Tensor, grad_output: torch.Tensor, main_
 
 @functools.cache
 def _gemm_into_fp32(device: torch.device) -> bool:
-    """Whether torch adds a bf16 GEMM into an fp32 tensor on ``device``: CUDA with ``out_dtype`` (torch >= 2.8),
-    compute capability 8.0 or later (cuBLAS has no such GEMM before Ampere). Tried once on a small product, so
-    that a torch or GPU without it trains on (as unfused), with a warning, rather than stopping at the backward."""
+    """Whether torch adds a bf16 GEMM into an fp32 tensor on ``device``: CUDA with ``out_dtype`` and an fp32
+    ``self`` (torch 2.10 on; before, addmm wanted ``self`` in the operands' dtype), compute capability 8.0 or later
+    (cuBLAS has no such GEMM before Ampere). Tried once, as megatron calls it (a transposed first operand, random
+    values), so that a torch or GPU without it trains on (as unfused), with a warning, rather than stopping at
+    the backward or summing wrongly."""
     if device.type != "cuda":
         return False  # torch has no CPU kernel for it
-    ones = torch.ones(8, 8, device=device, dtype=torch.bfloat16)
-    acc = torch.ones(8, 8, device=device)
+    gen = torch.Generator(device).manual_seed(0)
+    g, x, start = (torch.randn(*shape, generator=gen, device=device) for shape in [(64, 24), (64, 40), (24, 40)])
+    g, x = g.bfloat16(), x.bfloat16()
+    acc = start.clone()
     try:
-        torch.addmm(acc, ones, ones, out_dtype=torch.float32, out=acc)
-        works = bool((acc == 9).all())
+        torch.addmm(acc, g.t(), x, out_dtype=torch.float32, out=acc)
+        error = ((acc.double() - start.double() - g.double().t() @ x.double()).abs().max()).item()
+        why = f"sums off by {error:.2g}"
+        works = error <= 1e-4  # fp32 sums of 64 exact products of numbers ~1: ~1e-6; a wrong layout errs by ~1
     except (RuntimeError, TypeError) as e:
-        works, why = False, f"{type(e).__name__}: {e}"
-    else:
-        why = "a wrong sum"
+        works, why = False, f"{type(e).__name__}: {e}".splitlines()[0]
     if not works:
-        log.warning("no bf16 GEMM into fp32 on %s (%s): each weight gradient is a bf16 GEMM, then an fp32 add, as "
-                    "unfused", device, why.splitlines()[0])
+        log.warning("no bf16 GEMM into fp32 on %s (%s): each weight gradient of megatron's own layers is a bf16 GEMM, "
+                    "then an fp32 add, as unfused", device, why)
     return works
+
+
+def wgrad_path(dtype: torch.dtype, device: torch.device) -> str:
+    """How megatron's own linear layers add a weight gradient of ``dtype`` operands into an fp32 gradient buffer on
+    ``device`` under ``gradient_accumulation_fusion`` (for the trainer's log; TE's layers fuse it themselves)."""
+    import megatron.core.tensor_parallel.layers as layers
+
+    if getattr(layers, "fused_weight_gradient_mlp_cuda", None) is not FUSED_WGRAD:
+        return "Apex's kernel"
+    if dtype == torch.float32 or _gemm_into_fp32(device):
+        return "one GEMM adding into the buffer"
+    return "a bf16 GEMM, then an fp32 add, as unfused (no bf16 GEMM into fp32 here)"
 
 
 # what megatron.core.tensor_parallel.layers imports Apex's extension as

@@ -264,7 +264,7 @@ def _train(cfg: TrainConfig, stop: dict) -> TrainState:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_ext import build_model, gpu_stack, parallel
+    from megatron_ext import build_model, gpu_stack, no_apex, parallel
     from megatron_ext.checkpoint import hf_source_files, load_weights, read_config, stored_wider
     from megatron_ext.data import load_training_data, micro_batches, reading_paused
     from megatron_ext.flops import peak_tflops, train_flops_per_token
@@ -310,8 +310,9 @@ def _train(cfg: TrainConfig, stop: dict) -> TrainState:
     log.info("activation memory: %s recomputation; output layer and loss %s",
              model.config.recompute_granularity or "no",
              f"in pieces of {model.loss_chunk} tokens" if model.loss_chunk else "at once")
-    log.info("weight gradients %s the fp32 gradient buffers", "added by their GEMMs into"
-             if model.config.gradient_accumulation_fusion else "written apart, then added into")
+    log.info("weight gradients %s", "written apart, then added into the fp32 gradient buffers"
+             if not model.config.gradient_accumulation_fusion else "added into the fp32 gradient buffers by their GEMMs "
+             f"(megatron's layers: {no_apex.wgrad_path(dtype, next(model.parameters()).device)})")
     if warning := cpu_warning(sum(p.numel() for p in model.parameters()), torch.cuda.is_available()):
         log.warning(warning)
     ddp = data_parallel(model, dist_opt, cfg.overlap_communication)

@@ -6,6 +6,7 @@ to the rounding bound of its longest reduction. Random inputs come from local se
 
 from __future__ import annotations
 
+import re
 
 import pytest
 import torch
@@ -159,5 +160,7 @@ def test_one_row_of_positions_serves_the_whole_batch_and_a_wrong_shape_is_named(
             assert rel_err(per_row[:, :40], ours(ids[:, :40])) <= 1e-12  # the second document is not seen
             for one_row in (row, row[None]):
                 assert torch.equal(ours(ids, one_row), per_row)
-            with pytest.raises(ValueError, match=r"position_ids of shape \[2, 77\] do not fit input_ids of shape \[3, 77\]"):
-                ours(ids, row.expand(2, SEQ))
+            for wrong in (row.expand(2, SEQ), row[:-1]):
+                message = f"position_ids of shape {list(wrong.shape)} do not fit input_ids of shape [3, {SEQ}]"
+                with pytest.raises(ValueError, match=re.escape(message)):
+                    ours(ids, wrong)

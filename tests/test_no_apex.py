@@ -96,3 +96,19 @@ def test_the_trainers_ddp_accumulates_weight_gradients_in_the_gemm_as_unfused(ti
             assert rel_err(fused, unfused) <= 1e-5, name
         else:
             assert torch.equal(fused, unfused), name
+
+
+def test_a_fused_model_refuses_a_backward_outside_megatrons_ddp():
+    """Fused, a weight gradient goes into DDP's buffer (``main_grad``): unwrapped, megatron's backward failed with
+    an AttributeError on None. The forward says what to do instead; evaluation (no gradients) runs as always."""
+    from tools.parity import megatron_twin
+    from tools.tiny_qwen35 import causal_lm, text_config
+
+    parallel.initialize()
+    hf = causal_lm(text_config(), seed=1)
+    model = megatron_twin(hf, gradient_accumulation_fusion=True)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert model(ids).shape == (1, 12, hf.config.vocab_size)
+    with pytest.raises(RuntimeError, match=r"wrap the model first \(megatron_ext.train.data_parallel\)"):
+        model(ids)
