@@ -310,9 +310,11 @@ def _train(cfg: TrainConfig, stop: dict) -> TrainState:
     log.info("activation memory: %s recomputation; output layer and loss %s",
              model.config.recompute_granularity or "no",
              f"in pieces of {model.loss_chunk} tokens" if model.loss_chunk else "at once")
-    log.info("weight gradients %s", "written apart, then added into the fp32 gradient buffers"
-             if not model.config.gradient_accumulation_fusion else "added into the fp32 gradient buffers by their GEMMs "
-             f"(megatron's layers: {no_apex.wgrad_path(dtype, next(model.parameters()).device)})")
+    if model.config.gradient_accumulation_fusion:
+        log.info("weight gradients added into the fp32 gradient buffers by their GEMMs (megatron's layers: %s)",
+                 no_apex.wgrad_path(dtype, next(model.parameters()).device))
+    else:
+        log.info("weight gradients written apart, then added into the fp32 gradient buffers")
     if warning := cpu_warning(sum(p.numel() for p in model.parameters()), torch.cuda.is_available()):
         log.warning(warning)
     ddp = data_parallel(model, dist_opt, cfg.overlap_communication)

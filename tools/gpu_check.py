@@ -217,8 +217,9 @@ def wgrad_check(device: str, rand: Callable[..., torch.Tensor]) -> None:
     unfused = rel_err((start + g.t() @ x).double(), ref)
     expected = device == "cuda" and torch.cuda.get_device_capability() >= (8, 0)
     if expected:
-        row("kernels", "bf16 GEMM into fp32 available (torch.addmm out_dtype)",
-            "yes" if _gemm_into_fp32(fused.device) else "no", verdict="pass" if _gemm_into_fp32(fused.device) else "FAIL")
+        available = _gemm_into_fp32(fused.device)
+        row("kernels", "bf16 GEMM into fp32 available (torch.addmm out_dtype)", "yes" if available else "no",
+            verdict="pass" if available else "FAIL")
     row("kernels", "weight gradient added in its GEMM, bf16 into fp32, vs float64 (limit: "
         f"{'a quarter of ' if expected else ''}the unfused path's error)", rel_err(fused.double(), ref),
         unfused / 4 if expected else unfused)
