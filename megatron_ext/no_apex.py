@@ -9,7 +9,8 @@
   Apex's ``fused_weight_gradient_mlp_cuda`` for megatron's own linear layers: the local spec's, and the output
   layer under TE too). Unfused, every linear layer's backward writes a bf16 weight gradient and megatron's DDP
   hook adds it into the fp32 gradient buffer: one more kernel per weight and a bf16 rounding of each product
-  (about 315 ``add_`` kernels and 10 ms of a 175 ms 2B step at seq 4096 on an H100). Fused, the GEMM adds
+  (among the 315 ``add_`` kernels, 9.9 ms of 175 ms of GPU work, of the 2B step at seq 4096 on an H100:
+  docs/benchmarks.md). Fused, the GEMM adds
   into the buffer itself (cuBLAS's beta = 1), at fp32 for bf16 operands.
 
 Where TE or Apex provides a kernel, megatron uses theirs and :func:`apply` leaves it.
