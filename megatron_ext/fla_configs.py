@@ -6,9 +6,15 @@ fla 0.6.0 reads them itself (``fla.ops.utils.cache``): with ``FLA_CACHE_MODE=str
 autotuning key (head counts and sizes, block sizes, flags, dtypes: never the sequence length) has an entry in
 ``$FLA_CONFIG_DIR/<kernel>.json`` runs that configuration; any other shape autotunes as before. This module
 sets the mode before fla is imported (:func:`prefer_shipped`, from the package ``__init__``), points
-``FLA_CONFIG_DIR`` at ``megatron_ext/fla_configs/<GPU> triton <version>/`` when the first fla kernel runs
-(:func:`use_shipped`; a user's own ``FLA_CONFIG_DIR`` wins), and writes such a directory from the choices
-autotuning made in a process (:func:`dump`; ``tools.gpu_check``'s kernels part does, on a GPU).
+``FLA_CONFIG_DIR`` at ``megatron_ext/fla_configs/<GPU> sm<capability> triton <version>/`` when the first fla
+kernel runs (:func:`use_shipped`; a user's own ``FLA_CONFIG_DIR`` wins), and writes such a directory from the
+choices autotuning made in a process (:func:`dump`; ``tools.gpu_check``'s kernels part does, on a GPU).
+
+A GPU with no directory of its own takes one tuned on another GPU of its compute capability with the same Triton
+(an H200 the H100's): Triton compiles a configuration for the capability, whose limits (shared memory and
+registers per block) decide whether it runs, so it runs on every GPU of it; what differs between them (SM count,
+memory bandwidth) can only make another candidate slightly faster there, where autotuning would cost the node's
+first GDN step minutes.
 """
 
 from __future__ import annotations
@@ -32,21 +38,30 @@ def prefer_shipped() -> None:
     os.environ.setdefault("FLA_CACHE_MODE", "strict")
 
 
-def directory(device_name: str, triton_version: str, root: Path = ROOT) -> Path:
-    """Where the configurations tuned on ``device_name`` with Triton ``triton_version`` live."""
-    return root / re.sub(r"[^0-9A-Za-z.]+", "_", f"{device_name} triton {triton_version}")
+def directory(device_name: str, capability: tuple[int, int], triton_version: str, root: Path = ROOT) -> Path:
+    """Where the configurations tuned on ``device_name`` (compute capability ``capability``, e.g. ``(9, 0)``) with
+    Triton ``triton_version`` live."""
+    major, minor = capability
+    return root / re.sub(r"[^0-9A-Za-z.]+", "_", f"{device_name} sm{major}{minor} triton {triton_version}")
 
 
-def use_shipped(device_name: str, triton_version: str, root: Path = ROOT) -> Path | None:
-    """Point fla at the shipped configurations for this GPU and Triton. Returns the directory fla reads (the
-    user's own ``FLA_CONFIG_DIR`` if set), or None where none ships."""
+def use_shipped(device_name: str, capability: tuple[int, int], triton_version: str, root: Path = ROOT) -> Path | None:
+    """Point fla at the shipped configurations for this GPU and Triton, else at those of another GPU of the same
+    compute capability and Triton (the module's docstring says why they serve). Returns the directory fla reads
+    (the user's own ``FLA_CONFIG_DIR`` if set), or None where none ships."""
     if "FLA_CONFIG_DIR" in os.environ:
         return Path(os.environ["FLA_CONFIG_DIR"])
-    found = directory(device_name, triton_version, root)
+    found = directory(device_name, capability, triton_version, root)
     if not found.is_dir():
-        log.info("no tuned fla configurations for %s with Triton %s: fla autotunes its kernels on first use",
-                 device_name, triton_version)
-        return None
+        same_kind = directory("", capability, triton_version, root).name  # "_sm90_triton_3.7.1"
+        siblings = sorted(p for p in root.glob(f"*{same_kind}") if p.is_dir())  # sanitised names: no glob syntax
+        if not siblings:
+            log.info("no tuned fla configurations for %s (sm%d%d) with Triton %s: fla autotunes its kernels on first "
+                     "use", device_name, *capability, triton_version)
+            return None
+        found = siblings[0]
+        log.info("no fla configurations tuned on %s: using those tuned on another GPU of its compute capability "
+                 "(sm%d%d) with the same Triton", device_name, *capability)
     os.environ["FLA_CONFIG_DIR"] = str(found)
     log.info("fla kernels: tuned configurations from %s", found)
     return found

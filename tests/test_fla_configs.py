@@ -26,19 +26,30 @@ def test_the_mode_is_set_unless_the_user_chose_one(monkeypatch):
     assert fla_configs.os.environ["FLA_CACHE_MODE"] == "disabled"
 
 
-def test_the_directory_for_this_gpu_and_triton_is_used_and_a_users_own_wins(monkeypatch, tmp_path):
+def test_the_directory_for_this_gpu_and_triton_is_used_and_a_users_own_wins(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("FLA_CONFIG_DIR", "")  # recorded, so that what use_shipped sets is undone afterwards
     monkeypatch.delenv("FLA_CONFIG_DIR")
-    h100 = fla_configs.directory("NVIDIA H100 80GB HBM3", "3.7.1", tmp_path)
-    assert h100.name == "NVIDIA_H100_80GB_HBM3_triton_3.7.1"
+    h100 = fla_configs.directory("NVIDIA H100 80GB HBM3", (9, 0), "3.7.1", tmp_path)
+    assert h100.name == "NVIDIA_H100_80GB_HBM3_sm90_triton_3.7.1"
     h100.mkdir()
-    assert fla_configs.use_shipped("NVIDIA H200", "3.7.1", tmp_path) is None  # none ships for it
+    assert fla_configs.use_shipped("NVIDIA A100-SXM4-80GB", (8, 0), "3.7.1", tmp_path) is None  # another architecture
+    assert fla_configs.use_shipped("NVIDIA B200", (10, 0), "3.7.1", tmp_path) is None  # "sm100" does not end in "sm90"
     assert "FLA_CONFIG_DIR" not in fla_configs.os.environ
-    assert fla_configs.use_shipped("NVIDIA H100 80GB HBM3", "3.8.0", tmp_path) is None  # another Triton
-    assert fla_configs.use_shipped("NVIDIA H100 80GB HBM3", "3.7.1", tmp_path) == h100
+    assert fla_configs.use_shipped("NVIDIA H100 80GB HBM3", (9, 0), "3.8.0", tmp_path) is None  # another Triton
+    assert fla_configs.use_shipped("NVIDIA H100 80GB HBM3", (9, 0), "3.7.1", tmp_path) == h100
     assert fla_configs.os.environ["FLA_CONFIG_DIR"] == str(h100)
+    monkeypatch.delenv("FLA_CONFIG_DIR")
+    # a GPU of the same compute capability without its own (an H200): the H100's, and the log says so
+    with caplog.at_level(logging.INFO, logger=fla_configs.log.name):
+        assert fla_configs.use_shipped("NVIDIA H200", (9, 0), "3.7.1", tmp_path) == h100
+    assert "no fla configurations tuned on NVIDIA H200: using those tuned on another GPU" in caplog.text
+    assert str(h100) in caplog.text
+    monkeypatch.delenv("FLA_CONFIG_DIR")
+    h200 = fla_configs.directory("NVIDIA H200", (9, 0), "3.7.1", tmp_path)
+    h200.mkdir()  # its own, once tuned, comes first
+    assert fla_configs.use_shipped("NVIDIA H200", (9, 0), "3.7.1", tmp_path) == h200
     monkeypatch.setenv("FLA_CONFIG_DIR", str(tmp_path / "mine"))
-    assert fla_configs.use_shipped("NVIDIA H100 80GB HBM3", "3.7.1", tmp_path) == tmp_path / "mine"
+    assert fla_configs.use_shipped("NVIDIA H100 80GB HBM3", (9, 0), "3.7.1", tmp_path) == tmp_path / "mine"
 
 
 @pytest.fixture
@@ -106,11 +117,14 @@ SHIPPED = sorted(p for p in fla_configs.ROOT.iterdir() if p.is_dir())
 
 
 def test_configurations_ship_for_the_h100_with_triton_3_7_1(monkeypatch):
-    """Tuned by tools.gpu_check's kernels part on an H100 (2026-11-27, docs/benchmarks.md): the 2B's GDN geometry."""
+    """Tuned by tools.gpu_check's kernels part on an H100 (2026-11-27, docs/benchmarks.md): the 2B's GDN geometry;
+    the H200 (also sm90) takes them."""
     monkeypatch.setenv("FLA_CONFIG_DIR", "")  # recorded, so that what use_shipped sets is undone afterwards
     monkeypatch.delenv("FLA_CONFIG_DIR")
-    found = fla_configs.use_shipped("NVIDIA H100 80GB HBM3", "3.7.1")
+    found = fla_configs.use_shipped("NVIDIA H100 80GB HBM3", (9, 0), "3.7.1")
     assert found in SHIPPED and len(list(found.glob("*.json"))) >= 10
+    monkeypatch.delenv("FLA_CONFIG_DIR")
+    assert fla_configs.use_shipped("NVIDIA H200", (9, 0), "3.7.1") == found  # the same architecture (Hopper)
 
 
 @pytest.mark.parametrize("shipped", SHIPPED, ids=lambda p: p.name)

@@ -63,12 +63,13 @@ do not, each reports one SKIPPED row and takes no time:
                 the local spec and back under TE: every weight equal, logits bit-identical on reload.
 The boxes are the seconds each part took on a cold H100 (empty Triton cache, 2026-11-27, docs/benchmarks.md)
 plus 3 to 6 s (resume: 8 s more, to build the demo mix, which that node had prebuilt), 355 in all, and about
-5 s for this process: that run took 327 s. They hold where fla's kernel configurations ship for the GPU and
-Triton version (megatron_ext/fla_configs/): fla then compiles one configuration per kernel. Elsewhere fla
-autotunes first (kernels: about 200 s on an H100 before they shipped, bench: more than 170 s) and parts
-overrun their boxes: a row says TIMEOUT; run again (Triton keeps the compiled and tuned kernels: megatron_ext
-sets TRITON_CACHE_AUTOTUNING) or give more with --box (--box kernels=250 --box bench=300), and commit what
-the kernels and bench parts write under --workdir/fla_configs/.
+5 s for this process: that run took 327 s. They hold where fla's kernel configurations ship for the GPU's
+compute capability and the Triton version (megatron_ext/fla_configs/; the H100's serve the H200): fla then
+compiles one configuration per kernel. Elsewhere fla autotunes first (kernels: about 200 s on an H100 before
+they shipped, bench: more than 170 s) and parts overrun their boxes: a row says TIMEOUT; run again (Triton
+keeps the compiled and tuned kernels: megatron_ext sets TRITON_CACHE_AUTOTUNING) or give more with --box
+(--box kernels=250 --box bench=300), and commit what the kernels and bench parts write under
+--workdir/fla_configs/.
 
 ``--device cpu`` runs what can run without CUDA (attention and flex: FlexAttention eagerly, forward only;
 kernels: the torch kernels in bf16 against fp32; parity with the pure-torch kernels; resume in fp32 on a
@@ -231,8 +232,8 @@ def tuned_dir(workdir: Path) -> tuple[Path, str]:
 
     from megatron_ext import fla_configs
 
-    return fla_configs.directory(torch.cuda.get_device_name(), triton.__version__, workdir / "fla_configs"), \
-        triton.__version__
+    return fla_configs.directory(torch.cuda.get_device_name(), torch.cuda.get_device_capability(), triton.__version__,
+                                 workdir / "fla_configs"), triton.__version__
 
 
 def saving_tuned(workdir: Path, device: str):

@@ -68,4 +68,4 @@ for i in "${!calls[@]}"; do
   fi
 done
 echo "CMD: bash .ci/device/session.sh 530 (one call of 560 s), or two calls: session.sh 330 check, then session.sh 420"
-echo "bench (the second carries nothing); name kind nvidia-h100-x1 (fla's tuned configurations ship for the H100)"
+echo "bench (the second carries nothing); fla's tuned configurations serve sm90 GPUs (H100, H200)"

@@ -9,8 +9,8 @@
 #          per token of the host-bound one-sequence step; every row issues 12 and 16 compare), then micro-batch 1
 #          (what each lever gains), the recipe's micro-batch 4, and seq 8192 with what is left
 # With a tight lease run the phases as two calls back to back: `... session.sh 330 check`, `... session.sh 420
-# bench`. Name kind nvidia-h100-x1 on the device calls: fla's tuned configurations ship for the H100, and on
-# another GPU its first steps autotune for minutes. Rows print as they come; the logs and profiles are written
+# bench`. fla's tuned configurations ship for the H100 and serve every sm90 GPU (the H200 too); on another
+# architecture its first steps autotune for minutes. Rows print as they come; the logs and profiles are written
 # under $OUT as each command ends.
 set -u
 deadline=${1:-530}
