@@ -56,6 +56,6 @@ if [[ $phases == *bench* ]]; then
   # the flagship recipe's own micro-batch: 4 rows of 4096 tokens (about 74 GiB on one GPU, where nothing is sharded)
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 4096x4 15 --seqs 4096 --micro-batch 4 --accumulate 8 \
     --only '^(local-fused, compiled elementwise \[selective-mlp\]|transformers \+ fla \[full\])$'
-  bench 8192 10 --seqs 8192 --only '^((local-fused, compiled elementwise|te-bf16) \[selective-mlp\]|transformers \+ fla \[full\])$'
+  bench 8192 10 --seqs 8192 --profile "$OUT/profile" --only '^((local-fused, compiled elementwise|te-bf16) \[selective-mlp\]|transformers \+ fla \[full\])$'
 fi
 echo "session.sh: $SECONDS s"
