@@ -257,6 +257,9 @@ def tuned_configs(workdir: Path, part: str) -> None:
     keys = [(t.kernel_name, key) for t in tuners for key in t.cache]
     with mock.patch.dict(os.environ, {"FLA_CONFIG_DIR": str(out)}):
         found = sum(cache.load_cached_config(name, cache.AutotuneKey(key)) is not None for name, key in keys)
+    # what fla found shipped is among what it chose here: on a GPU that borrows another's (an H200 the H100's),
+    # the directory written holds those too, which whoever ships it should know
+    row(part, "shipped fla configurations fla started from", os.environ.get("FLA_CONFIG_DIR") or "none")
     row(part, f"tuned fla configurations written to {out} (kernels / entries)",
         f"{len(written)} / {sum(written.values())}")
     row(part, "entries fla's own lookup finds there (FLA_CACHE_MODE must not be disabled)",
