@@ -51,8 +51,9 @@ if [[ $phases == *bench* ]]; then
   # expandable segments keep fragmentation from failing a row that fits
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 4096x2 15 --seqs 4096 --micro-batch 2 --profile "$OUT/profile" \
     --only '^(local-fused, compiled elementwise \[(selective-mlp|none)\]|(te-bf16|te-fp8-delayed|te-fp8-tensorwise) \[selective-mlp\]|transformers \+ fla \[full\])$'
+  # eager [none] too: on the CPU proxy (tools/bench_calls) it has the least host time of all rows
   bench 4096 15 --seqs 4096 --profile "$OUT/profile" \
-    --only '^(local-fused, compiled elementwise(, unfused loss|, unfused weight gradients)? \[selective-mlp\]|local-fused, compiled elementwise \[none\]|transformers \+ fla \[full\])$'
+    --only '^(local-fused, compiled elementwise(, unfused loss|, unfused weight gradients)? \[selective-mlp\]|local-fused(, compiled elementwise)? \[none\]|transformers \+ fla \[full\])$'
   # the flagship recipe's own micro-batch: 4 rows of 4096 tokens (about 74 GiB on one GPU, where nothing is sharded)
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 4096x4 15 --seqs 4096 --micro-batch 4 --accumulate 8 \
     --only '^(local-fused, compiled elementwise \[selective-mlp\]|transformers \+ fla \[full\])$'
