@@ -32,8 +32,8 @@ def test_the_directory_for_this_gpu_and_triton_is_used_and_a_users_own_wins(monk
     h100 = fla_configs.directory("NVIDIA H100 80GB HBM3", (9, 0), "3.7.1", tmp_path)
     assert h100.name == "NVIDIA_H100_80GB_HBM3_sm90_triton_3.7.1"
     h100.mkdir()
-    assert fla_configs.use_shipped("NVIDIA A100-SXM4-80GB", (8, 0), "3.7.1", tmp_path) is None  # another architecture
-    assert fla_configs.use_shipped("NVIDIA B200", (10, 0), "3.7.1", tmp_path) is None  # "sm100" does not end in "sm90"
+    for name, other_architecture in (("NVIDIA A100-SXM4-80GB", (8, 0)), ("NVIDIA B200", (10, 0))):
+        assert fla_configs.use_shipped(name, other_architecture, "3.7.1", tmp_path) is None
     assert "FLA_CONFIG_DIR" not in fla_configs.os.environ
     assert fla_configs.use_shipped("NVIDIA H100 80GB HBM3", (9, 0), "3.8.0", tmp_path) is None  # another Triton
     assert fla_configs.use_shipped("NVIDIA H100 80GB HBM3", (9, 0), "3.7.1", tmp_path) == h100
