@@ -38,6 +38,15 @@ def prefer_shipped() -> None:
     os.environ.setdefault("FLA_CACHE_MODE", "strict")
 
 
+def this_gpu(device=None) -> tuple[str, tuple[int, int], str]:
+    """What tuned configurations are filed under for a CUDA ``device`` (default: the current one): its name,
+    compute capability and the installed Triton's version, as :func:`directory` and :func:`use_shipped` take them."""
+    import torch
+    import triton
+
+    return torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device), triton.__version__
+
+
 def directory(device_name: str, capability: tuple[int, int], triton_version: str, root: Path = ROOT) -> Path:
     """Where the configurations tuned on ``device_name`` (compute capability ``capability``, e.g. ``(9, 0)``) with
     Triton ``triton_version`` live."""

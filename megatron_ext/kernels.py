@@ -62,10 +62,7 @@ def _fla_varlen(docs: Documents | None) -> dict:
 @functools.cache
 def _tuned_configs(device: torch.device) -> None:
     """Before fla's first kernel on ``device``: its tuned configurations, where they ship (fla_configs)."""
-    import triton
-
-    fla_configs.use_shipped(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
-                            triton.__version__)
+    fla_configs.use_shipped(*fla_configs.this_gpu(device))
 
 
 def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, docs: Documents | None, kernel: str) -> torch.Tensor:

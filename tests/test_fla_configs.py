@@ -127,6 +127,20 @@ def test_configurations_ship_for_the_h100_with_triton_3_7_1(monkeypatch):
     assert fla_configs.use_shipped("NVIDIA H200", (9, 0), "3.7.1") == found  # the same architecture (Hopper)
 
 
+def test_this_gpu_files_a_node_as_the_shipped_directories_are_named(monkeypatch):
+    """What the trainer's fla path and gpu_check read off the GPU (CUDA-only calls, stood in here), as the lookup and
+    the directory names take it: an H200 with Triton 3.7.1 lands on the shipped H100 directory."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "triton", SimpleNamespace(__version__="3.7.1"))
+    assert fla_configs.this_gpu() == ("NVIDIA H200", (9, 0), "3.7.1")
+    monkeypatch.setenv("FLA_CONFIG_DIR", "")  # recorded, so that what use_shipped sets is undone afterwards
+    monkeypatch.delenv("FLA_CONFIG_DIR")
+    assert fla_configs.use_shipped(*fla_configs.this_gpu()) == SHIPPED[0]
+
+
 @pytest.mark.parametrize("shipped", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_entry_is_found_by_fla_under_its_own_key(shipped, fla_lookup, monkeypatch):
     """A hand-edited or truncated file, or a key hashed another way, would make fla autotune after all (or read

@@ -228,12 +228,10 @@ def wgrad_check(device: str, rand: Callable[..., torch.Tensor]) -> None:
 
 def tuned_dir(workdir: Path) -> tuple[Path, str]:
     """Where this GPU's tuned fla configurations go under ``workdir``, and the Triton version they are for."""
-    import triton
-
     from megatron_ext import fla_configs
 
-    return fla_configs.directory(torch.cuda.get_device_name(), torch.cuda.get_device_capability(), triton.__version__,
-                                 workdir / "fla_configs"), triton.__version__
+    name, capability, triton_version = fla_configs.this_gpu()
+    return fla_configs.directory(name, capability, triton_version, workdir / "fla_configs"), triton_version
 
 
 def saving_tuned(workdir: Path, device: str):
