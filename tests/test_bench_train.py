@@ -138,6 +138,38 @@ def test_profile_step_writes_where_a_step_spends_its_time(tmp_path):
     assert counts == "operator calls: 3" and text.startswith(counts)
 
 
+def test_device_time_by_kind_sums_each_kind_of_kernel():
+    """The profile's GPU line from kernel events as torch.profiler gives them on CUDA (device events beside the
+    CPU operators that launched them), named as on the H100s so far; CPU events count nowhere."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    kernels = [  # (name, microseconds)
+        ("nvjet_sm90_tst_256x128_64x4_2x1_v_bz_coopA_TNN", 900), ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 100),
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<256>>", 400),
+        ("chunk_gated_delta_rule_fwd_kernel_h_blockdim64", 250), ("causal_conv1d_fwd_kernel", 50),
+        ("prepare_wy_repr_bwd_kernel", 160), ("triton_poi_fused__to_copy_add_mul_rsqrt_0", 300),
+        ("triton_red_fused_pow_mean_1", 50),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", 200),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", 30),
+        ("Memcpy DtoD (Device -> Device)", 20), ("void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>", 50),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", 70),
+        ("void at::native::reduce_kernel<512, 1, ReduceOp<float, MeanOps<float>>>", 30),
+        ("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL", 500), ("some_new_kernel", 5)]
+    events = [FunctionEvent(id=i, name=name, thread=0, start_us=10 * i, end_us=10 * i + us,
+                            device_type=DeviceType.CUDA) for i, (name, us) in enumerate(kernels)]
+    events.append(FunctionEvent(id=99, name="aten::mm", thread=0, start_us=0, end_us=5000))  # CPU: not a kernel
+    expected = [("GEMM", 1.0, 2), ("communication", 0.5, 1), ("GDN (fla)", 0.46, 3), ("attention", 0.4, 1),
+                ("compiled chains", 0.35, 2), ("optimizer", 0.2, 1), ("copies and fills", 0.1, 3),
+                ("elementwise", 0.07, 1), ("reductions", 0.03, 1), ("other", 0.005, 1)]
+    kinds = bench_train.device_time_by_kind(events)
+    assert [(kind, n) for kind, _, n in kinds] == [(kind, n) for kind, _, n in expected]
+    assert [ms for _, ms, _ in kinds] == pytest.approx([ms for _, ms, _ in expected])
+    assert bench_train.device_time_line(events).startswith(
+        "GPU kernel time 3.1 ms: GEMM 1.0 (2), communication 0.5 (1), GDN (fla) 0.5 (3), attention 0.4 (1), ")
+    assert bench_train.device_time_line(events[-1:]) == ""
+
+
 def test_the_baseline_names_its_conv1d_kernel(monkeypatch):
     import importlib.util
 

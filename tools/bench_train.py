@@ -10,7 +10,7 @@ Every row names its memory policy, and the "vs HF" column compares rows with the
 selective recomputation has no transformers counterpart). After the table, each side's fastest row that fits,
 labelled. Each row also prints its first warm-up step's seconds, what a fresh process pays once (fla's
 autotuning, torch.compile), and with --profile its operator calls and kernel launches per step (a host-bound
-step pays for each). A row that runs out of memory is reported as OOM, one that fails otherwise (e.g. a
+step pays for each) and the GPU's kernel time by kind (GEMM, attention, GDN, ...: where a GPU-bound step goes). A row that runs out of memory is reported as OOM, one that fails otherwise (e.g. a
 kernel that does not compile) by its error's type with the traceback on stderr, and the run goes on. MFU counts
 model FLOPs (megatron_ext/flops.py), not recomputed ones. A step is one micro-batch's forward and backward, then the
 update (gradient sync, clipping, the optimizer step), timed apart: "update s", and from the two the MFU of a step
@@ -282,7 +282,8 @@ def _time_steps(step: TrainStep, warmup: int, iters: int) -> tuple[float, float,
 
 
 def profile_step(step: Callable[[], None], path: Path, rows: int = 30) -> str:
-    """Two more steps, profiled, written to ``path`` after a line of counts (:func:`launch_counts`, returned).
+    """Two more steps, profiled, written to ``path`` after a line of counts (:func:`launch_counts`) and, on a GPU,
+    its kernel time by kind (:func:`device_time_line`), the line returned.
     Under torch.profiler: the operators and kernels that took the most device time (CPU time without CUDA), then
     the operators by their own host time. Under cProfile: the Python functions by their own time and with what
     they call, for a host-bound step the answer to where the host's time goes (fla's wrappers and Triton's launcher are Python,
@@ -303,6 +304,8 @@ def profile_step(step: Callable[[], None], path: Path, rows: int = 30) -> str:
     pstats.Stats(python, stream=by_cumulative).sort_stats("cumulative").print_stats(rows)
     key = "cuda_time_total" if cuda else "cpu_time_total"
     counts = launch_counts(prof.events())
+    by_kind = device_time_line(prof.events())
+    counts += f"; {by_kind}" if by_kind else ""
     sections = [counts, "Device time:", prof.key_averages().table(sort_by=key, row_limit=rows),
                 "Host time, by operator (its own, without the operators it calls):",
                 prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows),
@@ -328,6 +331,45 @@ def launch_counts(events) -> str:
     launches = sum(e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel")) for e in events)
     calls = f"operator calls: {operator_calls(events).total()}"
     return calls + (f"; kernel launches: {launches}" if torch.cuda.is_available() else "")
+
+
+# What a GPU's time in a step goes to, by kernel name (the first pattern that matches; torch.profiler's kernel names
+# on Hopper: cuBLAS's nvjet and sm90 GEMMs, FlashAttention-2 through torch, fla's Triton kernels named after
+# their stage, inductor's triton_poi/red/per chains, ATen's elementwise and reduction templates)
+KERNEL_KINDS = [
+    ("compiled chains", r"^triton_(poi|red|per|tem)_"),
+    ("optimizer", r"(?i)adam|multi_tensor_apply"),
+    ("communication", r"(?i)nccl"),
+    ("attention", r"(?i)flash|fmha|sdpa|fused_attn"),
+    ("GDN (fla)", r"chunk|delta|l2norm|solve_tril|merge_16x16|wy_repr|w_u_|kkt|conv1d|cumsum|gdn_gate|beta_sigmoid"),
+    ("GEMM", r"(?i)nvjet|gemm|cutlass|xmma"),
+    ("copies and fills", r"(?i)copy|memcpy|memset|fill|CatArray"),
+    ("reductions", r"reduce_kernel"),
+    ("elementwise", r"elementwise_kernel"),
+]
+
+
+def device_time_by_kind(events) -> list[tuple[str, float, int]]:
+    """(kind, milliseconds, kernels) of the device's events among profiler ``events`` (:data:`KERNEL_KINDS`,
+    then "other"), the largest first: where the GPU's share of a step goes. Empty without device events."""
+    totals: dict[str, list] = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CPU:
+            continue
+        kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, e.name)), "other")
+        total = totals.setdefault(kind, [0.0, 0])
+        total[0] += e.time_range.elapsed_us() / 1e3
+        total[1] += 1
+    return sorted(((k, ms, n) for k, (ms, n) in totals.items()), key=lambda row: -row[1])
+
+
+def device_time_line(events) -> str:
+    """:func:`device_time_by_kind` as one line, or "" without device events."""
+    kinds = device_time_by_kind(events)
+    if not kinds:
+        return ""
+    return (f"GPU kernel time {sum(ms for _, ms, _ in kinds):.1f} ms: "
+            + ", ".join(f"{kind} {ms:.1f} ({n})" for kind, ms, n in kinds))
 
 
 def measure(config=None, seqs=(4096, 8192), micro_batch: int = 1, warmup: int = 3, iters: int = 10,
