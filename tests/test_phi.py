@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from phi_eval_set import DRUGS, EPONYMS, PLACEHOLDERS, clean_notes, phi_notes, protected_terms_hit, recall_by_kind
+from phi_eval_set import (DRUGS, EPONYMS, PLACEHOLDERS, clean_notes, phi_notes, protected_terms_hit, recall_by_kind,
+                          removed)
 from preprocessing import build_mix
 from preprocessing.phi import KINDS, phi_spans, redact_phi
 from preprocessing.recipe import MixRecipe
@@ -27,6 +28,8 @@ def eval_set():
 
 
 def test_recall_per_kind_and_overall(eval_set):
+    """Issue 13's goals (95% overall, 90% each kind), and more: the guard catches every identifier this seeded set
+    plants (docs/benchmarks.md: 100%, as on the 400-note set), so one it misses is a regression, named here."""
     notes, spans, _, _ = eval_set
     recall = recall_by_kind(notes, spans)
     assert set(recall) == set(KINDS)  # the set plants every kind the guard names
@@ -34,6 +37,9 @@ def test_recall_per_kind_and_overall(eval_set):
     assert not low, low
     found, planted = (sum(x) for x in zip(*recall.values()))
     assert found >= 0.95 * planted, (found, planted)
+    missed = [(kind, note.text[start:end]) for note, found in zip(notes, spans) for kind, start, end in note.labels
+              if not removed(note.text, start, end, found)]
+    assert not missed, missed
 
 
 def test_eponyms_drugs_and_placeholders_are_kept(eval_set):
