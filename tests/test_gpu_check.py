@@ -137,6 +137,42 @@ def test_a_terminated_check_stops_its_running_part(tmp_path):
             assert p.wait(timeout=10) is not None or not p.is_running()
 
 
+def test_a_signal_while_the_part_starts_still_stops_it(tmp_path):
+    """SIGTERM can come inside Popen, after its fork and before it returns the part's handle (a fresh-clone CI met
+    it: the test above signals as soon as the part's process appears, and the check then stopped with no row for
+    the part, leaving it running): the part is stopped all the same, and its row says so. In a process of its
+    own, where the part is the only child (the check stops every child it has)."""
+    import psutil
+
+    script = f"""
+import argparse, io, subprocess, sys
+from tools import gpu_check
+start = subprocess.Popen
+def popen_then_signal(cmd, **kwargs):  # the part's process starts, then the signal's handler raises in Popen
+    part = start([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(part.pid, flush=True)
+    raise gpu_check.Terminated
+subprocess.Popen = popen_then_signal
+try:  # the row is printed as it is written
+    gpu_check.run_part("resume", 60, argparse.Namespace(device="cpu", resume_steps=2, workdir={str(tmp_path)!r}),
+                       io.StringIO())
+except gpu_check.Terminated:
+    pass
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    pid, *rows = run.stdout.splitlines()
+    try:
+        assert len(rows) == 1, run.stderr[-2000:]
+        assert re.fullmatch(r"\| resume \| terminated \| after \d+ s, by a signal to the check \| \| STOPPED \|", rows[0])
+        with contextlib.suppress(psutil.NoSuchProcess):  # reaped by the check, or a zombie its exit left to init
+            assert psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(int(pid)).kill()
+
+
 def test_unknown_part_is_refused():
     run = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--parts", "kernels,speed"], capture_output=True,
                          text=True)

@@ -737,6 +737,17 @@ def kill_tree(pid: int) -> None:
             p.kill()
 
 
+def kill_children() -> None:
+    """:func:`kill_tree` for each child of this process, and reap them: the parts it started, whose Popen objects
+    a signal raised inside Popen never returned."""
+    import psutil
+
+    children = psutil.Process().children()
+    for child in children:
+        kill_tree(child.pid)
+    psutil.wait_procs(children, timeout=10)
+
+
 def kill_after_first_checkpoint(cmd: list[str], run_dir: Path, timeout: float = 300) -> None:
     """Start a training command and SIGKILL all its processes as soon as its first checkpoint is published."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -754,13 +765,13 @@ def run_part(name: str, box: float, args: argparse.Namespace, out) -> None:
     cmd = [sys.executable, "-m", "tools.gpu_check", "--run-part", name, "--device", args.device,
            "--resume-steps", str(args.resume_steps), "--workdir", args.workdir]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    deadline = time.monotonic() + box
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
-                                cwd=ROOT, env=env)
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
-        deadline = time.monotonic() + box
         try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+                                    cwd=ROOT, env=env)
+            lines: queue.Queue = queue.Queue()
+            threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
             while True:
                 try:
                     line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -774,8 +785,7 @@ def run_part(name: str, box: float, args: argparse.Namespace, out) -> None:
                 if line.startswith("| "):
                     emit(out, line.rstrip("\n"))
         except Terminated:  # the part is in a session of its own, where a signal to this one does not reach
-            kill_tree(proc.pid)
-            proc.wait()
+            kill_children()  # not kill_tree(proc.pid): the signal may have come inside Popen, after the fork
             emit(out, f"| {name} | terminated | after {time.monotonic() - deadline + box:.0f} s, by a signal to "
                       "the check | | STOPPED |")
             raise
