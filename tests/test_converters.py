@@ -262,7 +262,18 @@ def test_tied_round_trip_is_bit_exact_with_transformers_logits(source, tp, reque
     out = convert_to_hf.convert(ckpt, tmp_path / "export", hf_template=template)
     _assert_bit_exact(src, out)
     assert compare(out, ckpt, seq_len=40)["max_rel_err"] <= 1e-5
-    if template is not None and tp == 1:  # without the template: a text-only model, tied by its own flag
+    if template is not None and tp == 1:
+        # the template ties by its top-level flag only; vLLM's Qwen3.5 reads text_config's, as AutoModelForCausalLM
+        # does: the export says it there too, so their head is the embedding (with the template's untied default,
+        # vLLM refuses the export and AutoModelForCausalLM draws a random head)
+        config = json.loads((out / "config.json").read_text())
+        assert json.loads((src / "config.json").read_text())["text_config"]["tie_word_embeddings"] is False
+        assert config["tie_word_embeddings"] is config["text_config"]["tie_word_embeddings"] is True
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+        # without the template: a text-only model, tied by its own flag
         text = convert_to_hf.convert(ckpt, tmp_path / "text")
         config = json.loads((text / "config.json").read_text())
         assert config["architectures"] == ["Qwen3_5ForCausalLM"] and config["tie_word_embeddings"] is True

@@ -113,7 +113,7 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
         if template is not None:
             for f in template.extra_files():
                 shutil.copy2(f, tmp / f.name)
-            _set_dtype(tmp / "config.json", dtypes[prefix + "embed_tokens.weight"])
+            _match_config(tmp / "config.json", dtypes[prefix + "embed_tokens.weight"], config.tie_word_embeddings)
             if any(k.startswith(MTP_PREFIX) for k in others):
                 _declare_frozen_mtp(tmp / "README.md", Path(hf_template))
         else:
@@ -121,7 +121,7 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
                 if f.name != HF_TENSORS_FILE:
                     shutil.copy2(f, tmp / f.name)
             if _is_text_only(tmp / "config.json"):  # the source's own config, every field as it was
-                _set_dtype(tmp / "config.json", dtypes[prefix + "embed_tokens.weight"])
+                _match_config(tmp / "config.json", dtypes[prefix + "embed_tokens.weight"], config.tie_word_embeddings)
             else:
                 text = _text_only_config(config, dtypes[prefix + "embed_tokens.weight"])
                 (tmp / "config.json").write_text(json.dumps(text, indent=2) + "\n")
@@ -213,9 +213,13 @@ def _add_stop_tokens(directory: Path, tokens: list[str]) -> None:
     path.write_text(json.dumps(gen, indent=2))
 
 
-def _set_dtype(config_path: Path, dtype: torch.dtype) -> None:
-    """Make the config name ``dtype`` wherever it names one (``dtype``, older files ``torch_dtype``; at the top
-    and in ``text_config``); a config that already does stays byte for byte the template's."""
+def _match_config(config_path: Path, dtype: torch.dtype, tied: bool) -> None:
+    """Make the config say what the export holds: ``dtype`` wherever it names one (``dtype``, older files
+    ``torch_dtype``; at the top and in ``text_config``), and in ``text_config`` whether the output layer is the
+    embedding. A multimodal config ties by its top-level flag for transformers' multimodal class, but vLLM's
+    Qwen3.5 and ``AutoModelForCausalLM`` read ``text_config``'s, which transformers defaults to untied: there a
+    tied export (no ``lm_head.weight``) fails to load in vLLM, or gets a random head. A config that already says
+    both stays byte for byte the template's."""
     config = json.loads(config_path.read_text())
     changed = False
     for part in (config, config.get("text_config") or {}):
@@ -223,6 +227,9 @@ def _set_dtype(config_path: Path, dtype: torch.dtype) -> None:
         for key in keys:
             changed |= part.get(key) != DTYPE_NAMES[dtype]
             part[key] = DTYPE_NAMES[dtype]
+    if "text_config" in config and config["text_config"].get("tie_word_embeddings") != tied:
+        config["text_config"]["tie_word_embeddings"] = tied
+        changed = True
     if changed:
         config_path.write_text(json.dumps(config, indent=2) + "\n")
 
