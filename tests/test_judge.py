@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import tiny_hf_dir
 
-from evaluation.eval_reasoning_judge import combine, sample, summarize, to_markdown, was_cut
+from evaluation.eval_reasoning_judge import CRITERIA, combine, sample, summarize, to_markdown, was_cut
 from tools.openai_stub_server import StubServer
 KEY = "sk-test-SECRET-9f8e7d"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
@@ -151,6 +151,13 @@ def test_verdict_rule_and_stratified_sampling():
     assert combine("x", "y", [("x", j("A")), ("y", j("A"))])["verdict"] == "tie"  # position bias -> tie
     assert combine("x", "y", [("x", j("B")), ("y", None)])["verdict"] == "y"  # one valid order counts
     assert combine("x", "y", [("x", None), ("y", None)])["verdict"] is None
+
+    def scored(verdict, a, b):  # every criterion of answer A scored a, of B b
+        return {"verdict": verdict, "scores": {"A": dict.fromkeys(CRITERIA, a), "B": dict.fromkeys(CRITERIA, b)}}
+
+    # x shown as A (scored 5 against 2), then as B (4 against 3): each model's mean, not A's and B's
+    r = combine("x", "y", [("x", scored("A", 5, 2)), ("y", scored("B", 3, 4))])
+    assert r["scores"]["x"]["overall"] == 4.5 and r["scores"]["y"]["overall"] == 2.5
     rows = [combine("x", "y", orders) for orders in ([("x", j("A")), ("y", j("B"))], [("x", j("B")), ("y", None)])]
     summary = summarize(rows, "x", "y", seed=0, usage={"calls": 3, "prompt_tokens": 0, "completion_tokens": 0,
                                                          "cached": 0}, prices=(0.0, 0.0))
@@ -160,6 +167,10 @@ def test_verdict_rule_and_stratified_sampling():
     assert "| answers cut at --max-new-tokens, x / y | 0 / 0 | |" in to_markdown(summary, "x", "y")
     del summary["cut_answers"]  # a judge.json from before the count: unknown, not 0
     assert "| answers cut at --max-new-tokens, x / y | ? / ? | |" in to_markdown(summary, "x", "y")
+    skew = summarize([{"verdict": v, "consistent": True, "orders_valid": 2, "scores": {"x": None, "y": None}}
+                      for v in ("y", "y", "tie", "x")], "x", "y", 0, {"calls": 0, "prompt_tokens": 0,
+                      "completion_tokens": 0, "cached": 0}, (0.0, 0.0))
+    assert skew["y_win_rate"][0] == pytest.approx(0.625) and skew["y_wins"] == 2 and skew["x_wins"] == 1  # (2 + 0.5) / 4
     qs = {s: [{"id": f"{s}/{i}", "source": s} for i in range(10)] for s in ("a", "b", "c")}
     picked = sample(qs, 7, seed=1)
     assert [q["source"] for q in picked].count("a") == 3 and len(picked) == 7
@@ -279,6 +290,18 @@ def test_answers_belong_to_the_checkpoint_not_the_name(setup, tmp_path, monkeypa
             summary = json.loads((tmp_path / "judge.json").read_text())
             if cpt == "cpt":
                 assert summary["ties"] < 4  # the two random models answer differently
+                # the stub prefers the longer answer (4 vs 2): each verdict and score belongs to the right model
+                answers = {(a["model"], a["id"]): a["answer"] for a in
+                           map(json.loads, (tmp_path / "judge.answers.jsonl").read_text().splitlines())}
+                rows = [json.loads(x) for x in (tmp_path / "judge.jsonl").read_text().splitlines()]
+                for row in rows:
+                    lb, lc = len(answers["base", row["id"]]), len(answers["cpt", row["id"]])
+                    assert row["verdict"] == ("cpt" if lc > lb else "base" if lb > lc else "tie"), row
+                    if lb != lc:
+                        loser = "base" if row["verdict"] == "cpt" else "cpt"
+                        assert row["scores"][row["verdict"]]["overall"] == 4 and row["scores"][loser]["overall"] == 2
+                win = [{"cpt": 1.0, "tie": 0.5, "base": 0.0}[r["verdict"]] for r in rows]
+                assert summary["cpt_win_rate"][0] == pytest.approx(sum(win) / len(win))
     finally:
         server.close()
     assert summary["ties"] == 4 and summary["judged"] == 4
