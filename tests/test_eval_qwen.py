@@ -169,12 +169,14 @@ def test_several_models_run_one_process_each_and_merge(tmp_path, monkeypatch):
 
     monkeypatch.setattr(eval_qwen.subprocess, "run", child)
     eval_qwen.main(["--model", "base=/m/base", "--model", "cpt=/m/cpt", "--tasks", "pubmedqa,boolq", "--data-dir", "/bench",
-                    "--backend", "vllm", "--limit", "5", "--delta", "cpt-base", "--out", str(tmp_path / "lm_eval")])
+                    "--backend", "vllm", "--limit", "5", "--num-fewshot", "3", "--delta", "cpt-base",
+                    "--out", str(tmp_path / "lm_eval")])
     assert [c[c.index("--model") + 1] for c in children] == ["base=/m/base", "cpt=/m/cpt"]
     for c in children:
         assert c[:3] == [sys.executable, "-m", "evaluation.eval_qwen"] and c.count("--model") == 1
         assert c[c.index("--backend") + 1] == "vllm" and c[c.index("--tasks") + 1] == "pubmedqa,boolq"
         assert c[c.index("--limit") + 1] == "5" and "--device" not in c
+        assert c[c.index("--num-fewshot") + 1] == "3"
     report = json.loads((tmp_path / "lm_eval.json").read_text())
     assert report["results"] == {t: {"base": {"acc": 0.1, "acc_stderr": 0.01}, "cpt": {"acc": 0.2, "acc_stderr": 0.01}}
                                  for t in ("pubmedqa", "boolq")}
@@ -219,3 +221,12 @@ def test_delta_between_names_with_hyphens(tmp_path, monkeypatch):
     assert "| pubmedqa | 40.0 ± 1.0 | 50.0 ± 1.0 | +10.0 |" in (tmp_path / "lm_eval.md").read_text()
     with pytest.raises(SystemExit, match="expected NAME_A-NAME_B"):
         eval_qwen.main(args + ["--delta", "cpt-sft-base"])
+
+
+def test_few_shot_examples_come_from_their_own_split_not_the_test_split(setup):
+    """lm-eval falls back to the test split for few-shot examples when the task has no other split: leakage."""
+    cfg = local_task_config("mmlu_anatomy", setup / "bench", 1)
+    assert cfg["fewshot_split"] == "dev" and set(cfg["dataset_kwargs"]["data_files"]) == {"test", "dev"}
+    cfg = local_task_config("pubmedqa", setup / "bench", 1)
+    assert cfg["training_split"] == "train" and set(cfg["dataset_kwargs"]["data_files"]) == {"test", "train"}
+    assert set(local_task_config("mmlu_anatomy", setup / "bench", 0)["dataset_kwargs"]["data_files"]) == {"test"}

@@ -9,7 +9,11 @@ import pytest
 from evaluation.report import bar_chart, build
 
 
-def test_report_from_the_three_result_files(tmp_path):
+def test_report_from_the_three_result_files(tmp_path, monkeypatch):
+    from evaluation import report
+
+    charts = []
+    monkeypatch.setattr(report, "bar_chart", lambda *a, **k: charts.append((a, k)) or bar_chart(*a, **k))
     crit = ["diagnostic_reasoning", "clinical_knowledge", "management_quality", "reasoning_chain", "overall"]
     (tmp_path / "perplexity.json").write_text(json.dumps({"models": {"base": "a", "cpt": "b"}, "results": {
         "Patient EHR": {"base": {"ppl": 10.0, "improvement_vs_base": 0.0}, "cpt": {"ppl": 8.0, "improvement_vs_base": 0.2}}}}))
@@ -30,6 +34,9 @@ def test_report_from_the_three_result_files(tmp_path):
     # each arm's mean score with its CI, then the difference
     assert "| mean score (1-5) [95% CI] | base | cpt | Δ cpt − base |" in text
     assert "| diagnostic reasoning | 3.10 [2.80, 3.40] | 3.40 [3.20, 3.70] | +0.30 [+0.10, +0.50] |" in text
+    (groups, series, *_), kwargs = charts[0]  # the perplexity chart: the report's numbers, on a log axis
+    assert groups == ["Patient EHR"] and series == {"base": [10.0], "cpt": [8.0]} and kwargs.get("log") is True
+    assert charts[1][0][1] == {"base": [60.0, 100.0], "cpt": [65.0, 100.0]}  # benchmarks, in %
     for png in ("report_perplexity.png", "report_benchmarks.png", "report_judge.png"):
         assert (tmp_path / png).stat().st_size > 3000
 

@@ -234,3 +234,10 @@ def test_special_token_strings_in_a_document_are_scored_as_text(models):
     assert tok.eos_token_id not in trained
     got = domain_perplexity(model, tok, [text], max_length=64, stride=32, device="cpu", desc="doc")
     assert got["tokens"] == len(trained) - 1
+
+
+def test_max_docs_reads_the_first_documents_only(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
+    assert read_documents(path, 2) == ["doc 0", "doc 1"] and read_documents(path, 1) == ["doc 0"]
+    assert len(read_documents(path, None)) == 5 and len(read_documents(path, 9)) == 5
