@@ -16,7 +16,9 @@ from tools.tiny_qwen35 import add_mtp, causal_lm, multimodal, text_config, write
 
 def _copy_head(model) -> mtp.MTPHead:
     """An MTP head that predicts its input token again: fc keeps the (normed) embedding half, the layer adds
-    nothing (zero output projections), the norms are plain (zero-centred weights)."""
+    nothing (zero output projections), the norms are plain (zero-centred weights) except the hidden states' own
+    pre-fc norm, which scales by 1 + w = 0: a head that put the embeddings through it (the two pre-fc norms
+    swapped) sees nothing and predicts nothing."""
     config = model.config
     head = mtp.MTPHead(config).double().eval()
     h = config.hidden_size
@@ -24,6 +26,7 @@ def _copy_head(model) -> mtp.MTPHead:
         for p in head.parameters():
             p.zero_()
         head.fc.weight[:, :h] = torch.eye(h, dtype=torch.float64)
+        head.pre_fc_norm_hidden.weight.fill_(-1.0)
     return head
 
 

@@ -36,6 +36,13 @@ def test_tp2_equals_tp1(tmp_path):
     for r in ranks:
         torch.testing.assert_close(r["logits"], logits.detach(), atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(r["final_norm_grad"], model.decoder.final_layernorm.weight.grad, atol=1e-10, rtol=1e-10)
+        # every norm each rank holds whole, the GDN output norm among them: shared by all value heads while each rank
+        # sees only its own, so allreduce_gdn_out_norm_grads must sum it (the trainer's tp2 layout test, comparing
+        # losses and gradient norms over 4 steps, passes with only each rank's part)
+        grads = dict(model.named_parameters())
+        assert sum(n.endswith("out_norm.weight") for n in r["replicated_grads"]) == 2
+        for name, grad in r["replicated_grads"].items():
+            torch.testing.assert_close(grad, grads[name].grad, atol=1e-10, rtol=1e-10, msg=name)
     # the vocab-parallel embedding: each rank holds half of the rows
     torch.testing.assert_close(
         torch.cat([r["embedding_grad"] for r in ranks]), model.embedding.word_embeddings.weight.grad, atol=1e-10, rtol=1e-10

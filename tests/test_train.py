@@ -629,6 +629,84 @@ def test_flops_count_every_matmul_weight():
     assert forward_flops_per_token(config, 4096)["matmul_params"] == 2 * weights
 
 
+def test_flops_of_attention_and_the_gdn_core_against_the_kernels_own_count():
+    """The non-parameter parts of the MFU formula against torch's FLOP counter on the model's own CPU kernels
+    (forward, one 128-token row): the masked attention computes every query-key pair, so the formula's causal
+    attention is exactly half of it; the torch GDN kernel computes each 64-token chunk square in full, so the
+    formula's delta rule + conv lies between half of that count and all of it. The training total is 3x the
+    forward (backward 2x) over the same parts: a dropped term, a missing causal half or a wrong factor fails."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_ext import Qwen35Config, build_model
+    from megatron_ext.flops import forward_flops_per_token, train_flops_per_token
+
+    types = [F, L, L, F]
+    config = Qwen35Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                          layer_types=types, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          linear_key_head_dim=8, linear_value_head_dim=12, linear_num_key_heads=2,
+                          linear_num_value_heads=4, tie_word_embeddings=False)
+    model = build_model(config, "local", device="cpu")
+    s = 128
+    ids = torch.randint(0, 512, (1, s), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False, depth=None) as counter:
+        model(ids)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    layer = "Qwen35GPTModel.decoder.layers.{}.self_attention".format
+    attention = sum(counts[layer(i) + ".core_attention"] for i, t in enumerate(types) if t == F)
+    gdn = sum(counts[layer(i)] - counts[layer(i) + ".in_proj"] - counts[layer(i) + ".out_proj"]
+              for i, t in enumerate(types) if t == L)
+    matmuls = counts["Global"] - attention - gdn  # every linear layer and the LM head
+    parts = forward_flops_per_token(config, s)
+    assert attention > 0 and gdn > 0
+    assert parts["matmul_params"] * s == matmuls
+    assert parts["attention_scores"] * s == attention / 2  # causal: half of the square the masked kernel computes
+    assert gdn / 2 <= parts["gdn_core"] * s <= gdn
+    train = train_flops_per_token(config, s) * s
+    assert 3 * (matmuls + attention / 2 + gdn / 2) <= train <= 3 * (matmuls + attention / 2 + gdn)
+
+
+def test_the_logged_loss_is_the_mean_over_loss_tokens_not_over_micro_batches():
+    """forward_step's per-micro-batch (loss sum, tokens) pairs, reduced as the step and the validation reduce them:
+    the mean over every loss token. Micro-batches of 3 and 9 loss tokens (as SFT's are): a mean of the micro-batch
+    means weighs the 3 tokens like the 9 and differs; in CPT, where every micro-batch has the same number of loss
+    tokens, it would agree, and every comparison between runs reduces both sides the same way."""
+    import types
+
+    from megatron_ext import parallel
+    from megatron_ext.data import collate
+    from megatron_ext.train import _mean_loss, _reduce_step, forward_step
+
+    parallel.initialize()
+
+    class GivenLosses(torch.nn.Module):  # the model's per-token losses, given
+        def __init__(self, losses):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+            self.losses = losses
+
+        def forward(self, tokens, position_ids, labels=None, packed_seq_params=None):
+            return self.losses
+
+    gen = torch.Generator().manual_seed(0)
+    outputs, total, tokens = [], 0.0, 0
+    for n in (3, 9):
+        mask = torch.zeros(1, 16)
+        mask[0, torch.randperm(16, generator=gen)[:n]] = 1
+        losses = torch.rand(1, 16, generator=gen, dtype=torch.float64) * 10
+        row = {"tokens": torch.zeros(16, dtype=torch.long), "labels": torch.zeros(16, dtype=torch.long),
+               "loss_mask": mask[0], "position_ids": torch.arange(16)}
+        out, loss_func = forward_step(iter([collate([row])]), GivenLosses(losses))
+        outputs.append(loss_func(out)[2])
+        total, tokens = total + (losses * mask).sum().item(), tokens + n
+    want = total / tokens
+    assert _mean_loss(outputs) == pytest.approx(want, rel=1e-6)
+    ddp = types.SimpleNamespace(buffers=[types.SimpleNamespace(grad_data=torch.ones(4))], expert_parallel_buffers=[])
+    loss, finite, stopping = _reduce_step(outputs, ddp, False)
+    assert loss == pytest.approx(want, rel=1e-6) and finite and not stopping
+    ddp.buffers[0].grad_data[2] = float("nan")
+    assert _reduce_step(outputs, ddp, True)[1:] == (False, True)
+
+
 def test_peak_flops_by_gpu_name_tell_the_variants_apart():
     """MFU's denominator: an H100 PCIe (756 dense BF16 TFLOP/s) or an NVL card (835) read as an SXM one (989) would
     understate their MFU by 24% and 16%."""

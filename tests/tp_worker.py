@@ -34,11 +34,17 @@ def run(rank: int, world: int, store: str, ckpt: str, inputs: str, out_dir: str)
         model = load_model(ckpt, tensor_parallel=world)
         logits = model(batch["ids"], batch["positions"])
         (logits * batch["weights"]).sum().backward()
+    from megatron_ext.layers import allreduce_gdn_out_norm_grads
+
+    allreduce_gdn_out_norm_grads(model)  # what the trainer's finalize_grads adds to megatron's
     torch.save(
         {
             "logits": logits.detach(),
             "embedding_grad": model.embedding.word_embeddings.weight.grad,
             "final_norm_grad": model.decoder.final_layernorm.weight.grad,
+            # every weight each rank holds whole (the norms), but the q/k norms, which megatron's finalize_model_grads sums
+            "replicated_grads": {n: p.grad for n, p in model.named_parameters() if not getattr(p, "tensor_model_parallel", False)
+                                 and not n.endswith(("q_layernorm.weight", "k_layernorm.weight"))},
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
