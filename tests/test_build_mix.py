@@ -243,6 +243,37 @@ def test_chunking_overlaps_and_ends_with_eos():
     assert bodies[0] == ids[:10] and bodies[1][:3] == ids[7:10]  # 3 tokens of overlap
     assert bodies[-1][-1] == ids[-1]
     assert list(chunk_tokens([5, 6], eos=0, seq_length=11, overlap=3)) == [[5, 6, 0]]
+    # every length around the chunk boundaries: each token once in order (overlaps aside), every chunk after the first
+    # brings new tokens (no chunk of overlap or EOS alone), and no more chunks than the length needs
+    for n in range(1, 40):
+        for overlap in (0, 3):
+            ids = list(range(100, 100 + n))
+            bodies = [c[:-1] for c in chunk_tokens(ids, eos=0, seq_length=11, overlap=overlap)]
+            assert all(len(b) > overlap for b in bodies[1:]) and bodies[0], (n, overlap, bodies)
+            assert all(b[:overlap] == a[len(a) - overlap:] for a, b in zip(bodies, bodies[1:])), (n, overlap)
+            assert bodies[0] + [t for b in bodies[1:] for t in b[overlap:]] == ids, (n, overlap)
+            assert len(bodies) == (1 if n <= 10 else 1 + -(-(n - 10) // (10 - overlap))), (n, overlap)
+
+
+def test_each_source_is_chunked_with_its_own_overlap(tmp_path):
+    """The writer chunks a long document with its source's chunk_overlap (the demo's documents all fit one chunk, so
+    the end-to-end tests never see an overlap applied)."""
+    from datatrove.data import Document
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from preprocessing.steps import MegatronTokenWriter
+    from preprocessing.tokenizer import eos_id, text_tokenizer
+
+    tokenizer = str(DEMO / "tokenizer")
+    text = " ".join(f"The patient number {i} was seen in clinic for headache lasting {i + 2} days." for i in range(20))
+    ids, eos = text_tokenizer(tokenizer).encode(text, add_special_tokens=False).ids, eos_id(tokenizer)
+    assert len(ids) > 3 * 32
+    writer = MegatronTokenWriter(str(tmp_path / "tokens"), tokenizer, seq_length=32, overlaps={"ehr": 8, "web": 0})
+    list(writer.run([Document(text=text, id=f"{s}/d", metadata={"source": s}) for s in ("ehr", "web")]))
+    for source, overlap in (("ehr", 8), ("web", 0)):
+        dataset = IndexedDataset(str(tmp_path / "tokens" / source / "00000"))
+        assert [dataset[i].tolist() for i in range(len(dataset))] == list(chunk_tokens(ids, eos, 32, overlap)), source
+        del dataset
 
 
 def test_bad_input_is_quarantined_and_counted(tmp_path):
@@ -517,6 +548,12 @@ def _assert_same_mix(built: tuple[MixRecipe, dict], other: tuple[MixRecipe, dict
         held, held_b = (sorted((r.out / e["heldout"]).read_text().splitlines())
                         for r, e in ((recipe, entry), (recipe_b, entry_b)))
         assert held and held_b == held, source
+    # and the same accounting: documents read, quarantined and dropped per reason (a document read by two workers is
+    # dropped again as an exact duplicate, leaving the same mix under a report that counts it twice)
+    from preprocessing.report import collect_ledger
+
+    ledgers = [collect_ledger(r.out / "logs", list(mix["sources"])) for r in (recipe, recipe_b)]
+    assert ledgers[1] == ledgers[0]
 
 
 def _built(recipe_path: Path) -> tuple[MixRecipe, dict]:

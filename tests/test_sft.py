@@ -90,6 +90,10 @@ def test_prefix_stable_template_is_one_sample_with_every_answer(tok):
     text, spans = samples[0]
     assert text == plain.apply_chat_template(TWO_TURNS, tokenize=False) and len(spans) == 2
     assert [text[a:b] for a, b in spans] == [TWO_TURNS[2]["content"] + "<|im_end|>\n", "Non-contrast CT.<|im_end|>\n"]
+    # the tokens that carry loss are exactly the two completions: not the next turn's first token after each
+    ids, mask = encode_sample(plain.backend_tokenizer, text, spans)
+    assert plain.decode([i for i, m in zip(ids, mask) if m]) == "".join(text[a:b] for a, b in spans)
+    assert plain.decode([i for i, m in zip(ids, mask) if not m]) == text[: spans[0][0]] + text[spans[0][1] : spans[1][0]]
     (all_text, all_spans), = render_samples(plain, TWO_TURNS, loss_on="all")[0]
     enc = plain.backend_tokenizer.encode(all_text, add_special_tokens=False)
     assert all(token_mask(enc.offsets, all_spans))
@@ -106,6 +110,24 @@ def test_template_kwargs_reach_the_template(tok):
     assert [text[a:b] for a, b in spans] == ["Stroke.<|im_end|>\n"]
     (text, spans), = render_samples(closing, one_turn)[0]
     assert [text[a:b] for a, b in spans] == ["<think></think>Stroke.<|im_end|>\n"]
+
+
+def test_a_sample_of_seq_length_plus_one_tokens_is_kept_and_one_more_is_too_long(tmp_path, tok):
+    """The trainer packs a sample's tokens but its last as inputs: seq_length + 1 tokens fill one row exactly and are
+    kept; one token more is quarantined as too long."""
+    from datatrove.data import Document
+
+    from preprocessing.build_sft import ChatTokenWriter, SFTRecipe
+
+    messages = TWO_TURNS[:3]
+    (text, spans), = render_samples(tok, messages)[0]
+    n = len(encode_sample(tok.backend_tokenizer, text, spans)[0])
+    for seq_length, kept in ((n - 1, True), (n - 2, False)):
+        recipe = SFTRecipe(tokenizer=str(DEMO / "tokenizer"), output_dir=str(tmp_path), paths=[], seq_length=seq_length)
+        writer = ChatTokenWriter(str(tmp_path / f"work_{seq_length}"), str(tmp_path / "errors"), str(DEMO / "tokenizer"), recipe)
+        doc = Document(text="", id="c", metadata={"messages": messages, "file": "chats.jsonl", "line": 1})
+        assert len(list(writer.run([doc]))) == int(kept), (seq_length, n)
+        assert ("quarantined/sft/too_long" in writer.stats.stats) == (not kept), (seq_length, n)
 
 
 @pytest.mark.parametrize("record, reason", [
