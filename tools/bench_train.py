@@ -10,8 +10,9 @@ Every row names its memory policy, and the "vs HF" column compares rows with the
 selective recomputation has no transformers counterpart). After the table, each side's fastest row that fits,
 labelled. Each row also prints its first warm-up step's seconds, what a fresh process pays once (fla's
 autotuning, torch.compile), and with --profile its operator calls and kernel launches per step (a host-bound
-step pays for each) and the GPU's kernel time by kind (GEMM, attention, GDN, ...: where a GPU-bound step goes). A row that runs out of memory is reported as OOM, one that fails otherwise (e.g. a
-kernel that does not compile) by its error's type with the traceback on stderr, and the run goes on. MFU counts
+step pays for each) and the GPU's kernel time by kind (GEMM, attention, GDN, ...: where a GPU-bound step goes).
+A row that runs out of memory is reported as OOM, one that fails otherwise (e.g. a kernel that does not compile)
+by its error's type with the traceback on stderr, and the run goes on. MFU counts
 model FLOPs (megatron_ext/flops.py), not recomputed ones. A step is one micro-batch's forward and backward, then the
 update (gradient sync, clipping, the optimizer step), timed apart: "update s", and from the two the MFU of a step
 that updates once per 32 sequences on a GPU, the recipe's 256 over 8 GPUs (32 micro-batches of one sequence, or
