@@ -145,20 +145,19 @@ def test_judge_end_to_end(setup, tmp_path):
 
 
 def test_verdict_rule_and_stratified_sampling():
-    j = lambda v: {"verdict": v, "scores": {s: {c: 3 for c in ("diagnostic_reasoning", "clinical_knowledge",  # noqa: E731
-                   "management_quality", "reasoning_chain", "overall")} for s in "AB"}, "rationale": ""}
-    assert combine("x", "y", [("x", j("A")), ("y", j("B"))])["verdict"] == "x"  # both orders pick x
-    assert combine("x", "y", [("x", j("A")), ("y", j("A"))])["verdict"] == "tie"  # position bias -> tie
-    assert combine("x", "y", [("x", j("B")), ("y", None)])["verdict"] == "y"  # one valid order counts
+    def scored(verdict, a=3, b=3):  # a judgement: every criterion of answer A scored a, of B b
+        return {"verdict": verdict, "scores": {"A": dict.fromkeys(CRITERIA, a), "B": dict.fromkeys(CRITERIA, b)},
+                "rationale": ""}
+
+    assert combine("x", "y", [("x", scored("A")), ("y", scored("B"))])["verdict"] == "x"  # both orders pick x
+    assert combine("x", "y", [("x", scored("A")), ("y", scored("A"))])["verdict"] == "tie"  # position bias -> tie
+    assert combine("x", "y", [("x", scored("B")), ("y", None)])["verdict"] == "y"  # one valid order counts
     assert combine("x", "y", [("x", None), ("y", None)])["verdict"] is None
-
-    def scored(verdict, a, b):  # every criterion of answer A scored a, of B b
-        return {"verdict": verdict, "scores": {"A": dict.fromkeys(CRITERIA, a), "B": dict.fromkeys(CRITERIA, b)}}
-
     # x shown as A (scored 5 against 2), then as B (4 against 3): each model's mean, not A's and B's
     r = combine("x", "y", [("x", scored("A", 5, 2)), ("y", scored("B", 3, 4))])
     assert r["scores"]["x"]["overall"] == 4.5 and r["scores"]["y"]["overall"] == 2.5
-    rows = [combine("x", "y", orders) for orders in ([("x", j("A")), ("y", j("B"))], [("x", j("B")), ("y", None)])]
+    rows = [combine("x", "y", orders)
+            for orders in ([("x", scored("A")), ("y", scored("B"))], [("x", scored("B")), ("y", None)])]
     summary = summarize(rows, "x", "y", seed=0, usage={"calls": 3, "prompt_tokens": 0, "completion_tokens": 0,
                                                          "cached": 0}, prices=(0.0, 0.0))
     assert summary["one_order"] == 1  # judged on one order: its position bias is not cancelled, and the table says so

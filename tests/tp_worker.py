@@ -27,6 +27,7 @@ def run(rank: int, world: int, store: str, ckpt: str, inputs: str, out_dir: str)
 
     from megatron_ext import parallel
     from megatron_ext.checkpoint import load_model
+    from megatron_ext.layers import allreduce_gdn_out_norm_grads
 
     parallel.initialize(tensor_parallel=world)
     batch = torch.load(inputs)
@@ -34,8 +35,6 @@ def run(rank: int, world: int, store: str, ckpt: str, inputs: str, out_dir: str)
         model = load_model(ckpt, tensor_parallel=world)
         logits = model(batch["ids"], batch["positions"])
         (logits * batch["weights"]).sum().backward()
-    from megatron_ext.layers import allreduce_gdn_out_norm_grads
-
     allreduce_gdn_out_norm_grads(model)  # what the trainer's finalize_grads adds to megatron's
     torch.save(
         {

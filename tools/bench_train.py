@@ -304,9 +304,9 @@ def profile_step(step: Callable[[], None], path: Path, rows: int = 30) -> str:
     pstats.Stats(python, stream=by_own).sort_stats("tottime").print_stats(rows)
     pstats.Stats(python, stream=by_cumulative).sort_stats("cumulative").print_stats(rows)
     key = "cuda_time_total" if cuda else "cpu_time_total"
-    counts = launch_counts(prof.events())
-    by_kind = device_time_line(prof.events())
-    counts += f"; {by_kind}" if by_kind else ""
+    events = prof.events()
+    by_kind = device_time_line(events)
+    counts = launch_counts(events) + (f"; {by_kind}" if by_kind else "")
     sections = [counts, "Device time:", prof.key_averages().table(sort_by=key, row_limit=rows),
                 "Host time, by operator (its own, without the operators it calls):",
                 prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows),
