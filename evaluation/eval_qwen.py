@@ -88,9 +88,10 @@ def task_result(out: dict, task: str) -> dict:
 
 def hf_lm(model_dir: str | Path, device: str, dtype, batch_size: int | str):
     """lm-eval's HF model around the checkpoint loaded as its config names it (:func:`load_hf_model`). lm-eval's own
-    loading takes ``AutoModelForCausalLM``, which builds a Qwen3.5 release (a multimodal config, tied by its
-    top-level flag) as ``Qwen3_5ForCausalLM`` with ``text_config``'s untied default: its ``lm_head`` is missing from
-    the checkpoint and initialised at random, so every score is noise that changes from run to run."""
+    loading takes ``AutoModelForCausalLM``, which builds a multimodal Qwen3.5 checkpoint as ``Qwen3_5ForCausalLM``
+    from ``text_config`` alone: a config tied by its top-level flag only (transformers' multimodal class needs no
+    more; the releases set both) gets ``text_config``'s untied default, its ``lm_head`` missing from the checkpoint
+    and initialised at random, so every score is noise that changes from run to run."""
     from lm_eval.models.huggingface import HFLM
 
     model, tok = load_hf_model(model_dir, device, dtype)

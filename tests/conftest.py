@@ -30,7 +30,8 @@ DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 def tiny_hf_dir(path: Path, seed: int, chat_template: str | None = None, release: bool = False) -> Path:
     """A tiny random Qwen3_5ForCausalLM directory with the demo tokenizer (vocabulary padded to 2048); ``release``:
-    in the small releases' layout instead (Qwen3_5ForConditionalGeneration, tied by the top-level flag only)."""
+    in the small releases' layout instead (Qwen3_5ForConditionalGeneration, tied; by the top-level flag only, the
+    one transformers' multimodal class reads)."""
     from tools.tiny_qwen35 import causal_lm, multimodal, text_config
 
     if release:

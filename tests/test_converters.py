@@ -10,6 +10,7 @@ import logging
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,7 +78,8 @@ def tied_text_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tied_multimodal_dir(tmp_path_factory):
-    """The 2B release's layout: tied by the top-level flag only (the safetensors hold no lm_head.weight)."""
+    """The small releases' layout, tied (the safetensors hold no lm_head.weight), by the top-level flag only: the
+    releases set text_config's too, which a converter must then not be found to read instead."""
     return _release_layout(tmp_path_factory.mktemp("tied_mm") / "hf", seed=9, tied=True)
 
 
@@ -263,9 +265,10 @@ def test_tied_round_trip_is_bit_exact_with_transformers_logits(source, tp, reque
     _assert_bit_exact(src, out)
     assert compare(out, ckpt, seq_len=40)["max_rel_err"] <= 1e-5
     if template is not None and tp == 1:
-        # the template ties by its top-level flag only; vLLM's Qwen3.5 reads text_config's, as AutoModelForCausalLM
-        # does: the export says it there too, so their head is the embedding (with the template's untied default,
-        # vLLM refuses the export and AutoModelForCausalLM draws a random head)
+        # the template ties by its top-level flag only (a config the releases do not have, a third party's may);
+        # vLLM's Qwen3.5 reads text_config's, as AutoModelForCausalLM does: the export says it there too, so their
+        # head is the embedding (with the template's untied default, vLLM refuses the export and
+        # AutoModelForCausalLM draws a random head)
         config = json.loads((out / "config.json").read_text())
         assert json.loads((src / "config.json").read_text())["text_config"]["tie_word_embeddings"] is False
         assert config["tie_word_embeddings"] is config["text_config"]["tie_word_embeddings"] is True
@@ -278,6 +281,16 @@ def test_tied_round_trip_is_bit_exact_with_transformers_logits(source, tp, reque
         config = json.loads((text / "config.json").read_text())
         assert config["architectures"] == ["Qwen3_5ForCausalLM"] and config["tie_word_embeddings"] is True
         assert compare(text, ckpt, seq_len=40)["max_rel_err"] <= 1e-5
+
+
+def test_a_published_release_config_gains_only_the_export_dtype(tmp_path):
+    """A published release (Qwen3.5-0.8B's config.json) already ties at both levels: the export's config is the
+    release's with the dtype written at the top level too (the release names it in text_config only)."""
+    release = json.loads((Path(__file__).parent / "qwen35_0.8b_release_config.json").read_text())
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(release))
+    convert_to_hf._match_config(path, torch.bfloat16, tied=True)
+    assert json.loads(path.read_text()) == {**release, "dtype": "bfloat16"}
 
 
 def test_layouts_are_checked_and_a_pipeline_layout_converts(text_dir, tmp_path):

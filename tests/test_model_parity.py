@@ -7,6 +7,7 @@ to the rounding bound of its longest reduction. Random inputs come from local se
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from tools.tiny_qwen35 import causal_lm, text_config
 import megatron_ext
 
 L, F = "linear_attention", "full_attention"
+RELEASE_CONFIG = Path(__file__).parent / "qwen35_0.8b_release_config.json"
 
 SHAPES = {
     "gva_untied": dict(),  # 2 key heads serve 4 value heads in GDN, GQA 4/2, untied head
@@ -87,6 +89,19 @@ def test_config_reads_multimodal_and_text_checkpoints():
     assert not a.tie_word_embeddings and b.tie_word_embeddings  # multimodal ties by its top-level flag
     with pytest.raises(ValueError, match="not a Qwen3.5"):
         megatron_ext.Qwen35Config.from_hf({"model_type": "llama"})
+
+
+def test_a_published_release_config_reads_as_its_model():
+    """Qwen/Qwen3.5-0.8B's config.json as published (tests/qwen35_0.8b_release_config.json): keys of its own
+    (``mlp_only_layers``, ``mamba_ssm_dtype``, interleaved M-RoPE), both tie flags true, the eos in text_config.
+    The fixtures elsewhere are tiny models; this is the one file a user's run starts from."""
+    c = megatron_ext.Qwen35Config.from_hf(RELEASE_CONFIG)
+    assert c.layer_types == [L, L, L, F] * 6
+    assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (
+        1024, 3584, 8, 2, 256)
+    assert (c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim) == (16, 16, 128)
+    assert (c.rope_theta, c.partial_rotary_factor, c.mrope_section) == (1e7, 0.25, [11, 11, 10])
+    assert c.tie_word_embeddings and c.eos_token_id == 248044 and c.vocab_size == 248320
 
 
 def test_config_keys_a_file_leaves_out_are_read_as_transformers_reads_them():

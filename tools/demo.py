@@ -92,8 +92,8 @@ def run(out: Path, log: Path | None = None) -> list[tuple[str, str, float]]:
         tokens = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"])
         vocab = -(-tokens // 128) * 128  # padded like released checkpoints' embeddings
         pattern = ["linear_attention"] * 3 + ["full_attention"]
-        model = tiny_qwen35.multimodal(seed=0, tie_word_embeddings=True, vocab_size=vocab, hidden_size=128,
-                                       intermediate_size=256, layer_types=pattern * 2)
+        model = tiny_qwen35.multimodal(seed=0, tie_word_embeddings=True, both_flags=True, vocab_size=vocab,
+                                       hidden_size=128, intermediate_size=256, layer_types=pattern * 2)
         model.save_pretrained(base, max_shard_size="500KB")
         tiny_qwen35.add_mtp(base, seed=0)
         for f in tokenizer.iterdir():

@@ -79,16 +79,18 @@ def causal_lm(config=None, seed: int = 0):
     return model
 
 
-def multimodal(seed: int = 0, tie_word_embeddings: bool = False, **text_overrides):
+def multimodal(seed: int = 0, tie_word_embeddings: bool = False, both_flags: bool = False, **text_overrides):
     """Qwen3_5ForConditionalGeneration: a one-block vision tower around the tiny text model. Ties (or not)
-    by the top-level flag only, as the releases' configs do and transformers obeys; ``text_config`` keeps
-    its own (untied) default, so a converter reading the wrong flag fails."""
+    by the top-level flag, the one transformers' multimodal class obeys; ``text_config`` keeps its own
+    (untied) default, so a converter reading the wrong flag fails, unless ``both_flags``: then it says the
+    same, as the releases' configs do (tests/qwen35_0.8b_release_config.json)."""
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     torch.manual_seed(seed)
     config = Qwen3_5Config(
         tie_word_embeddings=tie_word_embeddings,
-        text_config=text_config(**text_overrides).to_dict(),
+        text_config=text_config(**text_overrides, **(dict(tie_word_embeddings=tie_word_embeddings)
+                                                     if both_flags else {})).to_dict(),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                            patch_size=4, num_position_embeddings=16),
     )
