@@ -258,10 +258,22 @@ def train(cfg: TrainConfig) -> TrainState:
         return _train(cfg, stop)
 
 
+def wsd_scheduler(optimizer, cfg: TrainConfig, iters: int):
+    """megatron's Warmup-Stable-Decay schedule over ``iters`` steps: linear warmup from 0 to ``lr``, then ``lr``,
+    then ``decay_style`` down to ``min_lr`` over the last ``decay_fraction``; weight decay constant."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
+        lr_warmup_steps=round(cfg.warmup_fraction * iters), lr_decay_steps=iters, lr_decay_style="WSD",
+        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=iters, wd_incr_style="constant",
+        wsd_decay_steps=max(1, round(cfg.decay_fraction * iters)), lr_wsd_decay_style=cfg.decay_style,
+    )
+
+
 def _train(cfg: TrainConfig, stop: dict) -> TrainState:
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_ext import build_model, gpu_stack, no_apex, parallel
@@ -328,12 +340,7 @@ def _train(cfg: TrainConfig, stop: dict) -> TrainState:
     model.config.finalize_model_grads_func = finalize_grads
     model.config.no_sync_func = ddp.no_sync
     optimizer = build_optimizer(ddp, cfg, dtype, dist_opt)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
-        lr_warmup_steps=round(cfg.warmup_fraction * iters), lr_decay_steps=iters, lr_decay_style="WSD",
-        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=iters, wd_incr_style="constant",
-        wsd_decay_steps=max(1, round(cfg.decay_fraction * iters)), lr_wsd_decay_style=cfg.decay_style,
-    )
+    scheduler = wsd_scheduler(optimizer, cfg, iters)
     state = TrainState()
     if resume is not None:
         state = _load_checkpoint(resume, common, model, optimizer, scheduler, dist_opt, cfg.fused_adam)

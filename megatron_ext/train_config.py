@@ -11,6 +11,9 @@ import yaml
 
 from megatron_ext.config import check_fp8
 
+# the decay shapes of megatron's Warmup-Stable-Decay schedule (OptimizerParamScheduler's lr_wsd_decay_style)
+DECAY_STYLES = ("cosine", "linear", "exponential", "minus_sqrt")
+
 
 def _typed(key: str, value: Any, kind: str) -> Any:
     """``value`` as field ``key`` of type ``kind`` takes it: YAML reads 3e-5 and 1e3 (no dot) as strings; any other
@@ -58,7 +61,7 @@ class TrainConfig:
     fused_adam: bool = True  # torch's fused AdamW kernel (megatron uses torch's AdamW without TE/Apex); false: foreach
     warmup_fraction: float = 0.01
     decay_fraction: float = 0.14  # the last 14% decay (after 1% warmup and 85% stable)
-    decay_style: str = "cosine"
+    decay_style: str = "cosine"  # one of DECAY_STYLES
     # numerics and parallelism
     precision: str = "bf16"  # bf16 (fp32 master weights) | fp32
     fp8: str | None = None  # a TE FP8 format ("hybrid", "e4m3"); needs backend: te and precision: bf16
@@ -103,6 +106,9 @@ class TrainConfig:
         if self.loss_chunk < 0:
             raise ValueError(f"loss_chunk must be >= 0 (0: the whole sequence at once), got {self.loss_chunk}")
         check_fp8(self.fp8, self.fp8_recipe, self.backend, bf16=self.precision == "bf16")
+        if self.decay_style not in DECAY_STYLES:
+            # megatron's scheduler reads it only once the decay begins, where another name fails an assert
+            raise ValueError(f"decay_style must be one of {', '.join(DECAY_STYLES)}, got {self.decay_style!r}")
         if not 0 <= self.warmup_fraction + self.decay_fraction <= 1:
             raise ValueError("warmup_fraction + decay_fraction must be within [0, 1]")
         for key in ("log_interval", "eval_interval", "save_interval", "keep_last"):
