@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import tiny_hf_dir
 
-from evaluation.eval_reasoning_judge import CRITERIA, combine, sample, summarize, to_markdown, was_cut
+from evaluation.eval_reasoning_judge import CRITERIA, bootstrap_ci, combine, sample, summarize, to_markdown, was_cut
 from tools.openai_stub_server import StubServer
 KEY = "sk-test-SECRET-9f8e7d"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
@@ -174,6 +174,21 @@ def test_verdict_rule_and_stratified_sampling():
     picked = sample(qs, 7, seed=1)
     assert [q["source"] for q in picked].count("a") == 3 and len(picked) == 7
     assert picked == sample(qs, 7, seed=1) and picked != sample(qs, 7, seed=2)
+
+
+def test_bootstrap_ci_is_the_95_percent_interval_of_resampled_means():
+    """Against what a 95% interval of a mean is: for 400 draws, close to mean +- 1.96 standard errors (the
+    percentile bootstrap of a mean at this n is near normal), and the same for the same seed."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    for values in (rng.integers(0, 2, 400).astype(float), rng.integers(1, 6, 400).astype(float)):  # win rate, scores
+        mean, lo, hi = bootstrap_ci(list(values), seed=5)
+        half = 1.96 * values.std() / len(values) ** 0.5
+        assert mean == values.mean()
+        assert (mean - lo, hi - mean) == pytest.approx((half, half), rel=0.15)
+        assert bootstrap_ci(list(values), seed=5) == (mean, lo, hi)
+    assert bootstrap_ci([3.0], seed=5) == (3.0, 3.0, 3.0)
 
 
 def test_an_answer_is_cut_when_it_reached_max_new_tokens_without_an_end_token():
