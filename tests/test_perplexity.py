@@ -46,6 +46,7 @@ def test_equals_direct_transformers_computation(models):
                 n += ids.shape[1] - 1
         got = report["results"][domain]
         assert got["base"]["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-6)
+        assert got["base"]["nll"] == pytest.approx(nll / n, rel=1e-6)  # mean nats per token
         assert got["base"]["tokens"] == n and got["base"]["documents"] == len(docs)
         assert got["other"]["improvement_vs_base"] == pytest.approx(1 - got["other"]["ppl"] / got["base"]["ppl"])
 
