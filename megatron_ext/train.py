@@ -43,6 +43,7 @@ from megatron_ext.metrics import Metrics, Progress, memory_gb, plot_losses
 from megatron_ext.parallel import is_rank0
 from megatron_ext.signals import on_sigterm
 from megatron_ext.train_config import TrainConfig
+from preprocessing.atomic import DirectoryInUse, hold_directory
 
 log = logging.getLogger("neurocpt.train")
 progress_log = logging.getLogger("neurocpt.progress")  # the step lines: console and train.log
@@ -254,7 +255,9 @@ def train(cfg: TrainConfig) -> TrainState:
             raise SystemExit(128 + signum)
         stop["requested"] = True
 
-    with on_sigterm(on_term):
+    with on_sigterm(on_term), contextlib.ExitStack() as held:
+        if int(os.environ.get("RANK", 0)) == 0:  # one job per run_dir: two would save into each other's checkpoints
+            held.enter_context(hold_directory(cfg.run_dir, "training run"))
         return _train(cfg, stop)
 
 
@@ -661,7 +664,10 @@ def main(argv: list[str] | None = None) -> None:
     # never joined, a writer process, a loader worker: forked helpers inherit the handler)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     logs.setup(Path(cfg.run_dir) / ("train.log" if rank == 0 else f"train.rank{rank}.log"), args.verbose, rank=rank)
-    train(cfg)
+    try:
+        train(cfg)
+    except DirectoryInUse as e:
+        raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -1,11 +1,23 @@
-"""Atomic result files, shared by the data pipeline and the evaluation tools. Imports only the standard library,
-so any module (trainer, evaluation, a datatrove stage) can use it without pulling in datatrove or megatron."""
+"""Safe outputs, shared by the data pipeline, the trainer and the evaluation tools: atomic result files, and an
+output folder held by one job at a time. Imports only the standard library, so any module (trainer, evaluation,
+a datatrove stage) can use it without pulling in datatrove or megatron."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+LOCK_FILE = ".lock"
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -35,3 +47,42 @@ def write_all_atomic(files: dict[str | Path, str]) -> None:
 def write_json_atomic(path: str | Path, obj, indent: int = 2) -> None:
     """``obj`` as JSON in ``path``, written as :func:`write_atomic` writes."""
     write_atomic(path, json.dumps(obj, indent=indent))
+
+
+class DirectoryInUse(Exception):
+    """Another job holds the output folder."""
+
+
+@contextmanager
+def hold_directory(directory: str | Path, what: str) -> Iterator[None]:
+    """``directory`` for this process alone while the block runs: a second job into it (a command started twice, a
+    requeued job beside the one still running) stops at once, naming the first, where it would otherwise delete
+    the other's half-written files and mix two runs into one checkpoint or mix. A POSIX lock (``lockf``) on
+    ``directory/.lock``: the kernel drops it when the process ends, killed included, so nothing stale is left;
+    forked workers do not hold it. On a filesystem without locks: a warning, and no guard."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                log.warning("%s cannot be locked (%s): a second job into it would not be stopped", directory, err)
+            else:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process"
+                raise DirectoryInUse(f"{directory} is in use by another {what} ({holder}); two at once would overwrite "
+                                     "each other's files: wait for it to end or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def clear_directory(directory: str | Path) -> None:
+    """Remove everything in ``directory`` but the lock of :func:`hold_directory` (a ``--clean`` under it)."""
+    for path in Path(directory).iterdir():
+        if path.name != LOCK_FILE:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()

@@ -15,7 +15,7 @@ import os
 import shutil
 
 from preprocessing.atomic import write_json_atomic
-from preprocessing.pipeline import add_executor_args, check_recipe, load_recipe, one_line_errors, run_stages
+from preprocessing.pipeline import add_executor_args, build_command, check_recipe, load_recipe, run_stages
 from preprocessing.recipe import MixRecipe
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep-work", action="store_true", help="keep output_dir/work/ (per-worker intermediates) after the merge")
     p.add_argument("--verbose", action="store_true", help="every library's log on the console (always in output_dir/build_mix.log)")
     args = p.parse_args(argv)
-    from megatron_ext import logs
-
     recipe = load_recipe(MixRecipe.load, args.config)
-    if args.clean:
-        shutil.rmtree(recipe.out, ignore_errors=True)
-    with one_line_errors(logs.setup(recipe.out / "build_mix.log", args.verbose)):
+    with build_command(recipe.out, "build_mix", args.verbose, clean=args.clean):
         mix = build(recipe, args.workers, args.executor, args.keep_work, partition=args.partition, time=args.time)
     if mix is not None:
         print((recipe.out / "report.md").read_text())

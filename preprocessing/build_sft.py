@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -324,13 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clean", action="store_true", help="delete output_dir first instead of resuming")
     p.add_argument("--verbose", action="store_true", help="every library's log on the console (always in output_dir/build_sft.log)")
     args = p.parse_args(argv)
-    from megatron_ext import logs
-    from preprocessing.pipeline import load_recipe, one_line_errors
+    from preprocessing.pipeline import build_command, load_recipe
 
     recipe = load_recipe(SFTRecipe.load, args.config, **({"output_dir": str(Path(args.output_dir).resolve())} if args.output_dir else {}))
-    if args.clean:
-        shutil.rmtree(recipe.out, ignore_errors=True)
-    with one_line_errors(logs.setup(recipe.out / "build_sft.log", args.verbose)):
+    with build_command(recipe.out, "build_sft", args.verbose, clean=args.clean):
         build(recipe, args.workers)
     print((recipe.out / "report.md").read_text())
 

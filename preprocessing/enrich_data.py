@@ -38,7 +38,7 @@ import logging
 from preprocessing.atomic import write_all_atomic
 from preprocessing.enrich import USAGE_STATS, VERSIONS
 from preprocessing.llm import LLMError
-from preprocessing.pipeline import add_executor_args, load_recipe, one_line_errors, run_stages
+from preprocessing.pipeline import add_executor_args, build_command, load_recipe, run_stages
 from preprocessing.recipe import MixRecipe
 
 
@@ -110,14 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     add_executor_args(p)
     p.add_argument("--verbose", action="store_true", help="every library's log on the console (always in output_dir/enrich_data.log)")
     args = p.parse_args(argv)
-    from megatron_ext import logs
-
     for name in ("httpx", "httpx2", "openai"):  # request lines are noise (headers are never logged)
         logging.getLogger(name).setLevel(logging.WARNING)
     recipe = load_recipe(MixRecipe.load, args.config)
     if not recipe.enriched_sources:
         raise SystemExit(f"{args.config}: no source has an enrich: block, nothing to do")
-    with one_line_errors(logs.setup(recipe.out / "enrich_data.log", args.verbose)):
+    with build_command(recipe.out, "enrich_data", args.verbose):
         try:
             done = run_stages(recipe, args.workers, args.executor, until="enrich", partition=args.partition, time=args.time)
         except LLMError as err:

@@ -24,13 +24,13 @@ import argparse
 import json
 import logging
 import traceback
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
-from preprocessing.atomic import write_json_atomic
+from preprocessing.atomic import DirectoryInUse, clear_directory, hold_directory, write_json_atomic
 from preprocessing.errors import BuildError
 from preprocessing.llm import LLMError
 from preprocessing.recipe import MixRecipe
@@ -244,6 +244,24 @@ def load_recipe(load, path: str, **overrides):
         return load(path, **overrides)
     except (OSError, ValueError, TypeError, yaml.YAMLError) as err:
         raise SystemExit(f"{path}: {err}") from None
+
+
+@contextmanager
+def build_command(out: Path, name: str, verbose: bool, clean: bool = False):
+    """What a build command runs in: ``out`` held by it alone (another build into it stops at once, naming the
+    first: ``enrich_data`` and ``build_mix`` share one), emptied first with ``clean``, its log ``out/<name>.log``,
+    errors of the user's input as one line (:func:`one_line_errors`)."""
+    from megatron_ext import logs
+
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(hold_directory(out, "build"))
+        except DirectoryInUse as err:
+            raise SystemExit(f"error: {err}") from None
+        if clean:
+            clear_directory(out)
+        stack.enter_context(one_line_errors(logs.setup(out / f"{name}.log", verbose)))
+        yield
 
 
 @contextmanager

@@ -103,3 +103,13 @@ def run_trainer(config: Path, *extra: str, nproc: int = 1, check: bool = True,
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def hold_in_another_process(directory: Path) -> subprocess.Popen:
+    """A process holding ``directory`` as a running job does (preprocessing.atomic.hold_directory), once it says so."""
+    code = ("import sys, time\nfrom preprocessing.atomic import hold_directory\n"
+            "with hold_directory(sys.argv[1], 'job'):\n    print('held', flush=True)\n    time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    assert holder.stdout.readline() == "held\n"
+    return holder

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import hold_in_another_process
 
 from preprocessing import build_mix
 from preprocessing.errors import BuildError, NoDocuments
@@ -438,6 +439,39 @@ def test_input_errors_end_the_command_with_one_line(tmp_path):
     recipe.write_text(yaml.safe_dump({**raw, "seq_lenght": 64}))
     bad = _cli(recipe)
     assert bad.returncode == 1 and bad.stderr.strip() == f"{recipe}: {recipe}: unknown recipe keys ['seq_lenght']"
+
+
+def test_a_second_build_into_a_held_folder_stops_at_once_and_a_gone_holder_holds_nothing(tmp_path):
+    """A build still running (enrich_data or build_mix: one folder) holds its output folder: a second one, --clean
+    included, stops with one line naming the first and touches nothing. The hold dies with its process, killed
+    included, and a worker it forked does not keep it."""
+    from preprocessing.atomic import DirectoryInUse, hold_directory
+
+    recipe, out = _recipe(tmp_path), tmp_path / "mix"
+    holder = hold_in_another_process(out)
+    (out / "notes.txt").write_text("the first build's")
+    for cli in ([sys.executable, "-m", "preprocessing.build_mix", "--config", str(recipe), "--clean"],
+                [sys.executable, "-m", "preprocessing.build_sft", "--config", str(DEMO / "sft_recipe.yaml"),
+                 "--output-dir", str(out)]):
+        run = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+        assert re.fullmatch(rf"error: {re.escape(str(out))} is in use by another build \(pid {holder.pid} on \S+ since "
+                            r"[\d: -]+\); two at once would .*", run.stderr.strip().splitlines()[-1]), run.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.txt"]
+    with pytest.raises(DirectoryInUse, match=f"pid {holder.pid}"), hold_directory(out, "build"):
+        pass
+    holder.kill()
+    holder.wait()
+    code = ("import os, sys, time\nfrom preprocessing.atomic import hold_directory\n"
+            "with hold_directory(sys.argv[1], 'build'):\n    worker = os.fork()\n    if worker == 0:\n"
+            "        os.closerange(0, 3)\n        time.sleep(600)\n    print(worker)\n")
+    worker = int(subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True,
+                                timeout=60).stdout)
+    try:
+        with hold_directory(out, "build"):  # the killed holder, and the worker still asleep, hold nothing
+            pass
+    finally:
+        os.kill(worker, signal.SIGKILL)
 
 
 def test_a_chunk_overlap_as_long_as_a_chunk_stops_before_any_stage(tmp_path):

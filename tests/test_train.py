@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import kill_after_first_checkpoint, read_metrics, run_trainer, trainer_command
+from conftest import hold_in_another_process, kill_after_first_checkpoint, read_metrics, run_trainer, trainer_command
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 L, F = "linear_attention", "full_attention"
@@ -633,6 +633,24 @@ def test_overrides_and_bad_config(tmp_path):
                        (["--config", "run_dir=/x"], "is not a config file: give the config first")):
         run = subprocess.run([sys.executable, "-m", "megatron_ext.train", *args], capture_output=True, text=True)
         assert run.returncode != 0 and "Traceback" not in run.stderr and says in run.stderr, run.stderr[-1500:]
+
+
+def test_a_second_run_into_a_held_run_dir_stops_before_it_reads_anything(tmp_path):
+    """A requeued job beside the one still running, or a launch typed twice: both would save into one checkpoints/
+    (each deleting the other's half-written checkpoint, rotation counting both). The second stops with one line
+    naming the first, before it loads a checkpoint (there is none here to load)."""
+    run_dir = tmp_path / "run"
+    holder = hold_in_another_process(run_dir)
+    try:
+        run = subprocess.run([sys.executable, "-m", "megatron_ext.train", f"run_dir={run_dir}",
+                              f"init_from={tmp_path / 'none'}"], capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        f"{run_dir} is in use by another training run (pid {holder.pid} on "), run.stderr[-3000:]
+    assert not (run_dir / "checkpoints").exists()
 
 
 def test_a_big_model_on_a_machine_without_cuda_is_warned_about():
