@@ -109,8 +109,10 @@ class TrainConfig:
         if self.decay_style not in DECAY_STYLES:
             # megatron's scheduler reads it only once the decay begins, where another name fails an assert
             raise ValueError(f"decay_style must be one of {', '.join(DECAY_STYLES)}, got {self.decay_style!r}")
-        if not 0 <= self.warmup_fraction + self.decay_fraction <= 1:
-            raise ValueError("warmup_fraction + decay_fraction must be within [0, 1]")
+        if min(self.warmup_fraction, self.decay_fraction) < 0 or self.warmup_fraction + self.decay_fraction > 1:
+            # a negative one is no schedule: megatron reads a negative warmup as none, a negative decay as 1 step
+            raise ValueError(f"warmup_fraction and decay_fraction must be >= 0 and sum to at most 1, got "
+                             f"{self.warmup_fraction} and {self.decay_fraction}")
         for key in ("log_interval", "eval_interval", "save_interval", "keep_last"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0 (0: never, or for keep_last: all), got {getattr(self, key)}")

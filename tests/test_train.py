@@ -98,6 +98,9 @@ def test_every_decay_style_shapes_the_decay_and_a_misspelt_one_is_refused_at_loa
     assert lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
     with pytest.raises(ValueError, match="decay_style must be one of .*got 'Cosine'"):
         TrainConfig.load(None, ["decay_style=Cosine"])
+    for fractions in (["warmup_fraction=-0.05"], ["decay_fraction=-0.1"], ["warmup_fraction=0.5", "decay_fraction=0.6"]):
+        with pytest.raises(ValueError, match="must be >= 0 and sum to at most 1"):
+            TrainConfig.load(None, fractions)
 
 
 def test_console_is_quiet_and_the_log_file_has_everything(reference, setup):
