@@ -77,7 +77,8 @@ def test_reference_run_logs_learns_and_follows_wsd(reference, setup):
 def test_every_decay_style_shapes_the_decay_and_a_misspelt_one_is_refused_at_load(style):
     """The trainer's schedule (the reference run checks cosine end to end): 100 steps, warmup 10, stable, the
     last 20 decaying from lr to min_lr by the style's shape of the fraction r of the decay done. A style megatron
-    does not know fails its assert only when the decay begins, 85% into the recipe's run: the config refuses it."""
+    does not know fails its assert only when the decay begins, 85% into the recipe's run: the config refuses it, as
+    it does fractions that make no schedule."""
     import math
 
     from megatron_ext.train import wsd_scheduler
