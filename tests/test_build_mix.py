@@ -474,6 +474,23 @@ def test_a_second_build_into_a_held_folder_stops_at_once_and_a_gone_holder_holds
         os.kill(worker, signal.SIGKILL)
 
 
+def test_a_folder_on_a_filesystem_without_locks_is_used_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Some cluster filesystems refuse locks (Lustre mounted without flock: ENOLCK, EOPNOTSUPP): the job runs, and
+    says that a second one into its folder would not be stopped."""
+    import errno
+    import fcntl
+
+    from preprocessing.atomic import hold_directory
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with caplog.at_level("WARNING", logger="preprocessing.atomic"), hold_directory(tmp_path / "out", "build"):
+        ran = True
+    assert ran and "cannot be locked" in caplog.text and "would not be stopped" in caplog.text
+
+
 def test_a_chunk_overlap_as_long_as_a_chunk_stops_before_any_stage(tmp_path):
     """Only the last stage chunks: a recipe it cannot follow must stop when loaded, not after the dedup."""
     raw = yaml.safe_load(_recipe(tmp_path).read_text())
