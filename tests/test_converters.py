@@ -79,7 +79,7 @@ def tied_text_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tied_multimodal_dir(tmp_path_factory):
     """The small releases' layout, tied (the safetensors hold no lm_head.weight), by the top-level flag only: the
-    releases set text_config's too, which a converter must then not be found to read instead."""
+    releases set text_config's too; left at its untied default here, it shows which flag a converter reads."""
     return _release_layout(tmp_path_factory.mktemp("tied_mm") / "hf", seed=9, tied=True)
 
 
