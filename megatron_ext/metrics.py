@@ -33,8 +33,7 @@ class Metrics:
         if not self.enabled:
             return
         if self.path.exists():  # drop what a killed run logged after the checkpoint we resume from
-            kept = [x for x in self.path.read_text().splitlines() if json.loads(x)["step"] <= resume_step]
-            self.path.write_text("".join(x + "\n" for x in kept))
+            self._keep_until(resume_step)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -44,6 +43,25 @@ class Metrics:
 
             self.wandb = wandb.init(project=cfg.wandb_project, dir=str(run_dir), config=dataclasses.asdict(cfg),
                                     resume="allow", id=run_dir.name)
+
+    def _keep_until(self, resume_step: int) -> None:
+        """Keep the records up to ``resume_step``; a line that is not a record (cut by a full disk or a node crash while
+        rank 0 wrote it: nothing after it was logged) is dropped with a warning instead of stopping the resume. Rewritten
+        atomically: a kill now must not empty the run's history."""
+        import logging
+
+        from preprocessing.atomic import write_atomic
+
+        kept = []
+        for i, line in enumerate(self.path.read_bytes().decode(errors="replace").splitlines(), start=1):
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, TypeError, KeyError):
+                logging.getLogger(__name__).warning("%s:%d: not a metrics record (cut by a crash?), dropped", self.path, i)
+                continue
+            if step <= resume_step:
+                kept.append(line)
+        write_atomic(self.path, "".join(x + "\n" for x in kept))
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -129,6 +129,20 @@ def test_sigkill_after_a_checkpoint_resumes_bit_exact(reference, setup):
     assert [m["lr"] for m in got] == [m["lr"] for m in reference]
 
 
+def test_a_resume_after_a_crash_that_cut_a_metrics_line_keeps_the_history(reference, setup):
+    """A full disk, or a node crash, can cut rank 0's last metrics.jsonl line: the resume stopped on it with a bare
+    JSONDecodeError naming no file, so the run could not go on. The cut line is dropped with a warning naming it."""
+    config = _config(setup, "cut_metrics")
+    kill_after_first_checkpoint(config)
+    with open(setup / "cut_metrics" / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 5, "lo' + bytes(20))  # the crash's cut line, and the zeros a lost page leaves
+    resumed = run_trainer(config)
+    assert "metrics.jsonl:" in resumed.stderr and "not a metrics record" in resumed.stderr
+    got = read_metrics(setup / "cut_metrics")
+    assert [m["step"] for m in got] == list(range(1, 9))
+    assert [m["loss"] for m in got] == [m["loss"] for m in reference]
+
+
 def test_a_resume_with_another_schedule_or_batch_is_refused(reference, setup):
     """megatron restores the schedule from the checkpoint, and the data order is a shuffle of iters x batch samples:
     a longer run (or another lr) resumed from it mixed the two schedules (its added steps at the floor lr) and read
