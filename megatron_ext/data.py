@@ -119,8 +119,32 @@ def build_train_dataset(mix: dict, seq_length: int, num_samples: int, eod: int, 
         eod_mask_loss=True, create_attention_mask=False, path_to_cache=str(cache),
         mid_level_dataset_surplus=0.005,
     )
+    _drop_cut_cache(cache)
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
     return train
+
+
+def _drop_cut_cache(cache: Path) -> None:
+    """Remove the indices of megatron's index cache ``cache`` that are cut short, so that they are built again. megatron
+    writes them with ``numpy.save``, in place, and takes the cache as built once every file exists: a run killed while
+    it wrote the last one left a cache every rerun failed on at start ("mmap length is greater than file size", no file
+    named). Rank 0 checks: it builds the cache before the other ranks read it."""
+    import torch.distributed as dist
+
+    if not cache.is_dir() or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    for npy in sorted(cache.rglob("*.npy")):
+        try:
+            with open(npy, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+                whole = dtype.hasobject or f.tell() + math.prod(shape) * dtype.itemsize == npy.stat().st_size
+        except (ValueError, OSError, EOFError):
+            whole = False
+        if not whole:  # gone, megatron finds its dataset's cache incomplete and builds it again
+            log.warning("%s is cut short (a run killed while writing it?): removed, megatron builds it again", npy)
+            npy.unlink()
 
 
 FIELDS = ("tokens", "labels", "loss_mask", "position_ids")

@@ -236,6 +236,33 @@ def test_the_trainers_index_cache_follows_the_files_not_their_paths(demo_mix, tm
         rows()
 
 
+def test_an_index_cut_short_in_the_trainers_cache_is_built_again(demo_mix, tmp_path, caplog):
+    """megatron writes its index cache with numpy.save and takes it as built once every file exists: a first run killed
+    while it wrote the last index left a cache that every rerun failed on at start ("mmap length is greater than file
+    size", naming no file). The cut index is removed, with a warning naming it, and built again: the same rows."""
+    from megatron_ext.data import build_train_dataset, fingerprint, read_data_json
+
+    recipe, _ = demo_mix
+    out = tmp_path / "mix"
+    shutil.copytree(recipe.out, out, ignore=shutil.ignore_patterns("cache"))
+    info = read_data_json(out / "mix.json", "build_mix")
+    files = fingerprint({n: str(out / s["prefix"]) for n, s in info["sources"].items()},
+                        {n: s["weight"] for n, s in info["sources"].items()})
+
+    def rows() -> list[list[int]]:
+        dataset = build_train_dataset(info, 64, 300, 0, 2048, 1, files)
+        return [dataset[i]["tokens"].tolist() for i in range(len(dataset))]
+
+    before = rows()
+    last = max((out / "cache").rglob("*.npy"), key=lambda p: p.stat().st_mtime_ns)  # the one written last
+    for size in (last.stat().st_size // 2, 0):  # killed inside its numpy.save; killed as it opened the file
+        with open(last, "r+b") as f:
+            f.truncate(size)
+        caplog.clear()
+        assert rows() == before
+        assert f"{last} is cut short" in caplog.text
+
+
 def test_chunking_overlaps_and_ends_with_eos():
     ids = list(range(100, 130))
     chunks = list(chunk_tokens(ids, eos=0, seq_length=11, overlap=3))
