@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import torch
 
 from megatron_ext.parallel import is_rank0
 from megatron_ext.train_config import TrainConfig
+from preprocessing.atomic import write_atomic
+
+log = logging.getLogger(__name__)
 
 
 def memory_gb() -> float:
@@ -48,16 +52,12 @@ class Metrics:
         """Keep the records up to ``resume_step``; a line that is not a record (cut by a full disk or a node crash while
         rank 0 wrote it: nothing after it was logged) is dropped with a warning instead of stopping the resume. Rewritten
         atomically: a kill now must not empty the run's history."""
-        import logging
-
-        from preprocessing.atomic import write_atomic
-
         kept = []
         for i, line in enumerate(self.path.read_bytes().decode(errors="replace").splitlines(), start=1):
             try:
                 step = json.loads(line)["step"]
             except (ValueError, TypeError, KeyError):
-                logging.getLogger(__name__).warning("%s:%d: not a metrics record (cut by a crash?), dropped", self.path, i)
+                log.warning("%s:%d: not a metrics record (cut by a crash?), dropped", self.path, i)
                 continue
             if step <= resume_step:
                 kept.append(line)
