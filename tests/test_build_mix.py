@@ -812,3 +812,38 @@ def test_a_bad_benchmark_file_stops_the_build_before_any_work_naming_the_line(tm
     with pytest.raises(BuildError, match=rf"decontaminate: {tmp_path / 'bench.jsonl'}:2: not a JSON record"):
         build_mix.build(recipe)
     assert not (tmp_path / "out" / "logs").exists()  # no stage started
+
+
+def test_a_worker_killed_mid_stage_stops_the_build_naming_the_stage_and_the_rerun_resumes(tmp_path):
+    """The OOM killer picks one worker of a stage, not the job: datatrove's pool replaced the dead worker and waited
+    forever for its task, so the build hung with no message. It stops now, naming the stage, and the same command
+    resumes to the mix one uninterrupted build gives."""
+    recipe_path = _recipe(tmp_path, sources=[{"name": "english", "paths": ["en/*.jsonl"], "share": 0.5},
+                                             {"name": "general_medical", "paths": ["med/*.parquet"], "format": "parquet",
+                                              "id_key": "doc_id", "share": 0.5}])
+    flag = tmp_path / "killed"
+    code = ("import os, signal, sys\nfrom pathlib import Path\nfrom preprocessing import build_mix, steps\n"
+            "read = steps.MixReader.run\n"
+            "def run(self, data=None, rank=0, world_size=1):\n"
+            "    if rank == 1 and not Path(sys.argv[1]).exists():\n"
+            "        Path(sys.argv[1]).write_text('once')\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)  # this worker alone\n"
+            "    yield from read(self, data, rank, world_size)\n"
+            "steps.MixReader.run = run\nbuild_mix.main(sys.argv[2:])\n")
+    cmd = [sys.executable, "-c", code, str(flag), "--config", str(recipe_path), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("a build whose worker was killed hung instead of stopping")
+    assert flag.exists() and proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert re.fullmatch(r"error: stage clean: a worker process died \(killed: out of memory\?\) with task\(s\) [\d, ]+ "
+                        r"unfinished; rerun the same command to resume them", err.strip().splitlines()[-1]), err[-3000:]
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = _built(recipe_path)
+    fresh = MixRecipe.load(_recipe(tmp_path / "fresh", sources=yaml.safe_load(recipe_path.read_text())["sources"]))
+    _assert_same_mix(resumed, (fresh, build_mix.build(fresh, workers=2)))
