@@ -847,3 +847,49 @@ def test_a_worker_killed_mid_stage_stops_the_build_naming_the_stage_and_the_reru
     resumed = _built(recipe_path)
     fresh = MixRecipe.load(_recipe(tmp_path / "fresh", sources=yaml.safe_load(recipe_path.read_text())["sources"]))
     _assert_same_mix(resumed, (fresh, build_mix.build(fresh, workers=2)))
+
+
+def test_a_sigterm_to_the_build_alone_ends_its_workers_too(tmp_path):
+    """``kill PID`` or ``timeout`` signals the build's own process only: its workers went on (orphans) writing their
+    tasks' files into the output folder after the build had let go of it, beside a rerun's worker writing the same
+    files. They end with the build now, and the rerun builds."""
+    recipe_path = _recipe(tmp_path, sources=[{"name": "english", "paths": ["en/*.jsonl"], "share": 1.0}])
+    started = tmp_path / "started"
+    code = ("import sys, time\nfrom pathlib import Path\nfrom preprocessing import build_mix, steps\n"
+            "def run(self, data=None, rank=0, world_size=1):\n"
+            "    Path(sys.argv[1], str(rank)).touch()\n    time.sleep(120)  # a long task\n    yield from ()\n"
+            "steps.MixReader.run = run\nbuild_mix.main(sys.argv[2:])\n")
+    started.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", code, str(started), "--config", str(recipe_path), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.time() + 120
+        while len(list(started.iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        assert len(list(started.iterdir())) == 2, "the workers did not start"
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.time() + 10
+        while (alive := _live_processes_of_session(proc.pid)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not alive, f"workers outlived the build: {alive}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert build_mix.build(MixRecipe.load(recipe_path), workers=2)["sources"]["english"]["tokens"] > 0
+
+
+def _live_processes_of_session(sid: int) -> list[str]:
+    """The processes of session ``sid`` that still run (zombies, waiting for init to reap them, do not)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, session
+            live.append(stat.parent.name)
+    return live
