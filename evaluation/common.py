@@ -119,20 +119,34 @@ class FinishedUnits:
 
     def __init__(self, path: str | Path | None):
         self.path = Path(path) if path else None
-        self.entries: dict[str, dict] = {}
-        if self.path and self.path.is_file():
-            try:
-                self.entries = json.loads(self.path.read_text())
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{self.path}: not a file of finished results ({err}); remove it to start over") from err
+        self.entries: dict[str, dict] = self._read()
+
+    def _read(self) -> dict[str, dict]:
+        if not (self.path and self.path.is_file()):
+            return {}
+        try:
+            return json.loads(self.path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{self.path}: not a file of finished results ({err}); remove it to start over") from err
 
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
 
     def put(self, key: str, result: dict) -> None:
+        """Keep ``result``, with what another run into the same file (one model per GPU, a command started twice)
+        finished meanwhile: each rewrote the file from what it alone held, dropping the other's results."""
         self.entries[key] = result
         if self.path:
-            write_json_atomic(self.path, self.entries, indent=1)
+            import fcntl
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_name(f".{self.path.name}.lock"), "a") as lock:
+                try:
+                    fcntl.lockf(lock, fcntl.LOCK_EX)  # one merge at a time; released when closed
+                except OSError:  # a filesystem without locks: merged all the same, a race left open
+                    pass
+                self.entries = {**self._read(), **self.entries}
+                write_json_atomic(self.path, self.entries, indent=1)
 
 
 class ModelFailed(RuntimeError):

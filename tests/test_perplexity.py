@@ -160,6 +160,28 @@ def test_resumes_per_model_and_domain(models, tmp_path, monkeypatch, capsys):
     assert scored == ["other / notes", "other / web"]
 
 
+def test_two_runs_into_one_out_keep_each_others_finished_results(models, tmp_path, monkeypatch, capsys):
+    """One model per GPU, both with the same --out (or a command started twice): each run rewrote OUT.units.json from
+    what it alone held, dropping the results the other had finished, so the combined rerun computed them again."""
+    from evaluation import perplexity
+
+    root, _ = models
+    common = ["--data", f"notes={root / 'notes.jsonl'}", "--max-length", "64", "--stride", "32", "--device", "cpu",
+              "--out", str(tmp_path / "ppl")]
+    units = tmp_path / "ppl.units.json"
+    other_run = FinishedUnits(units)  # the other run, started before this one finished anything
+    main(["--model", f"base={root / 'base'}", *common])
+    main(["--model", f"other={root / 'other'}", *common])
+    other_run.put("a unit the other run finished", {"nll": 1.0})
+    assert len(json.loads(units.read_text())) == 3
+    scored = []
+    real = perplexity.domain_perplexity
+    monkeypatch.setattr(perplexity, "domain_perplexity", lambda *a: scored.append(a[-1]) or real(*a))
+    capsys.readouterr()
+    main(["--model", f"base={root / 'base'}", "--model", f"other={root / 'other'}", *common])
+    assert scored == [] and "other: 1 of 1 domains finished before, kept" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, why", [(["--max-docs", "0"], "--max-docs: must be at least 1"),
                                        (["--stride", "64"], "--stride must be between 1 and --max-length - 1 \\(63\\)"),
                                        (["--stride", "0"], "--stride must be between")])
