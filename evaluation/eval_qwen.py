@@ -36,6 +36,7 @@ from pathlib import Path
 
 from evaluation.common import (FinishedUnits, ModelFailed, device_and_dtype, fingerprint, load_hf_model, named_paths,
                                positive_int, write_report)
+from preprocessing.atomic import die_with
 from preprocessing.llm import cache_key
 
 MEDICAL = ["pubmedqa", "mmlu_clinical_knowledge", "mmlu_anatomy", "mmlu_college_medicine", "mmlu_professional_medicine",
@@ -137,6 +138,9 @@ def run(models: dict[str, str], tasks: list[str], data_dir: str | Path, backend:
     return {"models": models, "tasks": tasks, "num_fewshot": num_fewshot, "limit": limit, "results": results}
 
 
+PARENT = "NEUROCPT_EVAL_QWEN_PARENT"  # the pid a per-model process ends with (preprocessing.atomic.die_with)
+
+
 def run_each_in_own_process(models: dict[str, str], tasks: list[str], args: argparse.Namespace) -> dict:
     """:func:`run` for every model in a child process of this command, the reports merged in model order. The children
     share ``args.units``; a failing child is named after the others have run, their results kept there."""
@@ -153,7 +157,7 @@ def run_each_in_own_process(models: dict[str, str], tasks: list[str], args: argp
                 cmd += ["--limit", str(args.limit)]
             if args.device:
                 cmd += ["--device", args.device]
-            if subprocess.run(cmd).returncode:
+            if subprocess.run(cmd, env={**os.environ, PARENT: str(os.getpid())}).returncode:  # ends with this process
                 failed.append(f"{name} ({model_dir})")
                 continue
             for task, per_model in json.loads(out.with_suffix(".json").read_text())["results"].items():
@@ -187,6 +191,8 @@ def to_markdown(report: dict, delta: tuple[str, str] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if os.environ.get(PARENT):  # a per-model process of run_each_in_own_process: it ends with the command
+        die_with(int(os.environ.pop(PARENT)))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="name=HF directory")
     p.add_argument("--suite", choices=list(SUITES), default="all")

@@ -81,6 +81,22 @@ def hold_directory(directory: str | Path, what: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def die_with(parent: int) -> None:
+    """In a child process (a build's forked worker, an evaluation's per-model process): be killed when ``parent`` ends,
+    however it ends (``kill PID`` and ``timeout`` signal it alone; the OOM killer). Left running, the child went on
+    writing into the output folder the parent had let go of, beside the rerun's own child writing the same files (and
+    holding the GPU the rerun needs). Linux; elsewhere nothing."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before the call
+        os._exit(1)
+
+
 def clear_directory(directory: str | Path) -> None:
     """Remove everything in ``directory`` but the lock of :func:`hold_directory` (a ``--clean`` under it)."""
     for path in Path(directory).iterdir():

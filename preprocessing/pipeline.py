@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from preprocessing.atomic import DirectoryInUse, clear_directory, hold_directory, write_json_atomic
+from preprocessing.atomic import DirectoryInUse, clear_directory, die_with, hold_directory, write_json_atomic
 from preprocessing.errors import BuildError
 from preprocessing.llm import LLMError
 from preprocessing.recipe import MixRecipe
@@ -123,21 +123,6 @@ def _run_rank(rank: int, local_rank: int):
         executor.pipeline = pipeline
 
 
-def _die_with_the_build(parent: int) -> None:
-    """In a forked worker: be killed when the build's process ends, however it ends (``kill PID``, ``timeout``: a
-    SIGTERM to it alone; an OOM kill). Left running, a worker went on writing its task's files into the output folder
-    after the build had released it, beside the rerun's worker writing the same files (Linux; elsewhere nothing)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the build ended before the call
-        os._exit(1)
-
-
 def _local_executor(pipeline: list, tasks: int, workers: int, logging_dir: Path):
     """datatrove's local executor, with a worker process that dies (the OOM killer picks one worker, not the job; a
     ``kill`` of its pid) ending the stage with an error naming it: datatrove's pool replaces a dead worker and then
@@ -162,7 +147,7 @@ def _local_executor(pipeline: list, tasks: int, workers: int, logging_dir: Path)
             _RUNNING = self  # before the pool forks its workers
             try:
                 with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                         initializer=_die_with_the_build, initargs=(os.getpid(),)) as pool:
+                                         initializer=die_with, initargs=(os.getpid(),)) as pool:
                     stats = [task.result() for task in
                              [pool.submit(_run_rank, rank, i % self.workers) for i, rank in enumerate(ranks)]]
             except BrokenProcessPool:

@@ -113,3 +113,16 @@ def hold_in_another_process(directory: Path) -> subprocess.Popen:
                               cwd=Path(__file__).resolve().parents[1])
     assert holder.stdout.readline() == "held\n"
     return holder
+
+
+def live_processes_of_session(sid: int) -> list[str]:
+    """The processes of session ``sid`` that still run (zombies, waiting for init to reap them, do not)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, session
+            live.append(stat.parent.name)
+    return live

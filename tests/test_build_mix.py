@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import hold_in_another_process
+from conftest import hold_in_another_process, live_processes_of_session
 
 from preprocessing import build_mix
 from preprocessing.errors import BuildError, NoDocuments
@@ -871,7 +871,7 @@ def test_a_sigterm_to_the_build_alone_ends_its_workers_too(tmp_path):
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
         deadline = time.time() + 10
-        while (alive := _live_processes_of_session(proc.pid)) and time.time() < deadline:
+        while (alive := live_processes_of_session(proc.pid)) and time.time() < deadline:
             time.sleep(0.2)
         assert not alive, f"workers outlived the build: {alive}"
     finally:
@@ -881,15 +881,3 @@ def test_a_sigterm_to_the_build_alone_ends_its_workers_too(tmp_path):
             pass
     assert build_mix.build(MixRecipe.load(recipe_path), workers=2)["sources"]["english"]["tokens"] > 0
 
-
-def _live_processes_of_session(sid: int) -> list[str]:
-    """The processes of session ``sid`` that still run (zombies, waiting for init to reap them, do not)."""
-    live = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, session
-            live.append(stat.parent.name)
-    return live

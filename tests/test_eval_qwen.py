@@ -4,16 +4,19 @@ task (mmlu_anatomy) and a yes/no/maybe task (pubmedqa) in the hub datasets' own 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from evaluation.eval_qwen import local_task_config, to_markdown
-from conftest import tiny_hf_dir
+from conftest import live_processes_of_session, tiny_hf_dir
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +163,7 @@ def test_several_models_run_one_process_each_and_merge(tmp_path, monkeypatch):
 
     children = []
 
-    def child(cmd):  # stands in for the child process: records its command, writes the report it would write
+    def child(cmd, **kwargs):  # stands in for the child process: records its command, writes the report it would write
         children.append(cmd)
         name = cmd[cmd.index("--model") + 1].split("=")[0]
         report = {"results": {t: {name: {"acc": len(children) / 10, "acc_stderr": 0.01}} for t in ("pubmedqa", "boolq")}}
@@ -190,7 +193,7 @@ def test_a_failing_model_process_is_named_after_the_others_ran(tmp_path, monkeyp
 
     children = []
 
-    def child(cmd):  # the first model's process fails, the second's succeeds
+    def child(cmd, **kwargs):  # the first model's process fails, the second's succeeds
         children.append(cmd)
         if len(children) == 1:
             return subprocess.CompletedProcess(cmd, 1)
@@ -208,7 +211,7 @@ def test_a_failing_model_process_is_named_after_the_others_ran(tmp_path, monkeyp
 def test_delta_between_names_with_hyphens(tmp_path, monkeypatch):
     from evaluation import eval_qwen
 
-    def child(cmd):
+    def child(cmd, **kwargs):
         name = cmd[cmd.index("--model") + 1].split("=")[0]
         report = {"results": {"pubmedqa": {name: {"acc": 0.4 if name == "base-sft" else 0.5, "acc_stderr": 0.01}}}}
         Path(cmd[cmd.index("--out") + 1]).with_suffix(".json").write_text(json.dumps(report))
@@ -230,3 +233,30 @@ def test_few_shot_examples_come_from_their_own_split_not_the_test_split(setup):
     cfg = local_task_config("pubmedqa", setup / "bench", 1)
     assert cfg["training_split"] == "train" and set(cfg["dataset_kwargs"]["data_files"]) == {"test", "train"}
     assert set(local_task_config("mmlu_anatomy", setup / "bench", 0)["dataset_kwargs"]["data_files"]) == {"test"}
+
+
+def test_a_sigterm_to_the_command_ends_its_per_model_process_too(setup, tmp_path):
+    """``kill PID`` or ``timeout`` signals the command alone: the model's process it had started went on as an orphan,
+    rewriting the units file and holding its GPU, beside the rerun's process for the same model (which then ran out
+    of GPU memory). It ends with the command now."""
+    cmd = [sys.executable, "-m", "evaluation.eval_qwen", "--model", f"base={setup / 'base'}", "--model",
+           f"cpt={setup / 'cpt'}", "--tasks", "pubmedqa", "--data-dir", str(setup / "bench"), "--device", "cpu",
+           "--out", str(tmp_path / "lm_eval")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.time() + 120
+        while len(live_processes_of_session(proc.pid)) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)  # until the first model's process runs
+        assert proc.poll() is None and len(live_processes_of_session(proc.pid)) == 2
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.time() + 10
+        while (alive := live_processes_of_session(proc.pid)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not alive, f"the model's process outlived the command: {alive}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
