@@ -248,6 +248,34 @@ def check_recipe(recipe: MixRecipe) -> list:
     return files
 
 
+SLURM_JOBS = "slurm_jobs.json"  # under output_dir/logs: the stage jobs the last submission queued
+
+
+def _stop_if_jobs_still_queued(out: Path) -> None:
+    """The command that submits the Slurm jobs ends at once, and its hold on ``out`` with it: a rerun before they end
+    (to see whether they have) submitted the unfinished stages again, a second chain writing the same files as the
+    first. Stop instead while a job of the last submission is queued or running (``squeue``)."""
+    import subprocess
+
+    path = out / "logs" / SLURM_JOBS
+    if not path.is_file():
+        return
+    jobs = json.loads(path.read_text())
+    if not jobs:
+        return
+    try:
+        listed = subprocess.run(["squeue", "--noheader", "--format=%i", f"--jobs={','.join(jobs)}"],
+                                capture_output=True, text=True, timeout=60).stdout.split()
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.warning("cannot ask Slurm whether the jobs %s submitted for %s still run (%s): if they do, stop them "
+                    "(scancel) or this build and theirs write the same files", ", ".join(jobs), out, err)
+        return
+    queued = sorted({job for job in jobs for entry in listed if entry.split("_")[0] == job}, key=jobs.index)
+    if queued:
+        raise BuildError(f"{out}: its Slurm jobs {', '.join(queued)} (submitted by the last run) are still queued or "
+                         "running; rerun the same command when they have finished (or scancel them first)")
+
+
 def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", until: str | None = None, **cluster) -> bool:
     """Run (or resume) the stages in order, through ``until`` (default: all). True when they are all complete;
     False when Slurm jobs were submitted and are still to finish (rerun the same command then)."""
@@ -264,7 +292,8 @@ def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", unt
     if recipe.llm and recipe.llm.backend == "openai" and any(
             name == "enrich" and not completed(out / "logs" / name, n) for name, _, n in todo):
         recipe.llm.api_key()  # no key: stop now, naming the variable, not after hours of dedup
-    previous = None
+    _stop_if_jobs_still_queued(out)
+    previous, chain = None, []
     for i, (name, pipeline, n) in enumerate(todo):
         logging_dir = out / "logs" / name
         if completed(logging_dir, n):
@@ -273,6 +302,7 @@ def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", unt
             log.info("stage %s: %d tasks", name, n)
             previous = make_executor(executor, pipeline, n, workers, logging_dir, depends=previous, **cluster)
             if executor == "slurm":  # jobs are chained; the next stage's job checks this one's survivors
+                chain.append(previous)
                 continue
             previous.run()  # local and Ray run a stage to the end here
             previous = None
@@ -283,6 +313,7 @@ def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", unt
     if executor == "slurm" and not all(completed(out / "logs" / n, t) for n, _, t in todo):
         if previous is not None:
             previous.run()  # submits the chain of jobs
+            write_json_atomic(out / "logs" / SLURM_JOBS, [str(e.job_id) for e in chain if e.job_id not in (None, -1)])
         print("cluster jobs submitted; rerun the same command when they have finished to merge and report")
         return False
     return True

@@ -715,6 +715,33 @@ def test_slurm_executor_wiring(demo_mix, tmp_path):
     _assert_same_mix(demo_mix, _built(tmp_path / "recipe.yaml"))
 
 
+def test_a_slurm_rerun_while_its_jobs_are_queued_stops_instead_of_submitting_them_again(tmp_path):
+    """The submitting command ends at once, its hold on the folder with it: a rerun before the jobs end (to see whether
+    they have) submitted the unfinished stages again, a second chain writing the same files as the first."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    jobs = tmp_path / "jobs"
+    (fake / "sbatch").write_text(f'#!/usr/bin/env bash\necho $(( $(cat {jobs} 2>/dev/null | wc -l) + 7000 )) >> {jobs}\n'
+                                 f'echo "Submitted batch job $(tail -1 {jobs})"\n')  # queued; a busy cluster
+    (fake / "squeue").write_text(f"#!/usr/bin/env bash\n[[ -f {tmp_path / 'finished'} ]] || sed 's/$/_[0]/' {jobs}\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "preprocessing.build_mix", "--executor", "slurm", "--partition", "demo", "--config",
+           str(_recipe(tmp_path, sources=[{"name": "english", "paths": ["en/*.jsonl"], "share": 1.0}]))]
+    submitted = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert submitted.returncode == 0 and "cluster jobs submitted" in submitted.stdout, submitted.stderr[-3000:]
+    first = jobs.read_text().split()
+    early = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert early.returncode == 1 and jobs.read_text().split() == first, early.stderr[-3000:]  # nothing submitted again
+    assert re.fullmatch(rf"error: {re.escape(str(tmp_path / 'mix'))}: its Slurm jobs 7000, [\d, ]+ \(submitted by the last run\) "
+                        r"are still queued or running; rerun the same command when they have finished \(or scancel them "
+                        r"first\)", early.stderr.strip().splitlines()[-1]), early.stderr[-3000:]
+    (tmp_path / "finished").touch()  # they ended (here without running: the stages are still to do, and are submitted)
+    later = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert later.returncode == 0 and len(jobs.read_text().split()) == 2 * len(first), later.stderr[-3000:]
+
+
 def test_a_rerun_after_a_kill_while_work_is_removed_keeps_the_mix(tmp_path, monkeypatch):
     """Removing work/ (hundreds of GB on a cluster) can be killed half-way; the rerun must not merge what is left."""
     recipe = MixRecipe.load(_recipe(tmp_path, sources=[{"name": "english", "paths": ["en/*.jsonl"], "share": 1.0}]))
