@@ -148,8 +148,12 @@ def _local_executor(pipeline: list, tasks: int, workers: int, logging_dir: Path)
             try:
                 with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
                                          initializer=die_with, initargs=(os.getpid(),)) as pool:
-                    stats = [task.result() for task in
-                             [pool.submit(_run_rank, rank, i % self.workers) for i, rank in enumerate(ranks)]]
+                    running = [pool.submit(_run_rank, rank, i % self.workers) for i, rank in enumerate(ranks)]
+                    try:
+                        stats = [task.result() for task in running]
+                    except BaseException:  # a failed task ends the stage: the tasks not started are not run
+                        pool.shutdown(cancel_futures=True)
+                        raise
             except BrokenProcessPool:
                 left = self.get_incomplete_ranks(ranks)
                 raise BuildError(f"stage {Path(self.logging_dir.path).name}: a worker process died (killed: out of "
