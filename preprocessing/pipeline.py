@@ -352,6 +352,10 @@ def build_command(out: Path, name: str, verbose: bool, clean: bool = False):
         except DirectoryInUse as err:
             raise SystemExit(f"error: {err}") from None
         if clean:
+            try:  # jobs still queued would write the old build's files and completion markers into the new one
+                _stop_if_jobs_still_queued(out)
+            except BuildError as err:
+                raise SystemExit(f"error: {err}") from None
             clear_directory(out)
         stack.enter_context(one_line_errors(logs.setup(out / f"{name}.log", verbose)))
         yield

@@ -737,6 +737,9 @@ def test_a_slurm_rerun_while_its_jobs_are_queued_stops_instead_of_submitting_the
     assert re.fullmatch(rf"error: {re.escape(str(tmp_path / 'mix'))}: its Slurm jobs 7000, [\d, ]+ \(submitted by the last run\) "
                         r"are still queued or running; rerun the same command when they have finished \(or scancel them "
                         r"first\)", early.stderr.strip().splitlines()[-1]), early.stderr[-3000:]
+    clean = subprocess.run(cmd + ["--clean"], env=env, capture_output=True, text=True)  # nor under their feet
+    assert clean.returncode == 1 and "are still queued or running" in clean.stderr.strip().splitlines()[-1], clean.stderr
+    assert (tmp_path / "mix" / "recipe.resolved.json").exists()
     (tmp_path / "finished").touch()  # they ended (here without running: the stages are still to do, and are submitted)
     later = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert later.returncode == 0 and len(jobs.read_text().split()) == 2 * len(first), later.stderr[-3000:]
