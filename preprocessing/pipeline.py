@@ -268,13 +268,15 @@ def _stop_if_jobs_still_queued(out: Path) -> None:
     if not jobs:
         return
     try:
-        listed = subprocess.run(["squeue", "--noheader", "--format=%i", f"--jobs={','.join(jobs)}"],
-                                capture_output=True, text=True, timeout=60).stdout.split()
+        listed = subprocess.run(["squeue", "--noheader", "--format=%i %r", f"--jobs={','.join(jobs)}"],
+                                capture_output=True, text=True, timeout=60).stdout.splitlines()
     except (OSError, subprocess.TimeoutExpired) as err:
         log.warning("cannot ask Slurm whether the jobs %s submitted for %s still run (%s): if they do, stop them "
                     "(scancel) or this build and theirs write the same files", ", ".join(jobs), out, err)
         return
-    queued = sorted({job for job in jobs for entry in listed if entry.split("_")[0] == job}, key=jobs.index)
+    # a job after one that failed waits for ever (DependencyNeverSatisfied) where Slurm does not cancel it: it will not run
+    live = [entry.split()[0].split("_")[0] for entry in listed if entry.strip() and "DependencyNeverSatisfied" not in entry]
+    queued = [job for job in jobs if job in live]
     if queued:
         raise BuildError(f"{out}: its Slurm jobs {', '.join(queued)} (submitted by the last run) are still queued or "
                          "running; rerun the same command when they have finished (or scancel them first)")

@@ -723,7 +723,8 @@ def test_a_slurm_rerun_while_its_jobs_are_queued_stops_instead_of_submitting_the
     jobs = tmp_path / "jobs"
     (fake / "sbatch").write_text(f'#!/usr/bin/env bash\necho $(( $(cat {jobs} 2>/dev/null | wc -l) + 7000 )) >> {jobs}\n'
                                  f'echo "Submitted batch job $(tail -1 {jobs})"\n')  # queued; a busy cluster
-    (fake / "squeue").write_text(f"#!/usr/bin/env bash\n[[ -f {tmp_path / 'finished'} ]] || sed 's/$/_[0]/' {jobs}\n")
+    (fake / "squeue").write_text(f"#!/usr/bin/env bash\n[[ -f {tmp_path / 'finished'} ]] && reason=DependencyNeverSatisfied "
+                                 f"|| reason=Priority\nsed \"s/$/_[0] $reason/\" {jobs}\n")
     for f in fake.iterdir():
         f.chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -740,7 +741,9 @@ def test_a_slurm_rerun_while_its_jobs_are_queued_stops_instead_of_submitting_the
     clean = subprocess.run(cmd + ["--clean"], env=env, capture_output=True, text=True)  # nor under their feet
     assert clean.returncode == 1 and "are still queued or running" in clean.stderr.strip().splitlines()[-1], clean.stderr
     assert (tmp_path / "mix" / "recipe.resolved.json").exists()
-    (tmp_path / "finished").touch()  # they ended (here without running: the stages are still to do, and are submitted)
+    # they wait for ever on a job that failed (where Slurm does not cancel them): they will not run, so the stages
+    # are submitted again
+    (tmp_path / "finished").touch()
     later = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert later.returncode == 0 and len(jobs.read_text().split()) == 2 * len(first), later.stderr[-3000:]
 
