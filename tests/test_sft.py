@@ -187,6 +187,32 @@ def test_build_quarantines_counts_and_resumes(sft_data):
         build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(sft_data), seq_length=512), workers=2)
 
 
+def test_every_bad_record_of_a_reason_is_quarantined_once_at_its_line(tmp_path):
+    """The demo data holds one bad record per reason, so quarantining only a reason's first record passed: here
+    each of the demo's bad records comes three times (twice in one file, once in another, two tasks), and errors/
+    holds exactly one line per bad record, at its file and line, as many per reason as the input holds."""
+    from preprocessing.build_sft import SFTRecipe, build
+
+    demo = (DEMO / "sft" / "conversations.jsonl").read_text().splitlines()
+    reason = {"bad-no-assistant": "no_assistant_turn", "bad-role": "unknown_role:doctor", "bad-too-long": "too_long",
+              "bad-no-messages": "missing_messages", "bad-content": "bad_message", "bad-json": "malformed_json"}
+    bad = {line: reason[line.split('"')[3]] for line in demo if line.startswith('{"id": "bad-')}  # ids as the demo has them
+    good = [line for line in demo if line not in bad]
+    assert len(bad) == 6
+    files = {"one.jsonl": good[:2] + list(bad) + good[2:4] + list(bad), "two.jsonl": list(bad)[::-1] + good[4:6]}
+    placed = []
+    for name, lines in files.items():
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        placed += [(name, i, bad[line]) for i, line in enumerate(lines, 1) if line in bad]
+    info = build(SFTRecipe(tokenizer=str(DEMO / "tokenizer"), output_dir="out", paths=["*.jsonl"], seq_length=256,
+                           base_dir=str(tmp_path)), workers=2)
+    errors = [json.loads(x) for f in (tmp_path / "out" / "errors").glob("*.jsonl") for x in f.read_text().splitlines()]
+    assert sorted((Path(e["file"]).name, e["line"], e["reason"]) for e in errors) == sorted(placed)
+    assert info["conversations"]["quarantined"] == {r: 3 for r in reason.values()}
+    assert info["conversations"]["read"] == len(placed) + 6
+    assert "| unaccounted | 0 |" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_no_surviving_conversation_ends_the_command_with_one_line(tmp_path):
     """Every record bad: the command names the reasons in one line, the traceback only in build_sft.log."""
     (tmp_path / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "hello?"}]}\n{"text": "no chat"}\n')
