@@ -603,14 +603,17 @@ def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, schedule
 
 def _rotate(checkpoints: Path, saved: str, keep_last: int) -> None:
     """Remove the complete checkpoints before the last ``keep_last`` (0: keep all), never ``saved``, and the
-    ``iter_*.tmp`` a killed save left (incomplete, never resumed from: one must not count as a kept checkpoint)."""
+    ``iter_*.tmp`` a killed save or removal left (incomplete, never resumed from: one must not count as a kept
+    checkpoint). A checkpoint is renamed to ``iter_N.tmp`` before its files go, so a removal killed half-way leaves
+    no ``iter_N`` with files missing (which a converter or a rewind would take for a checkpoint)."""
     for stale in checkpoints.glob("iter_*.tmp"):
-        log.info("removing %s: an unfinished save", stale)
+        log.info("removing %s: an unfinished save or removal", stale)
         shutil.rmtree(stale, ignore_errors=True)
     complete = sorted(p for p in checkpoints.glob("iter_*") if re.fullmatch(r"iter_\d+", p.name))
     for old in complete[:-keep_last] if keep_last else []:
         if old.name != saved:
-            shutil.rmtree(old, ignore_errors=True)
+            doomed = old.rename(old.with_name(f"{old.name}.tmp"))
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 @torch.no_grad()  # the fp32 distributed optimizer's main parameters are views of the model's: copy in place

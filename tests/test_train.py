@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -189,6 +190,31 @@ def test_rotation_keeps_complete_checkpoints_and_clears_unfinished_saves(tmp_pat
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000004", "iter_0000008"]
     _rotate(tmp_path, "iter_0000004", keep_last=1)  # never the checkpoint just saved (a rewound run's)
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000004", "iter_0000008"]
+
+
+def test_a_removal_killed_half_way_leaves_no_checkpoint_with_files_missing(tmp_path, monkeypatch):
+    """The trainer killed while rotation deleted an old checkpoint's files left iter_N with some of them gone, which a
+    converter or a rewind took for a checkpoint. The next rotation finishes the removal."""
+    from megatron_ext import train
+
+    for name in ("iter_0000002", "iter_0000004", "iter_0000006"):
+        (tmp_path / name).mkdir()
+        for shard in ("__0_0.distcp", "__1_0.distcp", "common.pt", "metadata.json"):
+            (tmp_path / name / shard).write_text(name)
+    rmtree = shutil.rmtree
+
+    def killed_after_one_file(path, **kwargs):
+        next(Path(path).iterdir()).unlink()
+        raise KeyboardInterrupt  # stands in for the kill: nothing after it runs
+
+    monkeypatch.setattr(train.shutil, "rmtree", killed_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        train._rotate(tmp_path, "iter_0000006", keep_last=1)
+    for checkpoint in (p for p in tmp_path.iterdir() if re.fullmatch(r"iter_\d+", p.name)):
+        assert len(list(checkpoint.iterdir())) == 4, f"{checkpoint.name} has files missing"
+    monkeypatch.setattr(train.shutil, "rmtree", rmtree)
+    train._rotate(tmp_path, "iter_0000006", keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006"]
 
 
 def test_the_same_sources_in_another_order_are_another_plan(tmp_path):
