@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from preprocessing.atomic import write_all_atomic, write_json_atomic
+from preprocessing.atomic import merging, write_all_atomic, write_json_atomic
 from preprocessing.llm import cache_key
 
 
@@ -137,14 +137,7 @@ class FinishedUnits:
         finished meanwhile: each rewrote the file from what it alone held, dropping the other's results."""
         self.entries[key] = result
         if self.path:
-            import fcntl
-
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path.with_name(f".{self.path.name}.lock"), "a") as lock:
-                try:
-                    fcntl.lockf(lock, fcntl.LOCK_EX)  # one merge at a time; released when closed
-                except OSError:  # a filesystem without locks: merged all the same, a race left open
-                    pass
+            with merging(self.path):
                 self.entries = {**self._read(), **self.entries}
                 write_json_atomic(self.path, self.entries, indent=1)
 

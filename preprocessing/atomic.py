@@ -81,6 +81,24 @@ def hold_directory(directory: str | Path, what: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+@contextmanager
+def merging(path: str | Path) -> Iterator[None]:
+    """One process at a time in the block: for reading, merging and rewriting ``path``, a file several jobs add to.
+    A blocking POSIX lock on ``.NAME.lock`` beside it, which the kernel drops if the holder is killed. On a
+    filesystem without locks the block runs unguarded (two merges at once can still drop one's addition)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            log.warning("%s cannot be locked (%s): merged without a lock", path, err)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def die_with(parent: int) -> None:
     """In a child process (a build's forked worker, an evaluation's per-model process): be killed when ``parent`` ends,
     however it ends (``kill PID`` and ``timeout`` signal it alone; the OOM killer). Left running, the child went on

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import traceback
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from preprocessing.atomic import DirectoryInUse, clear_directory, die_with, hold_directory, write_json_atomic
+from preprocessing.atomic import DirectoryInUse, clear_directory, hold_directory, write_json_atomic
 from preprocessing.errors import BuildError
 from preprocessing.llm import LLMError
 from preprocessing.recipe import MixRecipe
@@ -106,74 +105,13 @@ def stages(recipe: MixRecipe, tasks: int, files: list) -> list[tuple[str, list, 
     return todo
 
 
-_RUNNING = None  # the stage a local pool's forked workers run (:func:`_run_rank`)
-
-
-def _run_rank(rank: int, local_rank: int):
-    """One task of the stage in :data:`_RUNNING`, in a forked worker, on a fresh copy of the pipeline (a worker runs
-    several tasks; each one's step statistics must be its own, as datatrove's own pool and one-worker loop give)."""
-    from copy import deepcopy
-
-    executor = _RUNNING
-    pipeline = executor.pipeline
-    executor.pipeline = deepcopy(pipeline)
-    try:
-        return executor._run_for_rank(rank, local_rank)
-    finally:
-        executor.pipeline = pipeline
-
-
-def _local_executor(pipeline: list, tasks: int, workers: int, logging_dir: Path):
-    """datatrove's local executor, with a worker process that dies (the OOM killer picks one worker, not the job; a
-    ``kill`` of its pid) ending the stage with an error naming it: datatrove's pool replaces a dead worker and then
-    waits forever for the task it was running, so the build hung with no message. A process pool that notices
-    (``concurrent.futures``, forked workers) runs the tasks instead; one worker runs the stage as datatrove does."""
-    from datatrove.executor import LocalPipelineExecutor
-
-    class Executor(LocalPipelineExecutor):
-        def run(self):
-            ranks = self.get_incomplete_ranks(range(self.world_size))
-            if self.workers == 1 or not ranks:
-                return super().run()
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-            from concurrent.futures.process import BrokenProcessPool
-
-            from datatrove.utils.stats import PipelineStats
-
-            global _RUNNING
-            self._launched = True
-            self.save_executor_as_json()
-            _RUNNING = self  # before the pool forks its workers
-            try:
-                with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                         initializer=die_with, initargs=(os.getpid(),)) as pool:
-                    running = [pool.submit(_run_rank, rank, i % self.workers) for i, rank in enumerate(ranks)]
-                    try:
-                        stats = [task.result() for task in running]
-                    except BaseException:  # a failed task ends the stage: the tasks not started are not run
-                        pool.shutdown(cancel_futures=True)
-                        raise
-            except BrokenProcessPool:
-                left = self.get_incomplete_ranks(ranks)
-                raise BuildError(f"stage {Path(self.logging_dir.path).name}: a worker process died (killed: out of "
-                                 f"memory?) with task(s) {', '.join(map(str, left))} unfinished; rerun the same command "
-                                 "to resume them") from None
-            finally:
-                _RUNNING = None
-            stats = sum(stats, start=PipelineStats())
-            with self.logging_dir.open("stats.json", "wt") as f:
-                stats.save_to_disk(f)
-            return stats
-
-    return Executor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logging_dir),
-                    start_method="fork")
-
-
 def make_executor(kind: str, pipeline: list, tasks: int, workers: int, logging_dir: Path, depends=None, **cluster):
     """datatrove's executors: local processes, a Slurm job array, or Ray tasks."""
     if kind == "local":
-        return _local_executor(pipeline, tasks, workers, logging_dir)
+        from preprocessing.local_executor import LocalExecutor
+
+        return LocalExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logging_dir),
+                             start_method="fork")
     if kind == "slurm":
         from datatrove.executor import SlurmPipelineExecutor
 
