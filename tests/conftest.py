@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -113,6 +115,32 @@ def hold_in_another_process(directory: Path) -> subprocess.Popen:
                               cwd=Path(__file__).resolve().parents[1])
     assert holder.stdout.readline() == "held\n"
     return holder
+
+
+@contextmanager
+def own_session(cmd: list[str]) -> Iterator[subprocess.Popen]:
+    """``cmd`` (run from the repository) in a session of its own, output discarded; every process of the session is
+    killed when the block ends."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def processes_left_by_sigterm(proc: subprocess.Popen) -> list[str]:
+    """SIGTERM to ``proc`` alone, as ``kill PID`` or ``timeout`` sends it: the processes of its session (started by
+    :func:`own_session`) still running 10 s after it ended."""
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    deadline = time.time() + 10
+    while (alive := live_processes_of_session(proc.pid)) and time.time() < deadline:
+        time.sleep(0.2)
+    return alive
 
 
 def live_processes_of_session(sid: int) -> list[str]:

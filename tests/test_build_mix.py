@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import hold_in_another_process, live_processes_of_session
+from conftest import hold_in_another_process, own_session, processes_left_by_sigterm
 
 from preprocessing import build_mix
 from preprocessing.errors import BuildError, NoDocuments
@@ -893,24 +893,12 @@ def test_a_sigterm_to_the_build_alone_ends_its_workers_too(tmp_path):
             "    Path(sys.argv[1], str(rank)).touch()\n    time.sleep(120)  # a long task\n    yield from ()\n"
             "steps.MixReader.run = run\nbuild_mix.main(sys.argv[2:])\n")
     started.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", code, str(started), "--config", str(recipe_path), "--workers", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            cwd=Path(__file__).resolve().parents[1])
-    try:
+    with own_session([sys.executable, "-c", code, str(started), "--config", str(recipe_path), "--workers", "2"]) as proc:
         deadline = time.time() + 120
         while len(list(started.iterdir())) < 2 and time.time() < deadline:
             time.sleep(0.1)
         assert len(list(started.iterdir())) == 2, "the workers did not start"
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        deadline = time.time() + 10
-        while (alive := live_processes_of_session(proc.pid)) and time.time() < deadline:
-            time.sleep(0.2)
+        alive = processes_left_by_sigterm(proc)
         assert not alive, f"workers outlived the build: {alive}"
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert build_mix.build(MixRecipe.load(recipe_path), workers=2)["sources"]["english"]["tokens"] > 0
 

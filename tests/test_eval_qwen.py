@@ -4,10 +4,8 @@ task (mmlu_anatomy) and a yes/no/maybe task (pubmedqa) in the hub datasets' own 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from evaluation.eval_qwen import local_task_config, to_markdown
-from conftest import live_processes_of_session, tiny_hf_dir
+from conftest import live_processes_of_session, own_session, processes_left_by_sigterm, tiny_hf_dir
 
 
 @pytest.fixture(scope="module")
@@ -242,21 +240,10 @@ def test_a_sigterm_to_the_command_ends_its_per_model_process_too(setup, tmp_path
     cmd = [sys.executable, "-m", "evaluation.eval_qwen", "--model", f"base={setup / 'base'}", "--model",
            f"cpt={setup / 'cpt'}", "--tasks", "pubmedqa", "--data-dir", str(setup / "bench"), "--device", "cpu",
            "--out", str(tmp_path / "lm_eval")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            cwd=Path(__file__).resolve().parents[1])
-    try:
+    with own_session(cmd) as proc:
         deadline = time.time() + 120
         while len(live_processes_of_session(proc.pid)) < 2 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)  # until the first model's process runs
         assert proc.poll() is None and len(live_processes_of_session(proc.pid)) == 2
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        deadline = time.time() + 10
-        while (alive := live_processes_of_session(proc.pid)) and time.time() < deadline:
-            time.sleep(0.2)
+        alive = processes_left_by_sigterm(proc)
         assert not alive, f"the model's process outlived the command: {alive}"
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
