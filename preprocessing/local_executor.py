@@ -59,6 +59,8 @@ class LocalExecutor(LocalPipelineExecutor):
             return super().run()
         self._launched = True
         self.save_executor_as_json()
+        if skipped := self.world_size - len(ranks):
+            logger.info(f"Skipping {skipped} already completed tasks")
         fork = multiprocessing.get_context("fork")
         _RUNNING, stats = self, []
         try:
@@ -66,11 +68,14 @@ class LocalExecutor(LocalPipelineExecutor):
                                      initargs=(os.getpid(), fork.Value("i", 0))) as pool:
                 running = [pool.submit(_run_task, rank) for rank in ranks]
                 try:
-                    for done, task in enumerate(as_completed(running), self.world_size - len(ranks) + 1):
+                    for done, task in enumerate(as_completed(running), skipped + 1):
                         stats.append(task.result())
                         logger.info(f"{done}/{self.world_size} tasks completed.")
                 except BaseException:  # a failed task ends the stage: the tasks not started are not run
-                    pool.shutdown(cancel_futures=True)
+                    for task in running:
+                        task.cancel()  # those a worker has not taken: the pool then waits for the others
+                    if busy := sum(task.running() for task in running):
+                        logger.warning(f"a task failed: waiting for the {busy} started to end (a rerun keeps them)")
                     raise
         except BrokenProcessPool:
             left = ", ".join(map(str, self.get_incomplete_ranks(ranks)))
