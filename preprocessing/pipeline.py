@@ -260,6 +260,7 @@ def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", unt
             write_json_atomic(out / "logs" / SLURM_JOBS, [str(e.job_id) for e in chain if e.job_id not in (None, -1)])
         print("cluster jobs submitted; rerun the same command when they have finished to merge and report")
         return False
+    (out / "logs" / SLURM_JOBS).unlink(missing_ok=True)  # all done: no job of this build to ask Slurm about again
     return True
 
 

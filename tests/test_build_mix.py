@@ -710,8 +710,10 @@ def test_slurm_executor_wiring(demo_mix, tmp_path):
     submitted = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     assert "cluster jobs submitted" in submitted.stdout and not (tmp_path / "mix" / "mix.json").exists()
+    assert len(json.loads((tmp_path / "mix" / "logs" / "slurm_jobs.json").read_text())) == 8  # one job per stage
     finished = subprocess.run(cmd, env=env, capture_output=True, text=True)  # after the jobs: merge + report
     assert finished.returncode == 0, finished.stderr[-3000:]
+    assert not (tmp_path / "mix" / "logs" / "slurm_jobs.json").exists()  # a later rerun asks Slurm nothing
     _assert_same_mix(demo_mix, _built(tmp_path / "recipe.yaml"))
 
 
