@@ -42,6 +42,9 @@ def bar_chart(groups: list[str], series: dict[str, list[float]], ylabel: str, ti
     return fig
 
 
+RESULT_FILES = ("perplexity.json", "mtp.json", "lm_eval.json", "judge.json")
+
+
 def build(results: Path, out: Path) -> str:
     from evaluation import eval_qwen, eval_reasoning_judge, mtp, perplexity
     from preprocessing.atomic import write_atomic
@@ -107,6 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    if not args.results.is_dir():  # a mistyped path would otherwise get an empty report, created there
+        p.error(f"--results {args.results}: no such directory")
+    if not any((args.results / f).is_file() for f in RESULT_FILES):
+        p.error(f"--results {args.results}: holds none of {', '.join(RESULT_FILES)}")
     print(build(args.results, args.out or args.results / "report.md"))
 
 

@@ -75,3 +75,16 @@ def test_a_failed_write_keeps_the_old_result_whole(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         write_atomic(tmp_path / "judge.jsonl", '{"id": 1}\n' + "\ud800")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["judge.json", "judge.md"]
+
+
+def test_a_mistyped_results_directory_is_refused_not_reported_empty(tmp_path, capsys):
+    from evaluation import report
+
+    with pytest.raises(SystemExit):
+        report.main(["--results", str(tmp_path / "reslts")])
+    assert "no such directory" in capsys.readouterr().err
+    assert not (tmp_path / "reslts").exists()
+    with pytest.raises(SystemExit):  # a directory with none of the evaluations' files
+        report.main(["--results", str(tmp_path)])
+    assert "holds none of perplexity.json" in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()
