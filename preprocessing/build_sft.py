@@ -316,9 +316,11 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from preprocessing.pipeline import workers_count
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="SFT recipe YAML (data/demo/sft_recipe.yaml is an example)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=workers_count, default=1, help="parallel tokenize tasks (a resumed build keeps the task count it started with)")
     p.add_argument("--output-dir", help="override the recipe's output_dir")
     p.add_argument("--clean", action="store_true", help="delete output_dir first instead of resuming")
     p.add_argument("--verbose", action="store_true", help="every library's log on the console (always in output_dir/build_sft.log)")

@@ -904,3 +904,19 @@ def test_a_sigterm_to_the_build_alone_ends_its_workers_too(tmp_path):
         assert not alive, f"workers outlived the build: {alive}"
     assert build_mix.build(MixRecipe.load(recipe_path), workers=2)["sources"]["english"]["tokens"] > 0
 
+
+
+@pytest.mark.parametrize("command", ["build_mix", "enrich_data", "build_sft"])
+def test_workers_below_one_are_refused_before_clean_empties_the_output(tmp_path, command, capsys):
+    import importlib
+
+    out = tmp_path / "mix"
+    out.mkdir()
+    (out / "kept").write_text("a finished build's file")
+    recipe = _recipe(tmp_path)
+    args = ["--config", str(recipe), "--workers", "0"] + (["--clean"] if command != "enrich_data" else [])
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(f"preprocessing.{command}").main(args)
+    assert stopped.value.code == 2
+    assert "argument --workers: must be at least 1, got 0" in capsys.readouterr().err
+    assert (out / "kept").is_file()
