@@ -29,6 +29,7 @@ import re
 import shutil
 import signal
 import time
+import traceback
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -666,11 +667,15 @@ def main(argv: list[str] | None = None) -> None:
     # a hung run names where it waits: `kill -USR1 <pid>` prints every thread's stack (a collective one rank
     # never joined, a writer process, a loader worker: forked helpers inherit the handler)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    logs.setup(Path(cfg.run_dir) / ("train.log" if rank == 0 else f"train.rank{rank}.log"), args.verbose, rank=rank)
+    log_file = logs.setup(Path(cfg.run_dir) / ("train.log" if rank == 0 else f"train.rank{rank}.log"), args.verbose, rank=rank)
     try:
         train(cfg)
     except DirectoryInUse as e:
         raise SystemExit(str(e)) from None
+    except FileNotFoundError as e:  # a mix.json, sft.json or checkpoint that is not there: its path in one line
+        with open(log_file, "a") as f:
+            traceback.print_exc(file=f)
+        raise SystemExit(f"{args.config or 'config'}: {e}") from None
 
 
 if __name__ == "__main__":

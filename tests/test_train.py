@@ -822,3 +822,17 @@ def test_sigterm_before_the_first_step_ends_the_run_at_once(monkeypatch, tmp_pat
         train(TrainConfig(run_dir=str(tmp_path / "run"), init_from=str(tmp_path / "missing")))
     assert stopped.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_missing_checkpoint_or_mix_is_named_in_one_line(setup, tmp_path):
+    """A mistyped init_from or mix (or a HF directory given as init_from) ends the trainer with one line naming the
+    path; the traceback goes to train.log only."""
+    for name, overrides, says in (
+            ("no_init", {"init_from": str(tmp_path / "none")}, f"{tmp_path / 'none'} is not a neurocpt model checkpoint"),
+            ("no_mix", {"mix": str(tmp_path / "mix.json")}, f"{tmp_path / 'mix.json'}: not found (run python -m preprocessing.build_mix")):
+        config = _config(tmp_path, name, **{**overrides, **({} if "init_from" in overrides else {"init_from": str(setup / "base")})})
+        run = subprocess.run([sys.executable, "-m", "megatron_ext.train", "--config", str(config)], capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+        assert says in run.stderr.strip().splitlines()[-1], run.stderr[-3000:]
+        assert "Traceback" in (tmp_path / name / "train.log").read_text()
