@@ -230,6 +230,17 @@ def test_verify_conversion_cli_prints_errors(text_dir, tmp_path):
     assert "| precision | float64 |" in run.stdout and "| 0-2 |" in run.stdout and "| 30-32 |" in run.stdout
 
 
+def test_verify_conversion_names_a_missing_or_swapped_directory_in_one_line(text_dir, tmp_path):
+    ckpt = convert_from_hf.convert(text_dir, tmp_path / "ckpt")
+    for hf_dir, megatron, says in ((text_dir, tmp_path / "none", f"{tmp_path / 'none'} is not a neurocpt model checkpoint"),
+                                   (ckpt, text_dir, f"{ckpt / 'config.json'}: missing"),  # the two swapped
+                                   (tmp_path / "none", ckpt, "no such checkpoint directory")):
+        run = subprocess.run([sys.executable, "-m", "tools.verify_conversion", "--hf-dir", str(hf_dir), "--ckpt",
+                              str(megatron)], capture_output=True, text=True)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        assert says in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
+
+
 def test_verify_conversion_compares_in_float64_per_position(text_dir, tmp_path, monkeypatch):
     """A small model is compared in float64, where the two implementations agree far below float32
     rounding, so a tolerance of 1e-9 separates a mapping error from noise; larger ones fall back to float32."""

@@ -96,7 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tol", type=float, help="max error relative to the largest logit (default: 1e-9 in float64, 1e-3 in float32)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    result = compare(args.hf_dir, args.ckpt, args.seq_len, args.batch, args.seed, args.device, args.text, args.precision)
+    from tools.hf_checkpoint import CheckpointError
+
+    try:
+        result = compare(args.hf_dir, args.ckpt, args.seq_len, args.batch, args.seed, args.device, args.text, args.precision)
+    except (CheckpointError, OSError) as err:  # a missing or swapped --hf-dir / --ckpt: named, as the converters do
+        raise SystemExit(f"verify_conversion: {err}") from None
     by_position = result.pop("max_abs_err_by_position")
     print("| metric | value |\n|---|---|")
     for k, v in result.items():
