@@ -653,3 +653,19 @@ def test_everything_published_is_fsynced_first(text_dir, tmp_path, monkeypatch):
         assert expected <= names, sorted(expected - names)
     assert {"model.safetensors.index.json", "config.json", "qwen35_config.json"} <= {
         p.rsplit(os.sep, 1)[1] for d in published.values() for p in d}
+
+
+def test_bad_sizes_and_divisors_are_refused_by_the_command_line_naming_the_flag(tmp_path, capsys):
+    """--tp/--pp/--vocab-divisor 0 ended convert_from_hf in a ZeroDivisionError; a --max-shard-size typo ended
+    convert_to_hf, after the whole export, in int()'s message naming no flag."""
+    for main, args, says in (
+            (convert_from_hf.main, ["--tp", "0"], "argument --tp: must be at least 1, got 0"),
+            (convert_from_hf.main, ["--vocab-divisor", "0"], "argument --vocab-divisor: must be at least 1, got 0"),
+            (convert_to_hf.main, ["--max-shard-size", "5XB"], "argument --max-shard-size: '5XB' is not a size")):
+        source = ["--hf-dir", str(tmp_path)] if main is convert_from_hf.main else ["--ckpt", str(tmp_path)]
+        with pytest.raises(SystemExit) as stopped:
+            main([*source, "--out", str(tmp_path / "out"), *args])
+        assert stopped.value.code == 2 and says in capsys.readouterr().err
+    from tools.hf_checkpoint import parse_size
+
+    assert [parse_size(s) for s in ("5GB", "500MB", "2GiB", "10kb", "1000")] == [5 * 10**9, 5 * 10**8, 2 * 2**30, 10**4, 1000]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from tools.hf_checkpoint import DTYPES, CheckpointError, count_by_part
+from tools.hf_checkpoint import DTYPES, CheckpointError, count_by_part, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="HF Qwen3.5 checkpoint directory (safetensors)")
     p.add_argument("--out", required=True, help="megatron checkpoint directory to write")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size you will train with (checked)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size you will train with (checked)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size you will train with (checked)")
+    p.add_argument("--pp", type=positive_int, default=1, help="pipeline parallel size you will train with (checked)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: the dtype most of the source's parameters have; tensors it stores wider stay wider")
-    p.add_argument("--vocab-divisor", type=int, default=128,
+    p.add_argument("--vocab-divisor", type=positive_int, default=128,
                    help="pad the vocabulary to a multiple of this x TP (megatron's make-vocab-size-divisible-by)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never the HF directory)")
     args = p.parse_args(argv)

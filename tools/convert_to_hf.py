@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tools.hf_checkpoint import DTYPES, CheckpointError, count_by_part
+from tools.hf_checkpoint import DTYPES, CheckpointError, count_by_part, size_argument
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: each tensor in the template's dtype (without a template: its source's, as recorded "
                         "at conversion, else the checkpoint's)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB")
+    p.add_argument("--max-shard-size", default="5GB", type=size_argument, help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB")
     p.add_argument("--stop-tokens", default="", help="comma-separated tokens generation also stops at (SFT: '<|im_end|>')")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never CKPT or the template)")
     args = p.parse_args(argv)

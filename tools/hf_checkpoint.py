@@ -244,9 +244,37 @@ def _alive(pid: int) -> bool:
 
 
 def parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    """Bytes of a size such as ``5GB``, ``500MB``, ``2GiB`` or ``1000000``; ValueError naming the text otherwise."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
     t = text.strip().upper()
-    for unit, factor in units.items():
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * factor)
-    return int(t)
+    try:
+        for unit, factor in units.items():
+            if t.endswith(unit):
+                return int(float(t[: -len(unit)]) * factor)
+        return int(t)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size: give e.g. 5GB, 500MB, 2GiB or a number of bytes") from None
+
+
+def size_argument(text: str) -> int:
+    """An argparse type for a size (:func:`parse_size`): a bad one is refused before any work, naming the flag."""
+    import argparse
+
+    try:
+        parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for sizes and divisors where 0 or less would fail later with a ZeroDivisionError."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
