@@ -71,7 +71,9 @@ def local_task_config(task: str, data_dir: Path, num_fewshot: int) -> dict:
     for split in sorted(s for s in needed if s):
         path = data_dir / task / f"{split}.jsonl"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing local copy of {task}'s {split} split (see --help for the layout)")
+            missing = FileNotFoundError(f"{path}: missing local copy of {task}'s {split} split (see --help for the layout)")
+            missing.filename = str(path)
+            raise missing
         files[split] = str(path)
     for key in SPLIT_KEYS:  # splits without a local file are not used
         if cfg.get(key) and cfg[key] not in files:
@@ -216,6 +218,18 @@ def main(argv: list[str] | None = None) -> None:
         if delta is None:
             raise SystemExit(f"--delta {args.delta}: expected NAME_A-NAME_B, both among --model {list(models)}")
     tasks = args.tasks.split(",") if args.tasks else SUITES[args.suite]
+    unknown, missing = [], []  # all at once, before any model is loaded or process started
+    for task in tasks:
+        try:
+            local_task_config(task, Path(args.data_dir), args.num_fewshot)
+        except KeyError:
+            unknown.append(task)
+        except FileNotFoundError as err:
+            missing.append(str(Path(err.filename).relative_to(args.data_dir)))
+    if unknown:
+        raise SystemExit(f"lm-eval has no task {', '.join(map(repr, unknown))}")
+    if missing:
+        raise SystemExit(f"--data-dir {args.data_dir} lacks the local copies {', '.join(missing)} (see --help for the layout)")
     batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
     if len(models) > 1:
         report = run_each_in_own_process(models, tasks, args)

@@ -144,6 +144,23 @@ def test_missing_local_split_is_named(setup):
         local_task_config("not_a_task", setup / "bench", 0)
 
 
+def test_unknown_tasks_and_missing_local_copies_are_all_named_before_any_model_runs(setup, monkeypatch):
+    """--suite all on a --data-dir holding one benchmark: one line naming every missing file, where each model's
+    process printed its traceback for the first one and the command then said the other models' results were kept."""
+    from evaluation import eval_qwen
+
+    monkeypatch.setattr(eval_qwen.subprocess, "run", lambda *a, **k: pytest.fail("a model's process was started"))
+    monkeypatch.setattr(eval_qwen, "run", lambda *a, **k: pytest.fail("a model was evaluated"))
+    models = ["--model", f"a={setup / 'base'}", "--model", f"b={setup / 'cpt'}"]
+    with pytest.raises(SystemExit) as stopped:
+        eval_qwen.main([*models, "--suite", "all", "--data-dir", str(setup / "bench")])
+    says = str(stopped.value.code)
+    assert says.startswith(f"--data-dir {setup / 'bench'} lacks the local copies mmlu_clinical_knowledge/test.jsonl, ")
+    assert "boolq/validation.jsonl" in says and "pubmedqa" not in says and "mmlu_anatomy" not in says
+    with pytest.raises(SystemExit, match="lm-eval has no task 'pubmedq'$"):
+        eval_qwen.main([*models[:2], "--tasks", "pubmedq,pubmedqa", "--data-dir", str(setup / "bench")])
+
+
 def test_markdown_delta_and_medical_average():
     report = {"models": {"a": "x", "b": "y"}, "results": {
         "pubmedqa": {"a": {"acc": 0.5, "acc_stderr": 0.05}, "b": {"acc": 0.6, "acc_stderr": 0.05}},
@@ -154,7 +171,24 @@ def test_markdown_delta_and_medical_average():
     assert "| **Medical Average** | 40.0 | 40.0 | +0.0 |" in table  # boolq is general, not medical
 
 
-def test_several_models_run_one_process_each_and_merge(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def empty_copies(tmp_path_factory):
+    """A --data-dir holding (empty) local copies of pubmedqa's and boolq's splits, with and without few-shot: what the
+    command checks before it starts a model's process (the children here are stand-ins that read nothing)."""
+    root = tmp_path_factory.mktemp("empty_copies")
+    for task in ("pubmedqa", "boolq"):
+        for fewshot in (0, 3):
+            while True:
+                try:
+                    local_task_config(task, root, fewshot)
+                    break
+                except FileNotFoundError as err:
+                    Path(err.filename).parent.mkdir(parents=True, exist_ok=True)
+                    Path(err.filename).touch()
+    return str(root)
+
+
+def test_several_models_run_one_process_each_and_merge(tmp_path, monkeypatch, empty_copies):
     """--backend vllm with two models: two child processes of the same command, one --model each (a vLLM engine
     frees its GPU memory only when its process ends), their reports merged as one in-process run would give."""
     from evaluation import eval_qwen
@@ -169,7 +203,7 @@ def test_several_models_run_one_process_each_and_merge(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(eval_qwen.subprocess, "run", child)
-    eval_qwen.main(["--model", "base=/m/base", "--model", "cpt=/m/cpt", "--tasks", "pubmedqa,boolq", "--data-dir", "/bench",
+    eval_qwen.main(["--model", "base=/m/base", "--model", "cpt=/m/cpt", "--tasks", "pubmedqa,boolq", "--data-dir", empty_copies,
                     "--backend", "vllm", "--limit", "5", "--num-fewshot", "3", "--delta", "cpt-base",
                     "--out", str(tmp_path / "lm_eval")])
     assert [c[c.index("--model") + 1] for c in children] == ["base=/m/base", "cpt=/m/cpt"]
@@ -186,7 +220,7 @@ def test_several_models_run_one_process_each_and_merge(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm_eval.json", "lm_eval.md"]  # children's files removed
 
 
-def test_a_failing_model_process_is_named_after_the_others_ran(tmp_path, monkeypatch):
+def test_a_failing_model_process_is_named_after_the_others_ran(tmp_path, monkeypatch, empty_copies):
     from evaluation import eval_qwen
 
     children = []
@@ -200,13 +234,13 @@ def test_a_failing_model_process_is_named_after_the_others_ran(tmp_path, monkeyp
 
     monkeypatch.setattr(eval_qwen.subprocess, "run", child)
     with pytest.raises(SystemExit, match=r"model base \(/m/base\) failed .* kept in .*lm_eval\.units\.json; rerun"):
-        eval_qwen.main(["--model", "base=/m/base", "--model", "cpt=/m/cpt", "--tasks", "pubmedqa", "--data-dir", "/b",
+        eval_qwen.main(["--model", "base=/m/base", "--model", "cpt=/m/cpt", "--tasks", "pubmedqa", "--data-dir", empty_copies,
                         "--backend", "vllm", "--out", str(tmp_path / "lm_eval")])
     assert len(children) == 2  # cpt was still evaluated, into the same kept results
     assert {c[c.index("--units") + 1] for c in children} == {str(tmp_path / "lm_eval.units.json")}
 
 
-def test_delta_between_names_with_hyphens(tmp_path, monkeypatch):
+def test_delta_between_names_with_hyphens(tmp_path, monkeypatch, empty_copies):
     from evaluation import eval_qwen
 
     def child(cmd, **kwargs):
@@ -216,7 +250,7 @@ def test_delta_between_names_with_hyphens(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(eval_qwen.subprocess, "run", child)
-    args = ["--model", "base-sft=/m/a", "--model", "cpt-sft=/m/b", "--tasks", "pubmedqa", "--data-dir", "/b",
+    args = ["--model", "base-sft=/m/a", "--model", "cpt-sft=/m/b", "--tasks", "pubmedqa", "--data-dir", empty_copies,
             "--out", str(tmp_path / "lm_eval")]
     eval_qwen.main(args + ["--delta", "cpt-sft-base-sft"])
     assert "| pubmedqa | 40.0 ± 1.0 | 50.0 ± 1.0 | +10.0 |" in (tmp_path / "lm_eval.md").read_text()
