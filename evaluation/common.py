@@ -92,12 +92,13 @@ def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                 yield i, line
 
 
-def write_report(out: str | Path, report: dict, markdown: str) -> None:
+def write_report(out: str | Path, report: dict, markdown: str, echo: bool = True) -> None:
     """``OUT.json`` (the full report) and ``OUT.md`` (its table), replaced together atomically; the table is
-    printed too."""
+    printed too (``echo``)."""
     out = Path(out)
     write_all_atomic({out.with_suffix(".json"): json.dumps(report, indent=2), out.with_suffix(".md"): markdown})
-    print(markdown)
+    if echo:
+        print(markdown)
 
 
 def fingerprint(path: str | Path) -> list:

@@ -193,7 +193,8 @@ def to_markdown(report: dict, delta: tuple[str, str] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    if os.environ.get(PARENT):  # a per-model process of run_each_in_own_process: it ends with the command
+    child = bool(os.environ.get(PARENT))
+    if child:  # a per-model process of run_each_in_own_process: it ends with the command
         die_with(int(os.environ.pop(PARENT)))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="name=HF directory")
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
             raise SystemExit(f"lm-eval stopped: {err}\nFinished tasks are kept in {args.units}; rerun to resume.") from None
     report["delta"] = delta
-    write_report(args.out, report, to_markdown(report, delta))
+    write_report(args.out, report, to_markdown(report, delta), echo=not child)  # a child's one-model table: not shown
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def test_lm_eval_runs_offline_and_writes_the_card_table(setup, tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("2 of 2 tasks finished before, kept") == 1
+    assert run.stdout.count("| Benchmark |") == 1, run.stdout  # the merged table only, not each model process's own
     report = json.loads((tmp_path / "lm_eval.json").read_text())
     for task, n in (("pubmedqa", 12), ("mmlu_anatomy", 10)):
         for model in ("base_sft", "cpt_sft"):
