@@ -29,6 +29,8 @@ HARMLESS = (
 _HARMLESS = re.compile("|".join(HARMLESS))
 # a datatrove (loguru) record below WARNING, as datatrove's task logger formats it
 _LOGURU_QUIET = re.compile(r"^(\[NODE -?\d+\] )?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| (TRACE|DEBUG|INFO|SUCCESS) ")
+# a datatrove (loguru) record from ERROR up: a failed task's, its traceback (with every variable's value) after it
+_LOGURU_ERROR = re.compile(r"^(\[NODE -?\d+\] )?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| (ERROR|CRITICAL) ")
 
 
 def hide_harmless_warnings() -> None:
@@ -65,7 +67,13 @@ class _Stderr:
 
     def write(self, text: str) -> int:
         self.log_file.write(text)
-        if self.verbose or not _LOGURU_QUIET.match(text):
+        if self.verbose:
+            self.console.write(text)
+        elif _LOGURU_ERROR.match(text) and "\n" in text.rstrip("\n"):
+            # a failed task's record: its first line here, the traceback in the log file only (the command itself
+            # ends with one line for a user's error, and with its own traceback for any other)
+            self.console.write(f"{text.splitlines()[0]} (traceback in {self.log_file.name})\n")
+        elif not _LOGURU_QUIET.match(text):
             self.console.write(text)
         return len(text)
 

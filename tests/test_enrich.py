@@ -437,6 +437,20 @@ def test_input_errors_end_the_command_with_one_line_and_a_log_file(tmp_path):
     assert "Traceback" in log and "FileNotFoundError: source pubmed: no files match" in log
 
 
+def test_an_unreachable_server_is_one_line_per_failed_task_on_the_console(tmp_path):
+    """A task that fails is logged by datatrove with its traceback and every variable's value (about 100 lines a
+    task): on the console its first line, the traceback in enrich_data.log only; the command ends with one line."""
+    _corpus(tmp_path / "corpus")
+    run = _cli(_recipe(tmp_path, tmp_path / "corpus", "http://127.0.0.1:9/v1"), check=False)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    failed = [x for x in run.stderr.splitlines() if "| ERROR " in x]
+    assert failed and all(x.endswith(f"is the server running? (traceback in {tmp_path / 'out' / 'enrich_data.log'})")
+                          for x in failed), run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1].startswith("error: enrichment stopped: LLM server http://127.0.0.1:9/v1")
+    log = (tmp_path / "out" / "enrich_data.log").read_text()
+    assert "Traceback" in log and "LLMUnavailable" in log
+
+
 def test_a_report_rewrite_that_fails_keeps_the_last_json_and_table(tmp_path, monkeypatch):
     """enrich_report.json and .md are one report: a failure writing the table must not leave a new JSON beside
     the last run's table, nor half a table."""
