@@ -2,7 +2,7 @@
 
     python -m evaluation.perplexity --model base=Qwen3.5-2B-Base --model cpt=release/ \\
         --data "Patient EHR"=out/mix/heldout/ehr.jsonl --data English=out/mix/heldout/english.jsonl \\
-        [--max-length 4096] [--stride 2048] [--max-docs 500] [--out results/perplexity]
+        [--max-length 4096] [--stride 2048 (half of --max-length)] [--max-docs 500] [--out results/perplexity]
 
 Perplexity is exp(total NLL / total predicted tokens) over all documents of a domain (each document
 scored on its own, from its second token). Documents longer than ``--max-length`` are scored with a
@@ -120,9 +120,11 @@ def to_markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = models_on_domains_parser(__doc__, "the first one is the baseline")
     p.add_argument("--max-length", type=positive_int, default=4096, help="tokens per window")
-    p.add_argument("--stride", type=int, default=2048, help="tokens between window starts, below --max-length")
+    p.add_argument("--stride", type=int, help="tokens between window starts, below --max-length (default: half of it)")
     p.add_argument("--out", default="results/perplexity", help="writes OUT.json and OUT.md (OUT.units.json: finished results)")
     args = p.parse_args(argv)
+    if args.stride is None:  # a fixed default would refuse a --max-length at or below it given alone
+        args.stride = max(1, args.max_length // 2)
     if not 0 < args.stride < args.max_length:
         p.error(f"--stride must be between 1 and --max-length - 1 ({args.max_length - 1}), got {args.stride}")
     run_models_on_domains("perplexity", args, lambda models, data, units: evaluate(

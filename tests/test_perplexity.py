@@ -191,6 +191,17 @@ def test_bad_limits_are_refused_at_the_command_line(argv, why, capsys):
     assert re.search(why, capsys.readouterr().err)
 
 
+def test_a_max_length_given_alone_gets_a_stride_of_half_of_it(monkeypatch):
+    """--max-length 1024 alone was refused: the stride's fixed default (2048) was not below it."""
+    from evaluation import perplexity
+
+    seen = []
+    monkeypatch.setattr(perplexity, "run_models_on_domains", lambda tool, args, *a: seen.append((args.max_length, args.stride)))
+    for argv in (["--max-length", "1024"], [], ["--max-length", "64", "--stride", "16"]):
+        main(["--model", "a=x", "--data", "d=y.jsonl", *argv])
+    assert seen == [(1024, 512), (4096, 2048), (64, 16)]
+
+
 def test_a_name_given_twice_is_refused():
     from evaluation.common import named_paths
 
