@@ -669,3 +669,19 @@ def test_bad_sizes_and_divisors_are_refused_by_the_command_line_naming_the_flag(
     from tools.hf_checkpoint import parse_size
 
     assert [parse_size(s) for s in ("5GB", "500MB", "2GiB", "10kb", "1000")] == [5 * 10**9, 5 * 10**8, 2 * 2**30, 10**4, 1000]
+
+
+def test_stop_tokens_join_the_eos_ids_and_an_unknown_one_is_refused_before_the_export(multimodal_dir, tmp_path):
+    """An SFT export stops at '<|im_end|>' too; a mistyped token is named with the tokenizer it is not in (the template's
+    or the checkpoint's, not the export's temporary directory), before the export is written."""
+    from transformers import AutoTokenizer
+
+    ckpt = convert_from_hf.convert(multimodal_dir, tmp_path / "ckpt")
+    im_end = AutoTokenizer.from_pretrained(multimodal_dir).convert_tokens_to_ids("<|im_end|>")
+    for template in (multimodal_dir, None):
+        out = convert_to_hf.convert(ckpt, tmp_path / f"export_{template is None}", hf_template=template, stop_tokens=["<|im_end|>"])
+        assert json.loads((out / "generation_config.json").read_text())["eos_token_id"][0] == im_end
+        source = str(multimodal_dir) if template else f"{ckpt} (kept from its conversion)"
+        with pytest.raises(ValueError, match=re.escape(f"--stop-tokens: '<|im_endd|>' is not a token of the tokenizer of {source}")):
+            convert_to_hf.convert(ckpt, tmp_path / "bad", hf_template=template, stop_tokens=["<|im_end|>", "<|im_endd|>"])
+        assert not any(p.name.startswith(("bad", ".bad")) for p in tmp_path.iterdir())

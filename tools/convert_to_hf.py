@@ -64,7 +64,7 @@ def _text_only_config(config, dtype: torch.dtype) -> dict:
 def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | None = None, dtype: str = "auto",
             max_shard_size: str = "5GB", stop_tokens: list[str] = (), overwrite: bool = False) -> Path:
     from megatron_ext import build_model, hf_mapping, parallel
-    from megatron_ext.checkpoint import HF_TENSORS_FILE, hf_source_files, hf_source_tensors, read_config, resolve, saved_dtype
+    from megatron_ext.checkpoint import HF_SOURCE_DIR, HF_TENSORS_FILE, hf_source_files, hf_source_tensors, read_config, resolve, saved_dtype
     from megatron_ext.config import Qwen35Config
     from tools.hf_checkpoint import HFCheckpoint, ShardedWriter, atomic_directory, check_output, parse_size
 
@@ -77,6 +77,10 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
     else:
         prefix = "model."
 
+    tokenizer_source = hf_template or f"{ckpt_dir} (kept from its conversion)"
+    if stop_tokens and (Path(hf_template) if hf_template else resolve(ckpt_dir) / HF_SOURCE_DIR).is_dir():
+        # a token the tokenizer lacks is refused before the export, not after it
+        _stop_token_ids(Path(hf_template) if hf_template else resolve(ckpt_dir) / HF_SOURCE_DIR, stop_tokens, tokenizer_source)
     parallel.initialize()
     # the model lends its layout (names, shapes, TP resharding); its own weights are never filled
     model = build_model(config, backend="local", device="cpu", params_dtype=saved_dtype(ckpt_dir),
@@ -128,8 +132,8 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
             if not (tmp / "generation_config.json").exists():
                 gen = {"eos_token_id": config.eos_token_id} if config.eos_token_id is not None else {}
                 (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        if stop_tokens:
-            _add_stop_tokens(tmp, stop_tokens)
+        if stop_tokens:  # the error names where the tokenizer came from, not this temporary directory
+            _add_stop_tokens(tmp, stop_tokens, tokenizer_source)
     return Path(out)
 
 
@@ -193,9 +197,8 @@ def _declare_frozen_mtp(readme: Path, template: Path) -> None:
     readme.write_text((readme.read_text() if readme.is_file() else "") + note)
 
 
-def _add_stop_tokens(directory: Path, tokens: list[str]) -> None:
-    """Make generation stop at ``tokens`` too (an SFT model ends its turns with the chat template's
-    end-of-turn token, e.g. ``<|im_end|>``, which a base model's generation_config does not list)."""
+def _stop_token_ids(directory: Path, tokens: list[str], source: str | Path | None = None) -> list[int]:
+    """The ids of ``tokens`` in the tokenizer in ``directory``; ValueError naming ``source`` for one it lacks."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(directory)
@@ -203,8 +206,15 @@ def _add_stop_tokens(directory: Path, tokens: list[str]) -> None:
     for t in tokens:
         i = tok.convert_tokens_to_ids(t)
         if i is None or i == tok.unk_token_id and t != tok.unk_token:
-            raise ValueError(f"stop token {t!r} is not a token of the tokenizer in {directory}")
+            raise ValueError(f"--stop-tokens: {t!r} is not a token of the tokenizer of {source or directory}")
         ids.append(i)
+    return ids
+
+
+def _add_stop_tokens(directory: Path, tokens: list[str], source: str | Path | None = None) -> None:
+    """Make generation stop at ``tokens`` too (an SFT model ends its turns with the chat template's
+    end-of-turn token, e.g. ``<|im_end|>``, which a base model's generation_config does not list)."""
+    ids = _stop_token_ids(directory, tokens, source)
     path = directory / "generation_config.json"
     gen = json.loads(path.read_text()) if path.is_file() else {}
     eos = gen.get("eos_token_id")
