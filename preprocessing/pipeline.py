@@ -289,7 +289,8 @@ def load_recipe(load, path: str, **overrides):
     try:
         return load(path, **overrides)
     except (OSError, ValueError, TypeError, yaml.YAMLError) as err:
-        raise SystemExit(f"{path}: {err}") from None
+        said = str(err)  # an error that names the file already is not prefixed twice
+        raise SystemExit(said if said.startswith(f"{path}: ") else f"{path}: {said}") from None
 
 
 @contextmanager

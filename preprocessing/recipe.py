@@ -25,6 +25,21 @@ def from_dict(cls, raw: dict | Any, where: str):
     return cls(**raw)
 
 
+def _source(raw: dict, index: int) -> "SourceConfig":
+    """A recipe's ``sources:`` entry, a misspelt or missing key named with its source (not as a Python TypeError)."""
+    where = f"source {raw.get('name', index)!s}" if isinstance(raw, dict) else f"source {index}"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping of keys (name, paths, share, ...), got {raw!r}")
+    required = [f.name for f in dataclasses.fields(SourceConfig)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(SourceConfig)})
+    missing = [k for k in required if k not in raw]
+    if unknown or missing:
+        raise ValueError(f"{where}: " + "; ".join(([f"unknown keys {unknown}"] if unknown else [])
+                                                  + ([f"missing keys {missing}"] if missing else [])))
+    return SourceConfig(**raw)
+
+
 @dataclass
 class FilterConfig:
     """Quality filters for one source; datatrove's Gopher filters with their own keyword arguments.
@@ -116,7 +131,7 @@ class MixRecipe:
     base_dir: str = "."  # relative paths in the recipe resolve against the recipe file's folder
 
     def __post_init__(self) -> None:
-        self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
+        self.sources = [s if isinstance(s, SourceConfig) else _source(s, i) for i, s in enumerate(self.sources)]
         self.llm = from_dict(EnrichLLMConfig, self.llm, "llm")
         if self.enriched_sources and self.llm is None:
             raise ValueError(f"sources {self.enriched_sources} have enrich blocks but the recipe has no llm: block")

@@ -465,7 +465,14 @@ def test_input_errors_end_the_command_with_one_line(tmp_path):
     _one_line_error(_cli(recipe, "--clean"), log, "error: " + NOTES_GONE)
     recipe.write_text(yaml.safe_dump({**raw, "seq_lenght": 64}))
     bad = _cli(recipe)
-    assert bad.returncode == 1 and bad.stderr.strip() == f"{recipe}: {recipe}: unknown recipe keys ['seq_lenght']"
+    assert bad.returncode == 1 and bad.stderr.strip() == f"{recipe}: unknown recipe keys ['seq_lenght']"
+    # in a source: named with the source, not as SourceConfig's TypeError
+    recipe.write_text(yaml.safe_dump({**raw, "sources": [{**raw["sources"][0], "phi_gaurd": True}]}))
+    bad = _cli(recipe)
+    assert bad.returncode == 1 and bad.stderr.strip() == f"{recipe}: source notes: unknown keys ['phi_gaurd']"
+    recipe.write_text(yaml.safe_dump({**raw, "sources": [{k: v for k, v in raw["sources"][0].items() if k != "share"}]}))
+    bad = _cli(recipe)
+    assert bad.returncode == 1 and bad.stderr.strip() == f"{recipe}: source notes: missing keys ['share']"
 
 
 def test_a_second_build_into_a_held_folder_stops_at_once_and_a_gone_holder_holds_nothing(tmp_path):
