@@ -661,8 +661,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         cfg = TrainConfig.load(args.config, args.overrides)
-    except ValueError as e:  # a bad key or value: one line, not a traceback
-        raise SystemExit(f"{args.config or 'config'}: {e}") from None
+    except ValueError as e:  # a bad key or value: one line, not a traceback (naming the file once)
+        said = str(e)
+        raise SystemExit(said if args.config and said.startswith(f"{args.config}: ") else f"{args.config or 'config'}: {said}") from None
     rank = int(os.environ.get("RANK", 0))
     # a hung run names where it waits: `kill -USR1 <pid>` prints every thread's stack (a collective one rank
     # never joined, a writer process, a loader worker: forked helpers inherit the handler)

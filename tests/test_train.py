@@ -672,11 +672,14 @@ def test_overrides_and_bad_config(tmp_path):
             TrainConfig.load(None, [bad])
     # a missing or malformed file, or an override where the config belongs: one line naming it, from every command
     (tmp_path / "bad.yaml").write_text("lr: [1\n")
+    (tmp_path / "unknown.yaml").write_text("lr_max: 1\n")
     for args, says in ((["--config", str(tmp_path / "none.yaml")], "cannot read the config"),
+                       (["--config", str(tmp_path / "unknown.yaml")], f"{tmp_path / 'unknown.yaml'}: unknown keys ['lr_max']"),
                        (["--config", str(tmp_path / "bad.yaml")], "cannot read the config"),
                        (["--config", "run_dir=/x"], "is not a config file: give the config first")):
         run = subprocess.run([sys.executable, "-m", "megatron_ext.train", *args], capture_output=True, text=True)
         assert run.returncode != 0 and "Traceback" not in run.stderr and says in run.stderr, run.stderr[-1500:]
+        assert "unknown" not in args[1] or run.stderr.count(args[1]) == 1, run.stderr[-1500:]  # named once
 
 
 def test_a_second_run_into_a_held_run_dir_stops_before_it_reads_anything(tmp_path):
