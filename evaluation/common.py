@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from preprocessing.atomic import merging, write_all_atomic, write_json_atomic
+from preprocessing.cli import positive_int
 from preprocessing.llm import cache_key
 
 
@@ -44,14 +45,6 @@ def mask_padded_ids(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     """Logits with the ids past the tokenizer's ``vocab`` at -inf: checkpoints pad their embedding (Qwen3.5:
     248,320 rows for fewer tokens) and no text contains those ids, so they must get no probability."""
     return logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab, float("-inf"))
-
-
-def positive_int(text: str) -> int:
-    """An argparse type for counts where 0 would be a mistake (no documents, no questions)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def models_on_domains_parser(doc: str, model_help: str) -> argparse.ArgumentParser:

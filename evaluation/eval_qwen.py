@@ -35,8 +35,9 @@ import traceback
 from pathlib import Path
 
 from evaluation.common import (FinishedUnits, ModelFailed, device_and_dtype, fingerprint, load_hf_model, named_paths,
-                               positive_int, write_report)
+                               write_report)
 from preprocessing.atomic import die_with
+from preprocessing.cli import positive_int
 from preprocessing.llm import cache_key
 
 MEDICAL = ["pubmedqa", "mmlu_clinical_knowledge", "mmlu_anatomy", "mmlu_college_medicine", "mmlu_professional_medicine",

@@ -42,8 +42,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from evaluation.common import device_and_dtype, fingerprint, named_paths, positive_int, text_lines, write_report
+from evaluation.common import device_and_dtype, fingerprint, named_paths, text_lines, write_report
 from preprocessing.atomic import write_atomic
+from preprocessing.cli import positive_int
 from preprocessing.llm import JsonlCache, LLMConfig, LLMError, Request, StructuredLLM, cache_key
 
 log = logging.getLogger("neurocpt.judge")

@@ -34,8 +34,9 @@ from torch import nn
 from tqdm import tqdm
 
 from evaluation.common import (FinishedUnits, device_and_dtype, each_model_on_each_domain, load_hf_model, mask_padded_ids,
-                               models_on_domains_parser, positive_int, run_models_on_domains)
+                               models_on_domains_parser, run_models_on_domains)
 from evaluation.perplexity import read_documents
+from preprocessing.cli import positive_int
 
 PREFIX = "mtp."
 

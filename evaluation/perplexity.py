@@ -27,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from evaluation.common import (FinishedUnits, device_and_dtype, each_model_on_each_domain, load_hf_model, mask_padded_ids,
-                               models_on_domains_parser, positive_int, run_models_on_domains, text_lines)
+                               models_on_domains_parser, run_models_on_domains, text_lines)
+from preprocessing.cli import positive_int
 
 
 @torch.no_grad()

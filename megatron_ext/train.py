@@ -45,6 +45,7 @@ from megatron_ext.parallel import is_rank0
 from megatron_ext.signals import on_sigterm
 from megatron_ext.train_config import TrainConfig
 from preprocessing.atomic import DirectoryInUse, hold_directory
+from preprocessing.cli import about
 
 log = logging.getLogger("neurocpt.train")
 progress_log = logging.getLogger("neurocpt.progress")  # the step lines: console and train.log
@@ -662,8 +663,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = TrainConfig.load(args.config, args.overrides)
     except ValueError as e:  # a bad key or value: one line, not a traceback (naming the file once)
-        said = str(e)
-        raise SystemExit(said if args.config and said.startswith(f"{args.config}: ") else f"{args.config or 'config'}: {said}") from None
+        raise SystemExit(about(args.config or "config", e)) from None
     rank = int(os.environ.get("RANK", 0))
     # a hung run names where it waits: `kill -USR1 <pid>` prints every thread's stack (a collective one rank
     # never joined, a writer process, a loader worker: forked helpers inherit the handler)

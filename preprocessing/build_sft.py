@@ -33,6 +33,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from preprocessing.chat import LOSS_ON, ROLES, check_conversation, encode_sample, render_samples
+from preprocessing.cli import positive_int
 
 log = logging.getLogger(__name__)
 NAME = "sft"  # the ledger's one "source"
@@ -316,11 +317,9 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from preprocessing.pipeline import workers_count
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="SFT recipe YAML (data/demo/sft_recipe.yaml is an example)")
-    p.add_argument("--workers", type=workers_count, default=1, help="parallel tokenize tasks (a resumed build keeps the task count it started with)")
+    p.add_argument("--workers", type=positive_int, default=1, help="parallel tokenize tasks (a resumed build keeps the task count it started with)")
     p.add_argument("--output-dir", help="override the recipe's output_dir")
     p.add_argument("--clean", action="store_true", help="delete output_dir first instead of resuming")
     p.add_argument("--verbose", action="store_true", help="every library's log on the console (always in output_dir/build_sft.log)")

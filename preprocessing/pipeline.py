@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from preprocessing.atomic import DirectoryInUse, clear_directory, hold_directory, write_json_atomic
+from preprocessing.cli import about, positive_int
 from preprocessing.errors import BuildError
 from preprocessing.llm import LLMError
 from preprocessing.recipe import MixRecipe
@@ -264,21 +265,9 @@ def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", unt
     return True
 
 
-def workers_count(text: str) -> int:
-    """An argparse type for ``--workers``: 0 or fewer would end the command in the executor with a traceback, after
-    ``--clean`` had emptied the output directory and the build had fixed its task count at 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_executor_args(p: argparse.ArgumentParser) -> None:
     """The command-line options that choose how stages run (shared by the commands built on these stages)."""
-    p.add_argument("--workers", type=workers_count, default=1, help="parallel tasks per stage (a resumed build keeps the task count it started with)")
+    p.add_argument("--workers", type=positive_int, default=1, help="parallel tasks per stage (a resumed build keeps the task count it started with)")
     p.add_argument("--executor", default="local", choices=["local", "slurm", "ray"])
     p.add_argument("--partition", help="Slurm partition")
     p.add_argument("--time", default="24:00:00", help="Slurm time limit per task")
@@ -289,8 +278,7 @@ def load_recipe(load, path: str, **overrides):
     try:
         return load(path, **overrides)
     except (OSError, ValueError, TypeError, yaml.YAMLError) as err:
-        said = str(err)  # an error that names the file already is not prefixed twice
-        raise SystemExit(said if said.startswith(f"{path}: ") else f"{path}: {said}") from None
+        raise SystemExit(about(path, err)) from None
 
 
 @contextmanager

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from tools.hf_checkpoint import DTYPES, CheckpointError, count_by_part, positive_int
+from preprocessing.cli import positive_int
+from tools.hf_checkpoint import DTYPES, CheckpointError, count_by_part
 
 log = logging.getLogger(__name__)
 

@@ -77,10 +77,10 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
     else:
         prefix = "model."
 
+    tokenizer_dir = Path(hf_template) if hf_template else resolve(ckpt_dir) / HF_SOURCE_DIR
     tokenizer_source = hf_template or f"{ckpt_dir} (kept from its conversion)"
-    if stop_tokens and (Path(hf_template) if hf_template else resolve(ckpt_dir) / HF_SOURCE_DIR).is_dir():
-        # a token the tokenizer lacks is refused before the export, not after it
-        _stop_token_ids(Path(hf_template) if hf_template else resolve(ckpt_dir) / HF_SOURCE_DIR, stop_tokens, tokenizer_source)
+    if stop_tokens and tokenizer_dir.is_dir():  # a token the tokenizer lacks is refused before the export, not after
+        _stop_token_ids(tokenizer_dir, stop_tokens, tokenizer_source)
     parallel.initialize()
     # the model lends its layout (names, shapes, TP resharding); its own weights are never filled
     model = build_model(config, backend="local", device="cpu", params_dtype=saved_dtype(ckpt_dir),

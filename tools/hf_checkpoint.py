@@ -256,8 +256,9 @@ def parse_size(text: str) -> int:
         raise ValueError(f"{text!r} is not a size: give e.g. 5GB, 500MB, 2GiB or a number of bytes") from None
 
 
-def size_argument(text: str) -> int:
-    """An argparse type for a size (:func:`parse_size`): a bad one is refused before any work, naming the flag."""
+def size_argument(text: str) -> str:
+    """An argparse type for a size (:func:`parse_size`, which reads it later): a bad one is refused before any work,
+    naming the flag."""
     import argparse
 
     try:
@@ -265,16 +266,3 @@ def size_argument(text: str) -> int:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
-
-
-def positive_int(text: str) -> int:
-    """An argparse type for sizes and divisors where 0 or less would fail later with a ZeroDivisionError."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
