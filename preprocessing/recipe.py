@@ -16,28 +16,25 @@ FORMATS = ("jsonl", "parquet", "latex")
 
 
 def from_dict(cls, raw: dict | Any, where: str):
-    """``cls(**raw)`` with unknown keys named in the error (a typo must not silently switch a feature off)."""
+    """``cls(**raw)`` with unknown and missing keys named in the error (a typo must not silently switch a feature
+    off, nor end in a Python TypeError naming no source)."""
     if not isinstance(raw, dict):
         return raw
-    unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
-    return cls(**raw)
-
-
-def _source(raw: dict, index: int) -> "SourceConfig":
-    """A recipe's ``sources:`` entry, a misspelt or missing key named with its source (not as a Python TypeError)."""
-    where = f"source {raw.get('name', index)!s}" if isinstance(raw, dict) else f"source {index}"
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a mapping of keys (name, paths, share, ...), got {raw!r}")
-    required = [f.name for f in dataclasses.fields(SourceConfig)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(SourceConfig)})
-    missing = [k for k in required if k not in raw]
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(raw) - {f.name for f in fields})
+    missing = [f.name for f in fields if f.name not in raw
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if unknown or missing:
         raise ValueError(f"{where}: " + "; ".join(([f"unknown keys {unknown}"] if unknown else [])
                                                   + ([f"missing keys {missing}"] if missing else [])))
-    return SourceConfig(**raw)
+    return cls(**raw)
+
+
+def _source(raw: dict, index: int) -> SourceConfig:
+    """A recipe's ``sources:`` entry, named by its ``name`` (else its place) in an error."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"source {index}: expected a mapping of keys (name, paths, share, ...), got {raw!r}")
+    return from_dict(SourceConfig, raw, f"source {raw.get('name', index)!s}")
 
 
 @dataclass
