@@ -77,10 +77,10 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
     else:
         prefix = "model."
 
+    # the export carries the template's tokenizer, else the one kept at conversion: a stop token it lacks is refused
+    # here, not after the export
     tokenizer_dir = Path(hf_template) if hf_template else resolve(ckpt_dir) / HF_SOURCE_DIR
-    tokenizer_source = hf_template or f"{ckpt_dir} (kept from its conversion)"
-    if stop_tokens and tokenizer_dir.is_dir():  # a token the tokenizer lacks is refused before the export, not after
-        _stop_token_ids(tokenizer_dir, stop_tokens, tokenizer_source)
+    stop_ids = _stop_token_ids(tokenizer_dir, stop_tokens, hf_template or f"{ckpt_dir} (kept from its conversion)")
     parallel.initialize()
     # the model lends its layout (names, shapes, TP resharding); its own weights are never filled
     model = build_model(config, backend="local", device="cpu", params_dtype=saved_dtype(ckpt_dir),
@@ -132,8 +132,8 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
             if not (tmp / "generation_config.json").exists():
                 gen = {"eos_token_id": config.eos_token_id} if config.eos_token_id is not None else {}
                 (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        if stop_tokens:  # the error names where the tokenizer came from, not this temporary directory
-            _add_stop_tokens(tmp, stop_tokens, tokenizer_source)
+        if stop_ids:
+            _add_stop_ids(tmp / "generation_config.json", stop_ids)
     return Path(out)
 
 
@@ -197,8 +197,10 @@ def _declare_frozen_mtp(readme: Path, template: Path) -> None:
     readme.write_text((readme.read_text() if readme.is_file() else "") + note)
 
 
-def _stop_token_ids(directory: Path, tokens: list[str], source: str | Path | None = None) -> list[int]:
+def _stop_token_ids(directory: Path, tokens: list[str], source: str | Path) -> list[int]:
     """The ids of ``tokens`` in the tokenizer in ``directory``; ValueError naming ``source`` for one it lacks."""
+    if not tokens:
+        return []
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(directory)
@@ -206,16 +208,14 @@ def _stop_token_ids(directory: Path, tokens: list[str], source: str | Path | Non
     for t in tokens:
         i = tok.convert_tokens_to_ids(t)
         if i is None or i == tok.unk_token_id and t != tok.unk_token:
-            raise ValueError(f"--stop-tokens: {t!r} is not a token of the tokenizer of {source or directory}")
+            raise ValueError(f"--stop-tokens: {t!r} is not a token of the tokenizer of {source}")
         ids.append(i)
     return ids
 
 
-def _add_stop_tokens(directory: Path, tokens: list[str], source: str | Path | None = None) -> None:
-    """Make generation stop at ``tokens`` too (an SFT model ends its turns with the chat template's
+def _add_stop_ids(path: Path, ids: list[int]) -> None:
+    """Make generation stop at ``ids`` too (an SFT model ends its turns with the chat template's
     end-of-turn token, e.g. ``<|im_end|>``, which a base model's generation_config does not list)."""
-    ids = _stop_token_ids(directory, tokens, source)
-    path = directory / "generation_config.json"
     gen = json.loads(path.read_text()) if path.is_file() else {}
     eos = gen.get("eos_token_id")
     eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
