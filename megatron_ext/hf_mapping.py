@@ -165,12 +165,6 @@ def relative_name(name: str, prefix: str) -> str:
     return name if name == LM_HEAD else name.removeprefix(prefix)
 
 
-def hf_to_megatron(c: Qwen35Config, get: Callable[[str], Tensor], prefix: str) -> Iterator[tuple[str, Tensor]]:
-    """Yield (megatron name, tensor), fetching HF tensors by absolute name through ``get``."""
-    for rule in rules(c):
-        yield rule.megatron, rule.merge([get(hf_name(k, prefix)) for k in rule.hf])
-
-
 def megatron_to_hf(c: Qwen35Config, get: Callable[[str], Tensor], prefix: str,
                    stored_head: bool = False) -> Iterator[tuple[str, Tensor]]:
     """Yield (absolute HF name, tensor), fetching megatron tensors by name through ``get``."""

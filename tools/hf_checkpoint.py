@@ -86,10 +86,6 @@ class HFCheckpoint:
             raise CheckpointError(f"{path}: architectures {archs} is not a Qwen3.5 model {QWEN35_ARCHITECTURES}")
         return config
 
-    @property
-    def is_multimodal(self) -> bool:
-        return "text_config" in self.config
-
     @contextlib.contextmanager
     def _open(self, path: Path):
         try:
