@@ -9,13 +9,11 @@ per-rank binaries per source, writes ``mix.json`` and the report, and removes ``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import shutil
 
 from preprocessing.atomic import write_json_atomic
-from preprocessing.pipeline import add_executor_args, build_command, check_recipe, load_recipe, run_stages
+from preprocessing.pipeline import add_executor_args, build_command, built, check_recipe, load_recipe, remove_work, run_stages
 from preprocessing.recipe import MixRecipe
 
 log = logging.getLogger(__name__)
@@ -90,20 +88,17 @@ def build(recipe: MixRecipe, workers: int = 1, executor: str = "local", keep_wor
     from preprocessing.report import collect_ledger, write_report
 
     out = recipe.out
-    shutil.rmtree(out / "work.removing", ignore_errors=True)  # a removal that was interrupted
-    if (out / "mix.json").is_file() and not (out / "work").exists():
+    if (mix := built(out, "mix.json")) is not None:
         check_recipe(recipe)
-        log.info("%s is built (its work/ was removed after the merge); --clean rebuilds it", out)
-        return json.loads((out / "mix.json").read_text())
+        return mix
     if not run_stages(recipe, workers, executor, **cluster):
         return None
     ledger = collect_ledger(out / "logs", [s.name for s in recipe.sources])
     mix = mix_json(recipe, merge_tokens(recipe, ledger), merge_heldout(recipe), ledger)
     write_json_atomic(out / "mix.json", mix)
     write_report(recipe, ledger, mix, out)
-    if not keep_work:  # renamed first: a removal killed half-way must not leave a work/ to merge again
-        os.replace(out / "work", out / "work.removing")
-        shutil.rmtree(out / "work.removing")
+    if not keep_work:
+        remove_work(out)
     return mix
 
 

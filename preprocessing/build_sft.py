@@ -1,6 +1,6 @@
 """Chat conversations -> megatron indexed datasets of token ids and loss masks for SFT.
 
-    python -m preprocessing.build_sft --config sft_recipe.yaml [--workers N] [--clean]
+    python -m preprocessing.build_sft --config sft_recipe.yaml [--workers N] [--clean] [--keep-work]
 
 Input: jsonl / jsonl.gz files of ``{"id": ..., "messages": [{"role": ..., "content": ...}, ...]}``;
 assistant turns may carry reasoning as ``<think>...</think>`` before the answer. Every conversation is
@@ -14,7 +14,8 @@ trainer packs whole conversations and never cuts one).
 Outputs in ``output_dir``: ``{train,valid}_tokens.{bin,idx}`` and ``{train,valid}_loss_mask.{bin,idx}`` (the
 same documents, mask as uint8), ``sft.json`` (what the trainer reads: ``sft_data: .../sft.json``),
 ``report.md`` + ``lengths.png``, ``errors/``. One datatrove stage with completion markers under
-``logs/``: rerun the same command after a crash and only unfinished tasks run.
+``logs/``: rerun the same command after a crash and only unfinished tasks run. Its per-worker outputs
+(``work/``) are removed after the merge; a rerun of a finished build returns at once.
 """
 
 from __future__ import annotations
@@ -275,11 +276,13 @@ def write_report(recipe: SFTRecipe, ledger: dict, sft: dict, train_lengths: np.n
     write_atomic(out / "report.md", "\n".join(lines))
 
 
-def build(recipe: SFTRecipe, workers: int = 1) -> dict:
-    """Run (or resume) the stage, merge, write ``sft.json`` and the report; returns sft.json's content."""
+def build(recipe: SFTRecipe, workers: int = 1, keep_work: bool = False) -> dict:
+    """Run (or resume) the stage, merge, write ``sft.json`` and the report, then remove ``work/`` (the per-worker
+    copies of every token and mask) unless ``keep_work``; returns sft.json's content."""
     from preprocessing.errors import BuildError, NoDocuments
     from preprocessing.atomic import write_json_atomic
-    from preprocessing.pipeline import check_settings, completed, input_files, make_executor, started_tasks
+    from preprocessing.pipeline import (built, check_settings, completed, input_files, make_executor, remove_work,
+                                        started_tasks)
     from preprocessing.report import collect_ledger, no_survivors, stat_totals
     from preprocessing.tokenizer import bundle_tokenizer
 
@@ -291,6 +294,8 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
     template_sha = chat_template_hash(tokenizer)
     check_settings(out / "settings.json", {**dataclasses.asdict(recipe), "base_dir": str(Path(recipe.base_dir).resolve()),
                                            "chat_template_sha256": template_sha, "input_files": input_files(recipe.files())})
+    if (sft := built(out, "sft.json")) is not None:
+        return sft
     if not completed(logs / "tokenize", tasks):
         pipeline = [ChatReader(recipe.files(), str(out / "errors"), recipe.roles),
                     ChatTokenWriter(str(out / "work"), str(out / "errors"), tokenizer, recipe)]
@@ -313,6 +318,8 @@ def build(recipe: SFTRecipe, workers: int = 1) -> dict:
            **splits, "conversations": ledger}
     write_json_atomic(out / "sft.json", sft)
     write_report(recipe, full, sft, train_lengths)
+    if not keep_work:
+        remove_work(out)
     return sft
 
 
@@ -322,13 +329,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=positive_int, default=1, help="parallel tokenize tasks (a resumed build keeps the task count it started with)")
     p.add_argument("--output-dir", help="override the recipe's output_dir")
     p.add_argument("--clean", action="store_true", help="delete output_dir first instead of resuming")
+    p.add_argument("--keep-work", action="store_true", help="keep output_dir/work/ (per-worker intermediates) after the merge")
     p.add_argument("--verbose", action="store_true", help="every library's log on the console (always in output_dir/build_sft.log)")
     args = p.parse_args(argv)
     from preprocessing.pipeline import build_command, load_recipe
 
     recipe = load_recipe(SFTRecipe.load, args.config, **({"output_dir": str(Path(args.output_dir).resolve())} if args.output_dir else {}))
     with build_command(recipe.out, "build_sft", args.verbose, clean=args.clean):
-        build(recipe, args.workers)
+        build(recipe, args.workers, args.keep_work)
     print((recipe.out / "report.md").read_text())
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import traceback
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
@@ -189,6 +191,23 @@ def check_recipe(recipe: MixRecipe) -> list:
         settings["llm"] = {k: v for k, v in settings["llm"].items() if k not in LLM_CONNECTION}
     check_settings(recipe.out / "recipe.resolved.json", settings)
     return files
+
+
+def built(out: Path, result: str) -> dict | None:
+    """``out/result`` of a finished build (its ``work/`` removed after the merge), or None: the build is to run or
+    resume. A removal of ``work/`` that was killed half-way is finished first (see :func:`remove_work`)."""
+    shutil.rmtree(out / "work.removing", ignore_errors=True)
+    if (out / result).is_file() and not (out / "work").exists():
+        log.info("%s is built (its work/ was removed after the merge); --clean rebuilds it", out)
+        return json.loads((out / result).read_text())
+    return None
+
+
+def remove_work(out: Path) -> None:
+    """Remove ``work/``, the per-worker copies of every token, once the merged outputs are written. Renamed first:
+    a removal killed half-way must not leave a ``work/`` that a rerun would merge again."""
+    os.replace(out / "work", out / "work.removing")
+    shutil.rmtree(out / "work.removing")
 
 
 SLURM_JOBS = "slurm_jobs.json"  # under output_dir/logs: the stage jobs the last submission queued

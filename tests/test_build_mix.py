@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import hold_in_another_process, own_session, processes_left_by_sigterm
 
-from preprocessing import build_mix
+from preprocessing import build_mix, pipeline
 from preprocessing.errors import BuildError, NoDocuments
 from preprocessing.recipe import MixRecipe
 from preprocessing.report import balance
@@ -769,10 +769,10 @@ def test_a_rerun_after_a_kill_while_work_is_removed_keeps_the_mix(tmp_path, monk
             part.unlink()  # some files are gone, then the job dies
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build_mix.shutil, "rmtree", killed_half_way)
+    monkeypatch.setattr(pipeline.shutil, "rmtree", killed_half_way)
     with pytest.raises(KeyboardInterrupt):
         build_mix.build(recipe)
-    monkeypatch.setattr(build_mix.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(pipeline.shutil, "rmtree", real_rmtree)
     data = (recipe.out / "english_text_document.bin").read_bytes()
     mix = build_mix.build(recipe)
     assert (recipe.out / "english_text_document.bin").read_bytes() == data and mix["sources"]["english"]["tokens"] > 0

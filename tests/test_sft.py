@@ -148,7 +148,7 @@ def sft_data(tmp_path_factory):
     from preprocessing.build_sft import SFTRecipe, build
 
     out = tmp_path_factory.mktemp("sft") / "data"
-    build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(out)), workers=2)
+    build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(out)), workers=2, keep_work=True)  # for the resume test
     return out
 
 
@@ -177,12 +177,21 @@ def test_build_quarantines_counts_and_resumes(sft_data):
     before = {p.name: p.read_bytes() for p in sft_data.glob("*_*.bin")}
     stamp = (sft_data / "work" / "train_tokens" / "00000.bin").stat().st_mtime_ns
     relative = os.path.relpath(DEMO / "sft_recipe.yaml")  # the same recipe, named from the working directory
-    assert build(SFTRecipe.load(relative, output_dir=str(sft_data)), workers=2)["train"] == info["train"]
+    assert build(SFTRecipe.load(relative, output_dir=str(sft_data)), workers=2, keep_work=True)["train"] == info["train"]
     assert (sft_data / "work" / "train_tokens" / "00000.bin").stat().st_mtime_ns == stamp
     assert {p.name: p.read_bytes() for p in sft_data.glob("*_*.bin")} == before
     # --workers sets how many tasks run at once, not the build's task count: resuming with fewer works too
-    assert build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(sft_data)), workers=1)["train"] == info["train"]
+    assert build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(sft_data)), workers=1, keep_work=True)["train"] == info["train"]
     assert (sft_data / "work" / "train_tokens" / "00000.bin").stat().st_mtime_ns == stamp
+    # by default work/ (a second copy of every token and mask) is removed after the merge; a rerun of the finished
+    # build then returns its sft.json at once, rewriting nothing
+    assert build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(sft_data)), workers=2)["train"] == info["train"]
+    assert not (sft_data / "work").exists() and not (sft_data / "work.removing").exists()
+    merged = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sft_data.glob("*_*.[bi][id][nx]")}
+    assert len(merged) == 8 and {name: data for name, (data, _) in merged.items() if name.endswith(".bin")} == before
+    assert build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(sft_data)), workers=1) == json.loads(
+        (sft_data / "sft.json").read_text())
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sft_data.glob("*_*.[bi][id][nx]")} == merged
     with pytest.raises(BuildError, match="seq_length changed"):  # resuming never mixes outputs of other settings
         build(SFTRecipe.load(DEMO / "sft_recipe.yaml", output_dir=str(sft_data), seq_length=512), workers=2)
 
