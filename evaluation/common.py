@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -65,8 +66,8 @@ def run_models_on_domains(tool: str, args: argparse.Namespace, evaluate, to_mark
     try:
         report = evaluate(named_paths(args.model, "model"), named_paths(args.data, "data"), FinishedUnits(units))
     except ModelFailed as err:
-        raise SystemExit(f"{tool} stopped: {err}\nFinished (model, domain) results are kept in {units}; "
-                         "rerun the same command to resume.") from None
+        raise stopped(args.out, f"{tool} stopped: {err}\nFinished (model, domain) results are kept in {units}; "
+                      "rerun the same command to resume.") from None
     except (ValueError, OSError) as err:  # a data file that is missing or malformed (named, with the line)
         raise SystemExit(f"{tool}: {err}") from None
     write_report(args.out, report, to_markdown(report))
@@ -92,6 +93,20 @@ def write_report(out: str | Path, report: dict, markdown: str, echo: bool = True
     write_all_atomic({out.with_suffix(".json"): json.dumps(report, indent=2), out.with_suffix(".md"): markdown})
     if echo:
         print(markdown)
+
+
+def stopped(out: str | Path, message: str, suffixes: tuple[str, ...] = (".json", ".md")) -> SystemExit:
+    """The exit of a run that stopped part-way (its finished units kept for a rerun). An earlier run's ``OUT.json``
+    and ``OUT.md`` left in place would pass for this command's results in :mod:`evaluation.report`, with other
+    models or checkpoints behind the same names; they are renamed ``OUT.earlier.*``, and the message says so."""
+    out = Path(out)
+    moved = [out.with_suffix(x) for x in suffixes if out.with_suffix(x).is_file()]
+    for f in moved:
+        os.replace(f, out.with_suffix(".earlier" + f.suffix))
+    if moved:
+        message += (f"\nAn earlier run's {', '.join(f.name for f in moved)} did not come from this command: renamed "
+                    f"{', '.join(out.with_suffix('.earlier' + f.suffix).name for f in moved)}.")
+    return SystemExit(message)
 
 
 def fingerprint(path: str | Path) -> list:

@@ -35,7 +35,7 @@ import traceback
 from pathlib import Path
 
 from evaluation.common import (FinishedUnits, ModelFailed, device_and_dtype, fingerprint, load_hf_model, named_paths,
-                               write_report)
+                               stopped, write_report)
 from preprocessing.atomic import die_with
 from preprocessing.cli import positive_int
 from preprocessing.llm import cache_key
@@ -166,8 +166,8 @@ def run_each_in_own_process(models: dict[str, str], tasks: list[str], args: argp
             for task, per_model in json.loads(out.with_suffix(".json").read_text())["results"].items():
                 merged["results"].setdefault(task, {}).update(per_model)
     if failed:
-        raise SystemExit(f"lm-eval of model {', '.join(failed)} failed (its output is above). The other models' results "
-                         f"are kept in {args.units}; rerun the same command to evaluate only what is left.")
+        raise stopped(args.out, f"lm-eval of model {', '.join(failed)} failed (its output is above). The other models' "
+                      f"results are kept in {args.units}; rerun the same command to evaluate only what is left.")
     return merged
 
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
                          FinishedUnits(args.units))
         except ModelFailed as err:
             traceback.print_exc()
-            raise SystemExit(f"lm-eval stopped: {err}\nFinished tasks are kept in {args.units}; rerun to resume.") from None
+            raise stopped(args.out, f"lm-eval stopped: {err}\nFinished tasks are kept in {args.units}; rerun to resume.") from None
     report["delta"] = delta
     write_report(args.out, report, to_markdown(report, delta), echo=not child)  # a child's one-model table: not shown
 

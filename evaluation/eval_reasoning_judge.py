@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from evaluation.common import device_and_dtype, fingerprint, named_paths, text_lines, write_report
+from evaluation.common import device_and_dtype, fingerprint, named_paths, stopped, text_lines, write_report
 from preprocessing.atomic import write_atomic
 from preprocessing.cli import positive_int
 from preprocessing.llm import JsonlCache, LLMConfig, LLMError, Request, StructuredLLM, cache_key
@@ -430,7 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(models, questions, judge, args.seed, args.max_new_tokens, args.device, out, (args.price_in, args.price_out))
     except LLMError as err:
-        raise SystemExit(f"judge stopped: {err}. Judgements so far are cached; rerun the same command to resume.") from None
+        raise stopped(out, f"judge stopped: {err}. Judgements so far are cached; rerun the same command to resume.",
+                      (".json", ".md", ".jsonl")) from None
 
 
 if __name__ == "__main__":

@@ -234,9 +234,12 @@ def test_a_failing_model_process_is_named_after_the_others_ran(tmp_path, monkeyp
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(eval_qwen.subprocess, "run", child)
-    with pytest.raises(SystemExit, match=r"model base \(/m/base\) failed .* kept in .*lm_eval\.units\.json; rerun"):
+    (tmp_path / "lm_eval.json").write_text("{}")  # an earlier run's: set aside, or evaluation.report would show it
+    with pytest.raises(SystemExit, match=r"model base \(/m/base\) failed .* kept in .*lm_eval\.units\.json; rerun"
+                                         r"(.|\n)*renamed lm_eval\.earlier\.json"):
         eval_qwen.main(["--model", "base=/m/base", "--model", "cpt=/m/cpt", "--tasks", "pubmedqa", "--data-dir", empty_copies,
                         "--backend", "vllm", "--out", str(tmp_path / "lm_eval")])
+    assert not (tmp_path / "lm_eval.json").exists() and (tmp_path / "lm_eval.earlier.json").read_text() == "{}"
     assert len(children) == 2  # cpt was still evaluated, into the same kept results
     assert {c[c.index("--units") + 1] for c in children} == {str(tmp_path / "lm_eval.units.json")}
 

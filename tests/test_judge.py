@@ -37,15 +37,15 @@ def setup(tmp_path_factory):
     return root
 
 
-def _run(setup, server, out, seed=3):
+def _run(setup, server, out, seed=3, url=None, returncode=0):
     cmd = [sys.executable, "-m", "evaluation.eval_reasoning_judge", "--model", f"base={setup / 'base'}",
            "--model", f"cpt={setup / 'cpt'}", "--medmcqa", str(setup / "medmcqa.jsonl"), "--pubmedqa",
            str(setup / "pubmedqa.jsonl"), "--medqa", str(setup / "medqa.jsonl"), "--n", "9", "--seed", str(seed),
-           "--judge-model", "judge-test", "--base-url", server.url, "--max-new-tokens", "6", "--retries", "2",
+           "--judge-model", "judge-test", "--base-url", url or server.url, "--max-new-tokens", "6", "--retries", "2",
            "--timeout", "1", "--concurrency", "4", "--price-in", "2.5", "--price-out", "10", "--device", "cpu", "--out", str(out),
            "--chat-template-kwargs", '{"enable_thinking": false}']
     run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": KEY})
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == returncode, run.stderr[-3000:]
     return run
 
 
@@ -142,6 +142,22 @@ def test_judge_end_to_end(setup, tmp_path):
         assert f"base: {summary['cut_answers']['base']} of 9 answers stopped at --max-new-tokens 6" in run.stderr
     assert (f"| answers cut at --max-new-tokens, base / cpt | {summary['cut_answers']['base']} / "
             f"{summary['cut_answers']['cpt']} | |") in (tmp_path / "judge.md").read_text()
+
+
+def test_a_run_stopped_by_an_unreachable_judge_sets_an_earlier_runs_results_aside(setup, tmp_path):
+    """evaluation.report reads judge.json whatever run wrote it: left in place after this run stopped, an earlier run's
+    results (other checkpoints, perhaps, under the same names) would pass for this one's."""
+    earlier = {f"judge{x}": f"earlier run {x}\n" for x in (".json", ".md", ".jsonl")}
+    for name, text in earlier.items():
+        (tmp_path / name).write_text(text)
+    server = StubServer()
+    url = server.url
+    server.close()  # nothing listens there any more: the judge is unreachable
+    run = _run(setup, None, tmp_path / "judge", url=url, returncode=1)
+    assert "judge stopped" in run.stderr and "cannot connect" in run.stderr
+    assert "renamed judge.earlier.json, judge.earlier.md, judge.earlier.jsonl" in run.stderr
+    assert not any((tmp_path / name).exists() for name in earlier)
+    assert {name: (tmp_path / name.replace("judge.", "judge.earlier.")).read_text() for name in earlier} == earlier
 
 
 def test_verdict_rule_and_stratified_sampling():

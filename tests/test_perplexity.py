@@ -131,9 +131,13 @@ def test_resumes_per_model_and_domain(models, tmp_path, monkeypatch, capsys):
             "--data", f"web={data['web']}", "--max-length", "64", "--stride", "32", "--device", "cpu",
             "--out", str(tmp_path / "ppl")]
     (ckpt / "config.json").rename(ckpt / "config.json.bak")  # 'other' cannot be loaded
+    for suffix in (".json", ".md"):  # an earlier run's results: not this command's, so not left for evaluation.report
+        (tmp_path / f"ppl{suffix}").write_text(f"earlier{suffix}")
     with pytest.raises(SystemExit, match=r"model other \(.*other\)") as stop:
         main(argv)
     assert "rerun the same command" in str(stop.value) and not (tmp_path / "ppl.json").exists()
+    assert not (tmp_path / "ppl.md").exists() and "renamed ppl.earlier.json, ppl.earlier.md" in str(stop.value)
+    assert [(tmp_path / f"ppl.earlier{x}").read_text() for x in (".json", ".md")] == ["earlier.json", "earlier.md"]
     assert len(FinishedUnits(tmp_path / "ppl.units.json").entries) == 2  # base on both domains
     (ckpt / "config.json.bak").rename(ckpt / "config.json")
     scored = []
