@@ -2,7 +2,8 @@
 
     python -m preprocessing.build_sft --config sft_recipe.yaml [--workers N] [--clean] [--keep-work]
 
-Input: jsonl / jsonl.gz files of ``{"id": ..., "messages": [{"role": ..., "content": ...}, ...]}``;
+Input: jsonl / jsonl.gz files of ``{"id": ..., "messages": [{"role": ..., "content": ...}, ...], "tools": [...]}``
+(``tools`` optional: the function definitions the template declares);
 assistant turns may carry reasoning as ``<think>...</think>`` before the answer. Every conversation is
 rendered with the tokenizer's own chat template (:mod:`preprocessing.chat`), tokenised once with character
 offsets, and gets a loss mask: 1 on assistant tokens (``loss_on: assistant``) or on every token (``all``).
@@ -33,7 +34,7 @@ import yaml
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
-from preprocessing.chat import LOSS_ON, ROLES, check_conversation, encode_sample, render_samples
+from preprocessing.chat import LOSS_ON, ROLES, check_conversation, encode_sample, record_tools, render_samples
 from preprocessing.cli import positive_int
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ class ChatReader(PipelineStep):
                             quarantine.write(path, line, reason, record if isinstance(record, str) else json.dumps(record))
                             continue
                         doc_id = str(record.get("id") or f"{Path(path).name}:{line}")
-                        yield Document(text="", id=doc_id, metadata={"messages": messages, "file": path, "line": line})
+                        yield Document(text="", id=doc_id, metadata={"messages": messages, "file": path, "line": line,
+                                                                     "template_kwargs": record_tools(record)})
                 except Exception as err:  # unreadable or corrupt (a cut gzip: EOFError); the others go on
                     self.stat_update(f"read/{NAME}", f"quarantined/{NAME}/unreadable_file")
                     quarantine.write(path, None, "unreadable_file", f"{type(err).__name__}: {err}")
@@ -175,12 +177,12 @@ class ChatTokenWriter(PipelineStep):
             self.stat_update(f"quarantined/{NAME}/{reason}")
             quarantine.write(doc.metadata["file"], doc.metadata["line"], reason, detail)
 
+        kwargs = {**self.template_kwargs, **doc.metadata.get("template_kwargs", {})}  # the record's tools
         try:
-            rendered, split_turns = render_samples(hf, doc.metadata["messages"], self.loss_on, self.template_kwargs)
+            rendered, split_turns = render_samples(hf, doc.metadata["messages"], self.loss_on, kwargs)
             samples = [encode_sample(backend, text, spans) for text, spans in rendered]
             if None in samples:  # an earlier turn's context encodes otherwise within the whole: a sample per turn
-                rendered, split_turns = render_samples(hf, doc.metadata["messages"], self.loss_on, self.template_kwargs,
-                                                       per_turn=True)
+                rendered, split_turns = render_samples(hf, doc.metadata["messages"], self.loss_on, kwargs, per_turn=True)
                 samples = [encode_sample(backend, text, spans) for text, spans in rendered]
         except Exception as err:  # jinja errors (the template's raise_exception) and prefix violations
             return bad("template_error", f"{type(err).__name__}: {err}")

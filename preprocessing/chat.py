@@ -21,10 +21,14 @@ Spans = list[tuple[int, int]]
 
 
 def check_conversation(record: Any, roles: tuple[str, ...] | list[str] = ROLES) -> tuple[list[dict] | None, str | None]:
-    """(messages, None) for a usable record, else (None, reason) with a short, countable reason."""
+    """(messages, None) for a usable record, else (None, reason) with a short, countable reason. A record's ``tools``
+    (the function definitions, beside ``messages`` as in OpenAI's format) must be a list of objects: the template
+    renders them into the system prompt (:func:`record_tools`)."""
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list) or not messages:
         return None, "missing_messages"
+    if not isinstance(record.get("tools") or [], list) or not all(isinstance(t, dict) for t in record.get("tools") or []):
+        return None, "bad_tools"
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             return None, "bad_message"
@@ -36,6 +40,13 @@ def check_conversation(record: Any, roles: tuple[str, ...] | list[str] = ROLES) 
     if not any(m["role"] == "user" for m in messages[:first_assistant]):
         return None, "assistant_before_user"
     return messages, None  # every field as given: the template renders tool_calls, reasoning_content, names
+
+
+def record_tools(record: dict) -> dict:
+    """The template arguments a record brings: its ``tools``, if any. A conversation that calls tools was written
+    with their definitions in the prompt (Qwen's templates put them in the system turn); trained without them,
+    the model would learn to call functions nobody declared, and serving, which renders them, would differ."""
+    return {"tools": record["tools"]} if record.get("tools") else {}
 
 
 def render_samples(tokenizer, messages: list[dict], loss_on: str = "assistant",

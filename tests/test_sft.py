@@ -5,6 +5,7 @@ generating through their chat template."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -31,6 +32,9 @@ TWO_TURNS = [{"role": "system", "content": "Be brief."},
              {"role": "assistant", "content": "<think>\nFocal deficit, sudden onset.\n</think>\n\nIschemic stroke."},
              {"role": "user", "content": "First step?"},
              {"role": "assistant", "content": "Non-contrast CT."}]
+LAB_TOOL = [{"type": "function", "function": {"name": "lab_lookup", "description": "A lab value of the patient",
+                                              "parameters": {"type": "object", "properties": {"test": {"type": "string"}},
+                                                             "required": ["test"]}}}]
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +141,8 @@ def test_a_sample_of_seq_length_plus_one_tokens_is_kept_and_one_more_is_too_long
     ({"text": "no conversation"}, "missing_messages"),
     ({"messages": [{"role": "user", "content": 3}]}, "bad_message"),
     ({"messages": [{"role": "assistant", "content": "unprompted"}, {"role": "user", "content": "?"}]}, "assistant_before_user"),
+    ({"messages": TWO_TURNS, "tools": {"name": "not a list"}}, "bad_tools"),
+    ({"messages": TWO_TURNS, "tools": LAB_TOOL}, None),
     ({"messages": TWO_TURNS}, None),
 ])
 def test_conversation_checks(record, reason):
@@ -518,3 +524,144 @@ def test_make_sft_arms_exports_both_arms_that_chat(sft_data, base, tmp_path):
         assert tok.decode(ids[0]).endswith("<|im_start|>assistant\n<think>\n")
         out = AutoModelForCausalLM.from_pretrained(hf).eval().generate(ids, max_new_tokens=5, do_sample=False)
         assert 0 < out.shape[1] - ids.shape[1] <= 5
+
+
+# ------------------------------------------------------------------ the chat templates Qwen's releases ship
+# tests/chat_templates/ (sources in its README): every assistant turn's loss covers exactly the completion a server
+# would get the model to generate, written out by hand below (not derived by the project's code), and every sample's
+# tokens are the template's own rendering of that turn's context, encoded as a server encodes its prompt.
+
+TEMPLATES = ROOT / "tests" / "chat_templates"
+SODIUM = {"type": "function", "function": {"name": "lab_lookup", "arguments": {"test": "sodium"}}}
+POTASSIUM = {"type": "function", "function": {"name": "lab_lookup", "arguments": {"test": "potassium"}}}
+REAL_CHATS = {
+    # reasoning as <think> in the content, a system prompt, a later turn without reasoning
+    "think_in_content": [{"role": "system", "content": "You are a careful neurologist."},
+                         {"role": "user", "content": "Sudden aphasia at 9am. Diagnosis?"},
+                         {"role": "assistant", "content": "<think>\nFocal deficit, sudden onset.\n</think>\n\nIschemic stroke."},
+                         {"role": "user", "content": "First step?"},
+                         {"role": "assistant", "content": "Non-contrast CT."}],
+    "reasoning_content": [{"role": "user", "content": "Sodium 128?"},
+                          {"role": "assistant", "reasoning_content": "Below 135.", "content": "Hyponatraemia."},
+                          {"role": "user", "content": "Cause?"},
+                          {"role": "assistant", "reasoning_content": "Think of SIADH.", "content": "Check osmolality."}],
+    # a tool call, its response, and the final answer after it (the templates' multi_step_tool rule)
+    "tool_call": [{"role": "system", "content": "Use the lab tool."},
+                  {"role": "user", "content": "What is the sodium?"},
+                  {"role": "assistant", "content": "", "reasoning_content": "Need the lab.", "tool_calls": [SODIUM]},
+                  {"role": "tool", "content": "128 mmol/L", "tool_call_id": "1"},
+                  {"role": "assistant", "reasoning_content": "It is low.", "content": "Hyponatraemia: 128 mmol/L."}],
+    # two calls at once, two responses, an answer without reasoning, then a new question
+    "two_calls": [{"role": "user", "content": "Sodium and potassium?"},
+                  {"role": "assistant", "content": "Looking both up.", "tool_calls": [SODIUM, POTASSIUM]},
+                  {"role": "tool", "content": "128"}, {"role": "tool", "content": "4.1"},
+                  {"role": "assistant", "content": "Na 128, K 4.1."},
+                  {"role": "user", "content": "So?"},
+                  {"role": "assistant", "content": "<think>\nLow sodium.\n</think>\n\nHyponatraemia."}],
+    "empty_and_unicode": [{"role": "user", "content": "Ça va? 脑卒中 🧠"}, {"role": "assistant", "content": ""},
+                          {"role": "user", "content": "Encore?"},
+                          {"role": "assistant", "content": "<think>\nÉcho 🧠\n</think>\n\nOui — 脑卒中."}],
+}
+TOOLS_OF = {"tool_call": LAB_TOOL, "two_calls": LAB_TOOL}
+QWEN3_CALL = '<tool_call>\n{{"name": "lab_lookup", "arguments": {{"test": "{}"}}}}\n</tool_call>'
+QWEN35_CALL = "<tool_call>\n<function=lab_lookup>\n<parameter=test>\n{}\n</parameter>\n</function>\n</tool_call>"
+END = "<|im_end|>\n"
+# per conversation: whether it is one sample, and each assistant turn's completion, by hand from the templates' text
+QWEN3_EXPECTED = {  # the generation prompt is '<|im_start|>assistant\n': the think block is generated, empty or not
+    "think_in_content": (False, ["<think>\nFocal deficit, sudden onset.\n</think>\n\nIschemic stroke." + END,
+                                 "<think>\n\n</think>\n\nNon-contrast CT." + END]),
+    "reasoning_content": (False, ["<think>\nBelow 135.\n</think>\n\nHyponatraemia." + END,
+                                  "<think>\nThink of SIADH.\n</think>\n\nCheck osmolality." + END]),
+    "tool_call": (True, ["<think>\nNeed the lab.\n</think>\n\n" + QWEN3_CALL.format("sodium") + END,
+                         "<think>\nIt is low.\n</think>\n\nHyponatraemia: 128 mmol/L." + END]),
+    "two_calls": (False, ["<think>\n\n</think>\n\nLooking both up.\n" + QWEN3_CALL.format("sodium") + "\n"
+                          + QWEN3_CALL.format("potassium") + END,
+                          "<think>\n\n</think>\n\nNa 128, K 4.1." + END,
+                          "<think>\nLow sodium.\n</think>\n\nHyponatraemia." + END]),
+    "empty_and_unicode": (False, ["<think>\n\n</think>\n\n" + END, "<think>\nÉcho 🧠\n</think>\n\nOui — 脑卒中." + END]),
+}
+QWEN35_EXPECTED = {  # the generation prompt opens the think block: '<|im_start|>assistant\n<think>\n'
+    "think_in_content": (False, ["Focal deficit, sudden onset.\n</think>\n\nIschemic stroke." + END,
+                                 "\n</think>\n\nNon-contrast CT." + END]),
+    "reasoning_content": (False, ["Below 135.\n</think>\n\nHyponatraemia." + END,
+                                  "Think of SIADH.\n</think>\n\nCheck osmolality." + END]),
+    "tool_call": (True, ["Need the lab.\n</think>\n\n" + QWEN35_CALL.format("sodium") + END,
+                         "It is low.\n</think>\n\nHyponatraemia: 128 mmol/L." + END]),
+    "two_calls": (False, ["\n</think>\n\nLooking both up.\n\n" + QWEN35_CALL.format("sodium") + "\n"
+                          + QWEN35_CALL.format("potassium") + END,
+                          "\n</think>\n\nNa 128, K 4.1." + END, "Low sodium.\n</think>\n\nHyponatraemia." + END]),
+    "empty_and_unicode": (False, ["\n</think>\n\n" + END, "Écho 🧠\n</think>\n\nOui — 脑卒中." + END]),
+}
+REAL_TEMPLATE_CASES = [("qwen3.jinja", {}, QWEN3_EXPECTED), ("qwen3.jinja", {"enable_thinking": True}, QWEN3_EXPECTED),
+                       ("qwen3.5.jinja", {}, QWEN35_EXPECTED),
+                       ("qwen3.5-small.jinja", {"enable_thinking": True}, QWEN35_EXPECTED)]
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer_dir(tmp_path_factory):
+    """The demo's kind of tokenizer with a '\n\n' token (as Qwen's vocabularies have) and the tokens Qwen3/3.5 add
+    beside <think> and </think> (added, not special, as in the releases); each test sets its chat template."""
+    from preprocessing.tokenizer import hf_tokenizer
+
+    directory = _double_newline_tokenizer(tmp_path_factory.mktemp("qwen_tok") / "tok")
+    tok = hf_tokenizer(str(directory))
+    tok.add_tokens(["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"])
+    tok.save_pretrained(directory)
+    return directory
+
+
+def _real_tokenizer(directory: Path, template: str, out: Path) -> Path:
+    shutil.copytree(directory, out)
+    (out / "chat_template.jinja").write_text((TEMPLATES / template).read_text())
+    return out
+
+
+def _build_chats(tokenizer: Path, root: Path, chats: dict, template_kwargs: dict) -> list[tuple[list[int], list[int]]]:
+    """build_sft on ``chats`` (one record each, with its tools), in order: every sample's (tokens, loss mask)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from preprocessing.build_sft import SFTRecipe, build
+
+    lines = [{"id": name, "messages": chat, **({"tools": TOOLS_OF[name]} if name in TOOLS_OF else {})}
+             for name, chat in chats.items()]
+    (root / "chats.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    info = build(SFTRecipe(tokenizer=str(tokenizer), output_dir="out", paths=["chats.jsonl"], base_dir=str(root),
+                           valid_fraction=0.0, chat_template_kwargs=template_kwargs))
+    assert info["conversations"]["quarantined"] == {}, info["conversations"]
+    tokens, masks = IndexedDataset(str(root / "out" / "train_tokens")), IndexedDataset(str(root / "out" / "train_loss_mask"))
+    return [(tokens[i].tolist(), masks[i].tolist()) for i in range(len(tokens))]
+
+
+@pytest.mark.parametrize("template, kwargs, expected", REAL_TEMPLATE_CASES,
+                         ids=[f"{t}-{k or 'default'}" for t, k, _ in REAL_TEMPLATE_CASES])
+def test_real_templates_mask_exactly_each_turns_completion_in_its_served_context(real_tokenizer_dir, tmp_path,
+                                                                                   template, kwargs, expected):
+    """Each conversation through build_sft with a released template: the samples come in order (one per
+    conversation, or one per assistant turn where the template hides earlier reasoning); each turn's served prompt
+    (the template's rendering of the turn's context with the generation prompt, tools included, encoded alone) is a
+    prefix of its sample and carries no loss; the tokens after it are the completion written out above and carry
+    loss, through <|im_end|>; nothing else does."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _real_tokenizer(real_tokenizer_dir, template, tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    encode = lambda text: tok.backend_tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    samples = iter(_build_chats(tokenizer, tmp_path, REAL_CHATS, kwargs))
+    for name, chat in REAL_CHATS.items():
+        one_sample, completions = expected[name]
+        turns = list(zip([i for i, m in enumerate(chat) if m["role"] == "assistant"], completions, strict=True))
+        render = functools.partial(tok.apply_chat_template, tokenize=False, tools=TOOLS_OF.get(name), **kwargs)
+        for group in [turns] if one_sample else [[turn] for turn in turns]:
+            ids, mask = next(samples)
+            # the template's own text of the conversation up to the (last) trained turn, tools and system prompt included
+            assert tok.decode(ids) == render(chat[: group[-1][0] + 1]), name
+            for i, completion in group:
+                prompt, wanted = encode(render(chat[:i], add_generation_prompt=True)), encode(completion)
+                assert ids[:len(prompt)] == prompt, (name, i)  # the served prompt's tokens
+                assert ids[len(prompt):len(prompt) + len(wanted)] == wanted, (name, i, tok.decode(ids[len(prompt):]))
+            # the loss covers the completions and nothing else: no system, user, tool or generation-prompt token
+            assert tok.decode([t for t, m in zip(ids, mask) if m]) == "".join(c for _, c in group), name
+            if name in TOOLS_OF:
+                context = tok.decode([t for t, m in zip(ids, mask) if not m])
+                assert "<tools>" in context and '"description": "A lab value of the patient"' in context, name
+    assert next(samples, None) is None
