@@ -71,7 +71,9 @@ def render_samples(tokenizer, messages: list[dict], loss_on: str = "assistant",
             continue
         prompt, alone = render(messages[:i], True), render(messages[: i + 1])
         if not alone.startswith(prompt):
-            raise ValueError(f"turn {i}: the template's rendering of the turn does not start with its generation prompt")
+            raise ValueError(f"turn {i}: the template's rendering of the turn does not start with its generation prompt"
+                             " (a prompt that closes the think block before a turn with reasoning? Qwen's with "
+                             "enable_thinking false, as Qwen3.5-0.8B and -2B's template does unless it is true)")
         turns.append((prompt, alone[len(prompt):]))
     if not per_turn and all(full.startswith(p) and full.startswith(c, len(p)) for p, c in turns):
         return [(full, [(len(p), len(p) + len(c)) for p, c in turns])], False

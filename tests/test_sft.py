@@ -616,8 +616,10 @@ def _real_tokenizer(directory: Path, template: str, out: Path) -> Path:
     return out
 
 
-def _build_chats(tokenizer: Path, root: Path, chats: dict, template_kwargs: dict) -> list[tuple[list[int], list[int]]]:
-    """build_sft on ``chats`` (one record each, with its tools), in order: every sample's (tokens, loss mask)."""
+def _build_chats(tokenizer: Path, root: Path, chats: dict, template_kwargs: dict,
+                 quarantined: dict | None = None) -> list[tuple[list[int], list[int]]]:
+    """build_sft on ``chats`` (one record each, with its tools), in order: every sample's (tokens, loss mask); the
+    build quarantines ``quarantined`` (reason: count), by default nothing."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from preprocessing.build_sft import SFTRecipe, build
@@ -627,7 +629,7 @@ def _build_chats(tokenizer: Path, root: Path, chats: dict, template_kwargs: dict
     (root / "chats.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     info = build(SFTRecipe(tokenizer=str(tokenizer), output_dir="out", paths=["chats.jsonl"], base_dir=str(root),
                            valid_fraction=0.0, chat_template_kwargs=template_kwargs))
-    assert info["conversations"]["quarantined"] == {}, info["conversations"]
+    assert info["conversations"]["quarantined"] == (quarantined or {}), info["conversations"]
     tokens, masks = IndexedDataset(str(root / "out" / "train_tokens")), IndexedDataset(str(root / "out" / "train_loss_mask"))
     return [(tokens[i].tolist(), masks[i].tolist()) for i in range(len(tokens))]
 
@@ -665,3 +667,24 @@ def test_real_templates_mask_exactly_each_turns_completion_in_its_served_context
                 context = tok.decode([t for t, m in zip(ids, mask) if not m])
                 assert "<tools>" in context and '"description": "A lab value of the patient"' in context, name
     assert next(samples, None) is None
+
+
+
+@pytest.mark.parametrize("template, kwargs", [("qwen3.5-small.jinja", {}), ("qwen3.5.jinja", {"enable_thinking": False}),
+                                              ("qwen3.jinja", {"enable_thinking": False})])
+def test_real_templates_without_thinking_train_the_answer_and_refuse_reasoning(real_tokenizer_dir, tmp_path, template,
+                                                                                 kwargs):
+    """A generation prompt that closes the think block ('<think>\n\n</think>\n\n': Qwen3.5-0.8B and -2B's default,
+    enable_thinking false elsewhere) is context; a turn without reasoning trains just its answer. A turn with
+    reasoning cannot follow that prompt: its conversation is quarantined, the reason naming enable_thinking."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _real_tokenizer(real_tokenizer_dir, template, tmp_path / "tok")
+    plain = [{"role": "user", "content": "Fever and neck stiffness?"}, {"role": "assistant", "content": "Meningitis."}]
+    (ids, mask), = _build_chats(tokenizer, tmp_path, {"plain": plain, "reasoning": REAL_CHATS["reasoning_content"]},
+                                kwargs, quarantined={"template_error": 1})
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    assert tok.decode([t for t, m in zip(ids, mask) if not m]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "Meningitis.<|im_end|>\n"
+    errors = [json.loads(x) for f in (tmp_path / "out" / "errors").glob("*.jsonl") for x in f.read_text().splitlines()]
+    assert [e["line"] for e in errors] == [2] and "enable_thinking" in errors[0]["excerpt"], errors
