@@ -2,7 +2,8 @@
 
     OPENAI_API_KEY=... python -m evaluation.eval_reasoning_judge --model base_sft=DIR --model cpt_sft=DIR \\
         --medmcqa medmcqa.jsonl --pubmedqa pubmedqa.jsonl --medqa medqa.jsonl --n 200 \\
-        [--judge-model gpt-4o] [--base-url URL] [--chat-template-kwargs JSON] [--seed 0] [--out results/judge]
+        [--judge-model gpt-4o] [--base-url URL] [--chat-template-kwargs JSON] [--answer-template-kwargs JSON] \\
+        [--seed 0] [--out results/judge]
 
 The judge is a server: the OpenAI API, or any OpenAI-compatible one given by ``--base-url`` (a local model:
 ``vllm serve Qwen/Qwen3-32B --port 8000``, then ``--base-url http://127.0.0.1:8000/v1``). This command does
@@ -11,7 +12,10 @@ not start vLLM itself: the answers are generated here with transformers, the jud
 1. Sample ``--n`` questions, seeded and stratified by source, from local MedMCQA (question, opa..opd, cop
    (0-3 or 1-4: see --medmcqa-cop), exp), PubMedQA (QUESTION, CONTEXTS, LONG_ANSWER, final_decision) and MedQA (question, options,
    answer) jsonl files.
-2. Generate each model's full answer (reasoning included) with its tokenizer's chat template.
+2. Generate each model's full answer (reasoning included) with its tokenizer's chat template, given
+   ``--answer-template-kwargs``: the SFT data's ``chat_template_kwargs`` (``sft.json`` records them), so the
+   answers are prompted as the models were trained (Qwen3.5-0.8B and -2B's template closes the think block unless
+   ``enable_thinking`` is true: a model trained on reasoning with it would otherwise answer without).
 3. Judge every question twice through the ``openai`` client, once in each presentation order; which model
    is "Response A" in the first call is drawn per question from ``--seed`` (recorded). The judge returns
    JSON (schema below): a verdict A/B/tie and 1-5 scores on Diagnostic Reasoning, Clinical Knowledge,
@@ -176,9 +180,10 @@ def was_cut(new_tokens: list[int], max_new_tokens: int, eos: int | list[int] | N
     return len(new_tokens) >= max_new_tokens and (not new_tokens or new_tokens[-1] not in eos_ids)
 
 
-def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: str, dtype) -> Iterator[tuple[str, bool]]:
-    """Greedy answers with the model's own chat template, one at a time (the caller keeps each as it comes), each
-    with whether it was cut at ``max_new_tokens`` (:func:`was_cut`)."""
+def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: str, dtype,
+             template_kwargs: dict | None = None) -> Iterator[tuple[str, bool]]:
+    """Greedy answers with the model's own chat template (given ``template_kwargs``, e.g. ``enable_thinking``), one
+    at a time (the caller keeps each as it comes), each with whether it was cut at ``max_new_tokens`` (:func:`was_cut`)."""
     import torch
     from tqdm import tqdm
 
@@ -189,7 +194,7 @@ def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: st
         raise ValueError(f"{model_dir}: the tokenizer has no chat template (needed for the judged answers)")
     for prompt in tqdm(prompts, desc=f"answers of {model_dir}", unit="question"):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"].to(device)
+                                      return_tensors="pt", return_dict=True, **(template_kwargs or {}))["input_ids"].to(device)
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
         new = out[0, ids.shape[1]:]
@@ -332,7 +337,7 @@ def to_markdown(summary: dict, first: str, second: str) -> str:
 
 
 def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, max_new_tokens: int, device: str | None,
-        out: Path, prices: tuple[float, float] = (0.0, 0.0)) -> dict:
+        out: Path, prices: tuple[float, float] = (0.0, 0.0), template_kwargs: dict | None = None) -> dict:
     first, second = list(models)
     device, dtype = device_and_dtype(device)
     cache = JsonlCache(out.with_suffix(".answers.jsonl"))  # answers are cached too, each as it comes: generating is slow
@@ -346,10 +351,12 @@ def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, 
         # and by its contents (the fingerprint: path, names, sizes and mtimes of its files), not only its path: a
         # checkpoint retrained or replaced under the same path must not get the old one's answers either
         model_id = fingerprint(model_dir)
-        keys = {q["id"]: cache_key(model_id, max_new_tokens, q["prompt"], str(dtype)) for q in questions}
+        # the template's arguments only when given: answers cached without them keep their keys
+        extra = [template_kwargs] if template_kwargs else []
+        keys = {q["id"]: cache_key(model_id, max_new_tokens, q["prompt"], str(dtype), *extra) for q in questions}
         todo = [q for q in questions if cache.get(keys[q["id"]]) is None]
         if todo:  # only then is the model loaded
-            new = generate(model_dir, [q["prompt"] for q in todo], max_new_tokens, device, dtype)
+            new = generate(model_dir, [q["prompt"] for q in todo], max_new_tokens, device, dtype, template_kwargs)
             for q, (answer, cut) in zip(todo, new, strict=True):  # strict: the generator runs to its end, its progress bar too
                 cache.put({"key": keys[q["id"]], "keyed_by": ANSWERS_KEYED_BY, "model": name, "model_dir": model_dir,
                            "id": q["id"], "answer": answer, "cut": cut})
@@ -400,6 +407,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chat-template-kwargs", type=json.loads, metavar="JSON",
                    help='sent to the server for the judge\'s chat template, e.g. \'{"enable_thinking": false}\' for a '
                         "Qwen3 judge behind vllm serve (the OpenAI API refuses it)")
+    p.add_argument("--answer-template-kwargs", type=json.loads, metavar="JSON",
+                   help="sent to each model's own chat template for its answers: the SFT data's chat_template_kwargs "
+                        "(sft.json records them), e.g. '{\"enable_thinking\": true}' for Qwen3.5-0.8B/2B, whose "
+                        "template otherwise closes the think block, so the answers are prompted as training was")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--retries", type=int, default=3)
@@ -428,7 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     judge = Judge(args.judge_model, args.base_url, args.api_key_env, out.with_suffix(".cache.jsonl"), args.retries, args.timeout,
                   args.chat_template_kwargs, args.concurrency)
     try:
-        run(models, questions, judge, args.seed, args.max_new_tokens, args.device, out, (args.price_in, args.price_out))
+        run(models, questions, judge, args.seed, args.max_new_tokens, args.device, out, (args.price_in, args.price_out),
+            args.answer_template_kwargs)
     except LLMError as err:
         raise stopped(out, f"judge stopped: {err}. Judgements so far are cached; rerun the same command to resume.",
                       (".json", ".md", ".jsonl")) from None

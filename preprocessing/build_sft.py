@@ -315,7 +315,7 @@ def build(recipe: SFTRecipe, workers: int = 1, keep_work: bool = False) -> dict:
     for split in SPLITS:
         splits[split]["loss_tokens"] = int(stats.get(f"loss_tokens/{split}", 0))
     sft = {"kind": "sft", "seq_length": recipe.seq_length, "tokenizer": bundle_tokenizer(tokenizer, out),  # relative
-           "loss_on": recipe.loss_on,
+           "loss_on": recipe.loss_on, "chat_template_kwargs": recipe.chat_template_kwargs,  # evaluation prompts with them
            "chat_template_sha256": template_sha, "split_into_turns": int(stats.get("split_into_turns", 0)),
            **splits, "conversations": ledger}
     write_json_atomic(out / "sft.json", sft)

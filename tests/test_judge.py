@@ -420,3 +420,52 @@ def test_answers_are_keyed_by_the_checkpoint_contents_not_only_its_path(setup, t
         server.close()
     assert generated == [(str(ckpt), 2)]  # base is unchanged and reused; the new cpt is answered again
     assert second != first  # the cache holds the new checkpoint's answers beside the old ones
+
+
+def test_answers_are_prompted_with_the_sft_datas_template_arguments(setup, tmp_path, monkeypatch):
+    """Qwen3.5-0.8B and -2B's template closes the think block unless enable_thinking is true, so SFT data of
+    reasoning is built with it true (sft.json records it): the judged answers were prompted without it, the model
+    trained to reason answering from a closed think block. --answer-template-kwargs reaches the template and keys the
+    answers (an answer cached without it is not reused)."""
+    import shutil
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch
+
+    from evaluation import common
+    from evaluation import eval_reasoning_judge as judge
+
+    ckpt = shutil.copytree(setup / "base", tmp_path / "small")
+    small = Path(__file__).parent / "chat_templates" / "qwen3.5-small.jinja"
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    (ckpt / "chat_template.jinja").write_text(small.read_text())
+    prompts = []
+    real_load = common.load_hf_model
+
+    def load(model_dir, device, dtype):  # the real tokenizer, a model that records its prompt and answers one token
+        _, tok = real_load(model_dir, device, dtype)
+
+        def answer(ids, **kwargs):
+            prompts.append(tok.decode(ids[0]))
+            return torch.cat([ids, ids[:, -1:]], dim=1)
+        return SimpleNamespace(generate=answer, generation_config=SimpleNamespace(eos_token_id=None)), tok
+
+    monkeypatch.setattr(common, "load_hf_model", load)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    questions = tmp_path / "medqa.jsonl"
+    questions.write_text(json.dumps({"id": "q0", "question": "First-line drug for absence seizures?",
+                                     "options": {"A": "Ethosuximide", "B": "Phenytoin"}, "answer": "Ethosuximide"}) + "\n")
+    server = StubServer()
+    try:
+        for extra in ([], ["--answer-template-kwargs", '{"enable_thinking": true}']):
+            judge.main(["--model", f"a={ckpt}", "--model", f"b={ckpt}", "--medqa", str(questions), "--n", "1",
+                        "--judge-model", "judge-test", "--base-url", server.url, "--max-new-tokens", "1",
+                        "--device", "cpu", "--out", str(tmp_path / "judge"), *extra])
+    finally:
+        server.close()
+    assert len(prompts) == 2  # the second run did not reuse the answer generated without the arguments
+    assert prompts[0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # the template's default
+    assert prompts[1].endswith("<|im_start|>assistant\n<think>\n")  # as the SFT data was built

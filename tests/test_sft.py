@@ -688,3 +688,5 @@ def test_real_templates_without_thinking_train_the_answer_and_refuse_reasoning(r
     assert tok.decode([t for t, m in zip(ids, mask) if m]) == "Meningitis.<|im_end|>\n"
     errors = [json.loads(x) for f in (tmp_path / "out" / "errors").glob("*.jsonl") for x in f.read_text().splitlines()]
     assert [e["line"] for e in errors] == [2] and "enable_thinking" in errors[0]["excerpt"], errors
+    # evaluation prompts as training did (eval_reasoning_judge --answer-template-kwargs): sft.json says how
+    assert json.loads((tmp_path / "out" / "sft.json").read_text())["chat_template_kwargs"] == kwargs
