@@ -669,7 +669,6 @@ def test_real_templates_mask_exactly_each_turns_completion_in_its_served_context
     assert next(samples, None) is None
 
 
-
 @pytest.mark.parametrize("template, kwargs", [("qwen3.5-small.jinja", {}), ("qwen3.5.jinja", {"enable_thinking": False}),
                                               ("qwen3.jinja", {"enable_thinking": False})])
 def test_real_templates_without_thinking_train_the_answer_and_refuse_reasoning(real_tokenizer_dir, tmp_path, template,
