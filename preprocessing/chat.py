@@ -29,6 +29,9 @@ def check_conversation(record: Any, roles: tuple[str, ...] | list[str] = ROLES) 
         return None, "missing_messages"
     if not isinstance(record.get("tools") or [], list) or not all(isinstance(t, dict) for t in record.get("tools") or []):
         return None, "bad_tools"
+    # OpenAI's format writes an assistant turn that only calls tools with "content": null; the templates take ""
+    messages = [{**m, "content": ""} if isinstance(m, dict) and m.get("role") == "assistant" and m.get("content") is None
+                and m.get("tool_calls") else m for m in messages]
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             return None, "bad_message"

@@ -143,6 +143,7 @@ def test_a_sample_of_seq_length_plus_one_tokens_is_kept_and_one_more_is_too_long
     ({"messages": [{"role": "assistant", "content": "unprompted"}, {"role": "user", "content": "?"}]}, "assistant_before_user"),
     ({"messages": TWO_TURNS, "tools": {"name": "not a list"}}, "bad_tools"),
     ({"messages": TWO_TURNS, "tools": LAB_TOOL}, None),
+    ({"messages": [TWO_TURNS[1], {"role": "assistant", "content": None}]}, "bad_message"),  # null, and no tool call
     ({"messages": TWO_TURNS}, None),
 ])
 def test_conversation_checks(record, reason):
@@ -545,10 +546,11 @@ REAL_CHATS = {
                           {"role": "assistant", "reasoning_content": "Below 135.", "content": "Hyponatraemia."},
                           {"role": "user", "content": "Cause?"},
                           {"role": "assistant", "reasoning_content": "Think of SIADH.", "content": "Check osmolality."}],
-    # a tool call, its response, and the final answer after it (the templates' multi_step_tool rule)
+    # a tool call (its content null, as OpenAI's format writes a turn that only calls tools), its response, and the
+    # final answer after it (the templates' multi_step_tool rule)
     "tool_call": [{"role": "system", "content": "Use the lab tool."},
                   {"role": "user", "content": "What is the sodium?"},
-                  {"role": "assistant", "content": "", "reasoning_content": "Need the lab.", "tool_calls": [SODIUM]},
+                  {"role": "assistant", "content": None, "reasoning_content": "Need the lab.", "tool_calls": [SODIUM]},
                   {"role": "tool", "content": "128 mmol/L", "tool_call_id": "1"},
                   {"role": "assistant", "reasoning_content": "It is low.", "content": "Hyponatraemia: 128 mmol/L."}],
     # two calls at once, two responses, an answer without reasoning, then a new question
@@ -651,6 +653,7 @@ def test_real_templates_mask_exactly_each_turns_completion_in_its_served_context
     samples = iter(_build_chats(tokenizer, tmp_path, REAL_CHATS, kwargs))
     for name, chat in REAL_CHATS.items():
         one_sample, completions = expected[name]
+        chat = [{**m, "content": m["content"] or ""} for m in chat]  # a null content is read as "" (OpenAI's format)
         turns = list(zip([i for i, m in enumerate(chat) if m["role"] == "assistant"], completions, strict=True))
         render = functools.partial(tok.apply_chat_template, tokenize=False, tools=TOOLS_OF.get(name), **kwargs)
         for group in [turns] if one_sample else [[turn] for turn in turns]:
