@@ -307,11 +307,18 @@ def _our_recognizers():
                    (rf"\b{_DAY}\s+(?:of\s+)?{_MONTH}(?:,?\s+\d{{4}})?\b", 0.6),
                    (rf"\b{_MONTH},?\s+(?:19|20)\d\d\b", 0.6),
                    (r"\b(?:0?[1-9]|1[0-2])[./-](?:0?[1-9]|[12]\d|3[01])[./-](?:19|20)?\d\d\b", 0.6),
-                   (r"\b(?i:on|since|until|till|through|dated|as of|starting|admitted|discharged|DOB|DOS)\s*:?\s*"
+                   (r"\b(?i:on|since|until|till|through|dated|as of|starting|admitted|discharged|DOB|DOS|onset|LKW|"
+                    r"last known well|last seen)\s*:?\s*"
                     r"\K(?:0?[1-9]|1[0-2])/(?:0?[1-9]|[12]\d|3[01])\b(?!/)", 0.6),
                    # "in 3/80", "with 8/79", "for cath 2/18"; not a score out of 10 ("pain 3/10")
                    (r"\b(?i:in|from|with|for|to|after|before|prior|since|until|cath)\s+\K(?:0?[1-9]|1[0-2])/(?!10\b)\d\d\b(?!/)", 0.6),
-                   (rf"\b(?i:in|since|from|until|till|through|during|by|of|last|next|early|late|mid)\s+\K{_MONTH_NAME}\b", 0.6)),
+                   # the months grouped: an alternation left bare made every "May" and "March" a date, inside a word too
+                   # ("Mayzent", "Marchiafava-Bignami", "May consider LP")
+                   (rf"\b(?i:in|since|from|until|till|through|during|by|of|last|next|early|late|mid)\s+\K(?:{_MONTH_NAME})\b", 0.6),
+                   # an ISO 8601 time stamp ("2021-03-04T10:22"): Presidio's ISO date needs a word boundary after the day
+                   (r"\b(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])T\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:Z|[+-]\d\d:?\d\d)?", 0.6),
+                   # a month and day with a leading zero ("04/07", "12/08"): scores and fractions are not written so
+                   (r"(?<![\d/.:])(?:0[1-9]/(?:0[1-9]|[12]\d|3[01])|1[0-2]/0[1-9])(?![\d/]|\.\d)", 0.6)),
         recognizer("age", (rf"\b{age}(?=\s*-?\s*(?i:years?|yrs?|y/?o|y\.o\.)\b|\s?[MF]\b|\s+(?i:male|female|man|woman)\b)"
                            r"(?<!\b(?i:t|temp|temperature|tmax)\s*:?\s*\d+)", 0.7),
                    (rf"\b(?i:age[ds]?|aged)\s*:?\s*\K{age}\b", 0.7),

@@ -191,3 +191,33 @@ def test_quarantined_records_of_a_guarded_source_are_redacted(tmp_path):
             assert not [r for r in raw if any(r in e for e in excerpts)] and "[PHONE]" in excerpts[1]
         else:
             assert all(any(r in e for e in excerpts) for r in raw)
+
+
+# ------------------------------------------------------------------------------------------- the independent audit
+# Formats found missing on the DEV half of tests/phi_holdout_set.py (an independent set written without the guard's
+# tuning set); each test failed on the guard before its fix.
+
+
+def _kept(text: str, *values: str) -> list[str]:
+    """The ``values`` that survive redaction of ``text`` (any of their letters or digits left)."""
+    spans = phi_spans(text)
+    out = []
+    for v in values:
+        start = text.index(v)
+        if not removed(text, start, start + len(v), spans):
+            out.append(v)
+    return out
+
+
+def test_month_names_are_dates_only_as_whole_words():
+    """The month alternation was left ungrouped, so every "May" and "March" was a date, inside a word too."""
+    for text in ("Started Mayzent 2 mg daily.", "Concern for Marchiafava-Bignami disease.", "May consider LP tomorrow."):
+        assert redact_phi(text) == text
+    assert redact_phi("Not seen since March.") == "Not seen since [DATE]."
+
+
+def test_timestamps_and_short_dates():
+    text = "Admit date: 2021-03-04T10:22. MRI 04/07: stable. Symptom onset 10/17 around noon. LKW 11/16."
+    assert not _kept(text, "2021-03-04T10:22", "04/07", "10/17", "11/16")
+    for text in ("Pain 3/10, strength 4/5, MoCA 10/30, 20/20 vision, 1/2 tab.", "Onset 2019; 12/30 tablets left."):
+        assert redact_phi(text) == text
