@@ -217,6 +217,9 @@ _MONTH_NAME = "January|February|March|April|May|June|July|August|September|Octob
 _DAY = r"(?:[12]\d|3[01]|0?[1-9])(?:st|nd|rd|th)?"
 _STATES = ("AL|AK|AZ|AR|CA|CO|CT|DE|FL|GA|HI|ID|IL|IN|IA|KS|KY|LA|ME|MD|MA|MI|MN|MS|MO|MT|NE|NV|NH|NJ|NM|NY|NC|"
            "ND|OH|OK|OR|PA|RI|SC|SD|TN|TX|UT|VT|VA|WA|WV|WI|WY|DC|PR")
+_UNITS = "one|two|three|four|five|six|seven|eight|nine"
+_AGE_WORDS = (rf"(?i:ninety(?:[- ](?:{_UNITS}))?|(?:one[ -]|a[ -])?hundred(?:(?:[ -]and)?[ -](?:{_UNITS}|ten|eleven|twelve|"
+              rf"(?:thir|four|fif|six|seven|eigh|nine)teen))?)")  # 90-119 in words
 _PLACE = r"\p{Lu}\p{Ll}+(?:[ -]\p{Lu}\p{Ll}+){0,2}"
 _STREET = ("Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|Terrace|Ter|Circle|"
            "Cir|Parkway|Pkwy|Highway|Hwy|Square|Sq|Trail|Trl")
@@ -322,7 +325,11 @@ def _our_recognizers():
         recognizer("age", (rf"\b{age}(?=\s*-?\s*(?i:years?|yrs?|y/?o|y\.o\.)\b|\s?[MF]\b|\s+(?i:male|female|man|woman)\b)"
                            r"(?<!\b(?i:t|temp|temperature|tmax)\s*:?\s*\d+)", 0.7),
                    (rf"\b(?i:age[ds]?|aged)\s*:?\s*\K{age}\b", 0.7),
-                   (r"\b(?i:in\s+(?:his|her|their|the)\s+(?:early\s+|mid-?|late\s+)?)\K(?:90|100)s\b", 0.7)),
+                   (r"\b(?i:in\s+(?:his|her|their|the)\s+(?:early\s+|mid-?|late\s+)?)\K(?:90|100)s\b", 0.7),
+                   # in words ("ninety-two-year-old", "Age ninety-one", "she is one hundred and two"), only with an age's
+                   # unit, sex or cue: a bare "ninety" is as often minutes, a percentage or a heart rate
+                   (rf"\b{_AGE_WORDS}(?=\s*-?\s*(?i:years?|yrs?|y/?o|y\.o\.)\b|\s+[MF]\b|\s+(?i:male|female|man|woman|gentleman|lady)\b)", 0.7),
+                   (rf"\b(?i:age[ds]?|aged|turned|turns|(?:he|she|patient|pt)\s+is)\s*:?\s*\K{_AGE_WORDS}\b", 0.7)),
     ]
 
 

@@ -221,3 +221,11 @@ def test_timestamps_and_short_dates():
     assert not _kept(text, "2021-03-04T10:22", "04/07", "10/17", "11/16")
     for text in ("Pain 3/10, strength 4/5, MoCA 10/30, 20/20 vision, 1/2 tab.", "Onset 2019; 12/30 tablets left."):
         assert redact_phi(text) == text
+
+
+def test_ages_over_89_in_words():
+    text = ("A ninety-two-year-old F. Age ninety-one. He is one hundred and two, still drives. ninety-nine F with "
+            "aphasia. A one hundred-year-old woman.")
+    assert not _kept(text, "ninety-two", "ninety-one", "one hundred and two", "ninety-nine", "one hundred")
+    text = "Infused over ninety minutes; ninety percent stenosis; HR ninety."
+    assert redact_phi(text) == text
