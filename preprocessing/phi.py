@@ -237,10 +237,10 @@ LABELS = {
     "health_plan": rf"health plan|member|subscriber|policy|insurance|insurer|Medicaid|Medicare|beneficiary|HICN|"
                    rf"payer|(?:plan|group){_NO}",
     "account": rf"account|acct|HAR|CSN|FIN|invoice|(?:billing|encounter|visit){_NO}",
-    "license": r"licen[cs]e|lic|DEA|certificate|certification",
+    "license": r"licen[cs]e|lic|DEA|NPI|DL(?=\s*(?:#|no\b|:))|certificate|certification",
     "vehicle": rf"VIN|vehicle(?: identification)?|licen[cs]e plate|plate|(?:tag|registration){_NO}",
     "device": rf"serial|S/?N|UDI|IMEI|(?:device|implant|pacemaker|lot|model){_NO}",
-    "other_id": rf"ID|identifier|accession|specimen|requisition|passport|(?:study|subject|case|sample|order|ref|"
+    "other_id": rf"ID|identifier|accession|specimen|requisition|passport|research subject|(?:study|subject|case|sample|order|ref|path|"
                 rf"reference|claim|record){_NO}",
 }
 
@@ -296,6 +296,18 @@ def _our_recognizers():
         *(recognizer(kind, (rf"(?<![\p{{L}}\d])(?i:(?:{labels}){_LABEL_END})\K{_ID}", 0.85)) for kind, labels in LABELS.items()),
         # dictation footers: author's initials, then the typists' user names ("XGT:holmes", "GPP/church/olinger")
         recognizer("name", (r"^[ \t]*\p{Lu}{2,4}[:/]\K\p{Ll}{2,}(?:/\p{Ll}{2,})*(?=[ \t]*$)", 0.7)),
+        # labelled values written with spaces, which the labelled-id rule above stops at: an SSN with spaced
+        # separators ("SSN: 575 - 57 - 6938"), a plate in two groups ("License plate SNG 4319", "plate: CL8 W66"), and
+        # a GS1 device identifier, whose (01) product part precedes the (21) serial ("(01)00643169007222(21)NE42133")
+        recognizer("ssn", (r"(?<![\p{L}\d])(?i:SSN|SS|social\s+security(?:\s+number)?)\s*(?:#|no\.?|num(?:ber)?)?\s*:?\s*"
+                           r"\K\d{3}\s*[-./ ]\s*\d{2}\s*[-./ ]\s*\d{4}\b", 0.85), name="ssn_spaced"),
+        recognizer("vehicle", (r"(?<![\p{L}\d])(?i:licen[cs]e\s+plate\s*(?:#|no\.?|number)?|plate\s*(?:#|no\.?|number|:)|tag\s*(?:#|no\.?))"
+                               r"\s*:?\s*\K(?=[A-Z\d -]{5,9}\b)(?=[A-Z\d -]*\d)[A-Z\d]{1,4}[ -][A-Z\d]{1,4}\b", 0.85), name="plate"),
+        recognizer("device", (r"\(01\)\d{14}(?:\(\d{2,4}\)[\p{L}\d-]+)*", 0.85), name="udi"),
+        # an e-mail address written out against harvesting ("jdoe at example dot com", "jdoe[at]example.org")
+        recognizer("email", (r"(?<![\p{L}\d._+-])[\p{L}\d._+-]++\s*(?i:\s\bat\b\s|\[at\]|\(at\))\s*[\p{L}\d-]+(?:\s*(?i:\s\bdot\b\s|\[dot\]|\(dot\)|\.)"
+                             r"\s*[\p{L}\d-]+)*?\s*(?i:\s\bdot\b\s|\[dot\]|\(dot\)|\.)\s*(?i:com|org|net|edu|gov|mil|info|biz|io|us|uk|ca|mx)\b", 0.85),
+                   name="email_spelled"),
         recognizer("vehicle", (r"\b(?=[A-HJ-NPR-Z\d]{17}\b)(?=[A-Z\d]*\d)(?=[A-Z\d]*[A-Z])[A-HJ-NPR-Z\d]{17}\b", 0.6)),
         recognizer("zip", (rf"\b(?:{_STATES})\s{{1,2}}\K\d{{5}}(?:-\d{{4}})?\b", 0.7),
                    (r"\b(?i:zip|zip code|postal code|zipcode)\s*:?\s*\K\d{5}(?:-\d{4})?\b", 0.85)),

@@ -229,3 +229,18 @@ def test_ages_over_89_in_words():
     assert not _kept(text, "ninety-two", "ninety-one", "one hundred and two", "ninety-nine", "one hundred")
     text = "Infused over ninety minutes; ninety percent stenosis; HR ninety."
     assert redact_phi(text) == text
+
+
+def test_labelled_values_with_spaces_and_more_labels():
+    text = ("SSN: 575 - 57 - 6938. DL# RN-341837. NPI X731-0266-7013. Research subject 5125-NX. Path #: ORD73236668. "
+            "License plate SNG 4319. plate: CL8 W66. Pacemaker SN: (01)78791903954415(21)XV97947.")
+    assert not _kept(text, "575 - 57 - 6938", "RN-341837", "X731-0266-7013", "5125-NX", "ORD73236668", "SNG 4319",
+                     "CL8 W66", "(01)78791903954415(21)XV97947")
+    for text in ("ACDF with anterior plate C5 C6 fixation; plate and screws intact.", "Glucose 95 mg/dL, DLCO 65%."):
+        assert redact_phi(text) == text
+
+
+def test_spelled_out_email_addresses():
+    text = "Email: quinn.rahimi at EXAMPLE dot com. Or kealoha.m[at]inbox.example.net please."
+    assert not _kept(text, "quinn.rahimi at EXAMPLE dot com", "kealoha.m[at]inbox.example.net")
+    assert redact_phi("Seen at home; met at clinic.") == "Seen at home; met at clinic."
