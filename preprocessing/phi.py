@@ -220,9 +220,11 @@ _STATES = ("AL|AK|AZ|AR|CA|CO|CT|DE|FL|GA|HI|ID|IL|IN|IA|KS|KY|LA|ME|MD|MA|MI|MN
 _UNITS = "one|two|three|four|five|six|seven|eight|nine"
 _AGE_WORDS = (rf"(?i:ninety(?:[- ](?:{_UNITS}))?|(?:one[ -]|a[ -])?hundred(?:(?:[ -]and)?[ -](?:{_UNITS}|ten|eleven|twelve|"
               rf"(?:thir|four|fif|six|seven|eigh|nine)teen))?)")  # 90-119 in words
-_PLACE = r"\p{Lu}\p{Ll}+(?:[ -]\p{Lu}\p{Ll}+){0,2}"
+_PLACE = r"\b(?:(?:St|Ste|Ft|Mt)\.?[ \t]+)?\p{Lu}\p{Ll}+(?:[ -]\p{Lu}\p{Ll}+){0,2}"  # Fort Wayne, St. Augustine, Winston-Salem
 _STREET = ("Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|Terrace|Ter|Circle|"
-           "Cir|Parkway|Pkwy|Highway|Hwy|Square|Sq|Trail|Trl")
+           "Cir|Parkway|Pkwy|Highway|Hwy|Square|Sq|Trail|Trl|Crescent|Cres|Pike|Row|Alley|Aly|Heights|Hts|Hollow|"
+           "Crossing|Mews|Plaza|Plz|Turnpike|Tpke|Expressway|Expy")  # not Walk or Run: "6 Minute Walk", "2 Mile Run"
+_UNIT = r"(?:,?\s+(?i:apt|apartment|unit|suite|ste|#)\.?\s*#?[\p{L}\d-]+)?"  # ", Apt. 9-C", " Suite 516"
 # an identifier value: 4+ letters and digits (at least one digit), inner dashes or slashes
 _ID = r"(?=[\p{L}\d/-]{4,})(?=[\p{L}\d/-]*\d)[\p{L}\d]+(?:[-/][\p{L}\d]+)*\b"
 _NO = r"\s*(?:#|no\b\.?|num(?:ber)?\b|id\b)"  # required after a label that is also a common word
@@ -311,13 +313,18 @@ def _our_recognizers():
         recognizer("vehicle", (r"\b(?=[A-HJ-NPR-Z\d]{17}\b)(?=[A-Z\d]*\d)(?=[A-Z\d]*[A-Z])[A-HJ-NPR-Z\d]{17}\b", 0.6)),
         recognizer("zip", (rf"\b(?:{_STATES})\s{{1,2}}\K\d{{5}}(?:-\d{{4}})?\b", 0.7),
                    (r"\b(?i:zip|zip code|postal code|zipcode)\s*:?\s*\K\d{5}(?:-\d{4})?\b", 0.85)),
-        recognizer("address", (rf"\b\d{{1,6}}\s+(?:[NSEW]\.?\s+)?(?:\p{{Lu}}[\p{{L}}'.-]*\s+){{1,3}}(?:{_STREET})\b\.?"
-                               r"(?:,?\s+(?i:apt|apartment|unit|suite|ste|#)\.?\s*#?[\p{L}\d-]+)?", 0.7),
+        # a street's words capitalised or numbered ("1200 W. 38th St."), or a numbered route ("9723 Route 9")
+        recognizer("address", (rf"\b\d{{1,6}}\s+(?:[NSEW]\.?\s+)?(?:(?:\p{{Lu}}[\p{{L}}'.-]*|\d{{1,3}}(?:st|nd|rd|th))\s+){{1,3}}"
+                               rf"(?:{_STREET})\b\.?{_UNIT}", 0.7),
+                   (rf"\b\d{{1,6}}\s+(?:(?:State|US|County|Co\.?)\s+)?(?:Route|Rte\.?|Road|Rd\.?|Highway|Hwy\.?)\s+\d{{1,4}}[A-Z]?\b{_UNIT}", 0.7),
                    (r"\b(?i:p\.?\s?o\.?\s+box)\s+\d+\b", 0.7)),
-        recognizer("city", (rf"{_PLACE}(?=,\s*(?:{_STATES})\b(?:\s+\d{{5}}|\s*[.;)]|\s*$))", 0.7),
+        recognizer("city", (rf"{_PLACE}(?=,\s*(?:{_STATES})\b(?:\s+\d{{5}}|\s*[.;)]|\s*$)|\s+(?:{_STATES})\s+\d{{5}}\b)", 0.7),
                    (rf"{_PLACE}\s+(?:County|Parish|Township)\b", 0.7),
-                   (r"\b(?i:lives|living|lived|resides|residing|resident|born|moved|relocated|grew up|travel(?:l?ed)?)"
-                    rf"\s+(?i:alone\s+|with\s+\p{{Ll}}+\s+)?(?i:in|to|at|near|from|of)\s+\K{_PLACE}", 0.6)),
+                   (r"\b(?i:lives|living|lived|resides|residing|resident|born|moved|relocated|grew up|travel(?:l?ed)?|"
+                    r"emigrated|immigrated|transferred|native)"
+                    rf"\s+(?i:alone\s+|with\s+\p{{Ll}}+\s+)?(?i:in|to|at|near|from|of)\s+\K{_PLACE}", 0.6),
+                   # a facility's town ("transferred from an outside hospital in Bozeman")
+                   (rf"\b(?i:hospital|facility|nursing\s+home|SNF|rehab)\s+(?i:in|at|near)\s+\K(?!(?:{_MONTH_NAME})\b){_PLACE}\b", 0.6)),
         recognizer("date", (rf"\b{_MONTH}\s+{_DAY}(?:,?\s+\d{{4}})?\b", 0.6),
                    (rf"\b{_DAY}\s+(?:of\s+)?{_MONTH}(?:,?\s+\d{{4}})?\b", 0.6),
                    (rf"\b{_MONTH},?\s+(?:19|20)\d\d\b", 0.6),

@@ -244,3 +244,13 @@ def test_spelled_out_email_addresses():
     text = "Email: quinn.rahimi at EXAMPLE dot com. Or kealoha.m[at]inbox.example.net please."
     assert not _kept(text, "quinn.rahimi at EXAMPLE dot com", "kealoha.m[at]inbox.example.net")
     assert redact_phi("Seen at home; met at clinic.") == "Seen at home; met at clinic."
+
+
+def test_more_street_and_city_formats():
+    text = ("Mail to 9978 Applegate Crescent Suite 516. Home: 3235 Old Mill Pike; Duluth NM 58076. Mail to 10 W. 38th "
+            "St., Apt. 9-E. Home: 6092 Route 9. 960 Old Mill Pike; St. Augustine ME 42430. Emigrated from Cebu in 2000. "
+            "Transferred from an outside hospital in Bozeman.")
+    assert not _kept(text, "9978 Applegate Crescent Suite 516", "3235 Old Mill Pike", "Duluth", "10 W. 38th St., Apt. 9-E",
+                     "6092 Route 9", "St. Augustine", "Cebu", "Bozeman")
+    text = "6 Minute Walk Test 300 m; 2 Mile Run tolerated."
+    assert redact_phi(text) == text
