@@ -79,14 +79,29 @@ _ROLES = ("patient|pt|name|patient name|seen by|seen with|examined by|evaluated 
           "spoke with|spoke to|signed by|dictated by|transcribed by|cosigned by|attending|resident|fellow|intern|"
           "pcp|provider|physician|surgeon|neurologist|nurse|rn|np|wife|husband|spouse|partner|son|daughter|mother|"
           "father|sister|brother|grandson|granddaughter|niece|nephew|aunt|uncle|friend|neighbor|neighbour|"
-          "caregiver|guardian|hcp|poa|proxy|contact|cc")
-_CUED = regex.compile(rf"(?<![\p{{L}}/])(?i:{_ROLES})\b\s*[:,(]?\s*\K{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}")
-_ROLE_WORDS = frozenset(regex.findall(r"[a-z]+", _ROLES))  # a cue is never the name it announces ("Son", "Nurse")
+          "caregiver|guardian|hcp|poa|proxy|contact|cc|"
+          # who wrote, was reached or is called: "Note written by", "Case reviewed with", "Msg left for", 'Goes by "Pepe"'
+          "written by|authored by|note by|reviewed with|reviewed by|left for|message for|goes by|known as|aka|saw|"
+          "interpreter")
+_CUE_GAP = r"\s*[:,(\"“']?\s*"  # "Name: Smith", "Daughter (Ana)", 'goes by "Bubba"'
+# a cued name in capitals, or in lower case ("pt hamid rahimi", "Daughter (radhika)"; NameRecognizer._lower_runs decides
+# which lower-case words are a name), in one pass over the text; a lower-case run stops before a cue ("pt wife Maria")
+_LOWER_WORD = r"\p{Ll}[\p{Ll}'’]*\p{Ll}(?:-\p{Ll}+)?"
+_NO_CUE = rf"(?!(?i:{_ROLES})\b)"
+_CUED = regex.compile(rf"(?<![\p{{L}}/])(?i:{_ROLES})\b{_CUE_GAP}\K(?:{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}|"
+                      rf"{_NO_CUE}{_LOWER_WORD}(?:[ \t]+{_NO_CUE}{_LOWER_WORD}){{0,2}})")
+_LOWER_NAME_WORD = regex.compile(_LOWER_WORD)
+# clinical services and specialists are no names ("cc Neurohospitalist", "Discussed with Neuro-Ophthalmology")
+_SPECIALTY = regex.compile(r"(?:olog(?:y|ies|ist|ists)|iatr(?:y|ist|ists)|icians?|hospitalists?|therap(?:y|ies|ist|ists)|"
+                           r"surgery|medicine)$")
+_ROLE_WORDS = frozenset(regex.findall(r"[a-z]+", _ROLES)) - {"saw"}  # a cue is never the name it announces ("Son", "Nurse")
 _PAIR_WORD = regex.compile(rf"(?<![\p{{L}}\d]){_WORD}(?![\p{{L}}\d])")  # a whole word: not "SpO" of "SpO2"
 _GAP_FIRST_LAST = regex.compile(r"[ \t]+(?:\p{Lu}\.?[ \t]+)?")
 _GAP_LAST_FIRST = regex.compile(r",[ \t]*")
-_CREDENTIALED = regex.compile(rf"{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}(?=,?[ \t]+(?:MD|M\.D\.|DO|D\.O\.|RN|NP|"
-                              r"PA-C|PA|PhD|Ph\.D\.|APRN|CNP|CRNP|DNP|FNP|MSW|LCSW|LICSW|PharmD|RPh|DPT|OTR|LPN)(?!\p{L}))")
+_CREDENTIAL = (r"MD|M\.D\.|DO|D\.O\.|RN|NP|PA-C|PA|PhD|Ph\.D\.|APRN|CNP|CRNP|DNP|FNP|MSW|LCSW|LICSW|PharmD|RPh|DPT|OTR|LPN|"
+               r"PGY-?\d")
+_CREDENTIALED = regex.compile(rf"{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}(?=,?[ \t]+(?:{_CREDENTIAL})(?!\p{{L}}))")
+_CREDENTIAL_WORD = regex.compile(rf"(?:{_CREDENTIAL}|PGY)")  # never a name word of a cued run ("Ana Todd, PGY-2")
 
 
 def _faker_names() -> tuple[Counter, set[str]]:
@@ -122,6 +137,16 @@ def _eponym(key: str) -> bool:
     return any(part in EPONYMS for part in key.split("-"))  # "guillain-barre"
 
 
+_TRAILING_INITIAL = regex.compile(r"[ \t]+\p{Lu}\.")
+
+
+def _with_initial(text: str, start: int, end: int) -> int:
+    """``end`` moved past a middle initial that follows a "Last, First" name ("Ochieng, Radhika C."), the order of
+    an EHR's patient header; the initial is part of the name."""
+    m = _TRAILING_INITIAL.match(text, end)
+    return m.end() if m and "," in text[start:end] else end
+
+
 def _name_recognizer():
     from presidio_analyzer import EntityRecognizer, RecognizerResult
 
@@ -152,11 +177,15 @@ def _name_recognizer():
             self.last = (last | (more_last - other_common)) - _ROLE_WORDS
 
         def analyze(self, text, entities, nlp_artifacts=None):
-            spans = [*self._runs(_TITLED, text, 0.85), *self._runs(_CUED, text, 0.7),
+            cued = list(_CUED.finditer(text))
+            spans = [*self._runs(_TITLED, text, 0.85), *self._runs(_CUED, text, 0.7, [m for m in cued if m.group()[0].isupper()]),
+                     *self._lower_runs([m for m in cued if not m.group()[0].isupper()]),
                      *self._runs(_CREDENTIALED, text, 0.85), *self._pairs(text)]
             return [RecognizerResult("PERSON", s, e, score) for s, e, score in spans]
 
         def _could_be_name(self, word: str, key: str) -> bool:
+            if _SPECIALTY.search(key):
+                return False
             if key in self.title_only:
                 return not word.isupper()
             return key in self.first or key in self.last or key not in self.common
@@ -167,17 +196,18 @@ def _name_recognizer():
         def _family(self, word: str, key: str, sure: bool) -> bool:
             return key in self.last and (key not in self.common if sure else self._could_be_name(word, key))
 
-        def _runs(self, pattern, text: str, score: float):
+        def _runs(self, pattern, text: str, score: float, matches=None):
             """Per match, its words that could be a name (a common word too where it stands next to an
             unambiguous surname: "Son Ana Reyes"): from the start (after a title, the first word is always
             one), or for a credential the words right before it; a third word that is an eponym starts the
             next phrase."""
-            for m in pattern.finditer(text):
+            for m in pattern.finditer(text) if matches is None else matches:
                 words = list(_NAME_WORD.finditer(m.group()))
                 keys = [_key(w.group()) for w in words]
                 surname = [self._family(w.group(), k, sure=True) for w, k in zip(words, keys)]
                 ok = [(pattern is _TITLED and i == 0) or self._could_be_name(w.group(), keys[i])
                       or any(surname[max(i - 1, 0):i + 2]) for i, w in enumerate(words)]
+                ok = [o and not _CREDENTIAL_WORD.fullmatch(w.group()) for o, w in zip(ok, words)]
                 if len(ok) == 3 and keys[2] in EPONYMS:  # "Attending: Zofia Dubois Horner syndrome"
                     ok[2] = False
                 if pattern is _CREDENTIALED:
@@ -185,7 +215,23 @@ def _name_recognizer():
                 n = ok.index(False) if False in ok else len(ok)
                 if n:
                     first, last = (words[n - 1], words[0]) if pattern is _CREDENTIALED else (words[0], words[n - 1])
-                    yield m.start() + first.start(), m.start() + last.end(), score
+                    start, end = m.start() + first.start(), m.start() + last.end()
+                    yield start, _with_initial(text, start, end), score
+
+        def _lower_runs(self, matches):
+            """A cued name in lower case: its first word a listed first or last name that is no common word, no
+            eponym and no cue ("pt maria", not "pt denies" or "son was"), then the words after it that are no common
+            word."""
+            for m in matches:
+                n = 0
+                for i, w in enumerate(_LOWER_NAME_WORD.finditer(m.group())):
+                    key = _key(w.group())
+                    sure = key in self.first or key in self.last if i == 0 else True
+                    if not (sure and key and key not in self.common and not _eponym(key) and key not in _ROLE_WORDS):
+                        break
+                    n = w.end()
+                if n:
+                    yield m.start(), m.start() + n, 0.6
 
         def _pairs(self, text: str):
             """A first then a last name ("John A. Smith", "Ana Patel", "Kenji Lindqvist"), or "Smith, John"."""
@@ -204,7 +250,7 @@ def _name_recognizer():
                     (self._family(a, ka, sure=True) and self._given(b, kb, sure=False))
                     or (self._family(a, ka, sure=False) and self._given(b, kb, sure=True)))
                 if forward or backward:
-                    yield words[i].start(), words[i + 1].end(), 0.6
+                    yield words[i].start(), _with_initial(text, words[i].start(), words[i + 1].end()), 0.6
 
     return NameRecognizer()
 
@@ -297,7 +343,11 @@ def _our_recognizers():
         *_philter_recognizers(recognizer),
         *(recognizer(kind, (rf"(?<![\p{{L}}\d])(?i:(?:{labels}){_LABEL_END})\K{_ID}", 0.85)) for kind, labels in LABELS.items()),
         # dictation footers: author's initials, then the typists' user names ("XGT:holmes", "GPP/church/olinger")
-        recognizer("name", (r"^[ \t]*\p{Lu}{2,4}[:/]\K\p{Ll}{2,}(?:/\p{Ll}{2,})*(?=[ \t]*$)", 0.7)),
+        recognizer("name", (r"^[ \t]*\p{Lu}{2,4}[:/]\K\p{Ll}{2,}(?:/\p{Ll}{2,})*(?=[ \t]*$)", 0.7),
+                   # a signature of initials: "/s/ J.K.", or "-- JMK" ending its line (a dash mid-line is as often
+                   # followed by an abbreviation: "-- ICU transfer")
+                   (r"(?<![^\s])/s/[ \t]*\K\p{Lu}\.?(?:[ \t]?\p{Lu}\.?){1,2}(?![\p{L}\d])", 0.7),
+                   (r"(?<![^\s])(?:--|—)[ \t]*\K\p{Lu}\.?(?:[ \t]?\p{Lu}\.?){1,2}(?=[ \t]*$)", 0.7)),
         # labelled values written with spaces, which the labelled-id rule above stops at: an SSN with spaced
         # separators ("SSN: 575 - 57 - 6938"), a plate in two groups ("License plate SNG 4319", "plate: CL8 W66"), and
         # a GS1 device identifier, whose (01) product part precedes the (21) serial ("(01)00643169007222(21)NE42133")

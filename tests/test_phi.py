@@ -254,3 +254,15 @@ def test_more_street_and_city_formats():
                      "6092 Route 9", "St. Augustine", "Cebu", "Bozeman")
     text = "6 Minute Walk Test 300 m; 2 Mile Run tolerated."
     assert redact_phi(text) == text
+
+
+def test_names_after_more_cues_in_lower_case_and_as_initials():
+    text = ('Goes by "Pepe". Daughter (radhika) wants a call. pt esperanza rahimi seen. Note written by Liorith Todd, '
+            "PGY-2. PATIENT: Ochieng, Radhika C. Case reviewed with ZELSTAAD, TADEO. Msg left for Zainab at home.\n"
+            "/s/ J.K.\n-- JMK\n")
+    assert not _kept(text, "Pepe", "radhika", "esperanza rahimi", "Liorith Todd", "Ochieng, Radhika C", "ZELSTAAD, TADEO",
+                     "Zainab", "J.K", "JMK")
+    assert "PGY-2" in redact_phi(text)
+    for text in ("cc Neurohospitalist regarding goals of care.", "Discussed with Neuro-Ophthalmology.",
+                 "pt denies headache; son was present.", "BP stable -- ICU transfer\n"):
+        assert redact_phi(text) == text
