@@ -49,7 +49,7 @@ _PRESIDIO_KIND = {
 # Eponyms of neurology (and their co-eponyms) that are also in the name lists: never a person in a note.
 EPONYMS = frozenset("""
 adie alzheimer argyll arnold babinski barre bell broca brown brudzinski charcot chiari creutzfeldt dandy dix eaton
-epley fisher friedreich gehrig gowers gunn guillain hallpike hess hoffmann horner hunt huntington jackson jakob kernig
+epley fisher friedreich gehrig gowers gunn guillain hallpike hess hoffmann horner hunt huntington jackson jakob kennedy kernig
 korsakoff lambert lewy lhermitte marcus marie martin meniere miller parkinson phalen ramsay rankin rinne robertson
 romberg sequard spetzler sturge sydenham tinel todd tourette uhthoff walker wallenberg weber wernicke willis wilson
 glasgow
@@ -299,6 +299,9 @@ LABELS = {
 # DD-DD-DD-DD), any number of 5+ digits (platelet counts, CPT codes), and a paragraph of prose, not a rule
 PHILTER_ID_SKIPPED = frozenset({"mixed_010", "mixed003", "mixed004", "model_number", "DDD-DD-DD", "DDDDDD+",
                                 "coding_standards"})
+# a protein change in one-letter amino-acid code ("BRAF V600E", "IDH1 R132H", "LRRK2 G2019S"), which philter-lite's
+# unlabelled id rules take for an id; a labelled id of that shape is still caught by its label
+_PROTEIN_CHANGE = regex.compile(r"[ACDEFGHIKLMNPQRSTVWY]\d{1,4}[ACDEFGHIKLMNPQRSTVWY]")
 # philter-lite's pager rule ("84710", "FB59") also matches lab values and antigen names ("12500", "CD20"): an id
 # only near a signature or a pager (Presidio's context words), as in dictation footers ("BRIGHT, M.D.  FB59")
 PAGER_CONTEXT = ["m.d", "md", "dictated", "signed", "transcribed", "pager", "beeper"]
@@ -307,8 +310,10 @@ PAGER_CONTEXT = ["m.d", "md", "dictated", "signed", "transcribed", "pager", "bee
 def _philter_recognizers(recognizer):
     from philter_lite.filters.filter_db import regex_db
 
-    ids = [(p, SCORE_THRESHOLD) for name, p in regex_db["mrn_id"].items() if name not in PHILTER_ID_SKIPPED]
-    return [recognizer("other_id", *ids),
+    ids = recognizer("other_id", *[(p, SCORE_THRESHOLD) for name, p in regex_db["mrn_id"].items()
+                                   if name not in PHILTER_ID_SKIPPED])
+    ids.invalidate_result = lambda value: bool(_PROTEIN_CHANGE.fullmatch(value))
+    return [ids,
             recognizer("other_id", (regex_db["contact"]["pager"], 0.1), context=PAGER_CONTEXT, name="pager")]
 
 
