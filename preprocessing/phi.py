@@ -349,10 +349,9 @@ def _our_recognizers():
         *(recognizer(kind, (rf"(?<![\p{{L}}\d])(?i:(?:{labels}){_LABEL_END})\K{_ID}", 0.85)) for kind, labels in LABELS.items()),
         # dictation footers: author's initials, then the typists' user names ("XGT:holmes", "GPP/church/olinger")
         recognizer("name", (r"^[ \t]*\p{Lu}{2,4}[:/]\K\p{Ll}{2,}(?:/\p{Ll}{2,})*(?=[ \t]*$)", 0.7),
-                   # a signature of initials: "/s/ J.K.", or "-- JMK" ending its line (a dash mid-line is as often
-                   # followed by an abbreviation: "-- ICU transfer")
-                   (r"(?<![^\s])/s/[ \t]*\K\p{Lu}\.?(?:[ \t]?\p{Lu}\.?){1,2}(?![\p{L}\d])", 0.7),
-                   (r"(?<![^\s])(?:--|—)[ \t]*\K\p{Lu}\.?(?:[ \t]?\p{Lu}\.?){1,2}(?=[ \t]*$)", 0.7)),
+                   # a signature of initials: "/s/ J.K." (not a credential: "/s/ MD"). Not "-- JMK": a plan's
+                   # bullets end their lines in abbreviations as often ("-- EEG", "-- NPO")
+                   (rf"(?<![^\s])/s/[ \t]*\K(?!(?:{_CREDENTIAL})(?![\p{{L}}\d]))\p{{Lu}}\.?(?:[ \t]?\p{{Lu}}\.?){{1,2}}(?![\p{{L}}\d])", 0.7)),
         # labelled values written with spaces, which the labelled-id rule above stops at: an SSN with spaced
         # separators ("SSN: 575 - 57 - 6938"), a plate in two groups ("License plate SNG 4319", "plate: CL8 W66"), and
         # a GS1 device identifier, whose (01) product part precedes the (21) serial ("(01)00643169007222(21)NE42133")
@@ -376,7 +375,7 @@ def _our_recognizers():
         recognizer("city", (rf"{_PLACE}(?=,\s*(?:{_STATES})\b(?:\s+\d{{5}}|\s*[.;)]|\s*$)|\s+(?:{_STATES})\s+\d{{5}}\b)", 0.7),
                    (rf"{_PLACE}\s+(?:County|Parish|Township)\b", 0.7),
                    (r"\b(?i:lives|living|lived|resides|residing|resident|born|moved|relocated|grew up|travel(?:l?ed)?|"
-                    r"emigrated|immigrated|transferred|native)"
+                    r"emigrated|immigrated)"  # not "transferred" or "native": "transferred to Neurology", "native of Spanish"
                     rf"\s+(?i:alone\s+|with\s+\p{{Ll}}+\s+)?(?i:in|to|at|near|from|of)\s+\K{_PLACE}", 0.6),
                    # a facility's town ("transferred from an outside hospital in Bozeman")
                    (rf"\b(?i:hospital|facility|nursing\s+home|SNF|rehab)\s+(?i:in|at|near)\s+\K(?!(?:{_MONTH_NAME})\b){_PLACE}\b", 0.6)),
