@@ -81,8 +81,8 @@ _ROLES = ("patient|pt|name|patient name|seen by|seen with|examined by|evaluated 
           "father|sister|brother|grandson|granddaughter|niece|nephew|aunt|uncle|friend|neighbor|neighbour|"
           "caregiver|guardian|hcp|poa|proxy|contact|cc|"
           # who wrote, was reached or is called: "Note written by", "Case reviewed with", "Msg left for", 'Goes by "Pepe"'
-          "written by|authored by|note by|reviewed with|reviewed by|left for|message for|goes by|known as|aka|saw|"
-          "interpreter")
+          "written by|authored by|note by|reviewed with|reviewed by|left for|message for|goes by|known as|aka|saw")
+# (not "interpreter": a language follows it far more often than a name, "Interpreter: Spanish")
 _CUE_GAP = r"\s*[:,(\"“']?\s*"  # "Name: Smith", "Daughter (Ana)", 'goes by "Bubba"'
 # a cued name in capitals, or in lower case ("pt hamid rahimi", "Daughter (radhika)"; NameRecognizer._lower_runs decides
 # which lower-case words are a name), in one pass over the text; a lower-case run stops before a cue ("pt wife Maria")
@@ -286,7 +286,8 @@ LABELS = {
                    rf"payer|(?:plan|group){_NO}",
     "account": rf"account|acct|HAR|CSN|FIN|invoice|(?:billing|encounter|visit){_NO}",
     "license": r"licen[cs]e|lic|DEA|NPI|DL(?=\s*(?:#|no\b|:))|certificate|certification",
-    "vehicle": rf"VIN|vehicle(?: identification)?|licen[cs]e plate|plate|(?:tag|registration){_NO}",
+    # a plate, but not a fusion's across spinal levels ("plate C5-C7")
+    "vehicle": rf"VIN|vehicle(?: identification)?|licen[cs]e plate|plate(?!\s*:?\s*[CTLS]\d{{1,2}}\b)|(?:tag|registration){_NO}",
     "device": rf"serial|S/?N|UDI|IMEI|(?:device|implant|pacemaker|lot|model){_NO}",
     "other_id": rf"ID|identifier|accession|specimen|requisition|passport|research subject|(?:study|subject|case|sample|order|ref|path|"
                 rf"reference|claim|record){_NO}",
@@ -358,7 +359,8 @@ def _our_recognizers():
         recognizer("ssn", (r"(?<![\p{L}\d])(?i:SSN|SS|social\s+security(?:\s+number)?)\s*(?:#|no\.?|num(?:ber)?)?\s*:?\s*"
                            r"\K\d{3}\s*[-./ ]\s*\d{2}\s*[-./ ]\s*\d{4}\b", 0.85), name="ssn_spaced"),
         recognizer("vehicle", (r"(?<![\p{L}\d])(?i:licen[cs]e\s+plate\s*(?:#|no\.?|number)?|plate\s*(?:#|no\.?|number|:)|tag\s*(?:#|no\.?))"
-                               r"\s*:?\s*\K(?=[A-Z\d -]{5,9}\b)(?=[A-Z\d -]*\d)[A-Z\d]{1,4}[ -][A-Z\d]{1,4}\b", 0.85), name="plate"),
+                               # not spinal levels, which a fusion's plate spans ("Plate: C5 C6")
+                               r"\s*:?\s*\K(?![CTLS]\d{1,2}[ -][CTLS]\d)(?=[A-Z\d -]{5,9}\b)(?=[A-Z\d -]*\d)[A-Z\d]{1,4}[ -][A-Z\d]{1,4}\b", 0.85), name="plate"),
         recognizer("device", (r"\(01\)\d{14}(?:\(\d{2,4}\)[\p{L}\d-]+)*", 0.85), name="udi"),
         # an e-mail address written out against harvesting ("jdoe at example dot com", "jdoe[at]example.org")
         recognizer("email", (r"(?<![\p{L}\d._+-])[\p{L}\d._+-]++\s*(?i:\s\bat\b\s|\[at\]|\(at\))\s*[\p{L}\d-]+(?:\s*(?i:\s\bdot\b\s|\[dot\]|\(dot\)|\.)"
@@ -402,7 +404,9 @@ def _our_recognizers():
                    # in words ("ninety-two-year-old", "Age ninety-one", "she is one hundred and two"), only with an age's
                    # unit, sex or cue: a bare "ninety" is as often minutes, a percentage or a heart rate
                    (rf"\b{_AGE_WORDS}(?=\s*-?\s*(?i:years?|yrs?|y/?o|y\.o\.)\b|\s+[MF]\b|\s+(?i:male|female|man|woman|gentleman|lady)\b)", 0.7),
-                   (rf"\b(?i:age[ds]?|aged|turned|turns|(?:he|she|patient|pt)\s+is)\s*:?\s*\K{_AGE_WORDS}\b", 0.7)),
+                   # not a share or an amount ("she is one hundred percent compliant", "aged ninety minutes")
+                   (rf"\b(?i:age[ds]?|aged|turned|turns|(?:he|she|patient|pt)\s+is)\s*:?\s*\K{_AGE_WORDS}\b"
+                    r"(?![ \t-]*(?i:percent|per\s*cent|%|times|minutes?|mins?|seconds?|hours?|days?|degrees?|mg|mcg|ml|units?)\b)", 0.7)),
     ]
 
 
