@@ -106,20 +106,30 @@ def line_byte_limit(max_doc_chars: int) -> int:
     return 16 * max_doc_chars
 
 
-def jsonl_records(path: str, max_line_bytes: int | None = None) -> Iterator[tuple[int, Any, str | None]]:
+def jsonl_records(path: str, max_line_bytes: int | None = None, lines: tuple[int, int] | None = None
+                  ) -> Iterator[tuple[int, Any, str | None]]:
     """(line, record, problem) for every non-blank line of a jsonl or jsonl.gz file; a line that is not
     UTF-8 or not JSON comes back with its problem (and an excerpt as the record) instead of stopping. A line of more
     than ``max_line_bytes`` comes back as ``too_large`` (with a message as the record) without being read into memory
-    whole or parsed: a multi-GB line costs a pass over its bytes, not their size in memory and a JSON parse."""
+    whole or parsed: a multi-GB line costs a pass over its bytes, not their size in memory and a JSON parse.
+    ``lines`` (first, last): only those lines (numbered from 1, as :func:`count_lines` counts them); the lines before
+    are read past, not parsed, and reading stops after the last."""
     import gzip
 
     import orjson
 
+    first, last = lines or (1, None)
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         i = 0
         while raw := (f.readline(max_line_bytes + 1) if max_line_bytes else f.readline()):
             i += 1
+            if last is not None and i > last:
+                return
+            if i < first:
+                while max_line_bytes and raw and not raw.endswith(b"\n"):  # another task's long line: read past it
+                    raw = f.readline(1 << 16)
+                continue
             if max_line_bytes and len(raw.rstrip(b"\r\n")) > max_line_bytes:
                 head, size = raw[:100].decode("utf-8", "replace"), len(raw)
                 while raw and not raw.endswith(b"\n"):  # the rest of the line, skipped a piece at a time
@@ -141,8 +151,20 @@ def jsonl_records(path: str, max_line_bytes: int | None = None) -> Iterator[tupl
                 yield i, raw[:1000].decode("utf-8", "replace"), "malformed_json"
 
 
+def count_lines(path: str) -> int:
+    """Lines of a jsonl or jsonl.gz file as :func:`jsonl_records` numbers them (a last line without its newline
+    counts): one pass over the bytes, without splitting or parsing them."""
+    import gzip
+
+    n, end = 0, b"\n"
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        while block := f.read(1 << 20):
+            n, end = n + block.count(b"\n"), block[-1:]
+    return n + (end != b"\n")
+
+
 class MixReader(PipelineStep):
-    """Reads every source's files (jsonl, jsonl.gz, parquet, LaTeX); files are sharded over ranks.
+    """Reads every source's files (jsonl, jsonl.gz, parquet, LaTeX); files are shared out over the tasks by :meth:`shard`.
     Each document gets ``metadata.source``. Malformed lines, missing text keys, non-UTF-8 bytes, empty or
     oversized records and unreadable files are quarantined and counted, and reading goes on."""
 
@@ -161,15 +183,27 @@ class MixReader(PipelineStep):
         # its name alone collides (one folder per arXiv paper, each a main.tex), and the folder's place is the user's
         self.roots = {name: os.path.commonpath(dirs) for name, dirs in folders.items()}
 
+    def shard(self, rank: int, world_size: int) -> list[tuple[SourceConfig, str, int, int]]:
+        """This task's (source, file, part, parts): whole files in turn, as datatrove shards, except the jsonl and
+        parquet files of a ``phi_guard`` source, of which every task takes a part: the ``part``-th of ``parts`` runs
+        of consecutive records. The guard costs about 50 times what reading a record does, and notes often come as
+        one large export: kept whole, such a file ran the guard on one core whatever ``--workers`` said. Runs, not
+        every n-th record: the records of a file keep their order across the tasks, which is the order the dedup
+        stages keep the first copy of a duplicate by."""
+        split = [(s, p) for s, p in self.files if s.phi_guard and s.format != "latex"]
+        whole = [(s, p) for s, p in self.files if not (s.phi_guard and s.format != "latex")]
+        return [(s, p, rank, world_size) for s, p in split] + [(s, p, 0, 1) for s, p in whole[rank::world_size]]
+
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         quarantine = Quarantine(self.errors_dir, "read", rank)
         try:
-            for source, path in self.files[rank::world_size]:
-                yield from self._read_file(source, path, quarantine)
+            for source, path, part, parts in self.shard(rank, world_size):
+                yield from self._read_file(source, path, quarantine, part, parts)
         finally:
             quarantine.close()
 
-    def _read_file(self, source: SourceConfig, path: str, quarantine: Quarantine) -> Iterator[Document]:
+    def _read_file(self, source: SourceConfig, path: str, quarantine: Quarantine, part: int = 0,
+                   parts: int = 1) -> Iterator[Document]:
         def bad(line, reason, excerpt=""):
             self.stat_update(f"read/{source.name}", f"quarantined/{source.name}/{reason}")
             if source.phi_guard and excerpt:  # the errors folder travels with the mix: redacted as the documents are
@@ -178,8 +212,23 @@ class MixReader(PipelineStep):
             quarantine.write(path, line, reason, excerpt)
 
         try:
-            records = {"jsonl": self._jsonl, "parquet": self._parquet, "latex": self._latex}[source.format](path, source)
+            lines = None
+            if parts > 1:  # this task's run of lines (rows), 1-based: (first, last)
+                try:
+                    n = count_lines(path) if source.format == "jsonl" else self._rows(path)
+                    lines = (part * n // parts + 1, (part + 1) * n // parts)
+                except Exception:  # unreadable (corrupt gzip, bad parquet): the first task reads what it can, whole
+                    if part:
+                        return
+            if source.format == "jsonl":
+                records = jsonl_records(path, line_byte_limit(self.max_doc_chars), lines)
+            else:
+                records = {"parquet": self._parquet, "latex": self._latex}[source.format](path, source)
             for line, record, problem in records:
+                if lines and not lines[0] <= line <= lines[1]:  # parquet: rows of another task
+                    if line > lines[1]:
+                        break
+                    continue
                 if problem:
                     bad(line, problem, record if isinstance(record, str) else "")
                     continue
@@ -203,8 +252,11 @@ class MixReader(PipelineStep):
         except Exception as err:  # unreadable file: corrupt gzip, bad parquet, permissions
             bad(None, "unreadable_file", f"{type(err).__name__}: {err}")
 
-    def _jsonl(self, path: str, source: SourceConfig):
-        return jsonl_records(path, line_byte_limit(self.max_doc_chars))
+    @staticmethod
+    def _rows(path: str) -> int:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
 
     @staticmethod
     def _parquet(path: str, source: SourceConfig):

@@ -374,6 +374,53 @@ def test_a_huge_line_is_quarantined_without_being_read_whole_or_parsed(tmp_path,
     assert error["excerpt"].startswith(f"line of {len(huge) + 1} bytes, over the limit of 16000 (16 bytes per "
                                        'max_doc_chars), not parsed: {"text": "xxx')
 
+def test_a_guarded_sources_records_are_shared_by_all_tasks_however_its_files_come(tmp_path):
+    """The PHI guard is the build's costliest step, and notes often come as one large export: with files kept whole a
+    single notes file ran the guard on one task whatever --workers said. A ``phi_guard`` source's jsonl and parquet
+    records are shared by every task instead (runs of consecutive records: the dedup stages keep the first copy of a
+    duplicate in the tasks' order), each read once, with the ids, line numbers and quarantine entries of a one-task
+    read; other sources' files stay whole, one task each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from preprocessing.recipe import SourceConfig
+    from preprocessing.steps import MixReader
+
+    notes, web = SourceConfig("notes", [], 0.5, phi_guard=True), SourceConfig("web", [], 0.3)
+    table = SourceConfig("table", [], 0.2, format="parquet", phi_guard=True)
+    lines = [json.dumps({"text": f"Seen in clinic, visit {i}."}) for i in range(10)]
+    lines[4], lines[7] = '{"text": "cut off', json.dumps({"text": "x" * 2000})  # malformed; too large (>16 bytes/char)
+    (tmp_path / "notes.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "broken.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a note"}\n' * 50)[:-20])  # cut: unreadable
+    pq.write_table(pa.table({"text": [f"Row {i} of the table." for i in range(7)]}), tmp_path / "notes.parquet")
+    for k in range(4):
+        (tmp_path / f"web{k}.jsonl").write_text(json.dumps({"text": f"Page {k}."}) + "\n")
+    files = [(notes, str(tmp_path / "notes.jsonl")), (notes, str(tmp_path / "broken.jsonl.gz")),
+             (table, str(tmp_path / "notes.parquet"))] + [(web, str(tmp_path / f"web{k}.jsonl")) for k in range(4)]
+
+    def read(world_size):
+        docs, errors = [], []
+        for rank in range(world_size):
+            reader = MixReader(files, str(tmp_path / f"errors_{world_size}"), max_doc_chars=100)
+            docs.append([d.id for d in reader.run(rank=rank, world_size=world_size)])
+            path = tmp_path / f"errors_{world_size}" / f"read_{rank:05d}.jsonl"
+            errors += sorted(json.dumps(json.loads(x), sort_keys=True) for x in path.read_text().splitlines()) if path.exists() else []
+        return docs, sorted(errors)
+
+    [one], one_errors = read(1)
+    shared, errors = read(3)
+    assert sorted(sum(shared, [])) == sorted(one) and errors == one_errors  # each record and error once, named as before
+    assert len([e for e in errors if '"unreadable_file"' in e]) == 1 and len(errors) == 3
+    runs = {"notes/notes.jsonl": [(1, 3), (4, 6), (7, 10)], "table/notes.parquet": [(1, 2), (3, 4), (5, 7)]}
+    for rank, ids in enumerate(shared):  # every task has its third of the notes and of the table's rows, in order
+        for name, parts in runs.items():
+            first, last = parts[rank]
+            bad = (5, 8) if name.endswith(".jsonl") else ()  # quarantined
+            assert [i for i in ids if i.startswith(name)] == [f"{name}:{n}" for n in range(first, last + 1) if n not in bad]
+    assert [[i for i in ids if i.startswith("web/")] for ids in shared] == [  # whole files, one task each
+        ["web/web0.jsonl:1", "web/web3.jsonl:1"], ["web/web1.jsonl:1"], ["web/web2.jsonl:1"]]
+
+
 EXAM = "Mental status: alert and oriented.\nCranial nerves: intact.\nMotor: strength 5/5 throughout.\n"
 COMPLAINTS = ["headache", "dizziness", "numbness", "tremor", "seizure", "neck pain"]
 
