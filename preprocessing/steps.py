@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import time
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -24,6 +26,8 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 from preprocessing.phi import phi_spans, redact_phi
 from preprocessing.recipe import SourceConfig
 from preprocessing.tokenizer import as_text, eos_id, text_tokenizer, token_dtype
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------- errors
 
@@ -163,6 +167,39 @@ def count_lines(path: str) -> int:
     return n + (end != b"\n")
 
 
+def _size(path: str) -> int:
+    """Bytes on disk, 0 for a file gone (the reader quarantines it as unreadable)."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+class Progress:
+    """A line every ``every`` seconds while a task reads (on the console, where a local build's workers log): the
+    clean stage runs for hours on a large corpus, and datatrove says nothing until a task ends. Documents and
+    their text, with the rate, which includes the steps after the reader (the PHI guard: the slow one); files and
+    their bytes on disk, against the task's total."""
+
+    every = 300.0
+
+    def __init__(self, what: str, total_files: int, total_bytes: int):
+        self.what, self.total_files, self.total_bytes = what, total_files, total_bytes
+        self.start = self.last = time.monotonic()
+        self.docs = self.chars = self.files = self.bytes = 0
+
+    def document(self, chars: int) -> None:
+        self.docs, self.chars = self.docs + 1, self.chars + chars
+        if (now := time.monotonic()) - self.last >= self.every:
+            self.last = now
+            log.info("%s: %d documents, %.1f MB of text in %.0f s (%.2f MB/s); files done: %d of %d, %.0f of %.0f MB",
+                     self.what, self.docs, self.chars / 1e6, now - self.start, self.chars / 1e6 / max(now - self.start, 1e-9),
+                     self.files, self.total_files, self.bytes / 1e6, self.total_bytes / 1e6)
+
+    def file(self, size: int) -> None:
+        self.files, self.bytes = self.files + 1, self.bytes + size
+
+
 class MixReader(PipelineStep):
     """Reads every source's files (jsonl, jsonl.gz, parquet, LaTeX); files are shared out over the tasks by :meth:`shard`.
     Each document gets ``metadata.source``. Malformed lines, missing text keys, non-UTF-8 bytes, empty or
@@ -196,9 +233,14 @@ class MixReader(PipelineStep):
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         quarantine = Quarantine(self.errors_dir, "read", rank)
+        shard = self.shard(rank, world_size)
+        progress = Progress(f"clean, task {rank + 1}/{world_size}", len(shard), sum(map(_size, (p for _, p, _, _ in shard))))
         try:
-            for source, path, part, parts in self.shard(rank, world_size):
-                yield from self._read_file(source, path, quarantine, part, parts)
+            for source, path, part, parts in shard:
+                for doc in self._read_file(source, path, quarantine, part, parts):
+                    progress.document(len(doc.text))
+                    yield doc
+                progress.file(_size(path))
         finally:
             quarantine.close()
 

@@ -421,6 +421,24 @@ def test_a_guarded_sources_records_are_shared_by_all_tasks_however_its_files_com
         ["web/web0.jsonl:1", "web/web3.jsonl:1"], ["web/web1.jsonl:1"], ["web/web2.jsonl:1"]]
 
 
+def test_the_clean_stage_says_how_far_each_task_has_read(tmp_path, monkeypatch, caplog):
+    """The clean stage runs for hours on a large corpus, and datatrove logs nothing to the console until a task ends:
+    each task says every few minutes what it has read, how fast, and how many of its files are done."""
+    from preprocessing import steps
+    from preprocessing.recipe import SourceConfig
+
+    web = SourceConfig("web", [], 1.0)
+    for k in range(2):
+        (tmp_path / f"web{k}.jsonl").write_text("".join(json.dumps({"text": "A page. " * 100}) + "\n" for _ in range(3)))
+    files = [(web, str(tmp_path / f"web{k}.jsonl")) for k in range(2)]
+    monkeypatch.setattr(steps.Progress, "every", 0.0)
+    with caplog.at_level("INFO", logger="preprocessing.steps"):
+        assert len(list(steps.MixReader(files, str(tmp_path / "errors"), 10_000).run())) == 6
+    lines = [r.getMessage() for r in caplog.records if r.name == "preprocessing.steps"]
+    assert len(lines) == 6 and lines[0].startswith("clean, task 1/1: 1 documents, 0.0 MB of text in ")
+    assert lines[-1].startswith("clean, task 1/1: 6 documents") and "files done: 1 of 2" in lines[-1]
+
+
 EXAM = "Mental status: alert and oriented.\nCranial nerves: intact.\nMotor: strength 5/5 throughout.\n"
 COMPLAINTS = ["headache", "dizziness", "numbness", "tremor", "seizure", "neck pain"]
 
