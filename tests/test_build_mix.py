@@ -992,3 +992,17 @@ def test_workers_below_one_are_refused_before_clean_empties_the_output(tmp_path,
     assert stopped.value.code == 2
     assert "argument --workers: must be at least 1, got 0" in capsys.readouterr().err
     assert (out / "kept").is_file()
+
+
+def test_bench_tokenize_runs(capsys):
+    """The tokenising benchmark runs the build's own writer and merge, so it breaks when they change (it did: the
+    merge's document and token checks took two more arguments): a small corpus through it, both sides agreeing."""
+    import logging
+
+    from tools import bench_tokenize
+
+    try:
+        bench_tokenize.main(["--docs", "60", "--workers", "2", "--tokenizer", str(DEMO / "tokenizer")])
+    finally:
+        logging.disable(logging.NOTSET)  # the script silences logging for its whole process
+    assert "| datatrove MegatronTokenWriter (2 tasks, batched) + merge |" in capsys.readouterr().out

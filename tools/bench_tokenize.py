@@ -61,7 +61,9 @@ def baseline(corpus: Path, tokenizer_dir: str, out_prefix: Path) -> int:
     return n
 
 
-def ours(corpus_dir: Path, tokenizer_dir: str, work: Path, workers: int) -> int:
+def ours(corpus_dir: Path, tokenizer_dir: str, work: Path, workers: int, documents: int, tokens: int) -> int:
+    """``documents`` and ``tokens``: the baseline's, which the merge checks its parts against (as the build checks
+    them against its stages' counts)."""
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.readers import JsonlReader
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -80,7 +82,7 @@ def ours(corpus_dir: Path, tokenizer_dir: str, work: Path, workers: int) -> int:
     LocalPipelineExecutor(pipeline, tasks=workers, workers=workers, logging_dir=str(work / "logs"),
                           start_method="fork").run()
     dtype = token_dtype(load_tokenizer(tokenizer_dir).get_vocab_size())
-    merge_indexed(sorted((work / "tokens" / "bench").glob("*.idx")), work / "merged", dtype)
+    merge_indexed(sorted((work / "tokens" / "bench").glob("*.idx")), work / "merged", dtype, documents, tokens)
     merged = IndexedDataset(str(work / "merged"))
     return int(merged.sequence_lengths.sum())
 
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         base_tokens = baseline(work / "corpus", args.tokenizer, work / "baseline")
         base_s = time.perf_counter() - t
         t = time.perf_counter()
-        our_tokens = ours(work / "corpus", args.tokenizer, work / "ours", args.workers)
+        our_tokens = ours(work / "corpus", args.tokenizer, work / "ours", args.workers, args.docs, base_tokens)
         our_s = time.perf_counter() - t
         if our_tokens != base_tokens:
             raise SystemExit(f"token counts differ: ours {our_tokens} vs baseline {base_tokens}")
