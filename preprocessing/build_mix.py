@@ -94,6 +94,7 @@ def build(recipe: MixRecipe, workers: int = 1, executor: str = "local", keep_wor
     if not run_stages(recipe, workers, executor, **cluster):
         return None
     ledger = collect_ledger(out / "logs", [s.name for s in recipe.sources])
+    log.info("merging the tasks' token files and held-out splits per source, then the report")
     mix = mix_json(recipe, merge_tokens(recipe, ledger), merge_heldout(recipe), ledger)
     write_json_atomic(out / "mix.json", mix)
     write_report(recipe, ledger, mix, out)
