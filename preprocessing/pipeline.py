@@ -184,9 +184,11 @@ def check_recipe(recipe: MixRecipe) -> list:
     would apply to none or part of the data, so it stops instead. Recorded in ``recipe.resolved.json``.
     Returns the sources' files it recorded, (source, path) pairs: the build reads these, not the folders again
     (a file created in between would be read but not recorded)."""
+    from preprocessing.steps import MixReader
+
     files = recipe.source_files()
     settings = {**asdict(recipe), "base_dir": str(Path(recipe.base_dir).resolve()),  # the config by any path
-                "input_files": input_files([path for _, path in files])}
+                "input_files": input_files([path for _, path in files]), "read_sharding": MixReader.SHARDING}
     if recipe.llm:
         settings["llm"] = {k: v for k, v in settings["llm"].items() if k not in LLM_CONNECTION}
     check_settings(recipe.out / "recipe.resolved.json", settings)

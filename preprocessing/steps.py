@@ -220,6 +220,10 @@ class MixReader(PipelineStep):
         # its name alone collides (one folder per arXiv paper, each a main.tex), and the folder's place is the user's
         self.roots = {name: os.path.commonpath(dirs) for name, dirs in folders.items()}
 
+    # how files are shared out over the tasks, recorded with a build's settings: a clean stage resumed under another
+    # sharding would read some records twice and others never (the runs of guarded files came in 2026-11-29)
+    SHARDING = "whole files in turn; a phi_guard source's jsonl and parquet records in runs over all tasks"
+
     def shard(self, rank: int, world_size: int) -> list[tuple[SourceConfig, str, int, int]]:
         """This task's (source, file, part, parts): whole files in turn, as datatrove shards, except the jsonl and
         parquet files of a ``phi_guard`` source, of which every task takes a part: the ``part``-th of ``parts`` runs

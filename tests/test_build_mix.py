@@ -374,6 +374,7 @@ def test_a_huge_line_is_quarantined_without_being_read_whole_or_parsed(tmp_path,
     assert error["excerpt"].startswith(f"line of {len(huge) + 1} bytes, over the limit of 16000 (16 bytes per "
                                        'max_doc_chars), not parsed: {"text": "xxx')
 
+
 def test_a_guarded_sources_records_are_shared_by_all_tasks_however_its_files_come(tmp_path):
     """The PHI guard is the build's costliest step, and notes often come as one large export: with files kept whole a
     single notes file ran the guard on one task whatever --workers said. A ``phi_guard`` source's jsonl and parquet
@@ -858,6 +859,12 @@ def test_a_rerun_with_a_changed_recipe_stops_naming_what_changed(tmp_path):
     with pytest.raises(BuildError, match=r"\(seq_length changed\)"):  # a finished build is not returned for another recipe
         build_mix.build(MixRecipe(**{**raw, "seq_length": 64}))
     assert build_mix.build(MixRecipe(**raw)) == mix
+    # a build begun when files were shared out over the tasks otherwise (the runs of guarded sources came later):
+    # resumed, its unfinished tasks would read some records twice and others never
+    settings = tmp_path / "out" / "recipe.resolved.json"
+    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "read_sharding"}))
+    with pytest.raises(BuildError, match=r"\(read_sharding changed\); rerun with --clean"):
+        build_mix.build(MixRecipe(**raw))
 
 
 def test_a_rerun_after_its_input_files_changed_stops_naming_them(tmp_path):
