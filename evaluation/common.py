@@ -100,12 +100,12 @@ def stopped(out: str | Path, message: str, suffixes: tuple[str, ...] = (".json",
     and ``OUT.md`` left in place would pass for this command's results in :mod:`evaluation.report`, with other
     models or checkpoints behind the same names; they are renamed ``OUT.earlier.*``, and the message says so."""
     out = Path(out)
-    moved = [out.with_suffix(x) for x in suffixes if out.with_suffix(x).is_file()]
-    for f in moved:
-        os.replace(f, out.with_suffix(".earlier" + f.suffix))
+    moved = [(out.with_suffix(x), out.with_suffix(".earlier" + x)) for x in suffixes if out.with_suffix(x).is_file()]
+    for f, earlier in moved:
+        os.replace(f, earlier)
     if moved:
-        message += (f"\nAn earlier run's {', '.join(f.name for f in moved)} did not come from this command: renamed "
-                    f"{', '.join(out.with_suffix('.earlier' + f.suffix).name for f in moved)}.")
+        message += (f"\nAn earlier run's {', '.join(f.name for f, _ in moved)} did not come from this command: renamed "
+                    f"{', '.join(earlier.name for _, earlier in moved)}.")
     return SystemExit(message)
 
 

@@ -27,7 +27,8 @@ def check_conversation(record: Any, roles: tuple[str, ...] | list[str] = ROLES) 
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list) or not messages:
         return None, "missing_messages"
-    if not isinstance(record.get("tools") or [], list) or not all(isinstance(t, dict) for t in record.get("tools") or []):
+    tools = record.get("tools") or []
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         return None, "bad_tools"
     # OpenAI's format writes an assistant turn that only calls tools with "content": null; the templates take ""
     messages = [{**m, "content": ""} if isinstance(m, dict) and m.get("role") == "assistant" and m.get("content") is None

@@ -231,9 +231,15 @@ class MixReader(PipelineStep):
         one large export: kept whole, such a file ran the guard on one core whatever ``--workers`` said. Runs, not
         every n-th record: the records of a file keep their order across the tasks, which is the order the dedup
         stages keep the first copy of a duplicate by."""
-        split = [(s, p) for s, p in self.files if s.phi_guard and s.format != "latex"]
-        whole = [(s, p) for s, p in self.files if not (s.phi_guard and s.format != "latex")]
+        split = [(s, p) for s, p in self.files if self._split(s)]
+        whole = [(s, p) for s, p in self.files if not self._split(s)]
         return [(s, p, rank, world_size) for s, p in split] + [(s, p, 0, 1) for s, p in whole[rank::world_size]]
+
+    @staticmethod
+    def _split(source: SourceConfig) -> bool:
+        """Whether every task takes a part of the source's files (:meth:`shard`): a guarded source's jsonl and parquet
+        files, counted in lines or rows (a LaTeX file is one document)."""
+        return source.phi_guard and source.format != "latex"
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         quarantine = Quarantine(self.errors_dir, "read", rank)
