@@ -70,7 +70,8 @@ class Span(NamedTuple):
 
 # ------------------------------------------------------------------------------------------- names
 
-_WORD = r"\p{Lu}[\p{L}'’]*\p{L}(?:-\p{Lu}[\p{L}'’]*\p{L})?"  # Smith, O'Brien, Müller, SMITH, Smith-Jones
+# Smith, O'Brien, Müller, SMITH, Smith-Jones; not the letters of a gene, "PSEN1", that ends a cued name's line
+_WORD = r"\p{Lu}[\p{L}'’]*\p{L}(?:-\p{Lu}[\p{L}'’]*\p{L})?(?![\p{L}\d])"
 _NAME_WORD = regex.compile(_WORD)
 _INITIAL = r"\p{Lu}\.?"
 _TITLED = regex.compile(rf"\b(?:Dr|Drs|Mr|Mrs|Ms|Mx|Miss|Prof|Doctor|DR\.)\.?[ \t]+\K(?:{_INITIAL}[ \t]+)?{_WORD}"
@@ -95,9 +96,11 @@ _LOWER_NAME_WORD = regex.compile(_LOWER_WORD)
 _SPECIALTY = regex.compile(r"(?:olog(?:y|ies|ist|ists)|iatr(?:y|ist|ists)|icians?|hospitalists?|therap(?:y|ies|ist|ists)|"
                            r"surgery|medicine)$")
 _ROLE_WORDS = frozenset(regex.findall(r"[a-z]+", _ROLES)) - {"saw"}  # a cue is never the name it announces ("Son", "Nurse")
-_PAIR_WORD = regex.compile(rf"(?<![\p{{L}}\d]){_WORD}(?![\p{{L}}\d])")  # a whole word: not "SpO" of "SpO2"
+_PAIR_WORD = regex.compile(rf"(?<![\p{{L}}\d]){_WORD}")  # a whole word: not "SpO" of "SpO2"
 _GAP_FIRST_LAST = regex.compile(r"[ \t]+(?:\p{Lu}\.?[ \t]+)?")
 _GAP_LAST_FIRST = regex.compile(r",[ \t]*")
+# after a pair, the disease or sign it names: a place or a person of long ago ("Rocky Mountain spotted fever")
+_NAMES_A_DISEASE = regex.compile(r"[ \t]+(?:spotted[ \t]+)?(?i:fever|syndrome|disease|sign|palsy|phenomenon|virus|encephalitis)\b")
 _CREDENTIAL = (r"MD|M\.D\.|DO|D\.O\.|RN|NP|PA-C|PA|PhD|Ph\.D\.|APRN|CNP|CRNP|DNP|FNP|MSW|LCSW|LICSW|PharmD|RPh|DPT|OTR|LPN|"
                r"PGY-?\d")
 _CREDENTIALED = regex.compile(rf"{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}(?=,?[ \t]+(?:{_CREDENTIAL})(?!\p{{L}}))")
@@ -239,7 +242,7 @@ def _name_recognizer():
             keys = [_key(w.group()) for w in words]
             for i in range(len(words) - 1):
                 (a, ka), (b, kb) = (words[i].group(), keys[i]), (words[i + 1].group(), keys[i + 1])
-                if not ka or not kb or _eponym(ka) or _eponym(kb):
+                if not ka or not kb or _eponym(ka) or _eponym(kb) or _NAMES_A_DISEASE.match(text, words[i + 1].end()):
                     continue
                 gap = text[words[i].end():words[i + 1].start()]
                 unknown = kb not in self.common and kb not in self.first and kb not in self.last
@@ -303,6 +306,10 @@ PHILTER_ID_SKIPPED = frozenset({"mixed_010", "mixed003", "mixed004", "model_numb
 # a protein change in one-letter amino-acid code ("BRAF V600E", "IDH1 R132H", "LRRK2 G2019S"), which philter-lite's
 # unlabelled id rules take for an id; a labelled id of that shape is still caught by its label
 _PROTEIN_CHANGE = regex.compile(r"[ACDEFGHIKLMNPQRSTVWY]\d{1,4}[ACDEFGHIKLMNPQRSTVWY]")
+# the same rules take gene symbols and antigen names for ids ("SCN1A", "CACNA1A", "CYP2C19", the ganglioside "GQ1b",
+# "CD45RO"): letters whose digits come in runs of one or two, where philter-lite's id formats have three or more; an
+# unlabelled id of that shape ("AB12C") is let go with them, a labelled one is still caught by its label
+_GENE_LIKE = regex.compile(r"\p{L}{2,}(?:\d{1,2}\p{L}+)+\d{0,2}")
 # philter-lite's pager rule ("84710", "FB59") also matches lab values and antigen names ("12500", "CD20"): an id
 # only near a signature or a pager (Presidio's context words), as in dictation footers ("BRIGHT, M.D.  FB59")
 PAGER_CONTEXT = ["m.d", "md", "dictated", "signed", "transcribed", "pager", "beeper"]
@@ -313,7 +320,7 @@ def _philter_recognizers(recognizer):
 
     ids = recognizer("other_id", *[(p, SCORE_THRESHOLD) for name, p in regex_db["mrn_id"].items()
                                    if name not in PHILTER_ID_SKIPPED])
-    ids.invalidate_result = lambda value: bool(_PROTEIN_CHANGE.fullmatch(value))
+    ids.invalidate_result = lambda value: bool(_PROTEIN_CHANGE.fullmatch(value) or _GENE_LIKE.fullmatch(value))
     return [ids,
             recognizer("other_id", (regex_db["contact"]["pager"], 0.1), context=PAGER_CONTEXT, name="pager")]
 

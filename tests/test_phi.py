@@ -273,12 +273,19 @@ def test_names_after_more_cues_in_lower_case_and_as_initials():
         assert redact_phi(text) == text
 
 
-def test_protein_changes_and_foster_kennedy_are_kept():
-    """philter-lite's unlabelled id rules took a protein change for an id (a labelled one is still caught), and
-    the name pairs took Foster Kennedy syndrome for a person."""
-    for text in ("BRAF V600E positive; IDH1 R132H mutant; LRRK2 G2019S carrier.", "Foster Kennedy syndrome."):
+def test_protein_changes_gene_symbols_and_diseases_named_after_people_or_places_are_kept():
+    """philter-lite's unlabelled id rules took protein changes, gene symbols and antigen names for ids (labelled, such
+    a value is still caught), and the name pairs took Foster Kennedy syndrome and Rocky Mountain spotted fever for
+    people; an id with a longer run of digits stays an id."""
+    for text in ("BRAF V600E positive; IDH1 R132H mutant; LRRK2 G2019S carrier.", "Foster Kennedy syndrome.",
+                 "Pathogenic SCN1A variant; GRIN2B, CACNA1A, COL4A1 and SLC2A1 panels; CYP2C19 poor metabolizer.",
+                 "Anti-GQ1b IgG positive; CD45RO+ cells.", "Treated for Rocky Mountain spotted fever."):
         assert redact_phi(text) == text
     assert redact_phi("MRN: V600E") == "MRN: [MRN]"
+    assert redact_phi("Specimen SCN1A") == "Specimen [OTHER_ID]"
+    assert redact_phi("Sent as XK4419B today.") == "Sent as [OTHER_ID] today."
+    assert redact_phi("Seen by Rocky Mountain today.") == "Seen by [NAME] today."
+    assert redact_phi("Fellow: Halvorsen, Ifeoma E. PSEN1 positive.") == "Fellow: [NAME]. PSEN1 positive."
 
 
 def test_independent_dev_half_floor():
