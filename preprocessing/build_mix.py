@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 
 from preprocessing.atomic import write_json_atomic
 from preprocessing.pipeline import add_executor_args, build_command, built, check_recipe, load_recipe, remove_work, run_stages
@@ -45,9 +46,10 @@ def merge_heldout(recipe: MixRecipe) -> dict[str, str]:
     files = {}
     for source in recipe.sources:
         target = out / f"{source.name}.jsonl"
-        with open(f"{target}.tmp", "w") as f:
+        with open(f"{target}.tmp", "wb") as f:
             for part in sorted((recipe.out / "work" / "heldout" / source.name).glob("*.jsonl")):
-                f.write(part.read_text())
+                with open(part, "rb") as piece:
+                    shutil.copyfileobj(piece, f)  # in blocks: a part is never read whole
         os.replace(f"{target}.tmp", target)
         files[source.name] = str(target.relative_to(recipe.out))
     return files
