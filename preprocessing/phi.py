@@ -199,6 +199,11 @@ def _name_recognizer():
         def _family(self, word: str, key: str, sure: bool) -> bool:
             return key in self.last and (key not in self.common if sure else self._could_be_name(word, key))
 
+        def _abbreviation_after(self, before: str, word: str, key: str) -> bool:
+            """A word in capitals after one that is not, and in no name list: the gene or abbreviation that follows
+            a name on its line ("fellow: Mirola N. Mwangi MAPT positive"), not its last word ("Jean DUPONT")."""
+            return word.isupper() and not before.isupper() and key not in self.first and key not in self.last
+
         def _runs(self, pattern, text: str, score: float, matches=None):
             """Per match, its words that could be a name (a common word too where it stands next to an
             unambiguous surname: "Son Ana Reyes"): from the start (after a title, the first word is always
@@ -213,6 +218,9 @@ def _name_recognizer():
                 ok = [o and not _CREDENTIAL_WORD.fullmatch(w.group()) for o, w in zip(ok, words)]
                 if len(ok) == 3 and keys[2] in EPONYMS:  # "Attending: Zofia Dubois Horner syndrome"
                     ok[2] = False
+                if pattern is not _CREDENTIALED:
+                    ok = [o and not (i and self._abbreviation_after(words[i - 1].group(), w.group(), keys[i]))
+                          for i, (o, w) in enumerate(zip(ok, words))]
                 if pattern is _CREDENTIALED:
                     words, ok = words[::-1], ok[::-1]
                 n = ok.index(False) if False in ok else len(ok)
@@ -242,7 +250,8 @@ def _name_recognizer():
             keys = [_key(w.group()) for w in words]
             for i in range(len(words) - 1):
                 (a, ka), (b, kb) = (words[i].group(), keys[i]), (words[i + 1].group(), keys[i + 1])
-                if not ka or not kb or _eponym(ka) or _eponym(kb) or _NAMES_A_DISEASE.match(text, words[i + 1].end()):
+                if (not ka or not kb or _eponym(ka) or _eponym(kb) or self._abbreviation_after(a, b, kb)
+                        or _NAMES_A_DISEASE.match(text, words[i + 1].end())):
                     continue
                 gap = text[words[i].end():words[i + 1].start()]
                 unknown = kb not in self.common and kb not in self.first and kb not in self.last

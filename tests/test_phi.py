@@ -286,6 +286,8 @@ def test_protein_changes_gene_symbols_and_diseases_named_after_people_or_places_
     assert redact_phi("Sent as XK4419B today.") == "Sent as [OTHER_ID] today."
     assert redact_phi("Seen by Rocky Mountain today.") == "Seen by [NAME] today."
     assert redact_phi("Fellow: Halvorsen, Ifeoma E. PSEN1 positive.") == "Fellow: [NAME]. PSEN1 positive."
+    assert redact_phi("Fellow: Mirola N. Mwangi MAPT positive.") == "Fellow: [NAME] MAPT positive."
+    assert redact_phi("Fellow: Jean DUPONT") == "Fellow: [NAME]"  # a listed surname in capitals stays part of the name
 
 
 def test_independent_dev_half_floor():
