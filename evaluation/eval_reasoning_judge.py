@@ -12,10 +12,12 @@ not start vLLM itself: the answers are generated here with transformers, the jud
 1. Sample ``--n`` questions, seeded and stratified by source, from local MedMCQA (question, opa..opd, cop
    (0-3 or 1-4: see --medmcqa-cop), exp), PubMedQA (QUESTION, CONTEXTS, LONG_ANSWER, final_decision) and MedQA (question, options,
    answer) jsonl files.
-2. Generate each model's full answer (reasoning included) with its tokenizer's chat template, given
-   ``--answer-template-kwargs``: the SFT data's ``chat_template_kwargs`` (``sft.json`` records them), so the
-   answers are prompted as the models were trained (Qwen3.5-0.8B and -2B's template closes the think block unless
-   ``enable_thinking`` is true: a model trained on reasoning with it would otherwise answer without).
+2. Generate each model's full answer (reasoning included) with its tokenizer's chat template, given the SFT
+   data's ``chat_template_kwargs`` (an SFT run's export records them in ``neurocpt_sft_chat.json``;
+   ``--answer-template-kwargs`` overrides them), so the answers are prompted as the models were trained
+   (Qwen3.5-0.8B and -2B's template closes the think block unless ``enable_thinking`` is true: a model trained on
+   reasoning with it would otherwise answer without). A chat template other than the one the SFT data was
+   rendered with is warned about.
 3. Judge every question twice through the ``openai`` client, once in each presentation order; which model
    is "Response A" in the first call is drawn per question from ``--seed`` (recorded). The judge returns
    JSON (schema below): a verdict A/B/tie and 1-5 scores on Diagnostic Reasoning, Clinical Knowledge,
@@ -48,6 +50,7 @@ from typing import Iterator
 
 from evaluation.common import device_and_dtype, fingerprint, named_paths, stopped, text_lines, write_report
 from preprocessing.atomic import write_atomic
+from preprocessing.chat import SFT_CHAT_FILE, template_sha
 from preprocessing.cli import positive_int
 from preprocessing.llm import JsonlCache, LLMConfig, LLMError, Request, StructuredLLM, cache_key
 
@@ -180,10 +183,18 @@ def was_cut(new_tokens: list[int], max_new_tokens: int, eos: int | list[int] | N
     return len(new_tokens) >= max_new_tokens and (not new_tokens or new_tokens[-1] not in eos_ids)
 
 
+def sft_chat(model_dir: str) -> dict:
+    """How the model's SFT data was rendered, as its export recorded it (``chat_template_kwargs``,
+    ``chat_template_sha256``); empty for a model exported without one (not trained here, or before it was kept)."""
+    path = Path(model_dir) / SFT_CHAT_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: str, dtype,
-             template_kwargs: dict | None = None) -> Iterator[tuple[str, bool]]:
+             template_kwargs: dict | None = None, trained_template: str | None = None) -> Iterator[tuple[str, bool]]:
     """Greedy answers with the model's own chat template (given ``template_kwargs``, e.g. ``enable_thinking``), one
-    at a time (the caller keeps each as it comes), each with whether it was cut at ``max_new_tokens`` (:func:`was_cut`)."""
+    at a time (the caller keeps each as it comes), each with whether it was cut at ``max_new_tokens`` (:func:`was_cut`).
+    A template other than ``trained_template`` (the sha256 its SFT data recorded) is warned about."""
     import torch
     from tqdm import tqdm
 
@@ -192,6 +203,9 @@ def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: st
     model, tok = load_hf_model(model_dir, device, dtype)
     if not tok.chat_template:
         raise ValueError(f"{model_dir}: the tokenizer has no chat template (needed for the judged answers)")
+    if trained_template and template_sha(tok.chat_template) != trained_template:
+        log.warning("%s: its chat template (sha256 %s) is not the one its SFT data was rendered with (%s): its answers "
+                    "are prompted otherwise than it was trained", model_dir, template_sha(tok.chat_template), trained_template)
     for prompt in tqdm(prompts, desc=f"answers of {model_dir}", unit="question"):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True, **(template_kwargs or {}))["input_ids"].to(device)
@@ -345,18 +359,26 @@ def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, 
     if old:
         log.warning("%s: %d answer(s) cached in an older format (keyed by the checkpoint's path, or without the dtype) "
                     "are ignored; those answers are generated again", cache.path, old)
-    answers, cut_at = {}, {}
+    answers, cut_at, used_kwargs = {}, {}, {}
     for name, model_dir in models.items():
+        # the SFT data's template arguments, as its export recorded them, unless --answer-template-kwargs says otherwise
+        trained = sft_chat(model_dir)
+        kwargs = trained.get("chat_template_kwargs") if template_kwargs is None else template_kwargs
+        used_kwargs[name] = kwargs or {}
+        log.info("%s: answers prompted with chat template arguments %s (%s)", name, json.dumps(used_kwargs[name]),
+                 "--answer-template-kwargs" if template_kwargs is not None else
+                 f"its {SFT_CHAT_FILE}" if trained else f"none: no --answer-template-kwargs, no {SFT_CHAT_FILE}")
         # keyed by checkpoint, not by name: a name reused for another checkpoint must not get the old one's answers;
         # and by its contents (the fingerprint: path, names, sizes and mtimes of its files), not only its path: a
         # checkpoint retrained or replaced under the same path must not get the old one's answers either
         model_id = fingerprint(model_dir)
         # the template's arguments only when given: answers cached without them keep their keys
-        extra = [template_kwargs] if template_kwargs else []
+        extra = [kwargs] if kwargs else []
         keys = {q["id"]: cache_key(model_id, max_new_tokens, q["prompt"], str(dtype), *extra) for q in questions}
         todo = [q for q in questions if cache.get(keys[q["id"]]) is None]
         if todo:  # only then is the model loaded
-            new = generate(model_dir, [q["prompt"] for q in todo], max_new_tokens, device, dtype, template_kwargs)
+            new = generate(model_dir, [q["prompt"] for q in todo], max_new_tokens, device, dtype, kwargs,
+                           trained.get("chat_template_sha256"))
             for q, (answer, cut) in zip(todo, new, strict=True):  # strict: the generator runs to its end, its progress bar too
                 cache.put({"key": keys[q["id"]], "keyed_by": ANSWERS_KEYED_BY, "model": name, "model_dir": model_dir,
                            "id": q["id"], "answer": answer, "cut": cut})
@@ -383,8 +405,8 @@ def run(models: dict[str, str], questions: list[dict], judge: Judge, seed: int, 
                      "cut_at_max_new_tokens": [m for m in models if cut_at[m][q["id"]]]})
     write_atomic(out.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     summary = summarize(rows, first, second, seed, judge.usage, prices)
-    write_report(out, {"models": models, "judge_model": judge.model, "prompt_version": PROMPT_VERSION, "seed": seed,
-                       **summary}, to_markdown(summary, first, second))
+    write_report(out, {"models": models, "answer_template_kwargs": used_kwargs, "judge_model": judge.model,
+                       "prompt_version": PROMPT_VERSION, "seed": seed, **summary}, to_markdown(summary, first, second))
     return summary
 
 
@@ -408,9 +430,10 @@ def main(argv: list[str] | None = None) -> None:
                    help='sent to the server for the judge\'s chat template, e.g. \'{"enable_thinking": false}\' for a '
                         "Qwen3 judge behind vllm serve (the OpenAI API refuses it)")
     p.add_argument("--answer-template-kwargs", type=json.loads, metavar="JSON",
-                   help="sent to each model's own chat template for its answers: the SFT data's chat_template_kwargs "
-                        "(sft.json records them), e.g. '{\"enable_thinking\": true}' for Qwen3.5-0.8B/2B, whose "
-                        "template otherwise closes the think block, so the answers are prompted as training was")
+                   help="sent to each model's own chat template for its answers (default: the SFT data's "
+                        f"chat_template_kwargs, which an SFT run's export records in {SFT_CHAT_FILE}; none without it), "
+                        "e.g. '{\"enable_thinking\": true}' for Qwen3.5-0.8B/2B, whose template otherwise closes the "
+                        "think block: the answers are prompted as training was")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--retries", type=int, default=3)

@@ -54,6 +54,7 @@ def save_model(
     hf_files: list[Path] = (),
     hf_tensors: dict[str, torch.dtype] | None = None,
     hf_left_out: list[str] = (),
+    hf_records: dict[str, dict] | None = None,
     rank_state: dict | None = None,
     before_publish=None,
 ) -> Path:
@@ -66,7 +67,8 @@ def save_model(
     are kept under ``hf_source/`` for the export back to HF, with ``hf_tensors``: the source's language-model
     tensors (names relative to its language-model prefix) and their dtypes, which the export restores
     (a checkpoint saved from one carries its ``hf_files``, this record included), and ``hf_left_out``: the names of
-    its other tensors (vision tower, MTP head), which an export without a template lacks. ``before_publish`` runs when
+    its other tensors (vision tower, MTP head), which an export without a template lacks. ``hf_records``: JSON files
+    written there too (an SFT run's ``preprocessing.chat.SFT_CHAT_FILE``), replacing ``hf_files`` of the same name. ``before_publish`` runs when
     everything is written but not yet renamed into place (fault injection in tests).
     """
     out = Path(out_dir)
@@ -83,10 +85,12 @@ def save_model(
         torch.save(rank_state, tmp / f"rank_state_{dist.get_rank() if dist.is_initialized() else 0:05d}.pt")
     if is_rank0():
         (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.qwen35_config), indent=1))
-        if hf_files or hf_tensors:
+        if hf_files or hf_tensors or hf_records:
             (tmp / HF_SOURCE_DIR).mkdir()
             for f in hf_files:
                 shutil.copy2(f, tmp / HF_SOURCE_DIR / Path(f).name)
+            for name, record in (hf_records or {}).items():
+                (tmp / HF_SOURCE_DIR / name).write_text(json.dumps(record, indent=1))
         if hf_tensors:
             record = {name: str(dtype).removeprefix("torch.") for name, dtype in hf_tensors.items()}
             (tmp / HF_SOURCE_DIR / HF_TENSORS_FILE).write_text(

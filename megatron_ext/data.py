@@ -363,6 +363,7 @@ class TrainingData:
     eval_sets: dict[str, list[dict]]  # name -> micro-batches
     iters: int
     files: dict[str, str]  # the training files' fingerprint: part of a run's plan
+    chat: dict | None = None  # SFT: how sft.json says its conversations were rendered (preprocessing.chat.SFT_CHAT_FILE)
 
 
 def load_training_data(cfg, model_vocab: int) -> TrainingData:
@@ -391,7 +392,8 @@ def load_training_data(cfg, model_vocab: int) -> TrainingData:
             eval_sets["sft"] = stack_micro_batches([valid[i] for i in range(len(valid))], cfg.micro_batch_size)
         log.info("SFT data: %d conversation rows per epoch, %d steps = %.2f epochs", train.rows_per_epoch, iters,
                  iters * cfg.global_batch_size / train.rows_per_epoch)
-        return TrainingData(train, eval_sets, iters, files)
+        chat = {key: info.get(key) for key in ("chat_template_kwargs", "chat_template_sha256")}
+        return TrainingData(train, eval_sets, iters, files, chat)
     iters = cfg.train_iters or max(1, info["token_budget"] // (cfg.global_batch_size * cfg.seq_length))
     sources = info["sources"]
     files = fingerprint({name: str(Path(info["dir"]) / s["prefix"]) for name, s in sources.items()},

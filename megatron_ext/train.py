@@ -286,6 +286,7 @@ def _train(cfg: TrainConfig, stop: dict) -> TrainState:
     from megatron_ext.data import load_training_data, micro_batches, reading_paused
     from megatron_ext.flops import peak_tflops, train_flops_per_token
     from megatron_ext.layers import allreduce_gdn_out_norm_grads
+    from preprocessing.chat import SFT_CHAT_FILE
 
     gpu_stack.check(cfg.gdn_kernel)  # before anything slow: a wrong GPU stack stops here with what to install
     parallel.initialize(tensor_parallel=cfg.tensor_parallel, seed=cfg.seed)
@@ -352,6 +353,7 @@ def _train(cfg: TrainConfig, stop: dict) -> TrainState:
         log.info("resumed from %s at step %d", resume, state.step)
     log.info("Adam update: %s", adam_kernel(optimizer))
     hf_files = hf_source_files(source)
+    hf_records = {SFT_CHAT_FILE: data_info.chat} if data_info.chat else None  # kept through the export to HF
 
     data = micro_batches(data_info.train, state.consumed_samples, cfg.micro_batch_size, dp_rank, dp, cfg.read_ahead)
     eval_sets = data_info.eval_sets
@@ -421,7 +423,7 @@ def _train(cfg: TrainConfig, stop: dict) -> TrainState:
                               f"mem {record['mem_gb']:.1f} GB | {timing}")
         if _due(state.step, cfg.save_interval) or last or stopping:
             with _synced_parameters(ddp), reading_paused(data):  # the save forks its writers
-                _save_checkpoint(run_dir, cfg, model, optimizer, scheduler, state, plan, hf_files, dist_opt)
+                _save_checkpoint(run_dir, cfg, model, optimizer, scheduler, state, plan, hf_files, hf_records, dist_opt)
         if stopping:
             log.warning("SIGTERM: saved step %d, exiting", state.step)
             break
@@ -573,7 +575,7 @@ def _check_same_plan(resume: Path, saved: dict | None, plan: dict) -> None:
 
 
 def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, scheduler, state: TrainState, plan: dict,
-                     hf_files, dist_opt: bool) -> None:
+                     hf_files, hf_records, dist_opt: bool) -> None:
     from megatron_ext.checkpoint import fsync, save_model
 
     checkpoints = run_dir / CHECKPOINTS
@@ -590,7 +592,7 @@ def _save_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer, schedule
             "optimizer": _steps_on_host(optimizer.sharded_state_dict(model_state, metadata=_optimizer_metadata(dist_opt))),
             "optimizer_format": {"distributed": dist_opt, **(_optimizer_metadata(dist_opt) or {})},
             "scheduler": scheduler.state_dict(), "train_state": dataclasses.asdict(state), "plan": plan},
-        hf_files=hf_files, rank_state=_rng_state(), before_publish=crash,
+        hf_files=hf_files, hf_records=hf_records, rank_state=_rng_state(), before_publish=crash,
     )
     if is_rank0():
         tmp = checkpoints / "latest.tmp"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import yaml
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
-from preprocessing.chat import LOSS_ON, ROLES, check_conversation, encode_sample, record_tools, render_samples
+from preprocessing.chat import LOSS_ON, ROLES, check_conversation, encode_sample, record_tools, render_samples, template_sha
 from preprocessing.cli import positive_int
 
 log = logging.getLogger(__name__)
@@ -211,7 +210,7 @@ def chat_template_hash(tokenizer_dir: str) -> str:
     if not template:
         raise BuildError(f"{tokenizer_dir}: the tokenizer has no chat template (a base model's tokenizer?); SFT "
                          "renders conversations with it: use the instruct tokenizer or add chat_template")
-    return hashlib.sha256(template.encode()).hexdigest()[:16]
+    return template_sha(template)
 
 
 def merge(recipe: SFTRecipe, samples: dict[str, int], token_counts: dict[str, int]) -> tuple[dict[str, dict], np.ndarray]:

@@ -12,6 +12,7 @@ it at that point), so no reasoning is trained out of context and none is dropped
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -113,3 +114,14 @@ def token_mask(offsets: list[tuple[int, int]], spans: Spans) -> list[int]:
             k += 1
         mask.append(int(k < len(spans) and spans[k][0] <= start))
     return mask
+
+
+# in a checkpoint's hf_source/ and in its HF export: how an SFT run's conversations were rendered (the data's
+# chat_template_kwargs and template_sha), so that evaluation prompts the model as it was trained
+SFT_CHAT_FILE = "neurocpt_sft_chat.json"
+
+
+def template_sha(template: str) -> str:
+    """A chat template's short fingerprint: ``sft.json`` records the one its conversations were rendered with, and
+    evaluation compares it with the template of the model it prompts."""
+    return hashlib.sha256(template.encode()).hexdigest()[:16]

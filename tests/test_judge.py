@@ -422,11 +422,12 @@ def test_answers_are_keyed_by_the_checkpoint_contents_not_only_its_path(setup, t
     assert second != first  # the cache holds the new checkpoint's answers beside the old ones
 
 
-def test_answers_are_prompted_with_the_sft_datas_template_arguments(setup, tmp_path, monkeypatch):
+def test_answers_are_prompted_with_the_sft_datas_template_arguments(setup, tmp_path, monkeypatch, caplog):
     """Qwen3.5-0.8B and -2B's template closes the think block unless enable_thinking is true, so SFT data of
     reasoning is built with it true (sft.json records it): the judged answers were prompted without it, the model
     trained to reason answering from a closed think block. --answer-template-kwargs reaches the template and keys the
-    answers (an answer cached without it is not reused)."""
+    answers (an answer cached without it is not reused); without it, the arguments an SFT run's export recorded are
+    used, and a template other than the recorded one is warned about."""
     import shutil
     from pathlib import Path
     from types import SimpleNamespace
@@ -435,6 +436,7 @@ def test_answers_are_prompted_with_the_sft_datas_template_arguments(setup, tmp_p
 
     from evaluation import common
     from evaluation import eval_reasoning_judge as judge
+    from preprocessing.chat import SFT_CHAT_FILE, template_sha
 
     ckpt = shutil.copytree(setup / "base", tmp_path / "small")
     small = Path(__file__).parent / "chat_templates" / "qwen3.5-small.jinja"
@@ -459,13 +461,28 @@ def test_answers_are_prompted_with_the_sft_datas_template_arguments(setup, tmp_p
     questions.write_text(json.dumps({"id": "q0", "question": "First-line drug for absence seizures?",
                                      "options": {"A": "Ethosuximide", "B": "Phenytoin"}, "answer": "Ethosuximide"}) + "\n")
     server = StubServer()
+    record = ckpt / SFT_CHAT_FILE
+
+    def run(*extra):
+        judge.main(["--model", f"a={ckpt}", "--model", f"b={ckpt}", "--medqa", str(questions), "--n", "1",
+                    "--judge-model", "judge-test", "--base-url", server.url, "--max-new-tokens", "1",
+                    "--device", "cpu", "--out", str(tmp_path / "judge"), *extra])
+        return json.loads((tmp_path / "judge.json").read_text())["answer_template_kwargs"]
+
+    thinking = {"enable_thinking": True}
     try:
-        for extra in ([], ["--answer-template-kwargs", '{"enable_thinking": true}']):
-            judge.main(["--model", f"a={ckpt}", "--model", f"b={ckpt}", "--medqa", str(questions), "--n", "1",
-                        "--judge-model", "judge-test", "--base-url", server.url, "--max-new-tokens", "1",
-                        "--device", "cpu", "--out", str(tmp_path / "judge"), *extra])
+        assert run() == {"a": {}, "b": {}}
+        assert run("--answer-template-kwargs", json.dumps(thinking)) == {"a": thinking, "b": thinking}
+        record.write_text(json.dumps({"chat_template_kwargs": thinking, "chat_template_sha256": template_sha(small.read_text())}))
+        assert run() == {"a": thinking, "b": thinking}  # an SFT export's record, no option needed
+        assert "is not the one its SFT data was rendered with" not in caplog.text
+        record.write_text(json.dumps({"chat_template_kwargs": thinking, "chat_template_sha256": "0123456789abcdef"}))
+        assert run("--answer-template-kwargs", "{}") == {"a": {}, "b": {}}  # the option overrides the record
+        assert "is not the one its SFT data was rendered with (0123456789abcdef)" in caplog.text
     finally:
         server.close()
-    assert len(prompts) == 2  # the second run did not reuse the answer generated without the arguments
+    assert len(prompts) == 4  # no run reused another's answer: the arguments and the checkpoint's files key them
     assert prompts[0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # the template's default
     assert prompts[1].endswith("<|im_start|>assistant\n<think>\n")  # as the SFT data was built
+    assert prompts[2].endswith("<|im_start|>assistant\n<think>\n")
+    assert prompts[3].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")

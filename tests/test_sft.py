@@ -492,7 +492,9 @@ def test_no_validation_split_builds_and_trains_without_validation(base, tmp_path
 def test_make_sft_arms_exports_both_arms_that_chat(sft_data, base, tmp_path):
     """`make sft-arms` as a user runs it: SFT data, Base+SFT and CPT+SFT with one config (the "CPT" checkpoint is
     a trained run's checkpoints/ directory), both exported with <|im_end|> as a stop token, both generating
-    through the chat template with transformers, with the logits of the trained checkpoints."""
+    through the chat template with transformers, with the logits of the trained checkpoints. Each export records how
+    its SFT data was rendered (evaluation prompts it so), with a template or without; a model that had no SFT gets
+    no record, not even from a template that is an SFT export."""
     from tools.demo import one_node_env
     from tools.verify_conversion import compare
 
@@ -525,6 +527,16 @@ def test_make_sft_arms_exports_both_arms_that_chat(sft_data, base, tmp_path):
         assert tok.decode(ids[0]).endswith("<|im_start|>assistant\n<think>\n")
         out = AutoModelForCausalLM.from_pretrained(hf).eval().generate(ids, max_new_tokens=5, do_sample=False)
         assert 0 < out.shape[1] - ids.shape[1] <= 5
+
+    from preprocessing.chat import SFT_CHAT_FILE
+    from tools import convert_to_hf
+
+    sft = json.loads((tmp_path / "data" / "sft.json").read_text())
+    rendered = {k: sft[k] for k in ("chat_template_kwargs", "chat_template_sha256")}
+    plain = convert_to_hf.convert(arms / "cpt_sft" / "checkpoints", tmp_path / "plain")  # no template
+    for hf in (arms / "base_sft" / "hf", arms / "cpt_sft" / "hf", plain):
+        assert json.loads((hf / SFT_CHAT_FILE).read_text()) == rendered
+    assert not (convert_to_hf.convert(base / "megatron", tmp_path / "no_sft", hf_template=arms / "cpt_sft" / "hf") / SFT_CHAT_FILE).exists()
 
 
 # ------------------------------------------------------------------ the chat templates Qwen's releases ship

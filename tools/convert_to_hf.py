@@ -10,8 +10,10 @@ the template unchanged. The MTP head is not trained here: the release's README s
 frozen"). Memory: one layer and one output tensor at a time (shards are written in place, not held). Without it: a text-only ``Qwen3_5ForCausalLM`` directory, with the tokenizer
 files the checkpoint kept from its conversion. ``--dtype auto`` writes each tensor in the template's
 dtype, else in the dtype its source had (recorded at conversion, so a bf16 release's fp32 ``A_log`` comes
-back fp32), else in the checkpoint's; a tied source that stored ``lm_head.weight`` gets it back. The
-directory appears only when complete.
+back fp32), else in the checkpoint's; a tied source that stored ``lm_head.weight`` gets it back. An SFT run's
+checkpoint also gives ``neurocpt_sft_chat.json`` (its data's ``chat_template_kwargs`` and template hash), with or
+without a template: ``evaluation.eval_reasoning_judge`` prompts the export with them. The directory appears only
+when complete.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
             max_shard_size: str = "5GB", stop_tokens: list[str] = (), overwrite: bool = False) -> Path:
     from megatron_ext import build_model, hf_mapping, parallel
     from megatron_ext.checkpoint import HF_SOURCE_DIR, HF_TENSORS_FILE, hf_source_files, hf_source_tensors, read_config, resolve, saved_dtype
+    from preprocessing.chat import SFT_CHAT_FILE
     from megatron_ext.config import Qwen35Config
     from tools.hf_checkpoint import HFCheckpoint, ShardedWriter, atomic_directory, check_output, parse_size
 
@@ -116,7 +119,11 @@ def convert(ckpt_dir: str | Path, out: str | Path, hf_template: str | Path | Non
         writer.close()
         if template is not None:
             for f in template.extra_files():
-                shutil.copy2(f, tmp / f.name)
+                if f.name != SFT_CHAT_FILE:  # the template's own SFT record, if it is an export: not this model's
+                    shutil.copy2(f, tmp / f.name)
+            sft_chat = resolve(ckpt_dir) / HF_SOURCE_DIR / SFT_CHAT_FILE
+            if sft_chat.is_file():  # an SFT run's: how its conversations were rendered, for evaluation's prompts
+                shutil.copy2(sft_chat, tmp / SFT_CHAT_FILE)
             _match_config(tmp / "config.json", dtypes[prefix + "embed_tokens.weight"], config.tie_word_embeddings)
             if any(k.startswith(MTP_PREFIX) for k in others):
                 _declare_frozen_mtp(tmp / "README.md", Path(hf_template))
