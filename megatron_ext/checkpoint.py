@@ -39,7 +39,9 @@ def resolve(ckpt_dir: str | Path) -> Path:
     if (path / LATEST_FILE).is_file():
         path = path / (path / LATEST_FILE).read_text().strip()
     if not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a neurocpt model checkpoint (no {CONFIG_FILE})")
+        hint = (f": it is an HF checkpoint, convert it first (python -m tools.convert_from_hf --hf-dir {path} --out DIR)"
+                if (path / "config.json").is_file() and any(path.glob("*.safetensors")) else "")
+        raise FileNotFoundError(f"{path} is not a neurocpt model checkpoint (no {CONFIG_FILE}){hint}")
     return path
 
 

@@ -832,6 +832,8 @@ def test_a_missing_checkpoint_or_mix_is_named_in_one_line(setup, tmp_path):
     path; the traceback goes to train.log only."""
     for name, overrides, says in (
             ("no_init", {"init_from": str(tmp_path / "none")}, f"{tmp_path / 'none'} is not a neurocpt model checkpoint"),
+            ("hf_init", {"init_from": str(setup / "base_hf")},
+             f"it is an HF checkpoint, convert it first (python -m tools.convert_from_hf --hf-dir {setup / 'base_hf'} --out DIR)"),
             ("no_mix", {"mix": str(tmp_path / "mix.json")}, f"{tmp_path / 'mix.json'}: not found (run python -m preprocessing.build_mix")):
         config = _config(tmp_path, name, **{**overrides, **({} if "init_from" in overrides else {"init_from": str(setup / "base")})})
         run = subprocess.run([sys.executable, "-m", "megatron_ext.train", "--config", str(config)], capture_output=True,
