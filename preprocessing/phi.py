@@ -105,6 +105,15 @@ _CREDENTIAL = (r"MD|M\.D\.|DO|D\.O\.|RN|NP|PA-C|PA|PhD|Ph\.D\.|APRN|CNP|CRNP|DNP
                r"PGY-?\d")
 _CREDENTIALED = regex.compile(rf"{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}(?=,?[ \t]+(?:{_CREDENTIAL})(?!\p{{L}}))")
 _CREDENTIAL_WORD = regex.compile(rf"(?:{_CREDENTIAL}|PGY)")  # never a name word of a cued run ("Ana Todd, PGY-2")
+# a name before what notes say of a person: "Tamanko family requests", "Faith Bell presented", "Jackson, Rangi C. is a
+# 67-year-old" (not a "family history", "family medicine" and the like)
+_PERSON_AFTER = (r"family\b(?![ \t]+(?i:history|hx|medicine|practice|planning|physician|doctor|therapy|nurse))|"
+                 r"presented\b|presents\b|is[ \t]+an?[ \t]+\d{1,3}[- ]?(?:year|yo\b|y/?o\b)")
+_NAMED_BEFORE = regex.compile(rf"{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}(?:[ \t]+\p{{Lu}}\.)?"
+                              rf"(?=,?[ \t]+(?:{_PERSON_AFTER}))")
+_LOWER_NAMED_BEFORE = regex.compile(rf"(?<![\p{{L}}\d]){_LOWER_WORD}(?:[ \t]+{_LOWER_WORD}){{0,2}}(?=[ \t]+(?:{_PERSON_AFTER}))")
+_CUE_AFTER = (_CREDENTIALED, _NAMED_BEFORE)  # the cue follows the name: its words are read back from the cue
+_PRONOUNS = frozenset("he she they we you it his her their our this that".split())  # "He is a 45-year-old" ("He": a surname)
 
 
 def _faker_names() -> tuple[Counter, set[str]]:
@@ -183,7 +192,8 @@ def _name_recognizer():
             cued = list(_CUED.finditer(text))
             spans = [*self._runs(_TITLED, text, 0.85), *self._runs(_CUED, text, 0.7, [m for m in cued if m.group()[0].isupper()]),
                      *self._lower_runs([m for m in cued if not m.group()[0].isupper()]),
-                     *self._runs(_CREDENTIALED, text, 0.85), *self._pairs(text)]
+                     *self._lower_runs(_LOWER_NAMED_BEFORE.finditer(text), backward=True),
+                     *self._runs(_CREDENTIALED, text, 0.85), *self._runs(_NAMED_BEFORE, text, 0.7), *self._pairs(text)]
             return [RecognizerResult("PERSON", s, e, score) for s, e, score in spans]
 
         def _could_be_name(self, word: str, key: str) -> bool:
@@ -215,34 +225,42 @@ def _name_recognizer():
                 surname = [self._family(w.group(), k, sure=True) for w, k in zip(words, keys)]
                 ok = [(pattern is _TITLED and i == 0) or self._could_be_name(w.group(), keys[i])
                       or any(surname[max(i - 1, 0):i + 2]) for i, w in enumerate(words)]
-                ok = [o and not _CREDENTIAL_WORD.fullmatch(w.group()) for o, w in zip(ok, words)]
+                ok = [o and not _CREDENTIAL_WORD.fullmatch(w.group()) and not (pattern is _NAMED_BEFORE and k in _PRONOUNS)
+                      for o, w, k in zip(ok, words, keys)]
                 if len(ok) == 3 and keys[2] in EPONYMS:  # "Attending: Zofia Dubois Horner syndrome"
                     ok[2] = False
-                if pattern is not _CREDENTIALED:
+                if pattern not in _CUE_AFTER:
                     ok = [o and not (i and self._abbreviation_after(words[i - 1].group(), w.group(), keys[i]))
                           for i, (o, w) in enumerate(zip(ok, words))]
-                if pattern is _CREDENTIALED:
+                if pattern in _CUE_AFTER:
                     words, ok = words[::-1], ok[::-1]
                 n = ok.index(False) if False in ok else len(ok)
                 if n:
-                    first, last = (words[n - 1], words[0]) if pattern is _CREDENTIALED else (words[0], words[n - 1])
+                    first, last = (words[n - 1], words[0]) if pattern in _CUE_AFTER else (words[0], words[n - 1])
                     start, end = m.start() + first.start(), m.start() + last.end()
                     yield start, _with_initial(text, start, end), score
 
-        def _lower_runs(self, matches):
+        def _lower_runs(self, matches, backward: bool = False):
             """A cued name in lower case: its first word a listed first or last name that is no common word, no
             eponym and no cue ("pt maria", not "pt denies" or "son was"), then the words after it that are no common
-            word."""
+            word. ``backward``: the cue follows ("hamid rahimi presented"), the name is the words before it that are
+            no common word, from the first of them that is a listed name."""
             for m in matches:
-                n = 0
-                for i, w in enumerate(_LOWER_NAME_WORD.finditer(m.group())):
-                    key = _key(w.group())
-                    sure = key in self.first or key in self.last if i == 0 else True
-                    if not (sure and key and key not in self.common and not _eponym(key) and key not in _ROLE_WORDS):
-                        break
-                    n = w.end()
-                if n:
-                    yield m.start(), m.start() + n, 0.6
+                words = list(_LOWER_NAME_WORD.finditer(m.group()))
+                keys = [_key(w.group()) for w in words]
+                plain = [k and k not in self.common and not _eponym(k) and k not in _ROLE_WORDS for k in keys]
+                listed = [k in self.first or k in self.last for k in keys]
+                if backward:
+                    start = len(words)
+                    while start and plain[start - 1]:
+                        start -= 1
+                    start = next((i for i in range(start, len(words)) if listed[i]), len(words))
+                    run = words[start:]
+                else:
+                    n = next((i for i, ok in enumerate(plain) if not ok), len(words)) if listed[:1] == [True] else 0
+                    run = words[:n]
+                if run:
+                    yield m.start() + run[0].start(), m.start() + run[-1].end(), 0.6
 
         def _pairs(self, text: str):
             """A first then a last name ("John A. Smith", "Ana Patel", "Kenji Lindqvist"), or "Smith, John"."""
