@@ -233,8 +233,12 @@ def _name_recognizer():
                     ok = [o and not (i and self._abbreviation_after(words[i - 1].group(), w.group(), keys[i]))
                           for i, (o, w) in enumerate(zip(ok, words))]
                 if pattern in _CUE_AFTER:
-                    words, ok = words[::-1], ok[::-1]
+                    words, ok, keys = words[::-1], ok[::-1], keys[::-1]
                 n = ok.index(False) if False in ok else len(ok)
+                # one word alone before its cue is a surname ("Okafor, MD"), not a common word that is only a first
+                # name elsewhere ("Per RN report")
+                if n == 1 and pattern in _CUE_AFTER and keys[0] in self.common and keys[0] not in self.last:
+                    n = 0
                 if n:
                     first, last = (words[n - 1], words[0]) if pattern in _CUE_AFTER else (words[0], words[n - 1])
                     start, end = m.start() + first.start(), m.start() + last.end()
@@ -386,7 +390,10 @@ def _our_recognizers():
         recognizer("name", (r"^[ \t]*\p{Lu}{2,4}[:/]\K\p{Ll}{2,}(?:/\p{Ll}{2,})*(?=[ \t]*$)", 0.7),
                    # a signature of initials: "/s/ J.K." (not a credential: "/s/ MD"). Not "-- JMK": a plan's
                    # bullets end their lines in abbreviations as often ("-- EEG", "-- NPO")
-                   (rf"(?<![^\s])/s/[ \t]*\K(?!(?:{_CREDENTIAL})(?![\p{{L}}\d]))\p{{Lu}}\.?(?:[ \t]?\p{{Lu}}\.?){{1,2}}(?![\p{{L}}\d])", 0.7)),
+                   (rf"(?<![^\s])/s/[ \t]*\K(?!(?:{_CREDENTIAL})(?![\p{{L}}\d]))\p{{Lu}}\.?(?:[ \t]?\p{{Lu}}\.?){{1,2}}(?![\p{{L}}\d])", 0.7),
+                   # a nurse's initials, told of something: "RN WK notified", "LPN D.V. aware" (not "RN MD notified")
+                   (rf"(?<![\p{{L}}\d])(?:RN|LPN|NP|CNA)[ \t]+\K(?!(?:{_CREDENTIAL})(?![\p{{L}}\d]))\p{{Lu}}\.?(?:[ \t]?\p{{Lu}}\.?){{1,2}}"
+                    r"(?=[ \t]+(?:notified|aware|informed|paged|updated)\b)", 0.7)),
         # labelled values written with spaces, which the labelled-id rule above stops at: an SSN with spaced
         # separators ("SSN: 575 - 57 - 6938"), a plate in two groups ("License plate SNG 4319", "plate: CL8 W66"), and
         # a GS1 device identifier, whose (01) product part precedes the (21) serial ("(01)00643169007222(21)NE42133")
