@@ -106,14 +106,15 @@ _CREDENTIAL = (r"MD|M\.D\.|DO|D\.O\.|RN|NP|PA-C|PA|PhD|Ph\.D\.|APRN|CNP|CRNP|DNP
 _CREDENTIALED = regex.compile(rf"{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}(?=,?[ \t]+(?:{_CREDENTIAL})(?!\p{{L}}))")
 _CREDENTIAL_WORD = regex.compile(rf"(?:{_CREDENTIAL}|PGY)")  # never a name word of a cued run ("Ana Todd, PGY-2")
 # a name before what notes say of a person: "Tamanko family requests", "Faith Bell presented", "Jackson, Rangi C. is a
-# 67-year-old" (not a "family history", "family medicine" and the like)
-_PERSON_AFTER = (r"family\b(?![ \t]+(?i:history|hx|medicine|practice|planning|physician|doctor|therapy|nurse))|"
+# 67-year-old" (a family that does what people do: not a "family history", "Rho family GTPases")
+_PERSON_AFTER = (r"family[ \t]+(?:requests?|wish(?:es)?|wants?|asks?|declines?|agrees?|prefers?|states?|reports?|is|was|are|"
+                 r"were|has|have|at\b|present|meeting|members?[ \t]+(?:at|present)|notified|updated|aware|visited)\b|"
                  r"presented\b|presents\b|is[ \t]+an?[ \t]+\d{1,3}[- ]?(?:year|yo\b|y/?o\b)")
 _NAMED_BEFORE = regex.compile(rf"{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}(?:[ \t]+\p{{Lu}}\.)?"
                               rf"(?=,?[ \t]+(?:{_PERSON_AFTER}))")
 _LOWER_NAMED_BEFORE = regex.compile(rf"(?<![\p{{L}}\d]){_LOWER_WORD}(?:[ \t]+{_LOWER_WORD}){{0,2}}(?=[ \t]+(?:{_PERSON_AFTER}))")
+_UNITS_OF_CARE = r"ICU|[MSNPC]ICU|CVICU|NSICU|CCU|PACU|ED|ER|OR|IR|EMS|ICN"  # "RN ICU notified": no nurse's initials
 _CUE_AFTER = (_CREDENTIALED, _NAMED_BEFORE)  # the cue follows the name: its words are read back from the cue
-_PRONOUNS = frozenset("he she they we you it his her their our this that".split())  # "He is a 45-year-old" ("He": a surname)
 
 
 def _faker_names() -> tuple[Counter, set[str]]:
@@ -223,10 +224,13 @@ def _name_recognizer():
                 words = list(_NAME_WORD.finditer(m.group()))
                 keys = [_key(w.group()) for w in words]
                 surname = [self._family(w.group(), k, sure=True) for w, k in zip(words, keys)]
-                ok = [(pattern is _TITLED and i == 0) or self._could_be_name(w.group(), keys[i])
-                      or any(surname[max(i - 1, 0):i + 2]) for i, w in enumerate(words)]
-                ok = [o and not _CREDENTIAL_WORD.fullmatch(w.group()) and not (pattern is _NAMED_BEFORE and k in _PRONOUNS)
-                      for o, w, k in zip(ok, words, keys)]
+                beside_surname = [any(surname[max(i - 1, 0):i + 2]) for i in range(len(words))]
+                could = [self._could_be_name(w.group(), k) for w, k in zip(words, keys)]
+                if pattern is _NAMED_BEFORE:  # a weaker cue: no common word ("He", "Glasgow Coma Scale") unless a surname is beside it
+                    ok = [c and k not in self.common or s for c, k, s in zip(could, keys, beside_surname)]
+                else:
+                    ok = [(pattern is _TITLED and i == 0) or c or s for i, (c, s) in enumerate(zip(could, beside_surname))]
+                ok = [o and not _CREDENTIAL_WORD.fullmatch(w.group()) for o, w in zip(ok, words)]
                 if len(ok) == 3 and keys[2] in EPONYMS:  # "Attending: Zofia Dubois Horner syndrome"
                     ok[2] = False
                 if pattern not in _CUE_AFTER:
@@ -392,7 +396,8 @@ def _our_recognizers():
                    # bullets end their lines in abbreviations as often ("-- EEG", "-- NPO")
                    (rf"(?<![^\s])/s/[ \t]*\K(?!(?:{_CREDENTIAL})(?![\p{{L}}\d]))\p{{Lu}}\.?(?:[ \t]?\p{{Lu}}\.?){{1,2}}(?![\p{{L}}\d])", 0.7),
                    # a nurse's initials, told of something: "RN WK notified", "LPN D.V. aware" (not "RN MD notified")
-                   (rf"(?<![\p{{L}}\d])(?:RN|LPN|NP|CNA)[ \t]+\K(?!(?:{_CREDENTIAL})(?![\p{{L}}\d]))\p{{Lu}}\.?(?:[ \t]?\p{{Lu}}\.?){{1,2}}"
+                   (rf"(?<![\p{{L}}\d])(?:RN|LPN|NP|CNA)[ \t]+\K(?!(?:{_CREDENTIAL}|{_UNITS_OF_CARE})(?![\p{{L}}\d]))"
+                    r"\p{Lu}\.?(?:[ \t]?\p{Lu}\.?){1,2}"
                     r"(?=[ \t]+(?:notified|aware|informed|paged|updated)\b)", 0.7)),
         # labelled values written with spaces, which the labelled-id rule above stops at: an SSN with spaced
         # separators ("SSN: 575 - 57 - 6938"), a plate in two groups ("License plate SNG 4319", "plate: CL8 W66"), and

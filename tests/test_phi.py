@@ -293,7 +293,8 @@ def test_protein_changes_gene_symbols_and_diseases_named_after_people_or_places_
 def test_names_before_what_notes_say_of_a_person():
     """A name with no cue before it, but one after: "<name> family", "<name> presented", "<name> is a 67-year-old",
     a nurse's initials told of something; not a pronoun, a role or a common word there (nor a first name that is a
-    common word, alone before a credential: "Per RN"), nor a "family history" or "family medicine"."""
+    common word, alone before a credential: "Per RN"), a family that is no people ("family history", "Rho family
+    GTPases"), nor a unit told of something ("RN ICU notified")."""
     for text, name in (("Tamanko family requests a meeting.", "Tamanko"), ("Faith Bell presented to the ED.", "Faith Bell"),
                        ("Jackson, Rangi C. presented after a fall.", "Jackson, Rangi C"),  # a span leaves its last dot out
                        ("ABERNATHY, LWAZI presented to the ED.", "ABERNATHY, LWAZI"),
@@ -304,7 +305,9 @@ def test_names_before_what_notes_say_of_a_person():
     for text in ("Her family requests a meeting.", "Huntington family history.", "Family medicine follow-up.",
                  "Patient presented to the ED.", "She presented with aphasia.", "He is a 45 year-old man.",
                  "The patient is a 45-year-old man.", "Symptoms presented gradually.", "the patient presented today.",
-                 "her family requests a meeting.", "Per RN report, no events.", "RN MD notified.", "RN notified."):
+                 "her family requests a meeting.", "Per RN report, no events.", "RN MD notified.", "RN notified.",
+                 "Glasgow Coma Scale presented.", "Rho family GTPases.", "Kinase family proteins.", "RN ICU notified.",
+                 "Host family notified."):
         assert redact_phi(text) == text
 
 
