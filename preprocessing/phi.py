@@ -309,6 +309,10 @@ _STREET = ("Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|C
            "Cir|Parkway|Pkwy|Highway|Hwy|Square|Sq|Trail|Trl|Crescent|Cres|Pike|Row|Alley|Aly|Heights|Hts|Hollow|"
            "Crossing|Mews|Plaza|Plz|Turnpike|Tpke|Expressway|Expy")  # not Walk or Run: "6 Minute Walk", "2 Mile Run"
 _UNIT = r"(?:,?\s+(?i:apt|apartment|unit|suite|ste|#)\.?\s*#?[\p{L}\d-]+)?"  # ", Apt. 9-C", " Suite 516"
+# what a person lives in that is no town: "lives in assisted living", "lives alone in an apartment", "lives in fear of"
+_NOT_A_TOWN = (r"(?:a|an|the|his|her|their|our|own|same|this|that|of|assisted|group|senior|nursing|home|house|apartment|"
+               r"condo|trailer|motel|hotel|dorm|car|van|tent|camp|jail|prison|shelter|facility|community|care|foster|rural|"
+               r"town|city|area|poverty|isolation|squalor|fear|denial|pain)\b")
 # an identifier value: 4+ letters and digits (at least one digit), inner dashes or slashes
 _ID = r"(?=[\p{L}\d/-]{4,})(?=[\p{L}\d/-]*\d)[\p{L}\d]+(?:[-/][\p{L}\d]+)*\b"
 _NO = r"\s*(?:#|no\b\.?|num(?:ber)?\b|id\b)"  # required after a label that is also a common word
@@ -425,6 +429,10 @@ def _our_recognizers():
                    (r"\b(?i:lives|living|lived|resides|residing|resident|born|moved|relocated|grew up|travel(?:l?ed)?|"
                     r"emigrated|immigrated)"  # not "transferred" or "native": "transferred to Neurology", "native of Spanish"
                     rf"\s+(?i:alone\s+|with\s+\p{{Ll}}+\s+)?(?i:in|to|at|near|from|of)\s+\K{_PLACE}", 0.6),
+                   # in lower case, only where the words end a sentence after "lives/resides (alone) in", and none
+                   # of them says what else one lives in ("lives alone in bangor.", not "lives in assisted living.")
+                   (rf"\b(?i:lives|living|resides|residing)\s+(?i:alone\s+)?(?i:in|near)\s+\K(?!{_NOT_A_TOWN})"
+                    rf"\p{{Ll}}[\p{{Ll}}'’.-]*(?:[ \t](?!{_NOT_A_TOWN})\p{{Ll}}[\p{{Ll}}'’-]*){{0,2}}(?=\.?[ \t]*(?:[;,\n]|\.(?:[ \t]|$)|$))", 0.6),
                    # a facility's town ("transferred from an outside hospital in Bozeman")
                    (rf"\b(?i:hospital|facility|nursing\s+home|SNF|rehab)\s+(?i:in|at|near)\s+\K(?!(?:{_MONTH_NAME})\b){_PLACE}\b", 0.6)),
         recognizer("date", (rf"\b{_MONTH}\s+{_DAY}(?:,?\s+\d{{4}})?\b", 0.6),

@@ -256,6 +256,10 @@ def test_more_street_and_city_formats():
                      "6092 Route 9", "St. Augustine", "Cebu", "Bozeman")
     text = "6 Minute Walk Test 300 m; 2 Mile Run tolerated."
     assert redact_phi(text) == text
+    # a town in lower case where a sentence ends with it after "lives (alone) in"; not what else one lives in
+    assert redact_phi("Lives alone in coeur d'alene. Lives in walla walla, works.") == "Lives alone in [CITY]. Lives in [CITY], works."
+    for text in ("Lives in assisted living.", "Lives alone in an apartment.", "Lives in fear of falling.", "Lives in foster care."):
+        assert redact_phi(text) == text
 
 
 def test_names_after_more_cues_in_lower_case_and_as_initials():
