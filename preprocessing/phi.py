@@ -192,8 +192,8 @@ def _name_recognizer():
         def analyze(self, text, entities, nlp_artifacts=None):
             cued = list(_CUED.finditer(text))
             spans = [*self._runs(_TITLED, text, 0.85), *self._runs(_CUED, text, 0.7, [m for m in cued if m.group()[0].isupper()]),
-                     *self._lower_runs([m for m in cued if not m.group()[0].isupper()]),
-                     *self._lower_runs(_LOWER_NAMED_BEFORE.finditer(text), backward=True),
+                     *self._lower_runs(text, [m for m in cued if not m.group()[0].isupper()]),
+                     *self._lower_runs(text, _LOWER_NAMED_BEFORE.finditer(text), backward=True),
                      *self._runs(_CREDENTIALED, text, 0.85), *self._runs(_NAMED_BEFORE, text, 0.7), *self._pairs(text)]
             return [RecognizerResult("PERSON", s, e, score) for s, e, score in spans]
 
@@ -248,11 +248,12 @@ def _name_recognizer():
                     start, end = m.start() + first.start(), m.start() + last.end()
                     yield start, _with_initial(text, start, end), score
 
-        def _lower_runs(self, matches, backward: bool = False):
+        def _lower_runs(self, text: str, matches, backward: bool = False):
             """A cued name in lower case: its first word a listed first or last name that is no common word, no
             eponym and no cue ("pt maria", not "pt denies" or "son was"), then the words after it that are no common
-            word. ``backward``: the cue follows ("hamid rahimi presented"), the name is the words before it that are
-            no common word, from the first of them that is a listed name."""
+            word; in brackets of its own after the cue, a listed name is not needed ("Daughter (nyrith)"). ``backward``:
+            the cue follows ("hamid rahimi presented"), the name is the words before it that are no common word, from
+            the first of them that is a listed name."""
             for m in matches:
                 words = list(_LOWER_NAME_WORD.finditer(m.group()))
                 keys = [_key(w.group()) for w in words]
@@ -265,8 +266,9 @@ def _name_recognizer():
                     start = next((i for i in range(start, len(words)) if listed[i]), len(words))
                     run = words[start:]
                 else:
-                    n = next((i for i, ok in enumerate(plain) if not ok), len(words)) if listed[:1] == [True] else 0
-                    run = words[:n]
+                    n = next((i for i, ok in enumerate(plain) if not ok), len(words))
+                    bracketed = n and text[m.start() - 1:m.start()] == "(" and text[m.start() + words[n - 1].end():][:1] == ")"
+                    run = words[:n] if listed[:1] == [True] or bracketed else []
                 if run:
                     yield m.start() + run[0].start(), m.start() + run[-1].end(), 0.6
 

@@ -265,12 +265,12 @@ def test_more_street_and_city_formats():
 def test_names_after_more_cues_in_lower_case_and_as_initials():
     text = ('Goes by "Pepe". Daughter (radhika) wants a call. pt esperanza rahimi seen. Note written by Liorith Todd, '
             "PGY-2. PATIENT: Ochieng, Radhika C. Case reviewed with ZELSTAAD, TADEO. Msg left for Zainab at home.\n"
-            "/s/ J.K.\n")
+            "/s/ J.K.\nSon (nyrith) wants a call.\n")
     assert not _kept(text, "Pepe", "radhika", "esperanza rahimi", "Liorith Todd", "Ochieng, Radhika C", "ZELSTAAD, TADEO",
-                     "Zainab", "J.K")
+                     "Zainab", "J.K", "nyrith")  # nyrith: in no list, but in brackets of its own after the cue
     assert "PGY-2" in redact_phi(text)
     for text in ("cc Neurohospitalist regarding goals of care.", "Discussed with Neuro-Ophthalmology.",
-                 "pt denies headache; son was present.", "BP stable -- ICU transfer\n", "Plan:\n-- MRI brain\n-- EEG\n-- NPO\n",
+                 "pt denies headache; son was present.", "Daughter (deceased); son (hcp) at bedside.", "BP stable -- ICU transfer\n", "Plan:\n-- MRI brain\n-- EEG\n-- NPO\n",
                  "Reviewed and agree. /s/ MD\n", "Transferred to Neurology, then from Rehab to Stepdown.",
                  "Native of Spanish-speaking household; transferred from Emergency Department.",
                  "Interpreter: Spanish, in person."):
