@@ -323,7 +323,7 @@ def test_independent_dev_half_floor():
     notes, clean = holdout_notes(DEV, 60), holdout_clean_notes(DEV, 40)
     spans, clean_spans = [phi_spans(n.text) for n in notes], [phi_spans(t) for t in clean]
     found, planted = (sum(x) for x in zip(*recall_by_kind(notes, spans).values()))
-    assert found >= 0.90 * planted, (found, planted)
+    assert found >= 0.95 * planted, (found, planted)  # 97.2% (514 of 529) on 2026-11-29
     words = sum(len(t.split()) for t in clean)
     assert sum(map(len, clean_spans)) <= 2 * words / 1000, [t[s.start:s.end] for t, ss in zip(clean, clean_spans) for s in ss]
     assert len(traps_hit(clean, clean_spans)) <= 2 * words / 1000
