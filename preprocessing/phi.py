@@ -73,8 +73,10 @@ class Span(NamedTuple):
 # Smith, O'Brien, Müller, SMITH, Smith-Jones; not the letters of a gene, "PSEN1", that ends a cued name's line
 _WORD = r"\p{Lu}[\p{L}'’]*\p{L}(?:-\p{Lu}[\p{L}'’]*\p{L})?(?![\p{L}\d])"
 _NAME_WORD = regex.compile(_WORD)
+# a surname's particles, which the name lists hold as words of their own ("de la Cruz", "van der Berg", "ben David")
+_PARTICLE = r"(?i:van|von|der|den|de|del|della|di|da|dos|du|la|le|ben|bin|ibn|ter|ten)"
 _INITIAL = r"\p{Lu}\.?"
-_TITLED = regex.compile(rf"\b(?:Dr|Drs|Mr|Mrs|Ms|Mx|Miss|Prof|Doctor|DR\.)\.?[ \t]+\K(?:{_INITIAL}[ \t]+)?{_WORD}"
+_TITLED = regex.compile(rf"\b(?:Dr|Drs|Mr|Mrs|Ms|Mx|Miss|Prof|Doctor|DR\.)\.?[ \t]+\K(?:{_INITIAL}[ \t]+)?(?:{_PARTICLE}[ \t]+)*{_WORD}"
                         rf"(?:[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD})?")
 _ROLES = ("patient|pt|name|patient name|seen by|seen with|examined by|evaluated by|referred by|discussed with|d/w|"
           "spoke with|spoke to|signed by|dictated by|transcribed by|cosigned by|attending|resident|fellow|intern|"
@@ -151,6 +153,16 @@ def _eponym(key: str) -> bool:
 
 
 _TRAILING_INITIAL = regex.compile(r"[ \t]+\p{Lu}\.")
+_PARTICLES_THEN_WORD = regex.compile(rf"(?:[ \t]+{_PARTICLE})+[ \t]+(?!(?i:novo|facto)\b)\p{{L}}[\p{{L}}'’-]*\p{{L}}(?![\p{{L}}\d])")  # not "de novo"
+_PARTICLES_BEFORE = regex.compile(rf"(?<![\p{{L}}\d]){_PARTICLE}(?:[ \t]+{_PARTICLE})*[ \t]+$")
+
+
+def _with_particles(text: str, start: int, end: int) -> tuple[int, int]:
+    """A found name with the particles around it and the surname after them: "agnieszka de la cruz" of "agnieszka",
+    "van der Berg" of "Berg"."""
+    after = _PARTICLES_THEN_WORD.match(text, end)
+    before = _PARTICLES_BEFORE.search(text, max(0, start - 40), start)
+    return (before.start() if before else start), (after.end() if after else end)
 
 
 def _with_initial(text: str, start: int, end: int) -> int:
@@ -195,7 +207,7 @@ def _name_recognizer():
                      *self._lower_runs(text, [m for m in cued if not m.group()[0].isupper()]),
                      *self._lower_runs(text, _LOWER_NAMED_BEFORE.finditer(text), backward=True),
                      *self._runs(_CREDENTIALED, text, 0.85), *self._runs(_NAMED_BEFORE, text, 0.7), *self._pairs(text)]
-            return [RecognizerResult("PERSON", s, e, score) for s, e, score in spans]
+            return [RecognizerResult("PERSON", *_with_particles(text, s, e), score) for s, e, score in spans]
 
         def _could_be_name(self, word: str, key: str) -> bool:
             if _SPECIALTY.search(key):
@@ -245,7 +257,8 @@ def _name_recognizer():
                     n = 0
                 if n:
                     first, last = (words[n - 1], words[0]) if pattern in _CUE_AFTER else (words[0], words[n - 1])
-                    start, end = m.start() + first.start(), m.start() + last.end()
+                    # after a title, from the match's start: its initial and particles too ("Dr. J. Smith")
+                    start, end = m.start() + (0 if pattern is _TITLED else first.start()), m.start() + last.end()
                     yield start, _with_initial(text, start, end), score
 
         def _lower_runs(self, text: str, matches, backward: bool = False):

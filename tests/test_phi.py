@@ -294,6 +294,17 @@ def test_protein_changes_gene_symbols_and_diseases_named_after_people_or_places_
     assert redact_phi("Fellow: Jean DUPONT") == "Fellow: [NAME]"  # a listed surname in capitals stays part of the name
 
 
+def test_a_names_particles_are_part_of_it():
+    """The name lists hold "de", "van", "ben" as words of their own: a found name takes the particles around it and
+    the surname after them; "de novo" is no surname."""
+    assert redact_phi("pt agnieszka de la cruz seen today.") == "pt [NAME] seen today."
+    assert redact_phi("Seen by Dr. van der Berg today.") == "Seen by Dr. [NAME] today."
+    assert redact_phi("Note by Keoni Le Roux, PGY-2.") == "Note by [NAME], PGY-2."
+    assert redact_phi("Seen by Dr. Okafor; de novo lesion.") == "Seen by Dr. [NAME]; de novo lesion."
+    assert redact_phi("Dr. Okafor de novo lesion.") == "Dr. [NAME] de novo lesion."
+    assert redact_phi("Seen by Dr. J. Okafor today.") == "Seen by Dr. [NAME] today."  # the initial after a title too
+
+
 def test_names_before_what_notes_say_of_a_person():
     """A name with no cue before it, but one after: "<name> family", "<name> presented", "<name> is a 67-year-old",
     a nurse's initials told of something; not a pronoun, a role or a common word there (nor a first name that is a
