@@ -265,7 +265,9 @@ def train(cfg: TrainConfig) -> TrainState:
 
 def wsd_scheduler(optimizer, cfg: TrainConfig, iters: int):
     """megatron's Warmup-Stable-Decay schedule over ``iters`` steps: linear warmup from 0 to ``lr``, then ``lr``,
-    then ``decay_style`` down to ``min_lr`` over the last ``decay_fraction``; weight decay constant."""
+    then ``decay_style`` down to ``min_lr`` over the last ``decay_fraction``; weight decay constant. The bounds
+    megatron reads are each parameter group's ``max_lr``/``min_lr``, from build_optimizer's OptimizerConfig, not
+    the ``max_lr``/``min_lr`` given here: both come from ``cfg`` (tests/test_update_parity.py checks every update's lr)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     return OptimizerParamScheduler(
