@@ -153,7 +153,8 @@ def _eponym(key: str) -> bool:
 
 
 _TRAILING_INITIAL = regex.compile(r"[ \t]+\p{Lu}\.")
-_PARTICLES_THEN_WORD = regex.compile(rf"(?:[ \t]+{_PARTICLE})+[ \t]+(?!(?i:novo|facto)\b)\p{{L}}[\p{{L}}'’-]*\p{{L}}(?![\p{{L}}\d])")  # not "de novo"
+_PARTICLES_THEN_WORD = regex.compile(  # not "de novo"
+    rf"(?:[ \t]+{_PARTICLE})+[ \t]+(?!(?i:novo|facto)\b)\p{{L}}[\p{{L}}'’-]*\p{{L}}(?![\p{{L}}\d])")
 _PARTICLES_BEFORE = regex.compile(rf"(?<![\p{{L}}\d]){_PARTICLE}(?:[ \t]+{_PARTICLE})*[ \t]+$")
 
 
@@ -230,26 +231,26 @@ def _name_recognizer():
         def _runs(self, pattern, text: str, score: float, matches=None):
             """Per match, its words that could be a name (a common word too where it stands next to an
             unambiguous surname: "Son Ana Reyes"): from the start (after a title, the first word is always
-            one), or for a credential the words right before it; a third word that is an eponym starts the
-            next phrase."""
+            one), or for a cue after the name (a credential, "presented") the words right before it; a third word
+            that is an eponym starts the next phrase."""
             for m in pattern.finditer(text) if matches is None else matches:
                 words = list(_NAME_WORD.finditer(m.group()))
                 keys = [_key(w.group()) for w in words]
                 surname = [self._family(w.group(), k, sure=True) for w, k in zip(words, keys)]
                 beside_surname = [any(surname[max(i - 1, 0):i + 2]) for i in range(len(words))]
                 could = [self._could_be_name(w.group(), k) for w, k in zip(words, keys)]
-                if pattern is _NAMED_BEFORE:  # a weaker cue: no common word ("He", "Glasgow Coma Scale") unless a surname is beside it
+                if pattern is _NAMED_BEFORE:  # a weaker cue: no common word ("He", "Glasgow Coma Scale") but beside a surname
                     ok = [c and k not in self.common or s for c, k, s in zip(could, keys, beside_surname)]
                 else:
                     ok = [(pattern is _TITLED and i == 0) or c or s for i, (c, s) in enumerate(zip(could, beside_surname))]
                 ok = [o and not _CREDENTIAL_WORD.fullmatch(w.group()) for o, w in zip(ok, words)]
                 if len(ok) == 3 and keys[2] in EPONYMS:  # "Attending: Zofia Dubois Horner syndrome"
                     ok[2] = False
-                if pattern not in _CUE_AFTER:
-                    ok = [o and not (i and self._abbreviation_after(words[i - 1].group(), w.group(), keys[i]))
-                          for i, (o, w) in enumerate(zip(ok, words))]
                 if pattern in _CUE_AFTER:
                     words, ok, keys = words[::-1], ok[::-1], keys[::-1]
+                else:
+                    ok = [o and not (i and self._abbreviation_after(words[i - 1].group(), w.group(), keys[i]))
+                          for i, (o, w) in enumerate(zip(ok, words))]
                 n = ok.index(False) if False in ok else len(ok)
                 # one word alone before its cue is a surname ("Okafor, MD"), not a common word that is only a first
                 # name elsewhere ("Per RN report")
@@ -280,7 +281,8 @@ def _name_recognizer():
                     run = words[start:]
                 else:
                     n = next((i for i, ok in enumerate(plain) if not ok), len(words))
-                    bracketed = n and text[m.start() - 1:m.start()] == "(" and text[m.start() + words[n - 1].end():][:1] == ")"
+                    end = m.start() + words[n - 1].end() if n else m.start()
+                    bracketed = n and text[m.start() - 1:m.start()] == "(" and text[end:end + 1] == ")"
                     run = words[:n] if listed[:1] == [True] or bracketed else []
                 if run:
                     yield m.start() + run[0].start(), m.start() + run[-1].end(), 0.6
