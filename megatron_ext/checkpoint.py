@@ -70,8 +70,8 @@ def save_model(
     tensors (names relative to its language-model prefix) and their dtypes, which the export restores
     (a checkpoint saved from one carries its ``hf_files``, this record included), and ``hf_left_out``: the names of
     its other tensors (vision tower, MTP head), which an export without a template lacks. ``hf_records``: JSON files
-    written there too (an SFT run's ``preprocessing.chat.SFT_CHAT_FILE``), replacing ``hf_files`` of the same name. ``before_publish`` runs when
-    everything is written but not yet renamed into place (fault injection in tests).
+    written there too (an SFT run's ``preprocessing.chat.SFT_CHAT_FILE``), replacing ``hf_files`` of the same name.
+    ``before_publish`` runs when everything is written but not yet renamed into place (fault injection in tests).
     """
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
