@@ -104,20 +104,23 @@ def _row_loss_sum(model, row: dict) -> torch.Tensor:
     return total
 
 
-def reference_run(hf_dir: Path, cfg, rows: list[dict], dtype: torch.dtype) -> dict:
+def reference_run(hf_dir: Path, cfg, rows: list[dict], dtype: torch.dtype, compute: torch.dtype | None = None) -> dict:
     """The run in plain PyTorch in ``dtype``: transformers' model, the loss per micro-batch mean averaged over
     the micro-batches (or, per_token_loss, over every loss token of the global batch), the gradient clipped
     by its global norm (megatron: coefficient clip / (norm + 1e-6), applied below 1), then AdamW (decoupled
     decay, bias-corrected moments, eps outside the root) with no decay on 1-D parameters and biases (megatron's
     default groups: optimizer/__init__.py get_standard_config_overrides; the trainer passes no overrides).
-    Returns the final parameters, and per update the token-weighted loss and the norm before clipping."""
+    ``compute``: the dtype of the forward and backward (default ``dtype``), as in a bf16 run: the model holds its
+    weights in it, each update is made on master weights in ``dtype`` and copied into the model, rounded.
+    Returns the final (master) parameters, and per update the token-weighted loss and the norm before clipping."""
     from transformers import AutoModelForCausalLM
 
     mode = float64 if dtype == torch.float64 else contextlib.nullcontext
     with mode():
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(dtype)
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(compute or dtype)
     params = dict(model.named_parameters())
-    m = {n: torch.zeros_like(p) for n, p in params.items()}
+    master = {n: p.detach().to(dtype) for n, p in params.items()}
+    m = {n: torch.zeros_like(p) for n, p in master.items()}
     v = {n: torch.zeros_like(p) for n, p in params.items()}
     b1, b2, eps, gbs, mbs = cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.global_batch_size, cfg.micro_batch_size
     losses, norms = [], []
@@ -139,14 +142,15 @@ def reference_run(hf_dir: Path, cfg, rows: list[dict], dtype: torch.dtype) -> di
         clip = min(1.0, cfg.clip_grad / (norm + 1e-6))
         lr = wsd_lr(k, cfg)
         with torch.no_grad():
-            for n, p in params.items():
-                g = p.grad * clip
+            for n, p in master.items():
+                g = params[n].grad.to(dtype) * clip
                 decay = cfg.weight_decay if p.ndim >= 2 and not n.endswith(".bias") else 0.0
                 p.mul_(1 - lr * decay)
                 m[n].mul_(b1).add_(g, alpha=1 - b1)
                 v[n].mul_(b2).addcmul_(g, g, value=1 - b2)
                 p.sub_(lr / (1 - b1 ** (k + 1)) * m[n] / ((v[n] / (1 - b2 ** (k + 1))).sqrt() + eps))
-    return {"params": {n: p.detach().double() for n, p in params.items()}, "losses": losses, "norms": norms}
+                params[n].copy_(p)
+    return {"params": {n: p.double() for n, p in master.items()}, "losses": losses, "norms": norms}
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +237,101 @@ def test_trainer_updates_equal_plain_pytorch_adamw(setup, references, per_token_
         assert error <= 2 * (rounding + float32_noise), (
             f"{name}: {error / moved:.2e} of its update off the reference, float32 allows "
             f"{2 * (rounding + float32_noise) / moved:.2e}")
+
+
+# The bf16 runs: the recipe's precision and lr. An update of 2e-6 per element is ~1e-4 of a weight (~0.02), far
+# below half a bf16 ulp (2^-9 relative): bf16 weights would not move at all, fp32 master weights move by 2^15
+# float32 ulps, so their update is measurable to ~1e-4 of itself. Weight decay 20: lr * wd * |w| ~ 8e-7 per step,
+# about half of Adam's lr, so that decay, too, is well above the bf16 noise (~1% of the update, below); min_lr a
+# tenth of lr, so the last update's decayed lr is checked as well.
+BF16_RUN = dict(precision="bf16", lr=2e-6, min_lr=2e-7, weight_decay=20.0)
+
+
+@pytest.fixture(scope="module")
+def bf16_references(setup):
+    """The bf16 runs' start, the base rounded to bf16 (the trainer loads the fp32 base into its bf16 model and makes
+    its fp32 master weights of those), and from it the float64 reference and its twin with a bf16 forward and
+    backward (float64 master weights), which sizes the noise a bf16 forward and backward puts into the update."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ext.train_config import TrainConfig
+
+    rounded = setup / "base_bf16_hf"
+    base = AutoModelForCausalLM.from_pretrained(setup / "base_hf", dtype=torch.float32)
+    base.to(torch.bfloat16).to(torch.float32).save_pretrained(rounded)
+    cfg = TrainConfig.load(_config(setup, "reference_bf16", **BF16_RUN))
+    rows = training_rows(cfg)
+    return {"start": {n: p.detach().double() for n, p in base.named_parameters()},
+            torch.float64: reference_run(rounded, cfg, rows, torch.float64),
+            torch.bfloat16: reference_run(rounded, cfg, rows, torch.float64, compute=torch.bfloat16)}
+
+
+def _master_weights(cfg, model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of the run's last checkpoint, by HF name, as a resumed run gets them: the trainer's
+    own model, DDP, optimizer and checkpoint load, in this process (the bf16 weights it exports are those rounded,
+    which loses an update of 2e-6). Also checks that the gradients accumulate into fp32 buffers (``main_grad``)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_ext import build_model, hf_mapping
+    from megatron_ext.checkpoint import read_config
+    from megatron_ext.train import (_load_checkpoint, build_optimizer, data_parallel, latest_checkpoint,
+                                    wsd_scheduler)
+
+    path = latest_checkpoint(Path(cfg.run_dir))
+    config = read_config(path)
+    model = build_model(config, cfg.backend, params_dtype=model_dtype, perform_initialization=False)
+    ddp = data_parallel(model, cfg.distributed_optimizer, cfg.overlap_communication)
+    optimizer = build_optimizer(ddp, cfg, model_dtype, cfg.distributed_optimizer)
+    _load_checkpoint(path, dist_checkpointing.load_common_state_dict(str(path)), model, optimizer,
+                     wsd_scheduler(optimizer, cfg, cfg.train_iters), cfg.distributed_optimizer, cfg.fused_adam)
+    params = dict(model.named_parameters())
+    assert {p.dtype for p in params.values()} == {model_dtype}
+    assert {b.grad_data.dtype for b in ddp.buffers} == {p.main_grad.dtype for p in params.values()} == {torch.float32}
+    assert {p.main_param.dtype for p in params.values()} == {torch.float32}
+    master = {n: p.main_param.detach().view(p.shape).double() for n, p in params.items()}  # 1 rank: the whole shard
+    return dict(hf_mapping.megatron_to_hf(config, master.__getitem__, "model."))
+
+
+@pytest.mark.parametrize("distributed_optimizer", [True, False], ids=["distributed_optimizer", "plain_optimizer"])
+def test_bf16_master_weights_take_the_adamw_update_at_the_recipes_lr(setup, bf16_references, distributed_optimizer):
+    """precision: bf16 at lr 2e-6: the fp32 master weights move by the reference's AdamW update (by nothing, were
+    they kept in bf16), up to the noise of a bf16 forward and backward; the exported weights are those rounded to
+    bf16; the logged lr is the schedule's, loss and gradient norm the reference's to bf16 accuracy."""
+    from megatron_ext.train_config import TrainConfig
+
+    run = f"run_bf16_{'distributed' if distributed_optimizer else 'plain'}"
+    config = _config(setup, run, distributed_optimizer=distributed_optimizer, **BF16_RUN)
+    cfg = TrainConfig.load(config)
+    run_trainer(config)
+    start, ref, twin = (bf16_references[key] for key in ("start", torch.float64, torch.bfloat16))
+
+    metrics = read_metrics(setup / run)
+    lrs = [wsd_lr(k, cfg) for k in range(cfg.train_iters)]
+    assert [m["lr"] for m in metrics] == pytest.approx(lrs, rel=1e-12, abs=0)
+    # bf16 logits and gradients, the loss and the norm summed in fp32: within bf16's unit roundoff (2^-8) of the
+    # float64 values (they read ~1e-5 and ~3e-4 off)
+    assert [m["loss"] for m in metrics] == pytest.approx(ref["losses"], rel=2 ** -8)
+    assert [m["grad_norm"] for m in metrics] == pytest.approx(ref["norms"], rel=2 ** -8)
+
+    master = _master_weights(cfg, torch.bfloat16)
+    assert master.keys() == ref["params"].keys()
+    # what the trainer trains and exports is the master weights rounded: the bf16 copy made after each update
+    exported = _trained_weights(setup / run, setup / f"{run}_hf")
+    for name, weight in master.items():
+        assert torch.equal(exported[name], weight.float().bfloat16().double()), name
+    updates = sum(lr > 0 for lr in lrs)
+    for name, want in ref["params"].items():
+        # As in the fp32 test, two errors per tensor: the fp32 master weight's rounding at each update (at most U *
+        # |w| per element; the whole of the error where an update is below it, e.g. the GDN dt_bias at 1.0), and
+        # the bf16 forward and backward's, measured by the bf16 twin (~1% of the update; Adam's per-element
+        # normalisation keeps it from growing with the bf16 roundoff of small gradient elements, which adam_eps
+        # caps). The trainer's noise is another draw of the same size (it reads 0.5x to 1.5x the twin's, per
+        # tensor, the small 1-D tensors varying most): three times the sum. A 10% error of lr exceeds it on nearly
+        # every tensor; bf16 master weights (no update) exceed it 30 times or more.
+        rounding = updates * U * want.norm()
+        bf16_noise = (twin["params"][name] - want).norm()
+        error = (master[name] - want).norm()
+        moved = (want - start[name]).norm()
+        assert error <= 3 * (rounding + bf16_noise), (
+            f"{name}: {error / moved:.2e} of its update off the reference, bf16 allows "
+            f"{3 * (rounding + bf16_noise) / moved:.2e}")
