@@ -456,6 +456,8 @@ def _our_recognizers():
                    (rf"\b{_DAY}\s+(?:of\s+)?{_MONTH}(?:,?\s+\d{{4}})?\b", 0.6),
                    (rf"\b{_MONTH},?\s+(?:19|20)\d\d\b", 0.6),
                    (r"\b(?:0?[1-9]|1[0-2])[./-](?:0?[1-9]|[12]\d|3[01])[./-](?:19|20)?\d\d\b", 0.6),
+                   # a month and a year in digits, as "April 2023" above ("last infusion 04/2023")
+                   (r"(?<![\p{L}\d/.-])(?:0?[1-9]|1[0-2])[/-](?:19|20)\d\d\b(?![/-]\d)", 0.6),
                    (r"\b(?i:on|since|until|till|through|dated|as of|starting|admitted|discharged|DOB|DOS|onset|LKW|"
                     r"last known well|last seen)\s*:?\s*"
                     r"\K(?:0?[1-9]|1[0-2])/(?:0?[1-9]|[12]\d|3[01])\b(?!/)", 0.6),

@@ -217,9 +217,11 @@ def test_month_names_are_dates_only_as_whole_words():
 
 
 def test_timestamps_and_short_dates():
-    text = "Admit date: 2021-03-04T10:22. MRI 04/07: stable. Symptom onset 10/17 around noon. LKW 11/16."
-    assert not _kept(text, "2021-03-04T10:22", "04/07", "10/17", "11/16")
-    for text in ("Pain 3/10, strength 4/5, MoCA 10/30, 20/20 vision, 1/2 tab.", "Onset 2019; 12/30 tablets left."):
+    text = ("Admit date: 2021-03-04T10:22. MRI 04/07: stable. Symptom onset 10/17 around noon. LKW 11/16. Last "
+            "infusion 04/2023, relapse 11-2020.")
+    assert not _kept(text, "2021-03-04T10:22", "04/07", "10/17", "11/16", "04/2023", "11-2020")
+    for text in ("Pain 3/10, strength 4/5, MoCA 10/30, 20/20 vision, 1/2 tab.", "Onset 2019; 12/30 tablets left.",
+                 "BP 120/80, C5-C6, ratio 1/20."):
         assert redact_phi(text) == text
 
 
