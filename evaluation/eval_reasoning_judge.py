@@ -203,9 +203,9 @@ def generate(model_dir: str, prompts: list[str], max_new_tokens: int, device: st
     model, tok = load_hf_model(model_dir, device, dtype)
     if not tok.chat_template:
         raise ValueError(f"{model_dir}: the tokenizer has no chat template (needed for the judged answers)")
-    if trained_template and template_sha(tok.chat_template) != trained_template:
+    if trained_template and (sha := template_sha(tok.chat_template)) != trained_template:
         log.warning("%s: its chat template (sha256 %s) is not the one its SFT data was rendered with (%s): its answers "
-                    "are prompted otherwise than it was trained", model_dir, template_sha(tok.chat_template), trained_template)
+                    "are prompted otherwise than it was trained", model_dir, sha, trained_template)
     for prompt in tqdm(prompts, desc=f"answers of {model_dir}", unit="question"):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True, **(template_kwargs or {}))["input_ids"].to(device)
