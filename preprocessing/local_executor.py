@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from copy import deepcopy
@@ -35,6 +36,9 @@ def _start_worker(build: int, slots) -> None:
     build let go of, beside a rerun's), and take a slot of its own."""
     global _SLOT
     die_with(build)
+    if "torch" in sys.modules:  # the PHI guard's model: the parent's OpenMP threads are gone in a fork, and torch
+        # on more than one thread there hangs for good (GNU OpenMP); the workers share the cores besides
+        sys.modules["torch"].set_num_threads(1)
     with slots.get_lock():
         _SLOT, slots.value = slots.value, slots.value + 1
 

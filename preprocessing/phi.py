@@ -17,7 +17,9 @@ Why not philter-lite's own engine: its ``detect_phi`` part-of-speech-tags every 
 tagger, whose data comes only from the NLTK downloader (not from PyPI), and nothing may be downloaded at run
 time. Why not a Presidio NER model: spaCy's English models are not on PyPI under official names, and
 general-domain NER misses the terse name formats of notes. So Presidio runs here on a blank spaCy English
-tokenizer (no model), which is all its context scoring needs.
+tokenizer (no model), which is all its context scoring needs. A de-identification model the user has (trained on
+annotated notes, a local folder: the recipe's ``phi_model``) runs beside the rules as Presidio's
+``HuggingFaceNerRecognizer`` (:func:`_model_recognizer`).
 
 Kept as they are: neurology eponyms (``EPONYMS``; "Parkinson", "Guillain-Barré", "Glasgow Coma Scale"),
 drug names (philter-lite's common-word list has them), and upstream de-identification placeholders
@@ -66,6 +68,19 @@ class Span(NamedTuple):
     start: int
     end: int
     kind: str
+
+
+class PHIModel(NamedTuple):
+    """A de-identification model that runs beside the rules (the recipe's ``phi_model:``): a local transformers
+    token-classification checkpoint, its labels mapped to kinds (:func:`model_labels`), and its device (None: a
+    GPU where there is one)."""
+    path: str
+    labels: tuple[tuple[str, str | None], ...]
+    device: str | None = None
+
+
+class PHIModelError(RuntimeError):
+    """The de-identification model failed on a text: the guard stops rather than pass the text unread."""
 
 
 # ------------------------------------------------------------------------------------------- names
@@ -523,8 +538,9 @@ def _presidio_recognizers():
 
 
 @functools.cache
-def analyzer():
-    """The Presidio analyzer, built once per process (a few seconds: spaCy, the name lists)."""
+def analyzer(model: PHIModel | None = None):
+    """The Presidio analyzer, built once per process and model (a few seconds: spaCy, the name lists; the model
+    loads at its first text)."""
     import spacy
     from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
     from presidio_analyzer.nlp_engine import SpacyNlpEngine
@@ -552,8 +568,100 @@ def analyzer():
             return artifacts
 
     nlp = BlankEnglish(models=[{"lang_code": "en", "model_name": "blank"}])
-    registry = RecognizerRegistry(recognizers=[*_presidio_recognizers(), *_our_recognizers(), _name_recognizer()])
+    registry = RecognizerRegistry(recognizers=[*_presidio_recognizers(), *_our_recognizers(), _name_recognizer(),
+                                               *([_model_recognizer(model)] if model else [])])
     return AnalyzerEngine(registry=registry, nlp_engine=nlp, default_score_threshold=SCORE_THRESHOLD)
+
+
+# ------------------------------------------------------------------------------------ a model beside them
+
+# De-identification models' labels (B-/I-/L-/U-/E-/S- dropped, upper case) -> kinds. The label sets of i2b2 2014 and
+# of models trained on it and its successors (obi's deid_roberta_i2b2: STAFF, HOSP, LOC, OTHERPHI; StanfordAIMI's
+# stanford-deidentifier: HCW, VENDOR), and CoNLL's PER and LOC. Hospitals and other organisations count as places
+# (i2b2 counts them as PHI; a named clinic places a patient). None: not a Safe Harbor identifier (a state, a
+# country, a profession), or one the rules decide (ages: Safe Harbor removes only those over 89).
+MODEL_LABELS: dict[str, str | None] = {
+    **dict.fromkeys(("PATIENT", "DOCTOR", "STAFF", "HCW", "PERSON", "PER", "NAME", "USERNAME"), "name"),
+    **dict.fromkeys(("STREET", "ADDRESS", "LOC", "LOCATION", "LOCATION-OTHER", "LOCATION_OTHER", "HOSPITAL", "HOSP",
+                     "ORGANIZATION", "VENDOR"), "address"),
+    "CITY": "city", "ZIP": "zip", "DATE": "date", "PHONE": "phone", "FAX": "phone", "EMAIL": "email", "URL": "url",
+    "WEB": "url", "IPADDR": "ip", "IP": "ip", "MEDICALRECORD": "mrn", "MRN": "mrn", "HEALTHPLAN": "health_plan",
+    "ACCOUNT": "account", "LICENSE": "license", "VEHICLE": "vehicle", "DEVICE": "device", "SSN": "ssn",
+    **dict.fromkeys(("IDNUM", "ID", "BIOID", "OTHERPHI"), "other_id"),
+    **dict.fromkeys(("STATE", "COUNTRY", "PROFESSION", "AGE"), None),
+}
+_LABEL_PREFIX = regex.compile(r"^[BILUES]-")
+_NOT_PHI = "NOT_PHI"  # the entity a label mapped to None gets: Presidio's recognizer keeps unmapped labels as they are
+
+
+def model_labels(path: str, overrides: dict[str, str | None] | None = None) -> tuple[tuple[str, str | None], ...]:
+    """The model's labels (its config.json's ``id2label``, prefixes dropped, ``O`` aside) -> kinds, by
+    :data:`MODEL_LABELS` and ``overrides``. A label in neither stops here, before any worker loads the model: a
+    label left out silently would pass its identifiers."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"phi_model: {config} not found (a local transformers token-classification model "
+                                "folder: config.json, weights and tokenizer)")
+    id2label = json.loads(config.read_text()).get("id2label") or {}
+    mapping = {**MODEL_LABELS, **{k.upper(): v for k, v in (overrides or {}).items()}}
+    wrong = {k: v for k, v in mapping.items() if v is not None and v not in KINDS}
+    if wrong:
+        raise ValueError(f"phi_model.labels: {wrong} map to no kind; kinds: {', '.join(KINDS)} (or null: not an identifier)")
+    labels = sorted({_LABEL_PREFIX.sub("", str(label)).upper() for label in id2label.values()} - {"O"})
+    if not labels:
+        raise ValueError(f"phi_model: {config} names no labels (id2label): not a token-classification model")
+    unknown = [label for label in labels if label not in mapping]
+    if unknown:
+        raise ValueError(f"phi_model: the labels {unknown} of {path} have no kind; map each under phi_model.labels "
+                         f"to one of {', '.join(KINDS)}, or to null if it is not an identifier")
+    return tuple((label, mapping[label]) for label in labels)
+
+
+def _model_recognizer(model: PHIModel):
+    """Presidio's recognizer for a transformers token-classification model (``HuggingFaceNerRecognizer``), over
+    chunks that fill the model's context as its own tokenizer counts (a chunk longer than the context would be cut
+    short, its end unread). Two changes for a guard: a failure stops it, where Presidio's logs it and goes on
+    without the chunk, and the labels mapped to None are dropped."""
+    from presidio_analyzer.chunkers import TokenizerBasedTextChunker
+    from presidio_analyzer.predefined_recognizers.ner.huggingface_ner_recognizer import HuggingFaceNerRecognizer
+
+    class Failures:
+        """The model's pipeline, keeping what it raised."""
+
+        def __init__(self, pipeline):
+            self.pipeline, self.error = pipeline, None
+
+        def __call__(self, text: str):
+            try:
+                return self.pipeline(text)
+            except Exception as err:
+                self.error = err
+                raise
+
+    class DeidModel(HuggingFaceNerRecognizer):
+        def load(self) -> None:
+            if self.ner_pipeline is None:
+                super().load()
+                # the chunker counts a whole text's tokens to cut it to the context: transformers' warning that
+                # such a sequence is too long for the model, meant for inputs, does not apply
+                self.ner_pipeline.tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+                self.ner_pipeline = Failures(self.ner_pipeline)
+
+        def analyze(self, text, entities, nlp_artifacts=None):
+            self.load()
+            self.ner_pipeline.error = None
+            results = super().analyze(text, entities, nlp_artifacts)
+            if self.ner_pipeline.error is not None:
+                raise PHIModelError(f"the PHI model {model.path} failed: {self.ner_pipeline.error!r}") from self.ner_pipeline.error
+            return [r for r in results if r.entity_type != _NOT_PHI]
+
+    mapping = {label: kind.upper() if kind else _NOT_PHI for label, kind in model.labels}
+    return DeidModel(model_name=model.path, label_mapping=mapping, supported_entities=sorted(set(mapping.values())),
+                     threshold=SCORE_THRESHOLD, device=model.device, text_chunker=TokenizerBasedTextChunker(),
+                     label_prefixes=["B-", "I-", "L-", "U-", "E-", "S-"], name="neurocpt_phi_model")
 
 
 # ------------------------------------------------------------------------------------------- API
@@ -576,13 +684,14 @@ def _pieces(text: str, size: int = PIECE_CHARS, overlap: int = PIECE_OVERLAP):
     yield start, text[start:]
 
 
-def phi_spans(text: str) -> list[Span]:
-    """Identifier spans in ``text``, trailing punctuation left out, overlaps merged (the longest part, then the
-    surest, then one of a kind other than ``other_id``, names the kind); none inside an upstream placeholder."""
+def phi_spans(text: str, model: PHIModel | None = None) -> list[Span]:
+    """Identifier spans in ``text``, by the rules and ``model`` if given, trailing punctuation left out, overlaps
+    merged (the longest part, then the surest, then one of a kind other than ``other_id``, names the kind); none
+    inside an upstream placeholder."""
     protected = [m.span() for m in _PLACEHOLDER.finditer(text)]
     found = []
     for offset, piece in _pieces(text):
-        for r in analyzer().analyze(piece, language="en"):
+        for r in analyzer(model).analyze(piece, language="en"):
             start, end = offset + r.start, offset + r.start + len(piece[r.start:r.end].rstrip(".,;:)"))
             if end > start and not any(start < pe and ps < end for ps, pe in protected):
                 found.append((start, end, _PRESIDIO_KIND.get(r.entity_type, r.entity_type.lower()), r.score))
@@ -599,10 +708,11 @@ def phi_spans(text: str) -> list[Span]:
     return [Span(s, e, k) for s, e, k, _ in merged]
 
 
-def redact_phi(text: str, spans: list[Span] | None = None) -> str:
-    """``text`` with every identifier replaced by its typed placeholder (``[NAME]``, ``[DATE]``, ...)."""
+def redact_phi(text: str, spans: list[Span] | None = None, model: PHIModel | None = None) -> str:
+    """``text`` with every identifier (``spans``, else :func:`phi_spans`'s) replaced by its typed placeholder
+    (``[NAME]``, ``[DATE]``, ...)."""
     out, last = [], 0
-    for s in phi_spans(text) if spans is None else spans:
+    for s in phi_spans(text, model) if spans is None else spans:
         out += [text[last:s.start], f"[{s.kind.upper()}]"]
         last = s.end
     return "".join(out) + text[last:]

@@ -67,8 +67,8 @@ def stages(recipe: MixRecipe, tasks: int, files: list) -> list[tuple[str, list, 
     for _ in steps.benchmark_texts(decont):  # read once here: a bad file stops the build before any worker starts
         pass
     clean = [
-        steps.MixReader(files, str(out / "errors"), recipe.max_doc_chars),
-        steps.PHIGuard(recipe.sources),
+        steps.MixReader(files, str(out / "errors"), recipe.max_doc_chars, recipe.phi_model_spec),
+        steps.PHIGuard(recipe.sources, recipe.phi_model_spec),
         *([steps.Decontaminate(decont, recipe.decontaminate_ngram)] if decont else []),
         steps.SourceFilters(recipe.sources),
         JsonlWriter(str(work / "clean"), output_filename="${rank}.jsonl.gz"),
@@ -191,6 +191,9 @@ def check_recipe(recipe: MixRecipe) -> list:
                 "input_files": input_files([path for _, path in files]), "read_sharding": MixReader.SHARDING}
     if recipe.llm:
         settings["llm"] = {k: v for k, v in settings["llm"].items() if k not in LLM_CONNECTION}
+    if recipe.phi_model_spec:  # another model in the same folder would guard part of the notes
+        settings["phi_model_files"] = input_files([str(p) for p in sorted(Path(recipe.phi_model_spec.path).rglob("*"))
+                                                   if p.is_file()])
     check_settings(recipe.out / "recipe.resolved.json", settings)
     return files
 

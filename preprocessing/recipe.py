@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import yaml
 
 from preprocessing.llm import LLMConfig
+from preprocessing.phi import PHIModel, model_labels
 
 FORMATS = ("jsonl", "parquet", "latex")
 
@@ -85,6 +87,20 @@ class EnrichLLMConfig(LLMConfig):
 
 
 @dataclass
+class PHIModelConfig:
+    """The recipe's ``phi_model:`` block: a de-identification model run beside the PHI guard's rules on every
+    ``phi_guard`` source (a local transformers token-classification folder, e.g. one trained on i2b2 2014 notes)."""
+
+    path: str  # relative paths against the recipe file
+    labels: dict[str, str | None] = field(default_factory=dict)  # model label -> kind or null, over phi.MODEL_LABELS
+    device: str = "auto"  # cpu, cuda, cuda:N; auto: a GPU where there is one
+
+    def __post_init__(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.removeprefix("cuda:").isdigit()):
+            raise ValueError(f"phi_model.device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+
+
+@dataclass
 class SourceConfig:
     name: str
     paths: list[str]
@@ -125,11 +141,15 @@ class MixRecipe:
     minhash: dict[str, int] = field(default_factory=lambda: {"n_grams": 5, "num_buckets": 14, "hashes_per_bucket": 8})
     seed: int = 1234
     llm: EnrichLLMConfig | None = None  # needed when a source has ``enrich``
+    phi_model: PHIModelConfig | None = None  # a de-identification model beside the PHI guard's rules
     base_dir: str = "."  # relative paths in the recipe resolve against the recipe file's folder
 
     def __post_init__(self) -> None:
         self.sources = [s if isinstance(s, SourceConfig) else _source(s, i) for i, s in enumerate(self.sources)]
         self.llm = from_dict(EnrichLLMConfig, self.llm, "llm")
+        self.phi_model = from_dict(PHIModelConfig, self.phi_model, "phi_model")
+        if self.phi_model and not any(s.phi_guard for s in self.sources):
+            raise ValueError("phi_model is set, but no source has phi_guard: true (the model runs with the guard)")
         if self.enriched_sources and self.llm is None:
             raise ValueError(f"sources {self.enriched_sources} have enrich blocks but the recipe has no llm: block")
         names = [s.name for s in self.sources]
@@ -176,6 +196,15 @@ class MixRecipe:
     @property
     def out(self) -> Path:
         return self.resolve(self.output_dir)
+
+    @functools.cached_property
+    def phi_model_spec(self) -> PHIModel | None:
+        """The PHI guard's model as the steps take it, its labels checked against the kinds (files read here)."""
+        if self.phi_model is None:
+            return None
+        path = str(self.resolve(self.phi_model.path))
+        device = None if self.phi_model.device == "auto" else self.phi_model.device
+        return PHIModel(path, model_labels(path, self.phi_model.labels), device)
 
     @property
     def enriched_sources(self) -> list[str]:

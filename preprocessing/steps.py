@@ -23,7 +23,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from preprocessing.phi import phi_spans, redact_phi
+from preprocessing.phi import PHIModel, PHIModelError, phi_spans, redact_phi
 from preprocessing.recipe import SourceConfig
 from preprocessing.tokenizer import as_text, eos_id, text_tokenizer, token_dtype
 
@@ -208,11 +208,13 @@ class MixReader(PipelineStep):
     name = "📖 MixReader"
     type = "📖 - READER"
 
-    def __init__(self, files: list[tuple[SourceConfig, str]], errors_dir: str, max_doc_chars: int):
+    def __init__(self, files: list[tuple[SourceConfig, str]], errors_dir: str, max_doc_chars: int,
+                 phi_model: PHIModel | None = None):
         super().__init__()
         self.files = files
         self.errors_dir = errors_dir
         self.max_doc_chars = max_doc_chars
+        self.phi_model = phi_model  # the PHI guard's model, for the excerpts of a guarded source's bad records
         folders: dict[str, list[str]] = {}
         for source, path in files:
             folders.setdefault(source.name, []).append(os.path.dirname(path))
@@ -260,7 +262,7 @@ class MixReader(PipelineStep):
             self.stat_update(f"read/{source.name}", f"quarantined/{source.name}/{reason}")
             if source.phi_guard and excerpt:  # the errors folder travels with the mix: redacted as the documents are
                 # (a long window: a name cut in two at its end could not move into the 200 characters kept)
-                excerpt = redact_phi(excerpt[:1000])
+                excerpt = redact_phi(excerpt[:1000], model=self.phi_model)
             quarantine.write(path, line, reason, excerpt)
 
         try:
@@ -333,22 +335,26 @@ class MixReader(PipelineStep):
 # ------------------------------------------------------------------------------------------ PHI guard
 
 class PHIGuard(PipelineStep):
-    """Residual identifiers in sources with ``phi_guard`` (every Safe Harbor kind, :mod:`preprocessing.phi`):
-    replaced by typed placeholders (default) or the document dropped, counted per kind."""
+    """Residual identifiers in sources with ``phi_guard`` (every Safe Harbor kind, :mod:`preprocessing.phi`, and
+    ``phi_model``'s finds): replaced by typed placeholders (default) or the document dropped, counted per kind."""
 
     name = "🛡 PHI guard"
     type = "🔻 - FILTER"
 
-    def __init__(self, sources: list[SourceConfig]):
+    def __init__(self, sources: list[SourceConfig], phi_model: PHIModel | None = None):
         super().__init__()
         self.policy = {s.name: s.phi_policy for s in sources if s.phi_guard}
+        self.phi_model = phi_model
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
             source = doc.metadata["source"]
             if source in self.policy:
                 with self.track_time():
-                    spans = phi_spans(doc.text)
+                    try:
+                        spans = phi_spans(doc.text, self.phi_model)
+                    except PHIModelError as err:
+                        raise PHIModelError(f"source {source}, document {doc.id}: {err}") from err
                 for kind, n in Counter(s.kind for s in spans).items():
                     self.stat_update(f"phi/{source}/{kind}", value=n)
                 if spans and self.policy[source] == "drop":

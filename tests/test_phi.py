@@ -340,3 +340,127 @@ def test_independent_dev_half_floor():
     words = sum(len(t.split()) for t in clean)
     assert sum(map(len, clean_spans)) <= 2 * words / 1000, [t[s.start:s.end] for t, ss in zip(clean, clean_spans) for s in ss]
     assert len(traps_hit(clean, clean_spans)) <= 2 * words / 1000
+
+
+# ------------------------------------------------------------------------------------------- a model beside the rules
+# The recipe's phi_model: a local de-identification model (tests/tiny_deid.py builds one that tags chosen words).
+
+TAGGED = {"zorblatt": "PATIENT", "quennick": "HOSP", "neurologist": "PROFESSION"}
+
+
+@pytest.fixture(scope="module")
+def deid_model(tmp_path_factory):
+    from tiny_deid import write_tiny_deid_model
+
+    return write_tiny_deid_model(tmp_path_factory.mktemp("deid"), TAGGED)
+
+
+def test_a_model_adds_what_the_rules_miss_in_chunks_of_its_context(deid_model):
+    """A lower-case name with no cue, which the rules miss, is redacted with the model, also in the last of the
+    chunks a text longer than the model's 16-token context is cut into; the rules' finds stay; a label mapped to
+    null (a profession) is kept, and a label a recipe maps itself takes that kind."""
+    from preprocessing.phi import PHIModel, model_labels
+
+    text = ("MRN: 00123456. Seen by the neurologist at quennick today. " + "No new deficits. " * 6
+            + "Daughter zorblatt visited.")
+    model = PHIModel(str(deid_model), model_labels(str(deid_model)))
+    assert dict(model.labels) == {"PATIENT": "name", "HOSP": "address", "PROFESSION": None}
+    assert redact_phi(text) == text.replace("00123456", "[MRN]")  # the rules alone
+    assert redact_phi(text, model=model) == (text.replace("00123456", "[MRN]").replace("quennick", "[ADDRESS]")
+                                             .replace("zorblatt", "[NAME]"))
+    as_city = PHIModel(str(deid_model), model_labels(str(deid_model), {"hosp": "city"}))
+    assert "at [CITY] today" in redact_phi(text, model=as_city)
+
+
+def test_a_models_labels_must_each_have_a_kind(deid_model, tmp_path):
+    from preprocessing.phi import model_labels
+    from preprocessing.recipe import MixRecipe, PHIModelConfig
+    from tiny_deid import write_tiny_deid_model
+
+    other = write_tiny_deid_model(tmp_path / "other", {"zorblatt": "NICKNAME"})
+    with pytest.raises(ValueError, match=r"the labels \['NICKNAME'\] of .*other have no kind; map each under phi_model.labels"):
+        model_labels(str(other))
+    assert model_labels(str(other), {"NICKNAME": "name"}) == (("NICKNAME", "name"),)
+    with pytest.raises(ValueError, match=r"\{'NICKNAME': 'nickname'\} map to no kind"):
+        model_labels(str(other), {"NICKNAME": "nickname"})
+    with pytest.raises(FileNotFoundError, match=r"phi_model: .*missing/config.json not found"):
+        model_labels(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="phi_model.device must be auto, cpu, cuda or cuda:N"):
+        PHIModelConfig(str(deid_model), device="gpu")
+    source = {"name": "ehr", "paths": ["*.jsonl"], "share": 1.0}
+    with pytest.raises(ValueError, match="phi_model is set, but no source has phi_guard: true"):
+        MixRecipe(tokenizer="t", output_dir="o", sources=[source], phi_model={"path": str(deid_model)})
+    recipe = MixRecipe(tokenizer="t", output_dir="o", sources=[{**source, "phi_guard": True}], base_dir=str(tmp_path),
+                       phi_model={"path": "other", "labels": {"NICKNAME": "name"}, "device": "cpu"})
+    assert recipe.phi_model_spec == (str(other), (("NICKNAME", "name"),), "cpu")  # relative to the recipe's folder
+
+
+def test_a_failing_model_stops_the_guard_naming_the_document(tmp_path):
+    """Presidio's recognizer logs a chunk its model fails on and goes on without it; the guard stops instead, naming
+    the source and the document (here a model whose context is longer than its position embeddings)."""
+    from datatrove.data import Document
+
+    from preprocessing.phi import PHIModel, PHIModelError, model_labels
+    from preprocessing.recipe import SourceConfig
+    from preprocessing.steps import PHIGuard
+    from tiny_deid import write_tiny_deid_model
+
+    broken = write_tiny_deid_model(tmp_path / "broken", {"zorblatt": "PATIENT"}, context=16, positions=8)
+    model = PHIModel(str(broken), model_labels(str(broken)), "cpu")
+    guard = PHIGuard([SourceConfig(name="ehr", paths=[], share=1.0, phi_guard=True)], model)
+    docs = [Document(text="Seen today. " * 10, id="note-7", metadata={"source": "ehr"})]
+    with pytest.raises(PHIModelError, match=r"source ehr, document note-7: the PHI model .*broken failed: RuntimeError"):
+        list(guard.run(iter(docs)))
+
+
+def test_build_mix_runs_the_model_on_guarded_sources_and_records_its_files(deid_model, tmp_path):
+    """Through build_mix (its executor's two forked workers): the guarded source's documents and the excerpt of its
+    quarantined record lose what the model finds, counted in the ledger; another source keeps it; the model's
+    files are recorded with the build's settings, so a rerun after they changed stops, naming them."""
+    import shutil
+
+    from preprocessing.errors import BuildError
+    from preprocessing.report import collect_ledger
+
+    _write_jsonl(tmp_path / "raw" / "ehr.jsonl", [t + "\ndaughter zorblatt visited." for t in clean_notes(8, seed=41)])
+    with open(tmp_path / "raw" / "ehr.jsonl", "a") as f:
+        f.write('{"id": "cut", "text": "zorblatt called about the results\n')
+    _write_jsonl(tmp_path / "raw" / "papers.jsonl", [t + "\nthe zorblatt assay." for t in clean_notes(8, seed=42)])
+    shutil.copytree(deid_model, tmp_path / "deid")
+    filters = {"min_chars": 20, "gopher_quality": None, "gopher_repetition": None}
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump({
+        "tokenizer": str(DEMO / "tokenizer"), "output_dir": "mix", "seq_length": 256, "token_budget": 2_000,
+        "heldout_fraction": 0.0, "phi_model": {"path": "deid", "device": "cpu"},
+        "sources": [{"name": "ehr", "paths": ["raw/ehr.jsonl"], "share": 0.5, "phi_guard": True, "filters": filters},
+                    {"name": "papers", "paths": ["raw/papers.jsonl"], "share": 0.5, "filters": filters}]}))
+    recipe = MixRecipe.load(recipe_path)
+    # the model run here first, on torch's threads: the forked workers hung on theirs until they ran on one
+    assert redact_phi("daughter zorblatt visited", model=recipe.phi_model_spec) == "daughter [NAME] visited"
+    build_mix.build(recipe, workers=2)
+    assert "zorblatt" not in _kept_text(recipe, "ehr") and _kept_text(recipe, "ehr").count("[NAME]") == 8
+    assert _kept_text(recipe, "papers").count("zorblatt") == 8
+    assert collect_ledger(recipe.out / "logs", ["ehr"])["ehr"]["phi"] == {"name": 8}
+    errors = "".join(p.read_text() for p in (recipe.out / "errors").glob("*.jsonl"))
+    assert "[NAME] called about" in errors and "zorblatt" not in errors
+    settings = json.loads((recipe.out / "recipe.resolved.json").read_text())
+    assert str((tmp_path / "deid" / "model.safetensors").resolve()) in settings["phi_model_files"]
+
+    (tmp_path / "deid" / "model.safetensors").write_bytes((tmp_path / "deid" / "model.safetensors").read_bytes())
+    with pytest.raises(BuildError, match=r"phi_model_files \(changed .*model.safetensors\) changed"):
+        build_mix.build(MixRecipe.load(recipe_path))
+
+
+def test_bench_phi_runs_with_a_model(deid_model, capsys):
+    import torch
+
+    from tools import bench_phi
+
+    threads = torch.get_num_threads()
+    try:
+        bench_phi.main(["--notes", "4", "--clean", "3", "--holdout-notes", "0", "--model", str(deid_model),
+                        "--model-device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)  # the bench runs the model on one thread
+    out = capsys.readouterr().out
+    assert f"with the model {deid_model} (cpu)" in out and "| throughput, MB/s per core" in out

@@ -2,6 +2,7 @@
 words on identifier-free clinical text, and throughput per core.
 
     python -m tools.bench_phi [--notes 400] [--clean 300] [--seed 0] [--holdout-notes 200] [--holdout-clean 150]
+                              [--model DIR [--model-label LABEL=KIND ...] [--model-device cpu]]
 
 Recall is measured on two labelled sets: the synthetic set of ``tests/phi_eval_set.py`` (every Safe Harbor
 kind in several formats), and the five i2b2 2014 sample notes that philter-lite ships with their
@@ -16,6 +17,10 @@ half, whose misses are listed for whoever fixes the guard, and its HELDOUT half,
 so that it stays a test of text nobody tuned the guard on. Throughput: bytes of
 note text per CPU second of this process (one core), and that x 16 against the goal of 1 GB in an hour on
 16 cores (0.017 MB/s per core).
+
+``--model``: the same with a de-identification model beside the rules, as a recipe's ``phi_model:`` runs it (a local
+transformers token-classification folder; ``--model-label`` maps a label :data:`preprocessing.phi.MODEL_LABELS`
+lacks). On the CPU the model runs on one thread, so that the throughput stays per core.
 """
 
 from __future__ import annotations
@@ -75,7 +80,15 @@ def misses(notes, spans, removed) -> list[str]:
             if not removed(n.text, a, b, found)]
 
 
-def holdout_report(n_notes: int, n_clean: int) -> tuple[list[str], list[str]]:
+def model_tokens(model, texts: list[str]) -> int:
+    """Tokens of ``texts`` as the model's tokenizer counts them: the model's cost scales with these."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+def holdout_report(n_notes: int, n_clean: int, model=None) -> tuple[list[str], list[str]]:
     """Tables for both halves of the independent set (recall per kind; false positives per 1,000 words of its
     identifier-free notes; trap terms touched), and the DEV half's misses and false positives."""
     from tests.phi_eval_set import recall_by_kind, removed
@@ -86,7 +99,7 @@ def holdout_report(n_notes: int, n_clean: int) -> tuple[list[str], list[str]]:
     lines, details = [], []
     for half in (DEV, HELDOUT):
         notes, clean = holdout_notes(half, n_notes), holdout_clean_notes(half, n_clean)
-        spans, clean_spans = [phi_spans(n.text) for n in notes], [phi_spans(t) for t in clean]
+        spans, clean_spans = [phi_spans(n.text, model) for n in notes], [phi_spans(t, model) for t in clean]
         words = sum(len(t.split()) for t in clean)
         fps = Counter((s.kind, t[s.start:s.end]) for t, ss in zip(clean, clean_spans) for s in ss)
         touched = traps_hit(clean, clean_spans) + traps_hit([n.text for n in notes], spans)
@@ -109,32 +122,46 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--holdout-notes", type=int, default=200, help="notes per half of the independent set")
     p.add_argument("--holdout-clean", type=int, default=150, help="identifier-free notes per half of it")
+    p.add_argument("--model", help="a de-identification model folder to run beside the rules (a recipe's phi_model)")
+    p.add_argument("--model-label", action="append", default=[], metavar="LABEL=KIND",
+                   help="a model label's kind (or LABEL=null: not an identifier), over phi.MODEL_LABELS")
+    p.add_argument("--model-device", default=None, help="cpu, cuda, cuda:N (default: a GPU where there is one)")
     args = p.parse_args(argv)
 
     from tests.phi_eval_set import clean_notes, phi_notes, protected_terms_hit, recall_by_kind, removed
 
-    from preprocessing.phi import analyzer, phi_spans
+    from preprocessing.phi import PHIModel, analyzer, model_labels, phi_spans
 
+    model = None
+    if args.model:
+        labels = {k: None if v == "null" else v for k, v in (x.split("=", 1) for x in args.model_label)}
+        model = PHIModel(args.model, model_labels(args.model, labels), args.model_device)
+        import torch
+
+        torch.set_num_threads(1)  # on the CPU: per core, as a build's workers run it
     t0 = time.perf_counter()
-    analyzer()
+    analyzer(model)
+    phi_spans("Seen today.", model)  # the model loads at its first text
     load_s = time.perf_counter() - t0
     notes, clean = phi_notes(args.notes, args.seed), clean_notes(args.clean, args.seed + 1)
     i2b2, i2b2_annotated = i2b2_samples()
     texts = [n.text for n in notes] + clean
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    found = [phi_spans(t) for t in texts]
+    found = [phi_spans(t, model) for t in texts]
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     spans, clean_spans = found[:len(notes)], found[len(notes):]
-    i2b2_spans = [phi_spans(n.text) for n in i2b2]
+    i2b2_spans = [phi_spans(n.text, model) for n in i2b2]
 
     mb = sum(len(t.encode()) for t in texts) / 1e6
     words = sum(len(t.split()) for t in clean)
     fps = Counter((s.kind, t[s.start:s.end]) for t, ss in zip(clean, clean_spans) for s in ss)
     touched = protected_terms_hit(clean, clean_spans) + protected_terms_hit([n.text for n in notes], spans)
     per_core = mb / cpu
+    tokens = model_tokens(model, texts) if model else 0
     i2b2_words = sum(len(n.text.split()) for n in i2b2)
     i2b2_fp = sum(len(unannotated(f, a)) for f, a in zip(i2b2_spans, i2b2_annotated))
-    lines = [f"{date.today()}, {platform.machine()}, {platform.node()}; analyzer built in {load_s:.1f} s", "",
+    lines = [f"{date.today()}, {platform.machine()}, {platform.node()}; analyzer built in {load_s:.1f} s"
+             + (f"; with the model {args.model} ({model.device or 'auto'})" if model else "; the rules alone"), "",
              *recall_table(f"Synthetic set: {args.notes} notes (seed {args.seed})", recall_by_kind(notes, spans)),
              *recall_table("i2b2 2014 samples shipped with philter-lite (5 notes)", recall_by_kind(i2b2, i2b2_spans)),
              "| precision and speed | value |", "|---|---|",
@@ -143,12 +170,14 @@ def main(argv: list[str] | None = None) -> None:
              f"| false positives per 1,000 words (i2b2 samples, {i2b2_words} words) | {1000 * i2b2_fp / i2b2_words:.2f} "
              f"({i2b2_fp} spans) |",
              f"| eponyms, drug names, placeholders touched | {len(touched)} |",
-             f"| throughput, MB/s per core (CPU time, {mb:.2f} MB) | {per_core:.3f} (goal >= {GOAL_MB_S_PER_CORE:.3f}) |",
+             f"| throughput, MB/s per core (CPU time, {mb:.2f} MB) | {per_core:.4f} (goal >= {GOAL_MB_S_PER_CORE:.3f}) |",
+             *([f"| the model's tokens (its tokenizer) per CPU second; characters a token | "
+                f"{tokens / cpu:,.0f}; {sum(map(len, texts)) / tokens:.2f} |"] if model else []),
              f"| x 16 cores: MB/s; hours for 1 GB | {16 * per_core:.2f}; {1000 / (16 * per_core) / 3600:.2f} |",
              f"| wall clock, MB/s (this process; shared machine) | {mb / wall:.3f} |", ""]
     print("\n".join(lines))
     if args.holdout_notes:
-        holdout, details = holdout_report(args.holdout_notes, args.holdout_clean)
+        holdout, details = holdout_report(args.holdout_notes, args.holdout_clean, model)
         print("\n".join(holdout))
     print("false positives:", dict(fps.most_common(20)) or "none")
     print("touched:", Counter(touched).most_common(10) or "none")

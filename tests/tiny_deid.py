@@ -1,0 +1,45 @@
+"""A tiny de-identification model for the PHI guard's ``phi_model`` tests, built locally (nothing from a hub): a
+transformers token-classification BERT with no layers and a WordPiece tokenizer of a few words, its weights set
+so that each listed word is tagged with its label and every other token (``[UNK]``) with ``O``. Real transformers,
+tokenizer and pipeline; only the weights are chosen instead of trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+
+
+def write_tiny_deid_model(path: Path, tagged: dict[str, str], context: int = 16, positions: int = 64) -> Path:
+    """A model folder at ``path`` tagging each word of ``tagged`` (lower case) as ``B-<label>``; ``context``: the
+    tokenizer's model_max_length, which the guard's chunks fill; ``positions``: the model's position embeddings
+    (fewer than ``context`` make a full chunk fail inside the model)."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertForTokenClassification, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + list(tagged))}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                             special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    labels = ["O"] + sorted({f"B-{label}" for label in tagged.values()})
+    config = BertConfig(vocab_size=len(vocab), hidden_size=len(vocab), num_hidden_layers=0, num_attention_heads=1,
+                        intermediate_size=4, max_position_embeddings=positions, id2label=dict(enumerate(labels)),
+                        label2id={label: i for i, label in enumerate(labels)})
+    model = BertForTokenClassification(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        # one dimension per word (the LayerNorm keeps it the largest), read by the classifier row of its label;
+        # a token with no dimension of its own normalises to zeros and takes O by its bias
+        model.bert.embeddings.LayerNorm.weight.fill_(1.0)
+        model.classifier.bias[0] = 1.0
+        for word, label in tagged.items():
+            model.bert.embeddings.word_embeddings.weight[vocab[word], vocab[word]] = 1.0
+            model.classifier.weight[labels.index(f"B-{label}"), vocab[word]] = 10.0
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", model_max_length=context).save_pretrained(path)
+    return path
