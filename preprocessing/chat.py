@@ -13,6 +13,7 @@ it at that point), so no reasoning is trained out of context and none is dropped
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -121,7 +122,9 @@ def token_mask(offsets: list[tuple[int, int]], spans: Spans) -> list[int]:
 SFT_CHAT_FILE = "neurocpt_sft_chat.json"
 
 
-def template_sha(template: str) -> str:
+def template_sha(template: str | dict[str, str]) -> str:
     """A chat template's short fingerprint: ``sft.json`` records the one its conversations were rendered with, and
-    evaluation compares it with the template of the model it prompts."""
-    return hashlib.sha256(template.encode()).hexdigest()[:16]
+    evaluation compares it with the template of the model it prompts. A tokenizer with named templates (a dict:
+    transformers renders with ``default``, or ``tool_use`` for conversations with tools) is fingerprinted whole."""
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -328,6 +328,28 @@ def test_a_cut_gzip_is_quarantined_and_a_tokenizer_without_chat_template_is_name
         build(SFTRecipe.load(tmp_path / "sft.yaml"), workers=1)
 
 
+def test_a_tokenizer_with_named_templates_builds_and_records_them_whole(tmp_path, tok):
+    """Named templates (``chat_template`` a dict: transformers renders with ``default``, with ``tool_use`` for
+    conversations with tools): the build renders with them and records one fingerprint of them all, which a change
+    to either changes (evaluation compares it)."""
+    import copy
+
+    from preprocessing.build_sft import SFTRecipe, build
+    from preprocessing.chat import template_sha
+    from preprocessing.tokenizer import hf_tokenizer
+
+    named = copy.deepcopy(tok)  # not the module's tokenizer, which other tests use as it is
+    named.chat_template = {"default": tok.chat_template, "tool_use": tok.chat_template + "{#- tools -#}"}
+    named.save_pretrained(tmp_path / "named")
+    assert isinstance(hf_tokenizer(str(tmp_path / "named")).chat_template, dict)
+    recipe = {"tokenizer": str(tmp_path / "named"), "output_dir": "out", "paths": [str(DEMO / "sft" / "*.jsonl")],
+              "seq_length": 256}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(recipe))
+    info = build(SFTRecipe.load(tmp_path / "sft.yaml"), workers=1)
+    assert info["chat_template_sha256"] == template_sha(named.chat_template) != template_sha(tok.chat_template)
+    assert template_sha({**named.chat_template, "tool_use": tok.chat_template}) != info["chat_template_sha256"]
+
+
 def _dataset(sft_data, seed=7):
     return PackedSFTDataset(str(sft_data / "train_tokens"), str(sft_data / "train_loss_mask"), 256, pad_id=0, seed=seed)
 
