@@ -293,17 +293,21 @@ def _master_weights(cfg, model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return dict(hf_mapping.megatron_to_hf(config, master.__getitem__, "model."))
 
 
-@pytest.mark.parametrize("distributed_optimizer", [True, False], ids=["distributed_optimizer", "plain_optimizer"])
-def test_bf16_master_weights_take_the_adamw_update_at_the_recipes_lr(setup, bf16_references, distributed_optimizer):
+@pytest.mark.parametrize("distributed_optimizer, nproc", [(True, 1), (False, 1), (True, 2)],
+                         ids=["distributed_optimizer", "plain_optimizer", "distributed_optimizer_dp2"])
+def test_bf16_master_weights_take_the_adamw_update_at_the_recipes_lr(setup, bf16_references, distributed_optimizer,
+                                                                     nproc):
     """precision: bf16 at lr 2e-6: the fp32 master weights move by the reference's AdamW update (by nothing, were
     they kept in bf16), up to the noise of a bf16 forward and backward; the exported weights are those rounded to
-    bf16; the logged lr is the schedule's, loss and gradient norm the reference's to bf16 accuracy."""
+    bf16; the logged lr is the schedule's, loss and gradient norm the reference's to bf16 accuracy. On 2 ranks the
+    distributed optimizer holds half the master weights on each, updates its half and all-gathers the bf16 weights,
+    as on the flagship's 8 GPUs; its checkpoint is read back on one rank."""
     from megatron_ext.train_config import TrainConfig
 
-    run = f"run_bf16_{'distributed' if distributed_optimizer else 'plain'}"
+    run = f"run_bf16_{'distributed' if distributed_optimizer else 'plain'}_{nproc}"
     config = _config(setup, run, distributed_optimizer=distributed_optimizer, **BF16_RUN)
     cfg = TrainConfig.load(config)
-    run_trainer(config)
+    run_trainer(config, nproc=nproc)
     start, ref, twin = (bf16_references[key] for key in ("start", torch.float64, torch.bfloat16))
 
     metrics = read_metrics(setup / run)
