@@ -150,6 +150,8 @@ class MixRecipe:
         self.phi_model = from_dict(PHIModelConfig, self.phi_model, "phi_model")
         if self.phi_model and not any(s.phi_guard for s in self.sources):
             raise ValueError("phi_model is set, but no source has phi_guard: true (the model runs with the guard)")
+        if self.phi_model:
+            self.phi_model_spec  # read now: a missing folder or a label without a kind stops the load, in one line
         if self.enriched_sources and self.llm is None:
             raise ValueError(f"sources {self.enriched_sources} have enrich blocks but the recipe has no llm: block")
         names = [s.name for s in self.sources]

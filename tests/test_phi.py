@@ -390,9 +390,11 @@ def test_a_models_labels_must_each_have_a_kind(deid_model, tmp_path):
     source = {"name": "ehr", "paths": ["*.jsonl"], "share": 1.0}
     with pytest.raises(ValueError, match="phi_model is set, but no source has phi_guard: true"):
         MixRecipe(tokenizer="t", output_dir="o", sources=[source], phi_model={"path": str(deid_model)})
-    recipe = MixRecipe(tokenizer="t", output_dir="o", sources=[{**source, "phi_guard": True}], base_dir=str(tmp_path),
-                       phi_model={"path": "other", "labels": {"NICKNAME": "name"}, "device": "cpu"})
+    guarded = dict(tokenizer="t", output_dir="o", sources=[{**source, "phi_guard": True}], base_dir=str(tmp_path))
+    recipe = MixRecipe(**guarded, phi_model={"path": "other", "labels": {"NICKNAME": "name"}, "device": "cpu"})
     assert recipe.phi_model_spec == (str(other), (("NICKNAME", "name"),), "cpu")  # relative to the recipe's folder
+    with pytest.raises(ValueError, match=r"the labels \['NICKNAME'\]"):  # when the recipe loads, not in a worker
+        MixRecipe(**guarded, phi_model={"path": "other"})
 
 
 def test_a_failing_model_stops_the_guard_naming_the_document(tmp_path):
