@@ -29,5 +29,6 @@ fi
 # a SIGTERM (preemption, Ctrl-C) reaches every rank, which saves a checkpoint and exits: torchrun kills them 30 s
 # later by default, before a 2B model's save can end (the run then falls back to the previous checkpoint)
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
-exec "${PYTHON:-python3}" -m torch.distributed.run "${RENDEZVOUS[@]}" --nproc_per_node "${GPUS_PER_NODE:-8}" \
+# torchrun, ending with status 0 after such a save (torchrun's own: 1, a failed job to the scheduler)
+exec "${PYTHON:-python3}" -m megatron_ext.launch "${RENDEZVOUS[@]}" --nproc_per_node "${GPUS_PER_NODE:-8}" \
   -m megatron_ext.train --config "$CONFIG" "$@"

@@ -21,3 +21,17 @@ def on_sigterm(handler: Callable[[int, object], None]) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# Where the trainer says that a SIGTERM made it save and stop (megatron_ext.launch sets it for its ranks)
+STOPPED_FILE_ENV = "NEUROCPT_STOPPED_FILE"
+
+
+def record_stop(step: int, run_dir) -> None:
+    """Tell the launcher (:mod:`megatron_ext.launch`), from each node's first rank, that the run saved ``step`` and
+    stopped on a SIGTERM: torchrun itself reports a signal as a failure whatever its ranks did."""
+    import os
+
+    if os.environ.get("LOCAL_RANK", "0") == "0" and (path := os.environ.get(STOPPED_FILE_ENV)):
+        with open(path, "w") as f:
+            f.write(f"saved step {step} in {run_dir}")

@@ -42,7 +42,7 @@ from megatron_ext import logs
 from megatron_ext.data import FIELDS
 from megatron_ext.metrics import Metrics, Progress, memory_gb, plot_losses
 from megatron_ext.parallel import is_rank0
-from megatron_ext.signals import on_sigterm
+from megatron_ext.signals import on_sigterm, record_stop
 from megatron_ext.train_config import TrainConfig
 from preprocessing.atomic import DirectoryInUse, hold_directory
 from preprocessing.cli import about
@@ -428,6 +428,7 @@ def _train(cfg: TrainConfig, stop: dict) -> TrainState:
                 _save_checkpoint(run_dir, cfg, model, optimizer, scheduler, state, plan, hf_files, hf_records, dist_opt)
         if stopping:
             log.warning("SIGTERM: saved step %d, exiting", state.step)
+            record_stop(state.step, run_dir)
             break
     metrics.close()
     if is_rank0():

@@ -595,6 +595,38 @@ def test_sigterm_saves_and_exits_then_resumes(reference, setup):
     assert [m["loss"] for m in read_metrics(setup / "sigterm")] == [m["loss"] for m in reference]
 
 
+def test_the_launcher_ends_with_status_0_after_the_ranks_saved_on_a_sigterm(setup):
+    """Through launch/cpt_8gpu.sh (torchrun, 2 ranks): a SIGTERM to torchrun, as a scheduler sends it, reaches the
+    ranks, which save and stop; the launcher then ends with status 0 and one line naming the step saved, where
+    torchrun's own status, 1 and a traceback, made the job a failed one (a job queued to resume it with Slurm's
+    afterok never started)."""
+    launcher = Path(__file__).resolve().parents[1] / "launch" / "cpt_8gpu.sh"
+    run_dir = setup / "sigterm_launcher"
+    config = _config(setup, "sigterm_launcher", train_iters=40, eval_interval=0, save_interval=100)
+    env = {**os.environ, "GPUS_PER_NODE": "2", "PYTHON": sys.executable}
+    with open(config.with_suffix(".err"), "w") as err:
+        proc = subprocess.Popen([str(launcher), str(config)], env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            metrics = run_dir / "metrics.jsonl"
+            while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=300)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    stderr = config.with_suffix(".err").read_text()
+    stopped_at = len(read_metrics(run_dir))
+    assert code == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM after the ranks saved step {stopped_at} in {run_dir}: "
+                                               "run the same command to resume"), stderr[-3000:]
+    assert 2 <= stopped_at < 40 and (run_dir / "checkpoints" / "latest").read_text() == f"iter_{stopped_at:07d}"
+
+
 def test_nonfinite_steps_are_skipped_counted_and_halt(setup):
     config = _config(setup, "nan", train_iters=6, eval_interval=0, save_interval=100, spike_factor=0.5)
     run = run_trainer(config, "debug={nan_at_steps: [3]}", "--verbose")
@@ -626,11 +658,11 @@ def test_launcher_uses_a_standalone_rendezvous_on_one_node_and_the_given_master_
         return run.stdout.split()
 
     one = command(GPUS_PER_NODE="2")
-    assert one[:7] == ["-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1", "--nproc_per_node", "2"]
+    assert one[:7] == ["-m", "megatron_ext.launch", "--standalone", "--local-addr", "127.0.0.1", "--nproc_per_node", "2"]
     assert one[7:] == ["-m", "megatron_ext.train", "--config", "c.yaml", "lr=1e-5"]
     several = command(NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1")
     assert "--standalone" not in several
-    assert " ".join(several).startswith("-m torch.distributed.run --nnodes 2 --node_rank 1 --master_addr 10.0.0.1 "
+    assert " ".join(several).startswith("-m megatron_ext.launch --nnodes 2 --node_rank 1 --master_addr 10.0.0.1 "
                                         "--master_port 29500 --nproc_per_node 8 -m megatron_ext.train")
     assert "--master_port 29611" in " ".join(command(MASTER_PORT="29611"))  # a port given on one node is used
     # a MASTER_ADDR a scheduler exports on one node: still standalone (a fixed port 29500 failed a second job)
