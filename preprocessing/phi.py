@@ -127,7 +127,9 @@ _CREDENTIAL_WORD = regex.compile(rf"(?:{_CREDENTIAL}|PGY)")  # never a name word
 _PERSON_AFTER = (r"family[ \t]+(?:requests?|wish(?:es)?|wants?|asks?|declines?|agrees?|prefers?|states?|reports?|is|was|are|"
                  r"were|has|have|at\b|present|meeting|members?[ \t]+(?:at|present)|notified|updated|aware|visited)\b|"
                  r"presented\b|presents\b|is[ \t]+an?[ \t]+\d{1,3}[- ]?(?:year|yo\b|y/?o\b)")
-_NAMED_BEFORE = regex.compile(rf"{_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}(?:[ \t]+\p{{Lu}}\.)?"
+# kinds of family, not its name: "Foster family present" ("Foster" is a listed surname too)
+_FAMILY_KIND = r"(?i:foster|adoptive|birth|biological|host|step|extended|immediate|nuclear|whole|entire)[ \t]+family\b"
+_NAMED_BEFORE = regex.compile(rf"(?!{_FAMILY_KIND}){_WORD}(?:,?[ \t]+(?:{_INITIAL}[ \t]+)?{_WORD}){{0,2}}(?:[ \t]+\p{{Lu}}\.)?"
                               rf"(?=,?[ \t]+(?:{_PERSON_AFTER}))")
 _LOWER_NAMED_BEFORE = regex.compile(rf"(?<![\p{{L}}\d]){_LOWER_WORD}(?:[ \t]+{_LOWER_WORD}){{0,2}}(?=[ \t]+(?:{_PERSON_AFTER}))")
 _UNITS_OF_CARE = r"ICU|[MSNPC]ICU|CVICU|NSICU|CCU|PACU|ED|ER|OR|IR|EMS|ICN"  # "RN ICU notified": no nurse's initials

@@ -324,7 +324,7 @@ def test_names_before_what_notes_say_of_a_person():
                  "The patient is a 45-year-old man.", "Symptoms presented gradually.", "the patient presented today.",
                  "her family requests a meeting.", "Per RN report, no events.", "RN MD notified.", "RN notified.",
                  "Glasgow Coma Scale presented.", "Rho family GTPases.", "Kinase family proteins.", "RN ICU notified.",
-                 "Host family notified."):
+                 "Host family notified.", "Foster family present at bedside.", "Adoptive family present."):
         assert redact_phi(text) == text
 
 
