@@ -43,6 +43,12 @@ def _start_worker(build: int, slots) -> None:
         _SLOT, slots.value = slots.value, slots.value + 1
 
 
+def worker_slot() -> int:
+    """This process's slot among a stage's forked workers (0 .. workers-1); 0 outside them (one worker, in this
+    process; a cluster's task, a process of its own)."""
+    return _SLOT
+
+
 def _run_task(rank: int) -> PipelineStats:
     executor = _RUNNING
     pipeline = executor.pipeline

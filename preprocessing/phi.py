@@ -73,7 +73,7 @@ class Span(NamedTuple):
 class PHIModel(NamedTuple):
     """A de-identification model that runs beside the rules (the recipe's ``phi_model:``): a local transformers
     token-classification checkpoint, its labels mapped to kinds (:func:`model_labels`), and its device (None: a
-    GPU where there is one)."""
+    GPU where there is one, :func:`model_device`)."""
     path: str
     labels: tuple[tuple[str, str | None], ...]
     device: str | None = None
@@ -622,6 +622,20 @@ def model_labels(path: str, overrides: dict[str, str | None] | None = None) -> t
     return tuple((label, mapping[label]) for label in labels)
 
 
+def model_device(model: PHIModel) -> str:
+    """The model's device in this process: the one given, else a GPU where there is one, the build's forked workers
+    spread over the GPUs this process sees by their slots (each loads its own copy), else the CPU."""
+    import torch
+
+    from preprocessing.local_executor import worker_slot
+
+    if model.device is not None:
+        return model.device
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{worker_slot() % torch.cuda.device_count()}"
+
+
 def _model_recognizer(model: PHIModel):
     """Presidio's recognizer for a transformers token-classification model (``HuggingFaceNerRecognizer``), over
     chunks that fill the model's context as its own tokenizer counts (a chunk longer than the context would be cut
@@ -662,7 +676,7 @@ def _model_recognizer(model: PHIModel):
 
     mapping = {label: kind.upper() if kind else _NOT_PHI for label, kind in model.labels}
     return DeidModel(model_name=model.path, label_mapping=mapping, supported_entities=sorted(set(mapping.values())),
-                     threshold=SCORE_THRESHOLD, device=model.device, text_chunker=TokenizerBasedTextChunker(),
+                     threshold=SCORE_THRESHOLD, device=model_device(model), text_chunker=TokenizerBasedTextChunker(),
                      label_prefixes=["B-", "I-", "L-", "U-", "E-", "S-"], name="neurocpt_phi_model")
 
 

@@ -93,7 +93,7 @@ class PHIModelConfig:
 
     path: str  # relative paths against the recipe file
     labels: dict[str, str | None] = field(default_factory=dict)  # model label -> kind or null, over phi.MODEL_LABELS
-    device: str = "auto"  # cpu, cuda, cuda:N; auto: a GPU where there is one
+    device: str = "auto"  # cpu, cuda, cuda:N; auto: the node's GPUs, one per build worker in turn (phi.model_device)
 
     def __post_init__(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.removeprefix("cuda:").isdigit()):

@@ -397,6 +397,23 @@ def test_a_models_labels_must_each_have_a_kind(deid_model, tmp_path):
         MixRecipe(**guarded, phi_model={"path": "other"})
 
 
+def test_the_models_device_spreads_a_builds_workers_over_the_gpus(deid_model, monkeypatch):
+    """``device: auto`` on a node with 4 GPUs (CUDA faked: this machine has none): a local build's forked worker of
+    slot 5 takes GPU 1, one worker (slot 0) GPU 0; without CUDA the CPU; a device given is kept."""
+    import torch
+
+    from preprocessing import local_executor
+    from preprocessing.phi import PHIModel, model_device
+
+    auto = PHIModel(str(deid_model), (("PATIENT", "name"),))
+    assert model_device(auto) == "cpu" and model_device(auto._replace(device="cuda:3")) == "cuda:3"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert model_device(auto) == "cuda:0"
+    monkeypatch.setattr(local_executor, "_SLOT", 5)
+    assert model_device(auto) == "cuda:1" and model_device(auto._replace(device="cpu")) == "cpu"
+
+
 def test_a_failing_model_stops_the_guard_naming_the_document(tmp_path):
     """Presidio's recognizer logs a chunk its model fails on and goes on without it; the guard stops instead, naming
     the source and the document (here a model whose context is longer than its position embeddings)."""
