@@ -709,8 +709,11 @@ def phi_spans(text: str, model: PHIModel | None = None) -> list[Span]:
     for offset, piece in _pieces(text):
         for r in analyzer(model).analyze(piece, language="en"):
             start, end = offset + r.start, offset + r.start + len(piece[r.start:r.end].rstrip(".,;:)"))
+            kind = _PRESIDIO_KIND.get(r.entity_type, r.entity_type.lower())
+            if kind == "phone" and text[end:end + 1].isalnum() and (space := text.rfind(" ", start, end)) > start:
+                end = space  # a number's "extension" that is the start of a word: "219-09-9999 1p/19q"
             if end > start and not any(start < pe and ps < end for ps, pe in protected):
-                found.append((start, end, _PRESIDIO_KIND.get(r.entity_type, r.entity_type.lower()), r.score))
+                found.append((start, end, kind, r.score))
     merged: list[list] = []  # start, end, kind, (length, score, specific) of the part that named it
     for start, end, kind, score in sorted(found):
         rank = (end - start, score, kind != "other_id")  # the catch-all kind names a span only where no other can

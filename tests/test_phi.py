@@ -209,6 +209,12 @@ def _kept(text: str, *values: str) -> list[str]:
     return out
 
 
+def test_a_number_does_not_run_into_the_word_after_it():
+    """The phone recognizer read "1" of "1p/19q" (a glioma's codeletion) as an extension of the SSN before it."""
+    assert redact_phi("SSN 219-09-9999 1p/19q codeleted.") == "SSN [SSN] 1p/19q codeleted."
+    assert redact_phi("Call 617-555-1234 ext 22 today.") == "Call [PHONE] today."
+
+
 def test_month_names_are_dates_only_as_whole_words():
     """The month alternation was left ungrouped, so every "May" and "March" was a date, inside a word too."""
     for text in ("Started Mayzent 2 mg daily.", "Concern for Marchiafava-Bignami disease.", "May consider LP tomorrow."):
