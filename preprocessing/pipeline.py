@@ -108,8 +108,10 @@ def stages(recipe: MixRecipe, tasks: int, files: list) -> list[tuple[str, list, 
     return todo
 
 
-def make_executor(kind: str, pipeline: list, tasks: int, workers: int, logging_dir: Path, depends=None, **cluster):
-    """datatrove's executors: local processes, a Slurm job array, or Ray tasks."""
+def make_executor(kind: str, pipeline: list, tasks: int, workers: int, logging_dir: Path, depends=None,
+                  gpus_per_task: int = 0, **cluster):
+    """datatrove's executors: local processes, a Slurm job array, or Ray tasks (``gpus_per_task`` each: a local
+    build's workers share the node's)."""
     if kind == "local":
         from preprocessing.local_executor import LocalExecutor
 
@@ -119,14 +121,20 @@ def make_executor(kind: str, pipeline: list, tasks: int, workers: int, logging_d
         from datatrove.executor import SlurmPipelineExecutor
 
         return SlurmPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
-                                     depends=depends, job_name=f"build_mix_{logging_dir.name}",
+                                     depends=depends, job_name=f"build_mix_{logging_dir.name}", gpus_per_task=gpus_per_task,
                                      time=cluster.get("time", "24:00:00"), partition=cluster.get("partition"))
     if kind == "ray":
         from datatrove.executor import RayPipelineExecutor
 
         return RayPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
-                                   depends=depends, mem_per_cpu_gb=cluster.get("mem_per_cpu_gb", 2))
+                                   depends=depends, gpus_per_task=gpus_per_task, mem_per_cpu_gb=cluster.get("mem_per_cpu_gb", 2))
     raise ValueError(f"unknown executor {kind!r}; choose local, slurm or ray")
+
+
+def stage_gpus(recipe: MixRecipe, stage: str) -> int:
+    """GPUs a cluster's task of ``stage`` asks for: one for the clean stage's PHI model unless it runs on the CPU
+    (``phi_model.device: cpu``); none otherwise, so that the other stages hold none."""
+    return int(stage == "clean" and recipe.phi_model is not None and recipe.phi_model.device != "cpu")
 
 
 def completed(logging_dir: Path, tasks: int) -> bool:
@@ -269,7 +277,8 @@ def run_stages(recipe: MixRecipe, workers: int = 1, executor: str = "local", unt
             log.info("stage %s: already complete", name)
         else:
             log.info("stage %s: %d tasks", name, n)
-            previous = make_executor(executor, pipeline, n, workers, logging_dir, depends=previous, **cluster)
+            previous = make_executor(executor, pipeline, n, workers, logging_dir, depends=previous,
+                                     gpus_per_task=stage_gpus(recipe, name), **cluster)
             if executor == "slurm":  # jobs are chained; the next stage's job checks this one's survivors
                 chain.append(previous)
                 continue

@@ -476,6 +476,35 @@ def test_build_mix_runs_the_model_on_guarded_sources_and_records_its_files(deid_
         build_mix.build(MixRecipe.load(recipe_path))
 
 
+def test_on_slurm_the_clean_stage_alone_asks_for_a_gpu_for_the_model(deid_model, tmp_path):
+    """With ``phi_model`` (device auto) a Slurm build's clean-stage tasks each ask for a GPU, the other stages' for
+    none; with ``device: cpu`` no stage does. Slurm is stood in for (tests/fake_slurm: its sbatch runs the array
+    here, where the model takes the CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    from preprocessing.pipeline import stage_gpus
+
+    fake = Path(__file__).parent / "fake_slurm"
+    env = {**os.environ, "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
+    _write_jsonl(tmp_path / "raw" / "ehr.jsonl", [t + "\ndaughter zorblatt visited." for t in clean_notes(6, seed=43)])
+    raw = {"tokenizer": str(DEMO / "tokenizer"), "output_dir": "mix", "seq_length": 256, "token_budget": 2_000,
+           "heldout_fraction": 0.0, "phi_model": {"path": str(deid_model)},
+           "sources": [{"name": "ehr", "paths": ["raw/ehr.jsonl"], "share": 1.0, "phi_guard": True,
+                        "filters": {"min_chars": 20, "gopher_quality": None, "gopher_repetition": None}}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    run = subprocess.run([sys.executable, "-m", "preprocessing.build_mix", "--config", str(tmp_path / "recipe.yaml"),
+                          "--executor", "slurm"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "cluster jobs submitted" in run.stdout, run.stderr[-3000:]
+    scripts = {p.parent.name: p.read_text() for p in (tmp_path / "mix" / "logs").glob("*/launch_script.slurm")}
+    assert len(scripts) == 8, sorted(scripts)
+    gpus = {stage: [line for line in text.splitlines() if line.startswith("#SBATCH --gpus")] for stage, text in scripts.items()}
+    assert gpus == {stage: ["#SBATCH --gpus=1"] if stage == "clean" else [] for stage in scripts}, gpus
+    on_cpu = MixRecipe(**{**raw, "phi_model": {"path": str(deid_model), "device": "cpu"}}, base_dir=str(tmp_path))
+    assert [stage_gpus(on_cpu, stage) for stage in scripts] == [0] * 8
+
+
 def test_bench_phi_runs_with_a_model(deid_model, capsys):
     import torch
 
