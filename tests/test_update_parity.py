@@ -121,7 +121,7 @@ def reference_run(hf_dir: Path, cfg, rows: list[dict], dtype: torch.dtype, compu
     params = dict(model.named_parameters())
     master = {n: p.detach().to(dtype) for n, p in params.items()}
     m = {n: torch.zeros_like(p) for n, p in master.items()}
-    v = {n: torch.zeros_like(p) for n, p in params.items()}
+    v = {n: torch.zeros_like(p) for n, p in master.items()}
     b1, b2, eps, gbs, mbs = cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.global_batch_size, cfg.micro_batch_size
     losses, norms = [], []
     for k in range(cfg.train_iters):
