@@ -148,9 +148,9 @@ class MixRecipe:
         self.sources = [s if isinstance(s, SourceConfig) else _source(s, i) for i, s in enumerate(self.sources)]
         self.llm = from_dict(EnrichLLMConfig, self.llm, "llm")
         self.phi_model = from_dict(PHIModelConfig, self.phi_model, "phi_model")
-        if self.phi_model and not any(s.phi_guard for s in self.sources):
-            raise ValueError("phi_model is set, but no source has phi_guard: true (the model runs with the guard)")
         if self.phi_model:
+            if not any(s.phi_guard for s in self.sources):
+                raise ValueError("phi_model is set, but no source has phi_guard: true (the model runs with the guard)")
             self.phi_model_spec  # read now: a missing folder or a label without a kind stops the load, in one line
         if self.enriched_sources and self.llm is None:
             raise ValueError(f"sources {self.enriched_sources} have enrich blocks but the recipe has no llm: block")
