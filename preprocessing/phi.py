@@ -21,8 +21,8 @@ tokenizer (no model), which is all its context scoring needs. A de-identificatio
 annotated notes, a local folder: the recipe's ``phi_model``) runs beside the rules as Presidio's
 ``HuggingFaceNerRecognizer`` (:func:`_model_recognizer`).
 
-Kept as they are: neurology eponyms (``EPONYMS``; "Parkinson", "Guillain-Barré", "Glasgow Coma Scale"),
-drug names (philter-lite's common-word list has them), and upstream de-identification placeholders
+Kept as they are: neurology eponyms (``EPONYMS``; "Parkinson", "Guillain-Barré", "Glasgow Coma Scale"), also where
+the model tags them; drug names (philter-lite's common-word list has them); upstream de-identification placeholders
 (``[**Name**]``, ``___``).
 """
 
@@ -636,11 +636,37 @@ def model_device(model: PHIModel) -> str:
     return f"cuda:{worker_slot() % torch.cuda.device_count()}"
 
 
+# what an eponym names after it: "Parkinson disease", "Wilson's disease", "Babinski sign", "Glasgow Coma Scale"
+_EPONYM_NOUN = regex.compile(
+    r"(?:['’]s)?[ \t]+(?:coma[ \t]+|spotted[ \t]+)?(?:disease|syndrome|signs?|palsy|paralysis|phenomenon|aphasia|scale|"
+    r"score|grade|stage|maneuver|manoeuvre|test|reflex|malformation|encephalopathy|ataxia|chorea|bod(?:y|ies)|area|"
+    r"criteria|classification|triad|pupil|dementia|tremor|disorder|variant|neuralgia|dystrophy)\b", flags=regex.I)
+# eponyms that name the disease by themselves in the possessive: "a history of Parkinson's"
+_EPONYM_DISEASES = frozenset({"alzheimer", "huntington", "meniere", "parkinson", "tourette"})
+
+
+def _eponym_in_use(text: str, start: int, end: int) -> bool:
+    """Whether a name found at ``text[start:end]`` is an eponym used as one: each of its words an eponym, and the
+    term a hyphened pair ("Guillain-Barré"), before what it names ("Parkinson disease", "Babinski's sign"), or a
+    disease by itself ("Parkinson's"). The rules never take these for people; a model trained on general text (or on
+    notes of another specialty) does."""
+    while start > 0 and (text[start - 1].isalpha() or text[start - 1] == "-"):  # the whole term: "Barré" of "Guillain-Barré"
+        start -= 1
+    while end < len(text) and (text[end].isalpha() or text[end] == "-"):
+        end += 1
+    keys = [_key(word) for word in text[start:end].split()]
+    if not keys or not all(k and _eponym(k) for k in keys):
+        return False
+    return ("-" in text[start:end] or bool(_EPONYM_NOUN.match(text, end))
+            or (keys[-1] in _EPONYM_DISEASES and text[end:end + 2] in ("'s", "’s")))
+
+
 def _model_recognizer(model: PHIModel):
     """Presidio's recognizer for a transformers token-classification model (``HuggingFaceNerRecognizer``), over
     chunks that fill the model's context as its own tokenizer counts (a chunk longer than the context would be cut
     short, its end unread). Two changes for a guard: a failure stops it, where Presidio's logs it and goes on
-    without the chunk, and the labels mapped to None are dropped."""
+    without the chunk, and the labels mapped to None are dropped, as are names that are eponyms in use
+    (:func:`_eponym_in_use`)."""
     from presidio_analyzer.chunkers import TokenizerBasedTextChunker
     from presidio_analyzer.predefined_recognizers.ner.huggingface_ner_recognizer import HuggingFaceNerRecognizer
 
@@ -672,7 +698,8 @@ def _model_recognizer(model: PHIModel):
             results = super().analyze(text, entities, nlp_artifacts)
             if self.ner_pipeline.error is not None:
                 raise PHIModelError(f"the PHI model {model.path} failed: {self.ner_pipeline.error!r}") from self.ner_pipeline.error
-            return [r for r in results if r.entity_type != _NOT_PHI]
+            return [r for r in results if r.entity_type != _NOT_PHI
+                    and not (r.entity_type == "NAME" and _eponym_in_use(text, r.start, r.end))]
 
     mapping = {label: kind.upper() if kind else _NOT_PHI for label, kind in model.labels}
     return DeidModel(model_name=model.path, label_mapping=mapping, supported_entities=sorted(set(mapping.values())),

@@ -351,7 +351,8 @@ def test_independent_dev_half_floor():
 # ------------------------------------------------------------------------------------------- a model beside the rules
 # The recipe's phi_model: a local de-identification model (tests/tiny_deid.py builds one that tags chosen words).
 
-TAGGED = {"zorblatt": "PATIENT", "quennick": "HOSP", "neurologist": "PROFESSION"}
+TAGGED = {"zorblatt": "PATIENT", "quennick": "HOSP", "neurologist": "PROFESSION", "parkinson": "PATIENT",
+          "guillain": "PATIENT", "wilson": "PATIENT"}
 
 
 @pytest.fixture(scope="module")
@@ -376,6 +377,19 @@ def test_a_model_adds_what_the_rules_miss_in_chunks_of_its_context(deid_model):
                                              .replace("zorblatt", "[NAME]"))
     as_city = PHIModel(str(deid_model), model_labels(str(deid_model), {"hosp": "city"}))
     assert "at [CITY] today" in redact_phi(text, model=as_city)
+
+
+def test_eponyms_a_model_tags_as_names_are_kept_where_they_name_a_disease(deid_model):
+    """A model tags every "Parkinson", "Guillain" and "Wilson" as a patient (as models trained on general text do):
+    the eponyms before what they name, hyphened, or a disease by themselves stay; the same words as people go."""
+    from preprocessing.phi import PHIModel, model_labels
+
+    model = PHIModel(str(deid_model), model_labels(str(deid_model)))
+    kept = ("Dx: Parkinson's disease; Guillain-Barré syndrome in 2019, a history of Parkinson's, and guillain-barre "
+            "once. Wilson disease and Parkinson  Disease ruled out.")
+    assert redact_phi(kept, model=model) == kept
+    people = "Parkinson came in with Martin Wilson, and Wilson's wife."
+    assert redact_phi(people, model=model) == "[NAME] came in with Martin [NAME], and [NAME]'s wife."
 
 
 def test_a_models_labels_must_each_have_a_kind(deid_model, tmp_path):
