@@ -77,6 +77,7 @@ class PHIModel(NamedTuple):
     path: str
     labels: tuple[tuple[str, str | None], ...]
     device: str | None = None
+    batch_size: int = 32  # chunks a forward pass takes
 
 
 class PHIModelError(RuntimeError):
@@ -540,9 +541,8 @@ def _presidio_recognizers():
 
 
 @functools.cache
-def analyzer(model: PHIModel | None = None):
-    """The Presidio analyzer, built once per process and model (a few seconds: spaCy, the name lists; the model
-    loads at its first text)."""
+def analyzer():
+    """The Presidio analyzer of the rules, built once per process (a few seconds: spaCy, the name lists)."""
     import spacy
     from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
     from presidio_analyzer.nlp_engine import SpacyNlpEngine
@@ -570,8 +570,7 @@ def analyzer(model: PHIModel | None = None):
             return artifacts
 
     nlp = BlankEnglish(models=[{"lang_code": "en", "model_name": "blank"}])
-    registry = RecognizerRegistry(recognizers=[*_presidio_recognizers(), *_our_recognizers(), _name_recognizer(),
-                                               *([_model_recognizer(model)] if model else [])])
+    registry = RecognizerRegistry(recognizers=[*_presidio_recognizers(), *_our_recognizers(), _name_recognizer()])
     return AnalyzerEngine(registry=registry, nlp_engine=nlp, default_score_threshold=SCORE_THRESHOLD)
 
 
@@ -661,22 +660,33 @@ def _eponym_in_use(text: str, start: int, end: int) -> bool:
             or (keys[-1] in _EPONYM_DISEASES and text[end:end + 2] in ("'s", "’s")))
 
 
+@functools.cache
 def _model_recognizer(model: PHIModel):
     """Presidio's recognizer for a transformers token-classification model (``HuggingFaceNerRecognizer``), over
     chunks that fill the model's context as its own tokenizer counts (a chunk longer than the context would be cut
-    short, its end unread). Two changes for a guard: a failure stops it, where Presidio's logs it and goes on
-    without the chunk, and the labels mapped to None are dropped, as are names that are eponyms in use
+    short, its end unread), built once per process and model (it loads at its first texts). ``find`` runs the
+    chunks of many texts through the model together, ``batch_size`` a pass; Presidio's recognizer runs one chunk
+    at a time, which leaves a GPU idle. Two changes for a guard: a failure stops it, where Presidio's logs it and
+    goes on without the chunk, and the labels mapped to None are dropped, as are names that are eponyms in use
     (:func:`_eponym_in_use`)."""
     from presidio_analyzer.chunkers import TokenizerBasedTextChunker
     from presidio_analyzer.predefined_recognizers.ner.huggingface_ner_recognizer import HuggingFaceNerRecognizer
 
-    class Failures:
-        """The model's pipeline, keeping what it raised."""
+    class Batch:
+        """The model's pipeline behind Presidio's call for each chunk: it answers from a batch run ahead (the
+        chunks sorted by length, so that little of a pass is padding), runs a chunk outside it alone, and keeps
+        what it raised."""
 
         def __init__(self, pipeline):
-            self.pipeline, self.error = pipeline, None
+            self.pipeline, self.answers, self.error = pipeline, {}, None
+
+        def run(self, chunks: list[str]) -> None:
+            chunks = sorted(set(chunks), key=len)
+            self.answers = dict(zip(chunks, self.pipeline(chunks, batch_size=model.batch_size))) if chunks else {}
 
         def __call__(self, text: str):
+            if text in self.answers:
+                return self.answers[text]
             try:
                 return self.pipeline(text)
             except Exception as err:
@@ -690,16 +700,29 @@ def _model_recognizer(model: PHIModel):
                 # the chunker counts a whole text's tokens to cut it to the context: transformers' warning that
                 # such a sequence is too long for the model, meant for inputs, does not apply
                 self.ner_pipeline.tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
-                self.ner_pipeline = Failures(self.ner_pipeline)
+                self.ner_pipeline = Batch(self.ner_pipeline)
 
-        def analyze(self, text, entities, nlp_artifacts=None):
+        def find(self, texts: list[str]) -> list[list]:
+            """Each text's finds (Presidio's results)."""
             self.load()
-            self.ner_pipeline.error = None
-            results = super().analyze(text, entities, nlp_artifacts)
-            if self.ner_pipeline.error is not None:
-                raise PHIModelError(f"the PHI model {model.path} failed: {self.ner_pipeline.error!r}") from self.ner_pipeline.error
-            return [r for r in results if r.entity_type != _NOT_PHI
-                    and not (r.entity_type == "NAME" and _eponym_in_use(text, r.start, r.end))]
+            chunks = []
+            for text in texts:  # what Presidio's chunking passes the pipeline: a text of one chunk whole
+                cut = self.text_chunker.chunk(text) if text.strip() else []
+                chunks += [text] if len(cut) == 1 else [c.text for c in cut]
+            batch = self.ner_pipeline
+            batch.error = None
+            try:
+                batch.run(chunks)
+                found = [self.analyze(text, []) for text in texts]
+            except Exception as err:
+                batch.error = err
+            finally:
+                batch.answers = {}
+            if batch.error is not None:
+                raise PHIModelError(f"the PHI model {model.path} failed: {batch.error!r}") from batch.error
+            return [[r for r in results if r.entity_type != _NOT_PHI
+                     and not (r.entity_type == "NAME" and _eponym_in_use(text, r.start, r.end))]
+                    for text, results in zip(texts, found)]
 
     mapping = {label: kind.upper() if kind else _NOT_PHI for label, kind in model.labels}
     return DeidModel(model_name=model.path, label_mapping=mapping, supported_entities=sorted(set(mapping.values())),
@@ -727,20 +750,33 @@ def _pieces(text: str, size: int = PIECE_CHARS, overlap: int = PIECE_OVERLAP):
     yield start, text[start:]
 
 
+def phi_spans_of(texts: list[str], model: PHIModel | None = None) -> list[list[Span]]:
+    """:func:`phi_spans` of each text, ``model`` run over the chunks of all of them together (the guard passes a
+    batch of documents)."""
+    by_model = _model_recognizer(model).find(texts) if model else [[] for _ in texts]
+    return [_spans(text, found) for text, found in zip(texts, by_model)]
+
+
 def phi_spans(text: str, model: PHIModel | None = None) -> list[Span]:
     """Identifier spans in ``text``, by the rules and ``model`` if given, trailing punctuation left out, overlaps
     merged (the longest part, then the surest, then one of a kind other than ``other_id``, names the kind); none
     inside an upstream placeholder."""
+    return phi_spans_of([text], model)[0]
+
+
+def _spans(text: str, by_model: list) -> list[Span]:
+    """:func:`phi_spans` of ``text`` from the rules' finds (in pieces) and the model's (Presidio's results)."""
     protected = [m.span() for m in _PLACEHOLDER.finditer(text)]
+    results = [(offset + r.start, offset + r.end, r) for offset, piece in _pieces(text)
+               for r in analyzer().analyze(piece, language="en")]
     found = []
-    for offset, piece in _pieces(text):
-        for r in analyzer(model).analyze(piece, language="en"):
-            start, end = offset + r.start, offset + r.start + len(piece[r.start:r.end].rstrip(".,;:)"))
-            kind = _PRESIDIO_KIND.get(r.entity_type, r.entity_type.lower())
-            if kind == "phone" and text[end:end + 1].isalnum() and (space := text.rfind(" ", start, end)) > start:
-                end = space  # a number's "extension" that is the start of a word: "219-09-9999 1p/19q"
-            if end > start and not any(start < pe and ps < end for ps, pe in protected):
-                found.append((start, end, kind, r.score))
+    for start, end, r in results + [(r.start, r.end, r) for r in by_model]:
+        end = start + len(text[start:end].rstrip(".,;:)"))
+        kind = _PRESIDIO_KIND.get(r.entity_type, r.entity_type.lower())
+        if kind == "phone" and text[end:end + 1].isalnum() and (space := text.rfind(" ", start, end)) > start:
+            end = space  # a number's "extension" that is the start of a word: "219-09-9999 1p/19q"
+        if end > start and not any(start < pe and ps < end for ps, pe in protected):
+            found.append((start, end, kind, r.score))
     merged: list[list] = []  # start, end, kind, (length, score, specific) of the part that named it
     for start, end, kind, score in sorted(found):
         rank = (end - start, score, kind != "other_id")  # the catch-all kind names a span only where no other can

@@ -94,10 +94,13 @@ class PHIModelConfig:
     path: str  # relative paths against the recipe file
     labels: dict[str, str | None] = field(default_factory=dict)  # model label -> kind or null, over phi.MODEL_LABELS
     device: str = "auto"  # cpu, cuda, cuda:N; auto: the node's GPUs, one per build worker in turn (phi.model_device)
+    batch_size: int = 32  # chunks of the model's context a forward pass takes (as many documents a guard's batch)
 
     def __post_init__(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.removeprefix("cuda:").isdigit()):
             raise ValueError(f"phi_model.device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"phi_model.batch_size must be positive, not {self.batch_size}")
 
 
 @dataclass
@@ -206,7 +209,7 @@ class MixRecipe:
             return None
         path = str(self.resolve(self.phi_model.path))
         device = None if self.phi_model.device == "auto" else self.phi_model.device
-        return PHIModel(path, model_labels(path, self.phi_model.labels), device)
+        return PHIModel(path, model_labels(path, self.phi_model.labels), device, self.phi_model.batch_size)
 
     @property
     def enriched_sources(self) -> list[str]:

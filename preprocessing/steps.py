@@ -8,6 +8,7 @@ report adds up. Bad records never stop a job: they are written to ``errors/`` wi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from preprocessing.phi import PHIModel, PHIModelError, phi_spans, redact_phi
+from preprocessing.phi import PHIModel, PHIModelError, Span, phi_spans, phi_spans_of, redact_phi
 from preprocessing.recipe import SourceConfig
 from preprocessing.tokenizer import as_text, eos_id, text_tokenizer, token_dtype
 
@@ -347,14 +348,18 @@ class PHIGuard(PipelineStep):
         self.phi_model = phi_model
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        for doc in data:
-            source = doc.metadata["source"]
-            if source in self.policy:
-                with self.track_time():
-                    try:
-                        spans = phi_spans(doc.text, self.phi_model)
-                    except PHIModelError as err:
-                        raise PHIModelError(f"source {source}, document {doc.id}: {err}") from err
+        # with a model, a batch of documents at a time: its pipeline takes all their chunks in passes of batch_size
+        size, data = self.phi_model.batch_size if self.phi_model else 1, iter(data)
+        while batch := list(itertools.islice(data, size)):
+            guarded = [doc for doc in batch if doc.metadata["source"] in self.policy]
+            with self.track_time():
+                found = dict(zip(map(id, guarded), self._spans(guarded)))
+            for doc in batch:
+                spans = found.get(id(doc))
+                if spans is None:
+                    yield doc
+                    continue
+                source = doc.metadata["source"]
                 for kind, n in Counter(s.kind for s in spans).items():
                     self.stat_update(f"phi/{source}/{kind}", value=n)
                 if spans and self.policy[source] == "drop":
@@ -362,7 +367,20 @@ class PHIGuard(PipelineStep):
                     continue
                 if spans:
                     doc.text = redact_phi(doc.text, spans)
-            yield doc
+                yield doc
+
+    def _spans(self, docs: list[Document]) -> list[list[Span]]:
+        """Each document's identifiers; where the model fails on a batch, the document it fails on is named."""
+        try:
+            return phi_spans_of([doc.text for doc in docs], self.phi_model)
+        except PHIModelError as err:
+            for doc in docs:
+                try:
+                    phi_spans(doc.text, self.phi_model)
+                except PHIModelError as alone:
+                    raise PHIModelError(f"source {doc.metadata['source']}, document {doc.id}: {alone}") from alone
+            names = ", ".join(f"{doc.metadata['source']}/{doc.id}" for doc in docs)
+            raise PHIModelError(f"documents {names} (each alone passes): {err}") from err
 
 
 # --------------------------------------------------------------------------------- decontamination

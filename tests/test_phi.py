@@ -412,7 +412,9 @@ def test_a_models_labels_must_each_have_a_kind(deid_model, tmp_path):
         MixRecipe(tokenizer="t", output_dir="o", sources=[source], phi_model={"path": str(deid_model)})
     guarded = dict(tokenizer="t", output_dir="o", sources=[{**source, "phi_guard": True}], base_dir=str(tmp_path))
     recipe = MixRecipe(**guarded, phi_model={"path": "other", "labels": {"NICKNAME": "name"}, "device": "cpu"})
-    assert recipe.phi_model_spec == (str(other), (("NICKNAME", "name"),), "cpu")  # relative to the recipe's folder
+    assert recipe.phi_model_spec == (str(other), (("NICKNAME", "name"),), "cpu", 32)  # relative to the recipe's folder
+    with pytest.raises(ValueError, match="phi_model.batch_size must be positive, not 0"):
+        PHIModelConfig(str(deid_model), batch_size=0)
     with pytest.raises(ValueError, match=r"the labels \['NICKNAME'\]"):  # when the recipe loads, not in a worker
         MixRecipe(**guarded, phi_model={"path": "other"})
 
@@ -447,9 +449,36 @@ def test_a_failing_model_stops_the_guard_naming_the_document(tmp_path):
     broken = write_tiny_deid_model(tmp_path / "broken", {"zorblatt": "PATIENT"}, context=16, positions=8)
     model = PHIModel(str(broken), model_labels(str(broken)), "cpu")
     guard = PHIGuard([SourceConfig(name="ehr", paths=[], share=1.0, phi_guard=True)], model)
-    docs = [Document(text="Seen today. " * 10, id="note-7", metadata={"source": "ehr"})]
+    # one batch: the short note alone passes (it fits the 8 positions), the batch fails, and so does note-7 alone
+    docs = [Document(text="Seen.", id="note-6", metadata={"source": "ehr"}),
+            Document(text="Seen today. " * 10, id="note-7", metadata={"source": "ehr"})]
     with pytest.raises(PHIModelError, match=r"source ehr, document note-7: the PHI model .*broken failed: RuntimeError"):
         list(guard.run(iter(docs)))
+
+
+def test_the_model_runs_a_batch_of_documents_chunks_together_with_the_finds_of_each_alone(tmp_path):
+    """The guard passes the model a batch of documents: their chunks (of its 16-token context) run ``batch_size`` to
+    a forward pass, each chunk once, and each document's finds are those it has alone (a model with attention layers
+    and random weights, whose tags would move if a padded token or another chunk's answer leaked in)."""
+    import random
+
+    from preprocessing import phi
+    from tiny_deid import write_tiny_deid_model
+
+    path = str(write_tiny_deid_model(tmp_path / "random", {"zorblatt": "PATIENT", "quennick": "HOSP"}, random_layers=2))
+    rng = random.Random(0)
+    words = "zorblatt quennick seen today for follow up of seizures no new deficits".split()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 60))) + "." for _ in range(7)]
+    alone = [phi.phi_spans(t, phi.PHIModel(path, phi.model_labels(path), "cpu", 1)) for t in texts]
+    model = phi.PHIModel(path, phi.model_labels(path), "cpu", 4)
+    recognizer = phi._model_recognizer(model)
+    recognizer.load()
+    sizes = []
+    recognizer.ner_pipeline.pipeline.model.register_forward_hook(
+        lambda module, args, kwargs, out: sizes.append(len(kwargs["input_ids"])), with_kwargs=True)
+    assert phi.phi_spans_of(texts, model) == alone and sum(map(len, alone)) > 50
+    chunks = {c.text for t in texts for c in recognizer.text_chunker.chunk(t)}
+    assert sum(sizes) == len(chunks) > 12 and max(sizes) == 4, sizes
 
 
 def test_build_mix_runs_the_model_on_guarded_sources_and_records_its_files(deid_model, tmp_path):
@@ -527,8 +556,8 @@ def test_bench_phi_runs_with_a_model(deid_model, capsys):
     threads = torch.get_num_threads()
     try:
         bench_phi.main(["--notes", "4", "--clean", "3", "--holdout-notes", "0", "--model", str(deid_model),
-                        "--model-device", "cpu"])
+                        "--model-device", "cpu", "--model-batch-size", "3"])
     finally:
         torch.set_num_threads(threads)  # the bench runs the model on one thread
     out = capsys.readouterr().out
-    assert f"with the model {deid_model} (cpu)" in out and "| throughput, MB/s per core" in out
+    assert f"with the model {deid_model} (cpu, batch 3)" in out and "| throughput, MB/s per core" in out

@@ -2,7 +2,7 @@
 words on identifier-free clinical text, and throughput per core.
 
     python -m tools.bench_phi [--notes 400] [--clean 300] [--seed 0] [--holdout-notes 200] [--holdout-clean 150]
-                              [--model DIR [--model-label LABEL=KIND ...] [--model-device cpu]]
+                              [--model DIR [--model-label LABEL=KIND ...] [--model-device cpu] [--model-batch-size 32]]
 
 Recall is measured on two labelled sets: the synthetic set of ``tests/phi_eval_set.py`` (every Safe Harbor
 kind in several formats), and the five i2b2 2014 sample notes that philter-lite ships with their
@@ -88,18 +88,24 @@ def model_tokens(model, texts: list[str]) -> int:
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
 
+def spans_of(texts: list[str], model=None) -> list:
+    """Each text's identifier spans, in batches of documents as the guard takes them (the model's batch_size)."""
+    from preprocessing.phi import phi_spans_of
+
+    size = model.batch_size if model else 1
+    return [spans for i in range(0, len(texts), size) for spans in phi_spans_of(texts[i:i + size], model)]
+
+
 def holdout_report(n_notes: int, n_clean: int, model=None) -> tuple[list[str], list[str]]:
     """Tables for both halves of the independent set (recall per kind; false positives per 1,000 words of its
     identifier-free notes; trap terms touched), and the DEV half's misses and false positives."""
     from tests.phi_eval_set import recall_by_kind, removed
     from tests.phi_holdout_set import DEV, HELDOUT, holdout_clean_notes, holdout_notes, traps_hit
 
-    from preprocessing.phi import phi_spans
-
     lines, details = [], []
     for half in (DEV, HELDOUT):
         notes, clean = holdout_notes(half, n_notes), holdout_clean_notes(half, n_clean)
-        spans, clean_spans = [phi_spans(n.text, model) for n in notes], [phi_spans(t, model) for t in clean]
+        spans, clean_spans = spans_of([n.text for n in notes], model), spans_of(clean, model)
         words = sum(len(t.split()) for t in clean)
         fps = Counter((s.kind, t[s.start:s.end]) for t, ss in zip(clean, clean_spans) for s in ss)
         touched = traps_hit(clean, clean_spans) + traps_hit([n.text for n in notes], spans)
@@ -126,31 +132,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-label", action="append", default=[], metavar="LABEL=KIND",
                    help="a model label's kind (or LABEL=null: not an identifier), over phi.MODEL_LABELS")
     p.add_argument("--model-device", default=None, help="cpu, cuda, cuda:N (default: a GPU where there is one)")
+    p.add_argument("--model-batch-size", type=int, default=32, help="chunks a forward pass takes (a recipe's phi_model)")
     args = p.parse_args(argv)
 
     from tests.phi_eval_set import clean_notes, phi_notes, protected_terms_hit, recall_by_kind, removed
 
-    from preprocessing.phi import PHIModel, analyzer, model_labels, phi_spans
+    from preprocessing.phi import PHIModel, analyzer, model_labels
 
     model = None
     if args.model:
         labels = {k: None if v == "null" else v for k, v in (x.split("=", 1) for x in args.model_label)}
-        model = PHIModel(args.model, model_labels(args.model, labels), args.model_device)
+        model = PHIModel(args.model, model_labels(args.model, labels), args.model_device, args.model_batch_size)
         import torch
 
         torch.set_num_threads(1)  # on the CPU: per core, as a build's workers run it
     t0 = time.perf_counter()
-    analyzer(model)
-    phi_spans("Seen today.", model)  # the model loads at its first text
+    analyzer()
+    spans_of(["Seen today."], model)  # the model loads at its first text
     load_s = time.perf_counter() - t0
     notes, clean = phi_notes(args.notes, args.seed), clean_notes(args.clean, args.seed + 1)
     i2b2, i2b2_annotated = i2b2_samples()
     texts = [n.text for n in notes] + clean
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    found = [phi_spans(t, model) for t in texts]
+    found = spans_of(texts, model)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     spans, clean_spans = found[:len(notes)], found[len(notes):]
-    i2b2_spans = [phi_spans(n.text, model) for n in i2b2]
+    i2b2_spans = spans_of([n.text for n in i2b2], model)
 
     mb = sum(len(t.encode()) for t in texts) / 1e6
     words = sum(len(t.split()) for t in clean)
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     i2b2_words = sum(len(n.text.split()) for n in i2b2)
     i2b2_fp = sum(len(unannotated(f, a)) for f, a in zip(i2b2_spans, i2b2_annotated))
     lines = [f"{date.today()}, {platform.machine()}, {platform.node()}; analyzer built in {load_s:.1f} s"
-             + (f"; with the model {args.model} ({model.device or 'auto'})" if model else "; the rules alone"), "",
+             + (f"; with the model {args.model} ({model.device or 'auto'}, batch {model.batch_size})" if model else "; the rules alone"), "",
              *recall_table(f"Synthetic set: {args.notes} notes (seed {args.seed})", recall_by_kind(notes, spans)),
              *recall_table("i2b2 2014 samples shipped with philter-lite (5 notes)", recall_by_kind(i2b2, i2b2_spans)),
              "| precision and speed | value |", "|---|---|",
