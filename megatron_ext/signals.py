@@ -23,15 +23,29 @@ def on_sigterm(handler: Callable[[int, object], None]) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-# Where the trainer says that a SIGTERM made it save and stop (megatron_ext.launch sets it for its ranks)
+# Where the trainer says whether a SIGTERM would lose steps, and that one made it save and stop (megatron_ext.launch
+# sets it for its ranks)
 STOPPED_FILE_ENV = "NEUROCPT_STOPPED_FILE"
 
 
+TRAINING = "training"  # what the launcher reads while a SIGTERM would leave steps unsaved
+
+
+def record_training() -> None:
+    """Tell the launcher that the ranks train: from here a SIGTERM that ends the run without a save loses steps."""
+    _tell_launcher(TRAINING)
+
+
 def record_stop(step: int, run_dir) -> None:
-    """Tell the launcher (:mod:`megatron_ext.launch`), from each node's first rank, that the run saved ``step`` and
-    stopped on a SIGTERM: torchrun itself reports a signal as a failure whatever its ranks did."""
+    """Tell the launcher that the run saved ``step`` and stopped on a SIGTERM: torchrun itself reports a signal as
+    a failure whatever its ranks did."""
+    _tell_launcher(f"saved step {step} in {run_dir}")
+
+
+def _tell_launcher(state: str) -> None:
+    """Write ``state`` where :mod:`megatron_ext.launch` reads it, from each node's first rank."""
     import os
 
     if os.environ.get("LOCAL_RANK", "0") == "0" and (path := os.environ.get(STOPPED_FILE_ENV)):
         with open(path, "w") as f:
-            f.write(f"saved step {step} in {run_dir}")
+            f.write(state)

@@ -42,7 +42,7 @@ from megatron_ext import logs
 from megatron_ext.data import FIELDS
 from megatron_ext.metrics import Metrics, Progress, memory_gb, plot_losses
 from megatron_ext.parallel import is_rank0
-from megatron_ext.signals import on_sigterm, record_stop
+from megatron_ext.signals import on_sigterm, record_stop, record_training
 from megatron_ext.train_config import TrainConfig
 from preprocessing.atomic import DirectoryInUse, hold_directory
 from preprocessing.cli import about
@@ -376,6 +376,7 @@ def _train(cfg: TrainConfig, stop: dict) -> TrainState:
     ddp.train()
     progress = Progress(tokens_per_step)
     stop["training"] = True  # from here a SIGTERM saves first
+    record_training()
     while state.step < iters:
         t0 = time.perf_counter()
         ddp.zero_grad_buffer()

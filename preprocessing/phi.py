@@ -586,6 +586,7 @@ MODEL_LABELS: dict[str, str | None] = {
     **dict.fromkeys(("STREET", "ADDRESS", "LOC", "LOCATION", "LOCATION-OTHER", "LOCATION_OTHER", "HOSPITAL", "HOSP",
                      "ORGANIZATION", "VENDOR"), "address"),
     "CITY": "city", "ZIP": "zip", "DATE": "date", "PHONE": "phone", "FAX": "phone", "EMAIL": "email", "URL": "url",
+    "CONTACT": "phone",  # i2b2's category of phone, fax, e-mail and URL, for models trained on the categories alone
     "WEB": "url", "IPADDR": "ip", "IP": "ip", "MEDICALRECORD": "mrn", "MRN": "mrn", "HEALTHPLAN": "health_plan",
     "ACCOUNT": "account", "LICENSE": "license", "VEHICLE": "vehicle", "DEVICE": "device", "SSN": "ssn",
     **dict.fromkeys(("IDNUM", "ID", "BIOID", "OTHERPHI"), "other_id"),

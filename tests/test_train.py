@@ -627,6 +627,33 @@ def test_the_launcher_ends_with_status_0_after_the_ranks_saved_on_a_sigterm(setu
     assert 2 <= stopped_at < 40 and (run_dir / "checkpoints" / "latest").read_text() == f"iter_{stopped_at:07d}"
 
 
+def test_the_launcher_ends_with_status_0_on_a_sigterm_before_the_ranks_train(setup):
+    """A SIGTERM while the ranks start (importing, loading the model) loses no step: status 0 and a line saying so,
+    where torchrun's status 1 made the job a failed one (and broke a Slurm afterok chain)."""
+    launcher = Path(__file__).resolve().parents[1] / "launch" / "cpt_8gpu.sh"
+    config = _config(setup, "sigterm_at_start", train_iters=40, eval_interval=0)
+    env = {**os.environ, "GPUS_PER_NODE": "2", "PYTHON": sys.executable}
+    proc = subprocess.Popen([str(launcher), str(config)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        tasks = Path(f"/proc/{proc.pid}/task")
+        while (not any((t / "children").read_text().split() for t in tasks.iterdir())  # torchrun started the ranks
+               and proc.poll() is None and time.time() < deadline):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == ("stopped by SIGTERM before the ranks began training (nothing to save "
+                                               "yet): run the same command to resume"), stderr[-3000:]
+    assert not (setup / "sigterm_at_start" / "checkpoints").exists()
+
+
 def test_nonfinite_steps_are_skipped_counted_and_halt(setup):
     config = _config(setup, "nan", train_iters=6, eval_interval=0, save_interval=100, spike_factor=0.5)
     run = run_trainer(config, "debug={nan_at_steps: [3]}", "--verbose")
