@@ -521,8 +521,8 @@ def test_build_mix_runs_the_model_on_guarded_sources_and_records_its_files(deid_
 
 def test_on_slurm_the_clean_stage_alone_asks_for_a_gpu_for_the_model(deid_model, tmp_path):
     """With ``phi_model`` (device auto) a Slurm build's clean-stage tasks each ask for a GPU, the other stages' for
-    none; with ``device: cpu`` no stage does. Slurm is stood in for (tests/fake_slurm: its sbatch runs the array
-    here, where the model takes the CPU)."""
+    none; with ``device: cpu`` no stage does. Slurm is stood in for (tests/fake_slurm, its sbatch running nothing:
+    the scripts are the test; test_build_mix runs a Slurm build's tasks)."""
     import os
     import subprocess
     import sys
@@ -530,7 +530,8 @@ def test_on_slurm_the_clean_stage_alone_asks_for_a_gpu_for_the_model(deid_model,
     from preprocessing.pipeline import stage_gpus
 
     fake = Path(__file__).parent / "fake_slurm"
-    env = {**os.environ, "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
+    env = {**os.environ, "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}", "TMPDIR": str(tmp_path),
+           "FAKE_SLURM_SUBMIT_ONLY": "1"}
     _write_jsonl(tmp_path / "raw" / "ehr.jsonl", [t + "\ndaughter zorblatt visited." for t in clean_notes(6, seed=43)])
     raw = {"tokenizer": str(DEMO / "tokenizer"), "output_dir": "mix", "seq_length": 256, "token_budget": 2_000,
            "heldout_fraction": 0.0, "phi_model": {"path": str(deid_model)},
