@@ -77,7 +77,7 @@ class PHIModel(NamedTuple):
     path: str
     labels: tuple[tuple[str, str | None], ...]
     device: str | None = None
-    batch_size: int = 32  # chunks a forward pass takes
+    batch_size: int | None = None  # chunks a forward pass takes (None: :func:`model_batch_size`)
 
 
 class PHIModelError(RuntimeError):
@@ -661,12 +661,26 @@ def _eponym_in_use(text: str, start: int, end: int) -> bool:
             or (keys[-1] in _EPONYM_DISEASES and text[end:end + 2] in ("'s", "’s")))
 
 
+# a guard's batch of documents, in the model's batches: their chunks, sorted by length, share a pass with chunks of
+# about their length (a pass pads each to its longest)
+DOCUMENTS_PER_BATCH = 4
+
+
+def model_batch_size(model: PHIModel) -> int:
+    """Chunks a forward pass of the model takes: the one given, else 32 on a GPU (one chunk at a time leaves it
+    mostly idle) and 1 on a CPU, where a pass of many fills no idle units and its padding costs (a RoBERTa-base
+    shape on one thread: 448 tokens a second one chunk a pass, docs/benchmarks.md)."""
+    if model.batch_size is not None:
+        return model.batch_size
+    return 32 if model_device(model).startswith("cuda") else 1
+
+
 @functools.cache
 def _model_recognizer(model: PHIModel):
     """Presidio's recognizer for a transformers token-classification model (``HuggingFaceNerRecognizer``), over
     chunks that fill the model's context as its own tokenizer counts (a chunk longer than the context would be cut
     short, its end unread), built once per process and model (it loads at its first texts). ``find`` runs the
-    chunks of many texts through the model together, ``batch_size`` a pass; Presidio's recognizer runs one chunk
+    chunks of many texts through the model together, :func:`model_batch_size` a pass; Presidio's recognizer runs one chunk
     at a time, which leaves a GPU idle. Two changes for a guard: a failure stops it, where Presidio's logs it and
     goes on without the chunk, and the labels mapped to None are dropped, as are names that are eponyms in use
     (:func:`_eponym_in_use`)."""
@@ -683,7 +697,7 @@ def _model_recognizer(model: PHIModel):
 
         def run(self, chunks: list[str]) -> None:
             chunks = sorted(set(chunks), key=len)
-            self.answers = dict(zip(chunks, self.pipeline(chunks, batch_size=model.batch_size))) if chunks else {}
+            self.answers = dict(zip(chunks, self.pipeline(chunks, batch_size=model_batch_size(model)))) if chunks else {}
 
         def __call__(self, text: str):
             if text in self.answers:

@@ -94,12 +94,12 @@ class PHIModelConfig:
     path: str  # relative paths against the recipe file
     labels: dict[str, str | None] = field(default_factory=dict)  # model label -> kind or null, over phi.MODEL_LABELS
     device: str = "auto"  # cpu, cuda, cuda:N; auto: the node's GPUs, one per build worker in turn (phi.model_device)
-    batch_size: int = 32  # chunks of the model's context a forward pass takes (as many documents a guard's batch)
+    batch_size: int | None = None  # chunks a forward pass takes; null: 32 on a GPU, 1 on a CPU (phi.model_batch_size)
 
     def __post_init__(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.removeprefix("cuda:").isdigit()):
             raise ValueError(f"phi_model.device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"phi_model.batch_size must be positive, not {self.batch_size}")
 
 

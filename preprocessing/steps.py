@@ -24,7 +24,8 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from preprocessing.phi import PHIModel, PHIModelError, Span, phi_spans, phi_spans_of, redact_phi
+from preprocessing.phi import (DOCUMENTS_PER_BATCH, PHIModel, PHIModelError, Span, model_batch_size, phi_spans,
+                               phi_spans_of, redact_phi)
 from preprocessing.recipe import SourceConfig
 from preprocessing.tokenizer import as_text, eos_id, text_tokenizer, token_dtype
 
@@ -348,8 +349,9 @@ class PHIGuard(PipelineStep):
         self.phi_model = phi_model
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        # with a model, a batch of documents at a time: its pipeline takes all their chunks in passes of batch_size
-        size, data = self.phi_model.batch_size if self.phi_model else 1, iter(data)
+        # with a model, a batch of documents at a time: its pipeline takes all their chunks in passes of its batch size
+        size = DOCUMENTS_PER_BATCH * model_batch_size(self.phi_model) if self.phi_model else 1
+        data = iter(data)
         while batch := list(itertools.islice(data, size)):
             guarded = [doc for doc in batch if doc.metadata["source"] in self.policy]
             with self.track_time():

@@ -412,7 +412,7 @@ def test_a_models_labels_must_each_have_a_kind(deid_model, tmp_path):
         MixRecipe(tokenizer="t", output_dir="o", sources=[source], phi_model={"path": str(deid_model)})
     guarded = dict(tokenizer="t", output_dir="o", sources=[{**source, "phi_guard": True}], base_dir=str(tmp_path))
     recipe = MixRecipe(**guarded, phi_model={"path": "other", "labels": {"NICKNAME": "name"}, "device": "cpu"})
-    assert recipe.phi_model_spec == (str(other), (("NICKNAME", "name"),), "cpu", 32)  # relative to the recipe's folder
+    assert recipe.phi_model_spec == (str(other), (("NICKNAME", "name"),), "cpu", None)  # relative to the recipe's folder
     with pytest.raises(ValueError, match="phi_model.batch_size must be positive, not 0"):
         PHIModelConfig(str(deid_model), batch_size=0)
     with pytest.raises(ValueError, match=r"the labels \['NICKNAME'\]"):  # when the recipe loads, not in a worker
@@ -425,13 +425,15 @@ def test_the_models_device_spreads_a_builds_workers_over_the_gpus(deid_model, mo
     import torch
 
     from preprocessing import local_executor
-    from preprocessing.phi import PHIModel, model_device
+    from preprocessing.phi import PHIModel, model_batch_size, model_device
 
     auto = PHIModel(str(deid_model), (("PATIENT", "name"),))
     assert model_device(auto) == "cpu" and model_device(auto._replace(device="cuda:3")) == "cuda:3"
+    assert model_batch_size(auto) == 1 and model_batch_size(auto._replace(device="cuda")) == 32  # a batch pads: 1 on CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert model_device(auto) == "cuda:0"
+    assert model_device(auto) == "cuda:0" and model_batch_size(auto) == 32
+    assert model_batch_size(auto._replace(batch_size=8)) == model_batch_size(auto._replace(device="cpu", batch_size=8)) == 8
     monkeypatch.setattr(local_executor, "_SLOT", 5)
     assert model_device(auto) == "cuda:1" and model_device(auto._replace(device="cpu")) == "cpu"
 

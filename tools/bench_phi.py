@@ -89,10 +89,10 @@ def model_tokens(model, texts: list[str]) -> int:
 
 
 def spans_of(texts: list[str], model=None) -> list:
-    """Each text's identifier spans, in batches of documents as the guard takes them (the model's batch_size)."""
-    from preprocessing.phi import phi_spans_of
+    """Each text's identifier spans, in batches of documents as the guard takes them."""
+    from preprocessing.phi import DOCUMENTS_PER_BATCH, model_batch_size, phi_spans_of
 
-    size = model.batch_size if model else 1
+    size = DOCUMENTS_PER_BATCH * model_batch_size(model) if model else 1
     return [spans for i in range(0, len(texts), size) for spans in phi_spans_of(texts[i:i + size], model)]
 
 
@@ -132,12 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-label", action="append", default=[], metavar="LABEL=KIND",
                    help="a model label's kind (or LABEL=null: not an identifier), over phi.MODEL_LABELS")
     p.add_argument("--model-device", default=None, help="cpu, cuda, cuda:N (default: a GPU where there is one)")
-    p.add_argument("--model-batch-size", type=int, default=32, help="chunks a forward pass takes (a recipe's phi_model)")
+    p.add_argument("--model-batch-size", type=int, default=None,
+                   help="chunks a forward pass takes (default: 32 on a GPU, 1 on a CPU; a recipe's phi_model)")
     args = p.parse_args(argv)
 
     from tests.phi_eval_set import clean_notes, phi_notes, protected_terms_hit, recall_by_kind, removed
 
-    from preprocessing.phi import PHIModel, analyzer, model_labels
+    from preprocessing.phi import PHIModel, analyzer, model_batch_size, model_labels
 
     model = None
     if args.model:
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     i2b2_words = sum(len(n.text.split()) for n in i2b2)
     i2b2_fp = sum(len(unannotated(f, a)) for f, a in zip(i2b2_spans, i2b2_annotated))
     lines = [f"{date.today()}, {platform.machine()}, {platform.node()}; analyzer built in {load_s:.1f} s"
-             + (f"; with the model {args.model} ({model.device or 'auto'}, batch {model.batch_size})" if model else "; the rules alone"), "",
+             + (f"; with the model {args.model} ({model.device or 'auto'}, batch {model_batch_size(model)})" if model
+                else "; the rules alone"), "",
              *recall_table(f"Synthetic set: {args.notes} notes (seed {args.seed})", recall_by_kind(notes, spans)),
              *recall_table("i2b2 2014 samples shipped with philter-lite (5 notes)", recall_by_kind(i2b2, i2b2_spans)),
              "| precision and speed | value |", "|---|---|",
