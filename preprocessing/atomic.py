@@ -62,16 +62,38 @@ def hold_directory(directory: str | Path, what: str) -> Iterator[None]:
     forked workers do not hold it. On a filesystem without locks: a warning, and no guard."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    with _held(directory / LOCK_FILE, directory, what):
+        yield
+
+
+@contextmanager
+def hold_output(out: str | Path, what: str) -> Iterator[None]:
+    """:func:`hold_directory` for an output folder written whole elsewhere and renamed into place (a converted
+    checkpoint): its lock is ``.NAME.lock`` beside it, since one inside would leave with the folder it replaces,
+    and the lock file goes when the block ends (a third job could slip between two at that moment: this stops a
+    command started twice, not a race of many)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(f".{out.name}.lock")
+    with _held(lock, out, what):
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+@contextmanager
+def _held(lock: Path, subject: Path, what: str) -> Iterator[None]:
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno not in (errno.EACCES, errno.EAGAIN):
-                log.warning("%s cannot be locked (%s): a second job into it would not be stopped", directory, err)
+                log.warning("%s cannot be locked (%s): a second job into it would not be stopped", subject, err)
             else:
                 holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process"
-                raise DirectoryInUse(f"{directory} is in use by another {what} ({holder}); two at once would overwrite "
+                raise DirectoryInUse(f"{subject} is in use by another {what} ({holder}); two at once would overwrite "
                                      "each other's files: wait for it to end or stop it") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"

@@ -107,10 +107,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def hold_in_another_process(directory: Path) -> subprocess.Popen:
-    """A process holding ``directory`` as a running job does (preprocessing.atomic.hold_directory), once it says so."""
-    code = ("import sys, time\nfrom preprocessing.atomic import hold_directory\n"
-            "with hold_directory(sys.argv[1], 'job'):\n    print('held', flush=True)\n    time.sleep(600)")
+def hold_in_another_process(directory: Path, hold: str = "hold_directory") -> subprocess.Popen:
+    """A process holding ``directory`` as a running job does (preprocessing.atomic's ``hold``), once it says so."""
+    code = (f"import sys, time\nfrom preprocessing.atomic import {hold}\n"
+            f"with {hold}(sys.argv[1], 'job'):\n    print('held', flush=True)\n    time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[1])
     assert holder.stdout.readline() == "held\n"

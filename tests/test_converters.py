@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import tp_worker
+from conftest import hold_in_another_process
 
 from safetensors.torch import load_file, save_file
 
@@ -488,6 +489,24 @@ def test_the_converters_name_a_missing_input_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match=rf"^convert_to_hf: {tmp_path / 'none'} is not a neurocpt model checkpoint"):
         convert_to_hf.main(["--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "export")])
     assert not list(tmp_path.iterdir())
+
+
+def test_a_conversion_into_an_output_another_one_writes_stops_naming_it(text_dir, tmp_path):
+    """Two conversions into one folder (a command started twice): the second stops at once, naming the first,
+    where it would publish one's half-written files as the other's. The lock is beside the folder, not in it (a
+    release folder is uploaded whole), and goes with the conversion."""
+    ckpt = convert_from_hf.convert(text_dir, tmp_path / "ckpt")
+    for main, args, out in ((convert_from_hf.main, ["--hf-dir", str(text_dir)], tmp_path / "ckpt2"),
+                            (convert_to_hf.main, ["--ckpt", str(ckpt)], tmp_path / "export")):
+        holder = hold_in_another_process(out, "hold_output")
+        try:
+            with pytest.raises(SystemExit, match=rf"{out} is in use by another conversion \(pid {holder.pid} on "):
+                main([*args, "--out", str(out)])
+        finally:
+            holder.kill()
+            holder.wait()
+        main([*args, "--out", str(out)])
+        assert not list(out.glob(".*lock")) and not list(tmp_path.glob(".*lock"))
 
 
 def test_a_shard_of_another_checkpoint_is_refused(multimodal_dir, tmp_path):

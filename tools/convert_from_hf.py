@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from preprocessing.atomic import DirectoryInUse, hold_output
 from preprocessing.cli import positive_int
 from tools.hf_checkpoint import DTYPES, CheckpointError, count_by_part
 
@@ -150,8 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        out = convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.vocab_divisor, args.overwrite)
-    except (CheckpointError, OSError) as err:  # bad input, named; no output was written
+        with hold_output(args.out, "conversion"):  # two at once would publish one's half-written files as the other's
+            out = convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.vocab_divisor, args.overwrite)
+    except (CheckpointError, OSError, DirectoryInUse) as err:  # bad input, named; no output was written
         raise SystemExit(f"convert_from_hf: {err}") from None
     print(f"wrote {out}")
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from preprocessing.atomic import DirectoryInUse, hold_output
 from tools.hf_checkpoint import DTYPES, CheckpointError, count_by_part, size_argument
 
 log = logging.getLogger(__name__)
@@ -267,8 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     stops = [t for t in args.stop_tokens.split(",") if t]
     try:
-        out = convert(args.ckpt, args.out, args.hf_template, args.dtype, args.max_shard_size, stops, args.overwrite)
-    except (CheckpointError, OSError, ValueError) as err:  # bad input, named; no output was written
+        with hold_output(args.out, "conversion"):  # two at once would publish one's half-written files as the other's
+            out = convert(args.ckpt, args.out, args.hf_template, args.dtype, args.max_shard_size, stops, args.overwrite)
+    except (CheckpointError, OSError, ValueError, DirectoryInUse) as err:  # bad input, named; no output was written
         raise SystemExit(f"convert_to_hf: {err}") from None
     print(f"wrote {out}")
 
