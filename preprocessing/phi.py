@@ -638,9 +638,9 @@ def model_device(model: PHIModel) -> str:
 
 # what an eponym names after it: "Parkinson disease", "Wilson's disease", "Babinski sign", "Glasgow Coma Scale"
 _EPONYM_NOUN = regex.compile(
-    r"(?:['’]s)?[ \t]+(?:coma[ \t]+|spotted[ \t]+)?(?:disease|syndrome|signs?|palsy|paralysis|phenomenon|aphasia|scale|"
-    r"score|grade|stage|maneuver|manoeuvre|test|reflex|malformation|encephalopathy|ataxia|chorea|bod(?:y|ies)|area|"
-    r"criteria|classification|triad|pupil|dementia|tremor|disorder|variant|neuralgia|dystrophy)\b", flags=regex.I)
+    r"(?:['’]s)?[ \t]+(?:coma[ \t]+|spotted[ \t]+)?(?:disease|syndrome|signs?|palsy|paralysis|phenomenon|aphasia|"
+    r"scale|score|grade|stage|maneuver|manoeuvre|test|reflex|malformation|encephalopathy|ataxia|chorea|bod(?:y|ies)|"
+    r"area|criteria|classification|triad|pupil|dementia|tremor|disorder|variant|neuralgia|dystrophy)\b", flags=regex.I)
 # eponyms that name the disease by themselves in the possessive: "a history of Parkinson's"
 _EPONYM_DISEASES = frozenset({"alzheimer", "huntington", "meniere", "parkinson", "tourette"})
 
@@ -650,7 +650,7 @@ def _eponym_in_use(text: str, start: int, end: int) -> bool:
     term a hyphened pair ("Guillain-Barré"), before what it names ("Parkinson disease", "Babinski's sign"), or a
     disease by itself ("Parkinson's"). The rules never take these for people; a model trained on general text (or on
     notes of another specialty) does."""
-    while start > 0 and (text[start - 1].isalpha() or text[start - 1] == "-"):  # the whole term: "Barré" of "Guillain-Barré"
+    while start > 0 and (text[start - 1].isalpha() or text[start - 1] == "-"):  # the term: "Barré" of "Guillain-Barré"
         start -= 1
     while end < len(text) and (text[end].isalpha() or text[end] == "-"):
         end += 1
@@ -680,8 +680,8 @@ def _model_recognizer(model: PHIModel):
     """Presidio's recognizer for a transformers token-classification model (``HuggingFaceNerRecognizer``), over
     chunks that fill the model's context as its own tokenizer counts (a chunk longer than the context would be cut
     short, its end unread), built once per process and model (it loads at its first texts). ``find`` runs the
-    chunks of many texts through the model together, :func:`model_batch_size` a pass; Presidio's recognizer runs one chunk
-    at a time, which leaves a GPU idle. Two changes for a guard: a failure stops it, where Presidio's logs it and
+    chunks of many texts through the model together, :func:`model_batch_size` a pass; Presidio's recognizer runs
+    one chunk at a time, which leaves a GPU idle. Two changes for a guard: a failure stops it, where Presidio's logs it and
     goes on without the chunk, and the labels mapped to None are dropped, as are names that are eponyms in use
     (:func:`_eponym_in_use`)."""
     from presidio_analyzer.chunkers import TokenizerBasedTextChunker
@@ -697,7 +697,8 @@ def _model_recognizer(model: PHIModel):
 
         def run(self, chunks: list[str]) -> None:
             chunks = sorted(set(chunks), key=len)
-            self.answers = dict(zip(chunks, self.pipeline(chunks, batch_size=model_batch_size(model)))) if chunks else {}
+            if chunks:
+                self.answers = dict(zip(chunks, self.pipeline(chunks, batch_size=model_batch_size(model))))
 
         def __call__(self, text: str):
             if text in self.answers:
@@ -768,7 +769,7 @@ def _pieces(text: str, size: int = PIECE_CHARS, overlap: int = PIECE_OVERLAP):
 def phi_spans_of(texts: list[str], model: PHIModel | None = None) -> list[list[Span]]:
     """:func:`phi_spans` of each text, ``model`` run over the chunks of all of them together (the guard passes a
     batch of documents)."""
-    by_model = _model_recognizer(model).find(texts) if model else [[] for _ in texts]
+    by_model = _model_recognizer(model).find(texts) if model and texts else [[] for _ in texts]  # none: no load
     return [_spans(text, found) for text, found in zip(texts, by_model)]
 
 
