@@ -654,6 +654,31 @@ def test_the_launcher_ends_with_status_0_on_a_sigterm_before_the_ranks_train(set
     assert not (setup / "sigterm_at_start" / "checkpoints").exists()
 
 
+def test_the_launcher_fails_a_sigterm_that_ended_training_without_a_save(monkeypatch, capsys):
+    """What the ranks told the launcher decides its status after a SIGTERM (torchrun stood in for, as the two
+    tests above run it for the other cases): training with no save after it (the ranks killed mid-save) fails as
+    torchrun does, a save or nothing begun ends with status 0 and says which."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from megatron_ext import launch
+    from megatron_ext.signals import STOPPED_FILE_ENV
+
+    monkeypatch.setenv(STOPPED_FILE_ENV, "")  # launch.main sets it for its ranks: unset again after the test
+    for said in ("training", "saved step 7 in /runs/a", ""):
+        def torchrun(argv, said=said):
+            Path(os.environ[STOPPED_FILE_ENV]).write_text(said)
+            raise SignalException("got signal 15", sigval=signal.SIGTERM)
+
+        monkeypatch.setattr(torch.distributed.run, "main", torchrun)
+        if said == "training":
+            with pytest.raises(SignalException):
+                launch.main([])
+        else:
+            launch.main([])
+            assert capsys.readouterr().err.startswith(f"stopped by SIGTERM {'after the ranks ' + said if said else 'before'}")
+
+
 def test_nonfinite_steps_are_skipped_counted_and_halt(setup):
     config = _config(setup, "nan", train_iters=6, eval_interval=0, save_interval=100, spike_factor=0.5)
     run = run_trainer(config, "debug={nan_at_steps: [3]}", "--verbose")
