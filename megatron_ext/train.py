@@ -248,19 +248,14 @@ def release(ddp) -> None:
 
 def train(cfg: TrainConfig) -> TrainState:
     """Train as ``cfg`` says, resuming from ``run_dir``'s latest checkpoint. SIGTERM (a scheduler preempting the
-    job) asks the loop to save after the step it is in and stop, and before the loop ends the run at once (there
-    is nothing to save yet); for this call only (megatron_ext.signals)."""
-    stop = {"requested": False, "training": False}
-
-    def on_term(signum, frame):
-        if not stop["training"]:
-            raise SystemExit(128 + signum)
-        stop["requested"] = True
-
-    with on_sigterm(on_term), contextlib.ExitStack() as held:
+    job) asks the loop to save after the step it is in and stop, for this call only (megatron_ext.signals). Before
+    the loop it keeps the process's own action, by default the end at once (there is nothing to save yet): a
+    handler would run only once the rank's C++ call returned, and a rank waiting in one for a peer the signal
+    already ended (the process group's start) waited for torchrun's kill, minutes later."""
+    with contextlib.ExitStack() as held:
         if int(os.environ.get("RANK", 0)) == 0:  # one job per run_dir: two would save into each other's checkpoints
             held.enter_context(hold_directory(cfg.run_dir, "training run"))
-        return _train(cfg, stop)
+        return _train(cfg, held)
 
 
 def wsd_scheduler(optimizer, cfg: TrainConfig, iters: int):
@@ -278,7 +273,7 @@ def wsd_scheduler(optimizer, cfg: TrainConfig, iters: int):
     )
 
 
-def _train(cfg: TrainConfig, stop: dict) -> TrainState:
+def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainState:
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -375,7 +370,8 @@ def _train(cfg: TrainConfig, stop: dict) -> TrainState:
 
     ddp.train()
     progress = Progress(tokens_per_step)
-    stop["training"] = True  # from here a SIGTERM saves first
+    stop = {"requested": False}  # from here a SIGTERM saves first
+    held.enter_context(on_sigterm(lambda signum, frame: stop.update(requested=True)))
     record_training()
     while state.step < iters:
         t0 = time.perf_counter()
