@@ -637,27 +637,30 @@ def model_device(model: PHIModel) -> str:
 
 
 # what an eponym names after it: "Parkinson disease", "Wilson's disease", "Babinski sign", "Glasgow Coma Scale"
-_EPONYM_NOUN = regex.compile(
-    r"(?:['’]s)?[ \t]+(?:coma[ \t]+|spotted[ \t]+)?(?:disease|syndrome|signs?|palsy|paralysis|phenomenon|aphasia|"
-    r"scale|score|grade|stage|maneuver|manoeuvre|test|reflex|malformation|encephalopathy|ataxia|chorea|bod(?:y|ies)|"
-    r"area|criteria|classification|triad|pupil|dementia|tremor|disorder|variant|neuralgia|dystrophy)\b", flags=regex.I)
+_NAMED = (r"(?:['’]s)?[ \t]+(?:coma[ \t]+|spotted[ \t]+)?(?:disease|syndrome|signs?|palsy|paralysis|phenomenon|aphasia|"
+          r"scale|score|grade|stage|maneuver|manoeuvre|test|reflex|malformation|encephalopathy|ataxia|chorea|"
+          r"bod(?:y|ies)|area|criteria|classification|triad|pupil|dementia|tremor|disorder|variant|neuralgia|dystrophy)")
+_EPONYM_NOUN = regex.compile(rf"{_NAMED}\b", flags=regex.I)
+_ENDS_IN_EPONYM_NOUN = regex.compile(rf"{_NAMED}$", flags=regex.I)  # a find that took the noun in: "Parkinson disease"
 # eponyms that name the disease by themselves in the possessive: "a history of Parkinson's"
 _EPONYM_DISEASES = frozenset({"alzheimer", "huntington", "meniere", "parkinson", "tourette"})
 
 
 def _eponym_in_use(text: str, start: int, end: int) -> bool:
     """Whether a name found at ``text[start:end]`` is an eponym used as one: each of its words an eponym, and the
-    term a hyphened pair ("Guillain-Barré"), before what it names ("Parkinson disease", "Babinski's sign"), or a
-    disease by itself ("Parkinson's"). The rules never take these for people; a model trained on general text (or on
+    term a hyphened pair ("Guillain-Barré"), before what it names ("Parkinson disease", "Babinski's sign"; the
+    find may hold that noun too), or a disease by itself ("Parkinson's"). The rules never take these for people; a model trained on general text (or on
     notes of another specialty) does."""
     while start > 0 and (text[start - 1].isalpha() or text[start - 1] == "-"):  # the term: "Barré" of "Guillain-Barré"
         start -= 1
     while end < len(text) and (text[end].isalpha() or text[end] == "-"):
         end += 1
-    keys = [_key(word) for word in text[start:end].split()]
+    noun = _ENDS_IN_EPONYM_NOUN.search(text, start, end)
+    term = text[start:noun.start() if noun else end]
+    keys = [_key(word) for word in term.split()]
     if not keys or not all(k and _eponym(k) for k in keys):
         return False
-    return ("-" in text[start:end] or bool(_EPONYM_NOUN.match(text, end))
+    return (noun is not None or "-" in term or bool(_EPONYM_NOUN.match(text, end))
             or (keys[-1] in _EPONYM_DISEASES and text[end:end + 2] in ("'s", "’s")))
 
 

@@ -392,6 +392,18 @@ def test_eponyms_a_model_tags_as_names_are_kept_where_they_name_a_disease(deid_m
     assert redact_phi(people, model=model) == "[NAME] came in with Martin [NAME], and [NAME]'s wife."
 
 
+def test_an_eponym_a_model_tags_with_its_noun_as_one_name_is_kept(tmp_path):
+    """A model that takes the noun into the name ("Parkinson disease" one entity, the noun tagged I-): kept; the
+    eponym as a person still goes."""
+    from preprocessing.phi import PHIModel, model_labels
+    from tiny_deid import write_tiny_deid_model
+
+    path = str(write_tiny_deid_model(tmp_path / "m", {"parkinson": "PATIENT", "disease": "I-PATIENT"}))
+    model = PHIModel(path, model_labels(path), "cpu")
+    text = "Dx: Parkinson disease. Seen by Parkinson today."
+    assert redact_phi(text, model=model) == "Dx: Parkinson disease. Seen by [NAME] today."
+
+
 def test_a_models_labels_must_each_have_a_kind(deid_model, tmp_path):
     from preprocessing.phi import model_labels
     from preprocessing.recipe import MixRecipe, PHIModelConfig
