@@ -649,8 +649,8 @@ _EPONYM_DISEASES = frozenset({"alzheimer", "huntington", "meniere", "parkinson",
 def _eponym_in_use(text: str, start: int, end: int) -> bool:
     """Whether a name found at ``text[start:end]`` is an eponym used as one: each of its words an eponym, and the
     term a hyphened pair ("Guillain-Barré"), before what it names ("Parkinson disease", "Babinski's sign"; the
-    find may hold that noun too), or a disease by itself ("Parkinson's"). The rules never take these for people; a model trained on general text (or on
-    notes of another specialty) does."""
+    find may hold that noun too), or a disease by itself ("Parkinson's"). The rules never take these for people; a
+    model trained on general text (or on notes of another specialty) does."""
     while start > 0 and (text[start - 1].isalpha() or text[start - 1] == "-"):  # the term: "Barré" of "Guillain-Barré"
         start -= 1
     while end < len(text) and (text[end].isalpha() or text[end] == "-"):
@@ -664,11 +664,6 @@ def _eponym_in_use(text: str, start: int, end: int) -> bool:
             or (keys[-1] in _EPONYM_DISEASES and text[end:end + 2] in ("'s", "’s")))
 
 
-# a guard's batch of documents, in the model's batches: their chunks, sorted by length, share a pass with chunks of
-# about their length (a pass pads each to its longest)
-DOCUMENTS_PER_BATCH = 4
-
-
 def model_batch_size(model: PHIModel) -> int:
     """Chunks a forward pass of the model takes: the one given, else 32 on a GPU (one chunk at a time leaves it
     mostly idle) and 1 on a CPU, where a pass of many fills no idle units and its padding costs (a RoBERTa-base
@@ -678,15 +673,21 @@ def model_batch_size(model: PHIModel) -> int:
     return 32 if model_device(model).startswith("cuda") else 1
 
 
+def documents_per_batch(model: PHIModel | None) -> int:
+    """Documents the guard takes at a time: with a model, 4 of its batches, so that their chunks, sorted by length,
+    share a pass with chunks of about their length (a pass pads each to its longest); without, one."""
+    return 4 * model_batch_size(model) if model else 1
+
+
 @functools.cache
 def _model_recognizer(model: PHIModel):
     """Presidio's recognizer for a transformers token-classification model (``HuggingFaceNerRecognizer``), over
     chunks that fill the model's context as its own tokenizer counts (a chunk longer than the context would be cut
     short, its end unread), built once per process and model (it loads at its first texts). ``find`` runs the
     chunks of many texts through the model together, :func:`model_batch_size` a pass; Presidio's recognizer runs
-    one chunk at a time, which leaves a GPU idle. Two changes for a guard: a failure stops it, where Presidio's logs it and
-    goes on without the chunk, and the labels mapped to None are dropped, as are names that are eponyms in use
-    (:func:`_eponym_in_use`)."""
+    one chunk at a time, which leaves a GPU idle. Two changes for a guard: a failure stops it, where Presidio's logs
+    it and goes on without the chunk, and the labels mapped to None are dropped, as are names that are eponyms in
+    use (:func:`_eponym_in_use`)."""
     from presidio_analyzer.chunkers import TokenizerBasedTextChunker
     from presidio_analyzer.predefined_recognizers.ner.huggingface_ner_recognizer import HuggingFaceNerRecognizer
 

@@ -24,8 +24,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from preprocessing.phi import (DOCUMENTS_PER_BATCH, PHIModel, PHIModelError, Span, model_batch_size, phi_spans,
-                               phi_spans_of, redact_phi)
+from preprocessing.phi import PHIModel, PHIModelError, Span, documents_per_batch, phi_spans, phi_spans_of, redact_phi
 from preprocessing.recipe import SourceConfig
 from preprocessing.tokenizer import as_text, eos_id, text_tokenizer, token_dtype
 
@@ -350,18 +349,17 @@ class PHIGuard(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         # with a model, a batch of documents at a time: its pipeline takes all their chunks in passes of its batch size
-        size = DOCUMENTS_PER_BATCH * model_batch_size(self.phi_model) if self.phi_model else 1
-        data = iter(data)
+        size, data = documents_per_batch(self.phi_model), iter(data)
         while batch := list(itertools.islice(data, size)):
             guarded = [doc for doc in batch if doc.metadata["source"] in self.policy]
             with self.track_time("batch" if size > 1 else None):  # datatrove's timing is per call: per document
-                found = dict(zip(map(id, guarded), self._spans(guarded)))
+                found = iter(self._spans(guarded))
             for doc in batch:
-                spans = found.get(id(doc))
-                if spans is None:
+                source = doc.metadata["source"]
+                if source not in self.policy:
                     yield doc
                     continue
-                source = doc.metadata["source"]
+                spans = next(found)
                 for kind, n in Counter(s.kind for s in spans).items():
                     self.stat_update(f"phi/{source}/{kind}", value=n)
                 if spans and self.policy[source] == "drop":

@@ -90,9 +90,9 @@ def model_tokens(model, texts: list[str]) -> int:
 
 def spans_of(texts: list[str], model=None) -> list:
     """Each text's identifier spans, in batches of documents as the guard takes them."""
-    from preprocessing.phi import DOCUMENTS_PER_BATCH, model_batch_size, phi_spans_of
+    from preprocessing.phi import documents_per_batch, phi_spans_of
 
-    size = DOCUMENTS_PER_BATCH * model_batch_size(model) if model else 1
+    size = documents_per_batch(model)
     return [spans for i in range(0, len(texts), size) for spans in phi_spans_of(texts[i:i + size], model)]
 
 
