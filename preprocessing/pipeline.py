@@ -191,10 +191,15 @@ def check_recipe(recipe: MixRecipe) -> list:
     """A rerun resumes (or returns) the build its output_dir holds: a changed source, filter, split or input file
     would apply to none or part of the data, so it stops instead. Recorded in ``recipe.resolved.json``.
     Returns the sources' files it recorded, (source, path) pairs: the build reads these, not the folders again
-    (a file created in between would be read but not recorded)."""
-    from preprocessing.steps import MixReader
+    (a file created in between would be read but not recorded). A csv file without the source's text column
+    stops it too: every row would be quarantined."""
+    from preprocessing.steps import MixReader, csv_header
 
     files = recipe.source_files()
+    for source, path in files:  # a wrong text_key is the recipe's error, not every row's
+        if source.format == "csv" and (header := csv_header(path)) is not None and source.text_key not in header:
+            raise BuildError(f"source {source.name}: {path} has no column {source.text_key!r} (its header: "
+                             f"{', '.join(header[:30])}): set the source's text_key")
     settings = {**asdict(recipe), "base_dir": str(Path(recipe.base_dir).resolve()),  # the config by any path
                 "input_files": input_files([path for _, path in files]), "read_sharding": MixReader.SHARDING}
     if recipe.llm:

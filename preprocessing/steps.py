@@ -156,6 +156,88 @@ def jsonl_records(path: str, max_line_bytes: int | None = None, lines: tuple[int
                 yield i, raw[:1000].decode("utf-8", "replace"), "malformed_json"
 
 
+def csv_records(path: str, max_field_chars: int, lines: tuple[int, int] | None = None
+                ) -> Iterator[tuple[int, Any, str | None]]:
+    """(row, record, problem) for every non-blank row of a csv, csv.gz, tsv or tsv.gz file (tab-separated by its name),
+    the header's names as the record's keys, rows numbered from 1 after the header as :func:`csv_row_count` counts
+    them: the form EHR exports come in (MIMIC's notes are csv.gz, each note across lines in one quoted field). Not
+    datatrove's ``CsvReader``: there a note over the csv module's 131,072-character field limit, or a byte that is
+    not UTF-8, ends the task (:class:`MixReader` says more). A row with more or fewer fields than the
+    header, or with bytes that are not UTF-8, comes back with its problem and reading goes on. A file that breaks
+    the CSV syntax (a stray or unclosed quote, a field of more than ``max_field_chars``) ends with a problem at the
+    row where it broke: no parser can tell where the next record starts, and a guess would turn the rest of a note
+    into records. ``lines``: as :func:`jsonl_records`'s, in rows."""
+    import csv
+
+    first, last = lines or (1, None)
+    row, header = 0, []
+    try:
+        for row, fields, line in _csv_rows(path, max_field_chars):
+            if row == 0:
+                header = fields
+            elif last is not None and row > last:
+                return
+            elif row < first:
+                continue
+            elif len(fields) != len(header):
+                yield row, f"{len(fields)} fields where the header has {len(header)} (line {line}): " \
+                           + ",".join(fields)[:1000], "malformed_csv"
+            elif bad := _not_utf8(header, fields):
+                yield row, f"{bad} (line {line})", "non_utf8"
+            else:
+                yield row, dict(zip(header, fields)), None
+    except csv.Error as err:
+        yield row + 1, f"{err}: not read past it, since the end of this record is unknown", "malformed_csv"
+
+
+def _not_utf8(header: list[str], fields: list[str]) -> str:
+    """Where a row's first byte that is not UTF-8 is (read as a lone surrogate), or ""."""
+    for name, field in zip(header, fields):
+        try:
+            field.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"column {name!r}, character {err.start}"
+    return ""
+
+
+def _csv_rows(path: str, max_field_chars: int) -> Iterator[tuple[int, list[str], int]]:
+    """(row, fields, line where the row ends) of a csv or tsv file's non-blank rows, the header as row 0; strict
+    CSV (a quote inside an unquoted field is an error, not a character); a BOM before the header is dropped."""
+    import csv
+    import gzip
+
+    csv.field_size_limit(max_field_chars)  # the module's own limit (131,072 characters) is below many a long note
+    delimiter = "\t" if path.removesuffix(".gz").endswith(".tsv") else ","
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        row = 0
+        try:
+            for fields in reader:
+                if fields:
+                    yield row, fields, reader.line_num
+                    row += 1
+        except csv.Error as err:
+            raise csv.Error(f"{err} at line {reader.line_num}") from None
+
+
+def csv_header(path: str) -> list[str] | None:
+    """A csv or tsv file's column names, or None where it has none or cannot be read (its reader says why)."""
+    import contextlib
+
+    try:
+        with contextlib.closing(_csv_rows(path, 1 << 20)) as rows:
+            return next((fields for _, fields, _ in rows), None)
+    except Exception:  # noqa: BLE001 - a corrupt file is the reader's to quarantine, with its error
+        return None
+
+
+def csv_row_count(path: str, max_field_chars: int) -> int:
+    """Rows of a csv or tsv file as :func:`csv_records` numbers them: one pass of the CSV parser (the quoted fields
+    of a note may hold newlines, so lines do not count rows)."""
+    return max(sum(1 for _ in _csv_rows(path, max_field_chars)) - 1, 0)
+
+
 def count_lines(path: str) -> int:
     """Lines of a jsonl or jsonl.gz file as :func:`jsonl_records` numbers them (a last line without its newline
     counts): one pass over the bytes, without splitting or parsing them."""
@@ -202,9 +284,11 @@ class Progress:
 
 
 class MixReader(PipelineStep):
-    """Reads every source's files (jsonl, jsonl.gz, parquet, LaTeX); files are shared out over the tasks by :meth:`shard`.
-    Each document gets ``metadata.source``. Malformed lines, missing text keys, non-UTF-8 bytes, empty or
-    oversized records and unreadable files are quarantined and counted, and reading goes on."""
+    """Reads every source's files (jsonl, jsonl.gz, parquet, csv, tsv, LaTeX); files are shared out over the tasks by
+    :meth:`shard`. Each document gets ``metadata.source``. Malformed lines and rows, missing text keys, non-UTF-8
+    bytes, empty or oversized records and unreadable files are quarantined and counted, and reading goes on. One
+    reader rather than datatrove's per-format ones: those skip a bad jsonl line with a log warning, end the task at
+    a bad csv row, and share out whole files only."""
 
     name = "📖 MixReader"
     type = "📖 - READER"
@@ -224,11 +308,12 @@ class MixReader(PipelineStep):
         self.roots = {name: os.path.commonpath(dirs) for name, dirs in folders.items()}
 
     # how files are shared out over the tasks, recorded with a build's settings: a clean stage resumed under another
-    # sharding would read some records twice and others never (the runs of guarded files came in 2026-11-29)
+    # sharding would read some records twice and others never (the runs of guarded files came in 2026-11-29; csv
+    # files, read since, are shared as jsonl ones, and the text stays what the builds before them recorded)
     SHARDING = "whole files in turn; a phi_guard source's jsonl and parquet records in runs over all tasks"
 
     def shard(self, rank: int, world_size: int) -> list[tuple[SourceConfig, str, int, int]]:
-        """This task's (source, file, part, parts): whole files in turn, as datatrove shards, except the jsonl and
+        """This task's (source, file, part, parts): whole files in turn, as datatrove shards, except the jsonl, csv and
         parquet files of a ``phi_guard`` source, of which every task takes a part: the ``part``-th of ``parts`` runs
         of consecutive records. The guard costs about 50 times what reading a record does, and notes often come as
         one large export: kept whole, such a file ran the guard on one core whatever ``--workers`` said. Runs, not
@@ -240,8 +325,8 @@ class MixReader(PipelineStep):
 
     @staticmethod
     def _split(source: SourceConfig) -> bool:
-        """Whether every task takes a part of the source's files (:meth:`shard`): a guarded source's jsonl and parquet
-        files, counted in lines or rows (a LaTeX file is one document)."""
+        """Whether every task takes a part of the source's files (:meth:`shard`): a guarded source's jsonl, csv and
+        parquet files, counted in lines or rows (a LaTeX file is one document)."""
         return source.phi_guard and source.format != "latex"
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
@@ -266,17 +351,23 @@ class MixReader(PipelineStep):
                 excerpt = redact_phi(excerpt[:1000], model=self.phi_model)
             quarantine.write(path, line, reason, excerpt)
 
+        # a jsonl line or csv field of up to 16 bytes (characters) per max_doc_chars is read: a longer text is only
+        # too_large; past that a jsonl line is skipped unread, and a csv file stops there (its parser cannot skip)
+        limit = line_byte_limit(self.max_doc_chars)
         try:
             lines = None
             if parts > 1:  # this task's run of lines (rows), 1-based: (first, last)
                 try:
-                    n = count_lines(path) if source.format == "jsonl" else self._rows(path)
+                    n = (count_lines(path) if source.format == "jsonl" else
+                         csv_row_count(path, limit) if source.format == "csv" else self._rows(path))
                     lines = (part * n // parts + 1, (part + 1) * n // parts)
-                except Exception:  # unreadable (corrupt gzip, bad parquet): the first task reads what it can, whole
+                except Exception:  # unreadable (corrupt gzip, bad parquet or csv): the first task reads what it can, whole
                     if part:
                         return
             if source.format == "jsonl":
-                records = jsonl_records(path, line_byte_limit(self.max_doc_chars), lines)
+                records = jsonl_records(path, limit, lines)
+            elif source.format == "csv":
+                records = csv_records(path, limit, lines)
             else:
                 records = {"parquet": self._parquet, "latex": self._latex}[source.format](path, source)
             for line, record, problem in records:

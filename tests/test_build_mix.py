@@ -377,7 +377,7 @@ def test_a_huge_line_is_quarantined_without_being_read_whole_or_parsed(tmp_path,
 
 def test_a_guarded_sources_records_are_shared_by_all_tasks_however_its_files_come(tmp_path):
     """The PHI guard is the build's costliest step, and notes often come as one large export: with files kept whole a
-    single notes file ran the guard on one task whatever --workers said. A ``phi_guard`` source's jsonl and parquet
+    single notes file ran the guard on one task whatever --workers said. A ``phi_guard`` source's jsonl, csv and parquet
     records are shared by every task instead (runs of consecutive records: the dedup stages keep the first copy of a
     duplicate in the tasks' order), each read once, with the ids, line numbers and quarantine entries of a one-task
     read; other sources' files stay whole, one task each."""
@@ -389,15 +389,18 @@ def test_a_guarded_sources_records_are_shared_by_all_tasks_however_its_files_com
 
     notes, web = SourceConfig("notes", [], 0.5, phi_guard=True), SourceConfig("web", [], 0.3)
     table = SourceConfig("table", [], 0.2, format="parquet", phi_guard=True)
+    export = SourceConfig("export", [], 0.2, format="csv", phi_guard=True)
     lines = [json.dumps({"text": f"Seen in clinic, visit {i}."}) for i in range(10)]
     lines[4], lines[7] = '{"text": "cut off', json.dumps({"text": "x" * 2000})  # malformed; too large (>16 bytes/char)
     (tmp_path / "notes.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "broken.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a note"}\n' * 50)[:-20])  # cut: unreadable
     pq.write_table(pa.table({"text": [f"Row {i} of the table." for i in range(7)]}), tmp_path / "notes.parquet")
+    (tmp_path / "export.csv").write_text("text\n" + "".join(f'"Note {i},\nacross lines."\n' for i in range(5))
+                                         .replace('"Note 2,\nacross lines."', "Note 2,with,fields"))  # malformed
     for k in range(4):
         (tmp_path / f"web{k}.jsonl").write_text(json.dumps({"text": f"Page {k}."}) + "\n")
     files = [(notes, str(tmp_path / "notes.jsonl")), (notes, str(tmp_path / "broken.jsonl.gz")),
-             (table, str(tmp_path / "notes.parquet"))] + [(web, str(tmp_path / f"web{k}.jsonl")) for k in range(4)]
+             (table, str(tmp_path / "notes.parquet")), (export, str(tmp_path / "export.csv"))] + [(web, str(tmp_path / f"web{k}.jsonl")) for k in range(4)]
 
     def read(world_size):
         docs, errors = [], []
@@ -411,15 +414,123 @@ def test_a_guarded_sources_records_are_shared_by_all_tasks_however_its_files_com
     [one], one_errors = read(1)
     shared, errors = read(3)
     assert sorted(sum(shared, [])) == sorted(one) and errors == one_errors  # each record and error once, named as before
-    assert len([e for e in errors if '"unreadable_file"' in e]) == 1 and len(errors) == 3
-    runs = {"notes/notes.jsonl": [(1, 3), (4, 6), (7, 10)], "table/notes.parquet": [(1, 2), (3, 4), (5, 7)]}
+    assert len([e for e in errors if '"unreadable_file"' in e]) == 1 and len(errors) == 4
+    runs = {"notes/notes.jsonl": [(1, 3), (4, 6), (7, 10)], "table/notes.parquet": [(1, 2), (3, 4), (5, 7)],
+            "export/export.csv": [(1, 1), (2, 3), (4, 5)]}  # in rows of the CSV, not its lines
     for rank, ids in enumerate(shared):  # every task has its third of the notes and of the table's rows, in order
         for name, parts in runs.items():
             first, last = parts[rank]
-            bad = (5, 8) if name.endswith(".jsonl") else ()  # quarantined
+            bad = {".jsonl": (5, 8), ".csv": (3,)}.get(Path(name).suffix, ())  # quarantined
             assert [i for i in ids if i.startswith(name)] == [f"{name}:{n}" for n in range(first, last + 1) if n not in bad]
     assert [[i for i in ids if i.startswith("web/")] for ids in shared] == [  # whole files, one task each
         ["web/web0.jsonl:1", "web/web3.jsonl:1"], ["web/web1.jsonl:1"], ["web/web2.jsonl:1"]]
+
+
+def test_csv_notes_are_read_across_lines_and_their_bad_rows_quarantined(tmp_path):
+    """EHR exports come as CSV (MIMIC's notes: csv.gz, each note across lines in one quoted field): every row a
+    record keyed by the header, numbered in rows after the header. A row with another number of fields, bytes that
+    are not UTF-8, an empty or too long text is quarantined with its file and row, and reading goes on; a .tsv is
+    tab-separated; a break of the CSV syntax ends the file there, named, with the rows before it kept."""
+    from preprocessing.recipe import SourceConfig
+    from preprocessing.steps import MixReader
+
+    note = 'Seen for "thunderclap" headache,\nworse on lying down.\n\nPlan: MRI, LP.'
+    rows = ["\ufeffnote_id,subject_id,text", "N1,7," + '"' + note.replace('"', '""') + '"', "", "N2,8,too,many",
+            "N3,9,caf\udce9 au lait", "N4,9,", "N5,9," + "x" * 101, ",10,Unnamed note on gait.", "N7,11,Last note."]
+    (tmp_path / "notes.csv.gz").write_bytes(gzip.compress("\r\n".join(rows).encode("utf-8", "surrogateescape")))
+    (tmp_path / "radiology.tsv").write_text("id\ttext\nR1\tMRI brain, no acute findings.\n")
+    (tmp_path / "broken.csv").write_text('text\nKept note.\n"Stray" quote\nNever read.\n')
+    ehr = SourceConfig("ehr", [], 1.0, format="csv", id_key="note_id")
+    files = [(ehr, str(tmp_path / name)) for name in ("notes.csv.gz", "radiology.tsv", "broken.csv")]
+    docs = list(MixReader(files, str(tmp_path / "errors"), max_doc_chars=100).run())
+    assert [(d.id, d.metadata["line"]) for d in docs] == [
+        ("ehr/N1", 1), ("ehr/notes.csv.gz:6", 6), ("ehr/N7", 7), ("ehr/radiology.tsv:1", 1), ("ehr/broken.csv:1", 1)]
+    assert docs[0].text == 'Seen for "thunderclap" headache,\nworse on lying down.\n\nPlan: MRI, LP.'
+    assert docs[3].text == "MRI brain, no acute findings."
+    errors = [json.loads(x) for x in (tmp_path / "errors" / "read_00000.jsonl").read_text().splitlines()]
+    assert [(Path(e["file"]).name, e["line"], e["reason"]) for e in errors] == [
+        ("notes.csv.gz", 2, "malformed_csv"), ("notes.csv.gz", 3, "non_utf8"), ("notes.csv.gz", 4, "empty"),
+        ("notes.csv.gz", 5, "too_large"), ("broken.csv", 2, "malformed_csv")]
+    assert errors[0]["excerpt"].startswith("4 fields where the header has 3 (line 7): N2,8,too,many")
+    assert errors[1]["excerpt"] == "column 'text', character 3 (line 8)"
+    assert errors[4]["excerpt"] == ("',' expected after '\"' at line 3: not read past it, since the end of this "
+                                    "record is unknown")
+
+
+def test_a_csv_source_without_its_text_column_stops_the_build_naming_the_header(tmp_path):
+    """A wrong ``text_key`` would quarantine every row of a csv file: the build stops before any work instead,
+    naming the file and its columns; with the column named, the notes go through the PHI guard to the binaries."""
+    import csv
+    import random
+
+    from preprocessing.demo_corpus import clinical_note
+
+    rng = random.Random(0)
+    notes = [clinical_note(rng, i, with_phi=True) for i in range(6)]  # identifiers on their own lines
+    with open(tmp_path / "notes.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["NOTE_ID", "TEXT"]] + [[f"N{i}", note] for i, note in enumerate(notes)])
+    raw = _templated_notes(tmp_path)
+    raw["sources"] = [{"name": "ehr", "paths": ["notes.csv"], "format": "csv", "share": 1.0, "phi_guard": True,
+                       "filters": {"min_chars": 50, "gopher_quality": None, "gopher_repetition": None}}]
+    with pytest.raises(BuildError, match=r"source ehr: .*notes\.csv has no column 'text' \(its header: NOTE_ID, "
+                                         r"TEXT\): set the source's text_key"):
+        build_mix.build(MixRecipe(**raw))
+    raw["sources"][0].update(text_key="TEXT", id_key="NOTE_ID")
+    recipe = MixRecipe(**raw)
+    mix = build_mix.build(recipe)
+    training = "\n".join(_decoded(recipe, "ehr"))
+    assert mix["sources"]["ehr"]["documents"] >= 6 and training.count("CHIEFCOMPLAINT") == 6
+    planted = {v for m in DEMO_PHI.finditer("\n".join(notes)) for v in m.groups() if v}
+    assert len(planted) == 6 * 8 and not [p for p in planted if _squash(p) in training]
+
+
+def test_the_reference_mix_recipe_builds_its_corpora_in_their_formats_for_the_cpt_config(tmp_path):
+    """launch/configs/neuro_mix.yaml, the flagship's mix: the published shares, the CPT config's seq_length and the
+    mix path it reads, and a build of the recipe as shipped (paths, formats, filters) on the demo corpus laid out as
+    its paths expect: the EHR notes as a MIMIC-style csv.gz (note_id, text), the papers a folder each; only the
+    scale (seq_length, token_budget) overridden, and the synthetic papers' repetition filter (as the demo's)."""
+    import csv
+
+    from megatron_ext.train_config import TrainConfig
+
+    launch = Path(__file__).resolve().parents[1] / "launch" / "configs"
+    root = tmp_path / "project"
+    (root / "launch" / "configs").mkdir(parents=True)
+    shutil.copy(launch / "neuro_mix.yaml", root / "launch" / "configs")
+    corpora = root / "corpora"
+    for folder in ("ehr", "pubmed", "medical", "english"):
+        (corpora / folder).mkdir(parents=True)
+    notes = [json.loads(x) for x in (DEMO / "ehr" / "notes_0.jsonl").read_text().splitlines()]
+    with gzip.open(corpora / "ehr" / "discharge.csv.gz", "wt", newline="") as f:
+        csv.writer(f).writerows([["note_id", "subject_id", "text"]] + [[n["id"], 1000 + i, n["text"]]
+                                                                       for i, n in enumerate(notes)])
+    for tex in sorted((DEMO / "arxiv").glob("*.tex")):
+        (corpora / "arxiv" / tex.stem).mkdir(parents=True)
+        shutil.copy(tex, corpora / "arxiv" / tex.stem / "main.tex")
+    shutil.copy(DEMO / "pubmed" / "abstracts.jsonl.gz", corpora / "pubmed")
+    shutil.copy(DEMO / "med" / "general_medical.parquet", corpora / "medical")
+    (corpora / "english" / "web.jsonl.gz").write_bytes(gzip.compress((DEMO / "en" / "web.jsonl").read_bytes()))
+    (root / "benchmarks" / "medqa").mkdir(parents=True)
+    shutil.copy(DEMO / "benchmarks" / "medqa_sample.jsonl", root / "benchmarks" / "medqa" / "test.jsonl")
+    shutil.copytree(DEMO / "tokenizer", root / "Qwen3.5-2B-Base")
+
+    shipped = MixRecipe.load(root / "launch" / "configs" / "neuro_mix.yaml")
+    assert {s.name: s.share for s in shipped.sources} == {"ehr": 0.45, "arxiv_neuro": 0.25, "pubmed_neuro": 0.15,
+                                                          "general_medical": 0.12, "english": 0.03}
+    cpt = TrainConfig.load(launch / "neuro_cpt_2b.yaml")
+    assert shipped.seq_length == cpt.seq_length and shipped.out / "mix.json" == root / cpt.mix
+    assert shipped.token_budget // (cpt.global_batch_size * cpt.seq_length) == 572  # the CPT config's comment
+    recipe = MixRecipe.load(root / "launch" / "configs" / "neuro_mix.yaml", seq_length=512, token_budget=150_000)
+    demo = MixRecipe.load(DEMO / "recipe.yaml")
+    recipe.sources[1].filters = demo.sources[1].filters  # the synthetic papers reuse sentence templates (see there)
+    mix = build_mix.build(recipe)
+    assert set(mix["sources"]) == {s.name for s in shipped.sources}
+    assert all(mix["sources"][s]["documents"] > 0 for s in mix["sources"]), mix["sources"]
+    # every note of the csv.gz passes the flagship's filters, once (the held-out ones in heldout/), its PHI redacted
+    notes_out = "".join(_decoded(recipe, "ehr")) + _squash((recipe.out / mix["sources"]["ehr"]["heldout"]).read_text())
+    assert len(notes) == notes_out.count("CHIEFCOMPLAINT") == 130
+    planted = {v for m in DEMO_PHI.finditer("\n".join(n["text"] for n in notes)) for v in m.groups() if v}
+    assert len(planted) > 100 and not [p for p in planted if _squash(p) in notes_out]
 
 
 def test_the_clean_stage_says_how_far_each_task_has_read(tmp_path, monkeypatch, caplog):
