@@ -3,7 +3,8 @@
     python -m preprocessing.build_sft --config sft_recipe.yaml [--workers N] [--clean] [--keep-work]
 
 Input: jsonl / jsonl.gz files of ``{"id": ..., "messages": [{"role": ..., "content": ...}, ...], "tools": [...]}``
-(``tools`` optional: the function definitions the template declares);
+(``tools`` optional: the function definitions the template declares), or of ShareGPT or Alpaca records, read as the
+messages they hold (:func:`preprocessing.chat.as_messages`);
 assistant turns may carry reasoning as ``<think>...</think>`` before the answer. Every conversation is
 rendered with the tokenizer's own chat template (:mod:`preprocessing.chat`), tokenised once with character
 offsets, and gets a loss mask: 1 on assistant tokens (``loss_on: assistant``) or on every token (``all``).

@@ -22,11 +22,45 @@ LOSS_ON = ("assistant", "all")
 Spans = list[tuple[int, int]]
 
 
+# ShareGPT's speakers (a turn's ``from``), as FastChat and LLaMA-Factory write them, and the roles they are
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "observation": "tool", "tool": "tool"}
+
+
+def as_messages(record: Any) -> Any:
+    """A record's conversation as OpenAI-style ``messages``, whichever of the formats SFT sets come in it has:
+    ``messages`` itself; ShareGPT's ``conversations`` of ``{"from", "value"}`` turns (speakers by
+    :data:`SHAREGPT_ROLES`, another kept by its name; a ``system`` beside them opens the conversation); Alpaca's
+    ``instruction`` and ``output`` (the user turn is the instruction, then a line break and the ``input`` if any, as
+    LLaMA-Factory joins them; ``system`` and ``history``, ``[[question, answer], ...]``, before it). None for a
+    record of none of them. Only the shape is converted: :func:`check_conversation` judges what comes out."""
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return record["messages"]
+    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    if isinstance(record.get("conversations"), list):
+        turns = [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t.get("value")}
+                 if isinstance(t, dict) and isinstance(t.get("from"), str) else t for t in record["conversations"]]
+        opens_with_system = turns and isinstance(turns[0], dict) and turns[0].get("role") == "system"
+        return turns if opens_with_system else system + turns
+    if "instruction" in record and "output" in record:
+        history = record.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(t, list) and len(t) == 2 for t in history):
+            return [history]  # not a list of [question, answer] pairs: a bad message
+        prompt, extra = record["instruction"], record.get("input")
+        if isinstance(prompt, str) and isinstance(extra, str) and extra:
+            prompt = f"{prompt}\n{extra}"
+        return system + [{"role": role, "content": text} for q, a in history + [[prompt, record["output"]]]
+                         for role, text in (("user", q), ("assistant", a))]
+    return None
+
+
 def check_conversation(record: Any, roles: tuple[str, ...] | list[str] = ROLES) -> tuple[list[dict] | None, str | None]:
-    """(messages, None) for a usable record, else (None, reason) with a short, countable reason. A record's ``tools``
-    (the function definitions, beside ``messages`` as in OpenAI's format) must be a list of objects: the template
-    renders them into the system prompt (:func:`record_tools`)."""
-    messages = record.get("messages") if isinstance(record, dict) else None
+    """(messages, None) for a usable record (in any format :func:`as_messages` reads), else (None, reason) with a
+    short, countable reason. A record's ``tools`` (the function definitions, beside ``messages`` as in OpenAI's
+    format) must be a list of objects: the template renders them into the system prompt (:func:`record_tools`)."""
+    messages = as_messages(record)
     if not isinstance(messages, list) or not messages:
         return None, "missing_messages"
     tools = record.get("tools") or []

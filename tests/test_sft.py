@@ -145,9 +145,54 @@ def test_a_sample_of_seq_length_plus_one_tokens_is_kept_and_one_more_is_too_long
     ({"messages": TWO_TURNS, "tools": LAB_TOOL}, None),
     ({"messages": [TWO_TURNS[1], {"role": "assistant", "content": None}]}, "bad_message"),  # null, and no tool call
     ({"messages": TWO_TURNS}, None),
+    ({"conversations": [{"from": "human", "value": "hi?"}, {"from": "gpt", "value": "hello"}]}, None),  # ShareGPT
+    ({"conversations": [{"from": "human", "value": "?"}, {"from": "function_call", "value": "{}"}]},
+     "unknown_role:function_call"),
+    ({"conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": 3}]}, "bad_message"),
+    ({"conversations": []}, "missing_messages"),
+    ({"instruction": "Define ataxia.", "output": "Loss of coordination."}, None),  # Alpaca
+    ({"instruction": "Define ataxia.", "output": ""}, "no_assistant_turn"),
+    ({"instruction": "Define ataxia.", "output": None}, "bad_message"),
+    ({"instruction": "Define ataxia.", "output": "x", "history": "not pairs"}, "bad_message"),
+    ({"instruction": "Define ataxia."}, "missing_messages"),
 ])
 def test_conversation_checks(record, reason):
     assert check_conversation(record)[1] == reason
+
+
+# TWO_TURNS in the other formats SFT sets come in (ShareGPT's from/value turns, Alpaca's instruction and output with
+# the earlier turns as history), and a one-turn Alpaca record with an input, as messages
+SHAREGPT = {"system": "Be brief.", "conversations": [
+    {"from": "human", "value": TWO_TURNS[1]["content"]}, {"from": "gpt", "value": TWO_TURNS[2]["content"]},
+    {"from": "human", "value": TWO_TURNS[3]["content"]}, {"from": "gpt", "value": TWO_TURNS[4]["content"]}]}
+ALPACA = {"system": "Be brief.", "history": [[TWO_TURNS[1]["content"], TWO_TURNS[2]["content"]]],
+          "instruction": TWO_TURNS[3]["content"], "input": "", "output": TWO_TURNS[4]["content"]}
+ALPACA_INPUT = ({"instruction": "Name the lesion.", "input": "Left hemiparesis, aphasia.", "output": "Left MCA."},
+                [{"role": "user", "content": "Name the lesion.\nLeft hemiparesis, aphasia."},
+                 {"role": "assistant", "content": "Left MCA."}])
+
+
+def test_sharegpt_and_alpaca_records_are_read_as_their_messages(tmp_path):
+    """Medical SFT sets come as ShareGPT or Alpaca records as often as in OpenAI's messages: each is read as the
+    conversation it holds, and a build of them gives the same samples, bit for bit, as one of the same conversations
+    written as messages."""
+    from preprocessing.build_sft import SFTRecipe, build
+
+    assert check_conversation(SHAREGPT) == (TWO_TURNS, None) and check_conversation(ALPACA) == (TWO_TURNS, None)
+    assert check_conversation(ALPACA_INPUT[0]) == (ALPACA_INPUT[1], None)
+    assert check_conversation({**SHAREGPT, "conversations": [{"from": "system", "value": "Be kind."}, *SHAREGPT[
+        "conversations"]]})[0][:2] == [{"role": "system", "content": "Be kind."}, TWO_TURNS[1]]  # its own comes first
+    records = {"messages": [{"messages": TWO_TURNS}, {"messages": ALPACA_INPUT[1]}],
+               "others": [SHAREGPT, ALPACA_INPUT[0]]}
+    built = {}
+    for name, lines in records.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        info = build(SFTRecipe(tokenizer=str(DEMO / "tokenizer"), output_dir="out", paths=["chats.jsonl"],
+                               seq_length=256, valid_fraction=0.0, base_dir=str(tmp_path / name)))
+        assert info["conversations"]["kept"] == 2 and not info["conversations"]["quarantined"], info
+        built[name] = [(tmp_path / name / "out" / f"train_{kind}.bin").read_bytes() for kind in ("tokens", "loss_mask")]
+    assert built["others"] == built["messages"] and len(built["messages"][0]) > 0
 
 
 @pytest.fixture(scope="module")
