@@ -14,7 +14,7 @@ import yaml
 from preprocessing.llm import LLMConfig
 from preprocessing.phi import PHIModel, model_labels
 
-FORMATS = ("jsonl", "csv", "parquet", "latex")  # jsonl and csv: .gz too; csv: .tsv too (tab-separated)
+FORMATS = ("jsonl", "csv", "parquet", "latex", "text")  # jsonl, csv: .gz too; csv: .tsv too (tab-separated)
 
 
 def from_dict(cls, raw: dict | Any, where: str):

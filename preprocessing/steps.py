@@ -283,9 +283,12 @@ class Progress:
         self.files, self.bytes = self.files + 1, self.bytes + size
 
 
+ONE_DOCUMENT_PER_FILE = ("latex", "text")  # formats whose files are a document each, named by their path
+
+
 class MixReader(PipelineStep):
-    """Reads every source's files (jsonl, jsonl.gz, parquet, csv, tsv, LaTeX); files are shared out over the tasks by
-    :meth:`shard`. Each document gets ``metadata.source``. Malformed lines and rows, missing text keys, non-UTF-8
+    """Reads every source's files (jsonl, jsonl.gz, parquet, csv, tsv, LaTeX, plain text); files are shared out over
+    the tasks by :meth:`shard`. Each document gets ``metadata.source``. Malformed lines and rows, missing text keys, non-UTF-8
     bytes, empty or oversized records and unreadable files are quarantined and counted, and reading goes on. One
     reader rather than datatrove's per-format ones: those skip a bad jsonl line with a log warning, end the task at
     a bad csv row, and share out whole files only."""
@@ -327,7 +330,7 @@ class MixReader(PipelineStep):
     def _split(source: SourceConfig) -> bool:
         """Whether every task takes a part of the source's files (:meth:`shard`): a guarded source's jsonl, csv and
         parquet files, counted in lines or rows (a LaTeX file is one document)."""
-        return source.phi_guard and source.format != "latex"
+        return source.phi_guard and source.format not in ONE_DOCUMENT_PER_FILE
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         quarantine = Quarantine(self.errors_dir, "read", rank)
@@ -361,7 +364,7 @@ class MixReader(PipelineStep):
                     n = (count_lines(path) if source.format == "jsonl" else
                          csv_row_count(path, limit) if source.format == "csv" else self._rows(path))
                     lines = (part * n // parts + 1, (part + 1) * n // parts)
-                except Exception:  # unreadable (corrupt gzip, bad parquet or csv): the first task reads what it can, whole
+                except Exception:  # unreadable (corrupt gzip, bad parquet or csv): the first task alone reads what it can
                     if part:
                         return
             if source.format == "jsonl":
@@ -369,7 +372,8 @@ class MixReader(PipelineStep):
             elif source.format == "csv":
                 records = csv_records(path, limit, lines)
             else:
-                records = {"parquet": self._parquet, "latex": self._latex}[source.format](path, source)
+                read = {"parquet": self._parquet, "latex": self._latex, "text": self._text}[source.format]
+                records = read(path, source)
             for line, record, problem in records:
                 if lines and not lines[0] <= line <= lines[1]:  # parquet: rows of another task
                     if line > lines[1]:
@@ -391,8 +395,8 @@ class MixReader(PipelineStep):
                     continue
                 self.stat_update(f"read/{source.name}")
                 name = os.path.relpath(path, self.roots[source.name])
-                doc_id = str(record.get(source.id_key) or (os.path.splitext(name)[0] if source.format == "latex"
-                                                           else f"{name}:{line}"))
+                whole_file = source.format in ONE_DOCUMENT_PER_FILE
+                doc_id = str(record.get(source.id_key) or (os.path.splitext(name)[0] if whole_file else f"{name}:{line}"))
                 yield Document(text=text, id=f"{source.name}/{doc_id}",
                                metadata={"source": source.name, "file": path, "line": line})
         except Exception as err:  # unreadable file: corrupt gzip, bad parquet, permissions
@@ -422,6 +426,18 @@ class MixReader(PipelineStep):
         except UnicodeDecodeError:
             tex = raw.decode("latin-1")  # old arXiv sources; LaTeX itself is ASCII
         yield 1, {source.text_key: latex_to_text(tex)}, None  # one document, named by its path (see __init__)
+
+    def _text(self, path: str, source: SourceConfig):
+        """A plain text file as one document (a note per file, as many clinical exports and corpora come), UTF-8; a
+        file of more than 4 bytes per ``max_doc_chars`` is too large without being read."""
+        if (size := _size(path)) > 4 * self.max_doc_chars:
+            yield 1, f"file of {size} bytes, over 4 bytes per max_doc_chars: not read", "too_large"
+            return
+        raw = Path(path).read_bytes()
+        try:
+            yield 1, {source.text_key: raw.decode("utf-8")}, None
+        except UnicodeDecodeError as err:
+            yield 1, f"byte {err.start}", "non_utf8"
 
 
 # ------------------------------------------------------------------------------------------ PHI guard

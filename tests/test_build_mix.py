@@ -457,6 +457,30 @@ def test_csv_notes_are_read_across_lines_and_their_bad_rows_quarantined(tmp_path
                                     "record is unknown")
 
 
+def test_plain_text_files_are_a_document_each_named_by_their_path(tmp_path):
+    """A note per .txt file (as many clinical exports and corpora come): each file one document, named by its path
+    below the source's folder without the suffix; a file that is not UTF-8, empty, or of more than 4 bytes per
+    max_doc_chars (not read) is quarantined with its file."""
+    from preprocessing.recipe import SourceConfig
+    from preprocessing.steps import MixReader
+
+    (tmp_path / "notes" / "2024").mkdir(parents=True)
+    (tmp_path / "notes" / "2024" / "n1.txt").write_text("HPI: new tremor.\n\nPLAN: DaT scan.\n")
+    (tmp_path / "notes" / "n2.txt").write_text("Gait steady; Romberg negative.")
+    (tmp_path / "notes" / "latin1.txt").write_bytes("Caf\xe9 au lait spots.".encode("latin-1"))
+    (tmp_path / "notes" / "blank.txt").write_text("  \n")
+    (tmp_path / "notes" / "huge.txt").write_text("x" * 401)
+    notes = SourceConfig("notes", [], 1.0, format="text")
+    files = [(notes, str(p)) for p in sorted((tmp_path / "notes").rglob("*.txt"))]
+    docs = list(MixReader(files, str(tmp_path / "errors"), max_doc_chars=100).run())
+    assert [(d.id, d.text) for d in docs] == [("notes/2024/n1", "HPI: new tremor.\n\nPLAN: DaT scan."),
+                                              ("notes/n2", "Gait steady; Romberg negative.")]
+    errors = [json.loads(x) for x in (tmp_path / "errors" / "read_00000.jsonl").read_text().splitlines()]
+    assert sorted((Path(e["file"]).name, e["reason"], e["excerpt"]) for e in errors) == [
+        ("blank.txt", "empty", ""), ("huge.txt", "too_large", "file of 401 bytes, over 4 bytes per max_doc_chars: not read"),
+        ("latin1.txt", "non_utf8", "byte 3")]
+
+
 def test_a_csv_source_without_its_text_column_stops_the_build_naming_the_header(tmp_path):
     """A wrong ``text_key`` would quarantine every row of a csv file: the build stops before any work instead,
     naming the file and its columns; with the column named, the notes go through the PHI guard to the binaries."""
