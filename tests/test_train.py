@@ -735,6 +735,32 @@ def test_launcher_uses_a_standalone_rendezvous_on_one_node_and_the_given_master_
     assert command() == ["300"] and command(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="900") == ["900"]
 
 
+def test_the_slurm_script_starts_the_launcher_on_each_node_with_its_rank(tmp_path):
+    """launch/slurm.sh under sbatch (Slurm's srun and scontrol stood in for): every node's launcher gets the
+    allocation's node count, its own rank and the first node's name, from any folder sbatch ran its copy in; one node
+    keeps the standalone rendezvous; the GPUs per node are Slurm's."""
+    root = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "python"  # PYTHON: prints the torchrun command line instead of running it
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NNODES", "NODE_RANK", "MASTER_", "GPUS_"))}
+    env.update(PYTHON=str(fake), PATH=f"{Path(__file__).parent / 'fake_slurm'}:{env['PATH']}", SLURM_SUBMIT_DIR=str(root))
+    spool = tmp_path / "spool"  # where sbatch keeps its copy of the script, and runs it from
+    spool.mkdir()
+    shutil.copy(root / "launch" / "slurm.sh", spool / "slurm_script")
+
+    def command(**slurm: str) -> str:
+        run = subprocess.run(["bash", str(spool / "slurm_script"), "c.yaml", "lr=1e-5"], env={**env, **slurm},
+                             cwd=spool, capture_output=True, text=True, check=True)
+        return run.stdout.strip()
+
+    assert command(SLURM_JOB_NUM_NODES="2", SLURM_NODEID="1", SLURM_JOB_NODELIST="gpu01,gpu02", SLURM_GPUS_ON_NODE="4") \
+        == ("-m megatron_ext.launch --nnodes 2 --node_rank 1 --master_addr gpu01 --master_port 29500 --nproc_per_node 4 "
+            "-m megatron_ext.train --config c.yaml lr=1e-5")
+    assert command(SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="gpu07").startswith(
+        "-m megatron_ext.launch --standalone --local-addr 127.0.0.1 --nproc_per_node 8 -m megatron_ext.train")
+
+
 def test_overrides_and_bad_config(tmp_path):
     from megatron_ext.train_config import TrainConfig
 
