@@ -193,13 +193,17 @@ def check_recipe(recipe: MixRecipe) -> list:
     Returns the sources' files it recorded, (source, path) pairs: the build reads these, not the folders again
     (a file created in between would be read but not recorded). A csv file without the source's text column
     stops it too: every row would be quarantined."""
+    from preprocessing.phi import redact_phi
     from preprocessing.steps import MixReader, csv_header
 
     files = recipe.source_files()
     for source, path in files:  # a wrong text_key is the recipe's error, not every row's
         if source.format == "csv" and (header := csv_header(path)) is not None and source.text_key not in header:
-            raise BuildError(f"source {source.name}: {path} has no column {source.text_key!r} (its header: "
-                             f"{', '.join(header[:30])}): set the source's text_key")
+            # a guarded file without a header row would show a note's fields here and in the log: redacted (in a
+            # window long enough that no name is cut before it is found, as for the quarantine's excerpts)
+            named = ", ".join((redact_phi(name[:1000]) if source.phi_guard else name)[:40] for name in header[:30])
+            raise BuildError(f"source {source.name}: {path} has no column {source.text_key!r} (its header: {named}): "
+                             "set the source's text_key, or add a header row naming the columns")
     settings = {**asdict(recipe), "base_dir": str(Path(recipe.base_dir).resolve()),  # the config by any path
                 "input_files": input_files([path for _, path in files]), "read_sharding": MixReader.SHARDING}
     if recipe.llm:

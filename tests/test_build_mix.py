@@ -483,7 +483,9 @@ def test_plain_text_files_are_a_document_each_named_by_their_path(tmp_path):
 
 def test_a_csv_source_without_its_text_column_stops_the_build_naming_the_header(tmp_path):
     """A wrong ``text_key`` would quarantine every row of a csv file: the build stops before any work instead,
-    naming the file and its columns; with the column named, the notes go through the PHI guard to the binaries."""
+    naming the file and its columns (a guarded file without a header row: its first note's fields redacted, as
+    the message goes to the console and the log); with the column named, the notes go through the PHI guard to
+    the binaries."""
     import csv
     import random
 
@@ -497,8 +499,14 @@ def test_a_csv_source_without_its_text_column_stops_the_build_naming_the_header(
     raw["sources"] = [{"name": "ehr", "paths": ["notes.csv"], "format": "csv", "share": 1.0, "phi_guard": True,
                        "filters": {"min_chars": 50, "gopher_quality": None, "gopher_repetition": None}}]
     with pytest.raises(BuildError, match=r"source ehr: .*notes\.csv has no column 'text' \(its header: NOTE_ID, "
-                                         r"TEXT\): set the source's text_key"):
+                                         r"TEXT\): set the source's text_key, or add a header row naming the columns"):
         build_mix.build(MixRecipe(**raw))
+    with open(tmp_path / "headerless.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["Jonathan Whitfield", "MRN 4417702", "(617) 555-0142", notes[0]]])
+    with pytest.raises(BuildError, match=r"headerless\.csv has no column 'text' \(its header: \[NAME\], MRN \[MRN\], "
+                                         r"\[PHONE\], Patient: \[NAME\]  MRN: \[MRN\]  DOB: \[DATE\]\): set") as stopped:
+        build_mix.build(MixRecipe(**{**raw, "sources": [{**raw["sources"][0], "paths": ["headerless.csv"]}]}))
+    assert not re.search(r"Whitfield|4417702|555-0142", str(stopped.value))
     raw["sources"][0].update(text_key="TEXT", id_key="NOTE_ID")
     recipe = MixRecipe(**raw)
     mix = build_mix.build(recipe)
