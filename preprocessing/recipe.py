@@ -114,6 +114,8 @@ class SourceConfig:
     chunk_overlap: int = 0
     phi_guard: bool = False
     phi_policy: str = "redact"  # or "drop"
+    # records kept by their fields, {field: [values]}, all fields matching (e.g. MIMIC-III's CATEGORY and ISERROR)
+    select: dict[str, list] = field(default_factory=dict)
     filters: FilterConfig = field(default_factory=FilterConfig)
     enrich: EnrichConfig | None = None  # LLM enrichment; off unless given
 
@@ -127,6 +129,12 @@ class SourceConfig:
             raise ValueError(f"source {self.name}: phi_policy must be redact or drop")
         if not self.name.isidentifier():
             raise ValueError(f"source name {self.name!r} must be a plain identifier (it names files)")
+        if self.select and self.format in ("latex", "text"):
+            raise ValueError(f"source {self.name}: select needs records with fields; a {self.format} file is only text")
+        for key, values in (self.select or {}).items():
+            if not (isinstance(values, list) and values and all(v is None or isinstance(v, (str, int, float, bool))
+                                                                 for v in values)):
+                raise ValueError(f"source {self.name}: select.{key} must be a list of the values to keep, got {values!r}")
 
 
 @dataclass

@@ -72,6 +72,8 @@ def stage_of(kind: str, reason: str) -> str:
         return reason.replace("_duplicate", " dedup")
     if reason == "synthetic_of_heldout":
         return "held-out split"
+    if reason.startswith("select:"):
+        return "selection"
     return "LLM enrichment"  # llm_classifier, llm_failed:<task>
 
 

@@ -286,6 +286,15 @@ class Progress:
 ONE_DOCUMENT_PER_FILE = ("latex", "text")  # formats whose files are a document each, named by their path
 
 
+def _unselected(record: dict, select: dict[str, list]) -> str | None:
+    """The first field of a source's ``select`` whose value in ``record`` is not one of those kept, or None. Values
+    compare as text, a missing or null field as "": a CSV has no types, and YAML reads ``1`` as a number."""
+    def text(value) -> str:
+        return "" if value is None else str(value)
+
+    return next((key for key, values in select.items() if text(record.get(key)) not in map(text, values)), None)
+
+
 class MixReader(PipelineStep):
     """Reads every source's files (jsonl, jsonl.gz, parquet, csv, tsv, LaTeX, plain text); files are shared out over
     the tasks by :meth:`shard`. Each document gets ``metadata.source``. Malformed lines and rows, missing text keys, non-UTF-8
@@ -381,6 +390,9 @@ class MixReader(PipelineStep):
                     continue
                 if problem:
                     bad(line, problem, record if isinstance(record, str) else "")
+                    continue
+                if isinstance(record, dict) and (unselected := _unselected(record, source.select)):
+                    self.stat_update(f"read/{source.name}", f"dropped/{source.name}/select:{unselected}")
                     continue
                 text = record.get(source.text_key) if isinstance(record, dict) else None
                 if not isinstance(text, str):

@@ -516,6 +516,42 @@ def test_a_csv_source_without_its_text_column_stops_the_build_naming_the_header(
     assert len(planted) == 6 * 8 and not [p for p in planted if _squash(p) in training]
 
 
+def test_select_keeps_the_chosen_records_before_the_guard_and_counts_the_rest(tmp_path):
+    """``select`` keeps the records whose fields hold the chosen values (MIMIC-III's NOTEEVENTS: the note categories
+    wanted, ISERROR empty), at read, before the PHI guard spends time on them: the others are counted as dropped by
+    the field that excluded them, in the ledger and the report, and a recipe's bad select stops its load."""
+    import csv
+    import random
+
+    from preprocessing.demo_corpus import clinical_note
+    from preprocessing.recipe import SourceConfig
+    from preprocessing.report import collect_ledger
+
+    rng = random.Random(1)
+    rows = [("Discharge summary", ""), ("Nursing", ""), ("Radiology", ""), ("Discharge summary", "1"),
+            ("Discharge summary", ""), ("ECG", "1")]
+    with open(tmp_path / "NOTEEVENTS.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["ROW_ID", "CATEGORY", "ISERROR", "TEXT"]] + [
+            [i, category, error, f"NOTE {i}.\n" + clinical_note(rng, i, with_phi=True)] for i, (category, error) in enumerate(rows)])
+    raw = _templated_notes(tmp_path)
+    raw["sources"] = [{"name": "ehr", "paths": ["NOTEEVENTS.csv"], "format": "csv", "text_key": "TEXT", "id_key": "ROW_ID",
+                       "share": 1.0, "phi_guard": True, "select": {"CATEGORY": ["Discharge summary", "Radiology"],
+                                                                   "ISERROR": [""]},
+                       "filters": {"min_chars": 50, "gopher_quality": None, "gopher_repetition": None}}]
+    recipe = MixRecipe(**raw)
+    build_mix.build(recipe)
+    kept = "".join(_decoded(recipe, "ehr"))
+    assert [i for i in range(6) if f"NOTE{i}." in kept] == [0, 2, 4]
+    entry = collect_ledger(tmp_path / "out" / "logs", ["ehr"])["ehr"]
+    assert entry["read"] == 6 and entry["dropped"] == {"select:CATEGORY": 2, "select:ISERROR": 1} and balance(entry) == 0
+    assert entry["phi"]["name"] == 3  # the guard ran on the three kept notes only
+    assert "| ehr | selection | dropped | select:CATEGORY | 2 |" in (tmp_path / "out" / "report.md").read_text()
+    for bad, message in (({"format": "latex", "select": {"a": ["b"]}}, "a latex file is only text"),
+                         ({"select": {"CATEGORY": "Radiology"}}, "select.CATEGORY must be a list of the values to keep")):
+        with pytest.raises(ValueError, match=message):
+            SourceConfig("ehr", [], 1.0, **bad)
+
+
 def test_the_reference_mix_recipe_builds_its_corpora_in_their_formats_for_the_cpt_config(tmp_path):
     """launch/configs/neuro_mix.yaml, the flagship's mix: the published shares, the CPT config's seq_length and the
     mix path it reads, and a build of the recipe as shipped (paths, formats, filters) on the demo corpus laid out as
