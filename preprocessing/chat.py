@@ -23,14 +23,48 @@ Spans = list[tuple[int, int]]
 
 
 # ShareGPT's speakers (a turn's ``from``), as FastChat and LLaMA-Factory write them, and the roles they are
+# (LLaMA-Factory's "function_call" turns are assistant turns that call tools: :func:`_sharegpt_turn`)
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "observation": "tool", "tool": "tool"}
+
+
+def _sharegpt_turn(turn: Any) -> Any:
+    """One ShareGPT turn as a message. A ``function_call`` turn's value is the JSON of a call ``{"name",
+    "arguments"}`` or a list of them: an assistant message with those ``tool_calls`` (OpenAI's form), or kept by its
+    speaker's name where it is not such JSON (an unknown role then)."""
+    if not (isinstance(turn, dict) and isinstance(turn.get("from"), str)):
+        return turn
+    speaker, value = turn["from"], turn.get("value")
+    if speaker == "function_call" and isinstance(value, str):
+        try:
+            calls = json.loads(value)
+        except ValueError:
+            calls = None
+        calls = [calls] if isinstance(calls, dict) else calls
+        if isinstance(calls, list) and calls and all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                                                     for c in calls):
+            return {"role": "assistant", "content": "",
+                    "tool_calls": [{"type": "function", "function": call} for call in calls]}
+    return {"role": SHAREGPT_ROLES.get(speaker, speaker), "content": value}
+
+
+def _tools(record: dict) -> Any:
+    """A record's ``tools``: a list, or the JSON text of one (as LLaMA-Factory and many function-calling sets keep
+    it); what is neither comes back as it is, for :func:`check_conversation` to refuse."""
+    tools = record.get("tools") or []
+    if isinstance(tools, str):
+        try:
+            return json.loads(tools)
+        except ValueError:
+            return tools
+    return tools
 
 
 def as_messages(record: Any) -> Any:
     """A record's conversation as OpenAI-style ``messages``, whichever of the formats SFT sets come in it has:
     ``messages`` itself; ShareGPT's ``conversations`` of ``{"from", "value"}`` turns (speakers by
-    :data:`SHAREGPT_ROLES`, another kept by its name; a ``system`` beside them opens the conversation); Alpaca's
+    :data:`SHAREGPT_ROLES` and :func:`_sharegpt_turn`, another kept by its name; a ``system`` beside them opens the
+    conversation; ``tools`` may be JSON text, :func:`_tools`); Alpaca's
     ``instruction`` and ``output`` (the user turn is the instruction, then a line break and the ``input`` if any, as
     LLaMA-Factory joins them; ``system`` and ``history``, ``[[question, answer], ...]``, before it). None for a
     record of none of them. Only the shape is converted: :func:`check_conversation` judges what comes out."""
@@ -40,8 +74,7 @@ def as_messages(record: Any) -> Any:
         return record["messages"]
     system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
     if isinstance(record.get("conversations"), list):
-        turns = [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t.get("value")}
-                 if isinstance(t, dict) and isinstance(t.get("from"), str) else t for t in record["conversations"]]
+        turns = [_sharegpt_turn(t) for t in record["conversations"]]
         opens_with_system = turns and isinstance(turns[0], dict) and turns[0].get("role") == "system"
         return turns if opens_with_system else system + turns
     if "instruction" in record and "output" in record:
@@ -63,7 +96,7 @@ def check_conversation(record: Any, roles: tuple[str, ...] | list[str] = ROLES) 
     messages = as_messages(record)
     if not isinstance(messages, list) or not messages:
         return None, "missing_messages"
-    tools = record.get("tools") or []
+    tools = _tools(record)
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         return None, "bad_tools"
     # OpenAI's format writes an assistant turn that only calls tools with "content": null; the templates take ""
@@ -86,7 +119,8 @@ def record_tools(record: dict) -> dict:
     """The template arguments a record brings: its ``tools``, if any. A conversation that calls tools was written
     with their definitions in the prompt (Qwen's templates put them in the system turn); trained without them,
     the model would learn to call functions nobody declared, and serving, which renders them, would differ."""
-    return {"tools": record["tools"]} if record.get("tools") else {}
+    tools = _tools(record)
+    return {"tools": tools} if tools else {}
 
 
 def render_samples(tokenizer, messages: list[dict], loss_on: str = "assistant",

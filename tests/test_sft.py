@@ -87,6 +87,26 @@ def test_tool_calls_and_reasoning_reach_the_template(tok):
     assert [text[a:b] for a, b in spans][0] == "<think>Need the sodium.</think><tool_call>lab_lookup</tool_call><|im_end|>\n"
 
 
+def test_a_sharegpt_conversation_that_calls_tools_is_read_as_openais_form():
+    """LLaMA-Factory's ShareGPT tool format: ``tools`` as JSON text, a ``function_call`` turn holding the call's JSON,
+    an ``observation`` turn holding its result; read as the messages and tools of OpenAI's form, which the template
+    renders (the test above)."""
+    from preprocessing.chat import record_tools
+
+    call = {"name": "lab_lookup", "arguments": {"test": "sodium"}}
+    sharegpt = {"tools": json.dumps(LAB_TOOL), "conversations": [
+        {"from": "human", "value": "Sodium?"}, {"from": "function_call", "value": json.dumps(call)},
+        {"from": "observation", "value": "128 mmol/L"}, {"from": "gpt", "value": "Hyponatraemia."}]}
+    assert check_conversation(sharegpt) == ([
+        {"role": "user", "content": "Sodium?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+        {"role": "tool", "content": "128 mmol/L"}, {"role": "assistant", "content": "Hyponatraemia."}], None)
+    assert record_tools(sharegpt) == {"tools": LAB_TOOL} == record_tools({"tools": LAB_TOOL})
+    not_json = {**sharegpt, "conversations": [sharegpt["conversations"][0], {"from": "function_call", "value": "lab?"}]}
+    assert check_conversation(not_json) == (None, "unknown_role:function_call")
+    assert check_conversation({**sharegpt, "tools": "[not json"}) == (None, "bad_tools")
+
+
 def test_prefix_stable_template_is_one_sample_with_every_answer(tok):
     plain = type(tok).from_pretrained(str(DEMO / "tokenizer"))
     plain.chat_template = CHATML
