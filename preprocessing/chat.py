@@ -64,10 +64,10 @@ def as_messages(record: Any) -> Any:
     """A record's conversation as OpenAI-style ``messages``, whichever of the formats SFT sets come in it has:
     ``messages`` itself; ShareGPT's ``conversations`` of ``{"from", "value"}`` turns (speakers by
     :data:`SHAREGPT_ROLES` and :func:`_sharegpt_turn`, another kept by its name; a ``system`` beside them opens the
-    conversation; ``tools`` may be JSON text, :func:`_tools`); Alpaca's
-    ``instruction`` and ``output`` (the user turn is the instruction, then a line break and the ``input`` if any, as
-    LLaMA-Factory joins them; ``system`` and ``history``, ``[[question, answer], ...]``, before it). None for a
-    record of none of them. Only the shape is converted: :func:`check_conversation` judges what comes out."""
+    conversation; ``tools`` may be JSON text, :func:`_tools`); Alpaca's ``instruction`` and ``output`` (the user turn
+    is the instruction, then a line break and the ``input`` if any, as LLaMA-Factory joins them; ``system`` and
+    ``history``, ``[[question, answer], ...]``, before it). None for a record of none of them. Only the shape is
+    converted: :func:`check_conversation` judges what comes out."""
     if not isinstance(record, dict):
         return None
     if "messages" in record:
