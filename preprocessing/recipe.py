@@ -15,6 +15,7 @@ from preprocessing.llm import LLMConfig
 from preprocessing.phi import PHIModel, model_labels
 
 FORMATS = ("jsonl", "csv", "parquet", "latex", "text")  # jsonl, csv: .gz too; csv: .tsv too (tab-separated)
+ONE_DOCUMENT_PER_FILE = ("latex", "text")  # formats whose files are a document each, named by their path
 
 
 def from_dict(cls, raw: dict | Any, where: str):
@@ -129,7 +130,7 @@ class SourceConfig:
             raise ValueError(f"source {self.name}: phi_policy must be redact or drop")
         if not self.name.isidentifier():
             raise ValueError(f"source name {self.name!r} must be a plain identifier (it names files)")
-        if self.select and self.format in ("latex", "text"):
+        if self.select and self.format in ONE_DOCUMENT_PER_FILE:
             raise ValueError(f"source {self.name}: select needs records with fields; a {self.format} file is only text")
         for key, values in (self.select or {}).items():
             if not (isinstance(values, list) and values and all(v is None or isinstance(v, (str, int, float, bool))

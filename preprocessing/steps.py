@@ -25,7 +25,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from preprocessing.phi import PHIModel, PHIModelError, Span, documents_per_batch, phi_spans, phi_spans_of, redact_phi
-from preprocessing.recipe import SourceConfig
+from preprocessing.recipe import ONE_DOCUMENT_PER_FILE, SourceConfig
 from preprocessing.tokenizer import as_text, eos_id, text_tokenizer, token_dtype
 
 log = logging.getLogger(__name__)
@@ -283,24 +283,24 @@ class Progress:
         self.files, self.bytes = self.files + 1, self.bytes + size
 
 
-ONE_DOCUMENT_PER_FILE = ("latex", "text")  # formats whose files are a document each, named by their path
+def _as_text(value) -> str:
+    """A field's value as ``select`` compares it: text, a missing or null field as "" (a CSV has no types, and YAML
+    reads ``1`` as a number)."""
+    return "" if value is None else str(value)
 
 
-def _unselected(record: dict, select: dict[str, list]) -> str | None:
-    """The first field of a source's ``select`` whose value in ``record`` is not one of those kept, or None. Values
-    compare as text, a missing or null field as "": a CSV has no types, and YAML reads ``1`` as a number."""
-    def text(value) -> str:
-        return "" if value is None else str(value)
-
-    return next((key for key, values in select.items() if text(record.get(key)) not in map(text, values)), None)
+def _unselected(record: dict, kept: dict[str, set[str]]) -> str | None:
+    """The first field of a source's ``select`` (its values as text, :func:`_as_text`) whose value in ``record`` is
+    not one of those kept, or None."""
+    return next((key for key, values in kept.items() if _as_text(record.get(key)) not in values), None)
 
 
 class MixReader(PipelineStep):
     """Reads every source's files (jsonl, jsonl.gz, parquet, csv, tsv, LaTeX, plain text); files are shared out over
-    the tasks by :meth:`shard`. Each document gets ``metadata.source``. Malformed lines and rows, missing text keys, non-UTF-8
-    bytes, empty or oversized records and unreadable files are quarantined and counted, and reading goes on. One
-    reader rather than datatrove's per-format ones: those skip a bad jsonl line with a log warning, end the task at
-    a bad csv row, and share out whole files only."""
+    the tasks by :meth:`shard`. Each document gets ``metadata.source``. Malformed lines and rows, missing text keys,
+    non-UTF-8 bytes, empty or oversized records and unreadable files are quarantined and counted, and reading goes
+    on. One reader rather than datatrove's per-format ones: those skip a bad jsonl line with a log warning, end the
+    task at a bad csv row, and share out whole files only."""
 
     name = "📖 MixReader"
     type = "📖 - READER"
@@ -312,6 +312,9 @@ class MixReader(PipelineStep):
         self.errors_dir = errors_dir
         self.max_doc_chars = max_doc_chars
         self.phi_model = phi_model  # the PHI guard's model, for the excerpts of a guarded source's bad records
+        # each source's select as the text its records' values are compared as, once rather than per record
+        self.selected = {source.name: {key: set(map(_as_text, values)) for key, values in source.select.items()}
+                         for source, _ in files}
         folders: dict[str, list[str]] = {}
         for source, path in files:
             folders.setdefault(source.name, []).append(os.path.dirname(path))
@@ -338,7 +341,7 @@ class MixReader(PipelineStep):
     @staticmethod
     def _split(source: SourceConfig) -> bool:
         """Whether every task takes a part of the source's files (:meth:`shard`): a guarded source's jsonl, csv and
-        parquet files, counted in lines or rows (a LaTeX file is one document)."""
+        parquet files, counted in lines or rows (a LaTeX or text file is one document)."""
         return source.phi_guard and source.format not in ONE_DOCUMENT_PER_FILE
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
@@ -391,7 +394,7 @@ class MixReader(PipelineStep):
                 if problem:
                     bad(line, problem, record if isinstance(record, str) else "")
                     continue
-                if isinstance(record, dict) and (unselected := _unselected(record, source.select)):
+                if isinstance(record, dict) and (unselected := _unselected(record, self.selected[source.name])):
                     self.stat_update(f"read/{source.name}", f"dropped/{source.name}/select:{unselected}")
                     continue
                 text = record.get(source.text_key) if isinstance(record, dict) else None
