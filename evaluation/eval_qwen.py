@@ -47,22 +47,27 @@ SUITES = {"medical": MEDICAL, "general": GENERAL, "all": MEDICAL + GENERAL}
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 
 
+TASK_YAMLS = "NEUROCPT_EVAL_QWEN_TASK_YAMLS"  # the tasks' files, handed by run_each_in_own_process to each process
+
+
 @functools.cache
-def task_index() -> dict:
-    """lm-eval's task index, built once: indexing its thousands of task files takes seconds each time."""
+def task_yamls() -> dict[str, str]:
+    """Each lm-eval task's YAML file, from lm-eval's index of its task files, built once per command (a per-model
+    process is handed its parent's): indexing those 14,000 files took 9-19 s each time on a 2-core machine."""
+    if TASK_YAMLS in os.environ:
+        return json.loads(os.environ[TASK_YAMLS])
     from lm_eval.tasks import TaskManager
 
-    return TaskManager().task_index
+    return {name: str(entry.yaml_path) for name, entry in TaskManager().task_index.items() if entry.yaml_path}
 
 
 def local_task_config(task: str, data_dir: Path, num_fewshot: int) -> dict:
     """The task's own lm-eval config with its dataset replaced by ``data_dir/<task>/<split>.jsonl``."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = task_index().get(task)
-    if entry is None or entry.yaml_path is None:
+    if task not in task_yamls():
         raise KeyError(f"lm-eval has no task {task!r}")
-    cfg = load_yaml(entry.yaml_path, resolve_func=True)
+    cfg = load_yaml(task_yamls()[task], resolve_func=True)
     cfg.pop("include", None)
     eval_split = cfg.get("test_split") or cfg.get("validation_split")
     needed = {eval_split}
@@ -102,6 +107,22 @@ def hf_lm(model_dir: str | Path, device: str, dtype, batch_size: int | str):
     return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
 
 
+def unit_keys(model_dir: str | Path, configs: dict[str, dict], backend: str, dtype, num_fewshot: int,
+              limit: int | None) -> dict[str, str]:
+    """Each task's key among the finished units: everything its result depends on."""
+    import lm_eval
+
+    model_id = fingerprint(model_dir)
+    # "own class": results of lm-eval's own loading (random head for a tied release, see hf_lm) are not reused
+    return {t: cache_key("lm-eval", "own class", lm_eval.__version__, t,
+                         [fingerprint(f) for f in c["dataset_kwargs"]["data_files"].values()], model_id, backend,
+                         str(dtype), num_fewshot, limit) for t, c in configs.items()}
+
+
+def left_to_do(keys: dict[str, str], units: FinishedUnits) -> list[str]:
+    return [task for task, key in keys.items() if units.get(key) is None]
+
+
 def run(models: dict[str, str], tasks: list[str], data_dir: str | Path, backend: str = "hf", num_fewshot: int = 0,
         limit: int | None = None, batch_size: int | str = 8, device: str | None = None,
         units: FinishedUnits | None = None) -> dict:
@@ -110,18 +131,17 @@ def run(models: dict[str, str], tasks: list[str], data_dir: str | Path, backend:
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     import lm_eval
     from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
 
     device, dtype = device_and_dtype(device)
     units = units or FinishedUnits(None)
     configs = {t: local_task_config(t, Path(data_dir), num_fewshot) for t in tasks}
-    data_ids = {t: [fingerprint(f) for f in c["dataset_kwargs"]["data_files"].values()] for t, c in configs.items()}
+    # the configs are whole: simple_evaluate needs no index of lm-eval's task files (it would build one each call)
+    no_index = TaskManager(include_defaults=False)
     results: dict[str, dict[str, dict]] = {}
     for name, model_dir in models.items():
-        model_id = fingerprint(model_dir)
-        # "own class": results of lm-eval's own loading (random head for a tied release, see hf_lm) are not reused
-        keys = {t: cache_key("lm-eval", "own class", lm_eval.__version__, t, data_ids[t], model_id, backend, str(dtype),
-                             num_fewshot, limit) for t in tasks}
-        todo = [t for t in tasks if units.get(keys[t]) is None]
+        keys = unit_keys(model_dir, configs, backend, dtype, num_fewshot, limit)
+        todo = left_to_do(keys, units)
         if len(todo) < len(tasks):
             print(f"{name}: {len(tasks) - len(todo)} of {len(tasks)} tasks finished before, kept")
         if todo:
@@ -132,7 +152,8 @@ def run(models: dict[str, str], tasks: list[str], data_dir: str | Path, backend:
                     lm = get_model(backend).create_from_arg_string(
                         f"pretrained={model_dir},dtype={str(dtype).removeprefix('torch.')}", {"batch_size": batch_size})
                 for task in todo:
-                    out = lm_eval.simple_evaluate(model=lm, tasks=[dict(configs[task])], num_fewshot=num_fewshot, limit=limit)
+                    out = lm_eval.simple_evaluate(model=lm, tasks=[dict(configs[task])], num_fewshot=num_fewshot,
+                                                  limit=limit, task_manager=no_index)
                     units.put(keys[task], task_result(out, task))
             except Exception as err:
                 raise ModelFailed(f"model {name} ({model_dir}): {type(err).__name__}: {err}") from err
@@ -145,13 +166,23 @@ PARENT = "NEUROCPT_EVAL_QWEN_PARENT"  # the pid a per-model process ends with (p
 
 
 def run_each_in_own_process(models: dict[str, str], tasks: list[str], args: argparse.Namespace) -> dict:
-    """:func:`run` for every model in a child process of this command, the reports merged in model order. The children
-    share ``args.units``; a failing child is named after the others have run, their results kept there."""
+    """:func:`run` for every model with tasks left in a child process of this command, the reports merged in model
+    order. The children share ``args.units``; a failing child is named after the others have run."""
+    configs = {t: local_task_config(t, Path(args.data_dir), args.num_fewshot) for t in tasks}
+    dtype = device_and_dtype(args.device)[1]
+    finished = FinishedUnits(args.units)
+    env = {**os.environ, PARENT: str(os.getpid()), TASK_YAMLS: json.dumps({t: task_yamls()[t] for t in tasks})}
     merged = {"models": models, "tasks": tasks, "num_fewshot": args.num_fewshot, "limit": args.limit, "results": {}}
     failed = []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(args.out).parent, prefix=".eval_qwen-") as tmp:
         for i, (name, model_dir) in enumerate(models.items()):
+            keys = unit_keys(model_dir, configs, args.backend, dtype, args.num_fewshot, args.limit)
+            if not left_to_do(keys, finished):  # no process: it would only start, import and read these
+                print(f"{name}: all {len(tasks)} tasks finished before, kept (the model is not loaded)")
+                for task in tasks:
+                    merged["results"].setdefault(task, {})[name] = finished.get(keys[task])
+                continue
             out = Path(tmp) / str(i)
             cmd = [sys.executable, "-m", "evaluation.eval_qwen", "--model", f"{name}={model_dir}", "--tasks", ",".join(tasks),
                    "--data-dir", str(args.data_dir), "--backend", args.backend, "--num-fewshot", str(args.num_fewshot),
@@ -160,7 +191,7 @@ def run_each_in_own_process(models: dict[str, str], tasks: list[str], args: argp
                 cmd += ["--limit", str(args.limit)]
             if args.device:
                 cmd += ["--device", args.device]
-            if subprocess.run(cmd, env={**os.environ, PARENT: str(os.getpid())}).returncode:  # ends with this process
+            if subprocess.run(cmd, env=env).returncode:  # ends with this process
                 failed.append(f"{name} ({model_dir})")
                 continue
             for task, per_model in json.loads(out.with_suffix(".json").read_text())["results"].items():

@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
 
 def test_lm_eval_runs_offline_and_writes_the_card_table(setup, tmp_path):
     """First run: 'cpt_sft' cannot be loaded; it is named, base_sft is still evaluated and kept. The rerun, with
-    the checkpoint back, evaluates only cpt_sft (base_sft's child loads no model) and writes the table."""
+    the checkpoint back, evaluates only cpt_sft (base_sft gets no process) and writes the table."""
     broken = tmp_path / "cpt"
     shutil.copytree(setup / "cpt", broken)
     (broken / "config.json").rename(broken / "config.json.bak")
@@ -60,7 +60,8 @@ def test_lm_eval_runs_offline_and_writes_the_card_table(setup, tmp_path):
     (broken / "config.json.bak").rename(broken / "config.json")
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("2 of 2 tasks finished before, kept") == 1
+    assert run.stdout.count("base_sft: all 2 tasks finished before, kept (the model is not loaded)") == 1, run.stdout
+    assert run.stdout.count("tasks finished before") == 1  # cpt_sft had none
     assert run.stdout.count("| Benchmark |") == 1, run.stdout  # the merged table only, not each model process's own
     report = json.loads((tmp_path / "lm_eval.json").read_text())
     for task, n in (("pubmedqa", 12), ("mmlu_anatomy", 10)):
@@ -83,7 +84,7 @@ def test_a_changed_checkpoint_data_file_or_setting_is_evaluated_again(setup, tmp
 
     evaluated, loaded = [], []
 
-    def simple_evaluate(model, tasks, num_fewshot, limit):
+    def simple_evaluate(model, tasks, num_fewshot, limit, task_manager):
         evaluated.append(tasks[0]["task"])
         return {"results": {tasks[0]["task"]: {"acc,none": 0.5}}, "n-samples": {tasks[0]["task"]: {"effective": limit}}}
 
