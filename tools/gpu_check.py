@@ -610,7 +610,7 @@ def part_compiled(device: str) -> None:
     what its first step costs."""
     with torch._dynamo.config.patch(disable=False):
         torch._dynamo.reset()  # code first run while dynamo was off is marked to skip until a reset
-        errors = bf16_against_fp32(device, 512 if device == "cuda" else 128, eager=dict(backend="local"),
+        errors = bf16_against_fp32(device, 512 if device == "cuda" else 64, eager=dict(backend="local"),
                                    compiled=dict(backend="local", compile_elementwise=True))
     bf16_rows("compiled", "compiled elementwise", errors["compiled"], errors["eager"])
     row("compiled", f"first forward and backward, s: compiled (compiling included) / eager {errors['eager'].seconds:.1f}",
