@@ -8,7 +8,8 @@ group (:func:`megatron_ext.parallel.initialize`), before any optimizer exists.
 
 import importlib
 
-from megatron_ext import cpu_patches, fla_configs, gpu_stack, logs
+from megatron_ext import cpu_patches, fla_configs, gpu_stack
+from preprocessing import logs
 
 gpu_stack.keep_autotuning()  # before anything imports fla
 fla_configs.prefer_shipped()  # likewise

@@ -38,12 +38,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_ext import logs
 from megatron_ext.data import FIELDS
 from megatron_ext.metrics import Metrics, Progress, memory_gb, plot_losses
 from megatron_ext.parallel import is_rank0
 from megatron_ext.signals import on_sigterm, record_stop, record_training
 from megatron_ext.train_config import TrainConfig
+from preprocessing import logs
 from preprocessing.atomic import DirectoryInUse, hold_directory
 from preprocessing.cli import about
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from preprocessing import logs
 from preprocessing.atomic import DirectoryInUse, clear_directory, hold_directory, write_json_atomic
 from preprocessing.cli import about, positive_int
 from preprocessing.errors import BuildError
@@ -328,8 +329,6 @@ def build_command(out: Path, name: str, verbose: bool, clean: bool = False):
     """What a build command runs in: ``out`` held by it alone (another build into it stops at once, naming the
     first: ``enrich_data`` and ``build_mix`` share one), emptied first with ``clean``, its log ``out/<name>.log``,
     errors of the user's input as one line (:func:`one_line_errors`)."""
-    from megatron_ext import logs
-
     with ExitStack() as stack:
         try:
             stack.enter_context(hold_directory(out, "build"))
@@ -341,7 +340,7 @@ def build_command(out: Path, name: str, verbose: bool, clean: bool = False):
             except BuildError as err:
                 raise SystemExit(f"error: {err}") from None
             clear_directory(out)
-        stack.enter_context(one_line_errors(logs.setup(out / f"{name}.log", verbose)))
+        stack.enter_context(one_line_errors(logs.setup(out / f"{name}.log", verbose, fallbacks=False)))
         yield
 
 

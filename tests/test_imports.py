@@ -63,3 +63,15 @@ def test_no_import_circle_between_preprocessing_modules():
 def test_each_module_imports_alone(module):
     run = subprocess.run([sys.executable, "-c", f"import {PACKAGE}.{module}"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_a_data_commands_log_and_hold_load_no_model_stack(tmp_path):
+    """build_mix and build_sft set up their log file and hold their folder before any work: that took megatron_ext's
+    logging, whose import applies megatron's CPU patches, so a build stopping on a user's error spent 9 of its 12 s
+    importing megatron-core, and said that Transformer Engine and Apex were missing."""
+    code = ("import sys\nfrom pathlib import Path\nfrom preprocessing.pipeline import build_command\n"
+            f"with build_command(Path({str(tmp_path)!r}), 'build_mix', False):\n    pass\n"
+            "print(sorted(m for m in ('megatron', 'megatron_ext', 'torch') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]" and "not installed" not in run.stderr, run.stderr
+    assert (tmp_path / "build_mix.log").is_file()

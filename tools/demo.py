@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.verbose:  # before tqdm is imported: each stage prints one line instead of progress bars
         os.environ.setdefault("TQDM_DISABLE", "1")
-    from megatron_ext import logs
+    from preprocessing import logs
 
     log = logs.setup(args.out / "demo.log", args.verbose, console_level=logging.WARNING)
     run(args.out, None if args.verbose else log)

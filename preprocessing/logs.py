@@ -1,4 +1,6 @@
-"""Console and log file for the command lines (trainer, build_mix, build_sft, the demo).
+"""Console and log file for the command lines (trainer, build_mix, build_sft, the demo). Here, not in megatron_ext,
+whose import applies megatron's CPU patches: a data build that stopped on a user's error spent 9 of its 12 s
+importing megatron-core for its log file.
 
 Quiet by default: the console shows this project's INFO lines and the libraries' logged warnings and errors;
 megatron's configuration dumps and bucket lists, datatrove's pipeline and stats tables, the libraries' Python
@@ -85,10 +87,13 @@ class _Stderr:
         return getattr(self.console, name)
 
 
-def setup(log_file: str | Path, verbose: bool = False, console_level: int = logging.INFO, rank: int = 0) -> Path:
+def setup(log_file: str | Path, verbose: bool = False, console_level: int = logging.INFO, rank: int = 0,
+          fallbacks: bool = True) -> Path:
     """Everything to ``log_file`` (appended: a resumed run keeps its history), the quiet selection to the
     console: ``console_level`` and up for this project's loggers, WARNING and up for libraries, everything
-    with ``verbose``; a rank other than 0 shows only warnings. Returns the log file's path."""
+    with ``verbose``; a rank other than 0 shows only warnings. ``fallbacks``: say in one line which of the model's
+    fast kernels (Transformer Engine, Apex) are absent (not for a data build, which runs no megatron model).
+    Returns the log file's path."""
     path = Path(log_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     stream = open(path, "a", buffering=1)
@@ -116,7 +121,7 @@ def setup(log_file: str | Path, verbose: bool = False, console_level: int = logg
         hf_logging.enable_propagation()
     missing = [name for name, module in (("Transformer Engine", "transformer_engine"), ("Apex", "apex"))
                if importlib.util.find_spec(module) is None]
-    if missing and not rank:
+    if fallbacks and missing and not rank:
         logging.getLogger("neurocpt").warning("%s not installed: megatron-core and transformers use their torch "
                                               "fallbacks (fine on CPU; the gpu extra brings the fast kernels)",
                                               " and ".join(missing))
