@@ -6,9 +6,10 @@ Quiet by default: the console shows this project's INFO lines and the libraries'
 megatron's configuration dumps and bucket lists, datatrove's pipeline and stats tables, the libraries' Python
 warnings (deprecations inside megatron and torch) and the like go only to the log file, which gets everything.
 Known harmless fallbacks (no Transformer Engine, Apex or fla kernels on a CPU machine) are reported once, in
-one line. ``verbose``: everything on the console too.
+one line, by the commands that run the model (:func:`setup`'s ``fallbacks``). ``verbose``: everything on the
+console too.
 
-No library is imported at module level: the package import uses :func:`hide_harmless_warnings` before
+No library is imported at module level: megatron_ext's import uses :func:`hide_harmless_warnings` before
 megatron's modules warn.
 """
 
