@@ -133,9 +133,14 @@ class SourceConfig:
         if self.select and self.format in ONE_DOCUMENT_PER_FILE:
             raise ValueError(f"source {self.name}: select needs records with fields; a {self.format} file is only text")
         for key, values in (self.select or {}).items():
-            if not (isinstance(values, list) and values and all(v is None or isinstance(v, (str, int, float, bool))
-                                                                 for v in values)):
+            if not (isinstance(values, list) and values):
                 raise ValueError(f"source {self.name}: select.{key} must be a list of the values to keep, got {values!r}")
+            if untyped := [v for v in values if not isinstance(v, str)]:
+                # YAML reads 1.0, 007 (octal: 7), true, no and null as numbers, booleans and None, whose text would
+                # not be the data's ("1.0" never matches a CSV's "1"): the build would keep nothing, silently
+                raise ValueError(f"source {self.name}: select.{key} holds {untyped[0]!r} ({type(untyped[0]).__name__}), "
+                                 f"not text: select compares text, so quote each value as the data writes it "
+                                 f"(e.g. ['1', 'false', ''])")
 
 
 @dataclass

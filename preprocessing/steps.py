@@ -284,14 +284,18 @@ class Progress:
 
 
 def _as_text(value) -> str:
-    """A field's value as ``select`` compares it: text, a missing or null field as "" (a CSV has no types, and YAML
-    reads ``1`` as a number)."""
-    return "" if value is None else str(value)
+    """A field's value as ``select`` compares it with the recipe's (text): a CSV's as it is, a missing or null field
+    as "", a JSON or Parquet boolean as JSON writes it ("true", not Python's "True"), a number as Python writes it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _unselected(record: dict, kept: dict[str, set[str]]) -> str | None:
-    """The first field of a source's ``select`` (its values as text, :func:`_as_text`) whose value in ``record`` is
-    not one of those kept, or None."""
+    """The first field of a source's ``select`` whose value in ``record``, as text (:func:`_as_text`), is not one of
+    those kept, or None."""
     return next((key for key, values in kept.items() if _as_text(record.get(key)) not in values), None)
 
 
@@ -312,8 +316,8 @@ class MixReader(PipelineStep):
         self.errors_dir = errors_dir
         self.max_doc_chars = max_doc_chars
         self.phi_model = phi_model  # the PHI guard's model, for the excerpts of a guarded source's bad records
-        # each source's select as the text its records' values are compared as, once rather than per record
-        self.selected = {source.name: {key: set(map(_as_text, values)) for key, values in source.select.items()}
+        # each source's select as sets (the recipe holds text only), once rather than per record
+        self.selected = {source.name: {key: set(values) for key, values in source.select.items()}
                          for source, _ in files}
         folders: dict[str, list[str]] = {}
         for source, path in files:

@@ -552,6 +552,27 @@ def test_select_keeps_the_chosen_records_before_the_guard_and_counts_the_rest(tm
             SourceConfig("ehr", [], 1.0, **bad)
 
 
+def test_select_takes_text_only_and_compares_json_values_as_json_writes_them(tmp_path):
+    """YAML reads unquoted 1.0, 007, no and null as a float, an octal int, a boolean and None, whose text is not the
+    data's: such a select would keep nothing, silently, so the recipe's load refuses it, naming the source, the field
+    and the value. A JSON record's boolean compares as JSON writes it ("false"), a number as its text."""
+    import yaml
+
+    from preprocessing.steps import _unselected
+
+    raw = _templated_notes(tmp_path)
+    for written, shown in (("1.0", "1.0 (float)"), ("007", "7 (int)"), ("no", "False (bool)"), ("null", "None (NoneType)")):
+        source = {"name": "ehr", "paths": ["*.jsonl"], "share": 1.0, "select": {"ISERROR": ["", written]}}
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump({**raw, "sources": [source]}).replace(f"'{written}'", written))
+        with pytest.raises(ValueError, match=re.escape(f"source ehr: select.ISERROR holds {shown}, not text")):
+            MixRecipe.load(tmp_path / "r.yaml")
+    kept = {"error": {"false"}, "visits": {"3"}, "code": {""}}
+    assert _unselected({"error": False, "visits": 3}, kept) is None  # a missing code reads as ""
+    assert _unselected({"error": True, "visits": 3}, kept) == "error"
+    assert _unselected({"error": False, "visits": 3.0}, kept) == "visits"  # 3.0 is written "3.0"
+    assert _unselected({"error": False, "visits": 3, "code": None}, kept) is None
+
+
 def test_the_reference_mix_recipe_builds_its_corpora_in_their_formats_for_the_cpt_config(tmp_path):
     """launch/configs/neuro_mix.yaml, the flagship's mix: the published shares, the CPT config's seq_length and the
     mix path it reads, and a build of the recipe as shipped (paths, formats, filters) on the demo corpus laid out as
