@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 
 import torch
 
@@ -117,6 +118,21 @@ def _reporting_cuda_type_names(init):
     return wrapped
 
 
+@contextlib.contextmanager
+def _not_importable(package: str):
+    """Inside the block, ``import package`` raises ImportError at once, as for a package not installed (unless it
+    is imported already)."""
+    if package in sys.modules:
+        yield
+        return
+    sys.modules[package] = None  # the import system's own "not importable" mark
+    try:
+        yield
+    finally:
+        if sys.modules.get(package, False) is None:
+            del sys.modules[package]
+
+
 def apply() -> None:
     """Apply the CPU patches once, if and only if CUDA is unavailable."""
     global _applied
@@ -124,7 +140,12 @@ def apply() -> None:
         return
     _applied = True
 
-    import megatron.core.ssm.gated_delta_net as gdn
+    # 0. megatron's GDN module imports fla at its own import, in an ImportError guard. fla's kernels are Triton's and
+    #    never run without CUDA (kernels.resolve_kernel refuses them), but fla's package import loads fla's model
+    #    zoo (transformers' modeling code: about 3 s of each process's start) before it fails at Triton, which no
+    #    CPU machine needs to have. The guard meets fla as not installed; fla stays importable afterwards.
+    with _not_importable("fla"):
+        import megatron.core.ssm.gated_delta_net as gdn
     import megatron.core.tensor_parallel.random as mrandom
 
     # 1. megatron allocates parameters and buffers with device=torch.cuda.current_device()

@@ -78,3 +78,31 @@ def test_kernel_selection_is_by_device():
         resolve_kernel("fla", torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown"):
         resolve_kernel("triton", torch.device("cpu"))
+
+
+def test_without_cuda_megatron_ext_starts_without_importing_fla():
+    """Without CUDA fla's Triton kernels never run, and fla's package import loads its model zoo (transformers'
+    modeling code, about 3 s of every rank's start) before failing at Triton: megatron's GDN import meets fla as not
+    installed (cpu_patches), our GDN layers still build and run, and fla imports afterwards for whoever asks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import importlib.util, sys, torch\n"
+        "import megatron_ext.train\n"
+        "from megatron_ext import Qwen35Config, build_model\n"
+        "from megatron_ext.parallel import initialize\n"
+        "from tools.tiny_qwen35 import text_config\n"
+        "initialize()\n"
+        "model = build_model(Qwen35Config.from_hf(text_config().to_dict()), params_dtype=torch.float32)\n"
+        "assert torch.isfinite(model(torch.randint(0, 96, (1, 8)), torch.arange(8)[None])).all()\n"
+        "loaded = sorted(m for m in sys.modules if m == 'fla' or m.startswith(('fla.', 'transformers.modeling_utils')))\n"
+        "assert not loaded, loaded\n"
+        "assert importlib.util.find_spec('fla') is not None\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
