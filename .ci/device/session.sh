@@ -54,9 +54,12 @@ if [[ $phases == *bench* ]]; then
   # eager [none] too: on the CPU proxy (tools/bench_calls) it has the least host time of all rows
   bench 4096 15 --seqs 4096 --profile "$OUT/profile" \
     --only '^(local-fused, compiled elementwise(, unfused loss|, unfused weight gradients)? \[selective-mlp\]|local-fused(, compiled elementwise)? \[none\]|transformers \+ fla \[full\])$'
-  # the flagship recipe's own micro-batch: 4 rows of 4096 tokens (about 74 GiB on one GPU, where nothing is sharded)
+  # the flagship recipe's own micro-batch: 4 rows of 4096 tokens (about 74 GiB on one GPU, where nothing is sharded);
+  # [none] too, the least host time per token: by count from the fourth session's rows (7.9 GiB more than selective-mlp
+  # per 4096 tokens) about 105 GiB, an OOM row on an 80 GB H100 and a row on an H200 (141 GB GPUs could run the
+  # recipe so: 87 GiB with the optimizer sharded over 8)
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 4096x4 15 --seqs 4096 --micro-batch 4 --accumulate 8 \
-    --only '^(local-fused, compiled elementwise \[selective-mlp\]|transformers \+ fla \[full\])$'
+    --only '^(local-fused, compiled elementwise \[(selective-mlp|none)\]|transformers \+ fla \[full\])$'
   bench 8192 10 --seqs 8192 --profile "$OUT/profile" --only '^((local-fused, compiled elementwise|te-bf16) \[selective-mlp\]|transformers \+ fla \[full\])$'
 fi
 echo "session.sh: $SECONDS s"
