@@ -140,10 +140,10 @@ def apply() -> None:
         return
     _applied = True
 
-    # 0. megatron's GDN module imports fla at its own import, in an ImportError guard. fla's kernels are Triton's and
-    #    never run without CUDA (kernels.resolve_kernel refuses them), but fla's package import loads fla's model
-    #    zoo (transformers' modeling code: about 3 s of each process's start) before it fails at Triton, which no
-    #    CPU machine needs to have. The guard meets fla as not installed; fla stays importable afterwards.
+    # 0. megatron's GDN module imports fla at its own import, in an ImportError guard. Without CUDA fla's kernels never
+    #    run (kernels.resolve_kernel refuses them; without the gpu extra, Triton, which they are written in, is not
+    #    even installed), but fla's package import loads its model zoo first (transformers' modeling code: about 3 s
+    #    of every process's start). The guard meets fla as not installed; fla stays importable afterwards.
     with _not_importable("fla"):
         import megatron.core.ssm.gated_delta_net as gdn
     import megatron.core.tensor_parallel.random as mrandom
