@@ -2,7 +2,7 @@
 
     python -m preprocessing.build_sft --config sft_recipe.yaml [--workers N] [--clean] [--keep-work]
 
-Input: jsonl / jsonl.gz files of ``{"id": ..., "messages": [{"role": ..., "content": ...}, ...], "tools": [...]}``
+Input: jsonl files (or .jsonl.gz, .bz2, .xz, .zst) of ``{"id": ..., "messages": [{"role": ..., "content": ...}, ...], "tools": [...]}``
 (``tools`` optional: the function definitions the template declares), or of ShareGPT or Alpaca records, read as the
 messages they hold (:func:`preprocessing.chat.as_messages`);
 assistant turns may carry reasoning as ``<think>...</think>`` before the answer. Every conversation is
@@ -46,7 +46,7 @@ SPLITS = ("train", "valid")
 class SFTRecipe:
     tokenizer: str  # a local HF tokenizer directory with a chat template (the model's own)
     output_dir: str
-    paths: list[str]  # globs of jsonl / jsonl.gz files, relative to the recipe file
+    paths: list[str]  # globs of jsonl files (compressed too: .gz .bz2 .xz .zst), relative to the recipe file
     seq_length: int = 4096
     loss_on: str = "assistant"  # or "all"
     chat_template_kwargs: dict = field(default_factory=dict)  # passed to the template, e.g. {enable_thinking: true}

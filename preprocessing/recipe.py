@@ -14,7 +14,7 @@ import yaml
 from preprocessing.llm import LLMConfig
 from preprocessing.phi import PHIModel, model_labels
 
-FORMATS = ("jsonl", "csv", "parquet", "latex", "text")  # jsonl, csv: .gz too; csv: .tsv too (tab-separated)
+FORMATS = ("jsonl", "csv", "parquet", "latex", "text")  # jsonl, csv: .gz .bz2 .xz .zst too; csv: .tsv too (tab-separated)
 ONE_DOCUMENT_PER_FILE = ("latex", "text")  # formats whose files are a document each, named by their path
 
 

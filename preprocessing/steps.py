@@ -111,21 +111,46 @@ def line_byte_limit(max_doc_chars: int) -> int:
     return 16 * max_doc_chars
 
 
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # what jsonl and csv sources may be compressed with, by suffix
+
+
+def uncompressed_name(path: str) -> str:
+    """``path`` less its compression suffix: the name of what it holds (``notes.tsv.zst`` holds a tsv)."""
+    return next((path[: -len(c)] for c in COMPRESSIONS if path.endswith(c)), path)
+
+
+def open_decompressed(path: str, **text):
+    """``path`` opened for reading, decompressed by its suffix: gzip, bzip2, xz or zstd (``.zst``: how many
+    pretraining corpora ship, Dolma and RedPajama among them); bytes, or text with ``text`` (``encoding`` etc., as
+    ``open`` takes them)."""
+    import bz2
+    import gzip
+    import io
+    import lzma
+
+    suffix = next((c for c in COMPRESSIONS if path.endswith(c)), "")
+    if suffix == ".zst":
+        import zstandard  # its reader has no readline: buffered, it has
+
+        raw = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    else:
+        raw = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(suffix, open)(path, "rb")
+    return io.TextIOWrapper(raw, **text) if text else raw
+
+
 def jsonl_records(path: str, max_line_bytes: int | None = None, lines: tuple[int, int] | None = None
                   ) -> Iterator[tuple[int, Any, str | None]]:
-    """(line, record, problem) for every non-blank line of a jsonl or jsonl.gz file; a line that is not
+    """(line, record, problem) for every non-blank line of a jsonl file (compressed too: :func:`open_decompressed`); a
+    line that is not
     UTF-8 or not JSON comes back with its problem (and an excerpt as the record) instead of stopping. A line of more
     than ``max_line_bytes`` comes back as ``too_large`` (with a message as the record) without being read into memory
     whole or parsed: a multi-GB line costs a pass over its bytes, not their size in memory and a JSON parse.
     ``lines`` (first, last): only those lines (numbered from 1, as :func:`count_lines` counts them); the lines before
     are read past, not parsed, and reading stops after the last."""
-    import gzip
-
     import orjson
 
     first, last = lines or (1, None)
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with open_decompressed(path) as f:
         i = 0
         while raw := (f.readline(max_line_bytes + 1) if max_line_bytes else f.readline()):
             i += 1
@@ -158,7 +183,7 @@ def jsonl_records(path: str, max_line_bytes: int | None = None, lines: tuple[int
 
 def csv_records(path: str, max_field_chars: int, lines: tuple[int, int] | None = None
                 ) -> Iterator[tuple[int, Any, str | None]]:
-    """(row, record, problem) for every non-blank row of a csv, csv.gz, tsv or tsv.gz file (tab-separated by its name),
+    """(row, record, problem) for every non-blank row of a csv or tsv file, compressed too (tab-separated by its name),
     the header's names as the record's keys, rows numbered from 1 after the header as :func:`csv_row_count` counts
     them: the form EHR exports come in (MIMIC's notes are csv.gz, each note across lines in one quoted field). Not
     datatrove's ``CsvReader``: there a note over the csv module's 131,072-character field limit, or a byte that is
@@ -204,12 +229,10 @@ def _csv_rows(path: str, max_field_chars: int) -> Iterator[tuple[int, list[str],
     """(row, fields, line where the row ends) of a csv or tsv file's non-blank rows, the header as row 0; strict
     CSV (a quote inside an unquoted field is an error, not a character); a BOM before the header is dropped."""
     import csv
-    import gzip
 
     csv.field_size_limit(max_field_chars)  # the module's own limit (131,072 characters) is below many a long note
-    delimiter = "\t" if path.removesuffix(".gz").endswith(".tsv") else ","
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    delimiter = "\t" if uncompressed_name(path).endswith(".tsv") else ","
+    with open_decompressed(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter, strict=True)
         row = 0
         try:
@@ -239,12 +262,10 @@ def csv_row_count(path: str, max_field_chars: int) -> int:
 
 
 def count_lines(path: str) -> int:
-    """Lines of a jsonl or jsonl.gz file as :func:`jsonl_records` numbers them (a last line without its newline
-    counts): one pass over the bytes, without splitting or parsing them."""
-    import gzip
-
+    """Lines of a jsonl file as :func:`jsonl_records` numbers them (a last line without its newline counts): one pass
+    over the bytes, without splitting or parsing them."""
     n, end = 0, b"\n"
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+    with open_decompressed(path) as f:
         while block := f.read(1 << 20):
             n, end = n + block.count(b"\n"), block[-1:]
     return n + (end != b"\n")
@@ -300,8 +321,8 @@ def _unselected(record: dict, kept: dict[str, set[str]]) -> str | None:
 
 
 class MixReader(PipelineStep):
-    """Reads every source's files (jsonl, jsonl.gz, parquet, csv, tsv, LaTeX, plain text); files are shared out over
-    the tasks by :meth:`shard`. Each document gets ``metadata.source``. Malformed lines and rows, missing text keys,
+    """Reads every source's files (jsonl, csv and tsv, compressed or not; parquet, LaTeX, plain text); files are
+    shared out over the tasks by :meth:`shard`. Each document gets ``metadata.source``. Malformed lines and rows, missing text keys,
     non-UTF-8 bytes, empty or oversized records and unreadable files are quarantined and counted, and reading goes
     on. One reader rather than datatrove's per-format ones: those skip a bad jsonl line with a log warning, end the
     task at a bad csv row, and share out whole files only."""

@@ -340,7 +340,18 @@ def test_bad_input_is_quarantined_and_counted(tmp_path):
 
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def compressed(body: bytes, suffix: str) -> bytes:
+    """``body`` as a file of that suffix holds it (.gz, .bz2, .xz, .zst; anything else: as it is)."""
+    import bz2
+    import lzma
+
+    import zstandard
+
+    return {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+            ".zst": zstandard.ZstdCompressor().compress}.get("." + suffix.rsplit(".", 1)[-1], bytes)(body)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
 def test_a_huge_line_is_quarantined_without_being_read_whole_or_parsed(tmp_path, monkeypatch, suffix):
     """A line longer than 16 bytes per max_doc_chars is too large whatever it holds: it is quarantined with its file,
     line and size, skipped a piece at a time (never in memory whole) and never given to the JSON parser; the lines
@@ -356,7 +367,7 @@ def test_a_huge_line_is_quarantined_without_being_read_whole_or_parsed(tmp_path,
     body = b"".join([json.dumps({"text": "A short note about a transient ischemic attack."}).encode() + b"\n", huge + b"\n",
                      json.dumps({"text": "x" * 999, "id": "n3"}).encode() + b"\n"])  # within the limit: read
     path = tmp_path / f"notes{suffix}"
-    path.write_bytes(gzip.compress(body) if suffix.endswith(".gz") else body)
+    path.write_bytes(compressed(body, suffix))
     parsed, real = [], orjson.loads
     monkeypatch.setattr(orjson, "loads", lambda raw: parsed.append(len(raw)) or real(raw))
     reader = MixReader([(SourceConfig("notes", [str(path)], 1.0), str(path))], str(tmp_path / "errors"), max_doc_chars=1000)
@@ -373,6 +384,39 @@ def test_a_huge_line_is_quarantined_without_being_read_whole_or_parsed(tmp_path,
     assert (error["file"], error["line"], error["reason"]) == (str(path), 2, "too_large")
     assert error["excerpt"].startswith(f"line of {len(huge) + 1} bytes, over the limit of 16000 (16 bytes per "
                                        'max_doc_chars), not parsed: {"text": "xxx')
+
+
+@pytest.mark.parametrize("compression", [".gz", ".bz2", ".xz", ".zst"])
+def test_compressed_jsonl_and_tsv_read_as_the_plain_files(tmp_path, compression):
+    """Corpora ship compressed (zstd: Dolma, RedPajama; MIMIC: gzip): a jsonl or csv/tsv source's files are read
+    through their compression, by suffix, as the plain file reads (records, ids, lines, quarantine, the tsv's tab
+    by the name under the suffix), and a guarded source's runs of lines count and skip the same. Before, any but gzip
+    was read as the compressed bytes: every line quarantined as not UTF-8."""
+    from preprocessing.recipe import SourceConfig
+    from preprocessing.steps import MixReader, count_lines, jsonl_records
+
+    lines = [json.dumps({"text": f"Seen in clinic, visit {i}.", "id": f"v{i}" if i % 2 else None}) for i in range(6)]
+    lines[3] = '{"text": "cut off'
+    jsonl = ("\n".join(lines) + "\n").encode()
+    tsv = 'note_id\ttext\nN1\t"A note\nover two lines"\nN2\tSeen, and sent home.\n'.encode()
+    notes, ehr = SourceConfig("notes", [], 0.5), SourceConfig("ehr", [], 0.5, format="csv", id_key="note_id")
+
+    def read(suffix: str) -> tuple[list, list]:
+        folder = tmp_path / (suffix or "plain")
+        folder.mkdir()
+        (folder / f"a.jsonl{suffix}").write_bytes(compressed(jsonl, suffix))
+        (folder / f"b.tsv{suffix}").write_bytes(compressed(tsv, suffix))
+        files = [(notes, str(folder / f"a.jsonl{suffix}")), (ehr, str(folder / f"b.tsv{suffix}"))]
+        docs = [(d.id.replace(suffix, ""), d.text, d.metadata["line"]) for d in MixReader(files, str(folder / "e"), 1000).run()]
+        errors = [(json.loads(x)["line"], json.loads(x)["reason"]) for x in (folder / "e" / "read_00000.jsonl").read_text().splitlines()]
+        path = str(folder / f"a.jsonl{suffix}")
+        assert count_lines(path) == 6 and [r for _, r, _ in jsonl_records(path, lines=(5, 6))] == [json.loads(x) for x in lines[4:]]
+        return docs, errors
+
+    plain = read("")
+    assert plain[0][-2:] == [("ehr/N1", "A note\nover two lines", 1), ("ehr/N2", "Seen, and sent home.", 2)]
+    assert plain[1] == [(4, "malformed_json")] and len(plain[0]) == 7
+    assert read(compression) == plain
 
 
 def test_a_guarded_sources_records_are_shared_by_all_tasks_however_its_files_come(tmp_path):
