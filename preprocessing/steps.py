@@ -114,9 +114,14 @@ def line_byte_limit(max_doc_chars: int) -> int:
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # what jsonl and csv sources may be compressed with, by suffix
 
 
+def compression(path: str) -> str:
+    """``path``'s compression suffix (one of :data:`COMPRESSIONS`), or "" for a plain file."""
+    return next((c for c in COMPRESSIONS if path.endswith(c)), "")
+
+
 def uncompressed_name(path: str) -> str:
     """``path`` less its compression suffix: the name of what it holds (``notes.tsv.zst`` holds a tsv)."""
-    return next((path[: -len(c)] for c in COMPRESSIONS if path.endswith(c)), path)
+    return path[: len(path) - len(compression(path))]
 
 
 def open_decompressed(path: str, **text):
@@ -128,7 +133,7 @@ def open_decompressed(path: str, **text):
     import io
     import lzma
 
-    suffix = next((c for c in COMPRESSIONS if path.endswith(c)), "")
+    suffix = compression(path)
     if suffix == ".zst":
         import zstandard  # its reader has no readline: buffered, it has
 
@@ -140,11 +145,11 @@ def open_decompressed(path: str, **text):
 
 def jsonl_records(path: str, max_line_bytes: int | None = None, lines: tuple[int, int] | None = None
                   ) -> Iterator[tuple[int, Any, str | None]]:
-    """(line, record, problem) for every non-blank line of a jsonl file (compressed too: :func:`open_decompressed`); a
-    line that is not
-    UTF-8 or not JSON comes back with its problem (and an excerpt as the record) instead of stopping. A line of more
-    than ``max_line_bytes`` comes back as ``too_large`` (with a message as the record) without being read into memory
-    whole or parsed: a multi-GB line costs a pass over its bytes, not their size in memory and a JSON parse.
+    """(line, record, problem) for every non-blank line of a jsonl file (compressed too: :func:`open_decompressed`);
+    a line that is not UTF-8 or not JSON comes back with its problem (and an excerpt as the record) instead of
+    stopping. A line of more than ``max_line_bytes`` comes back as ``too_large`` (with a message as the record)
+    without being read into memory whole or parsed: a multi-GB line costs a pass over its bytes, not their size in
+    memory and a JSON parse.
     ``lines`` (first, last): only those lines (numbered from 1, as :func:`count_lines` counts them); the lines before
     are read past, not parsed, and reading stops after the last."""
     import orjson
