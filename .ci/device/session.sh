@@ -6,12 +6,12 @@
 #   check  the correctness parts, in two gpu_check processes at once (their timings are not the point, and the GPU
 #          has room for both), leaving BENCH_SECONDS (default 230) of DEADLINE to the bench when both phases run
 #   bench  bench_train alone, its rows timed, most wanted first: seq 4096 at micro-batch 2 (half the host's launches
-#          per token of the host-bound one-sequence step; every row issues 12 and 16 compare), then micro-batch 1
-#          (what each lever gains), the recipe's micro-batch 4, and seq 8192 with what is left
+#          per token of the host-bound one-sequence step; every row issues 12 and 16 compare), the recipe's
+#          micro-batch 4, seq 8192, then micro-batch 1 (what each lever gains) with what is left
 # With a tight lease run the phases as two calls back to back: `... session.sh 330 check`, `... session.sh 420
 # bench`. fla's tuned configurations ship for the H100 and serve every sm90 GPU (the H200 too); on another
-# architecture its first steps autotune for minutes. Rows print as they come; the logs and profiles are written
-# under $OUT as each command ends.
+# architecture its first steps autotune for minutes. Rows print as they come; the logs are written under $OUT as
+# each command ends, the profiles and the check's logs packed at the end (a call brings back at most 8 files).
 set -u
 deadline=${1:-530}
 phases=${2:-check,bench}
@@ -51,9 +51,6 @@ if [[ $phases == *bench* ]]; then
   # expandable segments keep fragmentation from failing a row that fits
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 4096x2 15 --seqs 4096 --micro-batch 2 --profile "$OUT/profile" \
     --only '^(local-fused, compiled elementwise \[(selective-mlp|none)\]|(te-bf16|te-fp8-delayed|te-fp8-tensorwise) \[selective-mlp\]|transformers \+ fla \[full\])$'
-  # eager [none] too: on the CPU proxy (tools/bench_calls) it has the least host time of all rows
-  bench 4096 15 --seqs 4096 --profile "$OUT/profile" \
-    --only '^(local-fused, compiled elementwise(, unfused loss|, unfused weight gradients)? \[selective-mlp\]|local-fused(, compiled elementwise)? \[none\]|transformers \+ fla \[full\])$'
   # the flagship recipe's own micro-batch: 4 rows of 4096 tokens (about 74 GiB on one GPU, where nothing is sharded);
   # [none] too, the least host time per token: by count from the fourth session's rows (7.9 GiB more than selective-mlp
   # per 4096 tokens) about 105 GiB, an OOM row on an 80 GB H100 and a row on an H200 (141 GB GPUs could run the
@@ -61,5 +58,13 @@ if [[ $phases == *bench* ]]; then
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 4096x4 15 --seqs 4096 --micro-batch 4 --accumulate 8 \
     --only '^(local-fused, compiled elementwise \[(selective-mlp|none)\]|transformers \+ fla \[full\])$'
   bench 8192 10 --seqs 8192 --profile "$OUT/profile" --only '^((local-fused, compiled elementwise|te-bf16) \[selective-mlp\]|transformers \+ fla \[full\])$'
+  # what each lever gains, one sequence a micro-batch (the earlier sessions' rows): last, with what is left
+  # eager [none] too: on the CPU proxy (tools/bench_calls) it has the least host time of all rows
+  bench 4096 15 --seqs 4096 --profile "$OUT/profile" \
+    --only '^(local-fused, compiled elementwise(, unfused loss|, unfused weight gradients)? \[selective-mlp\]|local-fused(, compiled elementwise)? \[none\]|transformers \+ fla \[full\])$'
 fi
+# what comes back is at most 8 files: the rows' profiles and the check's logs come back as one archive each
+for d in profile check_logs; do
+  [ -d "$OUT/$d" ] && tar -czf "$OUT/$d.tgz" -C "$OUT" "$d" && rm -rf "${OUT:?}/$d"
+done
 echo "session.sh: $SECONDS s"
