@@ -14,6 +14,7 @@ import torch
 from preprocessing.atomic import merging, write_all_atomic, write_json_atomic
 from preprocessing.cli import positive_int
 from preprocessing.llm import cache_key
+from preprocessing.steps import open_decompressed
 
 
 def device_and_dtype(device: str | None) -> tuple[str, torch.dtype]:
@@ -74,9 +75,10 @@ def run_models_on_domains(tool: str, args: argparse.Namespace, evaluate, to_mark
 
 
 def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each non-blank line of a jsonl file, decoded line by line: reading it as text would
-    raise a UnicodeDecodeError at a bad byte that names neither the file nor the line."""
-    with open(path, "rb") as f:
+    """(line number, text) of each non-blank line of a jsonl file, compressed too (.gz, .bz2, .xz, .zst: held-out
+    sets ship as the corpora do), decoded line by line: reading it as text would raise a UnicodeDecodeError at a
+    bad byte that names neither the file nor the line."""
+    with open_decompressed(str(path)) as f:
         for i, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")

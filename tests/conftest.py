@@ -30,6 +30,18 @@ def megatron_world():
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
+def compressed(body: bytes, suffix: str) -> bytes:
+    """``body`` as a file of that suffix holds it (.gz, .bz2, .xz, .zst; anything else: as it is)."""
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    return {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+            ".zst": zstandard.ZstdCompressor().compress}.get("." + suffix.rsplit(".", 1)[-1], bytes)(body)
+
+
 def tiny_hf_dir(path: Path, seed: int, chat_template: str | None = None, release: bool = False) -> Path:
     """A tiny random Qwen3_5ForCausalLM directory with the demo tokenizer (vocabulary padded to 2048); ``release``:
     in the small releases' layout instead (Qwen3_5ForConditionalGeneration, tied; by the top-level flag only, the

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import hold_in_another_process, own_session, processes_left_by_sigterm
+from conftest import compressed, hold_in_another_process, own_session, processes_left_by_sigterm
 
 from preprocessing import build_mix, pipeline
 from preprocessing.errors import BuildError, NoDocuments
@@ -338,17 +338,6 @@ def test_bad_input_is_quarantined_and_counted(tmp_path):
     assert (tmp_path / "out" / mix["sources"]["notes"]["heldout"]).read_text() == ""
     assert heldout_batches({**mix, "dir": str(tmp_path / "out")}, str(tmp_path / "tok"), 64, 4, 1, eod=0) == {}
 
-
-
-def compressed(body: bytes, suffix: str) -> bytes:
-    """``body`` as a file of that suffix holds it (.gz, .bz2, .xz, .zst; anything else: as it is)."""
-    import bz2
-    import lzma
-
-    import zstandard
-
-    return {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
-            ".zst": zstandard.ZstdCompressor().compress}.get("." + suffix.rsplit(".", 1)[-1], bytes)(body)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])

@@ -15,7 +15,7 @@ import torch
 
 from evaluation.common import FinishedUnits, ModelFailed, load_hf_model
 from evaluation.perplexity import document_nll, evaluate, main, read_documents
-from conftest import DEMO, tiny_hf_dir
+from conftest import DEMO, compressed, tiny_hf_dir
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +272,19 @@ def test_special_token_strings_in_a_document_are_scored_as_text(models):
     assert tok.eos_token_id not in trained
     got = domain_perplexity(model, tok, [text], max_length=64, stride=32, device="cpu", desc="doc")
     assert got["tokens"] == len(trained) - 1
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.bz2", ".jsonl.xz", ".jsonl.zst"])
+def test_a_compressed_held_out_set_reads_as_the_plain_one(tmp_path, suffix):
+    """Held-out sets ship as the corpora do (.jsonl.zst and the like): read by suffix, not as compressed bytes,
+    and a bad record is still named by file and line."""
+    body = "".join(json.dumps({"text": f"doc {i} \u00e9"}) + "\n" for i in range(3)).encode()
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(compressed(body, suffix))
+    assert read_documents(path, None) == [f"doc {i} \u00e9" for i in range(3)]
+    path.write_bytes(compressed(body + b'{"text": 3}\n', suffix))
+    with pytest.raises(ValueError, match=re.escape(f"d{suffix}:4: not a jsonl record")):
+        read_documents(path, None)
 
 
 def test_max_docs_reads_the_first_documents_only(tmp_path):
