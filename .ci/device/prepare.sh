@@ -11,7 +11,8 @@
 #   .ci/device/prepare.sh --te    and Transformer Engine 2.11.0: .tew/ (TE's Python package, its torch binding
 #                                 built here by tools/build_te_binding.sh, TE's dependencies) and .te1/ .te2/
 #                                 .te3/ (the 171 MiB core wheel, split); the first time about 10 minutes (the
-#                                 image's torch, 2.11.0 with its CUDA wheels, into a venv; the binding's build)
+#                                 image's torch, 2.11.0 with its CUDA wheels, into a venv; the binding's build;
+#                                 14 minutes in all on 2026-11-30); TE_PYTHON: a Python 3.12 to build it with
 #
 # On the machine, .ci/device/stage.sh keeps each call's folders and installs them all into /tmp/site. Tried on
 # this machine in a Python 3.12 venv with torch 2.11.0+cu130 and transformers 5.17.0 standing in for the image:
@@ -22,6 +23,17 @@ TE_VERSION=2.11.0  # pyproject's gpu extra
 PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 exclude() { for d in "$@"; do grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude; done; }
+# a Python 3.12 that runs (the image's, for the binding's build): TE_PYTHON, python3.12, or pyenv's 3.12.x (its shim
+# for python3.12 fails where 3.12 is installed but not selected: that cost a session the wheelhouse's minutes first)
+python312() {
+  local p
+  for p in ${TE_PYTHON:-} python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python; do
+    "$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' > /dev/null 2>&1 && { echo "$p"; return; }
+  done
+  echo "prepare.sh: no Python 3.12 that runs found: set TE_PYTHON to one" >&2
+  return 1
+}
+[ "${1:-}" != --te ] || [ -x "${TE_VENV:-/tmp/te-venv}/bin/python" ] || PY312=$(python312) || exit 1
 
 ../shared/device/wheelhouse.sh
 # the demo mix that gpu_check's resume and te_* parts train on: the image has neither datatrove nor all of its
@@ -36,7 +48,7 @@ if [ "${1:-}" = --te ]; then
   if ! ls .tew/transformer_engine_torch-"$TE_VERSION"-*.whl > /dev/null 2>&1; then
     # the binding compiles against the image's torch: PyPI's 2.11.0 is the image's 2.11.0+cu130
     venv=${TE_VENV:-/tmp/te-venv}  # TE_PYTHON: a Python 3.12 to make it from
-    [ -x "$venv/bin/python" ] || "${TE_PYTHON:-python3.12}" -m venv "$venv"  # the image's Python: 3.12
+    [ -x "$venv/bin/python" ] || "$PY312" -m venv "$venv"  # the image's Python: 3.12
     "$venv/bin/python" -m pip install -q torch==2.11.0
     PYTHON="$venv/bin/python" tools/build_te_binding.sh .tew
   fi
