@@ -217,9 +217,9 @@ class Qwen35Config:
             transformer_impl="transformer_engine" if te else "local",
             # megatron's SwiGLU as one compiled kernel each way (bias-free here), with TE or compile_elementwise
             bias_activation_fusion=te or overrides.get("compile_elementwise", False),
-            # megatron's cross entropy as compiled chains: fewer passes over the fp32 logits (unfused, 21 of the 175 ms
-            # of GPU work in the compiled 2B step at seq 4096, docs/benchmarks.md); bf16 only: its backward casts to bf16
-            cross_entropy_loss_fusion=overrides.get("compile_elementwise", False) and params_dtype == torch.bfloat16,
+            # megatron's fused cross entropy stays off (its default): on an H200 (docs/benchmarks.md, 2026-11-30) it
+            # held one more fp32 copy of the logits (+3.8 GiB a 4096-token sequence at the 2B's vocabulary) and the
+            # step was no faster; "native" (no TE needed) where an override turns it on, as a bench row does
             cross_entropy_fusion_impl="native",
             masked_softmax_fusion=False,
             apply_rope_fusion=True,  # TE's fused thd kernel, else megatron_ext.rope's: neither syncs per layer

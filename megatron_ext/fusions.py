@@ -4,13 +4,13 @@
 Why: on an H100 the local spec's step is host-bound (docs/benchmarks.md, the fourth GPU session): the GPU
 idles for about 40% of it while Python launches thousands of small kernels. Run eagerly, an RMSNorm is about
 ten of them forward and more backward, and a model has four to five norms per layer; compiled, it is one or
-two each way. With the flag on, the MLP also runs megatron-core's compiled SwiGLU (``bias_activation_fusion``)
-and, in bf16, the loss its fused cross entropy (``cross_entropy_loss_fusion``: the unfused one took 21 of the
-175 ms of GPU work in the compiled 2B step at seq 4096 on an H100; the fused one is not yet measured there).
+two each way. With the flag on, the MLP also runs megatron-core's compiled SwiGLU (``bias_activation_fusion``).
+The loss stays megatron's unfused cross entropy: the fused one (``cross_entropy_loss_fusion``) held 3.8 GiB more
+a 4096-token sequence on an H200 and was no faster (docs/benchmarks.md, 2026-11-30).
 
 Measured on an H100 (docs/benchmarks.md, 2026-11-28): the 2B step 1.27x at seq 8192 and 1.02x at 4096, half the
-kernel launches, 11-12 s of compiling in a fresh process. The flagship recipes turn it on; the library default
-stays off. Where dynamo is off (on CPU
+kernel launches, 11-12 s of compiling in a fresh process; on an H200 (2026-11-30) 1.24x eager at seq 4096 without
+recomputation. The flagship recipes turn it on; the library default stays off. Where dynamo is off (on CPU
 :mod:`megatron_ext.cpu_patches` turns it off, or ``TORCHDYNAMO_DISABLE=1``) the chains run eagerly either way.
 """
 

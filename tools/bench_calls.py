@@ -34,7 +34,7 @@ SHOWN = ("mul", "add", "to", "pow", "rsqrt")  # the elementwise operators the co
 ROWS = [
     ("eager (default)", False, {}),
     ("`compile_elementwise: true`", True, {}),
-    ("`compile_elementwise: true`, unfused loss", True, dict(cross_entropy_loss_fusion=False)),
+    ("`compile_elementwise: true`, fused loss", True, dict(cross_entropy_loss_fusion=True)),
     ("`compile_elementwise: true`, no recomputation", True, dict(memory="none")),
     ("eager, no recomputation", False, dict(memory="none")),
 ]

@@ -61,7 +61,7 @@ if [[ $phases == *bench* ]]; then
   # what each lever gains, one sequence a micro-batch (the earlier sessions' rows): last, with what is left
   # eager [none] too: on the CPU proxy (tools/bench_calls) it has the least host time of all rows
   bench 4096 15 --seqs 4096 --profile "$OUT/profile" \
-    --only '^(local-fused, compiled elementwise(, unfused loss|, unfused weight gradients)? \[selective-mlp\]|local-fused(, compiled elementwise)? \[none\]|transformers \+ fla \[full\])$'
+    --only '^(local-fused, compiled elementwise(, fused loss|, unfused weight gradients)? \[selective-mlp\]|local-fused(, compiled elementwise)? \[none\]|transformers \+ fla \[full\])$'
 fi
 # what comes back is at most 8 files: the rows' profiles and the check's logs come back as one archive each
 for d in profile check_logs; do
