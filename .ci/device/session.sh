@@ -5,9 +5,9 @@
 # install before this script, about 25 s on a fresh machine, comes out of the call's margin):
 #   check  the correctness parts, in two gpu_check processes at once (their timings are not the point, and the GPU
 #          has room for both), leaving BENCH_SECONDS (default 230) of DEADLINE to the bench when both phases run
-#   bench  bench_train alone, its rows timed, most wanted first: seq 4096 at micro-batch 2 (half the host's launches
-#          per token of the host-bound one-sequence step; every row issues 12 and 16 compare), the recipe's
-#          micro-batch 4, seq 8192, then micro-batch 1 (what each lever gains) with what is left
+#   bench  bench_train alone, its rows timed, most wanted first: seq 4096 at the recipe's micro-batch 4 (where the
+#          step stops being host-bound; ours, TE BF16 and FP8, transformers), seq 8192, micro-batch 2, micro-batch 1
+#          (what each lever gains), then micro-batch 2 without the allocator's expandable segments
 # With a tight lease run the phases as two calls back to back: `... session.sh 330 check`, `... session.sh 420
 # bench`. fla's tuned configurations ship for the H100 and serve every sm90 GPU (the H200 too); on another
 # architecture its first steps autotune for minutes. Rows print as they come; the logs are written under $OUT as
@@ -47,21 +47,27 @@ if [[ $phases == *bench* ]]; then
     local name=$1 margin=$2; shift 2
     boxed "$margin" 45 "bench $name" python -m tools.bench_train --warmup 1 --iters 3 "$@" 2>&1 | tee "$OUT/bench_$name.log"
   }
-  # about 53-58 GiB a row on one GPU (resident 31.6 plus twice the one-sequence activations); the allocator's
-  # expandable segments keep fragmentation from failing a row that fits
-  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 4096x2 15 --seqs 4096 --micro-batch 2 --profile "$OUT/profile" \
-    --only '^(local-fused, compiled elementwise \[(selective-mlp|none)\]|(te-bf16|te-fp8-delayed|te-fp8-tensorwise) \[selective-mlp\]|transformers \+ fla \[full\])$'
-  # the flagship recipe's own micro-batch: 4 rows of 4096 tokens (about 74 GiB on one GPU, where nothing is sharded);
-  # [none] too, the least host time per token: by count from the fourth session's rows (7.9 GiB more than selective-mlp
-  # per 4096 tokens) about 105 GiB, an OOM row on an 80 GB H100 and a row on an H200 (141 GB GPUs could run the
-  # recipe so: 87 GiB with the optimizer sharded over 8)
-  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench 4096x4 15 --seqs 4096 --micro-batch 4 --accumulate 8 \
-    --only '^(local-fused, compiled elementwise \[(selective-mlp|none)\]|transformers \+ fla \[full\])$'
-  bench 8192 10 --seqs 8192 --profile "$OUT/profile" --only '^((local-fused, compiled elementwise|te-bf16) \[selective-mlp\]|transformers \+ fla \[full\])$'
-  # what each lever gains, one sequence a micro-batch (the earlier sessions' rows): last, with what is left
-  # eager [none] too: on the CPU proxy (tools/bench_calls) it has the least host time of all rows
+  # One allocator setting for every command (expandable segments: fragmentation must not fail a row that fits), so
+  # that rows compare; one command without it at the end, as on 2026-11-30 the commands with it (micro-batch 2
+  # and 4) met a host slower per operator than those without.
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  # the flagship recipe's own micro-batch, 4 rows of 4096 tokens, where the local spec's step stopped being host-bound
+  # (H200, 2026-11-30: 90.0 / 105.0 GiB on one GPU with selective-mlp / none, before the loss went unfused, 3.8 GiB
+  # less a sequence by count: about 75 / 90 GiB now, so selective-mlp may fit an 80 GB H100, none does not), and
+  # TE's BF16 and FP8 there, never measured off the host bound
+  bench 4096x4 15 --seqs 4096 --micro-batch 4 --accumulate 8 --profile "$OUT/profile" \
+    --only '^(local-fused, compiled elementwise \[(selective-mlp|none)\]|(te-bf16|te-fp8-delayed) \[selective-mlp\]|transformers \+ fla \[full\])$'
+  # seq 8192: the activations issue 12 holds to 40 GB per GPU, with the unfused loss
+  bench 8192 15 --seqs 8192 --profile "$OUT/profile" \
+    --only '^(local-fused, compiled elementwise \[(selective-mlp|none)\]|te-bf16 \[selective-mlp\]|transformers \+ fla \[full\])$'
+  bench 4096x2 15 --seqs 4096 --micro-batch 2 --profile "$OUT/profile" \
+    --only '^(local-fused, compiled elementwise \[none\]|(te-bf16, compiled elementwise|te-fp8-tensorwise) \[selective-mlp\]|transformers \+ fla \[full\])$'
+  # what each lever gains, one sequence a micro-batch (the earlier sessions' rows)
   bench 4096 15 --seqs 4096 --profile "$OUT/profile" \
     --only '^(local-fused, compiled elementwise(, fused loss|, unfused weight gradients)? \[selective-mlp\]|local-fused(, compiled elementwise)? \[none\]|transformers \+ fla \[full\])$'
+  # the allocator's setting alone: micro-batch 2's fastest row again without expandable segments
+  (unset PYTORCH_CUDA_ALLOC_CONF; bench 4096x2-plain 10 --seqs 4096 --micro-batch 2 \
+    --only '^(local-fused, compiled elementwise \[none\]|transformers \+ fla \[full\])$')
 fi
 # what comes back is at most 8 files: the rows' profiles and the check's logs come back as one archive each
 for d in profile check_logs; do
