@@ -4,7 +4,9 @@
 # PHASES (default check,bench), each cut to what is left of DEADLINE (default 530 s, for a call of 560; the
 # install before this script, about 25 s on a fresh machine, comes out of the call's margin):
 #   check  the correctness parts, in two gpu_check processes at once (their timings are not the point, and the GPU
-#          has room for both), leaving BENCH_SECONDS (default 230) of DEADLINE to the bench when both phases run
+#          has room for both), leaving BENCH_SECONDS (default 230) of DEADLINE to the bench when both phases run;
+#          syncs with TE installed (megatron then takes TE's fused RoPE for packed rows: on an H200, 2026-11-30,
+#          megatron's RoPE dispatch held 1.3-2.5 ms of host time per call that the profile's calls do not explain)
 #   bench  bench_train alone, its rows timed, most wanted first: seq 4096 at the recipe's micro-batch 4 (where the
 #          step stops being host-bound; ours, TE BF16 and FP8, transformers), seq 8192, micro-batch 2, micro-batch 1
 #          (what each lever gains), then micro-batch 2 without the allocator's expandable segments
@@ -35,7 +37,7 @@ if [[ $phases == *check* ]]; then
   boxed $(( reserve + 10 )) 60 "gpu_check te_fp8,te_packed" python -m tools.gpu_check --parts te_fp8,te_packed \
     --workdir out/gpu_check --budget "$budget" --out "$OUT/check_a.md" > "$OUT/check_a.log" 2>&1 &
   boxed $(( reserve + 10 )) 60 "gpu_check attention,..." python -m tools.gpu_check \
-    --parts attention,te_attention,te_parity,compiled,te_ckpt --workdir out/gc2 --budget "$budget" \
+    --parts attention,te_attention,te_parity,compiled,te_ckpt,syncs --workdir out/gc2 --budget "$budget" \
     --out "$OUT/check_b.md" 2>&1 | tee "$OUT/check_b.log"
   wait
   cat "$OUT/check_a.md" 2>/dev/null
