@@ -339,7 +339,6 @@ def test_bad_input_is_quarantined_and_counted(tmp_path):
     assert heldout_batches({**mix, "dir": str(tmp_path / "out")}, str(tmp_path / "tok"), 64, 4, 1, eod=0) == {}
 
 
-
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
 def test_a_huge_line_is_quarantined_without_being_read_whole_or_parsed(tmp_path, monkeypatch, suffix):
     """A line longer than 16 bytes per max_doc_chars is too large whatever it holds: it is quarantined with its file,

@@ -217,8 +217,9 @@ SETUPS = [
     _ours("local-fused", "selective-mlp", attention_kernel="fused"),
     # each layer's elementwise chains compiled (megatron_ext/fusions.py), for the host-bound step
     _ours("local-fused, compiled elementwise", "selective-mlp", attention_kernel="fused", compile_elementwise=True),
-    # what the compiled row's fused cross entropy (megatron_ext/config.py) gains, and what recomputing the MLPs costs
-    # the host (its recomputed forward and megatron's checkpoint function are host time in a host-bound step)
+    # what megatron's fused cross entropy would gain (off in the compiled row: megatron_ext/config.py says why), and
+    # what recomputing the MLPs costs the host (its recomputed forward and megatron's checkpoint function are host
+    # time in a host-bound step)
     _ours("local-fused, compiled elementwise, fused loss", "selective-mlp", attention_kernel="fused",
           compile_elementwise=True, cross_entropy_loss_fusion=True),
     # ... and what adding each weight gradient into the fp32 buffer inside its GEMM (the trainer's default) gains
