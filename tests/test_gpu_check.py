@@ -67,15 +67,17 @@ def test_te_parts_without_transformer_engine_are_one_skipped_row_each(tmp_path, 
 
 
 def test_a_failing_part_and_an_overrunning_part_are_reported_and_the_rest_runs(tmp_path):
+    # attention's box is its CPU time many times over: the GPU's default (32 s) is not a CPU's under a loaded CI, where
+    # a part that overran it made this test fail by timing (what the test holds is that a finished part's row says so)
     stdout, written = _check(tmp_path, "--parts", "bench,resume,kernels,attention", "--box", "resume=4",
-                             "--box", "kernels=3")
+                             "--box", "kernels=3", "--box", "attention=300")
     lines = [x for x in stdout.splitlines() if x.startswith("| ")]
     assert lines[0] == ROWS
     bench, resume, kernels, *attention, total = lines[1:]
     assert re.fullmatch(r"\| all \| seconds since the command started \| \d+ \| \| \|", total)
     checks = [x for x in attention[:-1] if " deterministic (" not in x]
     assert len(checks) == 8 and all(x.startswith("| attention |") and x.endswith("| pass |") for x in checks)
-    assert re.fullmatch(rf"\| attention \| seconds \| \d+ \| <= {gpu_check.BOXES['attention']} \| \|", attention[-1])  # a finished part's time
+    assert re.fullmatch(r"\| attention \| seconds \| \d+ \| <= 300 \| \|", attention[-1])  # a finished part's time
     assert bench.startswith("| bench | exit code 1 |") and "CUDA" in bench and bench.endswith("| FAILED |")
     assert resume == "| resume | time box | stopped after 4 s | | TIMEOUT |"
     assert kernels == "| kernels | time box | stopped after 3 s | | TIMEOUT |"
