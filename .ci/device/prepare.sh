@@ -33,7 +33,9 @@ python312() {
   echo "prepare.sh: no Python 3.12 that runs found: set TE_PYTHON to one" >&2
   return 1
 }
-[ "${1:-}" != --te ] || [ -x "${TE_VENV:-/tmp/te-venv}/bin/python" ] || PY312=$(python312) || exit 1
+venv=${TE_VENV:-/tmp/te-venv}  # where the binding is built: a venv of the image's Python and torch
+binding_built() { ls .tew/transformer_engine_torch-"$TE_VERSION"-*.whl > /dev/null 2>&1; }
+if [ "${1:-}" = --te ] && ! binding_built && [ ! -x "$venv/bin/python" ]; then PY312=$(python312) || exit 1; fi
 
 ../shared/device/wheelhouse.sh
 # the demo mix that gpu_check's resume and te_* parts train on: the image has neither datatrove nor all of its
@@ -45,9 +47,8 @@ calls=(".t1 .whl" ".t2" ".t3 $mix")
 if [ "${1:-}" = --te ]; then
   exclude .tew .te1 .te2 .te3
   mkdir -p .tew
-  if ! ls .tew/transformer_engine_torch-"$TE_VERSION"-*.whl > /dev/null 2>&1; then
+  if ! binding_built; then
     # the binding compiles against the image's torch: PyPI's 2.11.0 is the image's 2.11.0+cu130
-    venv=${TE_VENV:-/tmp/te-venv}  # TE_PYTHON: a Python 3.12 to make it from
     [ -x "$venv/bin/python" ] || "$PY312" -m venv "$venv"  # the image's Python: 3.12
     "$venv/bin/python" -m pip install -q torch==2.11.0
     PYTHON="$venv/bin/python" tools/build_te_binding.sh .tew
